@@ -1,0 +1,1 @@
+//! Test-host harness
