@@ -7,7 +7,9 @@
 //! and a bad request gets an error status, never a panic.
 
 pub mod bus;
+pub mod exit;
 pub mod legacy;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use exit::{ExitSignal, VmExit};

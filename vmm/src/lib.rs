@@ -1,1 +1,12 @@
-//! kiln-vmm library
+//! kiln-vmm: one process per VM, booting distro Linux kernels on KVM.
+//!
+//! [`config`] validates what the user asked for; [`builder`] turns it into
+//! a machine (memory, kernel, devices, ACPI, vCPUs); [`runtime`] runs it.
+
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod loader;
+pub mod runtime;
+pub mod terminal;
+pub mod vstate;

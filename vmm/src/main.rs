@@ -1,1 +1,142 @@
-fn main() {}
+//! kiln-vmm: boot a Linux kernel in a KVM virtual machine.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use kiln_devices::VmExit;
+use kiln_vmm::config::{self, OnReboot, SerialMode, VmConfig};
+use kiln_vmm::loader::BzImageMode;
+use kiln_vmm::{builder, runtime};
+
+/// Boot a Linux kernel in a KVM virtual machine.
+///
+/// The kernel may be an ELF vmlinux or a bzImage such as Debian's
+/// /boot/vmlinuz-*. The guest's console is a 16550 UART on COM1 (ttyS0);
+/// the machine is described to the guest through ACPI.
+///
+/// Exit status: 0 when the guest powers off or reboots, 1 when the VM
+/// cannot be built or fails while running, 2 for bad arguments.
+#[derive(Parser, Debug)]
+#[command(name = "kiln-vmm", version, about, long_about)]
+struct Cli {
+    /// Kernel image: ELF vmlinux or bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+
+    /// Initial ramdisk (cpio archive, optionally compressed).
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "ARGS", default_value = "console=ttyS0 panic=-1")]
+    cmdline: String,
+
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+
+    /// Guest RAM, e.g. 512M or 2G (a bare number means MiB).
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    memory: String,
+
+    /// Where the serial console goes: stdio, file:PATH or none.
+    #[arg(long, value_name = "MODE", default_value = "stdio")]
+    serial: String,
+
+    /// What to do when the guest reboots.
+    #[arg(long, value_enum, default_value_t = OnReboot::Exit)]
+    on_reboot: OnReboot,
+
+    /// How to boot a bzImage: extract decompresses its vmlinux on the host
+    /// once (cached by content hash in $KILN_CACHE_DIR, /var/cache/kiln or
+    /// ~/.cache/kiln) for a fast boot; native lets the guest decompress it.
+    #[arg(long, value_enum, default_value_t = BzImageMode::Extract)]
+    bzimage: BzImageMode,
+
+    /// Do not confine kiln-vmm's threads with seccomp filters (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+}
+
+impl Cli {
+    fn into_config(self) -> Result<VmConfig> {
+        config::check_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            config::check_file("initrd", initrd)?;
+        }
+        let memory =
+            config::check_memory(config::parse_memory(&self.memory)?, config::host_memory())?;
+        Ok(VmConfig {
+            vcpus: config::check_vcpus(self.cpus)?,
+            memory,
+            serial: self.serial.parse::<SerialMode>()?,
+            kernel: self.kernel,
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            on_reboot: self.on_reboot,
+            bzimage: self.bzimage,
+            seccomp: !self.no_seccomp,
+        })
+    }
+}
+
+fn run(cli: Cli) -> Result<VmExit> {
+    let cfg = cli.into_config()?;
+    let machine = builder::build(&cfg)?;
+    tracing::info!(
+        "booting {} ({}), {} vCPU(s), {} MiB",
+        cfg.kernel.display(),
+        machine.kernel_description,
+        cfg.vcpus,
+        cfg.memory >> 20
+    );
+    let confine = runtime::Confinement::none();
+    let exit = runtime::run(machine, cfg.serial == SerialMode::Stdio, confine)?;
+    if exit == VmExit::Reset && cfg.on_reboot == OnReboot::Restart {
+        restart().context("cannot restart the VM")?;
+    }
+    Ok(exit)
+}
+
+/// Starts the VM afresh by re-executing kiln-vmm with the same arguments.
+fn restart() -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    eprintln!("kiln-vmm: the guest rebooted; restarting it");
+    let exe = std::env::current_exe()?;
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    Err(err.into())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_target(false)
+        .init();
+
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(VmExit::PowerOff) => ExitCode::SUCCESS,
+        Ok(VmExit::Reset) => {
+            eprintln!(
+                "kiln-vmm: the guest rebooted; exiting (--on-reboot restart starts it again)"
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(VmExit::Error(e)) => {
+            eprintln!("kiln-vmm: error: the VM failed: {e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("kiln-vmm: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

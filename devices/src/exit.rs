@@ -1,0 +1,71 @@
+//! How a VM ends: devices and vCPUs report it here, the VMM's event loop
+//! waits on the eventfd. The first reason reported wins.
+
+use std::sync::Mutex;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (ACPI reset register, i8042, triple fault).
+    Reset,
+    /// A vCPU or KVM failed; the VM cannot go on.
+    Error(String),
+}
+
+pub struct ExitSignal {
+    reason: Mutex<Option<VmExit>>,
+    evt: EventFd,
+}
+
+impl ExitSignal {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            reason: Mutex::new(None),
+            evt: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Records `exit` unless an earlier reason was recorded, and wakes the
+    /// event loop.
+    pub fn signal(&self, exit: VmExit) {
+        let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if reason.is_none() {
+            *reason = Some(exit);
+        }
+        if let Err(e) = self.evt.write(1) {
+            tracing::error!("cannot signal VM exit: {e}");
+        }
+    }
+
+    /// The recorded reason, if any.
+    pub fn reason(&self) -> Option<VmExit> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The eventfd that becomes readable once a reason is recorded.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins_and_wakes_the_eventfd() {
+        let s = ExitSignal::new().unwrap();
+        assert_eq!(s.reason(), None);
+        s.signal(VmExit::Reset);
+        s.signal(VmExit::PowerOff);
+        assert_eq!(s.reason(), Some(VmExit::Reset));
+        assert_eq!(s.eventfd().read().unwrap(), 2);
+    }
+}

@@ -1,0 +1,254 @@
+//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), MADT and DSDT.
+//!
+//! Hardware-reduced ACPI keeps the platform small: no PM timer, no GPE
+//! blocks, no SCI. Power-off goes through the FADT sleep control register,
+//! reboot through the FADT reset register. The DSDT carries `_S5_`, COM1
+//! and one `LNRO0005` device per virtio-mmio window — the only way a
+//! Debian kernel (no `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`) finds them.
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::*;
+
+const OEM_ID: [u8; 6] = *b"KILN  ";
+const OEM_TABLE_ID: [u8; 8] = *b"KILNVMM ";
+const OEM_REVISION: u32 = 1;
+
+/// IAPC_BOOT_ARCH: no VGA and no CMOS RTC. Leaving out the "8042" bit tells
+/// the kernel there is no keyboard controller to probe.
+const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+
+/// SLP_TYP value for S5 that the DSDT's `_S5_` announces.
+pub const S5_SLEEP_TYPE: u8 = 5;
+
+/// A virtio-mmio device as the guest must see it in the DSDT.
+#[derive(Clone, Copy, Debug)]
+pub struct MmioDeviceInfo {
+    pub base: u64,
+    pub len: u64,
+    pub irq: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the ACPI tables ({0} bytes) do not fit in the BIOS area")]
+    TooLarge(usize),
+    #[error("cannot write the ACPI tables into guest memory: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// Places tables one after another, 16-byte aligned, from ACPI_START.
+struct Writer<'a> {
+    mem: &'a GuestMemoryMmap,
+    next: u64,
+}
+
+impl Writer<'_> {
+    fn put(&mut self, bytes: &[u8]) -> Result<u64, Error> {
+        let addr = self.next;
+        let end = addr + bytes.len() as u64;
+        if end > ACPI_END {
+            return Err(Error::TooLarge((end - ACPI_START) as usize));
+        }
+        self.mem.write_slice(bytes, GuestAddress(addr))?;
+        self.next = (end + 15) & !15;
+        Ok(addr)
+    }
+}
+
+fn to_bytes(table: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    table.to_aml_bytes(&mut v);
+    v
+}
+
+/// Builds the DSDT's AML body.
+fn dsdt_body(devices: &[MmioDeviceInfo]) -> Vec<u8> {
+    let mut body = Vec::new();
+
+    // \_S5_: Package { SLP_TYPa, SLP_TYPb }.
+    aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE]),
+    )
+    .to_aml_bytes(&mut body);
+
+    let com1_io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    device(
+        &mut body,
+        "_SB_.COM1",
+        &aml::EISAName::new("PNP0501"),
+        0,
+        &[],
+        vec![&com1_io, &com1_irq],
+    );
+
+    for (i, dev) in devices.iter().enumerate() {
+        let mem = aml::Memory32Fixed::new(true, dev.base as u32, dev.len as u32);
+        let irq = aml::Interrupt::new(true, true, false, false, dev.irq);
+        device(
+            &mut body,
+            &format!("_SB_.V{i:03X}"),
+            &"LNRO0005",
+            i as u32,
+            // Coherent DMA: the device reads guest memory directly.
+            &[("_CCA", &aml::ONE)],
+            vec![&mem, &irq],
+        );
+    }
+    body
+}
+
+/// Appends `Device(path) { _HID, _UID, extra names..., _CRS }` to `body`.
+fn device(
+    body: &mut Vec<u8>,
+    path: &str,
+    hid: &dyn Aml,
+    uid: u32,
+    extra: &[(&str, &dyn Aml)],
+    resources: Vec<&dyn Aml>,
+) {
+    let crs = aml::ResourceTemplate::new(resources);
+    let hid = aml::Name::new("_HID".into(), hid);
+    let uid = aml::Name::new("_UID".into(), &uid);
+    let extra: Vec<aml::Name> = extra
+        .iter()
+        .map(|(name, value)| aml::Name::new((*name).into(), *value))
+        .collect();
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    let mut children: Vec<&dyn Aml> = vec![&hid, &uid];
+    children.extend(extra.iter().map(|n| n as &dyn Aml));
+    children.push(&crs);
+    aml::Device::new(path.into(), children).to_aml_bytes(body);
+}
+
+fn io_register(port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
+}
+
+/// Writes all tables into guest memory and returns the RSDP's address.
+pub fn create_tables(
+    mem: &GuestMemoryMmap,
+    vcpus: u8,
+    devices: &[MmioDeviceInfo],
+) -> Result<GuestAddress, Error> {
+    // The RSDP goes first, at a 16-byte boundary the kernel scans.
+    let mut w = Writer {
+        mem,
+        next: ACPI_START + Rsdp::len() as u64,
+    };
+    w.next = (w.next + 15) & !15;
+
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    dsdt.append_slice(&dsdt_body(devices));
+    let dsdt_addr = w.put(dsdt.as_slice())?;
+
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton)
+        .flag(Flags::ResetRegSup);
+    fadt.iapc_boot_arch =
+        (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT).into();
+    fadt.sleep_control_reg = io_register(ACPI_SLEEP_CONTROL_PORT);
+    fadt.sleep_status_reg = io_register(ACPI_SLEEP_STATUS_PORT);
+    fadt.reset_reg = io_register(ACPI_RESET_PORT);
+    fadt.reset_value = ACPI_RESET_VALUE;
+    fadt.hypervisor_vendor_identity = u64::from_le_bytes(*b"KILNVMM\0").into();
+    let fadt_addr = w.put(&to_bytes(&fadt.finalize()))?;
+
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(APIC_START as u32),
+    );
+    for id in 0..vcpus {
+        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    }
+    madt.add_structure(IoApic::new(0, IOAPIC_START as u32, 0));
+    let madt_addr = w.put(&to_bytes(&madt))?;
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt_addr = w.put(&to_bytes(&xsdt))?;
+
+    let rsdp = Rsdp::new(OEM_ID, xsdt_addr);
+    mem.write_slice(&to_bytes(&rsdp), GuestAddress(ACPI_START))?;
+    Ok(GuestAddress(ACPI_START))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checksum_ok(bytes: &[u8]) -> bool {
+        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+    }
+
+    #[test]
+    fn tables_are_linked_and_checksummed() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let devs = [MmioDeviceInfo {
+            base: VIRTIO_MMIO_START,
+            len: 0x200,
+            irq: 5,
+        }];
+        let rsdp_addr = create_tables(&mem, 2, &devs).unwrap();
+
+        let mut rsdp = [0u8; 36];
+        mem.read_slice(&mut rsdp, rsdp_addr).unwrap();
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert!(checksum_ok(&rsdp[..20]));
+        assert!(checksum_ok(&rsdp));
+        let xsdt_addr = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());
+
+        let read_table = |addr: u64| {
+            let mut hdr = [0u8; 8];
+            mem.read_slice(&mut hdr, GuestAddress(addr)).unwrap();
+            let len = u32::from_le_bytes(hdr[4..8].try_into().unwrap()) as usize;
+            let mut t = vec![0u8; len];
+            mem.read_slice(&mut t, GuestAddress(addr)).unwrap();
+            assert!(checksum_ok(&t), "bad checksum in {:?}", &t[..4]);
+            t
+        };
+        let xsdt = read_table(xsdt_addr);
+        assert_eq!(&xsdt[..4], b"XSDT");
+        let entries: Vec<u64> = xsdt[36..]
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let fadt = read_table(entries[0]);
+        assert_eq!(&fadt[..4], b"FACP");
+        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+        assert_ne!(flags & Flags::HwReducedAcpi as u32, 0);
+        let dsdt = read_table(u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
+        assert_eq!(&dsdt[..4], b"DSDT");
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"_S5_"));
+        assert!(has(b"LNRO0005"));
+        let madt = read_table(entries[1]);
+        assert_eq!(&madt[..4], b"APIC");
+        // Header (44 bytes) + two local APICs (8 each) + one IOAPIC (12).
+        assert_eq!(madt.len(), 44 + 2 * 8 + 12);
+    }
+}

@@ -1,0 +1,59 @@
+//! Guest physical address map.
+//!
+//! ```text
+//! 0x0000_0500  GDT                0x0000_0520  IDT (empty)
+//! 0x0000_7000  boot_params        0x0000_8ff0  boot stack (grows down)
+//! 0x0000_9000  PML4, PDPT, PD     0x0002_0000  kernel command line
+//! 0x0009_fc00  EBDA .. 1 MiB: not RAM; ACPI tables at 0x000e_0000
+//! 0x0010_0000  RAM: kernel, initrd at the top of low RAM
+//! 0xc000_0000  MMIO gap (1 GiB): virtio-mmio windows, IOAPIC, LAPIC
+//! 0x1_0000_0000  RAM above 4 GiB when the guest has more than 3 GiB
+//! ```
+
+/// Global descriptor table.
+pub const GDT_START: u64 = 0x500;
+/// Interrupt descriptor table (left empty: the kernel installs its own).
+pub const IDT_START: u64 = 0x520;
+/// The "zero page" (`struct boot_params`) handed to the kernel in RSI.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack pointer of the boot vCPU.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// Identity-mapping page tables for the first GiB.
+pub const PML4_START: u64 = 0x9000;
+pub const PDPTE_START: u64 = 0xa000;
+pub const PDE_START: u64 = 0xb000;
+/// Kernel command line and its maximum size (x86 COMMAND_LINE_SIZE).
+pub const CMDLINE_START: u64 = 0x20000;
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+/// Start of the Extended BIOS Data Area: RAM below 1 MiB ends here.
+pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables live in the BIOS area, where the kernel scans for the RSDP.
+pub const ACPI_START: u64 = 0xe0000;
+pub const ACPI_END: u64 = 0x100000;
+/// Start of high RAM; the kernel is loaded at or above it.
+pub const HIMEM_START: u64 = 0x100000;
+
+/// Hole below 4 GiB for device MMIO.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// Virtio-mmio device windows are allocated upward from here.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_END: u64 = 0xfec0_0000;
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+pub const APIC_START: u64 = 0xfee0_0000;
+/// Three pages KVM needs for the real-mode TSS, inside the MMIO gap.
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+
+/// Legacy COM1.
+pub const COM1_PORT: u16 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+/// ACPI sleep control, sleep status and reset registers (hardware-reduced ACPI).
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
+pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
+pub const ACPI_RESET_PORT: u16 = 0x602;
+pub const ACPI_RESET_VALUE: u8 = 0x1;
+/// i8042 command port: writing 0xfe pulses the CPU reset line.
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// Device interrupts: GSIs 5..=23 of the IOAPIC (4 is COM1).
+pub const FIRST_DEVICE_IRQ: u32 = 5;
+pub const LAST_DEVICE_IRQ: u32 = 23;

@@ -1,0 +1,8 @@
+//! x86_64 platform: guest physical layout, long-mode entry, CPUID, MSRs and
+//! the ACPI tables that describe the machine to the guest.
+
+pub mod acpi;
+pub mod cpuid;
+pub mod layout;
+pub mod msr;
+pub mod regs;

@@ -1,0 +1,189 @@
+//! The VM's configuration, validated before any KVM object exists.
+
+use std::path::{Path, PathBuf};
+
+use crate::loader::BzImageMode;
+
+/// Below this no Linux kernel gets far.
+pub const MIN_MEMORY: u64 = 32 << 20;
+/// APIC ids are 8 bits in the MADT entries kiln-vmm writes.
+pub const MAX_VCPUS: u8 = 254;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("--memory {0:?}: expected a size such as 512M, 2G or 1024 (MiB)")]
+    MemorySyntax(String),
+    #[error("--memory {} MiB is too small: a guest needs at least {} MiB", .0 >> 20, MIN_MEMORY >> 20)]
+    MemoryTooSmall(u64),
+    #[error("--memory {} MiB is more than this host's {} MiB of RAM", .0 >> 20, .1 >> 20)]
+    MemoryTooLarge(u64, u64),
+    #[error("--cpus must be at least 1")]
+    NoCpus,
+    #[error("--cpus {0} is more than kiln-vmm supports ({MAX_VCPUS})")]
+    TooManyCpus(u32),
+    #[error("--serial {0:?}: expected stdio, file:PATH or none")]
+    SerialSyntax(String),
+    #[error("{what} {}: {reason}", path.display())]
+    BadFile {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialMode {
+    /// Output to stdout, input from stdin (raw mode on a terminal).
+    Stdio,
+    /// Output to a file, no input.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+impl std::str::FromStr for SerialMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "stdio" => Ok(Self::Stdio),
+            "none" => Ok(Self::None),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(Self::File(p.into())),
+                _ => Err(Error::SerialSyntax(s.into())),
+            },
+        }
+    }
+}
+
+/// What to do when the guest reboots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnReboot {
+    /// Exit with status 0 and say so.
+    Exit,
+    /// Start the VM again from scratch.
+    Restart,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub memory: u64,
+    pub serial: SerialMode,
+    pub on_reboot: OnReboot,
+    pub bzimage: BzImageMode,
+    pub seccomp: bool,
+}
+
+/// Parses "512M", "2G", "1536MiB", "1024" (MiB) into bytes.
+pub fn parse_memory(s: &str) -> Result<u64, Error> {
+    let err = || Error::MemorySyntax(s.into());
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "K" | "KB" | "KIB" => 10,
+        _ => return Err(err()),
+    };
+    n.checked_mul(1 << shift).ok_or_else(err)
+}
+
+/// The host's RAM, from /proc/meminfo.
+pub fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib << 10)
+}
+
+pub fn check_memory(bytes: u64, host: Option<u64>) -> Result<u64, Error> {
+    if bytes < MIN_MEMORY {
+        return Err(Error::MemoryTooSmall(bytes));
+    }
+    match host {
+        Some(h) if bytes > h => Err(Error::MemoryTooLarge(bytes, h)),
+        _ => Ok(bytes),
+    }
+}
+
+pub fn check_vcpus(n: u32) -> Result<u8, Error> {
+    match n {
+        0 => Err(Error::NoCpus),
+        n if n > u32::from(MAX_VCPUS) => Err(Error::TooManyCpus(n)),
+        n => Ok(n as u8),
+    }
+}
+
+/// The file must be a readable regular file.
+pub fn check_file(what: &'static str, path: &Path) -> Result<(), Error> {
+    let bad = |reason: String| Error::BadFile {
+        what,
+        path: path.to_owned(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    std::fs::File::open(path)
+        .map(|_| ())
+        .map_err(|e| bad(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("512M"), Ok(512 << 20));
+        assert_eq!(parse_memory("512"), Ok(512 << 20));
+        assert_eq!(parse_memory("2G"), Ok(2 << 30));
+        assert_eq!(parse_memory("1536MiB"), Ok(1536 << 20));
+        assert_eq!(parse_memory("65536k"), Ok(64 << 20));
+        for bad in ["", "M", "12X", "-5M", "1.5G", "99999999999999999999G"] {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn memory_limits() {
+        assert_eq!(
+            check_memory(16 << 20, None),
+            Err(Error::MemoryTooSmall(16 << 20))
+        );
+        assert_eq!(
+            check_memory(8 << 30, Some(4 << 30)),
+            Err(Error::MemoryTooLarge(8 << 30, 4 << 30))
+        );
+        assert_eq!(check_memory(256 << 20, Some(4 << 30)), Ok(256 << 20));
+    }
+
+    #[test]
+    fn vcpu_limits() {
+        assert_eq!(check_vcpus(0), Err(Error::NoCpus));
+        assert_eq!(check_vcpus(255), Err(Error::TooManyCpus(255)));
+        assert_eq!(check_vcpus(2), Ok(2));
+    }
+
+    #[test]
+    fn serial_modes() {
+        assert_eq!("stdio".parse(), Ok(SerialMode::Stdio));
+        assert_eq!("none".parse(), Ok(SerialMode::None));
+        assert_eq!("file:/tmp/x".parse(), Ok(SerialMode::File("/tmp/x".into())));
+        assert!("file:".parse::<SerialMode>().is_err());
+        assert!("tcp:1".parse::<SerialMode>().is_err());
+    }
+}

@@ -1,0 +1,57 @@
+//! The /dev/kvm handle and what it can do.
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Cap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("/dev/kvm does not exist: this host has no KVM (load kvm-intel or kvm-amd, or enable virtualization in the firmware)")]
+    NoKvm,
+    #[error("permission denied on /dev/kvm: run as root or add the user to the 'kvm' group")]
+    Permission,
+    #[error("cannot open /dev/kvm: {0}")]
+    Open(kvm_ioctls::Error),
+    #[error("KVM lacks a capability kiln-vmm needs: {0}")]
+    MissingCap(&'static str),
+    #[error("cannot read the CPUID KVM supports: {0}")]
+    Cpuid(kvm_ioctls::Error),
+}
+
+pub struct Kvm {
+    pub fd: kvm_ioctls::Kvm,
+    pub max_vcpus: usize,
+    pub supported_cpuid: CpuId,
+}
+
+const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+];
+
+impl Kvm {
+    pub fn open() -> Result<Self, Error> {
+        let fd = kvm_ioctls::Kvm::new().map_err(|e| match e.errno() {
+            libc::ENOENT => Error::NoKvm,
+            libc::EACCES | libc::EPERM => Error::Permission,
+            _ => Error::Open(e),
+        })?;
+        for (cap, name) in REQUIRED_CAPS {
+            if !fd.check_extension(*cap) {
+                return Err(Error::MissingCap(name));
+            }
+        }
+        let supported_cpuid = fd
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::Cpuid)?;
+        Ok(Self {
+            max_vcpus: fd.get_max_vcpus(),
+            fd,
+            supported_cpuid,
+        })
+    }
+}

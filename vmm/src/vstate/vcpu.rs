@@ -1,0 +1,185 @@
+//! vCPUs: their boot state and the thread that runs each one.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kiln_devices::{Bus, ExitSignal, VmExit};
+use kvm_bindings::{
+    CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use super::vm::Vm;
+use crate::arch::{cpuid, msr, regs};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot create vCPU {index}: {source}")]
+    Create {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot set vCPU {index}'s {what}: {source}")]
+    Configure {
+        index: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot set up long mode: {0}")]
+    LongMode(#[from] regs::Error),
+    #[error("cannot start the vCPU thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+}
+
+/// What the vCPU threads share: the buses and where to report an exit.
+#[derive(Clone)]
+pub struct VcpuContext {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exit: Arc<ExitSignal>,
+    /// Runs first on each vCPU thread (installs its seccomp filter).
+    pub on_start: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+}
+
+impl Vcpu {
+    pub fn new(vm: &Vm, index: u8) -> Result<Self, Error> {
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(|source| Error::Create { index, source })?;
+        Ok(Self { index, fd })
+    }
+
+    fn configure_err(&self, what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error + '_ {
+        move |source| Error::Configure {
+            index: self.index,
+            what,
+            source,
+        }
+    }
+
+    /// CPUID, MSRs and local-APIC wiring for every vCPU.
+    pub fn configure(&self, supported: &CpuId, count: u8) -> Result<(), Error> {
+        let mut cpuid = supported.clone();
+        cpuid::customize(&mut cpuid, self.index, count);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.configure_err("CPUID"))?;
+        self.fd
+            .set_msrs(&msr::boot_msrs())
+            .map_err(self.configure_err("MSRs"))?;
+
+        // LINT0 receives the legacy PIC's interrupts, LINT1 is the NMI line.
+        let mut lapic = self.fd.get_lapic().map_err(self.configure_err("LAPIC"))?;
+        for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+            let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i] as u8);
+            let v = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+            for (i, b) in v.to_le_bytes().iter().enumerate() {
+                lapic.regs[reg + i] = *b as i8;
+            }
+        }
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(self.configure_err("LAPIC"))
+    }
+
+    /// Puts the boot vCPU in 64-bit mode at `entry`. The others wait for
+    /// the kernel's INIT/SIPI, as on real hardware.
+    pub fn configure_boot(&self, mem: &GuestMemoryMmap, entry: GuestAddress) -> Result<(), Error> {
+        let mut sregs = self.fd.get_sregs().map_err(self.configure_err("sregs"))?;
+        regs::setup_long_mode(mem, &mut sregs)?;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(self.configure_err("sregs"))?;
+        self.fd
+            .set_regs(&regs::boot_regs(entry))
+            .map_err(self.configure_err("registers"))?;
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(self.configure_err("FPU"))
+    }
+
+    /// Runs the vCPU on its own thread until the VM stops.
+    pub fn start(self, ctx: VcpuContext) -> Result<JoinHandle<()>, Error> {
+        std::thread::Builder::new()
+            .name(format!("kiln-vcpu{}", self.index))
+            .spawn(move || self.run(ctx))
+            .map_err(Error::Spawn)
+    }
+
+    fn run(mut self, ctx: VcpuContext) {
+        if let Err(e) = (ctx.on_start)() {
+            ctx.exit
+                .signal(VmExit::Error(format!("vCPU {}: {e}", self.index)));
+            return;
+        }
+        loop {
+            let exit = match self.run_once(&ctx) {
+                Ok(None) => continue,
+                Ok(Some(exit)) => exit,
+                Err(msg) => VmExit::Error(format!("vCPU {}: {msg}", self.index)),
+            };
+            ctx.exit.signal(exit);
+            return;
+        }
+    }
+
+    /// One KVM_RUN; returns the VM's end when this exit means one.
+    fn run_once(&mut self, ctx: &VcpuContext) -> Result<Option<VmExit>, String> {
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !ctx.pio.read(u64::from(port), data) {
+                    // Nothing there: an ISA bus floats high.
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ctx.pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !ctx.mmio.read(addr, data) {
+                    data.fill(0);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.mmio.write(addr, data);
+            }
+            // A triple fault: what a PC does then is reset.
+            Ok(VcpuExit::Shutdown) => return Ok(Some(VmExit::Reset)),
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                return match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => Ok(Some(VmExit::PowerOff)),
+                    KVM_SYSTEM_EVENT_RESET => Ok(Some(VmExit::Reset)),
+                    KVM_SYSTEM_EVENT_CRASH => Err("the guest crashed".into()),
+                    other => Err(format!("unexpected system event {other}")),
+                }
+            }
+            // With an in-kernel LAPIC, HLT only exits when the guest halts
+            // with interrupts off: it can never wake up again.
+            Ok(VcpuExit::Hlt) => return Ok(Some(VmExit::PowerOff)),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Err(format!(
+                    "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+                ))
+            }
+            Ok(VcpuExit::InternalError) => {
+                return Err("KVM internal error (emulation failure)".into())
+            }
+            Ok(other) => return Err(format!("unexpected exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Err(format!("KVM_RUN failed: {e}")),
+        }
+        Ok(None)
+    }
+}

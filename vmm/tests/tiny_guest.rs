@@ -1,0 +1,61 @@
+//! kiln-vmm end to end on this machine's own /dev/kvm with hand-made
+//! payloads: ELF loading, long-mode entry, the port-I/O bus, COM1 output,
+//! and power-off/reset through the ACPI registers.
+
+mod common;
+use common::*;
+
+const ACPI_SLEEP_CONTROL: u16 = 0x600;
+const ACPI_RESET: u16 = 0x602;
+const S5_SLP_EN: u8 = (5 << 2) | (1 << 5);
+
+#[test]
+fn tiny_guest_prints_and_powers_off() {
+    if !local_kvm() {
+        return;
+    }
+    let dir = Scratch::new("tiny-off");
+    let kernel = dir.file(
+        "tiny.elf",
+        &tiny_elf(&serial_then_out(
+            b"KILN-TINY-OK\n",
+            ACPI_SLEEP_CONTROL,
+            S5_SLP_EN,
+        )),
+    );
+    let out = run(kiln_vmm()
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "64M", "--serial", "stdio"])
+        .stdin(std::process::Stdio::null()));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "KILN-TINY-OK\n",
+        "stderr: {}",
+        stderr(&out)
+    );
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+}
+
+#[test]
+fn tiny_guest_reset_exits_zero_and_says_so() {
+    if !local_kvm() {
+        return;
+    }
+    let dir = Scratch::new("tiny-reset");
+    let kernel = dir.file("tiny.elf", &tiny_elf(&serial_then_out(b"R", ACPI_RESET, 1)));
+    let log = dir.path().join("serial.log");
+    let out = run(kiln_vmm()
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "64M", "--cpus", "2"])
+        .arg("--serial")
+        .arg(format!("file:{}", log.display())));
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("rebooted"),
+        "stderr: {}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&log).unwrap(), b"R");
+}
