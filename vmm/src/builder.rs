@@ -77,7 +77,32 @@ fn serial_output(mode: &SerialMode) -> Result<Box<dyn Write + Send>, Error> {
     })
 }
 
+/// Checks what can be checked without KVM, so a bad kernel or an initrd
+/// that cannot fit fails before any KVM object exists.
+pub fn precheck(cfg: &VmConfig) -> Result<(), Error> {
+    loader::detect_format(&cfg.kernel)?;
+    if let Some(path) = &cfg.initrd {
+        let size = std::fs::metadata(path)
+            .map_err(|source| loader::Error::Open {
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        let low_ram = cfg.memory.min(MMIO_GAP_START);
+        if size.saturating_add(HIMEM_START) >= low_ram {
+            return Err(loader::Error::InitrdTooLarge {
+                path: path.clone(),
+                size,
+                limit: low_ram,
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
 pub fn build(cfg: &VmConfig) -> Result<Machine, Error> {
+    precheck(cfg)?;
     let kvm = Kvm::open()?;
     if usize::from(cfg.vcpus) > kvm.max_vcpus {
         return Err(Error::TooManyCpus {
