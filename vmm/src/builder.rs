@@ -33,6 +33,8 @@ pub enum Error {
     Loader(#[from] loader::Error),
     #[error(transparent)]
     Acpi(#[from] acpi::Error),
+    #[error(transparent)]
+    Regs(#[from] crate::arch::regs::Error),
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
     #[error("cannot create an eventfd: {0}")]
@@ -146,6 +148,7 @@ pub fn build(cfg: &VmConfig) -> Result<Machine, Error> {
     let mmio = Bus::new();
     let mmio_devices: Vec<MmioDeviceInfo> = Vec::new();
 
+    crate::arch::regs::write_reset_stub(&mem)?;
     let rsdp = acpi::create_tables(&mem, cfg.vcpus, &mmio_devices)?;
     let e820 = loader::e820_map(&mem);
     loader::write_zero_page(

@@ -97,6 +97,29 @@ pub fn setup_long_mode(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<(
     Ok(())
 }
 
+/// Writes a real-mode stub at the reset vector that asks for a reset
+/// through the ACPI reset register.
+///
+/// Linux on hardware-reduced ACPI reboots through EFI, and without EFI
+/// falls back to jumping to the BIOS reset vector (`reboot=bios`). There is
+/// no BIOS here, so the stub makes that path, like the others, end the VM.
+pub fn write_reset_stub(mem: &GuestMemoryMmap) -> Result<(), Error> {
+    let [lo, hi] = ACPI_RESET_PORT.to_le_bytes();
+    let stub = [
+        0xba,
+        lo,
+        hi, // mov dx, ACPI_RESET_PORT
+        0xb0,
+        ACPI_RESET_VALUE, // mov al, ACPI_RESET_VALUE
+        0xee,             // out dx, al
+        0xf4,             // hlt
+        0xeb,
+        0xfd, // jmp hlt
+    ];
+    mem.write_slice(&stub, GuestAddress(RESET_VECTOR))?;
+    Ok(())
+}
+
 /// General registers of the boot vCPU: entry point, stack, zero page in RSI.
 pub fn boot_regs(entry: GuestAddress) -> kvm_regs {
     kvm_regs {
@@ -132,6 +155,18 @@ mod tests {
         let data = segment_from_gdt(gdt_entry(0xc093, 0, 0xfffff), 2);
         assert_eq!((data.l, data.db, data.type_), (0, 1, 3));
         assert_eq!(segment_from_gdt(0, 0).unusable, 1);
+    }
+
+    #[test]
+    fn reset_vector_stub_writes_the_acpi_reset_register() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        write_reset_stub(&mem).unwrap();
+        let mut code = [0u8; 6];
+        mem.read_slice(&mut code, GuestAddress(RESET_VECTOR)).unwrap();
+        let [lo, hi] = ACPI_RESET_PORT.to_le_bytes();
+        assert_eq!(code, [0xba, lo, hi, 0xb0, ACPI_RESET_VALUE, 0xee]);
+        // It must end before 1 MiB: the vector is 16 bytes below it.
+        assert!(RESET_VECTOR + 9 <= 0x10_0000);
     }
 
     #[test]
