@@ -8,5 +8,6 @@ pub mod builder;
 pub mod config;
 pub mod loader;
 pub mod runtime;
+pub mod seccomp;
 pub mod terminal;
 pub mod vstate;

@@ -58,6 +58,11 @@ struct Cli {
     /// Do not confine kiln-vmm's threads with seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
+
+    /// Test aid: make each vCPU thread call a syscall its filter forbids,
+    /// right after installing it. kiln-vmm must die with SIGSYS.
+    #[arg(long, hide = true)]
+    debug_seccomp_violation: bool,
 }
 
 impl Cli {
@@ -82,8 +87,30 @@ impl Cli {
     }
 }
 
+/// The per-thread confinement: seccomp filters unless disabled.
+fn confinement(seccomp: bool, violate: bool) -> Result<runtime::Confinement> {
+    if !seccomp {
+        tracing::warn!("seccomp is disabled: kiln-vmm's threads are not confined");
+        return Ok(runtime::Confinement::none());
+    }
+    let mut confine = kiln_vmm::seccomp::Filters::compile()?.confinement()?;
+    if violate {
+        let install = confine.vcpu.clone();
+        confine.vcpu = std::sync::Arc::new(move || {
+            install()?;
+            // SAFETY: getppid takes no arguments; the vCPU filter forbids it,
+            // so the kernel kills the process here.
+            unsafe { libc::syscall(libc::SYS_getppid) };
+            Err("the seccomp filter allowed a forbidden syscall".into())
+        });
+    }
+    Ok(confine)
+}
+
 fn run(cli: Cli) -> Result<VmExit> {
+    let violate = cli.debug_seccomp_violation;
     let cfg = cli.into_config()?;
+    let confine = confinement(cfg.seccomp, violate)?;
     let machine = builder::build(&cfg)?;
     tracing::info!(
         "booting {} ({}), {} vCPU(s), {} MiB",
@@ -92,7 +119,6 @@ fn run(cli: Cli) -> Result<VmExit> {
         cfg.vcpus,
         cfg.memory >> 20
     );
-    let confine = runtime::Confinement::none();
     let exit = runtime::run(machine, cfg.serial == SerialMode::Stdio, confine)?;
     if exit == VmExit::Reset && cfg.on_reboot == OnReboot::Restart {
         restart().context("cannot restart the VM")?;

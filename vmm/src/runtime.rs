@@ -33,6 +33,7 @@ pub type ThreadHook = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 pub struct Confinement {
     pub main: ThreadHook,
     pub vcpu: ThreadHook,
+    pub io: ThreadHook,
 }
 
 impl Confinement {
@@ -40,7 +41,8 @@ impl Confinement {
         let nothing: ThreadHook = Arc::new(|| Ok(()));
         Self {
             main: nothing.clone(),
-            vcpu: nothing,
+            vcpu: nothing.clone(),
+            io: nothing,
         }
     }
 }

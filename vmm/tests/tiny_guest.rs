@@ -59,3 +59,36 @@ fn tiny_guest_reset_exits_zero_and_says_so() {
     );
     assert_eq!(std::fs::read(&log).unwrap(), b"R");
 }
+
+#[test]
+fn a_vcpu_thread_breaking_its_seccomp_filter_kills_kiln_vmm() {
+    if !local_kvm() {
+        return;
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let dir = Scratch::new("tiny-seccomp");
+    let code = serial_then_out(b"X", ACPI_SLEEP_CONTROL, S5_SLP_EN);
+    let kernel = dir.file("tiny.elf", &tiny_elf(&code));
+    let out = run(kiln_vmm()
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "64M", "--debug-seccomp-violation"])
+        .stdin(std::process::Stdio::null()));
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGSYS),
+        "status {:?}, stderr: {}",
+        out.status,
+        stderr(&out)
+    );
+    assert!(out.stdout.is_empty(), "the guest must not have run");
+
+    // The same guest with the filters on and no violation runs normally.
+    let out = run(kiln_vmm()
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "64M"])
+        .stdin(std::process::Stdio::null()));
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    assert_eq!(out.stdout, b"X");
+}

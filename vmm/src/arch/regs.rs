@@ -162,7 +162,8 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_reset_stub(&mem).unwrap();
         let mut code = [0u8; 6];
-        mem.read_slice(&mut code, GuestAddress(RESET_VECTOR)).unwrap();
+        mem.read_slice(&mut code, GuestAddress(RESET_VECTOR))
+            .unwrap();
         let [lo, hi] = ACPI_RESET_PORT.to_le_bytes();
         assert_eq!(code, [0xba, lo, hi, 0xb0, ACPI_RESET_VALUE, 0xee]);
         // It must end before 1 MiB: the vector is 16 bytes below it.

@@ -119,19 +119,21 @@ impl Vcpu {
     }
 
     fn run(mut self, ctx: VcpuContext) {
-        if let Err(e) = (ctx.on_start)() {
-            ctx.exit
-                .signal(VmExit::Error(format!("vCPU {}: {e}", self.index)));
-            return;
-        }
+        let exit = match (ctx.on_start)() {
+            Err(e) => VmExit::Error(format!("vCPU {}: {e}", self.index)),
+            Ok(()) => loop {
+                match self.run_once(&ctx) {
+                    Ok(None) => continue,
+                    Ok(Some(exit)) => break exit,
+                    Err(msg) => break VmExit::Error(format!("vCPU {}: {msg}", self.index)),
+                }
+            },
+        };
+        ctx.exit.signal(exit);
+        // The main thread ends the process; this thread neither runs the
+        // guest again nor tears itself down (which its filter forbids).
         loop {
-            let exit = match self.run_once(&ctx) {
-                Ok(None) => continue,
-                Ok(Some(exit)) => exit,
-                Err(msg) => VmExit::Error(format!("vCPU {}: {msg}", self.index)),
-            };
-            ctx.exit.signal(exit);
-            return;
+            std::thread::park();
         }
     }
 
