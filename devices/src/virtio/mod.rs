@@ -1,1 +1,19 @@
 //! Virtio devices on the virtio-mmio transport.
+//!
+//! [`mmio::MmioTransport`] is the register window the guest driver talks to;
+//! it hands configured queues to a [`device::VirtioDevice`], which serves them
+//! on its own worker thread. The device models live in [`block`] and [`net`].
+
+pub mod block;
+pub mod device;
+pub mod interrupt;
+pub mod mmio;
+pub mod net;
+mod queue;
+mod worker;
+
+pub use block::{Block, BlockBackend, BlockConfig};
+pub use device::{ActivateContext, ActivateError, VirtioDevice, WorkerHook};
+pub use interrupt::Interrupt;
+pub use mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+pub use net::{parse_mac, Net, NetConfig};

@@ -1,0 +1,42 @@
+//! Where a virtio-blk device keeps its data.
+//!
+//! The device model only speaks [`BlockBackend`]; a raw file
+//! ([`super::raw::RawFile`]) is one implementation, a replicated store will be
+//! another. Offsets and lengths are in bytes and, coming from a parsed
+//! request, always lie inside `[0, capacity)`.
+
+use std::io;
+
+/// Storage behind a virtio-blk device. Methods take `&self` so that a backend
+/// can be shared between the device and its worker thread.
+pub trait BlockBackend: Send + Sync {
+    /// The size of the disk in bytes.
+    fn capacity(&self) -> u64;
+
+    /// Fills `buf` from `offset`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
+
+    /// Makes completed writes durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Tells the backend that `len` bytes at `offset` are no longer needed;
+    /// they may read back as anything afterwards.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Makes `len` bytes at `offset` read back as zeroes; with `unmap` the
+    /// backend may deallocate them.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+
+    /// Whether `discard` does anything useful (sets `VIRTIO_BLK_F_DISCARD`).
+    fn supports_discard(&self) -> bool {
+        true
+    }
+
+    /// Whether `write_zeroes` is supported (sets `VIRTIO_BLK_F_WRITE_ZEROES`).
+    fn supports_write_zeroes(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,446 @@
+//! The virtio-blk device model: features, configuration space, activation.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use tracing::debug;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use super::backend::BlockBackend;
+use super::io::{Disk, SERIAL_LEN};
+use super::raw::{RawFile, RawFileError};
+use super::request::{RequestLimits, SECTOR_SHIFT, SECTOR_SIZE};
+use super::worker::BlockWorker;
+use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice};
+use crate::virtio::worker::Worker;
+
+/// Size of the one request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Data descriptors per request (the header and status take two slots).
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Longest discard / write-zeroes range, in sectors (2 GiB).
+pub const MAX_RANGE_SECTORS: u32 = 1 << 22;
+/// Ranges per discard / write-zeroes request.
+pub const MAX_RANGES: u32 = 16;
+/// Discard granularity advertised to the guest, in sectors (4 KiB).
+const DISCARD_ALIGNMENT_SECTORS: u32 = 8;
+
+/// Bytes of `struct virtio_blk_config` we fill (up to `write_zeroes_may_unmap`).
+const CONFIG_LEN: usize = 60;
+
+static NEXT_INDEX: AtomicU32 = AtomicU32::new(0);
+
+/// What a `--disk` option describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Raw image file or host block device.
+    pub path: PathBuf,
+    /// Expose the disk read-only (`VIRTIO_BLK_F_RO`) and open it `O_RDONLY`.
+    pub read_only: bool,
+    /// Bypass the host page cache (`O_DIRECT`).
+    pub direct: bool,
+    /// Serial number returned by GET_ID (at most 20 bytes).
+    pub id: Option<String>,
+}
+
+/// Errors creating a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Open(#[from] RawFileError),
+    #[error("disk id {0:?} is longer than 20 bytes")]
+    IdTooLong(String),
+    #[error("the disk is smaller than one 512-byte sector")]
+    TooSmall,
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    name: String,
+    disk: Disk,
+    capacity_sectors: u64,
+    avail_features: u64,
+    config: [u8; CONFIG_LEN],
+    queue_sizes: [u16; 1],
+    worker: Option<Worker>,
+}
+
+impl Block {
+    /// Opens the raw image `cfg.path` and builds the device around it.
+    pub fn new(cfg: BlockConfig) -> Result<Self, Error> {
+        let serial = serial(cfg.id.as_deref())?;
+        let backend = RawFile::open(&cfg.path, cfg.read_only, cfg.direct)?;
+        Self::build(Arc::new(backend), cfg.read_only, serial)
+    }
+
+    /// Builds the device around any backend.
+    pub fn with_backend(
+        backend: Arc<dyn BlockBackend>,
+        read_only: bool,
+        id: Option<&str>,
+    ) -> Result<Self, Error> {
+        Self::build(backend, read_only, serial(id)?)
+    }
+
+    fn build(
+        backend: Arc<dyn BlockBackend>,
+        read_only: bool,
+        serial: [u8; SERIAL_LEN],
+    ) -> Result<Self, Error> {
+        let capacity_sectors = backend.capacity() >> SECTOR_SHIFT;
+        if capacity_sectors == 0 {
+            return Err(Error::TooSmall);
+        }
+        let mut features = (1u64 << VIRTIO_RING_F_EVENT_IDX)
+            | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1u64 << VIRTIO_BLK_F_SEG_MAX)
+            | (1u64 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1u64 << VIRTIO_BLK_F_FLUSH);
+        if read_only {
+            features |= 1u64 << VIRTIO_BLK_F_RO;
+        } else {
+            if backend.supports_discard() {
+                features |= 1u64 << VIRTIO_BLK_F_DISCARD;
+            }
+            if backend.supports_write_zeroes() {
+                features |= 1u64 << VIRTIO_BLK_F_WRITE_ZEROES;
+            }
+        }
+        let index = NEXT_INDEX.fetch_add(1, Ordering::Relaxed);
+        Ok(Self {
+            name: format!("kiln-blk{index}"),
+            disk: Disk {
+                backend,
+                read_only,
+                serial,
+            },
+            capacity_sectors,
+            avail_features: features,
+            config: config_space(capacity_sectors),
+            queue_sizes: [QUEUE_SIZE],
+            worker: None,
+        })
+    }
+
+    /// The disk size in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+
+    /// The worker thread's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn limits(&self) -> RequestLimits {
+        RequestLimits {
+            capacity_sectors: self.capacity_sectors,
+            seg_max: SEG_MAX,
+            max_range_sectors: MAX_RANGE_SECTORS,
+            max_ranges: MAX_RANGES,
+        }
+    }
+}
+
+/// The GET_ID serial: the id's bytes, zero-padded.
+fn serial(id: Option<&str>) -> Result<[u8; SERIAL_LEN], Error> {
+    let mut serial = [0u8; SERIAL_LEN];
+    if let Some(id) = id {
+        if id.len() > SERIAL_LEN {
+            return Err(Error::IdTooLong(id.to_string()));
+        }
+        serial[..id.len()].copy_from_slice(id.as_bytes());
+    }
+    Ok(serial)
+}
+
+/// `struct virtio_blk_config`, little-endian.
+fn config_space(capacity_sectors: u64) -> [u8; CONFIG_LEN] {
+    let mut c = [0u8; CONFIG_LEN];
+    let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
+    put(0, &capacity_sectors.to_le_bytes());
+    put(12, &SEG_MAX.to_le_bytes());
+    put(20, &(SECTOR_SIZE as u32).to_le_bytes());
+    put(36, &MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors
+    put(40, &MAX_RANGES.to_le_bytes()); // max_discard_seg
+    put(44, &DISCARD_ALIGNMENT_SECTORS.to_le_bytes());
+    put(48, &MAX_RANGE_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+    put(52, &MAX_RANGES.to_le_bytes()); // max_write_zeroes_seg
+    put(56, &[1]); // write_zeroes_may_unmap
+    c
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            let at = offset.checked_add(i as u64);
+            *b = at
+                .and_then(|o| self.config.get(usize::try_from(o).ok()?))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Every field we expose is read-only (no VIRTIO_BLK_F_CONFIG_WCE).
+        debug!(
+            device = %self.name,
+            "ignoring a {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let got = ctx.queues.len();
+        let (Some(queue), Some(queue_evt)) = (
+            ctx.queues.into_iter().next(),
+            ctx.queue_events.into_iter().next(),
+        ) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        let stop = Worker::stop_eventfd().map_err(ActivateError::Epoll)?;
+        let worker = BlockWorker::new(
+            ctx.mem,
+            queue,
+            queue_evt,
+            ctx.interrupt,
+            self.disk.clone(),
+            self.limits(),
+            stop.try_clone().map_err(ActivateError::Epoll)?,
+        )
+        .map_err(ActivateError::Epoll)?;
+        self.worker = Some(
+            Worker::spawn(self.name.clone(), ctx.worker_hook, stop, move || {
+                worker.run()
+            })
+            .map_err(ActivateError::Spawn)?,
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use vmm_sys_util::tempfile::TempFile;
+
+    use crate::virtio::block::request::tests::{desc, write_header, DATA, HDR, STATUS, W};
+    use crate::virtio::interrupt::Interrupt;
+
+    fn image(len: usize) -> TempFile {
+        let f = TempFile::new().unwrap();
+        f.as_file().write_all(&vec![0u8; len]).unwrap();
+        f
+    }
+
+    fn cfg(img: &TempFile, read_only: bool) -> BlockConfig {
+        BlockConfig {
+            path: img.as_path().to_path_buf(),
+            read_only,
+            direct: false,
+            id: Some("disk-0".into()),
+        }
+    }
+
+    fn feature(b: &Block, bit: u32) -> bool {
+        b.avail_features() & (1u64 << bit) != 0
+    }
+
+    #[test]
+    fn features_follow_the_config() {
+        let img = image(1 << 20);
+        let rw = Block::new(cfg(&img, false)).unwrap();
+        for bit in [
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_WRITE_ZEROES,
+            VIRTIO_RING_F_EVENT_IDX,
+        ] {
+            assert!(feature(&rw, bit), "bit {bit}");
+        }
+        assert!(!feature(&rw, VIRTIO_BLK_F_RO));
+        assert!(rw.name().starts_with("kiln-blk"));
+        assert_eq!(rw.device_type(), VIRTIO_ID_BLOCK);
+        let ro = Block::new(cfg(&img, true)).unwrap();
+        assert!(feature(&ro, VIRTIO_BLK_F_RO));
+        assert!(!feature(&ro, VIRTIO_BLK_F_DISCARD));
+        assert!(!feature(&ro, VIRTIO_BLK_F_WRITE_ZEROES));
+    }
+
+    #[test]
+    fn config_space_reports_capacity_and_limits() {
+        let img = image(1 << 20);
+        let b = Block::new(cfg(&img, false)).unwrap();
+        let mut cap = [0u8; 8];
+        b.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 2048);
+        assert_eq!(b.capacity_sectors(), 2048);
+        let mut v = [0u8; 4];
+        b.read_config(12, &mut v);
+        assert_eq!(u32::from_le_bytes(v), SEG_MAX);
+        b.read_config(20, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 512);
+        // Past the end reads as zero, even at absurd offsets.
+        let mut v = [0xffu8; 4];
+        b.read_config(58, &mut v);
+        assert_eq!(v, [0; 4]);
+        b.read_config(u64::MAX, &mut v);
+        assert_eq!(v, [0; 4]);
+    }
+
+    #[test]
+    fn constructor_errors_are_clear() {
+        let img = image(1 << 20);
+        let mut c = cfg(&img, false);
+        c.id = Some("a-serial-number-that-is-too-long".into());
+        assert!(matches!(Block::new(c), Err(Error::IdTooLong(_))));
+        let mut c = cfg(&img, false);
+        c.path = "/nonexistent/kiln.img".into();
+        let Err(e) = Block::new(c) else {
+            panic!("opened a missing image")
+        };
+        assert!(matches!(e, Error::Open(RawFileError::NotFound(_))));
+        assert!(e.to_string().contains("/nonexistent/kiln.img"), "{e}");
+        let tiny = image(100);
+        assert!(matches!(
+            Block::new(cfg(&tiny, false)),
+            Err(Error::TooSmall)
+        ));
+    }
+
+    fn wait_for_irq(irq: &EventFd) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while irq.read().is_err() {
+            assert!(Instant::now() < deadline, "no interrupt from the worker");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn worker_serves_requests_and_stops_on_reset() {
+        let img = image(1 << 20);
+        let mut b = Block::new(cfg(&img, false)).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+
+        for round in 0..2u8 {
+            // A rebooted guest sets up fresh rings.
+            mem.write_slice(&[0u8; 0x1000], GuestAddress(0)).unwrap();
+            let mq = MockSplitQueue::new(&mem, 16);
+            let queue = mq.create_queue().unwrap();
+            let hooked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let h = hooked.clone();
+            b.activate(ActivateContext {
+                mem: mem.clone(),
+                queues: vec![queue],
+                queue_events: vec![kick.try_clone().unwrap()],
+                interrupt: interrupt.clone(),
+                acked_features: 1 << VIRTIO_F_VERSION_1,
+                worker_hook: Some(Arc::new(move || h.store(true, Ordering::SeqCst))),
+            })
+            .unwrap();
+            assert!(matches!(
+                b.activate(ActivateContext {
+                    mem: mem.clone(),
+                    queues: vec![],
+                    queue_events: vec![],
+                    interrupt: interrupt.clone(),
+                    acked_features: 0,
+                    worker_hook: None,
+                }),
+                Err(ActivateError::AlreadyActive)
+            ));
+
+            write_header(&mem, VIRTIO_BLK_T_OUT, 1);
+            mem.write_slice(&[round + 1; 512], GuestAddress(DATA))
+                .unwrap();
+            mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            mq.build_desc_chain(&[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)])
+                .unwrap();
+            kick.write(1).unwrap();
+            wait_for_irq(&irq);
+            assert!(hooked.load(Ordering::SeqCst));
+            assert_eq!(
+                mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+                VIRTIO_BLK_S_OK as u8
+            );
+            assert_eq!(mq.used().idx().load(), 1);
+            let mut on_disk = [0u8; 512];
+            std::os::unix::fs::FileExt::read_exact_at(img.as_file(), &mut on_disk, 512).unwrap();
+            assert!(on_disk.iter().all(|&x| x == round + 1));
+
+            b.reset();
+            assert!(b.worker.is_none());
+            assert!(queue_is_unused(&mq));
+        }
+    }
+
+    fn queue_is_unused(mq: &MockSplitQueue<GuestMemoryMmap>) -> bool {
+        // Nothing left in the avail ring beyond what was used.
+        mq.avail().idx().load() == mq.used().idx().load()
+    }
+
+    #[test]
+    fn activation_needs_one_queue() {
+        let img = image(4096);
+        let mut b = Block::new(cfg(&img, false)).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let r = b.activate(ActivateContext {
+            mem,
+            queues: vec![],
+            queue_events: vec![],
+            interrupt: Arc::new(Interrupt::new(irq)),
+            acked_features: 0,
+            worker_hook: None,
+        });
+        assert!(matches!(
+            r,
+            Err(ActivateError::QueueCount {
+                expected: 1,
+                got: 0
+            })
+        ));
+        // Resetting an idle device is fine.
+        b.reset();
+    }
+}

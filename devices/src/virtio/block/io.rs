@@ -1,0 +1,357 @@
+//! Carrying out a parsed virtio-blk request against a [`BlockBackend`].
+
+use std::io;
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use super::backend::BlockBackend;
+use super::request::{Request, RequestType, SECTOR_SHIFT};
+
+/// Data moves between guest memory and the backend in pieces of at most
+/// this size, so a huge request never needs a huge buffer.
+pub const IO_CHUNK: usize = 1 << 20;
+/// Length of the GET_ID serial.
+pub const SERIAL_LEN: usize = 20;
+
+/// Why a valid request failed (reported to the guest as `IOERR`).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("write request to a read-only disk")]
+    ReadOnly,
+    #[error("backend I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("guest memory access failed: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// The disk a request runs against.
+#[derive(Clone)]
+pub struct Disk {
+    pub backend: Arc<dyn BlockBackend>,
+    pub read_only: bool,
+    pub serial: [u8; SERIAL_LEN],
+}
+
+impl Disk {
+    /// Runs `req`, returning how many bytes were written into the guest's
+    /// data buffers. `bounce` is a scratch buffer kept between requests.
+    pub fn execute<M: GuestMemory>(
+        &self,
+        mem: &M,
+        req: &Request,
+        bounce: &mut Vec<u8>,
+    ) -> Result<u32, ExecError> {
+        let writes = matches!(
+            req.request_type,
+            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
+        );
+        if writes && self.read_only {
+            return Err(ExecError::ReadOnly);
+        }
+        match req.request_type {
+            RequestType::In => self.read(mem, req, bounce),
+            RequestType::Out => self.write(mem, req, bounce).map(|()| 0),
+            RequestType::Flush => {
+                if !self.read_only {
+                    self.backend.flush()?;
+                }
+                Ok(0)
+            }
+            RequestType::GetId => self.get_id(mem, req),
+            RequestType::Discard => {
+                for r in &req.ranges {
+                    self.backend.discard(
+                        r.sector << SECTOR_SHIFT,
+                        u64::from(r.num_sectors) << SECTOR_SHIFT,
+                    )?;
+                }
+                Ok(0)
+            }
+            RequestType::WriteZeroes => {
+                for r in &req.ranges {
+                    self.backend.write_zeroes(
+                        r.sector << SECTOR_SHIFT,
+                        u64::from(r.num_sectors) << SECTOR_SHIFT,
+                        r.unmap,
+                    )?;
+                }
+                Ok(0)
+            }
+            // The parser never returns these.
+            RequestType::Unsupported(_) => Ok(0),
+        }
+    }
+
+    fn read<M: GuestMemory>(
+        &self,
+        mem: &M,
+        req: &Request,
+        bounce: &mut Vec<u8>,
+    ) -> Result<u32, ExecError> {
+        let mut offset = req.sector << SECTOR_SHIFT;
+        let mut written = 0u32;
+        for seg in &req.data {
+            let mut done = 0usize;
+            while done < seg.len as usize {
+                let n = (seg.len as usize - done).min(IO_CHUNK);
+                let buf = scratch(bounce, n);
+                self.backend.read_at(offset, buf)?;
+                mem.write_slice(buf, offset_addr(seg.addr, done))?;
+                done += n;
+                offset += n as u64;
+                written = written.saturating_add(n as u32);
+            }
+        }
+        Ok(written)
+    }
+
+    fn write<M: GuestMemory>(
+        &self,
+        mem: &M,
+        req: &Request,
+        bounce: &mut Vec<u8>,
+    ) -> Result<(), ExecError> {
+        let mut offset = req.sector << SECTOR_SHIFT;
+        for seg in &req.data {
+            let mut done = 0usize;
+            while done < seg.len as usize {
+                let n = (seg.len as usize - done).min(IO_CHUNK);
+                let buf = scratch(bounce, n);
+                mem.read_slice(buf, offset_addr(seg.addr, done))?;
+                self.backend.write_at(offset, buf)?;
+                done += n;
+                offset += n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    fn get_id<M: GuestMemory>(&self, mem: &M, req: &Request) -> Result<u32, ExecError> {
+        let mut id = &self.serial[..];
+        let mut written = 0u32;
+        for seg in &req.data {
+            if id.is_empty() {
+                break;
+            }
+            let n = id.len().min(seg.len as usize);
+            mem.write_slice(&id[..n], seg.addr)?;
+            id = &id[n..];
+            written += n as u32;
+        }
+        Ok(written)
+    }
+}
+
+/// The first `n` bytes of `bounce`, grown if needed.
+fn scratch(bounce: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    if bounce.len() < n {
+        bounce.resize(n, 0);
+    }
+    &mut bounce[..n]
+}
+
+/// `addr + n` for a segment already checked to lie in guest memory; should it
+/// wrap anyway, the guest memory access fails rather than panicking.
+fn offset_addr(addr: GuestAddress, n: usize) -> GuestAddress {
+    GuestAddress(addr.0.wrapping_add(n as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::block::request::{SectorRange, Segment};
+    use std::sync::Mutex;
+    use vm_memory::GuestMemoryMmap;
+
+    /// An in-memory backend.
+    pub(crate) struct MemBackend(pub Mutex<Vec<u8>>);
+
+    impl BlockBackend for MemBackend {
+        fn capacity(&self) -> u64 {
+            self.0.lock().unwrap().len() as u64
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            let d = self.0.lock().unwrap();
+            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+            let mut d = self.0.lock().unwrap();
+            d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.write_zeroes(offset, len, true)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, _: bool) -> io::Result<()> {
+            let mut d = self.0.lock().unwrap();
+            d[offset as usize..(offset + len) as usize].fill(0);
+            Ok(())
+        }
+    }
+
+    fn disk(read_only: bool) -> Disk {
+        let mut serial = [0u8; SERIAL_LEN];
+        serial[..4].copy_from_slice(b"kiln");
+        Disk {
+            backend: Arc::new(MemBackend(Mutex::new(
+                (0..8192).map(|i| (i % 256) as u8).collect(),
+            ))),
+            read_only,
+            serial,
+        }
+    }
+
+    fn request(t: RequestType, sector: u64, data: Vec<Segment>) -> Request {
+        Request {
+            request_type: t,
+            sector,
+            data_len: data.iter().map(|s| u64::from(s.len)).sum(),
+            data,
+            ranges: vec![],
+            status: GuestAddress(0),
+        }
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    #[test]
+    fn reads_across_segments() {
+        let (m, d) = (mem(), disk(false));
+        let segs = vec![
+            Segment {
+                addr: GuestAddress(0x1000),
+                len: 512,
+            },
+            Segment {
+                addr: GuestAddress(0x8000),
+                len: 1024,
+            },
+        ];
+        let n = d
+            .execute(&m, &request(RequestType::In, 1, segs), &mut Vec::new())
+            .unwrap();
+        assert_eq!(n, 1536);
+        let mut b = [0u8; 2];
+        m.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(b, [0, 1]); // sector 1 starts at byte 512: 512 % 256 == 0
+        m.read_slice(&mut b, GuestAddress(0x8000 + 1023)).unwrap();
+        assert_eq!(b[0], ((1024 + 1023) % 256) as u8);
+    }
+
+    #[test]
+    fn writes_and_refuses_on_read_only() {
+        let (m, d) = (mem(), disk(false));
+        m.write_slice(&[9u8; 512], GuestAddress(0x2000)).unwrap();
+        let seg = vec![Segment {
+            addr: GuestAddress(0x2000),
+            len: 512,
+        }];
+        d.execute(
+            &m,
+            &request(RequestType::Out, 2, seg.clone()),
+            &mut Vec::new(),
+        )
+        .unwrap();
+        let mut b = [0u8; 512];
+        d.backend.read_at(1024, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 9));
+
+        let ro = disk(true);
+        for t in [
+            RequestType::Out,
+            RequestType::Discard,
+            RequestType::WriteZeroes,
+        ] {
+            let mut r = request(t, 2, seg.clone());
+            r.ranges = vec![SectorRange {
+                sector: 0,
+                num_sectors: 1,
+                unmap: false,
+            }];
+            assert!(matches!(
+                ro.execute(&m, &r, &mut Vec::new()),
+                Err(ExecError::ReadOnly)
+            ));
+        }
+        // Reads and flushes still work.
+        ro.execute(&m, &request(RequestType::In, 0, seg), &mut Vec::new())
+            .unwrap();
+        ro.execute(&m, &request(RequestType::Flush, 0, vec![]), &mut Vec::new())
+            .unwrap();
+    }
+
+    #[test]
+    fn get_id_writes_at_most_20_bytes() {
+        let (m, d) = (mem(), disk(false));
+        m.write_slice(&[0xffu8; 64], GuestAddress(0x3000)).unwrap();
+        let segs = vec![
+            Segment {
+                addr: GuestAddress(0x3000),
+                len: 2,
+            },
+            Segment {
+                addr: GuestAddress(0x3010),
+                len: 40,
+            },
+        ];
+        let n = d
+            .execute(&m, &request(RequestType::GetId, 0, segs), &mut Vec::new())
+            .unwrap();
+        assert_eq!(n, 20);
+        let mut b = [0u8; 20];
+        m.read_slice(&mut b, GuestAddress(0x3010)).unwrap();
+        assert_eq!(&b[..2], b"ln");
+        assert_eq!(b[18], 0xff);
+    }
+
+    #[test]
+    fn zeroes_and_discards_ranges() {
+        let (m, d) = (mem(), disk(false));
+        for t in [RequestType::WriteZeroes, RequestType::Discard] {
+            let mut r = request(t, 0, vec![]);
+            r.ranges = vec![SectorRange {
+                sector: 3,
+                num_sectors: 2,
+                unmap: false,
+            }];
+            d.execute(&m, &r, &mut Vec::new()).unwrap();
+        }
+        let mut b = vec![0u8; 8192];
+        d.backend.read_at(0, &mut b).unwrap();
+        assert!(b[1536..2560].iter().all(|&x| x == 0));
+        assert_eq!(b[1535], 255);
+        assert_eq!(b[2561], 1);
+    }
+
+    #[test]
+    fn large_requests_move_in_chunks() {
+        let m: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let d = Disk {
+            backend: Arc::new(MemBackend(Mutex::new(vec![5u8; 0x30_0000]))),
+            read_only: false,
+            serial: [0; SERIAL_LEN],
+        };
+        let seg = vec![Segment {
+            addr: GuestAddress(0x1000),
+            len: 0x28_0000,
+        }];
+        let mut bounce = Vec::new();
+        let n = d
+            .execute(&m, &request(RequestType::In, 0, seg), &mut bounce)
+            .unwrap();
+        assert_eq!(n, 0x28_0000);
+        assert_eq!(bounce.len(), IO_CHUNK);
+        let mut b = [0u8; 1];
+        m.read_slice(&mut b, GuestAddress(0x1000 + 0x27_ffff))
+            .unwrap();
+        assert_eq!(b[0], 5);
+    }
+}

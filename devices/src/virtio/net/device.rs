@@ -1,0 +1,439 @@
+//! The virtio-net device model: features, configuration space, activation.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use tracing::{debug, info};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::*;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use super::mac::{MacAddr, MacError};
+use super::tap::{Tap, TapError};
+use super::worker::NetWorker;
+use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice};
+use crate::virtio::worker::Worker;
+
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Receive queue index.
+pub const RX_QUEUE: usize = 0;
+/// Transmit queue index.
+pub const TX_QUEUE: usize = 1;
+
+/// `mac[6]` then `status: u16`.
+const CONFIG_LEN: usize = 8;
+
+static NEXT_INDEX: AtomicU32 = AtomicU32::new(0);
+
+/// What a `--net` option describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// An existing TAP interface.
+    pub tap: String,
+    /// The guest's MAC; a random 52:54:00:xx:xx:xx one when absent.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Errors creating a network device.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error(transparent)]
+    Mac(#[from] MacError),
+}
+
+/// A virtio-net device on a TAP interface.
+pub struct Net {
+    name: String,
+    tap: Arc<Tap>,
+    mac: MacAddr,
+    avail_features: u64,
+    config: [u8; CONFIG_LEN],
+    queue_sizes: [u16; 2],
+    worker: Option<Worker>,
+}
+
+impl Net {
+    /// Attaches to the TAP interface `cfg.tap`.
+    pub fn new(cfg: NetConfig) -> Result<Self, Error> {
+        let mac = match cfg.mac {
+            Some(m) if m[0] & 1 != 0 => {
+                return Err(MacError::Multicast(MacAddr(m).to_string()).into())
+            }
+            Some(m) if m == [0; 6] => return Err(MacError::Zero.into()),
+            Some(m) => MacAddr(m),
+            None => MacAddr::random(),
+        };
+        let tap = Tap::open(&cfg.tap)?;
+        let features = [
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_GUEST_UFO,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
+            VIRTIO_NET_F_HOST_UFO,
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_STATUS,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
+        ]
+        .iter()
+        .fold(0u64, |f, &bit| f | (1u64 << bit));
+        let mut config = [0u8; CONFIG_LEN];
+        config[..6].copy_from_slice(&mac.0);
+        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        let index = NEXT_INDEX.fetch_add(1, Ordering::Relaxed);
+        info!(tap = %cfg.tap, %mac, "virtio-net device created");
+        Ok(Self {
+            name: format!("kiln-net{index}"),
+            tap: Arc::new(tap),
+            mac,
+            avail_features: features,
+            config,
+            queue_sizes: [QUEUE_SIZE; 2],
+            worker: None,
+        })
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac.0
+    }
+
+    /// The worker thread's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// The TAP offloads matching what the guest can receive: the kernel then
+/// passes it partially checksummed and unsegmented (GSO) frames.
+pub fn tap_offload_flags(acked_features: u64) -> libc::c_uint {
+    let has = |bit: u32| acked_features & (1u64 << bit) != 0;
+    let mut flags = 0;
+    if has(VIRTIO_NET_F_GUEST_CSUM) {
+        flags |= libc::TUN_F_CSUM;
+        if has(VIRTIO_NET_F_GUEST_TSO4) {
+            flags |= libc::TUN_F_TSO4;
+        }
+        if has(VIRTIO_NET_F_GUEST_TSO6) {
+            flags |= libc::TUN_F_TSO6;
+        }
+        if has(VIRTIO_NET_F_GUEST_UFO) {
+            flags |= libc::TUN_F_UFO;
+        }
+    }
+    flags
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| self.config.get(usize::try_from(o).ok()?))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // With VIRTIO_F_VERSION_1 the MAC and status are read-only.
+        debug!(
+            device = %self.name,
+            "ignoring a {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let got = ctx.queues.len();
+        if got != 2 || ctx.queue_events.len() != 2 {
+            return Err(ActivateError::QueueCount { expected: 2, got });
+        }
+        self.tap
+            .set_offload(tap_offload_flags(ctx.acked_features))
+            .map_err(ActivateError::Backend)?;
+        let mut queues = ctx.queues.into_iter();
+        let mut events = ctx.queue_events.into_iter();
+        let (Some(rx), Some(tx), Some(rx_evt), Some(tx_evt)) =
+            (queues.next(), queues.next(), events.next(), events.next())
+        else {
+            return Err(ActivateError::QueueCount { expected: 2, got });
+        };
+        let stop = Worker::stop_eventfd().map_err(ActivateError::Epoll)?;
+        let worker = NetWorker::new(
+            ctx.mem,
+            rx,
+            tx,
+            rx_evt,
+            tx_evt,
+            ctx.interrupt,
+            self.tap.clone(),
+            stop.try_clone().map_err(ActivateError::Epoll)?,
+        )
+        .map_err(ActivateError::Epoll)?;
+        self.worker = Some(
+            Worker::spawn(self.name.clone(), ctx.worker_hook, stop, move || {
+                worker.run()
+            })
+            .map_err(ActivateError::Spawn)?,
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use crate::virtio::interrupt::Interrupt;
+    use crate::virtio::net::tap::tests::TestTap;
+
+    #[test]
+    fn offload_flags_follow_guest_features() {
+        assert_eq!(tap_offload_flags(0), 0);
+        let f = |bits: &[u32]| bits.iter().fold(0u64, |a, &b| a | (1 << b));
+        // TSO without checksum offload is meaningless.
+        assert_eq!(tap_offload_flags(f(&[VIRTIO_NET_F_GUEST_TSO4])), 0);
+        assert_eq!(
+            tap_offload_flags(f(&[
+                VIRTIO_NET_F_GUEST_CSUM,
+                VIRTIO_NET_F_GUEST_TSO4,
+                VIRTIO_NET_F_GUEST_TSO6,
+                VIRTIO_NET_F_GUEST_UFO
+            ])),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_UFO
+        );
+    }
+
+    #[test]
+    fn constructor_errors_are_clear() {
+        let cfg = |tap: &str, mac| NetConfig {
+            tap: tap.into(),
+            mac,
+        };
+        assert!(matches!(
+            Net::new(cfg("kiln-nonexist1", None)),
+            Err(Error::Tap(TapError::NoSuchDevice(_)))
+        ));
+        assert!(matches!(
+            Net::new(cfg("lo", Some([1, 0, 0, 0, 0, 1]))),
+            Err(Error::Mac(MacError::Multicast(_)))
+        ));
+        assert!(matches!(
+            Net::new(cfg("lo", Some([0; 6]))),
+            Err(Error::Mac(MacError::Zero))
+        ));
+    }
+
+    #[test]
+    fn config_space_and_features() {
+        let Some(t) = TestTap::create("kt1") else {
+            return;
+        };
+        let mac = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
+        let n = Net::new(NetConfig {
+            tap: t.0.clone(),
+            mac: Some(mac),
+        })
+        .unwrap();
+        assert_eq!(n.mac(), mac);
+        assert_eq!(n.device_type(), VIRTIO_ID_NET);
+        assert_eq!(n.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
+        assert!(n.name().starts_with("kiln-net"));
+        let mut c = [0u8; 10];
+        n.read_config(0, &mut c);
+        assert_eq!(&c[..6], &mac);
+        assert_eq!(
+            u16::from_le_bytes([c[6], c[7]]),
+            VIRTIO_NET_S_LINK_UP as u16
+        );
+        assert_eq!(&c[8..], &[0, 0]);
+        for bit in [VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_CSUM] {
+            assert_ne!(n.avail_features() & (1 << bit), 0);
+        }
+        assert_eq!(n.avail_features() & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
+        // Random MACs when none is given.
+        drop(n);
+        let n = Net::new(NetConfig {
+            tap: t.0.clone(),
+            mac: None,
+        })
+        .unwrap();
+        assert_eq!(&n.mac()[..3], &[0x52, 0x54, 0x00]);
+    }
+
+    /// A network namespace for one test, deleted (with what is in it)
+    /// afterwards.
+    struct TestNetns(&'static str);
+
+    impl TestNetns {
+        fn create(name: &'static str) -> Self {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+            run(&["ip", "netns", "add", name]);
+            Self(name)
+        }
+
+        /// Runs `cmd` inside the namespace.
+        fn exec(&self, cmd: &[&str]) -> String {
+            let mut args = vec!["ip", "netns", "exec", self.0];
+            args.extend_from_slice(cmd);
+            run(&args)
+        }
+    }
+
+    impl Drop for TestNetns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", self.0]).output();
+        }
+    }
+
+    fn run(args: &[&str]) -> String {
+        let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Boots the device on a real TAP, lets the host side ARP for a guest
+    /// address and sends a frame from the guest. The host side of the TAP
+    /// lives in a network namespace of its own, so no traffic reaches the
+    /// machine's real networks.
+    #[test]
+    fn moves_frames_through_a_real_tap() {
+        let Some(t) = TestTap::create("kt2") else {
+            return;
+        };
+        let mut n = Net::new(NetConfig {
+            tap: t.0.clone(),
+            mac: None,
+        })
+        .unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0x4000), 16);
+        let mut rx: Queue = rxq.create_queue().unwrap();
+        let mut tx: Queue = txq.create_queue().unwrap();
+        rx.set_used_ring_address(Some(0x8000), Some(0));
+        tx.set_used_ring_address(Some(0x9000), Some(0));
+        let w = VRING_DESC_F_WRITE as u16;
+        let bufs: Vec<_> = (0..8u64)
+            .map(|i| RawDescriptor::from(Descriptor::new(0x10_0000 + i * 0x1_0000, 0x1_0000, w, 0)))
+            .collect();
+        rxq.add_desc_chains(&bufs, 0).unwrap();
+
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let rx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let tx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let acked = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1u64 << VIRTIO_NET_F_GUEST_TSO4);
+        n.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![rx, tx],
+            queue_events: vec![rx_kick.try_clone().unwrap(), tx_kick.try_clone().unwrap()],
+            interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+            acked_features: acked,
+            worker_hook: None,
+        })
+        .unwrap();
+
+        let ns = TestNetns::create("kiln-kt2");
+        run(&["ip", "link", "set", "kt2", "netns", ns.0]);
+        ns.exec(&["ip", "addr", "add", "10.213.7.1/24", "dev", "kt2"]);
+        ns.exec(&["ip", "link", "set", "kt2", "up"]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut saw_arp = false;
+        while !saw_arp {
+            assert!(
+                Instant::now() < deadline,
+                "no ARP request reached the guest"
+            );
+            // Makes the namespace's kernel ARP for the guest.
+            ns.exec(&["bash", "-c", "echo hi > /dev/udp/10.213.7.2/9 || true"]);
+            std::thread::sleep(Duration::from_millis(50));
+            let used_idx: u16 = mem.read_obj(GuestAddress(0x8002)).unwrap();
+            for i in 0..u64::from(used_idx.min(8)) {
+                let head: u32 = mem.read_obj(GuestAddress(0x8004 + 8 * i)).unwrap();
+                let buf = 0x10_0000 + u64::from(head) * 0x1_0000;
+                // Ethertype after the 12-byte virtio-net header and two MACs.
+                let ethertype: [u8; 2] = mem.read_obj(GuestAddress(buf + 12 + 12)).unwrap();
+                saw_arp |= ethertype == [0x08, 0x06];
+            }
+        }
+        assert!(irq.read().is_ok());
+
+        // Transmit a broadcast frame; the namespace counts it as received.
+        let rx_packets = || -> u64 {
+            ns.exec(&["cat", "/sys/class/net/kt2/statistics/rx_packets"])
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let before = rx_packets();
+        let mut frame = vec![0u8; 12 + 60];
+        frame[12..18].fill(0xff);
+        frame[18..24].copy_from_slice(&n.mac());
+        frame[24..26].copy_from_slice(&[0x88, 0xb5]); // local experimental ethertype
+        mem.write_slice(&frame, GuestAddress(0x20_0000)).unwrap();
+        txq.add_desc_chains(
+            &[RawDescriptor::from(Descriptor::new(
+                0x20_0000,
+                frame.len() as u32,
+                0,
+                0,
+            ))],
+            0,
+        )
+        .unwrap();
+        tx_kick.write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while rx_packets() == before {
+            assert!(
+                Instant::now() < deadline,
+                "the frame never reached the host"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let tx_used: u16 = mem.read_obj(GuestAddress(0x9002)).unwrap();
+        assert_eq!(tx_used, 1);
+        n.reset();
+        assert!(n.worker.is_none());
+    }
+}
