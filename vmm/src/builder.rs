@@ -5,6 +5,10 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use kiln_devices::legacy::{AcpiPowerDevice, I8042ResetDevice, SerialDevice};
+use kiln_devices::virtio::{
+    self, Block, BlockConfig, MmioTransport, Net, VirtioDevice, WorkerHook, MMIO_WINDOW_SIZE,
+    QUEUE_NOTIFY_OFFSET,
+};
 use kiln_devices::{Bus, BusError, ExitSignal};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -39,6 +43,20 @@ pub enum Error {
     Bus(#[from] BusError),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("disk {}: {source}", path.display())]
+    Disk {
+        path: std::path::PathBuf,
+        source: virtio::block::Error,
+    },
+    #[error("network interface on TAP {tap}: {source}")]
+    Net {
+        tap: String,
+        source: virtio::net::Error,
+    },
+    #[error("virtio-mmio transport: {0}")]
+    Transport(#[from] virtio::mmio::Error),
+    #[error("too many devices: the guest has room for {0}")]
+    TooManyDevices(usize),
     #[error("cannot open the serial output file {path}: {source}")]
     SerialFile {
         path: String,
@@ -103,7 +121,62 @@ pub fn precheck(cfg: &VmConfig) -> Result<(), Error> {
     Ok(())
 }
 
-pub fn build(cfg: &VmConfig) -> Result<Machine, Error> {
+/// Hands out virtio-mmio windows and interrupt lines, and remembers them
+/// for the DSDT and the kernel command line.
+struct MmioAllocator {
+    devices: Vec<MmioDeviceInfo>,
+}
+
+impl MmioAllocator {
+    fn next(&mut self) -> Result<MmioDeviceInfo, Error> {
+        let n = self.devices.len() as u64;
+        // One page per device keeps every window page-aligned.
+        let base = VIRTIO_MMIO_START + n * 0x1000;
+        let irq = FIRST_DEVICE_IRQ + n as u32;
+        let capacity = (LAST_DEVICE_IRQ - FIRST_DEVICE_IRQ + 1) as usize;
+        if irq > LAST_DEVICE_IRQ || base + 0x1000 > VIRTIO_MMIO_END {
+            return Err(Error::TooManyDevices(capacity));
+        }
+        let info = MmioDeviceInfo {
+            base,
+            len: MMIO_WINDOW_SIZE,
+            irq,
+        };
+        self.devices.push(info);
+        Ok(info)
+    }
+
+    /// `virtio_mmio.device=` entries, for kernels built with
+    /// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES (Debian's find them in the DSDT).
+    fn cmdline(&self) -> String {
+        self.devices
+            .iter()
+            .map(|d| format!(" virtio_mmio.device={}@{:#x}:{}", d.len, d.base, d.irq))
+            .collect()
+    }
+}
+
+/// Wires one virtio device: window, interrupt, queue notifications.
+fn add_virtio(
+    vm: &vm::Vm,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    alloc: &mut MmioAllocator,
+    device: Box<dyn VirtioDevice>,
+    io_hook: &WorkerHook,
+) -> Result<(), Error> {
+    let slot = alloc.next()?;
+    let irq = eventfd()?;
+    vm.register_irqfd(&irq, slot.irq)?;
+    let transport = MmioTransport::new(mem.clone(), device, irq)?.with_worker_hook(io_hook.clone());
+    for (index, evt) in transport.queue_eventfds().map_err(Error::EventFd)? {
+        vm.register_mmio_ioeventfd(&evt, slot.base + QUEUE_NOTIFY_OFFSET, index)?;
+    }
+    mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)?;
+    Ok(())
+}
+
+pub fn build(cfg: &VmConfig, io_hook: WorkerHook) -> Result<Machine, Error> {
     precheck(cfg)?;
     let kvm = Kvm::open()?;
     if usize::from(cfg.vcpus) > kvm.max_vcpus {
@@ -121,7 +194,6 @@ pub fn build(cfg: &VmConfig) -> Result<Machine, Error> {
         Some(path) => Some(loader::load_initrd(&mem, path, kernel.end, &kernel.header)?),
         None => None,
     };
-    let cmdline_len = loader::load_command_line(&mem, &cfg.cmdline)?;
 
     let exit = Arc::new(ExitSignal::new().map_err(Error::EventFd)?);
     let mut pio = Bus::new();
@@ -145,11 +217,39 @@ pub fn build(cfg: &VmConfig) -> Result<Machine, Error> {
         u64::from(I8042_COMMAND_PORT),
         1,
     )?;
-    let mmio = Bus::new();
-    let mmio_devices: Vec<MmioDeviceInfo> = Vec::new();
+    let mut mmio = Bus::new();
+    let mut alloc = MmioAllocator {
+        devices: Vec::new(),
+    };
+    for disk in &cfg.disks {
+        let block = Block::new(BlockConfig {
+            path: disk.path.clone(),
+            read_only: disk.read_only,
+            direct: disk.direct,
+            id: disk.id.clone(),
+        })
+        .map_err(|source| Error::Disk {
+            path: disk.path.clone(),
+            source,
+        })?;
+        add_virtio(&vm, &mem, &mut mmio, &mut alloc, Box::new(block), &io_hook)?;
+    }
+    for nic in &cfg.nets {
+        let net = Net::new(virtio::NetConfig {
+            tap: nic.tap.clone(),
+            mac: nic.mac,
+        })
+        .map_err(|source| Error::Net {
+            tap: nic.tap.clone(),
+            source,
+        })?;
+        add_virtio(&vm, &mem, &mut mmio, &mut alloc, Box::new(net), &io_hook)?;
+    }
+    let cmdline = format!("{}{}", cfg.cmdline, alloc.cmdline());
+    let cmdline_len = loader::load_command_line(&mem, &cmdline)?;
 
     crate::arch::regs::write_reset_stub(&mem)?;
-    let rsdp = acpi::create_tables(&mem, cfg.vcpus, &mmio_devices)?;
+    let rsdp = acpi::create_tables(&mem, cfg.vcpus, &alloc.devices)?;
     let e820 = loader::e820_map(&mem);
     loader::write_zero_page(
         &mem,

@@ -2,7 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
+use kiln_devices::virtio::parse_mac;
+
 use crate::loader::BzImageMode;
+use crate::options::{self, Options};
 
 /// Below this no Linux kernel gets far.
 pub const MIN_MEMORY: u64 = 32 << 20;
@@ -23,6 +26,10 @@ pub enum Error {
     TooManyCpus(u32),
     #[error("--serial {0:?}: expected stdio, file:PATH or none")]
     SerialSyntax(String),
+    #[error(transparent)]
+    Option(#[from] options::Error),
+    #[error("two devices have the id {0:?}")]
+    DuplicateId(String),
     #[error("{what} {}: {reason}", path.display())]
     BadFile {
         what: &'static str,
@@ -65,6 +72,81 @@ pub enum OnReboot {
     Restart,
 }
 
+/// A virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub direct: bool,
+    pub id: Option<String>,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = Error;
+    /// `path=IMG[,ro=on][,direct=on][,id=NAME]`
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let o = Options::parse("--disk", s, &["path", "ro", "direct", "id"])?;
+        let disk = Self {
+            path: o.required("path")?.into(),
+            read_only: o.switch("ro")?,
+            direct: o.switch("direct")?,
+            id: o.get("id").map(String::from),
+        };
+        if let Some(id) = &disk.id {
+            // virtio-blk serials are 20 bytes.
+            if id.len() > 20 {
+                return Err(o.err(format!("id {id:?} is longer than 20 bytes")).into());
+            }
+        }
+        check_file("disk image", &disk.path)?;
+        Ok(disk)
+    }
+}
+
+/// A virtio-net interface on a TAP device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+    pub id: Option<String>,
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = Error;
+    /// `tap=NAME[,mac=52:54:00:12:34:56][,id=NAME]`
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let o = Options::parse("--net", s, &["tap", "mac", "id"])?;
+        let tap = o.required("tap")?;
+        // IFNAMSIZ is 16 including the terminating NUL.
+        if tap.len() > 15 || tap.contains('/') {
+            return Err(o
+                .err(format!("{tap:?} is not a valid interface name"))
+                .into());
+        }
+        let mac = match o.get("mac") {
+            Some(m) => Some(parse_mac(m).map_err(|e| o.err(e.to_string()))?),
+            None => None,
+        };
+        Ok(Self {
+            tap: tap.into(),
+            mac,
+            id: o.get("id").map(String::from),
+        })
+    }
+}
+
+/// Device ids must be unique across disks and interfaces.
+pub fn check_unique_ids(disks: &[DiskConfig], nets: &[NetConfig]) -> Result<(), Error> {
+    let mut seen = std::collections::HashSet::new();
+    let ids = disks.iter().filter_map(|d| d.id.as_ref());
+    for id in ids.chain(nets.iter().filter_map(|n| n.id.as_ref())) {
+        if !seen.insert(id) {
+            return Err(Error::DuplicateId(id.clone()));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -76,6 +158,8 @@ pub struct VmConfig {
     pub on_reboot: OnReboot,
     pub bzimage: BzImageMode,
     pub seccomp: bool,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
 }
 
 /// Parses "512M", "2G", "1536MiB", "1024" (MiB) into bytes.
@@ -176,6 +260,37 @@ mod tests {
         assert_eq!(check_vcpus(0), Err(Error::NoCpus));
         assert_eq!(check_vcpus(255), Err(Error::TooManyCpus(255)));
         assert_eq!(check_vcpus(2), Ok(2));
+    }
+
+    #[test]
+    fn disk_and_net_options() {
+        let img = std::env::temp_dir().join(format!("kiln-cfg-disk-{}", std::process::id()));
+        std::fs::write(&img, [0u8; 512]).unwrap();
+        let d: DiskConfig = format!("path={},ro=on,id=data", img.display())
+            .parse()
+            .unwrap();
+        assert!(d.read_only && !d.direct);
+        assert_eq!(d.id.as_deref(), Some("data"));
+        assert!("path=/nonexistent.img".parse::<DiskConfig>().is_err());
+        assert!(
+            format!("path={},id=abcdefghijklmnopqrstuvwxyz", img.display())
+                .parse::<DiskConfig>()
+                .is_err()
+        );
+
+        let n: NetConfig = "tap=kt0,mac=52:54:00:12:34:56".parse().unwrap();
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert!("tap=kt0,mac=52:54:00:12:34".parse::<NetConfig>().is_err());
+        assert!("tap=a-very-long-interface-name"
+            .parse::<NetConfig>()
+            .is_err());
+
+        let n2: NetConfig = "tap=kt1,id=data".parse().unwrap();
+        assert_eq!(
+            check_unique_ids(&[d], &[n2]),
+            Err(Error::DuplicateId("data".into()))
+        );
+        std::fs::remove_file(img).unwrap();
     }
 
     #[test]

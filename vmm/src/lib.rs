@@ -7,6 +7,7 @@ pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod loader;
+pub mod options;
 pub mod runtime;
 pub mod seccomp;
 pub mod terminal;

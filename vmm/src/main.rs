@@ -55,6 +55,16 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = BzImageMode::Extract)]
     bzimage: BzImageMode,
 
+    /// A virtio-blk disk: path=IMG[,ro=on][,direct=on][,id=NAME]. The guest
+    /// sees /dev/vda, /dev/vdb, ... in the order given. Repeatable.
+    #[arg(long, value_name = "OPTIONS")]
+    disk: Vec<String>,
+
+    /// A virtio-net interface on an existing TAP device:
+    /// tap=NAME[,mac=52:54:00:12:34:56][,id=NAME]. Repeatable.
+    #[arg(long, value_name = "OPTIONS")]
+    net: Vec<String>,
+
     /// Do not confine kiln-vmm's threads with seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -73,7 +83,20 @@ impl Cli {
         }
         let memory =
             config::check_memory(config::parse_memory(&self.memory)?, config::host_memory())?;
+        let disks = self
+            .disk
+            .iter()
+            .map(|d| d.parse())
+            .collect::<Result<Vec<config::DiskConfig>, _>>()?;
+        let nets = self
+            .net
+            .iter()
+            .map(|n| n.parse())
+            .collect::<Result<Vec<config::NetConfig>, _>>()?;
+        config::check_unique_ids(&disks, &nets)?;
         Ok(VmConfig {
+            disks,
+            nets,
             vcpus: config::check_vcpus(self.cpus)?,
             memory,
             serial: self.serial.parse::<SerialMode>()?,
@@ -111,7 +134,15 @@ fn run(cli: Cli) -> Result<VmExit> {
     let violate = cli.debug_seccomp_violation;
     let cfg = cli.into_config()?;
     let confine = confinement(cfg.seccomp, violate)?;
-    let machine = builder::build(&cfg)?;
+    let io = confine.io.clone();
+    let io_hook: kiln_devices::virtio::WorkerHook = std::sync::Arc::new(move || {
+        if let Err(e) = io() {
+            // An unconfined device worker is not an option: stop here.
+            eprintln!("kiln-vmm: error: {e}");
+            std::process::exit(1);
+        }
+    });
+    let machine = builder::build(&cfg, io_hook)?;
     tracing::info!(
         "booting {} ({}), {} vCPU(s), {} MiB",
         cfg.kernel.display(),
@@ -145,6 +176,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_target(false)
+        // SAFETY: isatty only inspects the descriptor.
+        .with_ansi(unsafe { libc::isatty(libc::STDERR_FILENO) } == 1)
         .init();
 
     let cli = Cli::parse();
