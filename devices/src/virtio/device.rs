@@ -9,8 +9,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::interrupt::Interrupt;
 
-/// Code every device worker thread runs before anything else (the VMM uses
-/// it to install the I/O-worker seccomp filter).
+/// Code a device's worker thread runs once, before anything else (the VMM
+/// uses it to install the I/O-worker seccomp filter).
 pub type WorkerHook = Arc<dyn Fn() + Send + Sync>;
 
 /// Everything a device needs to start serving its queues.
@@ -21,13 +21,13 @@ pub struct ActivateContext {
     pub queues: Vec<Queue>,
     /// One notification eventfd per queue, in index order: readable when the
     /// guest kicks the queue (through a KVM ioeventfd or a trapped write).
-    pub queue_events: Vec<EventFd>,
+    /// Shared with the transport rather than duplicated: activation runs on
+    /// a vCPU thread, which may not `dup`.
+    pub queue_events: Vec<Arc<EventFd>>,
     /// The device's interrupt line.
     pub interrupt: Arc<Interrupt>,
     /// The feature bits the driver accepted.
     pub acked_features: u64,
-    /// Run first thing on the worker thread, if set.
-    pub worker_hook: Option<WorkerHook>,
 }
 
 /// Why a device could not be activated.
@@ -37,10 +37,10 @@ pub enum ActivateError {
     AlreadyActive,
     #[error("expected {expected} queues, got {got}")]
     QueueCount { expected: usize, got: usize },
-    #[error("cannot set up the worker's epoll set: {0}")]
-    Epoll(#[source] io::Error),
     #[error("cannot spawn the worker thread: {0}")]
     Spawn(#[source] io::Error),
+    #[error("cannot hand the queues to the worker thread: {0}")]
+    Worker(#[source] io::Error),
     #[error("cannot configure the backend: {0}")]
     Backend(#[source] io::Error),
 }
@@ -48,8 +48,10 @@ pub enum ActivateError {
 /// A virtio device model behind the virtio-mmio transport.
 ///
 /// The transport owns register state and queue configuration; the device owns
-/// its configuration space and, once activated, a worker thread that serves
-/// the queues. Nothing here may block on device I/O: it runs on vCPU threads.
+/// its configuration space and a worker thread that serves the queues while
+/// the device is active. Except [`VirtioDevice::spawn_worker`], everything
+/// here runs on vCPU threads: it may not block on device I/O, and under
+/// kiln-vmm's seccomp filters it may not create threads or file descriptors.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (`VIRTIO_ID_*`).
     fn device_type(&self) -> u32;
@@ -69,10 +71,22 @@ pub trait VirtioDevice: Send {
     /// to read-only fields.
     fn write_config(&mut self, offset: u64, data: &[u8]);
 
-    /// Starts serving the queues in `ctx` (spawning the worker thread).
+    /// Creates the device's worker thread, which runs `hook` once and then
+    /// serves every activation until the device is dropped. The transport
+    /// calls it when the VMM builds the device, before any seccomp filter is
+    /// installed. Fails if the worker already exists.
+    ///
+    /// A device activated without it (unit tests) spawns its worker, without
+    /// a hook, on first activation.
+    fn spawn_worker(&mut self, hook: WorkerHook) -> io::Result<()>;
+
+    /// Starts serving the queues in `ctx` by handing a body to the worker
+    /// thread. Creates neither threads nor file descriptors once the worker
+    /// exists.
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
 
-    /// Stops the worker, if any, and drops the queues, so that the device can
-    /// be activated again. Blocks until the worker has exited.
+    /// Stops serving the queues and drops them, so that the device can be
+    /// activated again. Blocks until the worker's body has returned; the
+    /// worker thread stays for the next activation.
     fn reset(&mut self);
 }

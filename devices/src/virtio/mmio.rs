@@ -55,6 +55,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("cannot start the device's worker thread: {0}")]
+    Worker(#[source] io::Error),
 }
 
 /// A virtio device as seen through its virtio-mmio register window.
@@ -63,8 +65,12 @@ pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
-    queue_events: Vec<EventFd>,
-    worker_hook: Option<WorkerHook>,
+    /// Shared with the device's worker, so that activating (on a vCPU
+    /// thread) needs no `dup`.
+    queue_events: Vec<Arc<EventFd>>,
+    /// Why the worker thread could not be started in `with_worker_hook`;
+    /// activations then fail instead of spawning it on a vCPU thread.
+    worker_error: Option<String>,
 
     device_features_select: u32,
     driver_features_select: u32,
@@ -87,10 +93,10 @@ impl MmioTransport {
         let mut queue_events = Vec::new();
         for (index, &size) in device.queue_max_sizes().iter().enumerate() {
             queues.push(Queue::new(size).map_err(|_| Error::QueueMaxSize { index, size })?);
-            queue_events.push(
+            queue_events.push(Arc::new(
                 EventFd::new(EFD_NONBLOCK)
                     .map_err(|source| Error::QueueEventFd { index, source })?,
-            );
+            ));
         }
         Ok(Self {
             mem,
@@ -98,7 +104,7 @@ impl MmioTransport {
             interrupt: Arc::new(Interrupt::new(irq)),
             queues,
             queue_events,
-            worker_hook: None,
+            worker_error: None,
             device_features_select: 0,
             driver_features_select: 0,
             acked_features: 0,
@@ -109,11 +115,32 @@ impl MmioTransport {
         })
     }
 
-    /// Sets the code each worker thread of this device runs first (the
-    /// I/O-worker seccomp filter).
+    /// Starts the device's worker thread now, before any seccomp filter is
+    /// installed: it runs `hook` (the I/O-worker seccomp filter) once, then
+    /// serves every activation of the device until the transport is dropped.
+    /// Returns once the hook has run. Activation and reset, which run on vCPU
+    /// threads, then create no thread. Call it once, right after
+    /// [`MmioTransport::new`].
+    ///
+    /// If the thread cannot be started, the error is logged and the device
+    /// fails its activations (NEEDS_RESET);
+    /// [`MmioTransport::try_with_worker_hook`] returns the error instead.
     pub fn with_worker_hook(mut self, hook: WorkerHook) -> Self {
-        self.worker_hook = Some(hook);
+        if let Err(e) = self.device.spawn_worker(hook) {
+            error!(
+                device_type = self.device.device_type(),
+                "cannot start the virtio device's worker thread: {e}"
+            );
+            self.worker_error = Some(e.to_string());
+        }
         self
+    }
+
+    /// [`MmioTransport::with_worker_hook`], failing if the worker thread
+    /// cannot be started.
+    pub fn try_with_worker_hook(mut self, hook: WorkerHook) -> Result<Self, Error> {
+        self.device.spawn_worker(hook).map_err(Error::Worker)?;
+        Ok(self)
     }
 
     /// The queue notification eventfds, `(queue index, eventfd)`, for the VMM
@@ -141,7 +168,7 @@ impl MmioTransport {
         self.status
     }
 
-    /// Whether the device is activated (its worker is running).
+    /// Whether the device is activated (its worker is serving the queues).
     pub fn is_active(&self) -> bool {
         self.active
     }
@@ -330,6 +357,11 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        if let Some(e) = &self.worker_error {
+            let e = e.clone();
+            self.fail(format_args!("no worker thread: {e}"));
+            return;
+        }
         match self.build_activate_context() {
             Ok(ctx) => match self.device.activate(ctx) {
                 Ok(()) => {
@@ -359,19 +391,12 @@ impl MmioTransport {
             q.set_event_idx(event_idx);
             queues.push(Queue::try_from(q.state()).map_err(|e| format!("queue {i}: {e}"))?);
         }
-        let queue_events = self
-            .queue_events
-            .iter()
-            .map(|e| e.try_clone())
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(|e| format!("cannot clone a queue eventfd: {e}"))?;
         Ok(ActivateContext {
             mem: self.mem.clone(),
             queues,
-            queue_events,
+            queue_events: self.queue_events.clone(),
             interrupt: self.interrupt.clone(),
             acked_features: self.acked_features,
-            worker_hook: self.worker_hook.clone(),
         })
     }
 
@@ -486,7 +511,8 @@ mod tests {
         activations: Vec<(u64, usize, bool)>,
         resets: usize,
         config_writes: Vec<(u64, Vec<u8>)>,
-        hook_seen: bool,
+        /// Hooks run by `spawn_worker`.
+        hooks_run: usize,
     }
 
     struct DummyDevice {
@@ -518,6 +544,15 @@ mod tests {
                 .config_writes
                 .push((offset, data.to_vec()));
         }
+        fn spawn_worker(&mut self, hook: WorkerHook) -> io::Result<()> {
+            let mut r = self.record.lock().unwrap();
+            if r.hooks_run > 0 {
+                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+            }
+            hook();
+            r.hooks_run += 1;
+            Ok(())
+        }
         fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
             if self.fail_activation {
                 return Err(ActivateError::AlreadyActive);
@@ -528,7 +563,6 @@ mod tests {
                 ctx.queues.len(),
                 ctx.queues.iter().all(|q| q.event_idx_enabled()),
             ));
-            r.hook_seen = ctx.worker_hook.is_some();
             Ok(())
         }
         fn reset(&mut self) {
@@ -689,7 +723,81 @@ mod tests {
         let r = h.record.lock().unwrap();
         let expect = (1 << VIRTIO_RING_F_EVENT_IDX) | 1 | (1 << VIRTIO_F_VERSION_1);
         assert_eq!(r.activations, vec![(expect, 2, true)]);
-        assert!(r.hook_seen);
+        assert_eq!(r.hooks_run, 1);
+    }
+
+    #[test]
+    fn a_worker_that_cannot_start_fails_activation() {
+        let h = harness(vec![16], false);
+        let t = h.t.try_with_worker_hook(Arc::new(|| {})).unwrap();
+        assert!(matches!(
+            t.try_with_worker_hook(Arc::new(|| {})),
+            Err(Error::Worker(_))
+        ));
+
+        let mut h = harness(vec![16], false);
+        h.t = h.t.with_worker_hook(Arc::new(|| {}));
+        h.t = h.t.with_worker_hook(Arc::new(|| {}));
+        bring_up(&mut h);
+        assert!(!h.t.is_active());
+        assert_ne!(h.t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert!(h.record.lock().unwrap().activations.is_empty());
+    }
+
+    /// With a real device: the worker thread is created by
+    /// `with_worker_hook`, hooked once, and serves activation after
+    /// activation across resets until the transport is dropped.
+    #[test]
+    fn activations_reuse_the_worker_thread_created_with_the_hook() {
+        use std::io::Write;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use crate::virtio::block::{Block, BlockConfig};
+        use crate::virtio::worker::tests::threads_named;
+
+        let img = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        img.as_file().write_all(&[0u8; 4096]).unwrap();
+        let block = Block::new(BlockConfig {
+            path: img.as_path().to_path_buf(),
+            read_only: false,
+            direct: false,
+            id: None,
+        })
+        .unwrap();
+        let name = block.name().to_string();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let t = MmioTransport::new(mem.clone(), Box::new(block), irq).unwrap();
+        assert!(threads_named(&name).is_empty());
+        let hooks = Arc::new(AtomicUsize::new(0));
+        let hook_tid = Arc::new(Mutex::new(None));
+        let (n, tid) = (hooks.clone(), hook_tid.clone());
+        let t = t.with_worker_hook(Arc::new(move || {
+            n.fetch_add(1, Ordering::SeqCst);
+            // SAFETY: gettid has no arguments and cannot fail.
+            *tid.lock().unwrap() = Some(unsafe { libc::gettid() });
+        }));
+        let threads = threads_named(&name);
+        assert_eq!(threads.len(), 1);
+
+        let mut h = Harness {
+            t,
+            record: Default::default(),
+            irq: EventFd::new(EFD_NONBLOCK).unwrap(),
+            mem,
+        };
+        for _ in 0..2 {
+            bring_up(&mut h);
+            assert!(h.t.is_active());
+            assert_eq!(threads_named(&name), threads);
+            w32(&mut h.t, VIRTIO_MMIO_STATUS, 0);
+            assert!(!h.t.is_active());
+            assert_eq!(threads_named(&name), threads);
+        }
+        assert_eq!(hooks.load(Ordering::SeqCst), 1);
+        assert_eq!(*hook_tid.lock().unwrap(), Some(threads[0]));
+        drop(h);
+        assert!(threads_named(&name).is_empty());
     }
 
     #[test]

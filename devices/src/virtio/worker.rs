@@ -1,7 +1,20 @@
-//! Device worker threads: spawned on activation, stopped on reset or drop.
+//! Device worker threads: one per device, created before the guest runs and
+//! reused by every activation.
+//!
+//! kiln-vmm confines each kind of thread with a seccomp filter, and a filter
+//! is inherited by the threads its thread creates. Activation runs on a vCPU
+//! thread, which may neither create threads nor epoll sets nor eventfds (nor
+//! dup them), so a device's worker thread, its epoll set and its stop eventfd
+//! are all created once, when the VMM builds the device and before any filter
+//! is in place. The thread runs the worker hook (the I/O filter) once, then
+//! waits for jobs: each activation hands it a body that serves the queues
+//! until the stop eventfd fires, and a reset waits for that body to return.
+//! The thread ends when its [`Worker`] is dropped.
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use tracing::{debug, error};
@@ -10,72 +23,185 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::WorkerHook;
 
-/// A running worker thread and the eventfd that asks it to stop.
+/// The epoll token of the stop eventfd, registered in every worker's epoll
+/// set when the thread is created. Bodies use other tokens for their fds.
+pub(crate) const TOKEN_STOP: u64 = 0;
+
+/// What an activation hands to the worker thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A device's long-lived worker thread.
 pub(crate) struct Worker {
     name: String,
-    stop: EventFd,
+    poller: Arc<EventSetPoller>,
+    stop: Arc<EventFd>,
+    /// Dropping it ends the thread.
+    jobs: Option<Sender<Job>>,
+    /// One message per finished job.
+    done: Receiver<()>,
     thread: Option<JoinHandle<()>>,
+    /// A job was submitted and [`Worker::stop`] has not collected it yet.
+    busy: bool,
 }
 
 impl Worker {
-    /// Spawns `body` on a thread called `name`, after running `hook`.
-    ///
-    /// `body` gets the stop eventfd and must return soon after it becomes
-    /// readable; [`Worker::stop_eventfd`] builds a clone to register first.
-    pub(crate) fn spawn<F>(
-        name: String,
-        hook: Option<WorkerHook>,
-        stop: EventFd,
-        body: F,
-    ) -> io::Result<Self>
-    where
-        F: FnOnce() + Send + 'static,
-    {
+    /// Creates the epoll set (with the stop eventfd registered under
+    /// [`TOKEN_STOP`]) and the thread `name`, which runs `hook`, then serves
+    /// jobs until the `Worker` is dropped. Returns once the hook has run.
+    pub(crate) fn spawn(name: String, hook: Option<WorkerHook>) -> io::Result<Self> {
+        let poller = Arc::new(EventSetPoller::new()?);
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        poller.add(&*stop, TOKEN_STOP)?;
+        let (jobs, job_rx) = mpsc::channel::<Job>();
+        let (done_tx, done) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
                 if let Some(hook) = hook {
                     hook();
                 }
-                body();
+                if done_tx.send(()).is_err() {
+                    return;
+                }
+                // Until the Worker drops the sender.
+                while let Ok(job) = job_rx.recv() {
+                    job();
+                    if done_tx.send(()).is_err() {
+                        break;
+                    }
+                }
             })?;
-        debug!(worker = %name, "device worker started");
+        if done.recv().is_err() {
+            let _ = thread.join();
+            return Err(io::Error::other(format!(
+                "the device worker thread {name} died in its start hook"
+            )));
+        }
+        debug!(worker = %name, "device worker thread started");
         Ok(Self {
             name,
+            poller,
             stop,
+            jobs: Some(jobs),
+            done,
             thread: Some(thread),
+            busy: false,
         })
     }
 
-    /// A fresh non-blocking eventfd for [`Worker::spawn`].
-    pub(crate) fn stop_eventfd() -> io::Result<EventFd> {
-        EventFd::new(EFD_NONBLOCK)
+    /// Spawns the worker into `slot`, running `hook` first; fails if there
+    /// already is one.
+    pub(crate) fn spawn_into(
+        slot: &mut Option<Worker>,
+        name: &str,
+        hook: WorkerHook,
+    ) -> io::Result<()> {
+        if slot.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("the worker thread {name} already exists"),
+            ));
+        }
+        *slot = Some(Self::spawn(name.to_string(), Some(hook))?);
+        Ok(())
     }
 
-    /// Asks the thread to stop and waits for it.
-    pub(crate) fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
+    /// The worker in `slot`, spawned (without a hook) if there is none yet:
+    /// for devices activated without a transport, as unit tests do.
+    pub(crate) fn get_or_spawn<'a>(
+        slot: &'a mut Option<Worker>,
+        name: &str,
+    ) -> io::Result<&'a mut Worker> {
+        let worker = match slot.take() {
+            Some(w) => w,
+            None => Self::spawn(name.to_string(), None)?,
         };
+        Ok(slot.insert(worker))
+    }
+
+    /// The thread's epoll set, for a body to register its fds in (on the
+    /// worker thread) and wait on.
+    pub(crate) fn poller(&self) -> Arc<EventSetPoller> {
+        self.poller.clone()
+    }
+
+    /// The stop eventfd: readable (under [`TOKEN_STOP`]) when the body must
+    /// return.
+    pub(crate) fn stop_eventfd(&self) -> Arc<EventFd> {
+        self.stop.clone()
+    }
+
+    /// Whether a body was handed over and not yet stopped.
+    pub(crate) fn is_busy(&self) -> bool {
+        self.busy
+    }
+
+    /// Hands `body` to the thread. It must return soon after the stop
+    /// eventfd becomes readable, and unregister the fds it registered.
+    /// Creates no thread and no fd: the only syscall is a futex wake.
+    pub(crate) fn submit<F>(&mut self, body: F) -> io::Result<()>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        if self.busy {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "the device worker is already serving an activation",
+            ));
+        }
+        let sent = self
+            .jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(Box::new(body)).is_ok());
+        if !sent {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("the device worker thread {} has exited", self.name),
+            ));
+        }
+        self.busy = true;
+        Ok(())
+    }
+
+    /// Asks the running body to return and waits until it has; the thread
+    /// stays, ready for the next [`Worker::submit`]. Does nothing when idle.
+    /// Syscalls: a write and a read of the stop eventfd, futex waits.
+    pub(crate) fn stop(&mut self) {
+        if !self.busy {
+            return;
+        }
         if let Err(e) = self.stop.write(1) {
+            // Waiting would hang; stay busy so the body is not doubled up.
             error!(worker = %self.name, "cannot signal the worker to stop: {e}");
             return;
         }
-        if thread.join().is_err() {
-            error!(worker = %self.name, "device worker panicked");
+        self.busy = false;
+        if self.done.recv().is_err() {
+            error!(worker = %self.name, "the device worker thread died");
         } else {
-            debug!(worker = %self.name, "device worker stopped");
+            debug!(worker = %self.name, "device worker idle");
         }
+        // A body that had already returned on its own left the signal set.
+        drain_eventfd(&self.stop);
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        self.shutdown();
+        self.stop();
+        if self.busy {
+            // The body could not be told to stop: joining would hang.
+            return;
+        }
+        // Ends the thread's receive loop.
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                error!(worker = %self.name, "device worker thread panicked");
+            } else {
+                debug!(worker = %self.name, "device worker thread ended");
+            }
+        }
     }
 }
 
@@ -162,34 +288,151 @@ impl GuestErrorLog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::thread::ThreadId;
 
-    #[test]
-    fn runs_hook_first_and_stops_on_request() {
-        let hooked = Arc::new(AtomicBool::new(false));
-        let h = hooked.clone();
-        let hook: WorkerHook = Arc::new(move || h.store(true, Ordering::SeqCst));
-        let stop = Worker::stop_eventfd().unwrap();
-        let stop_in = stop.try_clone().unwrap();
-        let saw_hook = Arc::new(AtomicBool::new(false));
-        let s = saw_hook.clone();
-        let hooked2 = hooked.clone();
-        let w = Worker::spawn("kiln-test0".into(), Some(hook), stop, move || {
-            s.store(hooked2.load(Ordering::SeqCst), Ordering::SeqCst);
-            assert_eq!(std::thread::current().name(), Some("kiln-test0"));
-            let poller = EventSetPoller::new().unwrap();
-            poller.add(&stop_in, 7).unwrap();
+    /// The thread ids (tids) of this process's threads called `name`.
+    pub(crate) fn threads_named(name: &str) -> Vec<i32> {
+        let mut tids: Vec<i32> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| {
+                let task = task.ok()?;
+                let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+                (comm.trim_end() == name).then_some(())?;
+                task.file_name().to_str()?.parse().ok()
+            })
+            .collect();
+        tids.sort_unstable();
+        tids
+    }
+
+    /// A body like the devices': waits on the worker's epoll set until the
+    /// stop eventfd fires, recording the thread it ran on.
+    fn waiting_body(w: &Worker, seen: Arc<Mutex<Vec<ThreadId>>>) -> impl FnOnce() + Send {
+        let poller = w.poller();
+        let stop = w.stop_eventfd();
+        move || {
+            seen.lock().unwrap().push(std::thread::current().id());
             let mut evs = [EpollEvent::default(); 4];
             let n = poller.wait(&mut evs).unwrap();
             assert_eq!(n, 1);
-            assert_eq!(evs[0].data(), 7);
+            assert_eq!(evs[0].data(), TOKEN_STOP);
+            drain_eventfd(&stop);
+        }
+    }
+
+    #[test]
+    fn one_thread_runs_the_hook_once_and_serves_every_activation() {
+        let hooks = Arc::new(AtomicUsize::new(0));
+        let h = hooks.clone();
+        let hook: WorkerHook = Arc::new(move || {
+            assert_eq!(std::thread::current().name(), Some("kiln-test0"));
+            h.fetch_add(1, Ordering::SeqCst);
+        });
+        let mut w = Worker::spawn("kiln-test0".into(), Some(hook)).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        for _ in 0..3 {
+            w.submit(waiting_body(&w, seen.clone())).unwrap();
+            assert!(w.is_busy());
+            assert!(w.submit(|| {}).is_err());
+            w.stop();
+            assert!(!w.is_busy());
+        }
+        w.stop();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 3);
+        assert!(seen.iter().all(|&t| t == seen[0]));
+        assert_ne!(seen[0], std::thread::current().id());
+        assert_eq!(hooks.load(Ordering::SeqCst), 1);
+        drop(w);
+        assert_eq!(hooks.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_hook_that_dies_fails_the_spawn() {
+        let hook: WorkerHook = Arc::new(|| panic!("cannot confine this thread"));
+        assert!(Worker::spawn("kiln-test5".into(), Some(hook)).is_err());
+    }
+
+    #[test]
+    fn stop_waits_for_the_body_to_return() {
+        let mut w = Worker::spawn("kiln-test1".into(), None).unwrap();
+        let returned = Arc::new(AtomicBool::new(false));
+        let r = returned.clone();
+        let body = waiting_body(&w, Default::default());
+        w.submit(move || {
+            body();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            r.store(true, Ordering::SeqCst);
         })
         .unwrap();
         w.stop();
-        assert!(saw_hook.load(Ordering::SeqCst));
+        assert!(returned.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_body_that_returned_early_does_not_leave_a_stale_stop() {
+        let mut w = Worker::spawn("kiln-test2".into(), None).unwrap();
+        w.submit(|| {}).unwrap();
+        w.stop();
+        // The stop signal nobody consumed was drained: the next body waits.
+        let (tx, rx) = mpsc::channel();
+        let body = waiting_body(&w, Default::default());
+        w.submit(move || {
+            body();
+            tx.send(()).unwrap();
+        })
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(rx.try_recv().is_err());
+        w.stop();
+        assert!(rx.try_recv().is_ok());
+    }
+
+    /// Signals a channel when the thread it lives on exits.
+    struct ExitGuard(mpsc::Sender<()>);
+
+    impl Drop for ExitGuard {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+
+    thread_local! {
+        static EXIT_GUARD: std::cell::RefCell<Option<ExitGuard>> = const {
+            std::cell::RefCell::new(None)
+        };
+    }
+
+    #[test]
+    fn dropping_the_worker_ends_the_thread() {
+        let (tx, exited) = mpsc::channel();
+        let mut w = Worker::spawn("kiln-test3".into(), None).unwrap();
+        w.submit(move || EXIT_GUARD.with(|g| *g.borrow_mut() = Some(ExitGuard(tx))))
+            .unwrap();
+        w.stop();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        w.submit(waiting_body(&w, seen.clone())).unwrap();
+        assert!(exited.try_recv().is_err());
+        // Stops the running body, then ends and joins the thread.
+        drop(w);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        assert!(exited.try_recv().is_ok());
+    }
+
+    #[test]
+    fn spawns_lazily_once() {
+        let mut slot = None;
+        let first = Worker::get_or_spawn(&mut slot, "kiln-test4")
+            .unwrap()
+            .poller();
+        let again = Worker::get_or_spawn(&mut slot, "kiln-test4")
+            .unwrap()
+            .poller();
+        assert!(Arc::ptr_eq(&first, &again));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The virtio-blk device model: features, configuration space, activation.
 
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use super::io::{Disk, SERIAL_LEN};
 use super::raw::{RawFile, RawFileError};
 use super::request::{RequestLimits, SECTOR_SHIFT, SECTOR_SIZE};
 use super::worker::BlockWorker;
-use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice};
+use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice, WorkerHook};
 use crate::virtio::worker::Worker;
 
 /// Size of the one request queue.
@@ -68,6 +69,8 @@ pub struct Block {
     avail_features: u64,
     config: [u8; CONFIG_LEN],
     queue_sizes: [u16; 1],
+    /// Spawned by [`VirtioDevice::spawn_worker`] (or the first activation)
+    /// and kept until the device is dropped.
     worker: Option<Worker>,
 }
 
@@ -208,8 +211,12 @@ impl VirtioDevice for Block {
         );
     }
 
+    fn spawn_worker(&mut self, hook: WorkerHook) -> io::Result<()> {
+        Worker::spawn_into(&mut self.worker, &self.name, hook)
+    }
+
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
+        if self.worker.as_ref().is_some_and(Worker::is_busy) {
             return Err(ActivateError::AlreadyActive);
         }
         let got = ctx.queues.len();
@@ -219,28 +226,27 @@ impl VirtioDevice for Block {
         ) else {
             return Err(ActivateError::QueueCount { expected: 1, got });
         };
-        let stop = Worker::stop_eventfd().map_err(ActivateError::Epoll)?;
-        let worker = BlockWorker::new(
+        let disk = self.disk.clone();
+        let limits = self.limits();
+        let worker =
+            Worker::get_or_spawn(&mut self.worker, &self.name).map_err(ActivateError::Spawn)?;
+        let body = BlockWorker::new(
             ctx.mem,
             queue,
             queue_evt,
             ctx.interrupt,
-            self.disk.clone(),
-            self.limits(),
-            stop.try_clone().map_err(ActivateError::Epoll)?,
-        )
-        .map_err(ActivateError::Epoll)?;
-        self.worker = Some(
-            Worker::spawn(self.name.clone(), ctx.worker_hook, stop, move || {
-                worker.run()
-            })
-            .map_err(ActivateError::Spawn)?,
+            disk,
+            limits,
+            worker.poller(),
+            worker.stop_eventfd(),
         );
-        Ok(())
+        worker
+            .submit(move || body.run())
+            .map_err(ActivateError::Worker)
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
+        if let Some(w) = &mut self.worker {
             w.stop();
         }
     }
@@ -250,6 +256,7 @@ impl VirtioDevice for Block {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
@@ -261,6 +268,7 @@ mod tests {
 
     use crate::virtio::block::request::tests::{desc, write_header, DATA, HDR, STATUS, W};
     use crate::virtio::interrupt::Interrupt;
+    use crate::virtio::worker::tests::threads_named;
 
     fn image(len: usize) -> TempFile {
         let f = TempFile::new().unwrap();
@@ -360,22 +368,31 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
-        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+
+        // The worker thread exists before any activation, and runs the hook.
+        let hook_tids = Arc::new(Mutex::new(Vec::new()));
+        let h = hook_tids.clone();
+        b.spawn_worker(Arc::new(move || {
+            // SAFETY: gettid has no arguments and cannot fail.
+            h.lock().unwrap().push(unsafe { libc::gettid() });
+        }))
+        .unwrap();
+        assert!(b.spawn_worker(Arc::new(|| {})).is_err());
+        let tid = hook_tids.lock().unwrap()[0];
+        assert_eq!(threads_named(b.name()), vec![tid]);
 
         for round in 0..2u8 {
             // A rebooted guest sets up fresh rings.
             mem.write_slice(&[0u8; 0x1000], GuestAddress(0)).unwrap();
             let mq = MockSplitQueue::new(&mem, 16);
             let queue = mq.create_queue().unwrap();
-            let hooked = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let h = hooked.clone();
             b.activate(ActivateContext {
                 mem: mem.clone(),
                 queues: vec![queue],
-                queue_events: vec![kick.try_clone().unwrap()],
+                queue_events: vec![kick.clone()],
                 interrupt: interrupt.clone(),
                 acked_features: 1 << VIRTIO_F_VERSION_1,
-                worker_hook: Some(Arc::new(move || h.store(true, Ordering::SeqCst))),
             })
             .unwrap();
             assert!(matches!(
@@ -385,7 +402,6 @@ mod tests {
                     queue_events: vec![],
                     interrupt: interrupt.clone(),
                     acked_features: 0,
-                    worker_hook: None,
                 }),
                 Err(ActivateError::AlreadyActive)
             ));
@@ -398,7 +414,6 @@ mod tests {
                 .unwrap();
             kick.write(1).unwrap();
             wait_for_irq(&irq);
-            assert!(hooked.load(Ordering::SeqCst));
             assert_eq!(
                 mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
                 VIRTIO_BLK_S_OK as u8
@@ -409,9 +424,15 @@ mod tests {
             assert!(on_disk.iter().all(|&x| x == round + 1));
 
             b.reset();
-            assert!(b.worker.is_none());
+            assert!(!b.worker.as_ref().unwrap().is_busy());
             assert!(queue_is_unused(&mq));
+            // Still the one thread, hooked once.
+            assert_eq!(threads_named(b.name()), vec![tid]);
+            assert_eq!(*hook_tids.lock().unwrap(), vec![tid]);
         }
+        let name = b.name().to_string();
+        drop(b);
+        assert!(threads_named(&name).is_empty());
     }
 
     fn queue_is_unused(mq: &MockSplitQueue<GuestMemoryMmap>) -> bool {
@@ -431,7 +452,6 @@ mod tests {
             queue_events: vec![],
             interrupt: Arc::new(Interrupt::new(irq)),
             acked_features: 0,
-            worker_hook: None,
         });
         assert!(matches!(
             r,

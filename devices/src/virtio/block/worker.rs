@@ -1,6 +1,5 @@
 //! The virtio-blk worker thread: epoll wiring and the request loop.
 
-use std::io;
 use std::sync::Arc;
 
 use tracing::{error, warn};
@@ -14,19 +13,21 @@ use super::io::Disk;
 use super::request::{self, Rejected, RequestLimits};
 use crate::virtio::interrupt::Interrupt;
 use crate::virtio::queue::{add_used, notify_if_needed};
-use crate::virtio::worker::{drain_eventfd, EventSetPoller, GuestErrorLog};
+use crate::virtio::worker::{drain_eventfd, EventSetPoller, GuestErrorLog, TOKEN_STOP};
 
-const TOKEN_STOP: u64 = 0;
 const TOKEN_QUEUE: u64 = 1;
 
-/// Serves the request queue of one block device.
+/// Serves the request queue of one block device: the body an activation
+/// hands to the device's worker thread.
 pub(super) struct BlockWorker {
     mem: GuestMemoryMmap,
     queue: Queue,
-    queue_evt: EventFd,
+    queue_evt: Arc<EventFd>,
     interrupt: Arc<Interrupt>,
-    stop: EventFd,
-    poller: EventSetPoller,
+    /// The worker thread's stop eventfd, already in `poller`.
+    stop: Arc<EventFd>,
+    /// The worker thread's epoll set.
+    poller: Arc<EventSetPoller>,
     handler: RequestHandler,
 }
 
@@ -40,22 +41,19 @@ struct RequestHandler {
 }
 
 impl BlockWorker {
-    /// Builds the worker and its epoll set (on the caller's thread, so that
-    /// failures surface as activation errors).
+    /// Builds the body (on the activating vCPU thread: no syscalls).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         mem: GuestMemoryMmap,
         queue: Queue,
-        queue_evt: EventFd,
+        queue_evt: Arc<EventFd>,
         interrupt: Arc<Interrupt>,
         disk: Disk,
         limits: RequestLimits,
-        stop: EventFd,
-    ) -> io::Result<Self> {
-        let poller = EventSetPoller::new()?;
-        poller.add(&stop, TOKEN_STOP)?;
-        poller.add(&queue_evt, TOKEN_QUEUE)?;
-        Ok(Self {
+        poller: Arc<EventSetPoller>,
+        stop: Arc<EventFd>,
+    ) -> Self {
+        Self {
             mem,
             queue,
             queue_evt,
@@ -69,11 +67,24 @@ impl BlockWorker {
                 bad_requests: GuestErrorLog::default(),
                 io_errors: GuestErrorLog::default(),
             },
-        })
+        }
     }
 
-    /// The thread body: serves the queue until told to stop.
+    /// The thread body: registers the queue eventfd in the worker's epoll
+    /// set, serves the queue until told to stop, and unregisters it (the
+    /// epoll set outlives this activation).
     pub(super) fn run(mut self) {
+        if let Err(e) = self.poller.add(&*self.queue_evt, TOKEN_QUEUE) {
+            error!("virtio-blk worker: cannot poll the queue eventfd, stopping: {e}");
+            return;
+        }
+        self.serve();
+        if let Err(e) = self.poller.remove(&*self.queue_evt) {
+            error!("virtio-blk worker: cannot stop polling the queue eventfd: {e}");
+        }
+    }
+
+    fn serve(&mut self) {
         // Requests queued before activation completed.
         self.process_queue();
         let mut events = [EpollEvent::default(); 4];
@@ -233,7 +244,7 @@ mod tests {
         let worker = BlockWorker::new(
             m.clone(),
             queue,
-            EventFd::new(EFD_NONBLOCK).unwrap(),
+            Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
             Arc::new(Interrupt::new(irq.try_clone().unwrap())),
             Disk {
                 backend: Arc::new(backend),
@@ -246,9 +257,9 @@ mod tests {
                 max_range_sectors: 64,
                 max_ranges: 4,
             },
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-        )
-        .unwrap();
+            Arc::new(EventSetPoller::new().unwrap()),
+            Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        );
         Rig {
             mq,
             worker,

@@ -1,5 +1,6 @@
 //! The virtio-net device model: features, configuration space, activation.
 
+use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use super::mac::{MacAddr, MacError};
 use super::tap::{Tap, TapError};
 use super::worker::NetWorker;
-use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice};
+use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice, WorkerHook};
 use crate::virtio::worker::Worker;
 
 /// Size of each queue.
@@ -52,6 +53,8 @@ pub struct Net {
     avail_features: u64,
     config: [u8; CONFIG_LEN],
     queue_sizes: [u16; 2],
+    /// Spawned by [`VirtioDevice::spawn_worker`] (or the first activation)
+    /// and kept until the device is dropped.
     worker: Option<Worker>,
 }
 
@@ -162,17 +165,18 @@ impl VirtioDevice for Net {
         );
     }
 
+    fn spawn_worker(&mut self, hook: WorkerHook) -> io::Result<()> {
+        Worker::spawn_into(&mut self.worker, &self.name, hook)
+    }
+
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
+        if self.worker.as_ref().is_some_and(Worker::is_busy) {
             return Err(ActivateError::AlreadyActive);
         }
         let got = ctx.queues.len();
         if got != 2 || ctx.queue_events.len() != 2 {
             return Err(ActivateError::QueueCount { expected: 2, got });
         }
-        self.tap
-            .set_offload(tap_offload_flags(ctx.acked_features))
-            .map_err(ActivateError::Backend)?;
         let mut queues = ctx.queues.into_iter();
         let mut events = ctx.queue_events.into_iter();
         let (Some(rx), Some(tx), Some(rx_evt), Some(tx_evt)) =
@@ -180,8 +184,12 @@ impl VirtioDevice for Net {
         else {
             return Err(ActivateError::QueueCount { expected: 2, got });
         };
-        let stop = Worker::stop_eventfd().map_err(ActivateError::Epoll)?;
-        let worker = NetWorker::new(
+        let worker =
+            Worker::get_or_spawn(&mut self.worker, &self.name).map_err(ActivateError::Spawn)?;
+        self.tap
+            .set_offload(tap_offload_flags(ctx.acked_features))
+            .map_err(ActivateError::Backend)?;
+        let body = NetWorker::new(
             ctx.mem,
             rx,
             tx,
@@ -189,20 +197,16 @@ impl VirtioDevice for Net {
             tx_evt,
             ctx.interrupt,
             self.tap.clone(),
-            stop.try_clone().map_err(ActivateError::Epoll)?,
-        )
-        .map_err(ActivateError::Epoll)?;
-        self.worker = Some(
-            Worker::spawn(self.name.clone(), ctx.worker_hook, stop, move || {
-                worker.run()
-            })
-            .map_err(ActivateError::Spawn)?,
+            worker.poller(),
+            worker.stop_eventfd(),
         );
-        Ok(())
+        worker
+            .submit(move || body.run())
+            .map_err(ActivateError::Worker)
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
+        if let Some(w) = &mut self.worker {
             w.stop();
         }
     }
@@ -359,18 +363,17 @@ mod tests {
         rxq.add_desc_chains(&bufs, 0).unwrap();
 
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let rx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
-        let tx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let rx_kick = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let tx_kick = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let acked = (1u64 << VIRTIO_F_VERSION_1)
             | (1u64 << VIRTIO_NET_F_GUEST_CSUM)
             | (1u64 << VIRTIO_NET_F_GUEST_TSO4);
         n.activate(ActivateContext {
             mem: mem.clone(),
             queues: vec![rx, tx],
-            queue_events: vec![rx_kick.try_clone().unwrap(), tx_kick.try_clone().unwrap()],
+            queue_events: vec![rx_kick.clone(), tx_kick.clone()],
             interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
             acked_features: acked,
-            worker_hook: None,
         })
         .unwrap();
 
@@ -434,6 +437,6 @@ mod tests {
         let tx_used: u16 = mem.read_obj(GuestAddress(0x9002)).unwrap();
         assert_eq!(tx_used, 1);
         n.reset();
-        assert!(n.worker.is_none());
+        assert!(!n.worker.as_ref().unwrap().is_busy());
     }
 }

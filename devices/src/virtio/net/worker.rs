@@ -7,6 +7,7 @@
 //! because the guest is slow.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use tracing::{error, warn};
@@ -21,9 +22,8 @@ use super::tx::read_tx_frame;
 use super::{FrameIo, MAX_BUFFER_LEN};
 use crate::virtio::interrupt::Interrupt;
 use crate::virtio::queue::{add_used, notify_if_needed};
-use crate::virtio::worker::{drain_eventfd, EventSetPoller, GuestErrorLog};
+use crate::virtio::worker::{drain_eventfd, EventSetPoller, GuestErrorLog, TOKEN_STOP};
 
-const TOKEN_STOP: u64 = 0;
 const TOKEN_RX_QUEUE: u64 = 1;
 const TOKEN_TX_QUEUE: u64 = 2;
 const TOKEN_TAP: u64 = 3;
@@ -31,17 +31,20 @@ const TOKEN_TAP: u64 = 3;
 /// Offset of `num_buffers` in `struct virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
 
-/// Serves the receive and transmit queues of one network device.
+/// Serves the receive and transmit queues of one network device: the body
+/// an activation hands to the device's worker thread.
 pub(super) struct NetWorker<T: FrameIo> {
     mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
-    rx_evt: EventFd,
-    tx_evt: EventFd,
+    rx_evt: Arc<EventFd>,
+    tx_evt: Arc<EventFd>,
     interrupt: Arc<Interrupt>,
     tap: Arc<T>,
-    stop: EventFd,
-    poller: EventSetPoller,
+    /// The worker thread's stop eventfd, already in `poller`.
+    stop: Arc<EventFd>,
+    /// The worker thread's epoll set.
+    poller: Arc<EventSetPoller>,
 
     /// The frame read from the TAP and not yet delivered.
     rx_frame: Vec<u8>,
@@ -58,24 +61,21 @@ pub(super) struct NetWorker<T: FrameIo> {
 }
 
 impl<T: FrameIo + 'static> NetWorker<T> {
-    /// Builds the worker and its epoll set.
+    /// Builds the body (on the activating vCPU thread: no syscalls beyond
+    /// allocating its frame buffers).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         mem: GuestMemoryMmap,
         rx: Queue,
         tx: Queue,
-        rx_evt: EventFd,
-        tx_evt: EventFd,
+        rx_evt: Arc<EventFd>,
+        tx_evt: Arc<EventFd>,
         interrupt: Arc<Interrupt>,
         tap: Arc<T>,
-        stop: EventFd,
-    ) -> io::Result<Self> {
-        let poller = EventSetPoller::new()?;
-        poller.add(&stop, TOKEN_STOP)?;
-        poller.add(&rx_evt, TOKEN_RX_QUEUE)?;
-        poller.add(&tx_evt, TOKEN_TX_QUEUE)?;
-        poller.add(&*tap, TOKEN_TAP)?;
-        Ok(Self {
+        poller: Arc<EventSetPoller>,
+        stop: Arc<EventFd>,
+    ) -> Self {
+        Self {
             mem,
             rx,
             tx,
@@ -93,11 +93,47 @@ impl<T: FrameIo + 'static> NetWorker<T> {
             bad_tx: GuestErrorLog::default(),
             bad_rx: GuestErrorLog::default(),
             tap_errors: GuestErrorLog::default(),
-        })
+        }
     }
 
-    /// The thread body: serves the queues until told to stop.
+    /// The thread body: registers the queue eventfds and the TAP in the
+    /// worker's epoll set, serves the queues until told to stop, and
+    /// unregisters them (the epoll set outlives this activation).
     pub(super) fn run(mut self) {
+        match self.register() {
+            Ok(()) => self.serve(),
+            Err(e) => {
+                error!("virtio-net worker: cannot poll the queues and the TAP, stopping: {e}")
+            }
+        }
+        self.unregister();
+    }
+
+    /// Adds this activation's fds to the worker's epoll set.
+    pub(super) fn register(&self) -> io::Result<()> {
+        self.poller.add(&*self.rx_evt, TOKEN_RX_QUEUE)?;
+        self.poller.add(&*self.tx_evt, TOKEN_TX_QUEUE)?;
+        self.poller.add(&*self.tap, TOKEN_TAP)
+    }
+
+    /// Removes whatever [`NetWorker::register`] added and is still there.
+    fn unregister(&self) {
+        let fds = [
+            ("RX queue eventfd", self.rx_evt.as_raw_fd()),
+            ("TX queue eventfd", self.tx_evt.as_raw_fd()),
+            ("TAP", self.tap.as_raw_fd()),
+        ];
+        for (what, fd) in fds {
+            match self.poller.remove(&fd) {
+                Ok(()) => {}
+                // Never added, or dropped after a TAP error.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => error!("virtio-net worker: cannot stop polling the {what}: {e}"),
+            }
+        }
+    }
+
+    fn serve(&mut self) {
         self.process_tx();
         let mut events = [EpollEvent::default(); 8];
         loop {
@@ -364,13 +400,14 @@ mod tests {
             m.clone(),
             rx,
             tx,
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-            EventFd::new(EFD_NONBLOCK).unwrap(),
+            Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
             Arc::new(Interrupt::new(irq.try_clone().unwrap())),
             Arc::new(tap),
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-        )
-        .unwrap();
+            Arc::new(EventSetPoller::new().unwrap()),
+            Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        );
+        worker.register().unwrap();
         Rig {
             rxq,
             txq,
