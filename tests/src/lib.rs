@@ -1,1 +1,462 @@
-//! Test-host harness
+//! Harness for Kiln's integration tests.
+//!
+//! Real Linux guests cannot boot on the development machine's own `/dev/kvm`,
+//! so tests run inside a *test host*: a QEMU/TCG machine with nested SVM whose
+//! kernel loads KVM (see `scripts/testhost` and `images/build`). A test hands
+//! [`TestHost::run`] a shell script (it becomes `/kiln/run` in the test host),
+//! binaries to copy in (`/kiln/bin`, on `PATH`) and files, and gets back the
+//! console output and the script's exit status.
+//!
+//! Inside the test host: the guest images are in `/images` (`vmlinuz`,
+//! `vmlinux`, `guest.cpio.gz`), QEMU is `qemu-system-x86_64` (firmware
+//! directory `/usr/share/kiln-bios`), and the script runs as root in `/tmp`.
+//! Its shell is busybox ash, where busybox applets take precedence over `PATH`
+//! (iproute2 is `/usr/sbin/ip`).
+//!
+//! ```no_run
+//! use kiln_tests::{require_testhost, TestHost};
+//! use std::time::Duration;
+//! if !require_testhost() { return; }
+//! let run = TestHost::run("#!/bin/sh\necho hello\n", &[], &[], Duration::from_secs(300)).unwrap();
+//! assert_eq!(run.status, 0, "{}", run.output);
+//! assert_eq!(run.lines_with("hello").len(), 1);
+//! ```
+
+use std::fmt;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Console marker: the test host is up and `/kiln/run` starts.
+pub const TESTHOST_READY: &str = "KILN-TESTHOST-READY";
+/// Console marker: `KILN-TESTHOST-EXIT rc=N`, the script's exit status.
+pub const TESTHOST_EXIT: &str = "KILN-TESTHOST-EXIT";
+/// Console marker of the test guest: `KILN-GUEST-READY uptime=S cpus=N`.
+pub const GUEST_READY: &str = "KILN-GUEST-READY";
+/// Console marker of the test guest: `KILN-SCRIPT-EXIT rc=N` (after `kiln.script=`).
+pub const GUEST_SCRIPT_EXIT: &str = "KILN-SCRIPT-EXIT";
+
+/// Exit status of `scripts/testhost` when its `--timeout` expired.
+pub const STATUS_TIMEOUT: i32 = 124;
+/// Exit status of `scripts/testhost` when the test host never became ready.
+pub const STATUS_NOT_READY: i32 = 125;
+/// Exit status of `scripts/testhost` when the test host stopped without
+/// reporting the script's status (e.g. a kernel panic).
+pub const STATUS_NO_REPORT: i32 = 126;
+
+/// Extra time allowed beyond a run's timeout (QEMU shutdown) before the
+/// harness kills `scripts/testhost` itself.
+const HARNESS_SLACK: Duration = Duration::from_secs(60);
+/// How long `scripts/testhost` may take to start booting: building the images
+/// and waiting for other test hosts on this machine (the lock).
+const PRE_BOOT_LIMIT: Duration = Duration::from_secs(2 * 3600);
+/// What `scripts/testhost` prints on stderr when it starts QEMU.
+const BOOT_MESSAGE: &str = "booting the test host";
+
+/// Errors of the harness itself (not of the code under test).
+#[derive(Debug)]
+pub struct Error(String);
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The repository root (the directory holding `images/` and `scripts/`).
+/// `KILN_ROOT` overrides it.
+pub fn repo_root() -> PathBuf {
+    if let Some(root) = std::env::var_os("KILN_ROOT") {
+        return PathBuf::from(root);
+    }
+    // This crate lives in <root>/tests.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .find(|d| d.join("images/build").is_file() && d.join("scripts/testhost").is_file())
+        .unwrap_or_else(|| manifest.parent().expect("tests/ has a parent"))
+        .to_path_buf()
+}
+
+/// The cargo target directory (`CARGO_TARGET_DIR` or `<root>/target`).
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => {
+            let d = PathBuf::from(d);
+            if d.is_absolute() {
+                d
+            } else {
+                repo_root().join(d)
+            }
+        }
+        None => repo_root().join("target"),
+    }
+}
+
+/// The directory `images/build` writes to (`KILN_IMAGES` or `<root>/target/images`).
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("KILN_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/images"))
+}
+
+/// A binary built by cargo for this workspace (`target/{debug,release}/NAME`),
+/// the most recently built one if both exist.
+pub fn workspace_binary(name: &str) -> Option<PathBuf> {
+    let t = target_dir();
+    ["debug", "release"]
+        .iter()
+        .map(|p| t.join(p).join(name))
+        .filter(|p| p.is_file())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+/// Whether test-host tests can run here. If the tools are missing, prints a
+/// skip message and returns false, except with `CI=true`, where it panics:
+/// CI must never skip these tests silently.
+pub fn require_testhost() -> bool {
+    let missing: Vec<&str> = ["qemu-system-x86_64", "cpio", "depmod", "busybox"]
+        .into_iter()
+        .filter(|p| !on_path(p))
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!(
+        "test host unavailable: {} not found (apt-get install qemu-system-x86 qemu-utils \
+         busybox-static cpio kmod seabios)",
+        missing.join(", ")
+    );
+    if in_ci() {
+        panic!("{msg}; CI=true, refusing to skip");
+    }
+    eprintln!("SKIPPED: {msg}");
+    false
+}
+
+/// Runs `images/build` once per process (it is itself cached on disk).
+pub fn ensure_images() -> Result<()> {
+    static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = Command::new("bash")
+                .arg(repo_root().join("images/build"))
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run images/build: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "images/build failed ({}):\n{}{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        })
+        .clone()
+        .map_err(Error)
+}
+
+/// The result of one test-host boot.
+#[derive(Debug, Clone)]
+pub struct HostRun {
+    /// Exit status of `scripts/testhost`: the script's status, or
+    /// [`STATUS_TIMEOUT`], [`STATUS_NOT_READY`], [`STATUS_NO_REPORT`].
+    pub status: i32,
+    /// The test host's console (CRs removed).
+    pub output: String,
+    /// `scripts/testhost`'s own messages and QEMU's warnings.
+    pub stderr: String,
+    /// Wall-clock time of the whole run (including the per-run archive).
+    pub elapsed: Duration,
+}
+
+impl HostRun {
+    /// Console lines containing `marker`, each returned from the marker on.
+    /// (Lines can carry a prefix: terminal escapes, a timestamp, or the tail of
+    /// an unterminated line that was printed before.)
+    pub fn lines_with(&self, marker: &str) -> Vec<&str> {
+        self.output
+            .lines()
+            .filter_map(|l| l.find(marker).map(|i| &l[i..]))
+            .collect()
+    }
+
+    /// The first console line containing `marker` (from the marker on).
+    pub fn line_with(&self, marker: &str) -> Option<&str> {
+        self.lines_with(marker).into_iter().next()
+    }
+
+    /// Whether the test host reached `KILN-TESTHOST-READY`.
+    pub fn host_ready(&self) -> bool {
+        !self.lines_with(TESTHOST_READY).is_empty()
+    }
+
+    /// The script's exit status as reported on the console, if it finished.
+    pub fn script_status(&self) -> Option<i32> {
+        self.lines_with(TESTHOST_EXIT)
+            .last()
+            .and_then(|l| field(l, "rc"))
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Panics with the console and stderr unless the script exited 0.
+    pub fn assert_success(&self) {
+        assert!(
+            self.status == 0,
+            "test host run failed with status {}\n--- console ---\n{}\n--- stderr ---\n{}",
+            self.status,
+            self.output,
+            self.stderr
+        );
+    }
+}
+
+/// The value of `key=value` among the whitespace-separated words of `line`.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// Writes a raw disk image for the guest's `kiln.script=/dev/vdX`: the script
+/// text followed by NUL bytes, `size` bytes in all (at least the script plus
+/// one NUL, rounded up to whole 512-byte sectors). Give it to the test host
+/// with `files`, e.g. `(path, "/images/script.img".into())`.
+pub fn write_script_disk(path: &Path, script: &str, size: u64) -> Result<()> {
+    if script.as_bytes().contains(&0) {
+        return Err(Error("a guest script cannot contain NUL bytes".into()));
+    }
+    let need = script.len() as u64 + 1;
+    let size = size.max(need).div_ceil(512) * 512;
+    let mut data = script.as_bytes().to_vec();
+    data.resize(size as usize, 0);
+    std::fs::write(path, data)?;
+    Ok(())
+}
+
+/// Boots test hosts through `scripts/testhost`.
+pub struct TestHost;
+
+impl TestHost {
+    /// Boots a test host that runs `script` (a shell script; give it a `#!`
+    /// line) as `/kiln/run`. `bins` are copied into `/kiln/bin` with their
+    /// shared libraries; `files` are `(source, absolute destination)` pairs
+    /// (not under /tmp, /run, /dev: those are mounted over). `timeout` bounds
+    /// the test host's lifetime, boot included.
+    ///
+    /// Test hosts run one at a time: within this process by a mutex, across
+    /// processes by `scripts/testhost`'s lock (a test host keeps two CPUs
+    /// busy); the timeout starts when this run's test host boots. Returns an
+    /// error only for harness failures; the script's result is in
+    /// [`HostRun::status`].
+    pub fn run(
+        script: &str,
+        bins: &[PathBuf],
+        files: &[(PathBuf, String)],
+        timeout: Duration,
+    ) -> Result<HostRun> {
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+        ensure_images()?;
+        // A test that panicked while holding the lock does not matter here.
+        let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+
+        let dir = target_dir().join("kiln-tests");
+        std::fs::create_dir_all(&dir)?;
+        let script_path = dir.join(format!(
+            "run-{}-{}.sh",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&script_path, script)?;
+        let _cleanup = RemoveOnDrop(script_path.clone());
+
+        let secs = timeout.as_secs().max(1);
+        let mut cmd = Command::new("bash");
+        cmd.arg(repo_root().join("scripts/testhost"))
+            .arg("--timeout")
+            .arg(secs.to_string());
+        for b in bins {
+            cmd.arg("--bin").arg(b);
+        }
+        for (src, dest) in files {
+            let mut spec = src.as_os_str().to_owned();
+            spec.push(":");
+            spec.push(dest);
+            cmd.arg("--file").arg(spec);
+        }
+        cmd.arg(&script_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Own process group, so that a hung run can be killed with QEMU.
+            .process_group(0);
+
+        let start = Instant::now();
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        // Console lines go through println!, which libtest captures per test
+        // (shown on failure, or live with --nocapture).
+        let out_reader = thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                println!("[testhost] {line}");
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        // scripts/testhost says "booting the test host" once it holds the
+        // machine-wide test-host lock; the timeout counts from there.
+        let booted_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let booted = booted_at.clone();
+        let err_reader = thread::spawn(move || {
+            let mut all = String::new();
+            let mut r = BufReader::new(stderr);
+            let mut line = Vec::new();
+            while matches!(r.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                let l = String::from_utf8_lossy(&line);
+                if l.contains(BOOT_MESSAGE) {
+                    booted.lock().unwrap().get_or_insert_with(Instant::now);
+                }
+                all.push_str(&l);
+                line.clear();
+            }
+            all
+        });
+
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break st;
+            }
+            let deadline = match *booted_at.lock().unwrap() {
+                Some(t) => t + timeout + HARNESS_SLACK,
+                None => start + PRE_BOOT_LIMIT,
+            };
+            if Instant::now() >= deadline {
+                kill_group(&mut child);
+                let output = out_reader.join().unwrap_or_default();
+                let stderr = err_reader.join().unwrap_or_default();
+                return Err(Error(format!(
+                    "scripts/testhost did not finish in time; killed it\n--- console ---\n{output}\n--- stderr ---\n{stderr}"
+                )));
+            }
+            thread::sleep(Duration::from_millis(100));
+        };
+        let output = out_reader.join().unwrap_or_default();
+        let stderr = err_reader.join().unwrap_or_default();
+        let status = status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        Ok(HostRun {
+            status,
+            output,
+            stderr,
+            elapsed: start.elapsed(),
+        })
+    }
+}
+
+/// SIGTERM to the process group (scripts/testhost forwards it to QEMU), then
+/// SIGKILL if it is still there after 10 s.
+fn kill_group(child: &mut Child) {
+    let pgid = format!("-{}", child.id());
+    let _ = Command::new("kill").args(["-TERM", "--", &pgid]).status();
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let _ = Command::new("kill").args(["-KILL", "--", &pgid]).status();
+    let _ = child.wait();
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_with(output: &str) -> HostRun {
+        HostRun {
+            status: 0,
+            output: output.to_string(),
+            stderr: String::new(),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn markers_are_found_mid_line() {
+        let r = run_with(
+            "\x1bc\x1b[?7l\x1b[2JKILN-TESTHOST-READY\n[1.5] KILN-GUEST-READY uptime=0.93 cpus=1\nKILN-TESTHOST-EXIT rc=3\n",
+        );
+        assert!(r.host_ready());
+        assert_eq!(r.script_status(), Some(3));
+        let g = r.line_with(GUEST_READY).unwrap();
+        assert_eq!(field(g, "cpus"), Some("1"));
+        assert_eq!(field(g, "uptime"), Some("0.93"));
+        assert_eq!(field(g, "up"), None);
+    }
+
+    #[test]
+    fn script_disk_is_padded_with_nuls() {
+        let p = std::env::temp_dir().join(format!("kiln-script-disk-{}", std::process::id()));
+        write_script_disk(&p, "echo hi\n", 0).unwrap();
+        let d = std::fs::read(&p).unwrap();
+        assert_eq!(d.len(), 512);
+        assert!(d.starts_with(b"echo hi\n\0"));
+        assert!(d[8..].iter().all(|&b| b == 0));
+        write_script_disk(&p, "x", 4097).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 4608);
+        assert!(write_script_disk(&p, "a\0b", 0).is_err());
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn root_has_the_scripts() {
+        let root = repo_root();
+        assert!(root.join("images/build").is_file());
+        assert!(root.join("scripts/testhost").is_file());
+    }
+}
