@@ -126,6 +126,29 @@ pub fn workspace_binary(name: &str) -> Option<PathBuf> {
         .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
 }
 
+/// A workspace binary from the same cargo profile as this test (`cargo test
+/// --release` uses target/release). `cargo test --workspace` builds every
+/// package's binaries before it runs any test, so it is current.
+pub fn profile_binary(name: &str) -> PathBuf {
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let p = target_dir().join(profile).join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace{}`",
+        p.display(),
+        if profile == "release" {
+            " --release"
+        } else {
+            ""
+        }
+    );
+    p
+}
+
 fn in_ci() -> bool {
     std::env::var("CI")
         .map(|v| v == "true" || v == "1")

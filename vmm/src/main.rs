@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use kiln_devices::VmExit;
 use kiln_vmm::config::{self, OnReboot, SerialMode, VmConfig};
@@ -18,7 +18,7 @@ use kiln_vmm::{builder, runtime};
 ///
 /// Exit status: 0 when the guest powers off or reboots, 1 when the VM
 /// cannot be built or fails while running, 2 for bad arguments.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(name = "kiln-vmm", version, about, long_about)]
 struct Cli {
     /// Kernel image: ELF vmlinux or bzImage.
@@ -73,7 +73,15 @@ struct Cli {
     /// right after installing it. kiln-vmm must die with SIGSYS.
     #[arg(long, hide = true)]
     debug_seccomp_violation: bool,
+
+    /// Internal: this process runs one boot for a --on-reboot restart
+    /// supervisor, and exits with REBOOT_STATUS when the guest reboots.
+    #[arg(long, hide = true)]
+    supervised: bool,
 }
+
+/// Exit status of a supervised kiln-vmm whose guest rebooted.
+const REBOOT_STATUS: u8 = 100;
 
 impl Cli {
     fn into_config(self) -> Result<VmConfig> {
@@ -130,6 +138,33 @@ fn confinement(seccomp: bool, violate: bool) -> Result<runtime::Confinement> {
     Ok(confine)
 }
 
+/// --on-reboot restart: each boot runs in a child kiln-vmm (confined by its
+/// own seccomp filters, which would survive an exec), and this unconfined
+/// parent starts a new one whenever the guest reboots.
+fn supervise() -> Result<ExitCode> {
+    let exe = std::env::current_exe()?;
+    loop {
+        let status = std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .arg("--supervised")
+            .status()
+            .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", exe.display()))?;
+        match status.code() {
+            Some(c) if c == i32::from(REBOOT_STATUS) => {
+                eprintln!("kiln-vmm: the guest rebooted; restarting it");
+            }
+            Some(c) => return Ok(ExitCode::from(c as u8)),
+            None => {
+                use std::os::unix::process::ExitStatusExt;
+                anyhow::bail!(
+                    "the VM process died with signal {}",
+                    status.signal().unwrap_or(0)
+                );
+            }
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<VmExit> {
     let violate = cli.debug_seccomp_violation;
     let cfg = cli.into_config()?;
@@ -150,25 +185,20 @@ fn run(cli: Cli) -> Result<VmExit> {
         cfg.vcpus,
         cfg.memory >> 20
     );
-    let exit = runtime::run(machine, cfg.serial == SerialMode::Stdio, confine)?;
-    if exit == VmExit::Reset && cfg.on_reboot == OnReboot::Restart {
-        restart().context("cannot restart the VM")?;
-    }
-    Ok(exit)
-}
-
-/// Starts the VM afresh by re-executing kiln-vmm with the same arguments.
-fn restart() -> Result<()> {
-    use std::os::unix::process::CommandExt;
-    eprintln!("kiln-vmm: the guest rebooted; restarting it");
-    let exe = std::env::current_exe()?;
-    let err = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .exec();
-    Err(err.into())
+    Ok(runtime::run(
+        machine,
+        cfg.serial == SerialMode::Stdio,
+        confine,
+    )?)
 }
 
 fn main() -> ExitCode {
+    // One malloc arena for all threads: no per-thread heaps that glibc
+    // would grow with mprotect (outside the seccomp filters), and less
+    // memory overhead. kiln-vmm's threads allocate little.
+    // SAFETY: mallopt only changes allocator tunables; called before any
+    // other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -181,8 +211,21 @@ fn main() -> ExitCode {
         .init();
 
     let cli = Cli::parse();
+    let supervised = cli.supervised;
+    if cli.on_reboot == OnReboot::Restart && !supervised {
+        // Check the configuration once here, so errors are not repeated.
+        if let Err(e) = cli.into_config() {
+            eprintln!("kiln-vmm: error: {e}");
+            return ExitCode::FAILURE;
+        }
+        return supervise().unwrap_or_else(|e| {
+            eprintln!("kiln-vmm: error: {e}");
+            ExitCode::FAILURE
+        });
+    }
     match run(cli) {
         Ok(VmExit::PowerOff) => ExitCode::SUCCESS,
+        Ok(VmExit::Reset) if supervised => ExitCode::from(REBOOT_STATUS),
         Ok(VmExit::Reset) => {
             eprintln!(
                 "kiln-vmm: the guest rebooted; exiting (--on-reboot restart starts it again)"
@@ -194,7 +237,9 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("kiln-vmm: error: {e:#}");
+            // Kiln's errors carry their cause in their message; printing the
+            // source chain too would repeat it.
+            eprintln!("kiln-vmm: error: {e}");
             ExitCode::FAILURE
         }
     }

@@ -54,7 +54,10 @@ impl BusDevice for AcpiPowerDevice {
                     tracing::warn!("guest asked for unsupported sleep type {sleep_type}");
                 }
             }
-            RESET_OFFSET if value == self.reset_value => self.exit.signal(VmExit::Reset),
+            RESET_OFFSET if value == self.reset_value => {
+                tracing::info!("guest reset through the ACPI reset register");
+                self.exit.signal(VmExit::Reset)
+            }
             _ => {}
         }
     }
@@ -81,6 +84,7 @@ impl BusDevice for I8042ResetDevice {
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         if data.first() == Some(&I8042_CMD_RESET) {
+            tracing::info!("guest reset through the i8042 reset line");
             self.exit.signal(VmExit::Reset);
         }
     }

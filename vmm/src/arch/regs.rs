@@ -167,7 +167,7 @@ mod tests {
         let [lo, hi] = ACPI_RESET_PORT.to_le_bytes();
         assert_eq!(code, [0xba, lo, hi, 0xb0, ACPI_RESET_VALUE, 0xee]);
         // It must end before 1 MiB: the vector is 16 bytes below it.
-        assert!(RESET_VECTOR + 9 <= 0x10_0000);
+        const { assert!(RESET_VECTOR + 9 <= 0x10_0000) };
     }
 
     #[test]

@@ -157,12 +157,28 @@ impl Vcpu {
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 ctx.mmio.write(addr, data);
             }
-            // A triple fault: what a PC does then is reset.
-            Ok(VcpuExit::Shutdown) => return Ok(Some(VmExit::Reset)),
+            // A triple fault: what a PC does then is reset. Say so, with
+            // where the guest was: an unexpected one is a guest crash.
+            Ok(VcpuExit::Shutdown) => {
+                let regs = self.fd.get_regs().ok();
+                let sregs = self.fd.get_sregs().ok();
+                tracing::warn!(
+                    "vCPU {}: triple fault (rip={:#x} rsp={:#x} cr2={:#x} cr3={:#x}); resetting",
+                    self.index,
+                    regs.map_or(0, |r| r.rip),
+                    regs.map_or(0, |r| r.rsp),
+                    sregs.map_or(0, |s| s.cr2),
+                    sregs.map_or(0, |s| s.cr3),
+                );
+                return Ok(Some(VmExit::Reset));
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 return match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => Ok(Some(VmExit::PowerOff)),
-                    KVM_SYSTEM_EVENT_RESET => Ok(Some(VmExit::Reset)),
+                    KVM_SYSTEM_EVENT_RESET => {
+                        tracing::info!("vCPU {}: KVM system event: reset", self.index);
+                        Ok(Some(VmExit::Reset))
+                    }
                     KVM_SYSTEM_EVENT_CRASH => Err("the guest crashed".into()),
                     other => Err(format!("unexpected system event {other}")),
                 }

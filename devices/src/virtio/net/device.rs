@@ -186,9 +186,8 @@ impl VirtioDevice for Net {
         };
         let worker =
             Worker::get_or_spawn(&mut self.worker, &self.name).map_err(ActivateError::Spawn)?;
-        self.tap
-            .set_offload(tap_offload_flags(ctx.acked_features))
-            .map_err(ActivateError::Backend)?;
+        let offload = tap_offload_flags(ctx.acked_features);
+        let tap = self.tap.clone();
         let body = NetWorker::new(
             ctx.mem,
             rx,
@@ -201,7 +200,15 @@ impl VirtioDevice for Net {
             worker.stop_eventfd(),
         );
         worker
-            .submit(move || body.run())
+            .submit(move || {
+                // TUNSETOFFLOAD runs here, on the worker: the activating
+                // vCPU thread's seccomp filter allows only KVM_RUN.
+                if let Err(e) = tap.set_offload(offload) {
+                    tracing::error!("virtio-net: cannot set the TAP's offloads, stopping: {e}");
+                    return;
+                }
+                body.run()
+            })
             .map_err(ActivateError::Worker)
     }
 
