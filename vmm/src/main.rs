@@ -177,7 +177,9 @@ fn run(cli: Cli) -> Result<VmExit> {
             std::process::exit(1);
         }
     });
+    let started = std::time::Instant::now();
     let machine = builder::build(&cfg, io_hook)?;
+    tracing::debug!("VM built in {:?}", started.elapsed());
     tracing::info!(
         "booting {} ({}), {} vCPU(s), {} MiB",
         cfg.kernel.display(),

@@ -7,6 +7,7 @@
 //! ([`extract`]); the guest then enters the ELF at its 64-bit entry point.
 
 pub mod bzimage;
+pub mod elf;
 pub mod extract;
 
 use std::fs::File;
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
+use linux_loader::loader::{load_cmdline, BzImage, KernelLoader};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -40,6 +41,8 @@ pub enum Error {
     },
     #[error("{}: not a Linux kernel (neither an ELF vmlinux nor a bzImage)", .0.display())]
     NotAKernel(PathBuf),
+    #[error("cannot load kernel {}: {source}", path.display())]
+    Elf { path: PathBuf, source: elf::Error },
     #[error("cannot load kernel {}: {source}", path.display())]
     Load {
         path: PathBuf,
@@ -171,14 +174,14 @@ fn load_elf(
     header: setup_header,
     description: String,
 ) -> Result<LoadedKernel, Error> {
-    let r =
-        Elf::load(mem, None, f, Some(GuestAddress(HIMEM_START))).map_err(|source| Error::Load {
-            path: path.to_owned(),
-            source,
-        })?;
+    let r = elf::load(mem, f, HIMEM_START).map_err(|source| Error::Elf {
+        path: path.to_owned(),
+        source,
+    })?;
+    tracing::debug!("kernel: copied {} MiB", r.copied >> 20);
     Ok(LoadedKernel {
-        entry: r.kernel_load,
-        end: r.kernel_end,
+        entry: r.entry,
+        end: r.end,
         header,
         description,
     })
