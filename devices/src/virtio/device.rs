@@ -90,3 +90,15 @@ pub trait VirtioDevice: Send {
     /// worker thread stays for the next activation.
     fn reset(&mut self);
 }
+
+/// Copies `data.len()` bytes of a device's config space from `offset`;
+/// bytes past its end (a guest may ask anything) read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| config.get(usize::try_from(o).ok()?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
