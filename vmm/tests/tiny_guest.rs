@@ -92,3 +92,38 @@ fn a_vcpu_thread_breaking_its_seccomp_filter_kills_kiln_vmm() {
     assert!(out.status.success(), "stderr: {}", stderr(&out));
     assert_eq!(out.stdout, b"X");
 }
+
+#[test]
+fn the_terminal_is_raw_while_the_guest_runs_and_restored_after() {
+    if !local_kvm() {
+        return;
+    }
+    // `script` gives kiln-vmm a real pty as stdin/stdout. `stty -g` before
+    // and after must match; the guest itself sees raw input meanwhile.
+    let dir = Scratch::new("tiny-tty");
+    let kernel = dir.file(
+        "tiny.elf",
+        &tiny_elf(&serial_then_out(
+            b"TTY-OK\r\n",
+            ACPI_SLEEP_CONTROL,
+            S5_SLP_EN,
+        )),
+    );
+    let inner = format!(
+        "stty -g; {} --kernel {} --memory 64M; stty -g",
+        env!("CARGO_BIN_EXE_kiln-vmm"),
+        kernel.display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script (bsdutils) runs");
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(lines.contains(&"TTY-OK"), "{lines:?}");
+    let stty: Vec<&&str> = lines.iter().filter(|l| l.contains(':')).collect();
+    assert_eq!(stty.len(), 2, "{lines:?}");
+    assert_eq!(stty[0], stty[1], "terminal settings changed");
+}
