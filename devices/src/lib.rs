@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod exit;
 pub mod legacy;
+pub mod rate_limiter;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

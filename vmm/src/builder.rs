@@ -227,6 +227,7 @@ pub fn build(cfg: &VmConfig, io_hook: WorkerHook) -> Result<Machine, Error> {
             read_only: disk.read_only,
             direct: disk.direct,
             id: disk.id.clone(),
+            rate_limit: disk.rate_limit,
         })
         .map_err(|source| Error::Disk {
             path: disk.path.clone(),
@@ -238,6 +239,7 @@ pub fn build(cfg: &VmConfig, io_hook: WorkerHook) -> Result<Machine, Error> {
         let net = Net::new(virtio::NetConfig {
             tap: nic.tap.clone(),
             mac: nic.mac,
+            rate_limit: nic.rate_limit,
         })
         .map_err(|source| Error::Net {
             tap: nic.tap.clone(),

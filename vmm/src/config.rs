@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use kiln_devices::rate_limiter::RateLimit;
 use kiln_devices::virtio::parse_mac;
 
 use crate::loader::BzImageMode;
@@ -79,18 +80,20 @@ pub struct DiskConfig {
     pub read_only: bool,
     pub direct: bool,
     pub id: Option<String>,
+    pub rate_limit: RateLimit,
 }
 
 impl std::str::FromStr for DiskConfig {
     type Err = Error;
-    /// `path=IMG[,ro=on][,direct=on][,id=NAME]`
+    /// `path=IMG[,ro=on][,direct=on][,id=NAME][,bw=BYTES][,ops=N]`
     fn from_str(s: &str) -> Result<Self, Error> {
-        let o = Options::parse("--disk", s, &["path", "ro", "direct", "id"])?;
+        let o = Options::parse("--disk", s, &["path", "ro", "direct", "id", "bw", "ops"])?;
         let disk = Self {
             path: o.required("path")?.into(),
             read_only: o.switch("ro")?,
             direct: o.switch("direct")?,
             id: o.get("id").map(String::from),
+            rate_limit: rate_limit(&o)?,
         };
         if let Some(id) = &disk.id {
             // virtio-blk serials are 20 bytes.
@@ -109,13 +112,14 @@ pub struct NetConfig {
     pub tap: String,
     pub mac: Option<[u8; 6]>,
     pub id: Option<String>,
+    pub rate_limit: RateLimit,
 }
 
 impl std::str::FromStr for NetConfig {
     type Err = Error;
-    /// `tap=NAME[,mac=52:54:00:12:34:56][,id=NAME]`
+    /// `tap=NAME[,mac=52:54:00:12:34:56][,id=NAME][,bw=BYTES][,ops=N]`
     fn from_str(s: &str) -> Result<Self, Error> {
-        let o = Options::parse("--net", s, &["tap", "mac", "id"])?;
+        let o = Options::parse("--net", s, &["tap", "mac", "id", "bw", "ops"])?;
         let tap = o.required("tap")?;
         // IFNAMSIZ is 16 including the terminating NUL.
         if tap.len() > 15 || tap.contains('/') {
@@ -131,8 +135,55 @@ impl std::str::FromStr for NetConfig {
             tap: tap.into(),
             mac,
             id: o.get("id").map(String::from),
+            rate_limit: rate_limit(&o)?,
         })
     }
+}
+
+/// `bw=` (bytes per second, with an optional K/M/G binary suffix) and `ops=`
+/// (requests or frames per second) of a device; neither means no limit.
+fn rate_limit(o: &Options) -> Result<RateLimit, Error> {
+    let positive = |key: &str, v: Option<u64>| match v {
+        Some(0) => Err(o.err(format!(
+            "{key}=0 would stop the device; leave {key} out for no limit"
+        ))),
+        v => Ok(v),
+    };
+    let bytes = match o.get("bw") {
+        Some(v) => Some(parse_rate(v).ok_or_else(|| {
+            o.err(format!(
+                "bw={v:?} is not a rate in bytes per second (e.g. 50M)"
+            ))
+        })?),
+        None => None,
+    };
+    let ops = match o.get("ops") {
+        Some(v) => Some(v.parse::<u64>().map_err(|_| {
+            o.err(format!(
+                "ops={v:?} is not a whole number of operations per second"
+            ))
+        })?),
+        None => None,
+    };
+    Ok(RateLimit {
+        bytes_per_sec: positive("bw", bytes)?,
+        ops_per_sec: positive("ops", ops)?,
+    })
+}
+
+/// `1000`, `64K`, `50M`, `1G` (binary multiples) -> bytes.
+fn parse_rate(s: &str) -> Option<u64> {
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits);
+    let n: u64 = num.parse().ok()?;
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift)
 }
 
 /// Device ids must be unique across disks and interfaces.
@@ -260,6 +311,33 @@ mod tests {
         assert_eq!(check_vcpus(0), Err(Error::NoCpus));
         assert_eq!(check_vcpus(255), Err(Error::TooManyCpus(255)));
         assert_eq!(check_vcpus(2), Ok(2));
+    }
+
+    #[test]
+    fn rate_limit_options() {
+        let n: NetConfig = "tap=t0,bw=50M,ops=1000".parse().unwrap();
+        assert_eq!(
+            n.rate_limit,
+            RateLimit {
+                bytes_per_sec: Some(50 << 20),
+                ops_per_sec: Some(1000)
+            }
+        );
+        let n: NetConfig = "tap=t0,bw=4096".parse().unwrap();
+        assert_eq!(n.rate_limit.bytes_per_sec, Some(4096));
+        assert_eq!(n.rate_limit.ops_per_sec, None);
+        assert!("tap=t0"
+            .parse::<NetConfig>()
+            .unwrap()
+            .rate_limit
+            .is_unlimited());
+        for bad in ["bw=0", "ops=0", "bw=fast", "bw=10T", "ops=1.5", "bw=-1"] {
+            let e = format!("tap=t0,{bad}").parse::<NetConfig>().unwrap_err();
+            assert!(
+                e.to_string().contains(bad.split('=').next().unwrap()),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -55,13 +55,15 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = BzImageMode::Extract)]
     bzimage: BzImageMode,
 
-    /// A virtio-blk disk: path=IMG[,ro=on][,direct=on][,id=NAME]. The guest
-    /// sees /dev/vda, /dev/vdb, ... in the order given. Repeatable.
+    /// A virtio-blk disk: path=IMG[,ro=on][,direct=on][,id=NAME][,bw=RATE][,ops=N].
+    /// The guest sees /dev/vda, /dev/vdb, ... in the order given. bw= limits
+    /// bytes per second (e.g. 50M), ops= requests per second. Repeatable.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<String>,
 
     /// A virtio-net interface on an existing TAP device:
-    /// tap=NAME[,mac=52:54:00:12:34:56][,id=NAME]. Repeatable.
+    /// tap=NAME[,mac=52:54:00:12:34:56][,id=NAME][,bw=RATE][,ops=N]. bw= and
+    /// ops= limit bytes and frames per second, each direction. Repeatable.
     #[arg(long, value_name = "OPTIONS")]
     net: Vec<String>,
 

@@ -762,6 +762,7 @@ mod tests {
             read_only: false,
             direct: false,
             id: None,
+            rate_limit: Default::default(),
         })
         .unwrap();
         let name = block.name().to_string();

@@ -18,6 +18,7 @@ use super::io::{Disk, SERIAL_LEN};
 use super::raw::{RawFile, RawFileError};
 use super::request::{RequestLimits, SECTOR_SHIFT, SECTOR_SIZE};
 use super::worker::BlockWorker;
+use crate::rate_limiter::{self, RateLimit, SharedRateLimiter};
 use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice, WorkerHook};
 use crate::virtio::worker::Worker;
 
@@ -48,6 +49,8 @@ pub struct BlockConfig {
     pub direct: bool,
     /// Serial number returned by GET_ID (at most 20 bytes).
     pub id: Option<String>,
+    /// Bytes and requests per second the guest may move (default: no limit).
+    pub rate_limit: RateLimit,
 }
 
 /// Errors creating a block device.
@@ -59,6 +62,8 @@ pub enum Error {
     IdTooLong(String),
     #[error("the disk is smaller than one 512-byte sector")]
     TooSmall,
+    #[error("cannot create the rate limiter's timer: {0}")]
+    RateLimiter(#[source] io::Error),
 }
 
 /// A virtio-blk device.
@@ -72,6 +77,7 @@ pub struct Block {
     /// Spawned by [`VirtioDevice::spawn_worker`] (or the first activation)
     /// and kept until the device is dropped.
     worker: Option<Worker>,
+    limiter: Option<SharedRateLimiter>,
 }
 
 impl Block {
@@ -79,7 +85,16 @@ impl Block {
     pub fn new(cfg: BlockConfig) -> Result<Self, Error> {
         let serial = serial(cfg.id.as_deref())?;
         let backend = RawFile::open(&cfg.path, cfg.read_only, cfg.direct)?;
-        Self::build(Arc::new(backend), cfg.read_only, serial)
+        let mut block = Self::build(Arc::new(backend), cfg.read_only, serial)?;
+        block.set_rate_limit(cfg.rate_limit)?;
+        Ok(block)
+    }
+
+    /// Limits the guest's bytes and requests per second on this disk.
+    /// Creates the limiter's timerfd: call before the VMM is confined.
+    pub fn set_rate_limit(&mut self, limit: RateLimit) -> Result<(), Error> {
+        self.limiter = rate_limiter::shared(limit).map_err(Error::RateLimiter)?;
+        Ok(())
     }
 
     /// Builds the device around any backend.
@@ -128,6 +143,7 @@ impl Block {
             config: config_space(capacity_sectors),
             queue_sizes: [QUEUE_SIZE],
             worker: None,
+            limiter: None,
         })
     }
 
@@ -233,6 +249,7 @@ impl VirtioDevice for Block {
             limits,
             worker.poller(),
             worker.stop_eventfd(),
+            self.limiter.clone(),
         );
         worker
             .submit(move || body.run())
@@ -276,6 +293,7 @@ mod tests {
             read_only,
             direct: false,
             id: Some("disk-0".into()),
+            rate_limit: RateLimit::default(),
         }
     }
 

@@ -4,18 +4,20 @@ use std::sync::Arc;
 
 use tracing::{error, warn};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EpollEvent;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::io::Disk;
 use super::request::{self, Rejected, RequestLimits};
+use crate::rate_limiter::{lock, RateLimiter, SharedRateLimiter};
 use crate::virtio::interrupt::Interrupt;
 use crate::virtio::queue::{add_used, notify_if_needed};
 use crate::virtio::worker::{drain_eventfd, EventSetPoller, GuestErrorLog, TOKEN_STOP};
 
 const TOKEN_QUEUE: u64 = 1;
+const TOKEN_RATE_LIMIT: u64 = 2;
 
 /// Serves the request queue of one block device: the body an activation
 /// hands to the device's worker thread.
@@ -29,6 +31,8 @@ pub(super) struct BlockWorker {
     /// The worker thread's epoll set.
     poller: Arc<EventSetPoller>,
     handler: RequestHandler,
+    /// The device's rate limiter, kept by the device across activations.
+    limiter: Option<SharedRateLimiter>,
 }
 
 /// Turns descriptor chains into completed requests.
@@ -52,6 +56,7 @@ impl BlockWorker {
         limits: RequestLimits,
         poller: Arc<EventSetPoller>,
         stop: Arc<EventFd>,
+        limiter: Option<SharedRateLimiter>,
     ) -> Self {
         Self {
             mem,
@@ -60,6 +65,7 @@ impl BlockWorker {
             interrupt,
             stop,
             poller,
+            limiter,
             handler: RequestHandler {
                 disk,
                 limits,
@@ -78,9 +84,27 @@ impl BlockWorker {
             error!("virtio-blk worker: cannot poll the queue eventfd, stopping: {e}");
             return;
         }
-        self.serve();
+        let limiter = self.limiter.clone();
+        let timer_polled = match &limiter {
+            Some(l) => match self.poller.add(&*lock(l), TOKEN_RATE_LIMIT) {
+                Ok(()) => true,
+                Err(e) => {
+                    error!("virtio-blk worker: cannot poll the rate limiter, stopping: {e}");
+                    false
+                }
+            },
+            None => true,
+        };
+        if timer_polled {
+            self.serve();
+        }
         if let Err(e) = self.poller.remove(&*self.queue_evt) {
             error!("virtio-blk worker: cannot stop polling the queue eventfd: {e}");
+        }
+        if let (Some(l), true) = (&limiter, timer_polled) {
+            if let Err(e) = self.poller.remove(&*lock(l)) {
+                error!("virtio-blk worker: cannot stop polling the rate limiter: {e}");
+            }
         }
     }
 
@@ -106,6 +130,12 @@ impl BlockWorker {
                         drain_eventfd(&self.queue_evt);
                         self.process_queue();
                     }
+                    TOKEN_RATE_LIMIT => {
+                        if let Some(l) = &self.limiter {
+                            lock(l).timer_expired();
+                        }
+                        self.process_queue();
+                    }
                     _ => {}
                 }
             }
@@ -120,21 +150,33 @@ impl BlockWorker {
             queue,
             interrupt,
             handler,
+            limiter,
             ..
         } = self;
+        let mut limiter = limiter.as_ref().map(|l| lock(l));
         let mut total = 0usize;
         loop {
             if let Err(e) = queue.disable_notification(mem) {
                 warn!("virtio-blk: cannot disable queue notifications: {e}");
             }
             let mut handled = 0usize;
+            let mut throttled = false;
             while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
                 let head = chain.head_index();
-                let len = handler.handle(mem, chain);
+                let Some(len) = handler.handle(mem, chain, limiter.as_deref_mut()) else {
+                    // Over the rate limit: the request goes back on the
+                    // ring until the limiter's timer fires.
+                    queue.go_to_previous_position();
+                    throttled = true;
+                    break;
+                };
                 add_used(queue, mem, head, len);
                 handled += 1;
             }
             total += handled;
+            if throttled {
+                break;
+            }
             match queue.enable_notification(mem) {
                 // More requests arrived while notifications were off. Unless
                 // the ring is corrupt (nothing could be popped), go again.
@@ -154,8 +196,14 @@ impl BlockWorker {
 
 impl RequestHandler {
     /// Parses and runs one request; returns the used length (bytes written
-    /// into the chain, status byte included).
-    fn handle(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    /// into the chain, status byte included), or `None` when `limiter` says
+    /// the request must wait.
+    fn handle(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        limiter: Option<&mut RateLimiter>,
+    ) -> Option<u32> {
         let head = chain.head_index();
         let req = match request::parse(mem, chain, &self.limits) {
             Ok(req) => req,
@@ -163,14 +211,23 @@ impl RequestHandler {
                 if let Some(n) = self.bad_requests.hit() {
                     warn!(head, occurrences = n, "virtio-blk: bad request: {error}");
                 }
-                return match status {
+                return Some(match status {
                     Some(addr) => complete(mem, addr, error.status(), 0),
                     // Nowhere to put a status: hand the chain back empty.
                     None => 0,
-                };
+                });
             }
         };
-        match self.disk.execute(mem, &req, &mut self.bounce) {
+        if let Some(limiter) = limiter {
+            match limiter.admit(req.data_len) {
+                Ok(true) => {}
+                Ok(false) => return None,
+                // Without a working timer, throttling could stall the disk
+                // forever: let the request through.
+                Err(e) => warn!("virtio-blk: rate limiter timer failed: {e}"),
+            }
+        }
+        Some(match self.disk.execute(mem, &req, &mut self.bounce) {
             Ok(written) => complete(mem, req.status, VIRTIO_BLK_S_OK as u8, written),
             Err(e) => {
                 if let Some(n) = self.io_errors.hit() {
@@ -183,7 +240,7 @@ impl RequestHandler {
                 }
                 complete(mem, req.status, VIRTIO_BLK_S_IOERR as u8, 0)
             }
-        }
+        })
     }
 }
 
@@ -259,6 +316,7 @@ mod tests {
             },
             Arc::new(EventSetPoller::new().unwrap()),
             Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            None,
         );
         Rig {
             mq,
@@ -297,6 +355,41 @@ mod tests {
     const OK: u8 = VIRTIO_BLK_S_OK as u8;
     const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
     const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+    #[test]
+    fn requests_over_the_rate_limit_wait_on_the_ring_for_the_timer() {
+        use crate::rate_limiter::{lock, shared, RateLimit};
+        let m = mem();
+        let mut r = rig(&m, false, false);
+        // 10 requests a second: a one-request bucket, refilled every 100 ms.
+        let limiter = shared(RateLimit {
+            bytes_per_sec: None,
+            ops_per_sec: Some(10),
+        })
+        .unwrap()
+        .unwrap();
+        r.worker.limiter = Some(limiter.clone());
+        let chain = io(&m, VIRTIO_BLK_T_IN, 1, desc(DATA, 512, W));
+        assert_eq!(r.submit(&m, &chain), (OK, 513));
+        assert_eq!(used_idx(&m), 1);
+        let start = std::time::Instant::now();
+        let chain = io(&m, VIRTIO_BLK_T_IN, 2, desc(DATA, 512, W));
+        r.mq.build_desc_chain(&chain).unwrap();
+        r.worker.process_queue();
+        // Throttled: still on the ring, not completed.
+        assert_eq!(used_idx(&m), 1);
+        assert!(lock(&limiter).is_blocked());
+        // A guest kick while blocked changes nothing.
+        r.worker.process_queue();
+        assert_eq!(used_idx(&m), 1);
+        lock(&limiter).timer_expired();
+        assert!(start.elapsed() >= std::time::Duration::from_millis(90));
+        r.worker.process_queue();
+        assert_eq!(used_idx(&m), 2);
+        let mut b = [0u8; 512];
+        m.read_slice(&mut b, GuestAddress(DATA)).unwrap();
+        assert!(b.iter().all(|&x| x == 2));
+    }
 
     #[test]
     fn reads_and_interrupts() {

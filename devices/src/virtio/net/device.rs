@@ -11,7 +11,8 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 
 use super::mac::{MacAddr, MacError};
 use super::tap::{Tap, TapError};
-use super::worker::NetWorker;
+use super::worker::{NetLimiters, NetWorker};
+use crate::rate_limiter::{self, RateLimit};
 use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice, WorkerHook};
 use crate::virtio::worker::Worker;
 
@@ -34,6 +35,8 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest's MAC; a random 52:54:00:xx:xx:xx one when absent.
     pub mac: Option<[u8; 6]>,
+    /// Bytes and frames per second, each direction (default: no limit).
+    pub rate_limit: RateLimit,
 }
 
 /// Errors creating a network device.
@@ -43,6 +46,8 @@ pub enum Error {
     Tap(#[from] TapError),
     #[error(transparent)]
     Mac(#[from] MacError),
+    #[error("cannot create the rate limiter's timer: {0}")]
+    RateLimiter(#[source] std::io::Error),
 }
 
 /// A virtio-net device on a TAP interface.
@@ -56,6 +61,7 @@ pub struct Net {
     /// Spawned by [`VirtioDevice::spawn_worker`] (or the first activation)
     /// and kept until the device is dropped.
     worker: Option<Worker>,
+    limiters: NetLimiters,
 }
 
 impl Net {
@@ -70,6 +76,10 @@ impl Net {
             None => MacAddr::random(),
         };
         let tap = Tap::open(&cfg.tap)?;
+        let limiters = NetLimiters {
+            rx: rate_limiter::shared(cfg.rate_limit).map_err(Error::RateLimiter)?,
+            tx: rate_limiter::shared(cfg.rate_limit).map_err(Error::RateLimiter)?,
+        };
         let features = [
             VIRTIO_NET_F_CSUM,
             VIRTIO_NET_F_GUEST_CSUM,
@@ -99,6 +109,7 @@ impl Net {
             config,
             queue_sizes: [QUEUE_SIZE; 2],
             worker: None,
+            limiters,
         })
     }
 
@@ -192,6 +203,7 @@ impl VirtioDevice for Net {
             self.tap.clone(),
             worker.poller(),
             worker.stop_eventfd(),
+            self.limiters.clone(),
         );
         worker
             .submit(move || {
@@ -253,6 +265,7 @@ mod tests {
         let cfg = |tap: &str, mac| NetConfig {
             tap: tap.into(),
             mac,
+            rate_limit: RateLimit::default(),
         };
         assert!(matches!(
             Net::new(cfg("kiln-nonexist1", None)),
@@ -277,6 +290,7 @@ mod tests {
         let n = Net::new(NetConfig {
             tap: t.0.clone(),
             mac: Some(mac),
+            rate_limit: RateLimit::default(),
         })
         .unwrap();
         assert_eq!(n.mac(), mac);
@@ -300,6 +314,7 @@ mod tests {
         let n = Net::new(NetConfig {
             tap: t.0.clone(),
             mac: None,
+            rate_limit: RateLimit::default(),
         })
         .unwrap();
         assert_eq!(&n.mac()[..3], &[0x52, 0x54, 0x00]);
@@ -348,6 +363,7 @@ mod tests {
         let mut n = Net::new(NetConfig {
             tap: t.0.clone(),
             mac: None,
+            rate_limit: RateLimit::default(),
         })
         .unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();

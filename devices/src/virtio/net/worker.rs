@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use tracing::{error, warn};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -20,6 +20,7 @@ use super::rx::write_rx_frame;
 use super::tap::VNET_HDR_LEN;
 use super::tx::read_tx_frame;
 use super::{FrameIo, MAX_BUFFER_LEN};
+use crate::rate_limiter::{lock, SharedRateLimiter};
 use crate::virtio::interrupt::Interrupt;
 use crate::virtio::queue::{add_used, notify_if_needed};
 use crate::virtio::worker::{drain_eventfd, EventSetPoller, GuestErrorLog, TOKEN_STOP};
@@ -27,6 +28,16 @@ use crate::virtio::worker::{drain_eventfd, EventSetPoller, GuestErrorLog, TOKEN_
 const TOKEN_RX_QUEUE: u64 = 1;
 const TOKEN_TX_QUEUE: u64 = 2;
 const TOKEN_TAP: u64 = 3;
+const TOKEN_RX_LIMIT: u64 = 4;
+const TOKEN_TX_LIMIT: u64 = 5;
+
+/// The device's rate limiters, one per direction, kept by the device across
+/// activations.
+#[derive(Clone, Default)]
+pub(super) struct NetLimiters {
+    pub rx: Option<SharedRateLimiter>,
+    pub tx: Option<SharedRateLimiter>,
+}
 
 /// Offset of `num_buffers` in `struct virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
@@ -46,9 +57,13 @@ pub(super) struct NetWorker<T: FrameIo> {
     /// The worker thread's epoll set.
     poller: Arc<EventSetPoller>,
 
+    limiters: NetLimiters,
+
     /// The frame read from the TAP and not yet delivered.
     rx_frame: Vec<u8>,
     rx_pending: Option<usize>,
+    /// The pending frame passed the receive rate limiter already.
+    rx_admitted: bool,
     /// Whether the TAP is polled for readability.
     tap_polled: bool,
     /// The TAP reported an error or hang-up and was dropped from the set.
@@ -74,6 +89,7 @@ impl<T: FrameIo + 'static> NetWorker<T> {
         tap: Arc<T>,
         poller: Arc<EventSetPoller>,
         stop: Arc<EventFd>,
+        limiters: NetLimiters,
     ) -> Self {
         Self {
             mem,
@@ -85,8 +101,10 @@ impl<T: FrameIo + 'static> NetWorker<T> {
             tap,
             stop,
             poller,
+            limiters,
             rx_frame: vec![0; MAX_BUFFER_LEN],
             rx_pending: None,
+            rx_admitted: false,
             tap_polled: true,
             tap_dead: false,
             tx_frame: Vec::with_capacity(MAX_BUFFER_LEN),
@@ -113,17 +131,28 @@ impl<T: FrameIo + 'static> NetWorker<T> {
     pub(super) fn register(&self) -> io::Result<()> {
         self.poller.add(&*self.rx_evt, TOKEN_RX_QUEUE)?;
         self.poller.add(&*self.tx_evt, TOKEN_TX_QUEUE)?;
-        self.poller.add(&*self.tap, TOKEN_TAP)
+        self.poller.add(&*self.tap, TOKEN_TAP)?;
+        if let Some(l) = &self.limiters.rx {
+            self.poller.add(&*lock(l), TOKEN_RX_LIMIT)?;
+        }
+        if let Some(l) = &self.limiters.tx {
+            self.poller.add(&*lock(l), TOKEN_TX_LIMIT)?;
+        }
+        Ok(())
     }
 
     /// Removes whatever [`NetWorker::register`] added and is still there.
     fn unregister(&self) {
+        let limiter_fd = |l: &Option<SharedRateLimiter>| l.as_ref().map(|l| lock(l).as_raw_fd());
         let fds = [
-            ("RX queue eventfd", self.rx_evt.as_raw_fd()),
-            ("TX queue eventfd", self.tx_evt.as_raw_fd()),
-            ("TAP", self.tap.as_raw_fd()),
+            ("RX queue eventfd", Some(self.rx_evt.as_raw_fd())),
+            ("TX queue eventfd", Some(self.tx_evt.as_raw_fd())),
+            ("TAP", Some(self.tap.as_raw_fd())),
+            ("RX rate limiter", limiter_fd(&self.limiters.rx)),
+            ("TX rate limiter", limiter_fd(&self.limiters.tx)),
         ];
         for (what, fd) in fds {
+            let Some(fd) = fd else { continue };
             match self.poller.remove(&fd) {
                 Ok(()) => {}
                 // Never added, or dropped after a TAP error.
@@ -165,6 +194,18 @@ impl<T: FrameIo + 'static> NetWorker<T> {
             }
             TOKEN_TX_QUEUE => {
                 drain_eventfd(&self.tx_evt);
+                self.process_tx();
+            }
+            TOKEN_RX_LIMIT => {
+                if let Some(l) = &self.limiters.rx {
+                    lock(l).timer_expired();
+                }
+                self.resume_rx();
+            }
+            TOKEN_TX_LIMIT => {
+                if let Some(l) = &self.limiters.tx {
+                    lock(l).timer_expired();
+                }
                 self.process_tx();
             }
             TOKEN_TAP => {
@@ -254,6 +295,15 @@ impl<T: FrameIo + 'static> NetWorker<T> {
                 },
             };
             self.rx_pending = Some(len);
+            if !self.rx_admitted {
+                if !admit(&self.limiters.rx, len - VNET_HDR_LEN) {
+                    // Over the receive rate: stop reading the TAP until the
+                    // limiter's timer fires.
+                    self.pause_rx();
+                    break;
+                }
+                self.rx_admitted = true;
+            }
             let Some(chain) = next_rx_chain(&mut self.rx, &self.mem) else {
                 self.pause_rx();
                 break;
@@ -274,6 +324,7 @@ impl<T: FrameIo + 'static> NetWorker<T> {
             };
             add_used(&mut self.rx, &self.mem, head, used);
             self.rx_pending = None;
+            self.rx_admitted = false;
             delivered += 1;
         }
         if delivered > 0 {
@@ -289,10 +340,18 @@ impl<T: FrameIo + 'static> NetWorker<T> {
                 warn!("virtio-net: cannot disable TX notifications: {e}");
             }
             let mut handled = 0usize;
+            let mut throttled = false;
             let max = self.tx.size();
             while let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) {
                 let head = chain.head_index();
                 match read_tx_frame(&self.mem, chain, max, &mut self.tx_frame) {
+                    Ok(len) if !admit(&self.limiters.tx, len - VNET_HDR_LEN) => {
+                        // Over the transmit rate: the frame goes back on the
+                        // ring until the limiter's timer fires.
+                        self.tx.go_to_previous_position();
+                        throttled = true;
+                        break;
+                    }
                     Ok(len) => self.send(len),
                     Err(e) => {
                         if let Some(n) = self.bad_tx.hit() {
@@ -304,6 +363,9 @@ impl<T: FrameIo + 'static> NetWorker<T> {
                 handled += 1;
             }
             total += handled;
+            if throttled {
+                break;
+            }
             match self.tx.enable_notification(&self.mem) {
                 Ok(true) if handled > 0 => continue,
                 Ok(_) => break,
@@ -334,6 +396,17 @@ impl<T: FrameIo + 'static> NetWorker<T> {
             }
         }
     }
+}
+
+/// Asks a direction's rate limiter whether a frame of `bytes` may go now
+/// (if not, its timer is armed). A limiter whose timer fails lets traffic
+/// through rather than stall the interface.
+fn admit(limiter: &Option<SharedRateLimiter>, bytes: usize) -> bool {
+    let Some(l) = limiter else { return true };
+    lock(l).admit(bytes as u64).unwrap_or_else(|e| {
+        warn!("virtio-net: rate limiter timer failed: {e}");
+        true
+    })
 }
 
 /// Pops a receive chain; when there is none, asks the guest to kick the
@@ -406,6 +479,7 @@ mod tests {
             Arc::new(tap),
             Arc::new(EventSetPoller::new().unwrap()),
             Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            NetLimiters::default(),
         );
         worker.register().unwrap();
         Rig {
@@ -463,6 +537,69 @@ mod tests {
         assert_eq!(&got[..n], &frame(0x11, 80)[..]);
         assert_eq!(used(&m, TX_USED), vec![(0, 0)]);
         assert_eq!(r.irq.read().unwrap(), 1);
+    }
+
+    /// A limiter letting one frame through per 100 ms.
+    fn one_frame_per_100ms() -> SharedRateLimiter {
+        crate::rate_limiter::shared(crate::rate_limiter::RateLimit {
+            bytes_per_sec: None,
+            ops_per_sec: Some(10),
+        })
+        .unwrap()
+        .unwrap()
+    }
+
+    #[test]
+    fn frames_over_the_transmit_rate_wait_on_the_ring() {
+        let m = mem();
+        let mut r = rig(&m);
+        let limiter = one_frame_per_100ms();
+        r.worker.limiters.tx = Some(limiter.clone());
+        m.write_slice(&frame(0x11, 80), GuestAddress(BUF)).unwrap();
+        m.write_slice(&frame(0x22, 80), GuestAddress(BUF + 0x1000))
+            .unwrap();
+        r.txq
+            .add_desc_chains(&[d(BUF, 80, 0), d(BUF + 0x1000, 80, 0)], 0)
+            .unwrap();
+        r.worker.process_tx();
+        // The first frame went, the second waits on the ring.
+        assert_eq!(used(&m, TX_USED), vec![(0, 0)]);
+        let mut got = [0u8; 200];
+        assert_eq!(r.peer.recv(&mut got).unwrap(), 80);
+        assert_eq!(got[79], 0x11);
+        assert!(
+            r.peer.recv(&mut got).is_err(),
+            "the second frame went early"
+        );
+        // The timer fires (blocks until then): the frame goes.
+        assert!(r.worker.handle_event(TOKEN_TX_LIMIT, EventSet::IN));
+        assert_eq!(used(&m, TX_USED), vec![(0, 0), (1, 0)]);
+        assert_eq!(r.peer.recv(&mut got).unwrap(), 80);
+        assert_eq!(got[79], 0x22);
+    }
+
+    #[test]
+    fn frames_over_the_receive_rate_stay_in_the_tap() {
+        let m = mem();
+        let mut r = rig(&m);
+        let limiter = one_frame_per_100ms();
+        r.worker.limiters.rx = Some(limiter.clone());
+        offer_rx(&r, 0, 2, 2048);
+        r.peer.send(&frame(0x33, 100)).unwrap();
+        r.peer.send(&frame(0x44, 100)).unwrap();
+        r.worker.process_rx();
+        assert_eq!(used(&m, RX_USED), vec![(0, 100)]);
+        assert!(lock(&limiter).is_blocked());
+        // A guest kick while throttled delivers nothing more.
+        r.worker.handle_event(TOKEN_RX_QUEUE, EventSet::IN);
+        assert_eq!(used(&m, RX_USED), vec![(0, 100)]);
+        // The timer fires (blocks until then): the frame goes.
+        r.worker.handle_event(TOKEN_RX_LIMIT, EventSet::IN);
+        assert_eq!(used(&m, RX_USED), vec![(0, 100), (1, 100)]);
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(BUF + 0x1_0000 + 99)).unwrap(),
+            0x44
+        );
     }
 
     #[test]
