@@ -49,6 +49,8 @@ pub struct VolumeInfo {
     pub replicas: Vec<ReplicaAddr>,
     pub snapshots: Vec<String>,
     pub allocated_bytes: u64,
+    /// Allocated regions (extent indexes) of the live volume.
+    pub regions: Vec<u64>,
     pub activity: BTreeMap<u64, BTreeSet<u64>>,
     pub stale: BTreeMap<String, BTreeSet<u64>>,
 }
@@ -284,16 +286,17 @@ impl Engine {
 
     fn info_of(st: &State, name: &str, rec: &VolumeRec) -> VolumeInfo {
         let n = ext_count(rec.size);
-        let allocated = (0..n)
+        let regions: Vec<u64> = (0..n)
             .filter(|i| st.maps.contains_key(&(rec.map, *i)))
-            .count() as u64;
+            .collect();
         VolumeInfo {
             name: name.to_string(),
             size: rec.size,
             epoch: rec.epoch,
             replicas: rec.replicas.clone(),
             snapshots: rec.snapshots.keys().cloned().collect(),
-            allocated_bytes: allocated * EXTENT_SIZE,
+            allocated_bytes: regions.len() as u64 * EXTENT_SIZE,
+            regions,
             activity: rec.activity.clone(),
             stale: rec.stale.clone(),
         }

@@ -18,8 +18,11 @@ pub mod server;
 pub mod transport;
 pub mod writer;
 
+pub use client::{Client, VolumeClient};
 pub use engine::Engine;
 pub use error::{Error, Result};
+pub use io::VolumeIo;
+pub use writer::Writer;
 
 /// Size of one block: the unit of addressing and checksumming.
 pub const BLOCK_SIZE: u64 = 4096;
