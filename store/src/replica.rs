@@ -131,7 +131,7 @@ pub fn scrub_and_repair(
     pace: &mut dyn FnMut(u64, u64),
 ) -> Result<ScrubReport> {
     let info = engine.info(name)?;
-    let bad = engine.scrub(name, |d, t| pace(d, t))?;
+    let bad = engine.scrub(name, pace)?;
     let mut report = ScrubReport {
         scanned_bytes: info.allocated_bytes,
         bad_blocks: bad.clone(),

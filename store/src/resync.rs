@@ -19,8 +19,13 @@ use crate::proto::{Request, Response};
 use crate::transport::Link;
 use crate::writer::{PeerState, Writer};
 
+/// How long after attaching the first resync attempt waits: time for the
+/// attach's own view of the replicas to settle.
+const FIRST_ATTEMPT_DELAY: Duration = Duration::from_secs(1);
+
 /// Runs until the writer is detached or fenced.
 pub fn run(w: Arc<Writer>) {
+    std::thread::sleep(FIRST_ATTEMPT_DELAY);
     while !w.is_detached() && !w.is_fenced() {
         let stale: Vec<String> = w
             .lock()
