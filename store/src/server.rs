@@ -401,6 +401,12 @@ pub fn serve(cfg: Config) -> Result<()> {
     let daemon = Daemon::new(engine.clone(), connector.clone());
     let tcp = TcpListener::bind(&cfg.listen)
         .map_err(|e| Error::Io(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    if socket_in_use(&cfg.socket) {
+        return Err(Error::Invalid(format!(
+            "{} is in use by another daemon",
+            cfg.socket.display()
+        )));
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     let unix = UnixListener::bind(&cfg.socket)
         .map_err(|e| Error::Io(format!("cannot bind {}: {e}", cfg.socket.display())))?;
@@ -460,7 +466,7 @@ fn background_scrub(engine: &Engine, connector: &dyn Connector, rate: u64) {
     }
 }
 
-/// Removes a stale unix socket path if nothing listens on it.
+/// Does a daemon already listen on this unix socket?
 pub fn socket_in_use(path: &Path) -> bool {
     std::os::unix::net::UnixStream::connect(path).is_ok()
 }

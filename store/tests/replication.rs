@@ -242,3 +242,54 @@ fn raised_epoch_fences_a_stopped_old_writer() {
     new.read_at(&mut back, 0).unwrap();
     assert!(back == model);
 }
+
+#[test]
+fn rebuild_moves_a_replica_online() {
+    let t = tempfile::tempdir().unwrap();
+    let n1 = Node::new(t.path(), "n1", 1);
+    let mut n2 = Node::new(t.path(), "n2", 1);
+    let n3 = Node::new(t.path(), "n3", 1);
+    let size = 8 * MIB;
+    n1.cli_ok(&[
+        "create",
+        "vol",
+        "--size",
+        "8M",
+        "--replica",
+        &n1.replica_arg(),
+        "--replica",
+        &n2.replica_arg(),
+    ]);
+    let v = VolumeClient::open(&n1.socket, "vol").unwrap();
+    // Leave a hole: region 4 is never written and must stay unallocated.
+    let mut model = pattern(8, size as usize);
+    model[4 * MIB as usize..5 * MIB as usize].fill(0);
+    v.write_at(&model[..4 * MIB as usize], 0).unwrap();
+    v.write_at(&model[5 * MIB as usize..], 5 * MIB).unwrap();
+    // n2's disk dies for good; replace it with a new replica on n3.
+    n2.kill9();
+    let out = n1.cli_ok(&[
+        "rebuild",
+        "vol",
+        "--add",
+        &n3.replica_arg(),
+        "--remove",
+        "n2",
+        "--json",
+    ]);
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let reps = st["replicas"].as_array().unwrap();
+    assert_eq!(reps.len(), 2, "{out}");
+    assert!(reps.iter().all(|r| r["state"] == "in-sync"), "{out}");
+    assert!(reps.iter().any(|r| r["node"] == "n3"));
+    assert!(n3.replica_read_all("vol", size) == model);
+    assert_eq!(
+        n3.status("vol").allocated_bytes,
+        7 * MIB,
+        "holes stay holes"
+    );
+    // Writes go to the new set.
+    let more = pattern(9, MIB as usize);
+    v.write_at(&more, 2 * MIB).unwrap();
+    assert!(n3.replica_read("vol", 2 * MIB, MIB).data == more);
+}
