@@ -110,6 +110,32 @@ pub fn resync_one(w: &Writer, node: &str) -> Result<()> {
             _ => return Err(Error::Protocol("unexpected reply to info".into())),
         };
         let all: BTreeSet<u64> = dirty.union(&own_activity).copied().collect();
+        // Its activity log is checkpointed by the flushes it now receives:
+        // record those regions in the survivors' dirty map first, so an
+        // interrupted resync still knows them.
+        let n = inner.size.div_ceil(crate::EXTENT_SIZE);
+        let extra: Vec<u64> = own_activity
+            .difference(&dirty)
+            .copied()
+            .filter(|r| *r < n)
+            .collect();
+        if !extra.is_empty() {
+            for i in 0..inner.peers.len() {
+                if inner.peers[i].state != PeerState::InSync {
+                    continue;
+                }
+                w.peer_call(
+                    &mut inner,
+                    i,
+                    &Request::MarkStale {
+                        name: w.name.clone(),
+                        epoch: w.epoch,
+                        node: node.to_string(),
+                        regions: extra.clone(),
+                    },
+                )?;
+            }
+        }
         inner.peers[pi].state = PeerState::Resyncing;
         inner.peers[pi].pending = all.len() as u64;
         tracing::info!(volume = %w.name, peer = node, regions = all.len(), "resync started");
