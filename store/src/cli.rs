@@ -47,6 +47,9 @@ pub struct ServeArgs {
     /// Background scrub rate (bytes per second, K/M/G suffixes; 0 turns it off)
     #[arg(long, default_value = "8M", value_parser = parse_size)]
     pub scrub_rate: u64,
+    /// Seconds to pause before each background scrub pass
+    #[arg(long, default_value_t = 3600)]
+    pub scrub_interval: u64,
 }
 
 #[derive(Args)]

@@ -720,10 +720,13 @@ impl Engine {
             }
         }
         if let Some((name, epoch)) = checkpoint {
-            self.update_rec(name, epoch, |rec| {
-                rec.activity.clear();
-                Ok(())
-            })?;
+            let logged = !Self::vol(&self.lock(), name)?.activity.is_empty();
+            if logged {
+                self.update_rec(name, epoch, |rec| {
+                    rec.activity.clear();
+                    Ok(())
+                })?;
+            }
         }
         Ok(())
     }

@@ -47,6 +47,7 @@ fn main() {
                 listen: a.listen,
                 socket: a.socket,
                 scrub_rate: a.scrub_rate,
+                scrub_interval: std::time::Duration::from_secs(a.scrub_interval),
             })
             .map_err(anyhow::Error::from)
         }

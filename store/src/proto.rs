@@ -260,6 +260,30 @@ pub struct VolumeStatus {
     pub repaired_blocks: u64,
     /// Checksum mismatches this writer saw on reads.
     pub checksum_errors: u64,
+    /// Counters of this node's engine (all volumes).
+    pub node: NodeMetrics,
+}
+
+/// Counters of one node's engine.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NodeMetrics {
+    /// Blocks that failed their checksum on this node (reads and scrubs).
+    pub checksum_errors: u64,
+    /// Blocks this node repaired by scrubbing.
+    pub scrub_repaired_blocks: u64,
+    pub scrubbed_bytes: u64,
+}
+
+impl NodeMetrics {
+    pub fn of(engine: &crate::engine::Engine) -> NodeMetrics {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = &engine.metrics;
+        NodeMetrics {
+            checksum_errors: m.checksum_errors.load(Relaxed),
+            scrub_repaired_blocks: m.repaired_blocks.load(Relaxed),
+            scrubbed_bytes: m.scrubbed_bytes.load(Relaxed),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

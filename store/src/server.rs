@@ -26,6 +26,8 @@ pub struct Config {
     pub socket: PathBuf,
     /// Background scrub rate in bytes per second (0 = off).
     pub scrub_rate: u64,
+    /// Pause between background scrub passes.
+    pub scrub_interval: Duration,
 }
 
 pub struct Daemon {
@@ -95,7 +97,9 @@ impl Daemon {
 
     fn status(&self, name: &str) -> Result<VolumeStatus> {
         if let Ok(w) = self.writer(name) {
-            return Ok(w.status());
+            let mut st = w.status();
+            st.node = proto::NodeMetrics::of(&self.engine);
+            return Ok(st);
         }
         let i = self.engine.info(name)?;
         Ok(VolumeStatus {
@@ -124,6 +128,7 @@ impl Daemon {
             resync_regions: 0,
             repaired_blocks: 0,
             checksum_errors: 0,
+            node: proto::NodeMetrics::of(&self.engine),
         })
     }
 
@@ -412,10 +417,15 @@ pub fn serve(cfg: Config) -> Result<()> {
         .map_err(|e| Error::Io(format!("cannot bind {}: {e}", cfg.socket.display())))?;
     tracing::info!(node = %cfg.node_id, listen = %cfg.listen, socket = %cfg.socket.display(), "kiln-store serving");
     if cfg.scrub_rate > 0 {
-        let (e, c, rate) = (engine.clone(), connector.clone(), cfg.scrub_rate);
+        let (e, c, rate, pause) = (
+            engine.clone(),
+            connector.clone(),
+            cfg.scrub_rate,
+            cfg.scrub_interval,
+        );
         std::thread::Builder::new()
             .name("scrub".into())
-            .spawn(move || background_scrub(&e, c.as_ref(), rate))?;
+            .spawn(move || background_scrub(&e, c.as_ref(), rate, pause))?;
     }
     let d = daemon.clone();
     std::thread::Builder::new()
@@ -446,8 +456,9 @@ pub fn serve(cfg: Config) -> Result<()> {
 }
 
 /// Scrubs every local replica forever at about `rate` bytes per second.
-fn background_scrub(engine: &Engine, connector: &dyn Connector, rate: u64) {
+fn background_scrub(engine: &Engine, connector: &dyn Connector, rate: u64, pause: Duration) {
     loop {
+        std::thread::sleep(pause);
         for v in engine.list() {
             let start = Instant::now();
             let mut done_bytes = 0u64;
@@ -458,11 +469,17 @@ fn background_scrub(engine: &Engine, connector: &dyn Connector, rate: u64) {
                     std::thread::sleep(wait);
                 }
             });
-            if let Err(e) = r {
-                tracing::debug!(volume = %v.name, error = %e, "background scrub skipped");
+            match r {
+                Ok(rep) if !rep.bad_blocks.is_empty() => tracing::warn!(
+                    volume = %v.name,
+                    bad = rep.bad_blocks.len(),
+                    repaired = rep.repaired,
+                    "background scrub found bad blocks"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(volume = %v.name, error = %e, "background scrub skipped"),
             }
         }
-        std::thread::sleep(Duration::from_secs(10));
     }
 }
 

@@ -787,6 +787,7 @@ impl Writer {
             resync_regions: self.stats.resync_regions.load(Ordering::Relaxed),
             repaired_blocks: self.stats.repaired_blocks.load(Ordering::Relaxed),
             checksum_errors: self.stats.checksum_errors.load(Ordering::Relaxed),
+            node: crate::proto::NodeMetrics::default(),
         }
     }
 }

@@ -79,6 +79,12 @@ fn flipped_bytes_are_detected_and_repaired() {
     let out = n1.cli_ok(&["scrub", "vol"]);
     assert!(out.contains("0 bad blocks"), "{out}");
 
+    let st = n2.status("vol");
+    assert!(
+        st.node.checksum_errors >= 1 && st.node.scrub_repaired_blocks == 1,
+        "{st:?}"
+    );
+
     // Rot on every replica: an error, not silent bad data.
     flip(&n1, "vol", 20);
     flip(&n2, "vol", 20);
@@ -86,4 +92,39 @@ fn flipped_bytes_are_detected_and_repaired() {
     // Neighbours still read fine.
     v.read_at(&mut buf, 21 * 4096).unwrap();
     assert_eq!(buf, blk(21));
+}
+
+#[test]
+fn background_scrub_repairs_an_idle_block() {
+    let t = tempfile::tempdir().unwrap();
+    let n1 = Node::new(t.path(), "n1", 1);
+    let n2 = Node::with_args(
+        t.path(),
+        "n2",
+        1,
+        &["--scrub-rate", "64M", "--scrub-interval", "1"],
+    );
+    n1.cli_ok(&[
+        "create",
+        "vol",
+        "--size",
+        "2M",
+        "--replica",
+        &n1.replica_arg(),
+        "--replica",
+        &n2.replica_arg(),
+    ]);
+    let v = VolumeClient::open(&n1.socket, "vol").unwrap();
+    let data = pattern(2, 2 << 20);
+    v.write_at(&data, 0).unwrap();
+    v.flush().unwrap();
+    flip(&n2, "vol", 300);
+    wait_until(
+        "background scrub repair",
+        std::time::Duration::from_secs(20),
+        || n2.status("vol").node.scrub_repaired_blocks >= 1,
+    );
+    let r = n2.replica_read("vol", 300 * 4096, 4096);
+    assert!(r.bad_blocks.is_empty() && r.data == data[300 * 4096..301 * 4096]);
+    assert!(n2.status("vol").node.scrubbed_bytes >= 2 << 20);
 }

@@ -28,10 +28,15 @@ pub struct Node {
     pub socket: PathBuf,
     pub child: Option<Child>,
     pub disks: usize,
+    pub extra_args: Vec<String>,
 }
 
 impl Node {
     pub fn new(base: &Path, id: &str, disks: usize) -> Node {
+        Node::with_args(base, id, disks, &["--scrub-rate", "0"])
+    }
+
+    pub fn with_args(base: &Path, id: &str, disks: usize, args: &[&str]) -> Node {
         let dir = base.join(id);
         std::fs::create_dir_all(&dir).unwrap();
         let mut n = Node {
@@ -41,6 +46,7 @@ impl Node {
             dir,
             child: None,
             disks,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
         };
         n.start();
         n
@@ -68,8 +74,7 @@ impl Node {
             .arg(self.addr())
             .arg("--socket")
             .arg(&self.socket)
-            .arg("--scrub-rate")
-            .arg("0");
+            .args(&self.extra_args);
         for i in 0..self.disks {
             cmd.arg("--data").arg(self.data_dir(i));
         }
