@@ -165,8 +165,8 @@ impl Daemon {
                         return Err(Error::Invalid(format!("replica {} given twice", r.node)));
                     }
                 }
-                for r in &replicas {
-                    self.remote(
+                for (i, r) in replicas.iter().enumerate() {
+                    let created = self.remote(
                         r,
                         &Request::CreateReplica {
                             name: name.clone(),
@@ -174,7 +174,18 @@ impl Daemon {
                             replicas: replicas.clone(),
                             epoch: 1,
                         },
-                    )?;
+                    );
+                    if let Err(e) = created {
+                        // Undo the replicas already created.
+                        for done in &replicas[..i] {
+                            let _ =
+                                self.remote(done, &Request::DeleteReplica { name: name.clone() });
+                        }
+                        return Err(Error::Unavailable(format!(
+                            "cannot create the replica on {}: {e}",
+                            r.node
+                        )));
+                    }
                 }
                 let w = self.attach(&name, Some(replicas))?;
                 Ok(Response::Status(w.status()))

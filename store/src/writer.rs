@@ -457,13 +457,12 @@ impl Writer {
             let out = match self.peer_call(inner, i, &req) {
                 Ok(Response::Read(out)) => out,
                 Ok(_) => return Err(Error::Protocol("unexpected reply to read".into())),
-                Err(e @ Error::Fenced { .. }) => return Err(e),
-                Err(e @ (Error::Unavailable(_) | Error::Protocol(_))) => {
+                Err(e @ (Error::Fenced { .. } | Error::Invalid(_))) => return Err(e),
+                Err(e) => {
                     tracing::warn!(volume = %self.name, peer = %inner.peers[i].node, error = %e, "read failed; marking replica stale");
                     self.mark_stale(inner, vec![i], &[])?;
                     continue;
                 }
-                Err(e) => return Err(e),
             };
             return self.fix_bad_blocks(inner, i, &order[k + 1..], offset, out);
         }

@@ -103,6 +103,24 @@ fn three_replicas_hold_identical_data() {
         "n1=127.0.0.1:1",
     ]);
     assert!(!o.status.success());
+    // A create that cannot reach every replica fails and leaves nothing.
+    let n1 = nodes[0].replica_arg();
+    let o = nodes[0].cli(&[
+        "create",
+        "vol3",
+        "--size",
+        "1M",
+        "--replica",
+        &n1,
+        "--replica",
+        "n9=127.0.0.1:1",
+    ]);
+    assert!(!o.status.success());
+    assert!(nodes[0]
+        .call(kiln_store::proto::Request::ReplicaInfo {
+            name: "vol3".into()
+        })
+        .is_err());
 }
 
 #[test]
