@@ -61,7 +61,17 @@ impl Daemon {
             })
     }
 
-    fn attach(&self, name: &str, replicas: Option<Vec<ReplicaAddr>>) -> Result<Arc<Writer>> {
+    /// Block I/O on a volume attached to this daemon, for in-process
+    /// callers such as a vhost-user-blk backend. Attach first (`volume
+    /// attach` or [`Daemon::attach`]).
+    pub fn volume_io(&self, name: &str) -> Result<Arc<dyn VolumeIo>> {
+        let w = self.writer(name)?;
+        Ok(w)
+    }
+
+    /// Makes this daemon the writer of `name` (raising its epoch), using the
+    /// replica set stored with the local replica unless one is given.
+    pub fn attach(&self, name: &str, replicas: Option<Vec<ReplicaAddr>>) -> Result<Arc<Writer>> {
         if let Ok(w) = self.writer(name) {
             if !w.is_fenced() && !w.is_detached() {
                 return Ok(w);
@@ -410,8 +420,11 @@ impl<C: Read + Write + ?Sized> ProgressSink<'_, C> {
     }
 }
 
-/// Runs the daemon until the process is killed.
-pub fn serve(cfg: Config) -> Result<()> {
+/// Starts the daemon: opens the engine, binds the TCP port and the unix
+/// socket, and serves both from background threads. The returned daemon
+/// gives in-process access to attached volumes ([`Daemon::volume_io`]),
+/// e.g. for a vhost-user-blk backend.
+pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
     let engine = Arc::new(Engine::open(&cfg.node_id, &cfg.data)?);
     let connector: Arc<dyn Connector> = Arc::new(TcpConnector::default());
     let daemon = Daemon::new(engine.clone(), connector.clone());
@@ -456,14 +469,27 @@ pub fn serve(cfg: Config) -> Result<()> {
                 }
             }
         })?;
-    for s in unix.incoming() {
-        let Ok(s) = s else { continue };
-        let d = daemon.clone();
-        let _ = std::thread::Builder::new()
-            .name("local".into())
-            .spawn(move || d.serve_conn(Box::new(s), true));
+    let d = daemon.clone();
+    std::thread::Builder::new()
+        .name("unix-accept".into())
+        .spawn(move || {
+            for s in unix.incoming() {
+                let Ok(s) = s else { continue };
+                let d = d.clone();
+                let _ = std::thread::Builder::new()
+                    .name("local".into())
+                    .spawn(move || d.serve_conn(Box::new(s), true));
+            }
+        })?;
+    Ok(daemon)
+}
+
+/// Runs the daemon until the process is killed.
+pub fn serve(cfg: Config) -> Result<()> {
+    let _daemon = start(cfg)?;
+    loop {
+        std::thread::park();
     }
-    Ok(())
 }
 
 /// Scrubs every local replica forever at about `rate` bytes per second.
