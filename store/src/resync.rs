@@ -75,6 +75,13 @@ pub fn resync_one(w: &Writer, node: &str) -> Result<()> {
             .collect()
     } else {
         let mut link = Link::new(w.connector.connect(&addr)?);
+        // Probe with a harmless request first: a frozen node then only has
+        // that queued, not an epoch raise that would land whenever it wakes
+        // up, even after this writer stepped back.
+        info(&mut link, &w.name)?;
+        if w.is_detached() || w.is_fenced() {
+            return Ok(());
+        }
         link.call(&Request::SetEpoch {
             name: w.name.clone(),
             epoch: w.epoch,
