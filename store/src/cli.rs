@@ -131,7 +131,13 @@ pub enum VolumeCmd {
         to: PathBuf,
     },
     /// Become this volume's writer (raises its epoch, fencing any other writer)
-    Attach { name: String },
+    Attach {
+        name: String,
+        /// Attach even if only a minority of the replicas answer. They may all
+        /// have missed writes that only the unreachable ones know about
+        #[arg(long)]
+        force: bool,
+    },
     /// Stop being this volume's writer
     Detach { name: String },
 }
@@ -332,7 +338,7 @@ pub fn volume(a: VolumeArgs) -> Result<()> {
             snap: snapshot,
             new,
         }),
-        VolumeCmd::Attach { name } => simple(Request::VolAttach { name }),
+        VolumeCmd::Attach { name, force } => simple(Request::VolAttach { name, force }),
         VolumeCmd::Detach { name } => simple(Request::VolDetach { name }),
         VolumeCmd::Rebuild { name, add, remove } => {
             let b = bar(0, "rebuild");

@@ -178,6 +178,8 @@ pub enum Request {
     },
     VolAttach {
         name: String,
+        /// Attach even without a majority of replicas reachable.
+        force: bool,
     },
     VolDetach {
         name: String,

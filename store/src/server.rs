@@ -70,8 +70,14 @@ impl Daemon {
     }
 
     /// Makes this daemon the writer of `name` (raising its epoch), using the
-    /// replica set stored with the local replica unless one is given.
-    pub fn attach(&self, name: &str, replicas: Option<Vec<ReplicaAddr>>) -> Result<Arc<Writer>> {
+    /// replica set stored with the local replica unless one is given. Needs
+    /// a majority of the replicas reachable unless `force`.
+    pub fn attach(
+        &self,
+        name: &str,
+        replicas: Option<Vec<ReplicaAddr>>,
+        force: bool,
+    ) -> Result<Arc<Writer>> {
         if let Ok(w) = self.writer(name) {
             if !w.is_fenced() && !w.is_detached() {
                 return Ok(w);
@@ -81,7 +87,13 @@ impl Daemon {
             Some(r) => r,
             None => self.engine.info(name)?.replicas,
         };
-        let w = Writer::attach(name, replicas, self.engine.clone(), self.connector.clone())?;
+        let w = Writer::attach(
+            name,
+            replicas,
+            self.engine.clone(),
+            self.connector.clone(),
+            force,
+        )?;
         let r = w.clone();
         std::thread::Builder::new()
             .name(format!("resync-{name}"))
@@ -197,7 +209,7 @@ impl Daemon {
                         )));
                     }
                 }
-                let w = self.attach(&name, Some(replicas))?;
+                let w = self.attach(&name, Some(replicas), false)?;
                 Ok(Response::Status(w.status()))
             }
             Request::VolList => {
@@ -257,7 +269,7 @@ impl Daemon {
             Request::VolClone { name, snap, new } => {
                 let w = self.writer(&name)?;
                 w.clone_to(&snap, &new)?;
-                let c = self.attach(&new, Some(w.replicas()))?;
+                let c = self.attach(&new, Some(w.replicas()), false)?;
                 Ok(Response::Status(c.status()))
             }
             Request::VolRebuild { name, add, remove } => {
@@ -315,7 +327,9 @@ impl Daemon {
                 }
                 Ok(Response::Scrub(total))
             }
-            Request::VolAttach { name } => Ok(Response::Status(self.attach(&name, None)?.status())),
+            Request::VolAttach { name, force } => {
+                Ok(Response::Status(self.attach(&name, None, force)?.status()))
+            }
             Request::VolDetach { name } => {
                 if let Some(w) = self
                     .writers

@@ -112,11 +112,15 @@ impl Writer {
     /// agree on every region any replica may have written without the others
     /// (their activity logs), and starts serving I/O. Replicas not reached
     /// start out stale and are resynced when they come back.
+    ///
+    /// Only replicas that answer can tell which members missed writes, so
+    /// attaching needs a majority of the replica set unless `force`.
     pub fn attach(
         name: &str,
         replicas: Vec<ReplicaAddr>,
         engine: Arc<Engine>,
         connector: Arc<dyn Connector>,
+        force: bool,
     ) -> Result<Arc<Writer>> {
         crate::validate_name(name)?;
         let mut peers: Vec<Peer> = replicas
@@ -148,9 +152,17 @@ impl Writer {
                 }
             }
         }
-        if !reachable.iter().any(|r| *r) {
+        let answered = reachable.iter().filter(|r| **r).count();
+        if answered == 0 {
             return Err(Error::Unavailable(format!(
                 "no replica of {name} is reachable"
+            )));
+        }
+        if !force && answered * 2 <= peers.len() {
+            return Err(Error::Unavailable(format!(
+                "only {answered} of {} replicas of {name} are reachable; a majority is needed \
+                 to know which are current (--force to attach anyway)",
+                peers.len()
             )));
         }
         let epoch = max_epoch + 1;

@@ -284,8 +284,16 @@ fn rebuild_moves_a_replica_online() {
     model[4 * MIB as usize..5 * MIB as usize].fill(0);
     v.write_at(&model[..4 * MIB as usize], 0).unwrap();
     v.write_at(&model[5 * MIB as usize..], 5 * MIB).unwrap();
-    // n2's disk dies for good; replace it with a new replica on n3.
+    // n2's disk dies for good. Re-attaching with half the replicas gone
+    // needs --force: the survivor alone cannot prove it is current.
     n2.kill9();
+    n1.cli_ok(&["detach", "vol"]);
+    let o = n1.cli(&["attach", "vol"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("majority"));
+    n1.cli_ok(&["attach", "vol", "--force"]);
+    let v = VolumeClient::open(&n1.socket, "vol").unwrap();
+    // Replace n2 with a new replica on n3.
     let out = n1.cli_ok(&[
         "rebuild",
         "vol",
