@@ -118,6 +118,13 @@ pub enum VolumeCmd {
     },
     /// Verify every block of every replica now, repairing from healthy copies
     Scrub { name: String },
+    /// Wait until every replica is in sync, showing the resync's progress
+    WaitSync {
+        name: String,
+        /// Give up after this many seconds
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
     /// Fill a volume from a raw image
     Import {
         name: String,
@@ -231,6 +238,12 @@ fn print_status(s: &VolumeStatus) {
         s.resync_regions,
         s.repaired_blocks,
         s.checksum_errors
+    );
+    println!(
+        "this node:  {} checksum errors, {} blocks repaired by scrub, {} scrubbed",
+        s.node.checksum_errors,
+        s.node.scrub_repaired_blocks,
+        human(s.node.scrubbed_bytes)
     );
     println!();
     println!(
@@ -360,6 +373,36 @@ pub fn volume(a: VolumeArgs) -> Result<()> {
             })?;
             b.finish_and_clear();
             show(r)
+        }
+        VolumeCmd::WaitSync { name, timeout } => {
+            let mut c = connect()?;
+            let b = bar(0, "resync");
+            let start = std::time::Instant::now();
+            let mut most = 0u64;
+            loop {
+                let st = match c.call(&Request::VolShow { name: name.clone() })? {
+                    Response::Status(s) => s,
+                    other => bail!("unexpected reply from the daemon: {other:?}"),
+                };
+                if !st.attached {
+                    bail!("{name} is not attached on this node; resync runs on its writer");
+                }
+                if st.fenced {
+                    bail!("{name} was fenced by a newer writer");
+                }
+                if st.replicas.iter().all(|r| r.state == "in-sync") {
+                    b.finish_and_clear();
+                    return show(Response::Status(st));
+                }
+                let dirty: u64 = st.replicas.iter().map(|r| r.dirty_regions).sum();
+                most = most.max(dirty);
+                b.set_length(most);
+                b.set_position(most - dirty);
+                if start.elapsed().as_secs() >= timeout {
+                    bail!("replicas of {name} still not in sync after {timeout} s");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
         }
         VolumeCmd::Import { name, from } => {
             let f = File::open(&from).with_context(|| format!("cannot open {}", from.display()))?;

@@ -173,13 +173,13 @@ fn killed_replica_resyncs_only_changed_regions() {
     for _ in 0..60 {
         write(&v, &mut model, &mut rng);
     }
-    wait_until("n3 back in sync", Duration::from_secs(30), || {
-        nodes[0]
-            .status("vol")
-            .replicas
-            .iter()
-            .all(|r| r.state == "in-sync")
-    });
+    let out = nodes[0].cli_ok(&["wait-sync", "vol", "--timeout", "30", "--json"]);
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(shown["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["state"] == "in-sync"));
     let st = nodes[0].status("vol");
     // Only the regions written while n3 was away (at most the 8 hot ones)
     // were copied, not the 64 MiB volume.
