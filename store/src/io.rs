@@ -1,0 +1,23 @@
+//! The block I/O interface a vhost-user-blk backend (or anything else that
+//! serves a volume) calls.
+
+use crate::error::Result;
+
+/// Block I/O on one volume. Offsets and lengths are in bytes; the store
+/// works in 4 KiB blocks, and unaligned requests are read-modify-written
+/// (a backend should advertise a 4 KiB block size to avoid that).
+pub trait VolumeIo: Send + Sync {
+    /// Volume size in bytes.
+    fn size(&self) -> Result<u64>;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Returns once every healthy replica has the data.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Durability barrier on every replica (virtio-blk flush).
+    fn flush(&self) -> Result<()>;
+    /// Unmaps the range (reads then return zeros); frees whole extents.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Makes the range read as zeros.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard(offset, len)
+    }
+}

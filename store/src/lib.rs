@@ -1,0 +1,55 @@
+//! kiln-store: Kiln's replicated local block store.
+//!
+//! Each node pools its local disks ([`engine`]); every volume is mirrored
+//! synchronously to 1–3 nodes by the daemon where the volume is attached
+//! ([`writer`]), over a versioned, length-framed TCP protocol ([`proto`],
+//! [`transport`]). See `store/README.md` for the design.
+
+pub mod checksum;
+pub mod client;
+pub mod engine;
+pub mod error;
+pub mod io;
+pub mod meta;
+pub mod proto;
+pub mod replica;
+pub mod resync;
+pub mod server;
+pub mod transport;
+pub mod writer;
+
+pub use client::{Client, VolumeClient};
+pub use engine::Engine;
+pub use error::{Error, Result};
+pub use io::VolumeIo;
+pub use writer::Writer;
+
+/// Size of one block: the unit of addressing and checksumming.
+pub const BLOCK_SIZE: u64 = 4096;
+/// Blocks per extent (1 MiB extents). An extent is also the unit of thin
+/// allocation, copy-on-write and dirty-region tracking ("region").
+pub const BLOCKS_PER_EXTENT: u64 = 256;
+/// Bytes per extent.
+pub const EXTENT_SIZE: u64 = BLOCK_SIZE * BLOCKS_PER_EXTENT;
+/// Largest single read or write request, in bytes.
+pub const MAX_IO: u64 = 4 << 20;
+/// Largest volume size accepted (64 TiB).
+pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
+
+/// Checks a volume or snapshot name: 1–64 characters of `[A-Za-z0-9._-]`,
+/// not starting with a dot.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "bad name {name:?}: use 1-64 characters of A-Z a-z 0-9 . _ -"
+        )))
+    }
+}

@@ -1,0 +1,60 @@
+//! `kiln-store`: daemon and CLI of Kiln's replicated block store.
+
+mod cli;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+
+fn main() {
+    let cli = match cli::Cli::try_parse() {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            let detail = e.to_string();
+            let line = detail
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let line = line.trim_start_matches("error: ");
+            eprintln!("kiln-store: error: {line} (see --help)");
+            std::process::exit(2);
+        }
+    };
+    let result = match cli.cmd {
+        cli::Cmd::Serve(a) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            kiln_store::server::serve(kiln_store::server::Config {
+                node_id: a.node_id,
+                data: a.data,
+                listen: a.listen,
+                socket: a.socket,
+                scrub_rate: a.scrub_rate,
+                scrub_interval: std::time::Duration::from_secs(a.scrub_interval),
+            })
+            .map_err(anyhow::Error::from)
+        }
+        cli::Cmd::Volume(a) => cli::volume(a),
+    };
+    if let Err(e) = result {
+        eprintln!("kiln-store: error: {e:#}");
+        std::process::exit(1);
+    }
+}

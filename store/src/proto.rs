@@ -1,0 +1,428 @@
+//! The wire protocol, shared by node-to-node TCP and the local unix socket.
+//!
+//! Every message is one frame:
+//!
+//! ```text
+//! offset size field
+//! 0      4    magic "KLNS"
+//! 4      2    version (u16 LE), currently 1
+//! 6      2    kind (u16 LE): 1 request, 2 response, 3 progress
+//! 8      4    body length (u32 LE), at most MAX_BODY
+//! 12     4    crc32c of the body (u32 LE)
+//! 16     n    body: postcard encoding of Request, Response or Progress
+//! ```
+//!
+//! A connection carries one request at a time; a request gets zero or more
+//! progress frames, then exactly one response. A peer that sends a bad
+//! magic, version, length or checksum is disconnected; a well-framed but
+//! invalid request gets an error response.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{BadBlock, ReadOut, VolumeInfo};
+use crate::error::{Error, Result, WireError};
+use crate::meta::ReplicaAddr;
+use crate::MAX_IO;
+
+pub const MAGIC: [u8; 4] = *b"KLNS";
+pub const VERSION: u16 = 1;
+pub const HEADER_SIZE: usize = 16;
+/// Largest body accepted: one maximal I/O plus room for the envelope.
+pub const MAX_BODY: u32 = (MAX_IO + (1 << 20)) as u32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    Request = 1,
+    Response = 2,
+    Progress = 3,
+}
+
+/// Requests. The first group is served to other nodes over TCP (replica
+/// operations on this node's local copy); all are served on the unix socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    // --- replica operations -------------------------------------------
+    CreateReplica {
+        name: String,
+        size: u64,
+        replicas: Vec<ReplicaAddr>,
+        epoch: u64,
+    },
+    DeleteReplica {
+        name: String,
+    },
+    ReplicaInfo {
+        name: String,
+    },
+    SetEpoch {
+        name: String,
+        epoch: u64,
+    },
+    SetReplicas {
+        name: String,
+        epoch: u64,
+        replicas: Vec<ReplicaAddr>,
+    },
+    Write {
+        name: String,
+        epoch: u64,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        /// Replicas that miss this write; their dirty maps gain its regions.
+        stale: Vec<String>,
+    },
+    Discard {
+        name: String,
+        epoch: u64,
+        offset: u64,
+        len: u64,
+        stale: Vec<String>,
+    },
+    /// Reads this node's local copy (verified; bad blocks are listed).
+    Read {
+        name: String,
+        offset: u64,
+        len: u64,
+    },
+    /// Durability barrier plus activity-log checkpoint.
+    Flush {
+        name: String,
+        epoch: u64,
+    },
+    MarkStale {
+        name: String,
+        epoch: u64,
+        node: String,
+        regions: Vec<u64>,
+    },
+    ClearStale {
+        name: String,
+        epoch: u64,
+        node: String,
+    },
+    SetStaleMap {
+        name: String,
+        epoch: u64,
+        stale: BTreeMap<String, BTreeSet<u64>>,
+    },
+    Resize {
+        name: String,
+        epoch: u64,
+        size: u64,
+    },
+    Snapshot {
+        name: String,
+        snap: String,
+    },
+    DeleteSnapshot {
+        name: String,
+        snap: String,
+    },
+    CloneReplica {
+        name: String,
+        snap: String,
+        new: String,
+        epoch: u64,
+    },
+    /// Verify every block of the local copy, repairing from peers.
+    ScrubReplica {
+        name: String,
+    },
+    // --- local control (unix socket only) --------------------------------
+    BlockLocation {
+        name: String,
+        block: u64,
+    },
+    VolCreate {
+        name: String,
+        size: u64,
+        replicas: Vec<ReplicaAddr>,
+    },
+    VolList,
+    VolShow {
+        name: String,
+    },
+    VolDelete {
+        name: String,
+    },
+    VolResize {
+        name: String,
+        size: u64,
+    },
+    VolSnapshot {
+        name: String,
+        snap: String,
+    },
+    VolDeleteSnapshot {
+        name: String,
+        snap: String,
+    },
+    VolClone {
+        name: String,
+        snap: String,
+        new: String,
+    },
+    VolRebuild {
+        name: String,
+        add: ReplicaAddr,
+        remove: Option<String>,
+    },
+    VolScrub {
+        name: String,
+    },
+    VolAttach {
+        name: String,
+        /// Attach even without a majority of replicas reachable.
+        force: bool,
+    },
+    VolDetach {
+        name: String,
+    },
+    VolRead {
+        name: String,
+        offset: u64,
+        len: u64,
+    },
+    VolWrite {
+        name: String,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    VolDiscard {
+        name: String,
+        offset: u64,
+        len: u64,
+    },
+    VolFlush {
+        name: String,
+    },
+}
+
+impl Request {
+    /// May this request come from another node over TCP?
+    pub fn is_replica_op(&self) -> bool {
+        !matches!(
+            self,
+            Request::BlockLocation { .. }
+                | Request::VolCreate { .. }
+                | Request::VolList
+                | Request::VolShow { .. }
+                | Request::VolDelete { .. }
+                | Request::VolResize { .. }
+                | Request::VolSnapshot { .. }
+                | Request::VolDeleteSnapshot { .. }
+                | Request::VolClone { .. }
+                | Request::VolRebuild { .. }
+                | Request::VolScrub { .. }
+                | Request::VolAttach { .. }
+                | Request::VolDetach { .. }
+                | Request::VolRead { .. }
+                | Request::VolWrite { .. }
+                | Request::VolDiscard { .. }
+                | Request::VolFlush { .. }
+        )
+    }
+}
+
+/// State of one replica as the writer sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReplicaStatus {
+    pub node: String,
+    pub addr: String,
+    /// "in-sync", "stale" or "resyncing" (or "unknown" when not attached).
+    pub state: String,
+    /// Regions this replica still has to resync.
+    pub dirty_regions: u64,
+}
+
+/// What `volume show` and `volume list` report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub size: u64,
+    pub epoch: u64,
+    /// Is this daemon the volume's writer?
+    pub attached: bool,
+    pub fenced: bool,
+    pub replicas: Vec<ReplicaStatus>,
+    pub snapshots: Vec<String>,
+    /// Bytes allocated on this node's replica (0 if it has none).
+    pub allocated_bytes: u64,
+    /// Bytes and regions copied to resyncing replicas by this writer.
+    pub resync_bytes: u64,
+    pub resync_regions: u64,
+    /// Blocks this writer repaired on a replica after a checksum mismatch.
+    pub repaired_blocks: u64,
+    /// Checksum mismatches this writer saw on reads.
+    pub checksum_errors: u64,
+    /// Counters of this node's engine (all volumes).
+    pub node: NodeMetrics,
+}
+
+/// Counters of one node's engine.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NodeMetrics {
+    /// Blocks that failed their checksum on this node (reads and scrubs).
+    pub checksum_errors: u64,
+    /// Blocks this node repaired by scrubbing.
+    pub scrub_repaired_blocks: u64,
+    pub scrubbed_bytes: u64,
+}
+
+impl NodeMetrics {
+    pub fn of(engine: &crate::engine::Engine) -> NodeMetrics {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = &engine.metrics;
+        NodeMetrics {
+            checksum_errors: m.checksum_errors.load(Relaxed),
+            scrub_repaired_blocks: m.repaired_blocks.load(Relaxed),
+            scrubbed_bytes: m.scrubbed_bytes.load(Relaxed),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ScrubReport {
+    pub scanned_bytes: u64,
+    pub bad_blocks: Vec<BadBlock>,
+    pub repaired: u64,
+    pub unrepaired: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Response {
+    Ok,
+    Err(WireError),
+    Info(VolumeInfo),
+    Read(ReadOut),
+    Scrub(ScrubReport),
+    Location(Option<(String, u64)>),
+    Status(VolumeStatus),
+    Volumes(Vec<VolumeStatus>),
+}
+
+impl Response {
+    pub fn from_result(r: Result<Response>) -> Response {
+        r.unwrap_or_else(|e| Response::Err(e.into()))
+    }
+
+    /// Turns an error response into an `Err`.
+    pub fn into_result(self) -> Result<Response> {
+        match self {
+            Response::Err(e) => Err(e.into()),
+            r => Ok(r),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+}
+
+pub fn write_frame(w: &mut dyn Write, kind: Kind, body: &[u8]) -> Result<()> {
+    if body.len() > MAX_BODY as usize {
+        return Err(Error::Protocol(format!(
+            "frame of {} bytes too large",
+            body.len()
+        )));
+    }
+    let mut h = [0u8; HEADER_SIZE];
+    h[0..4].copy_from_slice(&MAGIC);
+    h[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    h[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
+    h[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    let mut buf = Vec::with_capacity(HEADER_SIZE + body.len());
+    buf.extend_from_slice(&h);
+    buf.extend_from_slice(body);
+    w.write_all(&buf)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one frame. `Ok(None)` on a clean end of stream before a header.
+pub fn read_frame(r: &mut dyn Read) -> Result<Option<(Kind, Vec<u8>)>> {
+    let mut h = [0u8; HEADER_SIZE];
+    let mut got = 0;
+    while got < HEADER_SIZE {
+        match r.read(&mut h[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(Error::Protocol("truncated header".into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::Unavailable(e.to_string())),
+        }
+    }
+    if h[0..4] != MAGIC {
+        return Err(Error::Protocol("bad magic".into()));
+    }
+    let version = u16::from_le_bytes([h[4], h[5]]);
+    if version != VERSION {
+        return Err(Error::Protocol(format!(
+            "unsupported protocol version {version}"
+        )));
+    }
+    let kind = match u16::from_le_bytes([h[6], h[7]]) {
+        1 => Kind::Request,
+        2 => Kind::Response,
+        3 => Kind::Progress,
+        k => return Err(Error::Protocol(format!("unknown frame kind {k}"))),
+    };
+    let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+    if len > MAX_BODY {
+        return Err(Error::Protocol(format!("frame of {len} bytes too large")));
+    }
+    let crc = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body)
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
+    if crc32c::crc32c(&body) != crc {
+        return Err(Error::Protocol("frame checksum mismatch".into()));
+    }
+    Ok(Some((kind, body)))
+}
+
+pub fn send<T: Serialize>(w: &mut dyn Write, kind: Kind, msg: &T) -> Result<()> {
+    let body = postcard::to_stdvec(msg).map_err(|e| Error::Protocol(e.to_string()))?;
+    write_frame(w, kind, &body)
+}
+
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    postcard::from_bytes(body).map_err(|e| Error::Protocol(format!("bad message: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_roundtrip_and_rejects_garbage() {
+        let mut buf = Vec::new();
+        send(&mut buf, Kind::Request, &Request::VolList).unwrap();
+        let (k, body) = read_frame(&mut buf.as_slice()).unwrap().unwrap();
+        assert_eq!(k, Kind::Request);
+        assert!(matches!(
+            decode::<Request>(&body).unwrap(),
+            Request::VolList
+        ));
+        let mut bad = buf.clone();
+        bad[0] = b'X';
+        assert!(read_frame(&mut bad.as_slice()).is_err());
+        let mut bad = buf.clone();
+        bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read_frame(&mut bad.as_slice()).is_err());
+        let mut bad = buf.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(read_frame(&mut bad.as_slice()).is_err());
+        assert!(decode::<Request>(&[0xff, 0xff, 0xff]).is_err());
+    }
+}

@@ -1,0 +1,540 @@
+//! The daemon: serves replica operations to other nodes over TCP, and the
+//! local CLI and block I/O over a unix socket; runs writers for attached
+//! volumes and a rate-limited background scrub.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::io::VolumeIo;
+use crate::meta::ReplicaAddr;
+use crate::proto::{self, Kind, Progress, Request, Response, ScrubReport, VolumeStatus};
+use crate::transport::{Connector, Link, PlainServer, ServerTransport, TcpConnector};
+use crate::writer::Writer;
+use crate::{replica, resync, validate_name, MAX_IO};
+
+pub struct Config {
+    pub node_id: String,
+    pub data: Vec<PathBuf>,
+    pub listen: String,
+    pub socket: PathBuf,
+    /// Background scrub rate in bytes per second (0 = off).
+    pub scrub_rate: u64,
+    /// Pause between background scrub passes.
+    pub scrub_interval: Duration,
+}
+
+pub struct Daemon {
+    pub engine: Arc<Engine>,
+    connector: Arc<dyn Connector>,
+    writers: Mutex<HashMap<String, Arc<Writer>>>,
+}
+
+type ProgressFn<'a> = &'a mut dyn FnMut(Progress);
+
+impl Daemon {
+    pub fn new(engine: Arc<Engine>, connector: Arc<dyn Connector>) -> Arc<Daemon> {
+        Arc::new(Daemon {
+            engine,
+            connector,
+            writers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn writer(&self, name: &str) -> Result<Arc<Writer>> {
+        validate_name(name)?;
+        self.writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "volume {name:?} is not attached on this node (run `kiln-store volume attach {name}`)"
+                ))
+            })
+    }
+
+    /// Block I/O on a volume attached to this daemon, for in-process
+    /// callers such as a vhost-user-blk backend. Attach first (`volume
+    /// attach` or [`Daemon::attach`]).
+    pub fn volume_io(&self, name: &str) -> Result<Arc<dyn VolumeIo>> {
+        let w = self.writer(name)?;
+        Ok(w)
+    }
+
+    /// Makes this daemon the writer of `name` (raising its epoch), using the
+    /// replica set stored with the local replica unless one is given. Needs
+    /// a majority of the replicas reachable unless `force`.
+    pub fn attach(
+        &self,
+        name: &str,
+        replicas: Option<Vec<ReplicaAddr>>,
+        force: bool,
+    ) -> Result<Arc<Writer>> {
+        if let Ok(w) = self.writer(name) {
+            if !w.is_fenced() && !w.is_detached() {
+                return Ok(w);
+            }
+        }
+        let replicas = match replicas {
+            Some(r) => r,
+            None => self.engine.info(name)?.replicas,
+        };
+        let w = Writer::attach(
+            name,
+            replicas,
+            self.engine.clone(),
+            self.connector.clone(),
+            force,
+        )?;
+        let r = w.clone();
+        std::thread::Builder::new()
+            .name(format!("resync-{name}"))
+            .spawn(move || resync::run(r))?;
+        if let Some(old) = self
+            .writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), w.clone())
+        {
+            old.detach();
+        }
+        Ok(w)
+    }
+
+    fn remote(&self, r: &ReplicaAddr, req: &Request) -> Result<Response> {
+        if r.node == self.engine.node_id() {
+            replica::handle(&self.engine, self.connector.as_ref(), req).into_result()
+        } else {
+            Link::new(self.connector.connect(&r.addr)?).call(req)
+        }
+    }
+
+    fn status(&self, name: &str) -> Result<VolumeStatus> {
+        if let Ok(w) = self.writer(name) {
+            let mut st = w.status();
+            st.node = proto::NodeMetrics::of(&self.engine);
+            return Ok(st);
+        }
+        let i = self.engine.info(name)?;
+        Ok(VolumeStatus {
+            name: i.name,
+            size: i.size,
+            epoch: i.epoch,
+            attached: false,
+            fenced: false,
+            replicas: i
+                .replicas
+                .iter()
+                .map(|r| proto::ReplicaStatus {
+                    node: r.node.clone(),
+                    addr: r.addr.clone(),
+                    state: if i.stale.contains_key(&r.node) {
+                        "stale".into()
+                    } else {
+                        "unknown".into()
+                    },
+                    dirty_regions: i.stale.get(&r.node).map(|s| s.len() as u64).unwrap_or(0),
+                })
+                .collect(),
+            snapshots: i.snapshots,
+            allocated_bytes: i.allocated_bytes,
+            resync_bytes: 0,
+            resync_regions: 0,
+            repaired_blocks: 0,
+            checksum_errors: 0,
+            node: proto::NodeMetrics::of(&self.engine),
+        })
+    }
+
+    /// Handles a request from the local socket (`local`) or another node.
+    pub fn handle(&self, req: Request, local: bool, progress: ProgressFn) -> Response {
+        if !local && !req.is_replica_op() {
+            return Response::Err(
+                Error::Invalid("control requests are only served on the local socket".into())
+                    .into(),
+            );
+        }
+        Response::from_result(self.dispatch(req, progress))
+    }
+
+    fn dispatch(&self, req: Request, progress: ProgressFn) -> Result<Response> {
+        match req {
+            Request::BlockLocation { name, block } => Ok(Response::Location(
+                self.engine
+                    .block_location(&name, block)?
+                    .map(|(p, o)| (p.display().to_string(), o)),
+            )),
+            Request::VolCreate {
+                name,
+                size,
+                replicas,
+            } => {
+                validate_name(&name)?;
+                if replicas.is_empty() || replicas.len() > 3 {
+                    return Err(Error::Invalid("a volume needs 1 to 3 replicas".into()));
+                }
+                for (i, r) in replicas.iter().enumerate() {
+                    validate_name(&r.node)?;
+                    if replicas[..i].iter().any(|o| o.node == r.node) {
+                        return Err(Error::Invalid(format!("replica {} given twice", r.node)));
+                    }
+                }
+                for (i, r) in replicas.iter().enumerate() {
+                    let created = self.remote(
+                        r,
+                        &Request::CreateReplica {
+                            name: name.clone(),
+                            size,
+                            replicas: replicas.clone(),
+                            epoch: 1,
+                        },
+                    );
+                    if let Err(e) = created {
+                        // Undo the replicas already created.
+                        for done in &replicas[..i] {
+                            let _ =
+                                self.remote(done, &Request::DeleteReplica { name: name.clone() });
+                        }
+                        return Err(Error::Unavailable(format!(
+                            "cannot create the replica on {}: {e}",
+                            r.node
+                        )));
+                    }
+                }
+                let w = self.attach(&name, Some(replicas), false)?;
+                Ok(Response::Status(w.status()))
+            }
+            Request::VolList => {
+                let mut names: Vec<String> =
+                    self.engine.list().into_iter().map(|i| i.name).collect();
+                for n in self
+                    .writers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keys()
+                {
+                    if !names.contains(n) {
+                        names.push(n.clone());
+                    }
+                }
+                names.sort();
+                Ok(Response::Volumes(
+                    names.iter().filter_map(|n| self.status(n).ok()).collect(),
+                ))
+            }
+            Request::VolShow { name } => Ok(Response::Status(self.status(&name)?)),
+            Request::VolDelete { name } => {
+                let w = self.writer(&name)?;
+                let replicas = w.replicas();
+                w.detach();
+                self.writers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&name);
+                let mut errors = Vec::new();
+                for r in &replicas {
+                    if let Err(e) = self.remote(r, &Request::DeleteReplica { name: name.clone() }) {
+                        errors.push(format!("{}: {e}", r.node));
+                    }
+                }
+                if errors.is_empty() {
+                    Ok(Response::Ok)
+                } else {
+                    Err(Error::Unavailable(format!(
+                        "deleted, but not on every replica: {}",
+                        errors.join("; ")
+                    )))
+                }
+            }
+            Request::VolResize { name, size } => {
+                self.writer(&name)?.resize(size)?;
+                Ok(Response::Ok)
+            }
+            Request::VolSnapshot { name, snap } => {
+                self.writer(&name)?.snapshot(&snap)?;
+                Ok(Response::Ok)
+            }
+            Request::VolDeleteSnapshot { name, snap } => {
+                self.writer(&name)?.delete_snapshot(&snap)?;
+                Ok(Response::Ok)
+            }
+            Request::VolClone { name, snap, new } => {
+                let w = self.writer(&name)?;
+                w.clone_to(&snap, &new)?;
+                let c = self.attach(&new, Some(w.replicas()), false)?;
+                Ok(Response::Status(c.status()))
+            }
+            Request::VolRebuild { name, add, remove } => {
+                let w = self.writer(&name)?;
+                w.rebuild(add.clone(), remove.as_deref())?;
+                loop {
+                    let st = w.status();
+                    let r = st.replicas.iter().find(|r| r.node == add.node);
+                    match r {
+                        Some(r) if r.state == "in-sync" => break,
+                        Some(r) => {
+                            let total = self
+                                .engine
+                                .info(&name)
+                                .map(|i| i.regions.len() as u64)
+                                .unwrap_or(0);
+                            progress(Progress {
+                                done: total.saturating_sub(r.dirty_regions),
+                                total,
+                            });
+                        }
+                        None => return Err(Error::Io("new replica vanished".into())),
+                    }
+                    if w.is_fenced() {
+                        return Err(Error::Fenced {
+                            request: w.epoch,
+                            current: w.epoch + 1,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Ok(Response::Status(w.status()))
+            }
+            Request::VolScrub { name } => {
+                let replicas = match self.writer(&name) {
+                    Ok(w) => w.replicas(),
+                    Err(_) => self.engine.info(&name)?.replicas,
+                };
+                let mut total = ScrubReport::default();
+                let n = replicas.len() as u64;
+                for (k, r) in replicas.iter().enumerate() {
+                    progress(Progress {
+                        done: k as u64,
+                        total: n,
+                    });
+                    match self.remote(r, &Request::ScrubReplica { name: name.clone() })? {
+                        Response::Scrub(s) => {
+                            total.scanned_bytes += s.scanned_bytes;
+                            total.bad_blocks.extend(s.bad_blocks);
+                            total.repaired += s.repaired;
+                            total.unrepaired += s.unrepaired;
+                        }
+                        _ => return Err(Error::Protocol("unexpected reply to scrub".into())),
+                    }
+                }
+                Ok(Response::Scrub(total))
+            }
+            Request::VolAttach { name, force } => {
+                Ok(Response::Status(self.attach(&name, None, force)?.status()))
+            }
+            Request::VolDetach { name } => {
+                if let Some(w) = self
+                    .writers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&name)
+                {
+                    w.detach();
+                }
+                Ok(Response::Ok)
+            }
+            Request::VolRead { name, offset, len } => {
+                if len > MAX_IO {
+                    return Err(Error::Invalid(format!(
+                        "read of {len} bytes exceeds {MAX_IO}"
+                    )));
+                }
+                let w = self.writer(&name)?;
+                let mut buf = vec![0u8; len as usize];
+                w.read_at(&mut buf, offset)?;
+                Ok(Response::Read(crate::engine::ReadOut {
+                    data: buf,
+                    bad_blocks: Vec::new(),
+                }))
+            }
+            Request::VolWrite { name, offset, data } => {
+                self.writer(&name)?.write_at(&data, offset)?;
+                Ok(Response::Ok)
+            }
+            Request::VolDiscard { name, offset, len } => {
+                self.writer(&name)?.discard(offset, len)?;
+                Ok(Response::Ok)
+            }
+            Request::VolFlush { name } => {
+                self.writer(&name)?.flush()?;
+                Ok(Response::Ok)
+            }
+            Request::ScrubReplica { name } => {
+                let mut last = Instant::now();
+                let r = replica::scrub_and_repair(
+                    &self.engine,
+                    self.connector.as_ref(),
+                    &name,
+                    &mut |done, total| {
+                        if last.elapsed() > Duration::from_millis(200) {
+                            last = Instant::now();
+                            progress(Progress { done, total });
+                        }
+                    },
+                )?;
+                Ok(Response::Scrub(r))
+            }
+            other => replica::handle(&self.engine, self.connector.as_ref(), &other).into_result(),
+        }
+    }
+
+    /// Serves one connection until it closes or misbehaves.
+    pub fn serve_conn(self: &Arc<Self>, mut conn: Box<dyn crate::transport::Conn>, local: bool) {
+        loop {
+            let frame = match proto::read_frame(&mut conn) {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "dropping connection");
+                    return;
+                }
+            };
+            let resp = match frame {
+                (Kind::Request, body) => match proto::decode::<Request>(&body) {
+                    Ok(req) => {
+                        let mut sink = ProgressSink {
+                            conn: &mut conn,
+                            failed: false,
+                        };
+                        let r = self.handle(req, local, &mut |p| sink.send(p));
+                        if sink.failed {
+                            return;
+                        }
+                        r
+                    }
+                    Err(e) => Response::Err(e.into()),
+                },
+                _ => Response::Err(Error::Protocol("expected a request".into()).into()),
+            };
+            if proto::send(&mut conn, Kind::Response, &resp).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+struct ProgressSink<'a, C: Read + Write + ?Sized> {
+    conn: &'a mut C,
+    failed: bool,
+}
+
+impl<C: Read + Write + ?Sized> ProgressSink<'_, C> {
+    fn send(&mut self, p: Progress) {
+        if !self.failed && proto::send(&mut self.conn, Kind::Progress, &p).is_err() {
+            self.failed = true;
+        }
+    }
+}
+
+/// Starts the daemon: opens the engine, binds the TCP port and the unix
+/// socket, and serves both from background threads. The returned daemon
+/// gives in-process access to attached volumes ([`Daemon::volume_io`]),
+/// e.g. for a vhost-user-blk backend.
+pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
+    let engine = Arc::new(Engine::open(&cfg.node_id, &cfg.data)?);
+    let connector: Arc<dyn Connector> = Arc::new(TcpConnector::default());
+    let daemon = Daemon::new(engine.clone(), connector.clone());
+    let tcp = TcpListener::bind(&cfg.listen)
+        .map_err(|e| Error::Io(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    if socket_in_use(&cfg.socket) {
+        return Err(Error::Invalid(format!(
+            "{} is in use by another daemon",
+            cfg.socket.display()
+        )));
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    let unix = UnixListener::bind(&cfg.socket)
+        .map_err(|e| Error::Io(format!("cannot bind {}: {e}", cfg.socket.display())))?;
+    tracing::info!(node = %cfg.node_id, listen = %cfg.listen, socket = %cfg.socket.display(), "kiln-store serving");
+    if cfg.scrub_rate > 0 {
+        let (e, c, rate, pause) = (
+            engine.clone(),
+            connector.clone(),
+            cfg.scrub_rate,
+            cfg.scrub_interval,
+        );
+        std::thread::Builder::new()
+            .name("scrub".into())
+            .spawn(move || background_scrub(&e, c.as_ref(), rate, pause))?;
+    }
+    let d = daemon.clone();
+    std::thread::Builder::new()
+        .name("tcp-accept".into())
+        .spawn(move || {
+            let transport = PlainServer;
+            for s in tcp.incoming() {
+                let Ok(s) = s else { continue };
+                match transport.accept(s) {
+                    Ok(conn) => {
+                        let d = d.clone();
+                        let _ = std::thread::Builder::new()
+                            .name("peer".into())
+                            .spawn(move || d.serve_conn(conn, false));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "rejected connection"),
+                }
+            }
+        })?;
+    let d = daemon.clone();
+    std::thread::Builder::new()
+        .name("unix-accept".into())
+        .spawn(move || {
+            for s in unix.incoming() {
+                let Ok(s) = s else { continue };
+                let d = d.clone();
+                let _ = std::thread::Builder::new()
+                    .name("local".into())
+                    .spawn(move || d.serve_conn(Box::new(s), true));
+            }
+        })?;
+    Ok(daemon)
+}
+
+/// Runs the daemon until the process is killed.
+pub fn serve(cfg: Config) -> Result<()> {
+    let _daemon = start(cfg)?;
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Scrubs every local replica forever at about `rate` bytes per second.
+fn background_scrub(engine: &Engine, connector: &dyn Connector, rate: u64, pause: Duration) {
+    loop {
+        std::thread::sleep(pause);
+        for v in engine.list() {
+            let start = Instant::now();
+            let mut done_bytes = 0u64;
+            let r = replica::scrub_and_repair(engine, connector, &v.name, &mut |_, _| {
+                done_bytes += crate::EXTENT_SIZE;
+                let due = Duration::from_secs_f64(done_bytes as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            });
+            match r {
+                Ok(rep) if !rep.bad_blocks.is_empty() => tracing::warn!(
+                    volume = %v.name,
+                    bad = rep.bad_blocks.len(),
+                    repaired = rep.repaired,
+                    "background scrub found bad blocks"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(volume = %v.name, error = %e, "background scrub skipped"),
+            }
+        }
+    }
+}
+
+/// Does a daemon already listen on this unix socket?
+pub fn socket_in_use(path: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
