@@ -207,7 +207,10 @@ impl MmioTransport {
             },
             VIRTIO_MMIO_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
             VIRTIO_MMIO_QUEUE_READY => queue.is_some_and(|q| q.ready()).into(),
-            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_INTERRUPT_STATUS => {
+                let bypassed = self.active && self.device.used_queue_interrupts_bypass_transport();
+                self.interrupt.status() | if bypassed { VIRTIO_MMIO_INT_VRING } else { 0 }
+            }
             VIRTIO_MMIO_STATUS => self.status,
             // No shared memory regions: their length reads as all ones.
             VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
