@@ -171,17 +171,6 @@ pub struct WorkerHooks {
     pub vhost_user: WorkerHook,
 }
 
-impl WorkerHooks {
-    /// Hooks that do nothing (no seccomp).
-    pub fn none() -> Self {
-        let nothing: WorkerHook = Arc::new(|| {});
-        Self {
-            io: nothing.clone(),
-            vhost_user: nothing,
-        }
-    }
-}
-
 /// Wires one virtio device: window, interrupt, queue notifications.
 fn add_virtio(
     vm: &vm::Vm,
