@@ -14,7 +14,15 @@
 //!
 //! A backend that goes away while the guest runs is logged as an error; the
 //! guest's I/O on that disk then hangs (its requests are never completed)
-//! until the VM is restarted with a backend.
+//! until the VM is restarted with a backend, and a later activation of the
+//! device fails (NEEDS_RESET). The backend is trusted to answer: one that
+//! accepts the connection but never replies blocks kiln-vmm's start (the
+//! handshake runs on the main thread) or the vCPU that activates the device
+//! (which waits for the worker's handshake), because the vhost crate retries
+//! a timed-out receive forever. Not supported yet: several queues
+//! (`VIRTIO_BLK_F_MQ`), config-change notifications from the backend (they
+//! need `VHOST_USER_PROTOCOL_F_BACKEND_REQ`), reconnecting to a restarted
+//! backend.
 
 pub mod device;
 pub mod handshake;
