@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use kiln_devices::legacy::{AcpiPowerDevice, I8042ResetDevice, SerialDevice};
 use kiln_devices::virtio::{
-    self, Block, BlockConfig, MmioTransport, Net, VirtioDevice, WorkerHook, MMIO_WINDOW_SIZE,
-    QUEUE_NOTIFY_OFFSET,
+    self, Block, BlockConfig, MmioTransport, Net, VhostUserBlock, VhostUserBlockConfig,
+    VirtioDevice, WorkerHook, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
 use kiln_devices::{Bus, BusError, ExitSignal};
 use vm_memory::GuestMemoryMmap;
@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::acpi::{self, MmioDeviceInfo, S5_SLEEP_TYPE};
 use crate::arch::layout::*;
-use crate::config::{SerialMode, VmConfig};
+use crate::config::{DiskBackend, DiskConfig, SerialMode, VmConfig};
 use crate::loader::{self, BootInfo};
 use crate::vstate::kvm::{self, Kvm};
 use crate::vstate::vcpu::{self, Vcpu};
@@ -47,6 +47,11 @@ pub enum Error {
     Disk {
         path: std::path::PathBuf,
         source: virtio::block::Error,
+    },
+    #[error("vhost-user disk {}: {source}", socket.display())]
+    VhostUserDisk {
+        socket: std::path::PathBuf,
+        source: virtio::vhost_user_blk::Error,
     },
     #[error("network interface on TAP {tap}: {source}")]
     Net {
@@ -156,6 +161,16 @@ impl MmioAllocator {
     }
 }
 
+/// The hooks a device's worker thread runs first: the seccomp filter of
+/// its kind.
+#[derive(Clone)]
+pub struct WorkerHooks {
+    /// Workers that serve queues in kiln-vmm (block I/O, TAP).
+    pub io: WorkerHook,
+    /// Workers that talk to a vhost-user backend over its socket.
+    pub vhost_user: WorkerHook,
+}
+
 /// Wires one virtio device: window, interrupt, queue notifications.
 fn add_virtio(
     vm: &vm::Vm,
@@ -163,12 +178,12 @@ fn add_virtio(
     mmio: &mut Bus,
     alloc: &mut MmioAllocator,
     device: Box<dyn VirtioDevice>,
-    io_hook: &WorkerHook,
+    hook: &WorkerHook,
 ) -> Result<(), Error> {
     let slot = alloc.next()?;
     let irq = eventfd()?;
     vm.register_irqfd(&irq, slot.irq)?;
-    let transport = MmioTransport::new(mem.clone(), device, irq)?.with_worker_hook(io_hook.clone());
+    let transport = MmioTransport::new(mem.clone(), device, irq)?.with_worker_hook(hook.clone());
     for (index, evt) in transport.queue_eventfds().map_err(Error::EventFd)? {
         vm.register_mmio_ioeventfd(&evt, slot.base + QUEUE_NOTIFY_OFFSET, index)?;
     }
@@ -176,8 +191,52 @@ fn add_virtio(
     Ok(())
 }
 
-pub fn build(cfg: &VmConfig, io_hook: WorkerHook) -> Result<Machine, Error> {
+/// A disk's device and the kind of worker it needs. A vhost-user backend
+/// is connected and negotiated with here, so that a missing or unsuitable
+/// backend fails the build before any KVM object exists.
+fn build_disk(
+    disk: &DiskConfig,
+    hooks: &WorkerHooks,
+) -> Result<(Box<dyn VirtioDevice>, WorkerHook), Error> {
+    Ok(match &disk.backend {
+        DiskBackend::File {
+            path,
+            read_only,
+            direct,
+        } => {
+            let block = Block::new(BlockConfig {
+                path: path.clone(),
+                read_only: *read_only,
+                direct: *direct,
+                id: disk.id.clone(),
+                rate_limit: disk.rate_limit,
+            })
+            .map_err(|source| Error::Disk {
+                path: path.clone(),
+                source,
+            })?;
+            (Box::new(block), hooks.io.clone())
+        }
+        DiskBackend::VhostUser { socket } => {
+            let block = VhostUserBlock::connect(VhostUserBlockConfig {
+                socket: socket.clone(),
+            })
+            .map_err(|source| Error::VhostUserDisk {
+                socket: socket.clone(),
+                source,
+            })?;
+            (Box::new(block), hooks.vhost_user.clone())
+        }
+    })
+}
+
+pub fn build(cfg: &VmConfig, hooks: &WorkerHooks) -> Result<Machine, Error> {
     precheck(cfg)?;
+    let disks = cfg
+        .disks
+        .iter()
+        .map(|d| build_disk(d, hooks))
+        .collect::<Result<Vec<_>, _>>()?;
     let kvm = Kvm::open()?;
     if usize::from(cfg.vcpus) > kvm.max_vcpus {
         return Err(Error::TooManyCpus {
@@ -185,7 +244,15 @@ pub fn build(cfg: &VmConfig, io_hook: WorkerHook) -> Result<Machine, Error> {
             max: kvm.max_vcpus,
         });
     }
-    let mem = memory::create(cfg.memory)?;
+    // A vhost-user backend maps guest RAM itself, which needs a memfd; other
+    // guests keep private anonymous memory (transparent huge pages and KSM
+    // work on it, and nothing else can map it).
+    let backing = if cfg.disks.iter().any(DiskConfig::is_vhost_user) {
+        memory::Backing::SharedMemfd
+    } else {
+        memory::Backing::Anonymous
+    };
+    let mem = memory::create(cfg.memory, backing)?;
     let vm = vm::Vm::new(&kvm, &mem)?;
 
     let kernel = loader::load_kernel(&mem, &cfg.kernel, cfg.bzimage)?;
@@ -221,19 +288,8 @@ pub fn build(cfg: &VmConfig, io_hook: WorkerHook) -> Result<Machine, Error> {
     let mut alloc = MmioAllocator {
         devices: Vec::new(),
     };
-    for disk in &cfg.disks {
-        let block = Block::new(BlockConfig {
-            path: disk.path.clone(),
-            read_only: disk.read_only,
-            direct: disk.direct,
-            id: disk.id.clone(),
-            rate_limit: disk.rate_limit,
-        })
-        .map_err(|source| Error::Disk {
-            path: disk.path.clone(),
-            source,
-        })?;
-        add_virtio(&vm, &mem, &mut mmio, &mut alloc, Box::new(block), &io_hook)?;
+    for (device, hook) in disks {
+        add_virtio(&vm, &mem, &mut mmio, &mut alloc, device, &hook)?;
     }
     for nic in &cfg.nets {
         let net = Net::new(virtio::NetConfig {
@@ -245,7 +301,7 @@ pub fn build(cfg: &VmConfig, io_hook: WorkerHook) -> Result<Machine, Error> {
             tap: nic.tap.clone(),
             source,
         })?;
-        add_virtio(&vm, &mem, &mut mmio, &mut alloc, Box::new(net), &io_hook)?;
+        add_virtio(&vm, &mem, &mut mmio, &mut alloc, Box::new(net), &hooks.io)?;
     }
     let cmdline = format!("{}{}", cfg.cmdline, alloc.cmdline());
     let cmdline_len = loader::load_command_line(&mem, &cmdline)?;

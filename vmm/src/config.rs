@@ -76,33 +76,85 @@ pub enum OnReboot {
 /// A virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
-    pub path: PathBuf,
-    pub read_only: bool,
-    pub direct: bool,
+    pub backend: DiskBackend,
     pub id: Option<String>,
     pub rate_limit: RateLimit,
 }
 
+/// Where a disk's requests are served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskBackend {
+    /// A raw image served by kiln-vmm's own virtio-blk device.
+    File {
+        path: PathBuf,
+        read_only: bool,
+        direct: bool,
+    },
+    /// A vhost-user-blk backend listening on this Unix socket: it serves the
+    /// queues itself, in guest memory shared with it.
+    VhostUser { socket: PathBuf },
+}
+
+impl DiskConfig {
+    pub fn is_vhost_user(&self) -> bool {
+        matches!(self.backend, DiskBackend::VhostUser { .. })
+    }
+}
+
 impl std::str::FromStr for DiskConfig {
     type Err = Error;
-    /// `path=IMG[,ro=on][,direct=on][,id=NAME][,bw=BYTES][,ops=N]`
+    /// `path=IMG[,ro=on][,direct=on][,id=NAME][,bw=BYTES][,ops=N]` or
+    /// `vhost-user=SOCKET[,id=NAME]`
     fn from_str(s: &str) -> Result<Self, Error> {
-        let o = Options::parse("--disk", s, &["path", "ro", "direct", "id", "bw", "ops"])?;
-        let disk = Self {
-            path: o.required("path")?.into(),
-            read_only: o.switch("ro")?,
-            direct: o.switch("direct")?,
-            id: o.get("id").map(String::from),
-            rate_limit: rate_limit(&o)?,
-        };
-        if let Some(id) = &disk.id {
+        let o = Options::parse(
+            "--disk",
+            s,
+            &["path", "vhost-user", "ro", "direct", "id", "bw", "ops"],
+        )?;
+        let id = o.get("id").map(String::from);
+        let rate_limit = rate_limit(&o)?;
+        if let Some(id) = &id {
             // virtio-blk serials are 20 bytes.
             if id.len() > 20 {
                 return Err(o.err(format!("id {id:?} is longer than 20 bytes")).into());
             }
         }
-        check_file("disk image", &disk.path)?;
-        Ok(disk)
+        let backend = match (o.get("path"), o.get("vhost-user")) {
+            (Some(_), Some(_)) => {
+                return Err(o
+                    .err("give either path= or vhost-user=, not both".into())
+                    .into())
+            }
+            (None, None) => return Err(o.err("path= or vhost-user= is required".into()).into()),
+            (Some(path), None) => DiskBackend::File {
+                path: path.into(),
+                read_only: o.switch("ro")?,
+                direct: o.switch("direct")?,
+            },
+            (None, Some(socket)) => {
+                for key in ["ro", "direct", "bw", "ops"] {
+                    if o.get(key).is_some() {
+                        return Err(o
+                            .err(format!(
+                                "{key}= does not apply to a vhost-user disk (its backend decides)"
+                            ))
+                            .into());
+                    }
+                }
+                DiskBackend::VhostUser {
+                    socket: socket.into(),
+                }
+            }
+        };
+        match &backend {
+            DiskBackend::File { path, .. } => check_file("disk image", path)?,
+            DiskBackend::VhostUser { socket } => check_socket("vhost-user socket", socket)?,
+        }
+        Ok(Self {
+            backend,
+            id,
+            rate_limit,
+        })
     }
 }
 
@@ -277,6 +329,25 @@ pub fn check_file(what: &'static str, path: &Path) -> Result<(), Error> {
         .map_err(|e| bad(e.to_string()))
 }
 
+/// The path must be a Unix socket (whether anything listens on it is found
+/// out when kiln-vmm connects).
+pub fn check_socket(what: &'static str, path: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).map_err(|e| Error::BadFile {
+        what,
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    if !meta.file_type().is_socket() {
+        return Err(Error::BadFile {
+            what,
+            path: path.to_owned(),
+            reason: "not a Unix socket".into(),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,7 +418,14 @@ mod tests {
         let d: DiskConfig = format!("path={},ro=on,id=data", img.display())
             .parse()
             .unwrap();
-        assert!(d.read_only && !d.direct);
+        assert_eq!(
+            d.backend,
+            DiskBackend::File {
+                path: img.clone(),
+                read_only: true,
+                direct: false
+            }
+        );
         assert_eq!(d.id.as_deref(), Some("data"));
         assert!("path=/nonexistent.img".parse::<DiskConfig>().is_err());
         assert!(
@@ -369,6 +447,39 @@ mod tests {
             Err(Error::DuplicateId("data".into()))
         );
         std::fs::remove_file(img).unwrap();
+    }
+
+    #[test]
+    fn vhost_user_disk_options() {
+        let dir = std::env::temp_dir().join(format!("kiln-cfg-vu-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("blk.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let img = dir.join("plain.img");
+        std::fs::write(&img, [0u8; 512]).unwrap();
+
+        let d: DiskConfig = format!("vhost-user={},id=vol0", sock.display())
+            .parse()
+            .unwrap();
+        assert!(d.is_vhost_user());
+        assert_eq!(
+            d.backend,
+            DiskBackend::VhostUser {
+                socket: sock.clone()
+            }
+        );
+        assert_eq!(d.id.as_deref(), Some("vol0"));
+
+        let err = |s: String| s.parse::<DiskConfig>().unwrap_err().to_string();
+        let s = sock.display();
+        assert!(err(format!("vhost-user={s},ro=on")).contains("ro= does not apply"));
+        assert!(err(format!("vhost-user={s},direct=off")).contains("direct= does not apply"));
+        assert!(err(format!("vhost-user={s},path={}", img.display())).contains("not both"));
+        assert!(err("id=x".into()).contains("path= or vhost-user= is required"));
+        assert!(err(format!("vhost-user={}", img.display())).contains("not a Unix socket"));
+        let missing = dir.join("missing.sock");
+        assert!(err(format!("vhost-user={}", missing.display())).contains("No such file"));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -55,9 +55,12 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = BzImageMode::Extract)]
     bzimage: BzImageMode,
 
-    /// A virtio-blk disk: path=IMG[,ro=on][,direct=on][,id=NAME][,bw=RATE][,ops=N].
-    /// The guest sees /dev/vda, /dev/vdb, ... in the order given. bw= limits
-    /// bytes per second (e.g. 50M), ops= requests per second. Repeatable.
+    /// A virtio-blk disk: path=IMG[,ro=on][,direct=on][,id=NAME][,bw=RATE][,ops=N]
+    /// for a raw image (bw= limits bytes per second, e.g. 50M, ops= requests
+    /// per second), or vhost-user=SOCKET[,id=NAME] for a vhost-user-blk
+    /// backend listening on that Unix socket (it serves the disk from guest
+    /// memory shared with it; ro/direct/limits are its business). The guest
+    /// sees /dev/vda, /dev/vdb, ... in the order given. Repeatable.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<String>,
 
@@ -167,20 +170,27 @@ fn supervise() -> Result<ExitCode> {
     }
 }
 
+/// A device worker's hook: installs its filter, or ends kiln-vmm (an
+/// unconfined device worker is not an option).
+fn exit_unless_confined(install: runtime::ThreadHook) -> kiln_devices::virtio::WorkerHook {
+    std::sync::Arc::new(move || {
+        if let Err(e) = install() {
+            eprintln!("kiln-vmm: error: {e}");
+            std::process::exit(1);
+        }
+    })
+}
+
 fn run(cli: Cli) -> Result<VmExit> {
     let violate = cli.debug_seccomp_violation;
     let cfg = cli.into_config()?;
     let confine = confinement(cfg.seccomp, violate)?;
-    let io = confine.io.clone();
-    let io_hook: kiln_devices::virtio::WorkerHook = std::sync::Arc::new(move || {
-        if let Err(e) = io() {
-            // An unconfined device worker is not an option: stop here.
-            eprintln!("kiln-vmm: error: {e}");
-            std::process::exit(1);
-        }
-    });
+    let hooks = builder::WorkerHooks {
+        io: exit_unless_confined(confine.io.clone()),
+        vhost_user: exit_unless_confined(confine.vhost_user.clone()),
+    };
     let started = std::time::Instant::now();
-    let machine = builder::build(&cfg, io_hook)?;
+    let machine = builder::build(&cfg, &hooks)?;
     tracing::debug!("VM built in {:?}", started.elapsed());
     tracing::info!(
         "booting {} ({}), {} vCPU(s), {} MiB",

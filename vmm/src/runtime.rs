@@ -34,6 +34,7 @@ pub struct Confinement {
     pub main: ThreadHook,
     pub vcpu: ThreadHook,
     pub io: ThreadHook,
+    pub vhost_user: ThreadHook,
 }
 
 impl Confinement {
@@ -42,7 +43,8 @@ impl Confinement {
         Self {
             main: nothing.clone(),
             vcpu: nothing.clone(),
-            io: nothing,
+            io: nothing.clone(),
+            vhost_user: nothing,
         }
     }
 }

@@ -190,3 +190,45 @@ fn unknown_flag_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--frobnicate"));
 }
+
+#[test]
+fn vhost_user_disk_without_a_usable_backend() {
+    let dir = Scratch::new("vhostuser");
+    let k = dir.file("vmlinux", &tiny_elf(&[0xf4]));
+    let img = dir.file("disk.img", &[0u8; 512]);
+    let arg = |d: &str| {
+        [
+            os("--kernel").to_owned(),
+            k.as_os_str().to_owned(),
+            os("--disk").to_owned(),
+            d.into(),
+        ]
+    };
+    let check = |d: String, expect: &str| {
+        let a = arg(&d);
+        let a: Vec<&std::ffi::OsStr> = a.iter().map(|s| s.as_os_str()).collect();
+        let err = fails_with(&a, expect);
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(err.starts_with("kiln-vmm: error:"), "{err}");
+    };
+    let missing = dir.path().join("missing.sock");
+    check(format!("vhost-user={}", missing.display()), "No such file");
+    check(format!("vhost-user={}", img.display()), "not a Unix socket");
+    // A socket nobody listens on any more.
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    check(
+        format!("vhost-user={}", stale.display()),
+        "is the vhost-user backend running?",
+    );
+    let sock = dir.path().join("listening.sock");
+    let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    check(
+        format!("vhost-user={},ro=on", sock.display()),
+        "ro= does not apply to a vhost-user disk",
+    );
+    check(
+        format!("vhost-user={},path={}", sock.display(), img.display()),
+        "not both",
+    );
+}

@@ -37,6 +37,51 @@ fn tiny_guest_prints_and_powers_off() {
     assert!(out.status.success(), "stderr: {}", stderr(&out));
 }
 
+/// With a vhost-user disk, guest RAM is a shared memfd that KVM runs the
+/// guest in, the backend is connected and negotiated with before the guest
+/// starts, and the device's worker runs under its own seccomp filter.
+#[test]
+fn tiny_guest_runs_with_a_vhost_user_disk() {
+    if !local_kvm() {
+        return;
+    }
+    let dir = Scratch::new("tiny-vhost-user");
+    let kernel = dir.file(
+        "tiny.elf",
+        &tiny_elf(&serial_then_out(
+            b"KILN-TINY-OK\n",
+            ACPI_SLEEP_CONTROL,
+            S5_SLP_EN,
+        )),
+    );
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let _daemon = StorageDaemon::start(&image, &socket);
+    let out = run(kiln_vmm()
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "64M", "--serial", "stdio", "--disk"])
+        .arg(format!("vhost-user={},id=vol0", socket.display()))
+        .env("KILN_LOG", "debug")
+        .stdin(std::process::Stdio::null()));
+    let err = stderr(&out);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "KILN-TINY-OK\n",
+        "stderr: {err}"
+    );
+    assert!(out.status.success(), "stderr: {err}");
+    assert!(
+        err.contains("vhost-user-blk backend connected"),
+        "stderr: {err}"
+    );
+    assert!(err.contains("sectors=16384"), "stderr: {err}");
+}
+
 #[test]
 fn tiny_guest_reset_exits_zero_and_says_so() {
     if !local_kvm() {

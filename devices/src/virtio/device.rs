@@ -43,6 +43,8 @@ pub enum ActivateError {
     Worker(#[source] io::Error),
     #[error("cannot configure the backend: {0}")]
     Backend(#[source] io::Error),
+    #[error("vhost-user backend: {0}")]
+    VhostUser(String),
 }
 
 /// A virtio device model behind the virtio-mmio transport.
@@ -70,6 +72,15 @@ pub trait VirtioDevice: Send {
     /// Writes the device-specific configuration space; devices ignore writes
     /// to read-only fields.
     fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// Whether something outside the transport signals used buffers on the
+    /// device's irqfd (a vhost-user backend writes it directly), so that the
+    /// transport never learns the cause: `InterruptStatus` then always
+    /// reports a used-ring interrupt while the device is active (a guest
+    /// finding no used buffers treats it as spurious).
+    fn used_queue_interrupts_bypass_transport(&self) -> bool {
+        false
+    }
 
     /// Creates the device's worker thread, which runs `hook` once and then
     /// serves every activation until the device is dropped. The transport

@@ -46,6 +46,12 @@ impl Interrupt {
         self.irq.write(1)
     }
 
+    /// The irqfd, for a vhost-user backend to signal used buffers on
+    /// directly (`VHOST_USER_SET_VRING_CALL`).
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irq
+    }
+
     /// The pending causes, as the guest reads them from `InterruptStatus`.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::Acquire)

@@ -207,7 +207,10 @@ impl MmioTransport {
             },
             VIRTIO_MMIO_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
             VIRTIO_MMIO_QUEUE_READY => queue.is_some_and(|q| q.ready()).into(),
-            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_INTERRUPT_STATUS => {
+                let bypassed = self.active && self.device.used_queue_interrupts_bypass_transport();
+                self.interrupt.status() | if bypassed { VIRTIO_MMIO_INT_VRING } else { 0 }
+            }
             VIRTIO_MMIO_STATUS => self.status,
             // No shared memory regions: their length reads as all ones.
             VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
@@ -519,6 +522,8 @@ mod tests {
         record: Arc<Mutex<Record>>,
         sizes: Vec<u16>,
         fail_activation: bool,
+        /// Plays a vhost-user device, whose backend writes the irqfd itself.
+        bypass: bool,
     }
 
     impl VirtioDevice for DummyDevice {
@@ -543,6 +548,9 @@ mod tests {
                 .unwrap()
                 .config_writes
                 .push((offset, data.to_vec()));
+        }
+        fn used_queue_interrupts_bypass_transport(&self) -> bool {
+            self.bypass
         }
         fn spawn_worker(&mut self, hook: WorkerHook) -> io::Result<()> {
             let mut r = self.record.lock().unwrap();
@@ -578,12 +586,17 @@ mod tests {
     }
 
     fn harness(sizes: Vec<u16>, fail_activation: bool) -> Harness {
+        harness_with(sizes, fail_activation, false)
+    }
+
+    fn harness_with(sizes: Vec<u16>, fail_activation: bool, bypass: bool) -> Harness {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let record = Arc::new(Mutex::new(Record::default()));
         let dev = DummyDevice {
             record: record.clone(),
             sizes,
             fail_activation,
+            bypass,
         };
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let t = MmioTransport::new(mem.clone(), Box::new(dev), irq.try_clone().unwrap()).unwrap();
@@ -668,6 +681,7 @@ mod tests {
             record: Default::default(),
             sizes: vec![16, 3],
             fail_activation: false,
+            bypass: false,
         };
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         assert!(matches!(
@@ -947,6 +961,36 @@ mod tests {
         w32(&mut h.t, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
         assert_eq!(r32(&mut h.t, VIRTIO_MMIO_INTERRUPT_STATUS), 2);
         assert_eq!(h.irq.read().unwrap(), 2);
+    }
+
+    /// A vhost-user backend pulses the irqfd without the transport knowing:
+    /// while such a device is active, every interrupt reads as a used-ring
+    /// one, even after the driver acknowledged it.
+    #[test]
+    fn interrupts_that_bypass_the_transport_read_as_used_ring_while_active() {
+        let mut h = harness_with(vec![16], false, true);
+        assert_eq!(r32(&mut h.t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        bring_up(&mut h);
+        assert!(h.t.is_active());
+        for _ in 0..2 {
+            assert_eq!(
+                r32(&mut h.t, VIRTIO_MMIO_INTERRUPT_STATUS),
+                VIRTIO_MMIO_INT_VRING
+            );
+            w32(&mut h.t, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        }
+        h.t.interrupt().signal_config_change().unwrap();
+        assert_eq!(
+            r32(&mut h.t, VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG
+        );
+        w32(&mut h.t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(r32(&mut h.t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+
+        // Other devices report only what they raised.
+        let mut h = harness(vec![16], false);
+        bring_up(&mut h);
+        assert_eq!(r32(&mut h.t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! [`mmio::MmioTransport`] is the register window the guest driver talks to;
 //! it hands configured queues to a [`device::VirtioDevice`], which serves them
-//! on its own worker thread. The device models live in [`block`] and [`net`].
+//! on its own worker thread. The device models live in [`block`] and [`net`];
+//! [`vhost_user_blk`] is a virtio-blk disk whose queues another process serves.
 
 pub mod block;
 pub mod device;
@@ -10,6 +11,7 @@ pub mod interrupt;
 pub mod mmio;
 pub mod net;
 mod queue;
+pub mod vhost_user_blk;
 mod worker;
 
 pub use block::{Block, BlockBackend, BlockConfig};
@@ -17,3 +19,4 @@ pub use device::{ActivateContext, ActivateError, VirtioDevice, WorkerHook};
 pub use interrupt::Interrupt;
 pub use mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 pub use net::{parse_mac, Net, NetConfig};
+pub use vhost_user_blk::{VhostUserBlock, VhostUserBlockConfig};

@@ -16,6 +16,7 @@ const FILTERS_JSON: &str = include_str!("x86_64.json");
 pub const MAIN: &str = "main";
 pub const VCPU: &str = "vcpu";
 pub const IO: &str = "io";
+pub const VHOST_USER: &str = "vhost_user";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -49,6 +50,7 @@ impl Filters {
             main: self.hook(MAIN)?,
             vcpu: self.hook(VCPU)?,
             io: self.hook(IO)?,
+            vhost_user: self.hook(VHOST_USER)?,
         })
     }
 }
@@ -60,7 +62,7 @@ mod tests {
     #[test]
     fn every_thread_kind_has_a_filter() {
         let f = Filters::compile().unwrap();
-        for name in [MAIN, VCPU, IO] {
+        for name in [MAIN, VCPU, IO, VHOST_USER] {
             assert!(!f.0[name].is_empty(), "{name}");
         }
     }

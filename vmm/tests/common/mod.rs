@@ -105,3 +105,46 @@ pub fn local_kvm() -> bool {
         }
     }
 }
+
+/// A qemu-storage-daemon exporting `image` as a vhost-user-blk backend on
+/// `socket`; killed on drop.
+pub struct StorageDaemon(std::process::Child);
+
+impl StorageDaemon {
+    pub fn start(image: &Path, socket: &Path) -> Self {
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+            .arg("--blockdev")
+            .arg("driver=raw,node-name=disk0,file=file0")
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
+                socket.display()
+            ))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon runs (scripts/install-deps: qemu-system-common)");
+        let mut d = Self(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(
+                d.0.try_wait().unwrap().is_none(),
+                "qemu-storage-daemon exited"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-storage-daemon never listened"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        d
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -1,0 +1,156 @@
+//! The vhost-user-blk device model the transport sees: features and config
+//! space from the backend, activation handed to the worker thread.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+
+use tracing::debug;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+
+use super::handshake::{Negotiated, QUEUE_COUNT};
+use super::session::Session;
+use crate::virtio::block::device::QUEUE_SIZE;
+use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice, WorkerHook};
+use crate::virtio::worker::Worker;
+
+pub use super::handshake::Error;
+
+static NEXT_INDEX: AtomicU32 = AtomicU32::new(0);
+
+/// What a `--disk vhost-user=...` option describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostUserBlockConfig {
+    /// The backend's listening Unix socket.
+    pub socket: PathBuf,
+}
+
+/// A virtio-blk device served by a vhost-user backend.
+pub struct VhostUserBlock {
+    name: String,
+    socket: PathBuf,
+    backend: Negotiated,
+    queue_sizes: [u16; QUEUE_COUNT],
+    /// Spawned by [`VirtioDevice::spawn_worker`] (or the first activation);
+    /// it talks to the backend during activations and watches its socket.
+    worker: Option<Worker>,
+}
+
+impl VhostUserBlock {
+    /// Connects to the backend and negotiates (see [`Negotiated::connect`]).
+    /// Run it before any seccomp filter is installed.
+    pub fn connect(cfg: VhostUserBlockConfig) -> Result<Self, Error> {
+        let backend = Negotiated::connect(&cfg.socket)?;
+        let index = NEXT_INDEX.fetch_add(1, Ordering::Relaxed);
+        let dev = Self {
+            name: format!("kiln-vublk{index}"),
+            socket: cfg.socket,
+            backend,
+            queue_sizes: [QUEUE_SIZE],
+            worker: None,
+        };
+        debug!(
+            device = %dev.name,
+            socket = %dev.socket.display(),
+            sectors = dev.capacity_sectors(),
+            backend_features = format_args!("{:#x}", dev.backend.backend_features),
+            "vhost-user-blk backend connected"
+        );
+        Ok(dev)
+    }
+
+    /// The disk size in 512-byte sectors, as the backend reported it.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.backend.capacity_sectors()
+    }
+
+    /// The worker thread's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl VirtioDevice for VhostUserBlock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.backend.guest_features()
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::virtio::device::read_config_bytes(&self.backend.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // No VIRTIO_BLK_F_CONFIG_WCE is offered: every field is read-only.
+        debug!(
+            device = %self.name,
+            "ignoring a {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn used_queue_interrupts_bypass_transport(&self) -> bool {
+        true
+    }
+
+    fn spawn_worker(&mut self, hook: WorkerHook) -> io::Result<()> {
+        Worker::spawn_into(&mut self.worker, &self.name, hook)
+    }
+
+    /// Runs on a vCPU thread: hands the handshake to the worker thread and
+    /// waits for its outcome (a few round trips to a local backend).
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if self.worker.as_ref().is_some_and(Worker::is_busy) {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if ctx.queues.len() != QUEUE_COUNT || ctx.queue_events.len() != QUEUE_COUNT {
+            return Err(ActivateError::QueueCount {
+                expected: QUEUE_COUNT,
+                got: ctx.queues.len(),
+            });
+        }
+        let worker =
+            Worker::get_or_spawn(&mut self.worker, &self.name).map_err(ActivateError::Spawn)?;
+        let session = Session {
+            name: self.name.clone(),
+            socket: self.socket.clone(),
+            frontend: self.backend.frontend.clone(),
+            protocol_features: self.backend.protocol_features,
+            features: self.backend.backend_ack(ctx.acked_features),
+            mem: ctx.mem,
+            queues: ctx.queues,
+            kicks: ctx.queue_events,
+            interrupt: ctx.interrupt,
+            poller: worker.poller(),
+        };
+        let (started_tx, started) = mpsc::sync_channel(1);
+        worker
+            .submit(move || session.run(started_tx))
+            .map_err(ActivateError::Worker)?;
+        let outcome = match started.recv() {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("the device worker stopped without reporting".to_string()),
+        };
+        if let Err(e) = outcome {
+            // The body has returned (or is about to): collect it so that the
+            // driver may reset and try again.
+            worker.stop();
+            return Err(ActivateError::VhostUser(e));
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = &mut self.worker {
+            w.stop();
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! One activation of a vhost-user-blk device, run on the device's worker
+//! thread: hand the negotiated features, guest memory and rings to the
+//! backend, watch its socket until the device is reset, then take the rings
+//! back.
+
+use std::path::PathBuf;
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+
+use tracing::{debug, error, info, warn};
+use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::epoll::{EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::handshake::Error as HandshakeError;
+use crate::virtio::interrupt::Interrupt;
+use crate::virtio::worker::{EventSetPoller, TOKEN_STOP};
+
+/// The epoll token of the backend's socket.
+const TOKEN_BACKEND: u64 = 1;
+
+/// Why the backend could not take the rings.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("guest memory is not shareable (region at {0:#x} has no file): kiln-vmm must back it with a memfd for vhost-user")]
+    MemoryNotShareable(u64),
+    #[error("queue {queue}: {what} at {addr:#x} is outside guest memory")]
+    RingOutsideMemory {
+        queue: usize,
+        what: &'static str,
+        addr: u64,
+    },
+    #[error(transparent)]
+    Backend(#[from] HandshakeError),
+}
+
+fn step(step: &'static str) -> impl FnOnce(vhost::Error) -> StartError {
+    move |source| HandshakeError::Protocol { step, source }.into()
+}
+
+/// Everything one activation needs, moved to the worker thread.
+pub(super) struct Session {
+    pub name: String,
+    pub socket: PathBuf,
+    pub frontend: Frontend,
+    pub protocol_features: VhostUserProtocolFeatures,
+    /// What SET_FEATURES acknowledges.
+    pub features: u64,
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub kicks: Vec<Arc<EventFd>>,
+    pub interrupt: Arc<Interrupt>,
+    pub poller: Arc<EventSetPoller>,
+}
+
+impl Session {
+    /// The worker's body: starts the rings, reports the outcome on `started`
+    /// (the vCPU activating the device waits for it), then serves until the
+    /// stop eventfd fires.
+    pub fn run(mut self, started: SyncSender<Result<(), StartError>>) {
+        let result = self.start();
+        let ok = result.is_ok();
+        if started.send(result).is_err() || !ok {
+            return;
+        }
+        info!(device = %self.name, socket = %self.socket.display(), "vhost-user backend serves the queues");
+        let connected = self.watch_until_stopped();
+        if connected {
+            self.stop_rings();
+        }
+    }
+
+    fn start(&mut self) -> Result<(), StartError> {
+        self.frontend
+            .set_features(self.features)
+            .map_err(step("SET_FEATURES"))?;
+        let regions = self
+            .mem
+            .iter()
+            .map(|r| {
+                VhostUserMemoryRegionInfo::from_guest_region(r)
+                    .map_err(|_| StartError::MemoryNotShareable(r.start_addr().0))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(step("SET_MEM_TABLE"))?;
+        for (i, q) in self.queues.iter().enumerate() {
+            let size = q.size();
+            let host = |what: &'static str, addr: u64| {
+                self.mem
+                    .get_host_address(GuestAddress(addr))
+                    .map(|p| p as u64)
+                    .map_err(|_| StartError::RingOutsideMemory {
+                        queue: i,
+                        what,
+                        addr,
+                    })
+            };
+            // vhost-user ring addresses are in the frontend's address space;
+            // the backend translates them through the memory table.
+            let rings = VringConfigData {
+                queue_max_size: q.max_size(),
+                queue_size: size,
+                flags: 0,
+                desc_table_addr: host("descriptor table", q.desc_table())?,
+                used_ring_addr: host("used ring", q.used_ring())?,
+                avail_ring_addr: host("available ring", q.avail_ring())?,
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_num(i, size)
+                .map_err(step("SET_VRING_NUM"))?;
+            self.frontend
+                .set_vring_base(i, q.next_avail())
+                .map_err(step("SET_VRING_BASE"))?;
+            self.frontend
+                .set_vring_addr(i, &rings)
+                .map_err(step("SET_VRING_ADDR"))?;
+            // Used-ring interrupts go straight from the backend to KVM.
+            self.frontend
+                .set_vring_call(i, self.interrupt.irqfd())
+                .map_err(step("SET_VRING_CALL"))?;
+            // Guest notifications go straight from KVM to the backend.
+            self.frontend
+                .set_vring_kick(i, &self.kicks[i])
+                .map_err(step("SET_VRING_KICK"))?;
+            // With VHOST_USER_F_PROTOCOL_FEATURES acked, rings start disabled.
+            self.frontend
+                .set_vring_enable(i, true)
+                .map_err(step("SET_VRING_ENABLE"))?;
+        }
+        debug!(
+            device = %self.name,
+            features = format_args!("{:#x}", self.features),
+            protocol = format_args!("{:#x}", self.protocol_features.bits()),
+            "vhost-user rings handed over"
+        );
+        Ok(())
+    }
+
+    /// Waits for the stop eventfd, logging (once) if the backend hangs up
+    /// meanwhile. Returns whether the backend is still connected.
+    fn watch_until_stopped(&self) -> bool {
+        let socket = &self.frontend;
+        let mut connected = true;
+        if let Err(e) = self.poller.add(socket, TOKEN_BACKEND) {
+            warn!(device = %self.name, "cannot watch the vhost-user socket: {e}");
+        }
+        let mut events = [EpollEvent::default(); 4];
+        'wait: loop {
+            let n = match self.poller.wait(&mut events) {
+                Ok(n) => n,
+                Err(e) => {
+                    error!(device = %self.name, "device worker epoll failed: {e}");
+                    break;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_STOP => break 'wait,
+                    TOKEN_BACKEND => {
+                        let hung_up = ev
+                            .event_set()
+                            .intersects(EventSet::HANG_UP | EventSet::ERROR);
+                        if hung_up {
+                            error!(
+                                device = %self.name,
+                                socket = %self.socket.display(),
+                                "the vhost-user backend disconnected: the guest's I/O on this disk \
+                                 will hang until the VM is restarted with a backend"
+                            );
+                            connected = false;
+                        } else {
+                            // Nothing is asked of it: the backend spoke out of turn.
+                            warn!(
+                                device = %self.name,
+                                "unexpected message from the vhost-user backend; no longer watching it"
+                            );
+                        }
+                        let _ = self.poller.remove(socket);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if connected {
+            let _ = self.poller.remove(socket);
+        }
+        connected
+    }
+
+    /// Device reset: the backend stops processing the rings and returns
+    /// their state (GET_VRING_BASE).
+    fn stop_rings(&mut self) {
+        for i in 0..self.queues.len() {
+            if let Err(e) = self.frontend.set_vring_enable(i, false) {
+                warn!(device = %self.name, "vhost-user SET_VRING_ENABLE {i} off failed: {e}");
+            }
+            match self.frontend.get_vring_base(i) {
+                Ok(base) => debug!(device = %self.name, queue = i, base, "vhost-user ring stopped"),
+                Err(e) => warn!(device = %self.name, "vhost-user GET_VRING_BASE {i} failed: {e}"),
+            }
+        }
+    }
+}

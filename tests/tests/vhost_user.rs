@@ -1,0 +1,213 @@
+//! A vhost-user-blk disk end to end, in the test host: qemu-storage-daemon
+//! serves a raw image; the Debian guest, booted by kiln-vmm with
+//! `--disk vhost-user=SOCKET`, writes a pseudo-random pattern to it, reads
+//! it back, and the image file on the test host must hold the same bytes.
+//! Then, in the same test-host boot, the daemon is killed under a running
+//! guest: kiln-vmm must log it and keep running (the guest's I/O on that
+//! disk hangs) until the guest powers off.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use kiln_tests::{
+    field, profile_binary, require_testhost, target_dir, write_script_disk, HostRun, TestHost,
+    GUEST_READY, GUEST_SCRIPT_EXIT,
+};
+
+/// Size of the image qemu-storage-daemon exports.
+const DISK_MIB: u64 = 64;
+/// How much of it the guest writes and reads back.
+const PATTERN_MIB: u64 = 32;
+
+/// Runs in the guest (from the script disk, /dev/vdb): the vhost-user disk
+/// is /dev/vda.
+fn guest_script() -> String {
+    format!(
+        r#"echo "VU-GUEST-CAPACITY sectors=$(cat /sys/block/vda/size)"
+dd if=/dev/urandom of=/run/pattern bs=1M count={PATTERN_MIB} 2>/dev/null
+set -- $(md5sum /run/pattern); echo "VU-GUEST-WROTE md5=$1"
+dd if=/run/pattern of=/dev/vda bs=1M conv=fsync 2>/dev/null || echo VU-GUEST-WRITE-FAILED
+rm /run/pattern
+sync
+echo 3 >/proc/sys/vm/drop_caches
+set -- $(dd if=/dev/vda bs=1M count={PATTERN_MIB} 2>/dev/null | md5sum); echo "VU-GUEST-READBACK md5=$1"
+"#
+    )
+}
+
+/// The second guest: writes one block, waits while the test host kills the
+/// backend, then tries to read a block it never read before.
+const KILLED_BACKEND_SCRIPT: &str = r#"dd if=/dev/urandom of=/dev/vda bs=4k count=1 conv=fsync 2>/dev/null && echo VU2-WRITTEN
+sleep 15
+echo 3 >/proc/sys/vm/drop_caches
+(dd if=/dev/vda of=/dev/null bs=4k count=1 skip=8192 2>/dev/null && echo VU2-READ-DONE) &
+sleep 15
+echo VU2-GIVING-UP
+"#;
+
+/// Runs on the test host.
+fn host_script() -> String {
+    format!(
+        r#"#!/bin/sh
+img=/tmp/vhost-disk.img
+sock=/tmp/vhost-blk.sock
+dd if=/dev/zero of=$img bs=1M count={DISK_MIB} 2>/dev/null
+set -- $(dd if=$img bs=1M count={PATTERN_MIB} 2>/dev/null | md5sum); echo "VU-HOST-BEFORE md5=$1"
+qemu-storage-daemon \
+    --blockdev driver=file,node-name=file0,filename=$img \
+    --blockdev driver=raw,node-name=disk0,file=file0 \
+    --export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$sock,writable=on \
+    >/tmp/qsd.log 2>&1 &
+qsd=$!
+i=0
+while [ ! -S $sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+[ -S $sock ] || {{ echo "qemu-storage-daemon did not listen"; cat /tmp/qsd.log; exit 1; }}
+kiln-vmm --kernel /images/vmlinux --initrd /images/guest.cpio.gz --memory 256M \
+    --disk vhost-user=$sock,id=vol0 --disk path=/images/vhost-user-script.img,ro=on \
+    --cmdline "console=ttyS0 panic=-1 quiet kiln.script=/dev/vdb" </dev/null 2>/tmp/vu1.err
+echo "VU-VMM-EXIT rc=$?"
+sed 's/^/[vu1-err] /' /tmp/vu1.err
+kill $qsd
+wait $qsd
+echo "VU-QSD-EXIT rc=$?"
+sed 's/^/[qsd] /' /tmp/qsd.log
+set -- $(dd if=$img bs=1M count={PATTERN_MIB} 2>/dev/null | md5sum); echo "VU-HOST-AFTER md5=$1"
+
+# The backend dies under a running guest.
+rm -f $sock
+qemu-storage-daemon \
+    --blockdev driver=file,node-name=file0,filename=$img \
+    --blockdev driver=raw,node-name=disk0,file=file0 \
+    --export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$sock,writable=on \
+    >/tmp/qsd2.log 2>&1 &
+qsd=$!
+i=0
+while [ ! -S $sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+KILN_LOG=info kiln-vmm --kernel /images/vmlinux --initrd /images/guest.cpio.gz --memory 256M \
+    --disk vhost-user=$sock --disk path=/images/vhost-user-kill.img,ro=on --serial file:/tmp/vu2.console \
+    --cmdline "console=ttyS0 panic=-1 quiet kiln.script=/dev/vdb" </dev/null 2>/tmp/vu2.err &
+vmm=$!
+i=0
+while ! grep -q VU2-WRITTEN /tmp/vu2.console 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+kill $qsd
+wait $qsd
+echo "VU2-BACKEND-KILLED"
+i=0
+while kill -0 $vmm 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+kill -0 $vmm 2>/dev/null && {{ echo VU2-VMM-HUNG; kill -9 $vmm; }}
+wait $vmm
+echo "VU2-VMM-EXIT rc=$?"
+sed 's/^/[vu2-console] /' /tmp/vu2.console
+sed 's/^/[vu2-err] /' /tmp/vu2.err
+"#
+    )
+}
+
+fn session() -> Option<&'static HostRun> {
+    static RUN: OnceLock<Option<HostRun>> = OnceLock::new();
+    RUN.get_or_init(|| {
+        if !require_testhost() {
+            return None;
+        }
+        let script_disk = target_dir().join("kiln-tests/vhost-user-script.img");
+        std::fs::create_dir_all(script_disk.parent().unwrap()).unwrap();
+        write_script_disk(&script_disk, &guest_script(), 4096).unwrap();
+        let kill_disk = target_dir().join("kiln-tests/vhost-user-kill.img");
+        write_script_disk(&kill_disk, KILLED_BACKEND_SCRIPT, 4096).unwrap();
+        let run = TestHost::run(
+            &host_script(),
+            &[profile_binary("kiln-vmm")],
+            &[
+                (script_disk, "/images/vhost-user-script.img".into()),
+                (kill_disk, "/images/vhost-user-kill.img".into()),
+            ],
+            Duration::from_secs(900),
+        )
+        .expect("test host runs");
+        eprintln!("{}", run.output);
+        run.assert_success();
+        Some(run)
+    })
+    .as_ref()
+}
+
+fn value<'a>(run: &'a HostRun, marker: &str, key: &str) -> &'a str {
+    let line = run
+        .line_with(marker)
+        .unwrap_or_else(|| panic!("no {marker} line in:\n{}", run.output));
+    field(line, key).unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+#[test]
+fn guest_data_written_through_vhost_user_lands_in_the_backend_image() {
+    let Some(run) = session() else { return };
+    assert!(run.line_with(GUEST_READY).is_some(), "{}", run.output);
+    assert_eq!(value(run, GUEST_SCRIPT_EXIT, "rc"), "0", "{}", run.output);
+    assert!(
+        run.line_with("VU-GUEST-WRITE-FAILED").is_none(),
+        "{}",
+        run.output
+    );
+    assert_eq!(value(run, "VU-VMM-EXIT", "rc"), "0", "{}", run.output);
+
+    let wrote = value(run, "VU-GUEST-WROTE", "md5");
+    let read = value(run, "VU-GUEST-READBACK", "md5");
+    let before = value(run, "VU-HOST-BEFORE", "md5");
+    let after = value(run, "VU-HOST-AFTER", "md5");
+    assert_eq!(wrote.len(), 32, "{wrote}");
+    // The image changed, to exactly what the guest wrote and read back.
+    assert_ne!(before, after);
+    assert_eq!(read, wrote);
+    assert_eq!(after, wrote);
+}
+
+#[test]
+fn guest_sees_the_capacity_the_backend_reports() {
+    let Some(run) = session() else { return };
+    assert_eq!(
+        value(run, "VU-GUEST-CAPACITY", "sectors"),
+        (DISK_MIB << 11).to_string(),
+        "{}",
+        run.output
+    );
+}
+
+#[test]
+fn daemon_and_vmm_stop_cleanly() {
+    let Some(run) = session() else { return };
+    assert_eq!(value(run, "VU-VMM-EXIT", "rc"), "0", "{}", run.output);
+    // kill's SIGTERM: qemu-storage-daemon exits 0 on it.
+    assert_eq!(value(run, "VU-QSD-EXIT", "rc"), "0", "{}", run.output);
+    // Nothing went wrong enough for kiln-vmm to warn about it.
+    assert_eq!(
+        run.lines_with("[vu1-err]"),
+        Vec::<&str>::new(),
+        "{}",
+        run.output
+    );
+}
+
+#[test]
+fn a_backend_that_dies_is_logged_and_the_vmm_keeps_running() {
+    let Some(run) = session() else { return };
+    let out = &run.output;
+    assert!(
+        run.line_with("[vu2-console] VU2-WRITTEN").is_some(),
+        "{out}"
+    );
+    assert!(run.line_with("VU2-BACKEND-KILLED").is_some(), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("[vu2-err]")
+            && l.contains("ERROR the vhost-user backend disconnected")),
+        "{out}"
+    );
+    // The guest went on running after the backend died, and its read of
+    // the dead backend's disk never completed.
+    assert!(
+        run.line_with("[vu2-console] VU2-GIVING-UP").is_some(),
+        "{out}"
+    );
+    assert!(run.line_with("VU2-READ-DONE").is_none(), "{out}");
+    assert!(run.line_with("VU2-VMM-HUNG").is_none(), "{out}");
+    assert_eq!(value(run, "VU2-VMM-EXIT", "rc"), "0", "{out}");
+}
