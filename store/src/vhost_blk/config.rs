@@ -1,13 +1,15 @@
 //! What the device offers: virtio feature bits, vhost-user protocol
 //! features, queue geometry and the virtio-blk config space.
 
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 
 /// Bytes per virtio-blk sector (the unit of `sector` and capacity).
 pub const SECTOR_SIZE: u64 = 512;
@@ -75,7 +77,9 @@ pub fn config_window(size: u64, offset: u32, len: u32) -> Vec<u8> {
     let full = config_space(size);
     let mut out = vec![0u8; len as usize];
     let start = (offset as usize).min(full.len());
-    let end = (offset as usize).saturating_add(len as usize).min(full.len());
+    let end = (offset as usize)
+        .saturating_add(len as usize)
+        .min(full.len());
     out[..end - start].copy_from_slice(&full[start..end]);
     out
 }

@@ -43,7 +43,11 @@ pub enum RequestError {
     #[error("data length {0} is not a multiple of 512")]
     Unaligned(u64),
     #[error("sector {sector} + {len} bytes is beyond the capacity of {capacity} bytes")]
-    OutOfRange { sector: u64, len: u64, capacity: u64 },
+    OutOfRange {
+        sector: u64,
+        len: u64,
+        capacity: u64,
+    },
     #[error("segment list of {0} bytes (want 1 to {MAX_DISCARD_SEG} segments of 16 bytes)")]
     BadSegmentList(u64),
     #[error("segment of {0} sectors exceeds {MAX_DISCARD_SECTORS}")]
@@ -187,7 +191,10 @@ pub fn handle_chain<M: GuestMemory + ?Sized>(
     // The status byte: the last byte of the last writable descriptor.
     let Some(last) = writable.0.last_mut() else {
         if dev.log.allow() {
-            tracing::warn!(volume = dev.name, "vhost-user-blk: request without a writable status byte, returned unanswered");
+            tracing::warn!(
+                volume = dev.name,
+                "vhost-user-blk: request without a writable status byte, returned unanswered"
+            );
         }
         return 0;
     };
@@ -200,7 +207,10 @@ pub fn handle_chain<M: GuestMemory + ?Sized>(
     }
     if !mem.check_range(status_addr, 1, Permissions::Write) {
         if dev.log.allow() {
-            tracing::warn!(volume = dev.name, "vhost-user-blk: status byte outside guest memory, request returned unanswered");
+            tracing::warn!(
+                volume = dev.name,
+                "vhost-user-blk: status byte outside guest memory, request returned unanswered"
+            );
         }
         return 0;
     }
@@ -232,9 +242,10 @@ fn execute<M: GuestMemory + ?Sized>(
     dev: &Device,
 ) -> Result<u64, RequestError> {
     let in_memory = |stream: &Stream, access| {
-        stream.0.iter().all(|s| {
-            usize::try_from(s.len).is_ok_and(|len| mem.check_range(s.addr, len, access))
-        })
+        stream
+            .0
+            .iter()
+            .all(|s| usize::try_from(s.len).is_ok_and(|len| mem.check_range(s.addr, len, access)))
     };
     if !in_memory(readable, Permissions::Read) || !in_memory(writable, Permissions::Write) {
         return Err(RequestError::BadAddress);
@@ -291,7 +302,9 @@ fn execute<M: GuestMemory + ?Sized>(
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             let zeroes = kind == VIRTIO_BLK_T_WRITE_ZEROES;
             let len = rlen - HEADER_SIZE;
-            if len == 0 || len % SEGMENT_SIZE != 0 || len / SEGMENT_SIZE > u64::from(MAX_DISCARD_SEG)
+            if len == 0
+                || len % SEGMENT_SIZE != 0
+                || len / SEGMENT_SIZE > u64::from(MAX_DISCARD_SEG)
             {
                 return Err(RequestError::BadSegmentList(len));
             }
