@@ -30,8 +30,6 @@ const CHUNK: u64 = crate::MAX_IO;
 /// Why a request failed; decides the status the guest sees.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
-    #[error("descriptor chain longer than {MAX_DESCRIPTORS}")]
-    ChainTooLong,
     #[error("device-readable descriptor after a device-writable one")]
     ReadableAfterWritable,
     #[error("descriptor outside guest memory")]
@@ -168,11 +166,16 @@ pub fn handle_chain<M: GuestMemory + ?Sized>(
     let mut readable = Stream::default();
     let mut writable = Stream::default();
     let mut layout_error = None;
+    // The iterator ends early, on a descriptor that still has NEXT set, when
+    // the chain loops, points outside the table or at unreadable memory:
+    // then the real end (and status byte) is unknown.
+    let mut cut_short = false;
     for (i, d) in descriptors.enumerate() {
         if i >= MAX_DESCRIPTORS {
-            layout_error = Some(RequestError::ChainTooLong);
+            cut_short = true;
             break;
         }
+        cut_short = d.has_next();
         let seg = Segment {
             addr: d.addr(),
             len: u64::from(d.len()),
@@ -187,6 +190,15 @@ pub fn handle_chain<M: GuestMemory + ?Sized>(
         } else if layout_error.is_none() {
             layout_error = Some(RequestError::ReadableAfterWritable);
         }
+    }
+    if cut_short {
+        if dev.log.allow() {
+            tracing::warn!(
+                volume = dev.name,
+                "vhost-user-blk: descriptor chain loops, is longer than {MAX_DESCRIPTORS} or leaves the table; returned unanswered"
+            );
+        }
+        return 0;
     }
     // The status byte: the last byte of the last writable descriptor.
     let Some(last) = writable.0.last_mut() else {
