@@ -56,6 +56,7 @@ const UNTOUCHED: u8 = 0xAA;
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
 
 /// A descriptor as the test lays it out: guest address, length, device-writable.
 #[derive(Clone, Copy)]
@@ -447,6 +448,38 @@ fn hostile_requests_get_errors_and_the_daemon_keeps_serving() {
     g.write_desc(0, HDR, 16, F_NEXT, 999);
     assert_eq!(g.publish(0), 0);
 
+    // A valid indirect table: header, data, status.
+    let table = 0x4000u64;
+    for (i, (addr, len, flags)) in [
+        (HDR, 16u32, F_NEXT),
+        (DATA, 4096, F_NEXT | F_WRITE),
+        (STATUS, 1, F_WRITE),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let at = GuestAddress(table + 16 * i as u64);
+        g.mem.write_obj(addr, at).unwrap();
+        g.mem.write_obj(len, at.unchecked_add(8)).unwrap();
+        g.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+        g.mem.write_obj(i as u16 + 1, at.unchecked_add(14)).unwrap();
+    }
+    g.header(T_IN, 0);
+    g.write_desc(0, table, 48, F_INDIRECT, 0);
+    assert_eq!(g.publish(0), 4097);
+    assert_eq!(g.status(), S_OK);
+    let mut first = vec![0u8; 4096];
+    g.mem.read_slice(&mut first, GuestAddress(DATA)).unwrap();
+    assert!(first == data[..4096], "indirect read returned wrong data");
+    // An indirect table that itself points to an indirect table.
+    g.mem
+        .write_obj(F_INDIRECT, GuestAddress(table + 12))
+        .unwrap();
+    g.header(T_IN, 0);
+    g.write_desc(0, table, 48, F_INDIRECT, 0);
+    assert_eq!(g.publish(0), 0);
+    assert_eq!(g.status(), UNTOUCHED);
+
     // Still serving: the data is intact and new requests work.
     let (st, back) = g.read(0, data.len(), 2);
     assert_eq!(st, S_OK);
@@ -526,6 +559,15 @@ fn export_needs_an_attached_volume_and_a_free_socket() {
         socket: t.path().join("y.sock").display().to_string(),
     });
     assert!(e.is_err(), "export of a volume not attached here: {e:?}");
+    // A path that is not a socket is never replaced.
+    let file = t.path().join("precious");
+    std::fs::write(&file, b"keep me").unwrap();
+    let e = n1.call(Request::VolExportVhost {
+        name: "vmdisk".into(),
+        socket: file.display().to_string(),
+    });
+    assert!(e.is_err());
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     // The daemon's own control socket cannot be taken over.
     let e = n1.call(Request::VolExportVhost {
         name: "vmdisk".into(),

@@ -20,8 +20,10 @@ pub const BLK_SIZE: u32 = crate::BLOCK_SIZE as u32;
 pub const NUM_QUEUES: usize = 1;
 /// Largest virtqueue size accepted.
 pub const MAX_QUEUE_SIZE: usize = 256;
-/// Data segments per request advertised (`seg_max`); QEMU uses queue size - 2.
-pub const SEG_MAX: u32 = MAX_QUEUE_SIZE as u32 - 2;
+/// Data segments per request advertised (`seg_max`): QEMU's value for its
+/// default 128-entry queue, so a request fits any ring of 128 or more even
+/// without indirect descriptors.
+pub const SEG_MAX: u32 = 126;
 /// Descriptors per chain accepted (header + data + status, and some slack
 /// for frontends that split buffers further); longer chains are refused.
 pub const MAX_DESCRIPTORS: usize = 1024;

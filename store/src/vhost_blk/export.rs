@@ -3,6 +3,7 @@
 //! the export forgets that connection's state (memory, rings) and waits for
 //! the next one (a VM restart); it ends only when stopped.
 
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +35,12 @@ impl Export {
     /// Binds `socket` (replacing a stale file) and serves `name` on it from
     /// a background thread.
     pub fn start(name: &str, socket: &Path, source: VolumeSource) -> Result<Export, VhostBlkError> {
+        // The listener unlinks whatever is at the path: only ever a socket.
+        if let Ok(m) = std::fs::symlink_metadata(socket) {
+            if !m.file_type().is_socket() {
+                return Err(VhostBlkError::NotASocket(socket.display().to_string()));
+            }
+        }
         let listener = Listener::new(socket, true).map_err(|e| VhostBlkError::Listen {
             path: socket.display().to_string(),
             source: e,
@@ -82,7 +89,9 @@ impl Export {
         // Wakes the thread if it is waiting in accept().
         let _ = UnixStream::connect(&self.socket);
         let _ = thread.join();
-        let _ = std::fs::remove_file(&self.socket);
+        if std::fs::symlink_metadata(&self.socket).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(&self.socket);
+        }
     }
 }
 

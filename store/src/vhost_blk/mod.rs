@@ -29,6 +29,8 @@ pub enum VhostBlkError {
         path: String,
         source: vhost::vhost_user::Error,
     },
+    #[error("{0} exists and is not a socket")]
+    NotASocket(String),
     #[error("cannot start the export thread: {0}")]
     Thread(#[from] std::io::Error),
 }
