@@ -80,13 +80,24 @@ impl Daemon {
     /// next. Replaces an earlier export of the same volume.
     pub fn export_vhost(&self, name: &str, socket: &Path) -> Result<()> {
         self.writer(name)?;
-        self.unexport_vhost(name);
-        if socket_in_use(socket) {
+        crate::vhost_blk::export::check_socket_path(socket)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        // Re-exporting on the socket it already serves replaces it; any
+        // other live socket (another export, a daemon) is refused before
+        // the current export is touched.
+        let same = self
+            .vhost_exports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .is_some_and(|e| e.socket() == socket);
+        if !same && socket_in_use(socket) {
             return Err(Error::Invalid(format!(
                 "{} is in use by another server",
                 socket.display()
             )));
         }
+        self.unexport_vhost(name);
         let (me, vol) = (self.me.clone(), name.to_string());
         let source: crate::vhost_blk::VolumeSource = Arc::new(move || {
             me.upgrade()

@@ -592,4 +592,19 @@ fn export_needs_an_attached_volume_and_a_free_socket() {
     });
     assert!(e.is_err());
     assert!(n1.status("vmdisk").attached, "control socket broken");
+    // A refused re-export leaves the running export alone; exporting again
+    // on the same socket replaces it.
+    let sock = export(&n1, "vmdisk", t.path());
+    let e = n1.call(Request::VolExportVhost {
+        name: "vmdisk".into(),
+        socket: n1.socket.display().to_string(),
+    });
+    assert!(e.is_err());
+    let mut g = Guest::connect(&sock, false);
+    assert_eq!(g.capacity(), VOL_SIZE / 512);
+    drop(g);
+    let sock2 = export(&n1, "vmdisk", t.path());
+    assert_eq!(sock, sock2);
+    let mut g = Guest::connect(&sock, false);
+    assert_eq!(g.request(T_FLUSH, 0, &[]).0, S_OK);
 }

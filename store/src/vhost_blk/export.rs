@@ -35,12 +35,7 @@ impl Export {
     /// Binds `socket` (replacing a stale file) and serves `name` on it from
     /// a background thread.
     pub fn start(name: &str, socket: &Path, source: VolumeSource) -> Result<Export, VhostBlkError> {
-        // The listener unlinks whatever is at the path: only ever a socket.
-        if let Ok(m) = std::fs::symlink_metadata(socket) {
-            if !m.file_type().is_socket() {
-                return Err(VhostBlkError::NotASocket(socket.display().to_string()));
-            }
-        }
+        check_socket_path(socket)?;
         let listener = Listener::new(socket, true).map_err(|e| VhostBlkError::Listen {
             path: socket.display().to_string(),
             source: e,
@@ -101,6 +96,17 @@ impl Drop for Export {
     }
 }
 
+/// The listener unlinks whatever is at the path before binding: refuse
+/// anything but a socket (or nothing).
+pub fn check_socket_path(socket: &Path) -> Result<(), VhostBlkError> {
+    match std::fs::symlink_metadata(socket) {
+        Ok(m) if !m.file_type().is_socket() => {
+            Err(VhostBlkError::NotASocket(socket.display().to_string()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Accepts frontends one after another until stopped.
 fn serve(name: &str, socket: &Path, mut listener: Listener, backend: BlkBackend, shared: &Shared) {
     while !shared.stop.load(Ordering::SeqCst) {
@@ -139,6 +145,9 @@ fn serve(name: &str, socket: &Path, mut listener: Listener, backend: BlkBackend,
             .unwrap_or_else(|p| p.into_inner())
             .take();
         stop_workers(&daemon);
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
         match result {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
