@@ -543,6 +543,12 @@ fn reconnect_fencing_and_detach() {
     assert_eq!(g.read(64, 4096, 1).0, S_IOERR);
     let r = n2.replica_read("vmdisk", 64 * 512, data.len() as u64);
     assert!(r.data == data, "a fenced writer's export changed the data");
+    let log = n1.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("vhost-user-blk: request failed") && l.contains("fenced")),
+        "no log line for the fenced write:\n{log}"
+    );
 
     // Detach stops the export: the frontend is cut off and the socket is gone.
     n1.cli_ok(&["detach", "vmdisk"]);
