@@ -144,8 +144,14 @@ pub enum VolumeCmd {
         /// have missed writes that only the unreachable ones know about
         #[arg(long)]
         force: bool,
+        /// Also serve the volume to a VM as a vhost-user-blk backend on this
+        /// unix socket (e.g. /run/kiln/NAME.sock, for `kiln-vmm --disk
+        /// vhost-user=SOCK`). One VM at a time; it may disconnect and
+        /// reconnect. `detach` stops it
+        #[arg(long, value_name = "SOCK")]
+        vhost_user: Option<PathBuf>,
     },
-    /// Stop being this volume's writer
+    /// Stop being this volume's writer (and stop its vhost-user export)
     Detach { name: String },
 }
 
@@ -351,7 +357,30 @@ pub fn volume(a: VolumeArgs) -> Result<()> {
             snap: snapshot,
             new,
         }),
-        VolumeCmd::Attach { name, force } => simple(Request::VolAttach { name, force }),
+        VolumeCmd::Attach {
+            name,
+            force,
+            vhost_user,
+        } => {
+            let mut c = connect()?;
+            let r = c.call(&Request::VolAttach {
+                name: name.clone(),
+                force,
+            })?;
+            if let Some(sock) = vhost_user {
+                let socket = std::path::absolute(&sock)
+                    .with_context(|| format!("bad socket path {}", sock.display()))?;
+                c.call(&Request::VolExportVhost {
+                    name,
+                    socket: socket.display().to_string(),
+                })
+                .with_context(|| format!("attached, but cannot export on {}", socket.display()))?;
+                if !json {
+                    println!("vhost-user-blk: {}", socket.display());
+                }
+            }
+            show(r)
+        }
         VolumeCmd::Detach { name } => simple(Request::VolDetach { name }),
         VolumeCmd::Rebuild { name, add, remove } => {
             let b = bar(0, "rebuild");

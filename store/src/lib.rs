@@ -16,6 +16,7 @@ pub mod replica;
 pub mod resync;
 pub mod server;
 pub mod transport;
+pub mod vhost_blk;
 pub mod writer;
 
 pub use client::{Client, VolumeClient};

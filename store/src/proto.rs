@@ -203,6 +203,13 @@ pub enum Request {
     VolFlush {
         name: String,
     },
+    /// Serve the attached volume as a vhost-user-blk backend on the unix
+    /// socket `socket` (replacing an earlier export of it). Detaching or
+    /// deleting the volume stops the export.
+    VolExportVhost {
+        name: String,
+        socket: String,
+    },
 }
 
 impl Request {
@@ -227,6 +234,7 @@ impl Request {
                 | Request::VolWrite { .. }
                 | Request::VolDiscard { .. }
                 | Request::VolFlush { .. }
+                | Request::VolExportVhost { .. }
         )
     }
 }

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::engine::Engine;
@@ -34,16 +34,21 @@ pub struct Daemon {
     pub engine: Arc<Engine>,
     connector: Arc<dyn Connector>,
     writers: Mutex<HashMap<String, Arc<Writer>>>,
+    /// vhost-user-blk exports of attached volumes, by volume name.
+    vhost_exports: Mutex<HashMap<String, crate::vhost_blk::Export>>,
+    me: Weak<Daemon>,
 }
 
 type ProgressFn<'a> = &'a mut dyn FnMut(Progress);
 
 impl Daemon {
     pub fn new(engine: Arc<Engine>, connector: Arc<dyn Connector>) -> Arc<Daemon> {
-        Arc::new(Daemon {
+        Arc::new_cyclic(|me| Daemon {
             engine,
             connector,
             writers: Mutex::new(HashMap::new()),
+            vhost_exports: Mutex::new(HashMap::new()),
+            me: me.clone(),
         })
     }
 
@@ -67,6 +72,59 @@ impl Daemon {
     pub fn volume_io(&self, name: &str) -> Result<Arc<dyn VolumeIo>> {
         let w = self.writer(name)?;
         Ok(w)
+    }
+
+    /// Serves `name` (attached here) as a vhost-user-blk backend on the unix
+    /// socket `socket`, for a VMM such as `kiln-vmm --disk vhost-user=SOCK`.
+    /// One frontend at a time; when it disconnects the export waits for the
+    /// next. Replaces an earlier export of the same volume.
+    pub fn export_vhost(&self, name: &str, socket: &Path) -> Result<()> {
+        self.writer(name)?;
+        crate::vhost_blk::export::check_socket_path(socket)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        // Re-exporting on the socket it already serves replaces it; any
+        // other live socket (another export, a daemon) is refused before
+        // the current export is touched.
+        let same = self
+            .vhost_exports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .is_some_and(|e| e.socket() == socket);
+        if !same && socket_in_use(socket) {
+            return Err(Error::Invalid(format!(
+                "{} is in use by another server",
+                socket.display()
+            )));
+        }
+        self.unexport_vhost(name);
+        let (me, vol) = (self.me.clone(), name.to_string());
+        let source: crate::vhost_blk::VolumeSource = Arc::new(move || {
+            me.upgrade()
+                .ok_or_else(|| Error::Unavailable("daemon stopped".into()))?
+                .volume_io(&vol)
+        });
+        let export = crate::vhost_blk::Export::start(name, socket, source)
+            .map_err(|e| Error::Io(e.to_string()))?;
+        self.vhost_exports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), export);
+        Ok(())
+    }
+
+    /// Stops the vhost-user-blk export of `name`, if any (disconnecting its
+    /// frontend and removing the socket).
+    pub fn unexport_vhost(&self, name: &str) {
+        let export = self
+            .vhost_exports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        if let Some(e) = export {
+            tracing::info!(volume = name, socket = %e.socket().display(), "stopping vhost-user-blk export");
+            e.stop();
+        }
     }
 
     /// Makes this daemon the writer of `name` (raising its epoch), using the
@@ -233,6 +291,7 @@ impl Daemon {
             Request::VolShow { name } => Ok(Response::Status(self.status(&name)?)),
             Request::VolDelete { name } => {
                 let w = self.writer(&name)?;
+                self.unexport_vhost(&name);
                 let replicas = w.replicas();
                 w.detach();
                 self.writers
@@ -331,6 +390,7 @@ impl Daemon {
                 Ok(Response::Status(self.attach(&name, None, force)?.status()))
             }
             Request::VolDetach { name } => {
+                self.unexport_vhost(&name);
                 if let Some(w) = self
                     .writers
                     .lock()
@@ -365,6 +425,10 @@ impl Daemon {
             }
             Request::VolFlush { name } => {
                 self.writer(&name)?.flush()?;
+                Ok(Response::Ok)
+            }
+            Request::VolExportVhost { name, socket } => {
+                self.export_vhost(&name, Path::new(&socket))?;
                 Ok(Response::Ok)
             }
             Request::ScrubReplica { name } => {

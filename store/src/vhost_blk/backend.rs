@@ -1,0 +1,198 @@
+//! The `VhostUserBackend` of one exported volume: feature negotiation,
+//! config space, and processing of the request queue on kicks.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::config;
+use super::request::{self, Device, LogLimiter};
+use super::VolumeSource;
+
+/// Guest memory as the frontend shared it (no dirty-page logging).
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// A vhost-user-blk device serving one volume. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct BlkBackend(Arc<Inner>);
+
+struct Inner {
+    name: String,
+    source: VolumeSource,
+    event_idx: AtomicBool,
+    mem: RwLock<Option<GuestMem>>,
+    log: LogLimiter,
+}
+
+impl BlkBackend {
+    pub fn new(name: &str, source: VolumeSource) -> BlkBackend {
+        BlkBackend(Arc::new(Inner {
+            name: name.to_string(),
+            source,
+            event_idx: AtomicBool::new(false),
+            mem: RwLock::new(None),
+            log: LogLimiter::default(),
+        }))
+    }
+
+    /// Pops and serves available requests; returns once the queue is empty.
+    fn process_queue(&self, vring: &VringRwLock<GuestMem>) {
+        let Some(atomic) = self.0.mem.read().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return;
+        };
+        let volume = match (self.0.source)() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                if self.0.log.allow() {
+                    tracing::warn!(volume = %self.0.name, error = %e, "vhost-user-blk: volume unavailable, failing requests");
+                }
+                None
+            }
+        };
+        let unavailable = Unavailable;
+        let dev = Device {
+            name: &self.0.name,
+            volume: volume.as_deref().unwrap_or(&unavailable),
+            log: &self.0.log,
+        };
+        loop {
+            let mem = atomic.memory();
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { return };
+            let head = chain.head_index();
+            let used = request::handle_chain(chain.memory(), chain.clone(), &dev);
+            if let Err(e) = vring.add_used(head, used) {
+                if self.0.log.allow() {
+                    tracing::warn!(volume = %self.0.name, error = %e, "vhost-user-blk: cannot return a request");
+                }
+                return;
+            }
+            match vring.needs_notification() {
+                Ok(true) | Err(_) => {
+                    if let Err(e) = vring.signal_used_queue() {
+                        tracing::debug!(error = %e, "vhost-user-blk: cannot signal the guest");
+                    }
+                }
+                Ok(false) => {}
+            }
+        }
+    }
+}
+
+/// Stands in for a volume this daemon no longer writes: every I/O fails.
+struct Unavailable;
+
+impl crate::VolumeIo for Unavailable {
+    fn size(&self) -> crate::Result<u64> {
+        Err(unavailable())
+    }
+    fn read_at(&self, _: &mut [u8], _: u64) -> crate::Result<()> {
+        Err(unavailable())
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> crate::Result<()> {
+        Err(unavailable())
+    }
+    fn flush(&self) -> crate::Result<()> {
+        Err(unavailable())
+    }
+    fn discard(&self, _: u64, _: u64) -> crate::Result<()> {
+        Err(unavailable())
+    }
+}
+
+fn unavailable() -> crate::Error {
+    crate::Error::Unavailable("volume is not attached on this node".into())
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock<GuestMem>;
+
+    fn num_queues(&self) -> usize {
+        config::NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        config::MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        config::features()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        config::protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.0.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let capacity = (self.0.source)().and_then(|v| v.size()).unwrap_or(0);
+        config::config_window(capacity, offset, size)
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // Nothing in the config space is writable (no CONFIG_WCE).
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "virtio-blk config space is read-only",
+        ))
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        *self.0.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock<GuestMem>],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // Errors returned from here end the queue's worker thread, so
+        // nothing the guest does may produce one: problems are logged.
+        if evset != EventSet::IN {
+            return Ok(());
+        }
+        let Some(vring) = vrings.get(device_event as usize) else {
+            return Ok(());
+        };
+        if self.0.event_idx.load(Ordering::Acquire) {
+            // Serve until the queue stays empty with notifications on, so a
+            // request made available while they were off is not missed.
+            loop {
+                if vring.disable_notification().is_err() {
+                    return Ok(());
+                }
+                self.process_queue(vring);
+                match vring.enable_notification() {
+                    Ok(true) => continue,
+                    _ => break,
+                }
+            }
+        } else {
+            self.process_queue(vring);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,104 @@
+//! What the device offers: virtio feature bits, vhost-user protocol
+//! features, queue geometry and the virtio-blk config space.
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use virtio_bindings::bindings::virtio_blk::{
+    virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+/// Bytes per virtio-blk sector (the unit of `sector` and capacity).
+pub const SECTOR_SIZE: u64 = 512;
+/// Block size advertised to the guest (the store's block, so guests do
+/// aligned I/O and the store never reads-modifies-writes).
+pub const BLK_SIZE: u32 = crate::BLOCK_SIZE as u32;
+/// Queues offered (one; each I/O is synchronous on the replicated writer).
+pub const NUM_QUEUES: usize = 1;
+/// Largest virtqueue size accepted.
+pub const MAX_QUEUE_SIZE: usize = 256;
+/// Data segments per request advertised (`seg_max`): QEMU's value for its
+/// default 128-entry queue, so a request fits any ring of 128 or more even
+/// without indirect descriptors.
+pub const SEG_MAX: u32 = 126;
+/// Descriptors per chain accepted (header + data + status, and some slack
+/// for frontends that split buffers further); longer chains are refused.
+pub const MAX_DESCRIPTORS: usize = 1024;
+/// Largest discard / write-zeroes segment, in sectors (64 MiB).
+pub const MAX_DISCARD_SECTORS: u32 = (64 << 20) / SECTOR_SIZE as u32;
+/// Segments per discard / write-zeroes request.
+pub const MAX_DISCARD_SEG: u32 = 32;
+/// Serial length of GET_ID (VIRTIO_BLK_ID_BYTES).
+pub const ID_BYTES: usize = 20;
+
+/// Virtio feature bits offered to the frontend.
+pub fn features() -> u64 {
+    (1u64 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_BLK_F_SEG_MAX)
+        | (1 << VIRTIO_BLK_F_BLK_SIZE)
+        | (1 << VIRTIO_BLK_F_FLUSH)
+        | (1 << VIRTIO_BLK_F_DISCARD)
+        | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+        | (1 << VIRTIO_RING_F_EVENT_IDX)
+        | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+}
+
+/// vhost-user protocol features offered: CONFIG (the frontend reads the
+/// config space from us), MQ (GET_QUEUE_NUM answers 1), REPLY_ACK.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+}
+
+/// The virtio-blk config space (`struct virtio_blk_config`, little endian)
+/// for a volume of `size` bytes.
+pub fn config_space(size: u64) -> Vec<u8> {
+    let mut c = vec![0u8; std::mem::size_of::<virtio_blk_config>()];
+    let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
+    put(0, &(size / SECTOR_SIZE).to_le_bytes()); // capacity
+    put(12, &SEG_MAX.to_le_bytes()); // seg_max
+    put(20, &BLK_SIZE.to_le_bytes()); // blk_size
+    put(34, &(NUM_QUEUES as u16).to_le_bytes()); // num_queues
+    put(36, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
+    put(40, &MAX_DISCARD_SEG.to_le_bytes()); // max_discard_seg
+    put(44, &(BLK_SIZE / SECTOR_SIZE as u32).to_le_bytes()); // discard_sector_alignment
+    put(48, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+    put(52, &MAX_DISCARD_SEG.to_le_bytes()); // max_write_zeroes_seg
+    put(56, &[1]); // write_zeroes_may_unmap
+    c
+}
+
+/// The `[offset, offset + size)` window of the config space the frontend
+/// asked for; bytes past the end read as zero.
+pub fn config_window(size: u64, offset: u32, len: u32) -> Vec<u8> {
+    let full = config_space(size);
+    let mut out = vec![0u8; len as usize];
+    let start = (offset as usize).min(full.len());
+    let end = (offset as usize)
+        .saturating_add(len as usize)
+        .min(full.len());
+    out[..end - start].copy_from_slice(&full[start..end]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_space_layout() {
+        let c = config_space(8 << 20);
+        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 16384);
+        assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 4096);
+        assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 1);
+        // A window past the end is zero-filled, never a panic.
+        assert_eq!(config_window(8 << 20, 1000, 8), vec![0u8; 8]);
+        assert_eq!(config_window(8 << 20, 0, 8), c[0..8].to_vec());
+        assert_eq!(config_window(8 << 20, u32::MAX, 4), vec![0u8; 4]);
+    }
+}

@@ -1,0 +1,36 @@
+//! vhost-user-blk backend: serves a volume attached to this daemon to a VMM
+//! (kiln-vmm `--disk vhost-user=SOCK`, QEMU's `vhost-user-blk`, ...) over a
+//! unix socket, using rust-vmm's `vhost-user-backend`.
+//!
+//! - [`config`]: the virtio-blk features and config space offered.
+//! - [`request`]: parsing and executing one request from a descriptor chain
+//!   (all guest input validated; a bad request gets an error status).
+//! - [`backend`]: the `VhostUserBackend` (queue processing, EVENT_IDX).
+//! - [`export`]: the listening socket and its accept / serve / reconnect loop.
+
+pub mod backend;
+pub mod config;
+pub mod export;
+pub mod request;
+
+use std::sync::Arc;
+
+pub use export::Export;
+
+/// Resolves the volume's block I/O at request time, so an export keeps
+/// working across a re-attach (a new writer) of the same volume.
+pub type VolumeSource = Arc<dyn Fn() -> crate::Result<Arc<dyn crate::VolumeIo>> + Send + Sync>;
+
+/// Errors setting up an export.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostBlkError {
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: String,
+        source: vhost::vhost_user::Error,
+    },
+    #[error("{0} exists and is not a socket")]
+    NotASocket(String),
+    #[error("cannot start the export thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
