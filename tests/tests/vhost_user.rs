@@ -4,7 +4,10 @@
 //! it back, and the image file on the test host must hold the same bytes.
 //! Then, in the same test-host boot, the daemon is killed under a running
 //! guest: kiln-vmm must log it and keep running (the guest's I/O on that
-//! disk hangs) until the guest powers off.
+//! disk hangs) until the guest powers off. Last, kiln-store: two store
+//! daemons in the test host hold a 2-replica volume, the writer exports it
+//! over vhost-user, a guest writes to it, and after the guest powers off
+//! each replica, read on its own node, holds what the guest wrote.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -99,6 +102,39 @@ wait $vmm
 echo "VU2-VMM-EXIT rc=$?"
 sed 's/^/[vu2-console] /' /tmp/vu2.console
 sed 's/^/[vu2-err] /' /tmp/vu2.err
+
+# kiln-store: a 2-replica volume on two daemons, exported by the writer (n1).
+ks() {{ node=$1; shift; kiln-store volume "$@" --socket /run/ks-$node.sock; }}
+for n in 1 2; do
+    mkdir -p /tmp/ks-n$n
+    kiln-store serve --node-id n$n --data /tmp/ks-n$n --listen 127.0.0.1:710$n \
+        --socket /run/ks-n$n.sock >/tmp/ks-n$n.log 2>&1 &
+done
+i=0
+while {{ [ ! -S /run/ks-n1.sock ] || [ ! -S /run/ks-n2.sock ]; }} && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+ks n1 create vol1 --size {DISK_MIB}M --replica n1=127.0.0.1:7101 --replica n2=127.0.0.1:7102 \
+    || echo "KS-CREATE-FAILED"
+ks n1 attach vol1 --vhost-user /run/vol1.sock || echo "KS-ATTACH-FAILED"
+kiln-vmm --kernel /images/vmlinux --initrd /images/guest.cpio.gz --memory 256M \
+    --disk vhost-user=/run/vol1.sock --disk path=/images/vhost-user-script.img,ro=on \
+    --cmdline "console=ttyS0 panic=-1 quiet kiln.script=/dev/vdb" </dev/null 2>/tmp/ks-vm.err \
+    | sed 's/^/[ks-vm] /'
+echo "KS-VMM-EXIT rc=$?"
+sed 's/^/[ks-vm-err] /' /tmp/ks-vm.err
+# n1's replica (the writer reads its own copy), then n2's: n2 takes over
+# the volume (raising its epoch) and reads its own copy.
+ks n1 export vol1 --to /tmp/ks-n1.img >/dev/null && \
+    set -- $(dd if=/tmp/ks-n1.img bs=1M count={PATTERN_MIB} 2>/dev/null | md5sum) && echo "KS-N1 md5=$1"
+rm -f /tmp/ks-n1.img
+ks n1 detach vol1
+ks n2 attach vol1 >/dev/null || echo "KS-N2-ATTACH-FAILED"
+ks n2 export vol1 --to /tmp/ks-n2.img >/dev/null && \
+    set -- $(dd if=/tmp/ks-n2.img bs=1M count={PATTERN_MIB} 2>/dev/null | md5sum) && echo "KS-N2 md5=$1"
+ks n2 scrub vol1 >/dev/null && echo "KS-SCRUB ok" || echo "KS-SCRUB failed"
+ks n2 --json show vol1 | tr -d '\n' | sed 's/^/KS-SHOW /'
+echo
+sed 's/^/[ks-n1] /' /tmp/ks-n1.log
+sed 's/^/[ks-n2] /' /tmp/ks-n2.log
 "#
     )
 }
@@ -116,7 +152,7 @@ fn session() -> Option<&'static HostRun> {
         write_script_disk(&kill_disk, KILLED_BACKEND_SCRIPT, 4096).unwrap();
         let run = TestHost::run(
             &host_script(),
-            &[profile_binary("kiln-vmm")],
+            &[profile_binary("kiln-vmm"), profile_binary("kiln-store")],
             &[
                 (script_disk, "/images/vhost-user-script.img".into()),
                 (kill_disk, "/images/vhost-user-kill.img".into()),
@@ -210,4 +246,41 @@ fn a_backend_that_dies_is_logged_and_the_vmm_keeps_running() {
     assert!(run.line_with("VU2-READ-DONE").is_none(), "{out}");
     assert!(run.line_with("VU2-VMM-HUNG").is_none(), "{out}");
     assert_eq!(value(run, "VU2-VMM-EXIT", "rc"), "0", "{out}");
+}
+
+/// The `md5=` of a `[ks-vm] MARKER md5=...` console line of the store guest.
+fn store_guest_md5<'a>(run: &'a HostRun, marker: &str) -> &'a str {
+    let line = run
+        .output
+        .lines()
+        .find(|l| l.starts_with("[ks-vm]") && l.contains(marker))
+        .unwrap_or_else(|| panic!("no [ks-vm] {marker} line in:\n{}", run.output));
+    field(line, "md5").unwrap_or_else(|| panic!("no md5= in {line:?}"))
+}
+
+#[test]
+fn a_guest_writes_to_a_two_replica_kiln_store_volume_and_both_replicas_hold_it() {
+    let Some(run) = session() else { return };
+    let out = &run.output;
+    for failure in [
+        "KS-CREATE-FAILED",
+        "KS-ATTACH-FAILED",
+        "KS-N2-ATTACH-FAILED",
+    ] {
+        assert!(run.line_with(failure).is_none(), "{failure}:\n{out}");
+    }
+    assert_eq!(value(run, "KS-VMM-EXIT", "rc"), "0", "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("[ks-vm]")
+            && l.contains("VU-GUEST-CAPACITY")
+            && l.contains(&format!("sectors={}", DISK_MIB << 11))),
+        "the guest sees the volume's size:\n{out}"
+    );
+    let wrote = store_guest_md5(run, "VU-GUEST-WROTE");
+    assert_eq!(wrote.len(), 32, "{wrote}");
+    assert_eq!(store_guest_md5(run, "VU-GUEST-READBACK"), wrote, "{out}");
+    // Each node's own copy holds exactly what the guest wrote.
+    assert_eq!(value(run, "KS-N1", "md5"), wrote, "replica on n1:\n{out}");
+    assert_eq!(value(run, "KS-N2", "md5"), wrote, "replica on n2:\n{out}");
+    assert!(run.line_with("KS-SCRUB ok").is_some(), "{out}");
 }
