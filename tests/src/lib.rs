@@ -223,6 +223,17 @@ pub struct HostRun {
     pub elapsed: Duration,
 }
 
+/// One case of a test-host script: see [`HostRun::case`].
+#[derive(Debug, Clone)]
+pub struct CaseOutput {
+    /// Console lines (VMM stdout), without the tag.
+    pub out: Vec<String>,
+    /// VMM stderr lines, without the tag.
+    pub err: Vec<String>,
+    /// The VMM's exit status.
+    pub rc: i32,
+}
+
 impl HostRun {
     /// Console lines containing `marker`, each returned from the marker on.
     /// (Lines can carry a prefix: terminal escapes, a timestamp, or the tail of
@@ -237,6 +248,25 @@ impl HostRun {
     /// The first console line containing `marker` (from the marker on).
     pub fn line_with(&self, marker: &str) -> Option<&str> {
         self.lines_with(marker).into_iter().next()
+    }
+
+    /// The output of case `name` of a script that tags each case's lines
+    /// `[name] ...` (console) and `[name:err] ...` (stderr) and ends it with
+    /// `CASE-END name rc=N`; `None` if the case never ended.
+    pub fn case(&self, name: &str) -> Option<CaseOutput> {
+        let pick = |t: &str| {
+            self.output
+                .lines()
+                .filter_map(|l| l.find(t).map(|i| l[i + t.len()..].to_string()))
+                .collect::<Vec<_>>()
+        };
+        let end = self.line_with(&format!("CASE-END {name} "))?;
+        let rc = field(end, "rc").and_then(|v| v.parse().ok())?;
+        Some(CaseOutput {
+            out: pick(&format!("[{name}] ")),
+            err: pick(&format!("[{name}:err] ")),
+            rc,
+        })
     }
 
     /// Whether the test host reached `KILN-TESTHOST-READY`.

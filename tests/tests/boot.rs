@@ -6,7 +6,9 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use kiln_tests::{field, profile_binary, require_testhost, HostRun, TestHost, GUEST_READY};
+use kiln_tests::{
+    field, profile_binary, require_testhost, CaseOutput, HostRun, TestHost, GUEST_READY,
+};
 
 /// Runs each case with its console and stderr captured and tagged:
 /// `[name] line` ... then `CASE-END name rc=N`.
@@ -61,31 +63,14 @@ fn session() -> Option<&'static HostRun> {
 }
 
 /// The case's console lines, stderr lines and exit status.
-struct Case {
-    out: Vec<String>,
-    err: Vec<String>,
-    rc: i32,
-}
+type Case = CaseOutput;
 
 fn case(name: &str) -> Option<Case> {
     let run = session()?;
-    let tag = format!("[{name}] ");
-    let err_tag = format!("[{name}:err] ");
-    let pick = |t: &str| {
-        run.output
-            .lines()
-            .filter_map(|l| l.find(t).map(|i| l[i + t.len()..].to_string()))
-            .collect::<Vec<_>>()
-    };
-    let end = run
-        .line_with(&format!("CASE-END {name} "))
-        .unwrap_or_else(|| panic!("case {name} did not finish:\n{}", run.output));
-    let rc = field(end, "rc").and_then(|v| v.parse().ok()).expect("rc");
-    Some(Case {
-        out: pick(&tag),
-        err: pick(&err_tag),
-        rc,
-    })
+    Some(
+        run.case(name)
+            .unwrap_or_else(|| panic!("case {name} did not finish:\n{}", run.output)),
+    )
 }
 
 fn ready_cpus(c: &Case) -> Vec<String> {

@@ -12,8 +12,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_tests::{
-    field, profile_binary, require_testhost, target_dir, HostRun, TestHost, GUEST_READY,
-    GUEST_SCRIPT_EXIT,
+    field, profile_binary, require_testhost, target_dir, CaseOutput, HostRun, TestHost,
+    GUEST_READY, GUEST_SCRIPT_EXIT,
 };
 
 /// The MAC address the network case gives the guest.
@@ -356,18 +356,10 @@ impl std::fmt::Debug for Case {
 
 fn case(name: &str) -> Option<Case> {
     let run = session()?;
-    let tag = format!("[{name}] ");
-    let err_tag = format!("[{name}:err] ");
-    let pick = |t: &str| {
-        run.output
-            .lines()
-            .filter_map(|l| l.find(t).map(|i| l[i + t.len()..].to_string()))
-            .collect::<Vec<_>>()
-    };
-    let end = run
-        .line_with(&format!("CASE-END {name} "))
+    let CaseOutput { out, err, rc } = run
+        .case(name)
         .unwrap_or_else(|| panic!("case {name} did not finish:\n{}", run.output));
-    let rc = field(end, "rc").and_then(|v| v.parse().ok()).expect("rc");
+    let err_tag = format!("[{name}:err] ");
     // `[name:stall] ...`, `[name:hung] ...`, `[name:dmesg] ...` and the lines
     // that announce them.
     let diag_tag = format!("[{name}:");
@@ -381,12 +373,7 @@ fn case(name: &str) -> Option<Case> {
         })
         .map(str::to_string)
         .collect();
-    Some(Case {
-        out: pick(&tag),
-        err: pick(&err_tag),
-        diag,
-        rc,
-    })
+    Some(Case { out, err, diag, rc })
 }
 
 /// What follows `marker` on the test host's own output (outside the cases).
