@@ -114,7 +114,11 @@ impl Node {
         let t0 = Instant::now();
         while !server::socket_in_use(&self.socket) {
             if t0.elapsed() > Duration::from_secs(20) {
-                bail!("node {} did not start (see {}.log)", self.id, self.data.display());
+                bail!(
+                    "node {} did not start (see {}.log)",
+                    self.id,
+                    self.data.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -287,7 +291,10 @@ fn main() -> Result<()> {
             .join("kiln-store"),
     };
     if !bin.exists() {
-        bail!("{} not found (build kiln-store or pass --kiln-store)", bin.display());
+        bail!(
+            "{} not found (build kiln-store or pass --kiln-store)",
+            bin.display()
+        );
     }
     let _ = std::fs::remove_dir_all(&a.dir);
     std::fs::create_dir_all(&a.dir)?;
@@ -428,7 +435,9 @@ fn main() -> Result<()> {
         a.random_ops
     );
     println!();
-    println!("| target | seq write MiB/s | × raw | 4 KiB rand write IOPS | × raw | p50 µs | p99 µs |");
+    println!(
+        "| target | seq write MiB/s | × raw | 4 KiB rand write IOPS | × raw | p50 µs | p99 µs |"
+    );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in &rows {
         println!(
