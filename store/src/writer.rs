@@ -856,7 +856,7 @@ impl VolumeIo for Writer {
     fn flush(&self) -> Result<()> {
         self.check_usable()?;
         let mut inner = self.lock();
-        let req = Request::Flush {
+        let req = Request::FlushHot {
             name: self.name.clone(),
             epoch: self.epoch,
         };
