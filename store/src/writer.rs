@@ -334,6 +334,21 @@ impl Writer {
     fn fanout(&self, inner: &mut Inner, req: &Request) -> Vec<(usize, Result<Response>)> {
         let engine = &self.engine;
         let connector = self.connector.as_ref();
+        let targets = inner
+            .peers
+            .iter()
+            .filter(|p| p.state != PeerState::Stale)
+            .count();
+        if targets == 1 {
+            // One replica: no thread to spawn and join per write.
+            let (i, p) = inner
+                .peers
+                .iter_mut()
+                .enumerate()
+                .find(|(_, p)| p.state != PeerState::Stale)
+                .expect("counted above");
+            return vec![(i, p.call(engine, connector, req))];
+        }
         std::thread::scope(|s| {
             let handles: Vec<_> = inner
                 .peers
