@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +32,14 @@ use crate::{validate_name, BLOCKS_PER_EXTENT, BLOCK_SIZE, EXTENT_SIZE, MAX_IO, M
 const SIDECAR_SIZE: u64 = BLOCKS_PER_EXTENT * ENTRY_SIZE as u64;
 const EXTENT_FILE_SIZE: u64 = EXTENT_SIZE + SIDECAR_SIZE;
 const MAX_OPEN_FILES: usize = 1024;
+/// Regions (1 MiB each) the activity log may keep across data-path flushes
+/// (see [`Engine::flush_keep_hot`]); bounds what an attach after a crash
+/// compares between replicas.
+pub const ACTIVITY_LOG_LIMIT: usize = 1024;
+/// Threads issuing a flush's fdatasyncs.
+const SYNC_THREADS: usize = 8;
+/// Regions logged ahead of a sequential run (see `Engine::log_ahead`).
+const LOG_AHEAD: u64 = 16;
 
 /// Counters of the engine, reported by `volume show --json` and metrics.
 #[derive(Debug, Default)]
@@ -81,6 +90,8 @@ struct State {
     files: HashMap<u64, Arc<File>>,
     unsynced: HashSet<u64>,
     dirs_dirty: bool,
+    /// Per volume, the regions written since its last flush.
+    recent: HashMap<String, BTreeSet<u64>>,
 }
 
 pub struct Engine {
@@ -138,6 +149,7 @@ impl Engine {
                 files: HashMap::new(),
                 unsynced: HashSet::new(),
                 dirs_dirty: false,
+                recent: HashMap::new(),
             }),
             metrics: EngineMetrics::default(),
         })
@@ -548,6 +560,22 @@ impl Engine {
         changed
     }
 
+    /// Regions to add to the activity log ahead of a write to
+    /// `[first, last]` that extends a run already in the log (sequential
+    /// I/O), so that the run costs one durable commit per
+    /// [`LOG_AHEAD`] regions instead of one per region. Logging a region
+    /// that is not written only means it is compared after a crash.
+    fn log_ahead(rec: &VolumeRec, epoch: u64, first: u64, last: u64) -> Vec<u64> {
+        let Some(log) = rec.activity.get(&epoch) else {
+            return Vec::new();
+        };
+        if first == 0 || !log.contains(&(first - 1)) || log.contains(&last) {
+            return Vec::new();
+        }
+        let end = (last + LOG_AHEAD).min(ext_count(rec.size).saturating_sub(1));
+        (last + 1..=end).collect()
+    }
+
     /// Writes `data` at `offset` (both multiples of 4 KiB) under `epoch`.
     /// `stale` names the replicas that miss this write: their dirty maps
     /// here gain the regions written. Metadata changes are durable before
@@ -578,11 +606,24 @@ impl Engine {
         for &idx in &regions {
             ids.push(self.prepare_extent(&mut st, &mut batch, rec.map, idx)?);
         }
-        if Self::note_regions(&mut rec, epoch, &regions, stale) {
+        st.recent
+            .entry(name.to_string())
+            .or_default()
+            .extend(&regions);
+        let ahead = Self::log_ahead(&rec, epoch, first, last);
+        if Self::note_regions(&mut rec, epoch, &regions, stale)
+            | Self::note_regions(&mut rec, epoch, &ahead, &[])
+        {
+            // The activity log must be durable before the data lands (the
+            // regions may differ between replicas after a power loss).
             batch.volumes.push((name.to_string(), Some(rec.clone())));
             st.volumes.insert(name.to_string(), rec);
+            self.meta.commit(&batch)?;
+        } else {
+            // Only allocations: they must survive kill -9 before the write is
+            // acknowledged, and reach the disk by the next flush.
+            self.meta.commit_logged(&batch)?;
         }
-        self.meta.commit(&batch)?;
         let mut pos = 0usize;
         for (i, &idx) in regions.iter().enumerate() {
             let ext_start = idx * EXTENT_SIZE;
@@ -697,6 +738,57 @@ impl Engine {
     /// `checkpoint` names a volume and epoch, forget the volume's activity
     /// log: every write before this flush is on every in-sync replica.
     pub fn flush(&self, checkpoint: Option<(&str, u64)>) -> Result<()> {
+        self.sync_all_data(checkpoint)?;
+        if let Some((name, epoch)) = checkpoint {
+            self.lock().recent.remove(name);
+            let logged = !Self::vol(&self.lock(), name)?.activity.is_empty();
+            if logged {
+                self.update_rec(name, epoch, |rec| {
+                    rec.activity.clear();
+                    Ok(())
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The data-path flush: the same durability barrier as [`Engine::flush`],
+    /// but the activity log of `name` keeps its current-epoch regions while
+    /// it holds at most [`ACTIVITY_LOG_LIMIT`] of them; past that, only the
+    /// regions written since the previous flush stay. Every write before
+    /// the barrier is on every in-sync replica (the writer serializes writes
+    /// and flushes), so dropping any region is safe and keeping one only
+    /// means it is compared after a crash; keeping the hot ones spares the
+    /// durable commit that the next write to them would need.
+    pub fn flush_keep_hot(&self, name: &str, epoch: u64) -> Result<()> {
+        self.sync_all_data(Some((name, epoch)))?;
+        let mut st = self.lock();
+        let recent = st.recent.remove(name).unwrap_or_default();
+        let rec = Self::vol(&st, name)?;
+        let cur = rec.activity.get(&epoch).map(|l| l.len()).unwrap_or(0);
+        let only_current = rec.activity.keys().all(|e| *e == epoch);
+        if only_current && cur <= ACTIVITY_LOG_LIMIT {
+            return Ok(());
+        }
+        drop(st);
+        self.update_rec(name, epoch, |rec| {
+            let keep: BTreeSet<u64> = match rec.activity.get(&epoch) {
+                Some(l) if recent.len() <= ACTIVITY_LOG_LIMIT => {
+                    l.intersection(&recent).copied().collect()
+                }
+                _ => BTreeSet::new(),
+            };
+            rec.activity.clear();
+            if !keep.is_empty() {
+                rec.activity.insert(epoch, keep);
+            }
+            Ok(())
+        })
+    }
+
+    /// fdatasync of every extent file written since the last flush, the
+    /// extent directories if files were created, and the metadata log.
+    fn sync_all_data(&self, checkpoint: Option<(&str, u64)>) -> Result<()> {
         let (files, dirs_dirty) = {
             let mut st = self.lock();
             if let Some((name, epoch)) = checkpoint {
@@ -711,24 +803,36 @@ impl Engine {
             st.dirs_dirty = false;
             (files, d)
         };
-        for f in files {
-            f.sync_data()?;
+        // Start writeback of every file first, so that the file system
+        // can write them together and commit their allocations in one
+        // journal transaction, then wait for each.
+        for f in &files {
+            // SAFETY: plain syscall on a valid fd; failure only means no
+            // head start, sync_data below still waits for everything.
+            unsafe {
+                libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+            }
         }
+        // Several fdatasyncs in flight let the journal commit them
+        // together (ext4 batches concurrent fsyncs into one transaction).
+        let per = files.len().div_ceil(SYNC_THREADS).max(1);
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = files
+                .chunks(per)
+                .map(|c| s.spawn(move || c.iter().try_for_each(|f| f.sync_data())))
+                .collect();
+            jobs.into_iter().try_for_each(|j| {
+                j.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("fdatasync thread panicked")))
+            })
+        })?;
         if dirs_dirty {
             for d in &self.disks {
                 File::open(d.join("extents"))?.sync_all()?;
             }
         }
-        if let Some((name, epoch)) = checkpoint {
-            let logged = !Self::vol(&self.lock(), name)?.activity.is_empty();
-            if logged {
-                self.update_rec(name, epoch, |rec| {
-                    rec.activity.clear();
-                    Ok(())
-                })?;
-            }
-        }
-        Ok(())
+        // Allocations committed through the metadata log become durable.
+        self.meta.sync()
     }
 
     // ----- snapshots -----------------------------------------------------

@@ -2,13 +2,22 @@
 //! maps), extent maps and extent records.
 //!
 //! The engine keeps a full copy in memory and writes each change through a
-//! [`Batch`] committed in one ACID redb transaction with immediate
-//! durability, before the data write that depends on it is acknowledged.
+//! [`Batch`] committed in one ACID redb transaction before the data write
+//! that depends on it is acknowledged: with immediate durability
+//! ([`Meta::commit`]), or, for extent allocations on the data path
+//! ([`Meta::commit_logged`]), without an fsync but appended first to a
+//! write-ahead log (`meta.wal`) that reaches the page cache and so survives
+//! `kill -9` of the daemon. The next durable commit (at the latest the next
+//! flush, [`Meta::sync`]) makes them durable and empties the log; at startup
+//! records newer than the last durable commit are replayed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -57,7 +66,7 @@ pub struct VolumeRec {
     pub stale: BTreeMap<String, BTreeSet<u64>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExtentRec {
     pub disk: u32,
     pub refs: u32,
@@ -72,7 +81,7 @@ pub struct Loaded {
 }
 
 /// A set of changes committed together.
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
 pub struct Batch {
     pub volumes: Vec<(String, Option<VolumeRec>)>,
     pub maps: Vec<((u64, u64), Option<u64>)>,
@@ -91,7 +100,20 @@ impl Batch {
 
 pub struct Meta {
     db: Database,
+    wal: Mutex<Wal>,
 }
+
+/// The write-ahead log of non-durable commits since the last durable one.
+/// Record: len (u32 LE) | crc32c of the rest (u32 LE) | seq (u64 LE) |
+/// postcard(Batch). Every redb commit stores the sequence number of the
+/// last record it includes under `wal_seq`.
+struct Wal {
+    file: File,
+    len: u64,
+    seq: u64,
+}
+
+const WAL_HEADER: usize = 8;
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     postcard::to_stdvec(v).map_err(|e| Error::Meta(e.to_string()))
@@ -126,7 +148,64 @@ impl Meta {
             }
         }
         txn.commit()?;
-        Ok(Meta { db })
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path.with_extension("wal"))?;
+        let seq = Self::replay(&db, &file)?;
+        file.set_len(0)?;
+        file.sync_all()?;
+        Ok(Meta {
+            db,
+            wal: Mutex::new(Wal { file, len: 0, seq }),
+        })
+    }
+
+    /// Applies the log's records newer than the last durable commit, in
+    /// order, and commits them durably. Stops at the first torn record (a
+    /// write cut short by a crash was never acknowledged). Returns the last
+    /// sequence number.
+    fn replay(db: &Database, file: &File) -> Result<u64> {
+        let durable = db
+            .begin_read()?
+            .open_table(COUNTERS)?
+            .get("wal_seq")?
+            .map(|g| g.value())
+            .unwrap_or(0);
+        let mut buf = Vec::new();
+        let size = file.metadata()?.len();
+        buf.resize(size as usize, 0);
+        file.read_exact_at(&mut buf, 0)?;
+        let mut pos = 0usize;
+        let mut seq = durable;
+        let mut replayed = 0;
+        while pos + WAL_HEADER <= buf.len() {
+            let len = u32::from_le_bytes(buf[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+            let crc = u32::from_le_bytes(buf[pos + 4..pos + 8].try_into().expect("4 bytes"));
+            let body = pos + WAL_HEADER;
+            if len < 8 || body + len > buf.len() || crc32c::crc32c(&buf[body..body + len]) != crc {
+                break;
+            }
+            let s = u64::from_le_bytes(buf[body..body + 8].try_into().expect("8 bytes"));
+            if s > seq {
+                let batch: Batch = postcard::from_bytes(&buf[body + 8..body + len])
+                    .map_err(|e| Error::Meta(format!("metadata log: {e}")))?;
+                Self::apply(db, &batch, s, Durability::Immediate)?;
+                seq = s;
+                replayed += 1;
+            }
+            pos = body + len;
+        }
+        if replayed > 0 {
+            tracing::info!(records = replayed, "replayed the metadata log");
+        }
+        Ok(seq)
+    }
+
+    fn wal(&self) -> MutexGuard<'_, Wal> {
+        self.wal.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn load(&self) -> Result<Loaded> {
@@ -162,12 +241,64 @@ impl Meta {
         })
     }
 
-    /// Commits `batch` durably (fsync before return).
+    /// Commits `batch` durably (fsync before return), together with every
+    /// logged commit before it, and empties the log.
     pub fn commit(&self, batch: &Batch) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
+        let mut wal = self.wal();
+        Self::apply(&self.db, batch, wal.seq, Durability::Immediate)?;
+        Self::truncate(&mut wal)
+    }
+
+    /// Commits `batch` so that it survives the daemon being killed, but not
+    /// necessarily a power loss until the next durable commit or
+    /// [`Meta::sync`]: appended to the log (page cache), then committed to
+    /// redb without fsync.
+    pub fn commit_logged(&self, batch: &Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut wal = self.wal();
+        let seq = wal.seq + 1;
+        let mut rec = vec![0u8; WAL_HEADER];
+        rec.extend_from_slice(&seq.to_le_bytes());
+        postcard::to_io(batch, &mut rec).map_err(|e| Error::Meta(e.to_string()))?;
+        let len = (rec.len() - WAL_HEADER) as u32;
+        let crc = crc32c::crc32c(&rec[WAL_HEADER..]);
+        rec[..4].copy_from_slice(&len.to_le_bytes());
+        rec[4..8].copy_from_slice(&crc.to_le_bytes());
+        wal.file.write_all_at(&rec, wal.len)?;
+        wal.len += rec.len() as u64;
+        wal.seq = seq;
+        Self::apply(&self.db, batch, seq, Durability::None)
+    }
+
+    /// Makes every logged commit durable (a durability barrier for metadata).
+    pub fn sync(&self) -> Result<()> {
+        let mut wal = self.wal();
+        if wal.len == 0 {
+            return Ok(());
+        }
         let txn = self.db.begin_write()?;
+        txn.open_table(COUNTERS)?.insert("wal_seq", wal.seq)?;
+        txn.commit()?;
+        Self::truncate(&mut wal)
+    }
+
+    fn truncate(wal: &mut Wal) -> Result<()> {
+        if wal.len > 0 {
+            wal.file.set_len(0)?;
+            wal.len = 0;
+        }
+        Ok(())
+    }
+
+    fn apply(db: &Database, batch: &Batch, seq: u64, durability: Durability) -> Result<()> {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(durability)
+            .map_err(|e| Error::Meta(e.to_string()))?;
         {
             let mut vols = txn.open_table(VOLUMES)?;
             for (name, rec) in &batch.volumes {
@@ -202,9 +333,11 @@ impl Meta {
                     }
                 }
             }
+            let mut c = txn.open_table(COUNTERS)?;
             if let Some(n) = batch.next_id {
-                txn.open_table(COUNTERS)?.insert("next_id", n)?;
+                c.insert("next_id", n)?;
             }
+            c.insert("wal_seq", seq)?;
         }
         txn.commit()?;
         Ok(())

@@ -210,6 +210,14 @@ pub enum Request {
         name: String,
         socket: String,
     },
+    /// The writer's data-path flush: a durability barrier like `Flush`,
+    /// but the activity log keeps the regions written recently (up to
+    /// `engine::ACTIVITY_LOG_LIMIT`), so that writes to them need no
+    /// durable metadata commit (like DRBD's activity-log extents).
+    FlushHot {
+        name: String,
+        epoch: u64,
+    },
 }
 
 impl Request {

@@ -67,6 +67,10 @@ fn dispatch(engine: &Engine, connector: &dyn Connector, req: &Request) -> Result
             engine.flush(Some((name, *epoch)))?;
             Ok(Response::Ok)
         }
+        Request::FlushHot { name, epoch } => {
+            engine.flush_keep_hot(name, *epoch)?;
+            Ok(Response::Ok)
+        }
         Request::MarkStale {
             name,
             epoch,

@@ -4,8 +4,9 @@
 //! writer's (which also fences a previous writer still running on that
 //! node), and computes the regions to copy: the in-sync replicas' dirty map
 //! for it (regions written while it was away) united with its own activity
-//! log (regions it wrote that the others may not have — e.g. writes a fenced
-//! old writer made to its local replica after the epoch was raised). From
+//! log of earlier epochs (regions it wrote that the others may not have —
+//! e.g. writes a fenced old writer made to its local replica after the
+//! epoch was raised). From
 //! then on the replica receives new writes, and those regions are copied one
 //! at a time under the writer's lock, so a copy never races a write.
 
@@ -52,6 +53,20 @@ fn info(link: &mut Link, name: &str) -> Result<crate::engine::VolumeInfo> {
     }
 }
 
+/// The regions a replica logged as written under epochs before `epoch`.
+/// Its log entries of this writer's own epoch are left out: each such write
+/// either succeeded on every in-sync replica or failed somewhere, and then
+/// this writer recorded its regions in the survivors' dirty map for the
+/// replica before acknowledging it. (Data-path flushes keep hot regions in
+/// the log, so including them would resync regions that did not change.)
+fn earlier_activity(info: &crate::engine::VolumeInfo, epoch: u64) -> BTreeSet<u64> {
+    info.activity
+        .iter()
+        .filter(|(e, _)| **e != epoch)
+        .flat_map(|(_, r)| r.iter().copied())
+        .collect()
+}
+
 /// One attempt to resync `node`.
 pub fn resync_one(w: &Writer, node: &str) -> Result<()> {
     let (addr, local) = {
@@ -66,13 +81,7 @@ pub fn resync_one(w: &Writer, node: &str) -> Result<()> {
     // Probe without holding the writer lock: a hung peer must not stall I/O.
     let own_activity: BTreeSet<u64> = if local {
         w.engine.set_epoch(&w.name, w.epoch)?;
-        w.engine
-            .info(&w.name)?
-            .activity
-            .values()
-            .flatten()
-            .copied()
-            .collect()
+        earlier_activity(&w.engine.info(&w.name)?, w.epoch)
     } else {
         let mut link = Link::new(w.connector.connect(&addr)?);
         // Probe with a harmless request first: a frozen node then only has
@@ -92,8 +101,7 @@ pub fn resync_one(w: &Writer, node: &str) -> Result<()> {
             }
             e
         })?;
-        let i = info(&mut link, &w.name)?;
-        i.activity.values().flatten().copied().collect()
+        earlier_activity(&info(&mut link, &w.name)?, w.epoch)
     };
     let regions: Vec<u64> = {
         let mut inner = w.lock();

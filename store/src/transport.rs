@@ -84,7 +84,22 @@ impl Link {
         req: &Request,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Response> {
-        proto::send(&mut self.conn, Kind::Request, req).map_err(unavailable)?;
+        self.send(req)?;
+        self.recv_with_progress(progress)
+    }
+
+    /// Sends `req` without waiting; [`Link::recv`] reads its response. Lets
+    /// a caller have one request in flight on each of several links.
+    pub fn send(&mut self, req: &Request) -> Result<()> {
+        proto::send(&mut self.conn, Kind::Request, req).map_err(unavailable)
+    }
+
+    /// Reads the response to the request last sent.
+    pub fn recv(&mut self) -> Result<Response> {
+        self.recv_with_progress(&mut |_| {})
+    }
+
+    fn recv_with_progress(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<Response> {
         loop {
             let (kind, body) = proto::read_frame(&mut self.conn)
                 .map_err(unavailable)?

@@ -79,6 +79,30 @@ impl Peer {
         }
         r
     }
+
+    /// Sends `req` to a remote peer without waiting for the reply
+    /// ([`Peer::call_finish`] reads it).
+    fn call_start(&mut self, connector: &dyn Connector, req: &Request) -> Result<()> {
+        if self.link.is_none() {
+            self.link = Some(Link::new(connector.connect(&self.addr)?));
+        }
+        let r = self.link.as_mut().expect("link set above").send(req);
+        if r.is_err() {
+            self.link = None;
+        }
+        r
+    }
+
+    fn call_finish(&mut self) -> Result<Response> {
+        let Some(link) = self.link.as_mut() else {
+            return Err(Error::Unavailable("connection lost".into()));
+        };
+        let r = link.recv();
+        if matches!(r, Err(Error::Unavailable(_)) | Err(Error::Protocol(_))) {
+            self.link = None;
+        }
+        r
+    }
 }
 
 #[derive(Debug, Default)]
@@ -330,29 +354,34 @@ impl Writer {
     }
 
     /// Sends `req` to every replica that gets writes (in-sync and
-    /// resyncing), in parallel. Returns each one's result by peer index.
+    /// resyncing), in parallel: the request goes out on every remote link
+    /// first, then the local engine runs it, then the remote replies are
+    /// read (one connection per peer, so each has it in flight at once; no
+    /// thread per write). Returns each one's result by peer index.
     fn fanout(&self, inner: &mut Inner, req: &Request) -> Vec<(usize, Result<Response>)> {
         let engine = &self.engine;
         let connector = self.connector.as_ref();
-        std::thread::scope(|s| {
-            let handles: Vec<_> = inner
-                .peers
-                .iter_mut()
-                .enumerate()
-                .filter(|(_, p)| p.state != PeerState::Stale)
-                .map(|(i, p)| (i, s.spawn(move || p.call(engine, connector, req))))
-                .collect();
-            handles
-                .into_iter()
-                .map(|(i, h)| {
-                    (
-                        i,
-                        h.join()
-                            .unwrap_or_else(|_| Err(Error::Io("replica call panicked".into()))),
-                    )
-                })
-                .collect()
-        })
+        let mut results = Vec::new();
+        let mut started = Vec::new();
+        for (i, p) in inner.peers.iter_mut().enumerate() {
+            if p.state == PeerState::Stale || p.local {
+                continue;
+            }
+            match p.call_start(connector, req) {
+                Ok(()) => started.push(i),
+                Err(e) => results.push((i, Err(e))),
+            }
+        }
+        for (i, p) in inner.peers.iter_mut().enumerate() {
+            if p.state != PeerState::Stale && p.local {
+                results.push((i, p.call(engine, connector, req)));
+            }
+        }
+        for i in started {
+            results.push((i, inner.peers[i].call_finish()));
+        }
+        results.sort_by_key(|(i, _)| *i);
+        results
     }
 
     /// Sends a data-changing request to all replicas that get writes and
@@ -856,7 +885,7 @@ impl VolumeIo for Writer {
     fn flush(&self) -> Result<()> {
         self.check_usable()?;
         let mut inner = self.lock();
-        let req = Request::Flush {
+        let req = Request::FlushHot {
             name: self.name.clone(),
             epoch: self.epoch,
         };

@@ -1,0 +1,476 @@
+//! `kiln-store-bench`: the storage benchmark behind `scripts/bench-store`.
+//!
+//! Runs the same write workload against a raw local file (pwrite +
+//! fdatasync), a 1-replica and a 3-replica volume driven through the
+//! writer daemon's in-process `VolumeIo` (the path a vhost-user-blk backend
+//! in the daemon uses), and optionally the 3-replica volume through
+//! `VolumeClient` (the daemon's unix socket). The writer daemon runs in
+//! this process (`server::start`); the two other replicas are real
+//! `kiln-store serve` processes on 127.0.0.1. Prints a markdown table.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use kiln_store::meta::ReplicaAddr;
+use kiln_store::proto::{Request, Response, VolumeStatus};
+use kiln_store::server::{self, Daemon};
+use kiln_store::{VolumeClient, VolumeIo};
+
+const MIB: u64 = 1 << 20;
+
+/// Storage benchmark: raw file vs 1- and 3-replica kiln-store volumes on loopback.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Work directory for the raw file and the nodes' data dirs (use a real
+    /// disk filesystem, not tmpfs, so fdatasync means something). Emptied first.
+    #[arg(long, default_value = "target/bench-store")]
+    dir: PathBuf,
+    /// The kiln-store binary to run the two other replicas with (default:
+    /// next to this binary).
+    #[arg(long)]
+    kiln_store: Option<PathBuf>,
+    /// Flush (fdatasync on the raw file) after every N writes.
+    #[arg(long, default_value_t = 32)]
+    flush_every: u64,
+    /// MiB written by the sequential pass (on fresh, unallocated space); the
+    /// random writes then land inside this span.
+    #[arg(long, default_value_t = 512)]
+    seq_mib: u64,
+    /// Size of each sequential write, KiB. 512 KiB is what a Linux guest's
+    /// virtio-blk writeback sends with seg_max 128 (max_sectors_kb 1280).
+    #[arg(long, default_value_t = 512)]
+    seq_kib: u64,
+    /// Number of 4 KiB random writes.
+    #[arg(long, default_value_t = 4096)]
+    random_ops: u64,
+    /// MiB written to the 3-replica volume while one replica is down, before
+    /// timing its resync (0 skips the resync test).
+    #[arg(long, default_value_t = 1024)]
+    resync_mib: u64,
+    /// Also measure the 3-replica volume through the daemon's unix socket
+    /// (VolumeClient).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    socket_row: bool,
+    /// Targets to run, comma-separated: raw, r1, r3, socket (the raw file
+    /// always runs: it is the reference).
+    #[arg(long, default_value = "raw,r1,r3,socket", value_delimiter = ',')]
+    cases: Vec<String>,
+    /// Seed of the random offsets.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// The raw-file baseline: pwrite, flush = fdatasync.
+struct RawFile(File, u64);
+
+impl VolumeIo for RawFile {
+    fn size(&self) -> kiln_store::Result<u64> {
+        Ok(self.1)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> kiln_store::Result<()> {
+        Ok(self.0.read_exact_at(buf, offset)?)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> kiln_store::Result<()> {
+        Ok(self.0.write_all_at(buf, offset)?)
+    }
+    fn flush(&self) -> kiln_store::Result<()> {
+        Ok(self.0.sync_data()?)
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> kiln_store::Result<()> {
+        Ok(())
+    }
+}
+
+/// A `kiln-store serve` child, killed on drop.
+struct Node {
+    id: String,
+    addr: String,
+    data: PathBuf,
+    socket: PathBuf,
+    bin: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn start(&mut self) -> Result<()> {
+        let log = File::create(self.data.with_extension("log"))?;
+        let child = Command::new(&self.bin)
+            .args(["serve", "--node-id", &self.id, "--listen", &self.addr])
+            .arg("--data")
+            .arg(&self.data)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["--scrub-rate", "0"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        self.child = Some(child);
+        let t0 = Instant::now();
+        while !server::socket_in_use(&self.socket) {
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!(
+                    "node {} did not start (see {}.log)",
+                    self.id,
+                    self.data.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn call(d: &Daemon, req: Request) -> Result<Response> {
+    Ok(d.handle(req, true, &mut |_| {}).into_result()?)
+}
+
+fn status(d: &Daemon, name: &str) -> Result<VolumeStatus> {
+    match call(
+        d,
+        Request::VolShow {
+            name: name.to_string(),
+        },
+    )? {
+        Response::Status(s) => Ok(s),
+        r => bail!("unexpected reply {r:?}"),
+    }
+}
+
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+fn fill(buf: &mut [u8], rng: &mut Xorshift) {
+    for c in buf.chunks_mut(8) {
+        let v = rng.next().to_le_bytes();
+        c.copy_from_slice(&v[..c.len()]);
+    }
+}
+
+#[derive(Default, Clone)]
+struct Row {
+    name: String,
+    seq_mib_s: f64,
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+/// Sequential pass over `[base, base + seq_mib)`, then random 4 KiB writes
+/// inside it, a flush after every `flush_every` writes and at the end.
+fn workload(name: &str, io: &dyn VolumeIo, base: u64, a: &Args) -> Result<Row> {
+    let mut rng = Xorshift(a.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let span = a.seq_mib * MIB;
+    let chunk = a.seq_kib * 1024;
+    let mut buf = vec![0u8; chunk as usize];
+    fill(&mut buf, &mut rng);
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    let mut off = 0;
+    while off < span {
+        let len = chunk.min(span - off) as usize;
+        // Vary the data a little so no layer can dedupe it.
+        buf[..8].copy_from_slice(&off.to_le_bytes());
+        io.write_at(&buf[..len], base + off)
+            .with_context(|| format!("{name}: sequential write at {off}"))?;
+        off += len as u64;
+        n += 1;
+        if n % a.flush_every == 0 {
+            io.flush().with_context(|| format!("{name}: flush"))?;
+        }
+    }
+    io.flush()?;
+    let seq = span as f64 / MIB as f64 / t0.elapsed().as_secs_f64();
+
+    let blocks = span / 4096;
+    let mut blk = vec![0u8; 4096];
+    fill(&mut blk, &mut rng);
+    let mut lat = Vec::with_capacity(a.random_ops as usize);
+    let t0 = Instant::now();
+    for i in 1..=a.random_ops {
+        let off = rng.next() % blocks * 4096;
+        blk[..8].copy_from_slice(&i.to_le_bytes());
+        let t = Instant::now();
+        io.write_at(&blk, base + off)
+            .with_context(|| format!("{name}: random write at {off}"))?;
+        lat.push(t.elapsed());
+        if i % a.flush_every == 0 {
+            io.flush().with_context(|| format!("{name}: flush"))?;
+        }
+    }
+    io.flush()?;
+    let iops = a.random_ops as f64 / t0.elapsed().as_secs_f64();
+    lat.sort();
+    let row = Row {
+        name: name.to_string(),
+        seq_mib_s: seq,
+        iops,
+        p50_us: percentile(&lat, 0.5),
+        p99_us: percentile(&lat, 0.99),
+    };
+    eprintln!(
+        "kiln-store-bench: {name}: {seq:.0} MiB/s sequential, {iops:.0} IOPS (p50 {:.0} us, p99 {:.0} us)",
+        row.p50_us, row.p99_us
+    );
+    Ok(row)
+}
+
+fn fs_note(dir: &Path) -> String {
+    let out = Command::new("df")
+        .arg("--output=source,fstype")
+        .arg(dir)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .nth(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default(),
+        _ => "unknown filesystem".into(),
+    }
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if a.flush_every == 0 || a.seq_kib == 0 || a.seq_kib % 4 != 0 || a.seq_mib == 0 {
+        bail!("--flush-every, --seq-mib and --seq-kib must be > 0, --seq-kib a multiple of 4");
+    }
+    let bin = match &a.kiln_store {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no parent dir")?
+            .join("kiln-store"),
+    };
+    if !bin.exists() {
+        bail!(
+            "{} not found (build kiln-store or pass --kiln-store)",
+            bin.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&a.dir);
+    std::fs::create_dir_all(&a.dir)?;
+    let dir = a.dir.canonicalize()?;
+    let span = a.seq_mib * MIB;
+    let vol_size = span.max(a.resync_mib * MIB) * 2 + 64 * MIB;
+    eprintln!(
+        "kiln-store-bench: data in {} ({})",
+        dir.display(),
+        fs_note(&dir)
+    );
+
+    let mut rows = Vec::new();
+    // (a) raw file
+    {
+        let path = dir.join("raw.img");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        f.set_len(span)?;
+        rows.push(workload("raw file", &RawFile(f, span), 0, &a)?);
+        std::fs::remove_file(&path)?;
+    }
+
+    // Nodes: n1 in process (the writer), n2 and n3 as processes.
+    let mut nodes = Vec::new();
+    for id in ["n2", "n3"] {
+        let mut n = Node {
+            id: id.into(),
+            addr: format!("127.0.0.1:{}", free_port()?),
+            data: dir.join(id),
+            socket: dir.join(format!("{id}.sock")),
+            bin: bin.clone(),
+            child: None,
+        };
+        std::fs::create_dir_all(&n.data)?;
+        n.start()?;
+        nodes.push(n);
+    }
+    let n1_addr = format!("127.0.0.1:{}", free_port()?);
+    std::fs::create_dir_all(dir.join("n1"))?;
+    let daemon: Arc<Daemon> = server::start(server::Config {
+        node_id: "n1".into(),
+        data: vec![dir.join("n1")],
+        listen: n1_addr.clone(),
+        socket: dir.join("n1.sock"),
+        scrub_rate: 0,
+        scrub_interval: Duration::from_secs(3600),
+    })?;
+    let n1 = ReplicaAddr {
+        node: "n1".into(),
+        addr: n1_addr,
+    };
+    let all: Vec<ReplicaAddr> = std::iter::once(n1.clone())
+        .chain(nodes.iter().map(|n| ReplicaAddr {
+            node: n.id.clone(),
+            addr: n.addr.clone(),
+        }))
+        .collect();
+    let create = |name: &str, replicas: Vec<ReplicaAddr>| {
+        call(
+            &daemon,
+            Request::VolCreate {
+                name: name.into(),
+                size: vol_size,
+                replicas,
+            },
+        )
+    };
+
+    // (b) 1 replica, (c) 3 replicas, in-process VolumeIo.
+    let want = |c: &str| a.cases.iter().any(|x| x == c);
+    if want("r1") {
+        create("r1", vec![n1.clone()])?;
+        rows.push(workload(
+            "1 replica (in-process)",
+            daemon.volume_io("r1")?.as_ref(),
+            0,
+            &a,
+        )?);
+    }
+    create("r3", all.clone())?;
+    let r3 = daemon.volume_io("r3")?;
+    if want("r3") {
+        rows.push(workload("3 replicas (in-process)", r3.as_ref(), 0, &a)?);
+    }
+    if a.socket_row && want("socket") {
+        create("r3sock", all.clone())?;
+        let c = VolumeClient::open(&dir.join("n1.sock"), "r3sock")?;
+        rows.push(workload("3 replicas (unix socket)", &c, 0, &a)?);
+    }
+
+    // Resync: n3 down while resync_mib is written, then back.
+    let mut resync = None;
+    if a.resync_mib > 0 {
+        nodes[1].kill();
+        let chunk = vec![0xa5u8; MIB as usize];
+        let base = span; // fresh space past the workload's span
+        let t0 = Instant::now();
+        for i in 0..a.resync_mib {
+            r3.write_at(&chunk, base + i * MIB)?;
+            if (i + 1) % a.flush_every == 0 {
+                r3.flush()?;
+            }
+        }
+        r3.flush()?;
+        let degraded = a.resync_mib as f64 / t0.elapsed().as_secs_f64();
+        let st = status(&daemon, "r3")?;
+        let dirty: u64 = st.replicas.iter().map(|r| r.dirty_regions).sum();
+        let t0 = Instant::now();
+        nodes[1].start()?;
+        loop {
+            let st = status(&daemon, "r3")?;
+            if st.replicas.iter().all(|r| r.state == "in-sync") {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(1800) {
+                bail!("resync did not finish in 30 minutes");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let bytes = status(&daemon, "r3")?.resync_bytes;
+        eprintln!(
+            "kiln-store-bench: resync of {} MiB ({dirty} dirty regions) took {secs:.1} s",
+            bytes / MIB
+        );
+        resync = Some((secs, bytes, dirty, degraded));
+    }
+
+    // Report.
+    let raw = rows[0].clone();
+    println!(
+        "Data on {} ({}); flush every {} writes; sequential: {} MiB in {} KiB writes on fresh space; random: {} × 4 KiB inside that span.",
+        dir.display(),
+        fs_note(&dir),
+        a.flush_every,
+        a.seq_mib,
+        a.seq_kib,
+        a.random_ops
+    );
+    println!();
+    println!(
+        "| target | seq write MiB/s | × raw | 4 KiB rand write IOPS | × raw | p50 µs | p99 µs |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} |",
+            r.name,
+            r.seq_mib_s,
+            r.seq_mib_s / raw.seq_mib_s,
+            r.iops,
+            r.iops / raw.iops,
+            r.p50_us,
+            r.p99_us
+        );
+    }
+    if let Some((secs, bytes, dirty, degraded)) = resync {
+        println!();
+        println!(
+            "Resync: {} MiB written (1 MiB writes, {degraded:.0} MiB/s degraded) while n3 was killed; \
+             restart to in-sync took **{secs:.1} s** ({} MiB copied, {dirty} dirty regions, {:.0} MiB/s).",
+            a.resync_mib,
+            bytes / MIB,
+            bytes as f64 / MIB as f64 / secs
+        );
+    }
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
