@@ -214,10 +214,12 @@ vm_run net --net tap=kt0,mac=52:54:00:12:34:56 --disk path=/tmp/net.img,ro=on \
 unset KILN_LOG
 kill "$monitor_pid" "$recv_pid" "$send_pid" 2>/dev/null
 echo "NET-G2H-RECEIVED $(cut -d' ' -f1 /tmp/g2h.md5 2>/dev/null)"
-# A stalled transfer (an open bug, see issue 3's notes: the guest's vCPU
-# spins and the guest stops making progress) is reported above with its
-# diagnostics; the case then runs once more in a fresh VM, and the test
-# checks that run's transfers (and says loudly that it had to).
+# A stalled transfer is reported above with its diagnostics; the case then
+# runs once more in a fresh VM, and the test checks that run's transfers
+# (and says loudly that it had to). The stall is the nested environment's:
+# the guest's vCPU spins in KVM exits that never reach the VMM, and QEMU
+# microvm's guest stalls the same way under the same traffic (issue 3's
+# notes have the figures).
 if [ -f /tmp/net.stalled ]; then
     echo "NET-RETRY after a stall"
     rm -f /tmp/g2h.md5 /tmp/net.stalled
@@ -535,8 +537,9 @@ fn net_guest_has_the_configured_mac_address() {
 #[test]
 fn net_tcp_transfers_arrive_intact_both_ways() {
     let Some(first) = case("net") else { return };
-    // After a stall (an open bug; its diagnostics are in the first run's
-    // output) the script ran the case again: that run must be clean.
+    // After a stall (the nested environment's; its diagnostics are in the
+    // first run's output) the script ran the case again: that run must be
+    // clean.
     let (c, received) = if host_value("NET-RETRY").is_some() {
         eprintln!(
             "WARNING: the first network run stalled and was retried; its diagnostics:\n{first:?}"
