@@ -27,7 +27,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -48,6 +48,10 @@ pub const STATUS_NOT_READY: i32 = 125;
 /// Exit status of `scripts/testhost` when the test host stopped without
 /// reporting the script's status (e.g. a kernel panic).
 pub const STATUS_NO_REPORT: i32 = 126;
+
+/// Status of a run the harness stopped because the test host's kernel
+/// reported a soft lockup of a VMM thread (the nested environment wedged).
+pub const STATUS_HOST_LOCKUP: i32 = 127;
 
 /// Extra time allowed beyond a run's timeout (QEMU shutdown) before the
 /// harness kills `scripts/testhost` itself.
@@ -269,6 +273,16 @@ impl HostRun {
         })
     }
 
+    /// Why this run says nothing about the code under test, if it does
+    /// not: the test host wedged or died on its own.
+    pub fn environment_failure(&self) -> Option<&'static str> {
+        match self.status {
+            STATUS_HOST_LOCKUP => Some("its kernel reported a soft lockup of a VMM thread"),
+            STATUS_NO_REPORT => Some("it stopped without reporting the script's status"),
+            _ => None,
+        }
+    }
+
     /// Whether the test host reached `KILN-TESTHOST-READY`.
     pub fn host_ready(&self) -> bool {
         !self.lines_with(TESTHOST_READY).is_empty()
@@ -344,13 +358,45 @@ impl TestHost {
         // A test that panicked while holding the lock does not matter here.
         let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
 
+        // The nested environment itself sometimes wedges: the test host's
+        // kernel reports a soft lockup of a VMM's vCPU thread (stuck inside
+        // the test host's KVM), or the test host dies without a word. That
+        // is not a result about the code under test; such a run is retried
+        // once, and said so on stderr.
+        let first = Self::run_once(
+            script,
+            bins,
+            files,
+            timeout,
+            SEQ.fetch_add(1, Ordering::Relaxed),
+        )?;
+        let Some(why) = first.environment_failure() else {
+            return Ok(first);
+        };
+        eprintln!(
+            "WARNING: the test host failed on its own ({why}); running it once more. \
+             The failed run's console:\n{}",
+            first.output
+        );
+        Self::run_once(
+            script,
+            bins,
+            files,
+            timeout,
+            SEQ.fetch_add(1, Ordering::Relaxed),
+        )
+    }
+
+    fn run_once(
+        script: &str,
+        bins: &[PathBuf],
+        files: &[(PathBuf, String)],
+        timeout: Duration,
+        seq: usize,
+    ) -> Result<HostRun> {
         let dir = target_dir().join("kiln-tests");
         std::fs::create_dir_all(&dir)?;
-        let script_path = dir.join(format!(
-            "run-{}-{}.sh",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
+        let script_path = dir.join(format!("run-{}-{seq}.sh", std::process::id()));
         std::fs::write(&script_path, script)?;
         let _cleanup = RemoveOnDrop(script_path.clone());
 
@@ -381,10 +427,15 @@ impl TestHost {
         let stderr = child.stderr.take().expect("piped stderr");
         // Console lines go through println!, which libtest captures per test
         // (shown on failure, or live with --nocapture).
+        let lockup = Arc::new(AtomicBool::new(false));
+        let lockup_seen = lockup.clone();
         let out_reader = thread::spawn(move || {
             let mut all = String::new();
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if is_host_lockup(&line) {
+                    lockup_seen.store(true, Ordering::Relaxed);
+                }
                 println!("[testhost] {line}");
                 all.push_str(&line);
                 all.push('\n');
@@ -418,6 +469,19 @@ impl TestHost {
                 Some(t) => t + timeout + HARNESS_SLACK,
                 None => start + PRE_BOOT_LIMIT,
             };
+            if lockup.load(Ordering::Relaxed) {
+                // The test host will not recover: stop it now rather than
+                // at the timeout.
+                kill_group(&mut child);
+                let output = out_reader.join().unwrap_or_default();
+                let stderr = err_reader.join().unwrap_or_default();
+                return Ok(HostRun {
+                    status: STATUS_HOST_LOCKUP,
+                    output,
+                    stderr,
+                    elapsed: start.elapsed(),
+                });
+            }
             if Instant::now() >= deadline {
                 kill_group(&mut child);
                 let output = out_reader.join().unwrap_or_default();
@@ -440,6 +504,14 @@ impl TestHost {
             elapsed: start.elapsed(),
         })
     }
+}
+
+/// A test-host kernel line saying one of its VMM threads is stuck in the
+/// kernel (`watchdog: BUG: soft lockup - CPU#0 stuck for 23s! [kiln-vcpu0:138]`).
+/// A nested guest's own lockup names a guest task, and arrives tagged by
+/// the test script, so it does not match.
+fn is_host_lockup(line: &str) -> bool {
+    line.contains("BUG: soft lockup") && (line.contains("[kiln-") || line.contains("[qemu-system"))
 }
 
 /// SIGTERM to the process group (scripts/testhost forwards it to QEMU), then
@@ -511,5 +583,25 @@ mod tests {
         let root = repo_root();
         assert!(root.join("images/build").is_file());
         assert!(root.join("scripts/testhost").is_file());
+    }
+}
+
+#[cfg(test)]
+mod harness_tests {
+    use super::*;
+
+    #[test]
+    fn a_vmm_thread_stuck_in_the_test_hosts_kernel_is_a_host_lockup() {
+        assert!(is_host_lockup(
+            "[  320.452887] watchdog: BUG: soft lockup - CPU#0 stuck for 257s! [kiln-vcpu0:138]"
+        ));
+        assert!(is_host_lockup(
+            "[ 99.1] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [qemu-system-x86:301]"
+        ));
+        // A nested guest's lockup names a guest task.
+        assert!(!is_host_lockup(
+            "[net] [   40.1] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [swapper/0:0]"
+        ));
+        assert!(!is_host_lockup("KILN-GUEST-READY uptime=3.1 cpus=1"));
     }
 }
