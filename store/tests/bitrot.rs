@@ -37,16 +37,7 @@ fn flipped_bytes_are_detected_and_repaired() {
     let t = tempfile::tempdir().unwrap();
     let n1 = Node::new(t.path(), "n1", 1);
     let n2 = Node::new(t.path(), "n2", 1);
-    n1.cli_ok(&[
-        "create",
-        "vol",
-        "--size",
-        "4M",
-        "--replica",
-        &n1.replica_arg(),
-        "--replica",
-        &n2.replica_arg(),
-    ]);
+    n1.create_volume("vol", "4M", &[&n1, &n2]);
     let v = VolumeClient::open(&n1.socket, "vol").unwrap();
     let data = pattern(1, 4 << 20);
     v.write_at(&data, 0).unwrap();
@@ -104,16 +95,7 @@ fn background_scrub_repairs_an_idle_block() {
         1,
         &["--scrub-rate", "64M", "--scrub-interval", "1"],
     );
-    n1.cli_ok(&[
-        "create",
-        "vol",
-        "--size",
-        "2M",
-        "--replica",
-        &n1.replica_arg(),
-        "--replica",
-        &n2.replica_arg(),
-    ]);
+    n1.create_volume("vol", "2M", &[&n1, &n2]);
     let v = VolumeClient::open(&n1.socket, "vol").unwrap();
     let data = pattern(2, 2 << 20);
     v.write_at(&data, 0).unwrap();

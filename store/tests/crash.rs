@@ -32,16 +32,7 @@ fn acknowledged_writes_survive_repeated_kill_9() {
     let t = tempfile::tempdir().unwrap();
     let mut n1 = Node::new(t.path(), "n1", 1);
     let n2 = Node::new(t.path(), "n2", 1);
-    n1.cli_ok(&[
-        "create",
-        "vol",
-        "--size",
-        "4M",
-        "--replica",
-        &n1.replica_arg(),
-        "--replica",
-        &n2.replica_arg(),
-    ]);
+    n1.create_volume("vol", "4M", &[&n1, &n2]);
     let model = Arc::new(Mutex::new(Model::default()));
     let mut rng = Rng(0x5eed);
     let mut seq = 1u64;

@@ -30,14 +30,7 @@ fn hostile_requests_are_refused_without_harm() {
     let t = tempfile::tempdir().unwrap();
     let n1 = Node::new(t.path(), "n1", 1);
     let addr = n1.addr();
-    n1.cli_ok(&[
-        "create",
-        "vol",
-        "--size",
-        "1M",
-        "--replica",
-        &n1.replica_arg(),
-    ]);
+    n1.create_volume("vol", "1M", &[&n1]);
 
     // Garbage, a wrong version, an absurd length: the connection is closed.
     assert!(closes(&addr, b"GET / HTTP/1.1\r\n\r\n"));

@@ -19,13 +19,8 @@ fn three_nodes(base: &std::path::Path) -> Vec<Node> {
 }
 
 fn create(nodes: &[Node], writer: usize, vol: &str, size: &str) {
-    let mut args = vec!["create", vol, "--size", size];
-    let reps: Vec<String> = nodes.iter().map(|n| n.replica_arg()).collect();
-    for r in &reps {
-        args.push("--replica");
-        args.push(r);
-    }
-    nodes[writer].cli_ok(&args);
+    let replicas: Vec<&Node> = nodes.iter().collect();
+    nodes[writer].create_volume(vol, size, &replicas);
 }
 
 #[test]

@@ -321,16 +321,7 @@ fn split(len: usize, pieces: usize, write: bool) -> Vec<D> {
 fn two_nodes(base: &Path) -> (Node, Node) {
     let n1 = Node::new(base, "n1", 1);
     let n2 = Node::new(base, "n2", 1);
-    n1.cli_ok(&[
-        "create",
-        "vmdisk",
-        "--size",
-        "8M",
-        "--replica",
-        &n1.replica_arg(),
-        "--replica",
-        &n2.replica_arg(),
-    ]);
+    n1.create_volume("vmdisk", "8M", &[&n1, &n2]);
     (n1, n2)
 }
 

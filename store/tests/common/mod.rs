@@ -185,6 +185,17 @@ impl Node {
             .unwrap()
     }
 
+    /// `volume create VOL --size SIZE --replica ...` on this node (the writer).
+    pub fn create_volume(&self, vol: &str, size: &str, replicas: &[&Node]) -> String {
+        let reps: Vec<String> = replicas.iter().map(|n| n.replica_arg()).collect();
+        let mut args = vec!["create", vol, "--size", size];
+        for r in &reps {
+            args.push("--replica");
+            args.push(r);
+        }
+        self.cli_ok(&args)
+    }
+
     pub fn cli_ok(&self, args: &[&str]) -> String {
         let o = self.cli(args);
         assert!(
