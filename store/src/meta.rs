@@ -26,8 +26,8 @@ use crate::error::{Error, Result};
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 /// (map id, extent index) → extent id
 const MAPS: TableDefinition<(u64, u64), u64> = TableDefinition::new("maps");
-/// extent id → (disk index, reference count)
-const EXTENTS: TableDefinition<u64, (u32, u32)> = TableDefinition::new("extents");
+/// extent id → (disk index, reference count, slot on that disk)
+const EXTENTS: TableDefinition<u64, (u32, u32, u64)> = TableDefinition::new("extent_slots");
 /// "next_id" → next free id for volumes, maps and extents
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 /// "node_id" → this node's id, "disks" → number of data dirs at creation
@@ -70,6 +70,9 @@ pub struct VolumeRec {
 pub struct ExtentRec {
     pub disk: u32,
     pub refs: u32,
+    /// Where the extent lives in its disk's slab files (see
+    /// [`crate::engine`]).
+    pub slot: u64,
 }
 
 /// Everything loaded at startup.
@@ -225,8 +228,8 @@ impl Meta {
         let mut extents = HashMap::new();
         for item in txn.open_table(EXTENTS)?.iter()? {
             let (k, v) = item?;
-            let (disk, refs) = v.value();
-            extents.insert(k.value(), ExtentRec { disk, refs });
+            let (disk, refs, slot) = v.value();
+            extents.insert(k.value(), ExtentRec { disk, refs, slot });
         }
         let next_id = txn
             .open_table(COUNTERS)?
@@ -326,7 +329,7 @@ impl Meta {
             for (id, rec) in &batch.extents {
                 match rec {
                     Some(r) => {
-                        ext.insert(*id, (r.disk, r.refs))?;
+                        ext.insert(*id, (r.disk, r.refs, r.slot))?;
                     }
                     None => {
                         ext.remove(*id)?;
