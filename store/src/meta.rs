@@ -3,13 +3,16 @@
 //!
 //! The engine keeps a full copy in memory and writes each change through a
 //! [`Batch`] committed in one ACID redb transaction before the data write
-//! that depends on it is acknowledged: with immediate durability
-//! ([`Meta::commit`]), or, for extent allocations on the data path
-//! ([`Meta::commit_logged`]), without an fsync but appended first to a
-//! write-ahead log (`meta.wal`) that reaches the page cache and so survives
-//! `kill -9` of the daemon. The next durable commit (at the latest the next
-//! flush, [`Meta::sync`]) makes them durable and empties the log; at startup
-//! records newer than the last durable commit are replayed.
+//! that depends on it is acknowledged. The batch is first appended to a
+//! write-ahead log (`meta.wal`), then committed to redb without an fsync.
+//! A durable commit ([`Meta::commit`]) fdatasyncs the log; a logged one
+//! (extent allocations on the data path, [`Meta::commit_logged`]) leaves
+//! the record in the page cache, where it survives `kill -9` of the daemon,
+//! until the next durable commit or flush ([`Meta::sync`]). The log is a
+//! preallocated file written in place, so its fdatasync flushes data
+//! without a file-system journal commit. When it is full, a durable redb
+//! commit (a checkpoint) makes everything in it redundant and it starts
+//! over; at startup, records newer than the last checkpoint are replayed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -106,17 +109,26 @@ pub struct Meta {
     wal: Mutex<Wal>,
 }
 
-/// The write-ahead log of non-durable commits since the last durable one.
-/// Record: len (u32 LE) | crc32c of the rest (u32 LE) | seq (u64 LE) |
-/// postcard(Batch). Every redb commit stores the sequence number of the
-/// last record it includes under `wal_seq`.
+/// The write-ahead log of commits since the last checkpoint (durable redb
+/// commit). Record: len (u32 LE) | crc32c of the rest (u32 LE) | seq (u64
+/// LE) | postcard(Batch); records are numbered consecutively and written
+/// from the start of the file after each checkpoint, over the records of
+/// earlier rounds (all numbered at or below the checkpoint's). Every redb
+/// commit stores the sequence number of the last record it includes under
+/// `wal_seq`.
 struct Wal {
     file: File,
+    /// Where the next record goes.
     len: u64,
+    /// How much of the log is known durable.
+    synced: u64,
     seq: u64,
 }
 
 const WAL_HEADER: usize = 8;
+/// Size of the preallocated log; a full log is checkpointed (small in unit
+/// tests, so that they wrap it).
+const WAL_CAPACITY: u64 = if cfg!(test) { 64 << 10 } else { 4 << 20 };
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     postcard::to_stdvec(v).map_err(|e| Error::Meta(e.to_string()))
@@ -158,18 +170,30 @@ impl Meta {
             .truncate(false)
             .open(path.with_extension("wal"))?;
         let seq = Self::replay(&db, &file)?;
-        file.set_len(0)?;
-        file.sync_all()?;
+        // Replayed records were committed durably; the log starts over. Its
+        // blocks are written once (zeros), so that later fdatasyncs of
+        // records written in place need no journal commit.
+        let size = file.metadata()?.len();
+        if size < WAL_CAPACITY {
+            file.write_all_at(&vec![0u8; (WAL_CAPACITY - size) as usize], size)?;
+            file.sync_all()?;
+        }
         Ok(Meta {
             db,
-            wal: Mutex::new(Wal { file, len: 0, seq }),
+            wal: Mutex::new(Wal {
+                file,
+                len: 0,
+                synced: 0,
+                seq,
+            }),
         })
     }
 
     /// Applies the log's records newer than the last durable commit, in
     /// order, and commits them durably. Stops at the first torn record (a
-    /// write cut short by a crash was never acknowledged). Returns the last
-    /// sequence number.
+    /// write cut short by a crash was never acknowledged) and at the first
+    /// that does not follow the one before (the end of this round's
+    /// records, over an earlier round's). Returns the last sequence number.
     fn replay(db: &Database, file: &File) -> Result<u64> {
         let durable = db
             .begin_read()?
@@ -192,7 +216,10 @@ impl Meta {
                 break;
             }
             let s = u64::from_le_bytes(buf[body..body + 8].try_into().expect("8 bytes"));
-            if s > seq {
+            if s > durable && s != seq + 1 {
+                break;
+            }
+            if s > durable {
                 let batch: Batch = postcard::from_bytes(&buf[body + 8..body + len])
                     .map_err(|e| Error::Meta(format!("metadata log: {e}")))?;
                 Self::apply(db, &batch, s, Durability::Immediate)?;
@@ -244,15 +271,17 @@ impl Meta {
         })
     }
 
-    /// Commits `batch` durably (fsync before return), together with every
-    /// logged commit before it, and empties the log.
+    /// Commits `batch` durably (fdatasync of the log before return), together
+    /// with every logged commit before it.
     pub fn commit(&self, batch: &Batch) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
         let mut wal = self.wal();
-        Self::apply(&self.db, batch, wal.seq, Durability::Immediate)?;
-        Self::truncate(&mut wal)
+        if self.append(&mut wal, batch)? {
+            Self::sync_log(&mut wal)?;
+        }
+        Ok(())
     }
 
     /// Commits `batch` so that it survives the daemon being killed, but not
@@ -264,10 +293,39 @@ impl Meta {
             return Ok(());
         }
         let mut wal = self.wal();
+        self.append(&mut wal, batch)?;
+        Ok(())
+    }
+
+    /// Makes every logged commit durable (a durability barrier for metadata).
+    pub fn sync(&self) -> Result<()> {
+        Self::sync_log(&mut self.wal())
+    }
+
+    fn sync_log(wal: &mut Wal) -> Result<()> {
+        if wal.synced < wal.len {
+            wal.file.sync_data()?;
+            wal.synced = wal.len;
+        }
+        Ok(())
+    }
+
+    /// Logs `batch` as the next record and commits it to redb without
+    /// durability. Returns false if, too large for the log, it was committed
+    /// durably to redb instead (nothing left to sync).
+    fn append(&self, wal: &mut Wal, batch: &Batch) -> Result<bool> {
         let seq = wal.seq + 1;
         let mut rec = vec![0u8; WAL_HEADER];
         rec.extend_from_slice(&seq.to_le_bytes());
         postcard::to_io(batch, &mut rec).map_err(|e| Error::Meta(e.to_string()))?;
+        if wal.len + rec.len() as u64 > WAL_CAPACITY {
+            self.checkpoint(wal)?;
+            if rec.len() as u64 > WAL_CAPACITY {
+                Self::apply(&self.db, batch, seq, Durability::Immediate)?;
+                wal.seq = seq;
+                return Ok(false);
+            }
+        }
         let len = (rec.len() - WAL_HEADER) as u32;
         let crc = crc32c::crc32c(&rec[WAL_HEADER..]);
         rec[..4].copy_from_slice(&len.to_le_bytes());
@@ -275,26 +333,18 @@ impl Meta {
         wal.file.write_all_at(&rec, wal.len)?;
         wal.len += rec.len() as u64;
         wal.seq = seq;
-        Self::apply(&self.db, batch, seq, Durability::None)
+        Self::apply(&self.db, batch, seq, Durability::None)?;
+        Ok(true)
     }
 
-    /// Makes every logged commit durable (a durability barrier for metadata).
-    pub fn sync(&self) -> Result<()> {
-        let mut wal = self.wal();
-        if wal.len == 0 {
-            return Ok(());
-        }
+    /// A durable redb commit of everything logged so far; the log starts
+    /// over from its beginning.
+    fn checkpoint(&self, wal: &mut Wal) -> Result<()> {
         let txn = self.db.begin_write()?;
         txn.open_table(COUNTERS)?.insert("wal_seq", wal.seq)?;
         txn.commit()?;
-        Self::truncate(&mut wal)
-    }
-
-    fn truncate(wal: &mut Wal) -> Result<()> {
-        if wal.len > 0 {
-            wal.file.set_len(0)?;
-            wal.len = 0;
-        }
+        wal.len = 0;
+        wal.synced = 0;
         Ok(())
     }
 
@@ -344,5 +394,132 @@ impl Meta {
         }
         txn.commit()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn volume(size: u64) -> VolumeRec {
+        VolumeRec {
+            id: 1,
+            size,
+            map: 2,
+            epoch: 1,
+            replicas: Vec::new(),
+            snapshots: BTreeMap::new(),
+            activity: BTreeMap::new(),
+            stale: BTreeMap::new(),
+        }
+    }
+
+    fn set_volume(name: &str, rec: Option<VolumeRec>) -> Batch {
+        Batch {
+            volumes: vec![(name.to_string(), rec)],
+            ..Batch::default()
+        }
+    }
+
+    fn alloc(id: u64) -> Batch {
+        Batch {
+            maps: vec![((2, id), Some(id))],
+            extents: vec![(
+                id,
+                Some(ExtentRec {
+                    disk: 0,
+                    refs: 1,
+                    slot: id,
+                }),
+            )],
+            next_id: Some(id + 1),
+            ..Batch::default()
+        }
+    }
+
+    /// What a `kill -9` leaves: the files as they are in the page cache
+    /// now, with no shutdown work by redb (which, dropped, commits).
+    fn crash_copy(from: &Path, to: &Path) -> PathBuf {
+        std::fs::create_dir_all(to).unwrap();
+        for f in ["meta.redb", "meta.wal"] {
+            std::fs::copy(from.join(f), to.join(f)).unwrap();
+        }
+        to.join("meta.redb")
+    }
+
+    #[test]
+    fn logged_commits_survive_a_crash_through_the_log() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("meta.redb");
+        let m = Meta::open(&path, "n1").unwrap();
+        m.commit(&set_volume("v", Some(volume(1 << 20)))).unwrap();
+        for id in 10..20 {
+            m.commit_logged(&alloc(id)).unwrap();
+        }
+        // Crashed without a checkpoint: redb has only its last durable
+        // commit (the initial one); everything else comes from the log.
+        let path = crash_copy(t.path(), &t.path().join("c1"));
+        let m = Meta::open(&path, "n1").unwrap();
+        let l = m.load().unwrap();
+        assert_eq!(l.volumes["v"].size, 1 << 20);
+        assert_eq!(l.extents.len(), 10);
+        assert_eq!(l.next_id, 20);
+        // After a second crash nothing is replayed twice or lost.
+        m.commit_logged(&alloc(20)).unwrap();
+        let path = crash_copy(&t.path().join("c1"), &t.path().join("c2"));
+        let l = Meta::open(&path, "n1").unwrap().load().unwrap();
+        assert_eq!(l.extents.len(), 11);
+        assert_eq!(l.maps.len(), 11);
+    }
+
+    #[test]
+    fn a_wrapped_log_never_replays_an_earlier_round() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("meta.redb");
+        let m = Meta::open(&path, "n1").unwrap();
+        // Round one: fills the log until it is checkpointed and starts over.
+        m.commit(&set_volume("old", Some(volume(4096)))).unwrap();
+        let mut id = 100;
+        loop {
+            let before = m.wal().len;
+            m.commit_logged(&alloc(id)).unwrap();
+            id += 1;
+            if m.wal().len < before {
+                break;
+            }
+        }
+        // Round two, at the start of the log: "old" goes away, "new" comes.
+        m.commit(&set_volume("old", None)).unwrap();
+        m.commit(&set_volume("new", Some(volume(8192)))).unwrap();
+        assert!(m.wal().len < 4096);
+        let path = crash_copy(t.path(), &t.path().join("c"));
+        let l = Meta::open(&path, "n1").unwrap().load().unwrap();
+        assert!(!l.volumes.contains_key("old"), "an old record was replayed");
+        assert_eq!(l.volumes["new"].size, 8192);
+        assert_eq!(l.extents.len() as u64, id - 100);
+    }
+
+    #[test]
+    fn a_torn_record_ends_the_replay() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("meta.redb");
+        let m = Meta::open(&path, "n1").unwrap();
+        m.commit_logged(&alloc(1)).unwrap();
+        let end_of_first = m.wal().len;
+        m.commit_logged(&alloc(2)).unwrap();
+        m.commit_logged(&alloc(3)).unwrap();
+        let path = crash_copy(t.path(), &t.path().join("c"));
+        // The second record is cut short: it and everything after it are
+        // dropped (never acknowledged as durable).
+        let wal = OpenOptions::new()
+            .write(true)
+            .open(path.with_extension("wal"))
+            .unwrap();
+        wal.write_all_at(&[0xff; 4], end_of_first + WAL_HEADER as u64 + 9)
+            .unwrap();
+        let l = Meta::open(&path, "n1").unwrap().load().unwrap();
+        assert_eq!(l.extents.keys().copied().collect::<Vec<_>>(), vec![1]);
     }
 }

@@ -58,9 +58,11 @@ struct Args {
     /// (VolumeClient).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     socket_row: bool,
-    /// Targets to run, comma-separated: raw, r1, r3, socket (the raw file
-    /// always runs: it is the reference).
-    #[arg(long, default_value = "raw,r1,r3,socket", value_delimiter = ',')]
+    /// Targets to run, comma-separated: raw, raw3, r1, r3, socket (the raw
+    /// file always runs: it is the reference). raw3 writes three raw files
+    /// at once, one thread each: what three copies cost on this one disk,
+    /// the bound for three replicas on loopback.
+    #[arg(long, default_value = "raw,raw3,r1,r3,socket", value_delimiter = ',')]
     cases: Vec<String>,
     /// Seed of the random offsets.
     #[arg(long, default_value_t = 1)]
@@ -312,9 +314,8 @@ fn main() -> Result<()> {
     );
 
     let mut rows = Vec::new();
-    // (a) raw file
-    {
-        let path = dir.join("raw.img");
+    let raw_file = |name: &str| -> Result<(PathBuf, RawFile)> {
+        let path = dir.join(name);
         let f = OpenOptions::new()
             .read(true)
             .write(true)
@@ -322,8 +323,44 @@ fn main() -> Result<()> {
             .truncate(true)
             .open(&path)?;
         f.set_len(span)?;
-        rows.push(workload("raw file", &RawFile(f, span), 0, &a)?);
+        Ok((path, RawFile(f, span)))
+    };
+    // (a) raw file
+    {
+        let (path, f) = raw_file("raw.img")?;
+        rows.push(workload("raw file", &f, 0, &a)?);
         std::fs::remove_file(&path)?;
+    }
+    let want = |c: &str| a.cases.iter().any(|x| x == c);
+    // (a') three raw files at once: each stream's mean rate.
+    if want("raw3") {
+        let files = (1..=3)
+            .map(|i| raw_file(&format!("raw{i}.img")))
+            .collect::<Result<Vec<_>>>()?;
+        let args = &a;
+        let per = std::thread::scope(|s| {
+            let jobs: Vec<_> = files
+                .iter()
+                .enumerate()
+                .map(|(i, (_, f))| {
+                    s.spawn(move || workload(&format!("raw file #{}", i + 1), f, 0, args))
+                })
+                .collect();
+            jobs.into_iter()
+                .map(|j| j.join().expect("raw3 thread panicked"))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let mean = |f: fn(&Row) -> f64| per.iter().map(f).sum::<f64>() / per.len() as f64;
+        rows.push(Row {
+            name: "3 raw files at once (per file)".into(),
+            seq_mib_s: mean(|r| r.seq_mib_s),
+            iops: mean(|r| r.iops),
+            p50_us: mean(|r| r.p50_us),
+            p99_us: mean(|r| r.p99_us),
+        });
+        for (path, _) in files {
+            std::fs::remove_file(path)?;
+        }
     }
 
     // Nodes: n1 in process (the writer), n2 and n3 as processes.
@@ -373,7 +410,6 @@ fn main() -> Result<()> {
     };
 
     // (b) 1 replica, (c) 3 replicas, in-process VolumeIo.
-    let want = |c: &str| a.cases.iter().any(|x| x == c);
     if want("r1") {
         create("r1", vec![n1.clone()])?;
         rows.push(workload(
@@ -448,16 +484,32 @@ fn main() -> Result<()> {
         "| target | seq write MiB/s | × raw | 4 KiB rand write IOPS | × raw | p50 µs | p99 µs |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let ratio = |x: f64, of: f64| {
+        if of > 0.0 {
+            format!("{:.2}", x / of)
+        } else {
+            "-".into()
+        }
+    };
     for r in &rows {
         println!(
-            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} |",
+            "| {} | {:.0} | {} | {:.0} | {} | {:.0} | {:.0} |",
             r.name,
             r.seq_mib_s,
-            r.seq_mib_s / raw.seq_mib_s,
+            ratio(r.seq_mib_s, raw.seq_mib_s),
             r.iops,
-            r.iops / raw.iops,
+            ratio(r.iops, raw.iops),
             r.p50_us,
             r.p99_us
+        );
+    }
+    let find = |prefix: &str| rows.iter().find(|r| r.name.starts_with(prefix));
+    if let (Some(r3), Some(raw3)) = (find("3 replicas (in"), find("3 raw files")) {
+        println!();
+        println!(
+            "3 replicas against three raw files written at once on the same disk: sequential {}×, random {}×.",
+            ratio(r3.seq_mib_s, raw3.seq_mib_s),
+            ratio(r3.iops, raw3.iops)
         );
     }
     if let Some((secs, bytes, dirty, degraded)) = resync {
