@@ -40,6 +40,10 @@ pub const TESTHOST_EXIT: &str = "KILN-TESTHOST-EXIT";
 pub const GUEST_READY: &str = "KILN-GUEST-READY";
 /// Console marker of the test guest: `KILN-SCRIPT-EXIT rc=N` (after `kiln.script=`).
 pub const GUEST_SCRIPT_EXIT: &str = "KILN-SCRIPT-EXIT";
+/// Printed by a test-host script just before it cuts the test host's power
+/// on purpose (`echo b > /proc/sysrq-trigger`: an immediate reset with
+/// nothing synced; QEMU runs with `-no-reboot`, so it exits).
+pub const POWER_CUT: &str = "KILN-POWER-CUT";
 
 /// Exit status of `scripts/testhost` when its `--timeout` expired.
 pub const STATUS_TIMEOUT: i32 = 124;
@@ -278,9 +282,17 @@ impl HostRun {
     pub fn environment_failure(&self) -> Option<&'static str> {
         match self.status {
             STATUS_HOST_LOCKUP => Some("its kernel reported a soft lockup of a VMM thread"),
-            STATUS_NO_REPORT => Some("it stopped without reporting the script's status"),
+            STATUS_NO_REPORT if !self.power_cut() => {
+                Some("it stopped without reporting the script's status")
+            }
             _ => None,
         }
+    }
+
+    /// Whether the script cut the test host's power on purpose
+    /// ([`POWER_CUT`]) and the test host then stopped without a report.
+    pub fn power_cut(&self) -> bool {
+        self.status == STATUS_NO_REPORT && !self.lines_with(POWER_CUT).is_empty()
     }
 
     /// Whether the test host reached `KILN-TESTHOST-READY`.
@@ -351,6 +363,18 @@ impl TestHost {
         files: &[(PathBuf, String)],
         timeout: Duration,
     ) -> Result<HostRun> {
+        Self::run_with_qemu_args(script, bins, files, &[], timeout)
+    }
+
+    /// [`TestHost::run`] with extra arguments for the test host's QEMU
+    /// (`scripts/testhost --qemu-arg`), e.g. a disk that outlives the run.
+    pub fn run_with_qemu_args(
+        script: &str,
+        bins: &[PathBuf],
+        files: &[(PathBuf, String)],
+        qemu_args: &[String],
+        timeout: Duration,
+    ) -> Result<HostRun> {
         static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
         static SEQ: AtomicUsize = AtomicUsize::new(0);
 
@@ -367,6 +391,7 @@ impl TestHost {
             script,
             bins,
             files,
+            qemu_args,
             timeout,
             SEQ.fetch_add(1, Ordering::Relaxed),
         )?;
@@ -382,6 +407,7 @@ impl TestHost {
             script,
             bins,
             files,
+            qemu_args,
             timeout,
             SEQ.fetch_add(1, Ordering::Relaxed),
         )
@@ -391,6 +417,7 @@ impl TestHost {
         script: &str,
         bins: &[PathBuf],
         files: &[(PathBuf, String)],
+        qemu_args: &[String],
         timeout: Duration,
         seq: usize,
     ) -> Result<HostRun> {
@@ -413,6 +440,9 @@ impl TestHost {
             spec.push(":");
             spec.push(dest);
             cmd.arg("--file").arg(spec);
+        }
+        for a in qemu_args {
+            cmd.arg("--qemu-arg").arg(a);
         }
         cmd.arg(&script_path)
             .stdin(Stdio::null())
@@ -549,6 +579,18 @@ mod tests {
             stderr: String::new(),
             elapsed: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn a_power_cut_on_purpose_is_no_environment_failure() {
+        let mut r = run_with("KILN-TESTHOST-READY\nKILN-POWER-CUT after=5s\n");
+        r.status = STATUS_NO_REPORT;
+        assert!(r.power_cut());
+        assert_eq!(r.environment_failure(), None);
+        let mut r = run_with("KILN-TESTHOST-READY\n");
+        r.status = STATUS_NO_REPORT;
+        assert!(!r.power_cut());
+        assert!(r.environment_failure().is_some());
     }
 
     #[test]
