@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::checksum::{block_crc, zero_crc, Entry, ENTRY_SIZE};
 use crate::error::{Error, Result};
 use crate::meta::{Batch, ExtentRec, Meta, ReplicaAddr, SnapRec, VolumeRec};
+use crate::proto::{SnapshotLayout, VolumeLayout};
 use crate::{validate_name, BLOCKS_PER_EXTENT, BLOCK_SIZE, EXTENT_SIZE, MAX_IO, MAX_VOLUME_SIZE};
 
 const SIDECAR_SIZE: u64 = BLOCKS_PER_EXTENT * ENTRY_SIZE as u64;
@@ -356,7 +357,7 @@ impl Engine {
         }
     }
 
-    fn check_range(rec: &VolumeRec, offset: u64, len: u64, max: u64) -> Result<()> {
+    fn check_range(size: u64, offset: u64, len: u64, max: u64) -> Result<()> {
         if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
             return Err(Error::Invalid(format!(
                 "offset {offset} and length {len} must be multiples of {BLOCK_SIZE}"
@@ -366,10 +367,9 @@ impl Engine {
             return Err(Error::Invalid(format!("length {len} exceeds {max}")));
         }
         match offset.checked_add(len) {
-            Some(end) if end <= rec.size => Ok(()),
+            Some(end) if end <= size => Ok(()),
             _ => Err(Error::Invalid(format!(
-                "range {offset}+{len} is beyond the volume size {}",
-                rec.size
+                "range {offset}+{len} is beyond the volume size {size}"
             ))),
         }
     }
@@ -690,7 +690,7 @@ impl Engine {
         let mut st = self.lock();
         let mut rec = Self::vol(&st, name)?.clone();
         Self::check_epoch(&rec, epoch)?;
-        Self::check_range(&rec, offset, data.len() as u64, MAX_IO)?;
+        Self::check_range(rec.size, offset, data.len() as u64, MAX_IO)?;
         if data.is_empty() {
             return Ok(());
         }
@@ -757,7 +757,7 @@ impl Engine {
             let st = self.lock();
             let rec = Self::vol(&st, name)?;
             Self::check_epoch(rec, epoch)?;
-            Self::check_range(rec, offset, len, u64::MAX)?;
+            Self::check_range(rec.size, offset, len, u64::MAX)?;
         }
         let end = offset + len;
         let mut pos = offset;
@@ -826,7 +826,7 @@ impl Engine {
     pub fn read(&self, name: &str, offset: u64, len: u64) -> Result<ReadOut> {
         let mut st = self.lock();
         let rec = Self::vol(&st, name)?;
-        Self::check_range(rec, offset, len, MAX_IO)?;
+        Self::check_range(rec.size, offset, len, MAX_IO)?;
         let map = rec.map;
         self.read_map(&mut st, map, offset, len)
     }
@@ -984,6 +984,45 @@ impl Engine {
                 batch.extents.push((id, Some(rec)));
             }
         }
+    }
+
+    /// The extent behind each allocated region of the live volume and of
+    /// each snapshot (oldest first).
+    pub fn layout(&self, name: &str) -> Result<VolumeLayout> {
+        let st = self.lock();
+        let rec = Self::vol(&st, name)?;
+        let regions = |map: u64, size: u64| -> Vec<(u64, u64)> {
+            (0..ext_count(size))
+                .filter_map(|i| st.maps.get(&(map, i)).map(|id| (i, *id)))
+                .collect()
+        };
+        let mut snaps: Vec<(&String, &SnapRec)> = rec.snapshots.iter().collect();
+        // Map ids are handed out in increasing order: creation order.
+        snaps.sort_by_key(|(_, s)| s.map);
+        Ok(VolumeLayout {
+            live: regions(rec.map, rec.size),
+            snapshots: snaps
+                .into_iter()
+                .map(|(n, s)| SnapshotLayout {
+                    name: n.clone(),
+                    size: s.size,
+                    regions: regions(s.map, s.size),
+                })
+                .collect(),
+        })
+    }
+
+    /// Reads and verifies `[offset, offset+len)` of snapshot `name@snap`.
+    pub fn read_snapshot(&self, name: &str, snap: &str, offset: u64, len: u64) -> Result<ReadOut> {
+        let mut st = self.lock();
+        let rec = Self::vol(&st, name)?;
+        let s = rec
+            .snapshots
+            .get(snap)
+            .ok_or_else(|| Error::NotFound(format!("{name}@{snap}")))?;
+        let (map, size) = (s.map, s.size);
+        Self::check_range(size, offset, len, MAX_IO)?;
+        self.read_map(&mut st, map, offset, len)
     }
 
     /// Deletes snapshot `snap`, freeing extents no one else references.

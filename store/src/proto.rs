@@ -218,6 +218,19 @@ pub enum Request {
         name: String,
         epoch: u64,
     },
+    /// Which extent backs each allocated region of the live volume and of
+    /// each snapshot (so that a rebuild can tell which regions two of them
+    /// share).
+    Layout {
+        name: String,
+    },
+    /// Reads (and verifies) a range of a snapshot.
+    ReadSnapshot {
+        name: String,
+        snap: String,
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl Request {
@@ -322,6 +335,24 @@ pub enum Response {
     Location(Option<(String, u64)>),
     Status(VolumeStatus),
     Volumes(Vec<VolumeStatus>),
+    Layout(VolumeLayout),
+}
+
+/// A volume as one replica lays it out (see [`Request::Layout`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VolumeLayout {
+    /// (region, extent id on that replica) of the live volume, by region.
+    pub live: Vec<(u64, u64)>,
+    /// Snapshots, oldest first.
+    pub snapshots: Vec<SnapshotLayout>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotLayout {
+    pub name: String,
+    pub size: u64,
+    /// (region, extent id on that replica), by region.
+    pub regions: Vec<(u64, u64)>,
 }
 
 impl Response {

@@ -67,6 +67,15 @@ fn dispatch(engine: &Engine, connector: &dyn Connector, req: &Request) -> Result
             engine.flush(Some((name, *epoch)))?;
             Ok(Response::Ok)
         }
+        Request::Layout { name } => Ok(Response::Layout(engine.layout(name)?)),
+        Request::ReadSnapshot {
+            name,
+            snap,
+            offset,
+            len,
+        } => Ok(Response::Read(
+            engine.read_snapshot(name, snap, *offset, *len)?,
+        )),
         Request::FlushHot { name, epoch } => {
             engine.flush_keep_hot(name, *epoch)?;
             Ok(Response::Ok)

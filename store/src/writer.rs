@@ -10,7 +10,7 @@
 //! has seen a newer epoch: this writer then stops for good and acknowledges
 //! nothing more.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -18,7 +18,7 @@ use crate::engine::{Engine, ReadOut, VolumeInfo};
 use crate::error::{Error, Result};
 use crate::io::VolumeIo;
 use crate::meta::ReplicaAddr;
-use crate::proto::{ReplicaStatus, Request, Response, VolumeStatus};
+use crate::proto::{ReplicaStatus, Request, Response, SnapshotLayout, VolumeLayout, VolumeStatus};
 use crate::transport::{Connector, Link};
 use crate::{replica, BLOCK_SIZE, EXTENT_SIZE, MAX_IO};
 
@@ -701,13 +701,12 @@ impl Writer {
             .collect()
     }
 
-    /// Adds a new replica on `add` (optionally dropping `remove`); the new
-    /// replica is filled online by the resync loop with every allocated
-    /// region. Returns immediately; watch `status()`.
-    pub fn rebuild(&self, add: ReplicaAddr, remove: Option<&str>) -> Result<()> {
-        self.check_usable()?;
-        crate::validate_name(&add.node)?;
-        let mut inner = self.lock();
+    /// The replica set after adding `add` and removing `remove`.
+    fn rebuilt_set(
+        inner: &Inner,
+        add: &ReplicaAddr,
+        remove: Option<&str>,
+    ) -> Result<Vec<ReplicaAddr>> {
         if inner.peers.iter().any(|p| p.node == add.node) {
             return Err(Error::Exists(format!("replica on {}", add.node)));
         }
@@ -729,6 +728,139 @@ impl Writer {
         if set.len() > 3 {
             return Err(Error::Invalid("a volume has at most 3 replicas".into()));
         }
+        Ok(set)
+    }
+
+    fn layout_of(&self, peer: &mut Peer) -> Result<VolumeLayout> {
+        match peer.call(
+            &self.engine,
+            self.connector.as_ref(),
+            &Request::Layout {
+                name: self.name.clone(),
+            },
+        )? {
+            Response::Layout(l) => Ok(l),
+            _ => Err(Error::Protocol("unexpected reply to layout".into())),
+        }
+    }
+
+    /// Gives the new replica `dst` the snapshots of `src`, oldest first:
+    /// before each snapshot, the regions that differ from the previous one
+    /// are copied into (or discarded from) its live volume, so that
+    /// snapshots share extents there as they do on `src`. Snapshots are
+    /// immutable, so this runs without the writer's lock while the volume
+    /// keeps serving I/O. Leaves `dst`'s live volume as the last snapshot.
+    fn copy_snapshots(
+        &self,
+        src: &mut Peer,
+        dst: &mut Peer,
+        snaps: &[SnapshotLayout],
+    ) -> Result<()> {
+        let call = |p: &mut Peer, req: Request| p.call(&self.engine, self.connector.as_ref(), &req);
+        let mut prev: HashMap<u64, u64> = HashMap::new();
+        let mut size = None;
+        for snap in snaps {
+            if size != Some(snap.size) {
+                call(
+                    dst,
+                    Request::Resize {
+                        name: self.name.clone(),
+                        epoch: self.epoch,
+                        size: snap.size,
+                    },
+                )?;
+                size = Some(snap.size);
+            }
+            let cur: HashMap<u64, u64> = snap.regions.iter().copied().collect();
+            let mut regions: Vec<u64> = cur.keys().chain(prev.keys()).copied().collect();
+            regions.sort_unstable();
+            regions.dedup();
+            for r in regions {
+                let start = r * EXTENT_SIZE;
+                if start >= snap.size || cur.get(&r) == prev.get(&r) {
+                    continue;
+                }
+                let len = EXTENT_SIZE.min(snap.size - start);
+                let req = if cur.contains_key(&r) {
+                    let out = match call(
+                        src,
+                        Request::ReadSnapshot {
+                            name: self.name.clone(),
+                            snap: snap.name.clone(),
+                            offset: start,
+                            len,
+                        },
+                    )? {
+                        Response::Read(o) => o,
+                        _ => return Err(Error::Protocol("unexpected reply to read".into())),
+                    };
+                    if !out.bad_blocks.is_empty() {
+                        return Err(Error::Io(format!(
+                            "snapshot {}@{} has {} bad blocks on {} (scrub it, then rebuild again)",
+                            self.name,
+                            snap.name,
+                            out.bad_blocks.len(),
+                            src.node
+                        )));
+                    }
+                    Request::Write {
+                        name: self.name.clone(),
+                        epoch: self.epoch,
+                        offset: start,
+                        data: out.data,
+                        stale: Vec::new(),
+                    }
+                } else {
+                    Request::Discard {
+                        name: self.name.clone(),
+                        epoch: self.epoch,
+                        offset: start,
+                        len,
+                        stale: Vec::new(),
+                    }
+                };
+                call(dst, req)?;
+                self.stats.resync_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            call(
+                dst,
+                Request::Snapshot {
+                    name: self.name.clone(),
+                    snap: snap.name.clone(),
+                },
+            )?;
+            prev = cur;
+        }
+        Ok(())
+    }
+
+    /// Adds a replica on `add` (removing the one on `remove`, if given),
+    /// online. The new replica first gets the volume's snapshots, copied
+    /// from an in-sync replica without holding up I/O; then, under the
+    /// writer's lock, it joins the set as stale for every region whose live
+    /// data differs from the last snapshot, and the resync copies those
+    /// while the guest keeps writing.
+    pub fn rebuild(&self, add: ReplicaAddr, remove: Option<&str>) -> Result<()> {
+        self.check_usable()?;
+        crate::validate_name(&add.node)?;
+        let (set, size, mut src) = {
+            let inner = self.lock();
+            let set = Self::rebuilt_set(&inner, &add, remove)?;
+            let p = inner
+                .peers
+                .iter()
+                .find(|p| p.state == PeerState::InSync)
+                .ok_or_else(|| Error::Unavailable("no in-sync replica".into()))?;
+            let src = Peer {
+                node: p.node.clone(),
+                addr: p.addr.clone(),
+                state: PeerState::InSync,
+                link: None,
+                local: p.local,
+                pending: 0,
+            };
+            (set, inner.size, src)
+        };
         let mut newp = Peer {
             node: add.node.clone(),
             addr: add.addr.clone(),
@@ -742,24 +874,63 @@ impl Writer {
             self.connector.as_ref(),
             &Request::CreateReplica {
                 name: self.name.clone(),
-                size: inner.size,
+                size,
                 replicas: set.clone(),
                 epoch: self.epoch,
             },
         )?;
-        let src = (0..inner.peers.len())
-            .find(|i| inner.peers[*i].state == PeerState::InSync)
-            .ok_or_else(|| Error::Unavailable("no in-sync replica".into()))?;
-        let regions = match self.peer_call(
-            &mut inner,
-            src,
-            &Request::ReplicaInfo {
-                name: self.name.clone(),
-            },
-        )? {
-            Response::Info(i) => i.regions,
-            _ => return Err(Error::Protocol("unexpected reply to info".into())),
+        let copied = self.layout_of(&mut src).and_then(|l| {
+            self.copy_snapshots(&mut src, &mut newp, &l.snapshots)?;
+            Ok(l.snapshots)
+        });
+        let drop_new = |newp: &mut Peer, e: Error| {
+            let _ = newp.call(
+                &self.engine,
+                self.connector.as_ref(),
+                &Request::DeleteReplica {
+                    name: self.name.clone(),
+                },
+            );
+            e
         };
+        let snaps = copied.map_err(|e| drop_new(&mut newp, e))?;
+
+        let mut inner = self.lock();
+        let set = Self::rebuilt_set(&inner, &add, remove)?;
+        let layout = self.layout_of(&mut src)?;
+        let names = |s: &[SnapshotLayout]| s.iter().map(|x| x.name.clone()).collect::<Vec<_>>();
+        if names(&layout.snapshots) != names(&snaps) {
+            return Err(drop_new(
+                &mut newp,
+                Error::Invalid(
+                    "snapshots were taken or deleted during the rebuild; run it again".into(),
+                ),
+            ));
+        }
+        newp.call(
+            &self.engine,
+            self.connector.as_ref(),
+            &Request::Resize {
+                name: self.name.clone(),
+                epoch: self.epoch,
+                size: inner.size,
+            },
+        )?;
+        // What the new replica lacks: every region whose live extent on the
+        // source is not the last snapshot's (written or discarded since).
+        let base: HashMap<u64, u64> = snaps
+            .last()
+            .map(|s| s.regions.iter().copied().collect())
+            .unwrap_or_default();
+        let live: HashMap<u64, u64> = layout.live.iter().copied().collect();
+        let mut regions: Vec<u64> = live
+            .keys()
+            .chain(base.keys())
+            .copied()
+            .filter(|r| live.get(r) != base.get(r))
+            .collect();
+        regions.sort_unstable();
+        regions.dedup();
         if let Some(r) = remove {
             let idx = inner
                 .peers

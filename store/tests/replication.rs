@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use kiln_store::proto::{Request, Response};
 use kiln_store::{VolumeClient, VolumeIo};
 
 const MIB: u64 = 1 << 20;
@@ -274,6 +275,18 @@ fn rebuild_moves_a_replica_online() {
     model[4 * MIB as usize..5 * MIB as usize].fill(0);
     v.write_at(&model[..4 * MIB as usize], 0).unwrap();
     v.write_at(&model[5 * MIB as usize..], 5 * MIB).unwrap();
+    // Two snapshots: s1 of that, s2 after region 0 changed and region 6
+    // was discarded; then the live volume changes region 1.
+    let s1 = model.clone();
+    n1.cli_ok(&["snapshot", "vol", "s1"]);
+    model[..MIB as usize].copy_from_slice(&pattern(10, MIB as usize));
+    v.write_at(&model[..MIB as usize], 0).unwrap();
+    v.discard(6 * MIB, MIB).unwrap();
+    model[6 * MIB as usize..7 * MIB as usize].fill(0);
+    let s2 = model.clone();
+    n1.cli_ok(&["snapshot", "vol", "s2"]);
+    model[MIB as usize..2 * MIB as usize].copy_from_slice(&pattern(11, MIB as usize));
+    v.write_at(&model[MIB as usize..2 * MIB as usize], MIB).unwrap();
     // n2's disk dies for good. Re-attaching with half the replicas gone
     // needs --force: the survivor alone cannot prove it is current.
     n2.kill9();
@@ -301,9 +314,50 @@ fn rebuild_moves_a_replica_online() {
     assert!(n3.replica_read_all("vol", size) == model);
     assert_eq!(
         n3.status("vol").allocated_bytes,
-        7 * MIB,
+        6 * MIB,
         "holes stay holes"
     );
+    // The new replica has both snapshots, with their data, sharing extents
+    // where the source's do: s1 and s2 differ in regions 0 and 6, s2 and
+    // the live volume in region 1.
+    let layout = match n3.call(Request::Layout { name: "vol".into() }).unwrap() {
+        Response::Layout(l) => l,
+        r => panic!("unexpected reply {r:?}"),
+    };
+    let names: Vec<&str> = layout.snapshots.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["s1", "s2"]);
+    let ext = |regions: &[(u64, u64)], r: u64| regions.iter().find(|x| x.0 == r).map(|x| x.1);
+    let (l1, l2) = (&layout.snapshots[0].regions, &layout.snapshots[1].regions);
+    for r in 0..8 {
+        let shared = ext(l1, r).is_some() && ext(l1, r) == ext(l2, r);
+        assert_eq!(shared, ![0, 4, 6].contains(&r), "s1/s2 region {r}: {layout:?}");
+        let shared = ext(l2, r).is_some() && ext(l2, r) == ext(&layout.live, r);
+        assert_eq!(shared, ![1, 4, 6].contains(&r), "s2/live region {r}: {layout:?}");
+    }
+    for (snap, want) in [("s1", &s1), ("s2", &s2)] {
+        let mut got = Vec::new();
+        for off in (0..size).step_by(4 * MIB as usize) {
+            match n3
+                .call(Request::ReadSnapshot {
+                    name: "vol".into(),
+                    snap: snap.into(),
+                    offset: off,
+                    len: 4 * MIB,
+                })
+                .unwrap()
+            {
+                Response::Read(o) => {
+                    assert!(o.bad_blocks.is_empty());
+                    got.extend(o.data);
+                }
+                r => panic!("unexpected reply {r:?}"),
+            }
+        }
+        assert!(&got == want, "snapshot {snap} differs on n3");
+    }
+    // Clones from a snapshot work on the rebuilt set.
+    n1.cli_ok(&["clone", "vol", "s1", "c1"]);
+    assert!(n3.replica_read_all("c1", size) == s1);
     // Writes go to the new set.
     let more = pattern(9, MIB as usize);
     v.write_at(&more, 2 * MIB).unwrap();
