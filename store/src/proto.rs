@@ -18,7 +18,7 @@
 //! invalid request gets an error response.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -388,10 +388,18 @@ pub fn write_frame(w: &mut dyn Write, kind: Kind, body: &[u8]) -> Result<()> {
     h[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
     h[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
     h[12..16].copy_from_slice(&crc32c::crc32c(body).to_le_bytes());
-    let mut buf = Vec::with_capacity(HEADER_SIZE + body.len());
-    buf.extend_from_slice(&h);
-    buf.extend_from_slice(body);
-    w.write_all(&buf)?;
+    // Header and body in one vectored write: no copy of the body (up to
+    // MAX_IO of data) into a frame buffer, and one segment on the wire.
+    let mut parts = [IoSlice::new(&h), IoSlice::new(body)];
+    let mut parts = &mut parts[..];
+    while !parts.is_empty() {
+        match w.write_vectored(parts) {
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+            Ok(n) => IoSlice::advance_slices(&mut parts, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     w.flush()?;
     Ok(())
 }
