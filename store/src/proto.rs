@@ -231,6 +231,11 @@ pub enum Request {
         offset: u64,
         len: u64,
     },
+    /// Is region `region` of the live volume allocated?
+    RegionAllocated {
+        name: String,
+        region: u64,
+    },
 }
 
 impl Request {
@@ -336,6 +341,7 @@ pub enum Response {
     Status(VolumeStatus),
     Volumes(Vec<VolumeStatus>),
     Layout(VolumeLayout),
+    Allocated(bool),
 }
 
 /// A volume as one replica lays it out (see [`Request::Layout`]).

@@ -68,6 +68,9 @@ fn dispatch(engine: &Engine, connector: &dyn Connector, req: &Request) -> Result
             Ok(Response::Ok)
         }
         Request::Layout { name } => Ok(Response::Layout(engine.layout(name)?)),
+        Request::RegionAllocated { name, region } => {
+            Ok(Response::Allocated(engine.region_allocated(name, *region)?))
+        }
         Request::ReadSnapshot {
             name,
             snap,

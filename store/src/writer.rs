@@ -581,17 +581,18 @@ impl Writer {
             return Ok(0);
         }
         let len = EXTENT_SIZE.min(inner.size - start);
-        let info = match self.peer_call(
+        let allocated = match self.peer_call(
             inner,
             src,
-            &Request::ReplicaInfo {
+            &Request::RegionAllocated {
                 name: self.name.clone(),
+                region: r,
             },
         )? {
-            Response::Info(i) => i,
-            _ => return Err(Error::Protocol("unexpected reply to info".into())),
+            Response::Allocated(a) => a,
+            _ => return Err(Error::Protocol("unexpected reply to region query".into())),
         };
-        if !info.regions.contains(&r) {
+        if !allocated {
             self.peer_call(
                 inner,
                 dst,

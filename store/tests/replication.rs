@@ -286,7 +286,8 @@ fn rebuild_moves_a_replica_online() {
     let s2 = model.clone();
     n1.cli_ok(&["snapshot", "vol", "s2"]);
     model[MIB as usize..2 * MIB as usize].copy_from_slice(&pattern(11, MIB as usize));
-    v.write_at(&model[MIB as usize..2 * MIB as usize], MIB).unwrap();
+    v.write_at(&model[MIB as usize..2 * MIB as usize], MIB)
+        .unwrap();
     // n2's disk dies for good. Re-attaching with half the replicas gone
     // needs --force: the survivor alone cannot prove it is current.
     n2.kill9();
@@ -330,9 +331,17 @@ fn rebuild_moves_a_replica_online() {
     let (l1, l2) = (&layout.snapshots[0].regions, &layout.snapshots[1].regions);
     for r in 0..8 {
         let shared = ext(l1, r).is_some() && ext(l1, r) == ext(l2, r);
-        assert_eq!(shared, ![0, 4, 6].contains(&r), "s1/s2 region {r}: {layout:?}");
+        assert_eq!(
+            shared,
+            ![0, 4, 6].contains(&r),
+            "s1/s2 region {r}: {layout:?}"
+        );
         let shared = ext(l2, r).is_some() && ext(l2, r) == ext(&layout.live, r);
-        assert_eq!(shared, ![1, 4, 6].contains(&r), "s2/live region {r}: {layout:?}");
+        assert_eq!(
+            shared,
+            ![1, 4, 6].contains(&r),
+            "s2/live region {r}: {layout:?}"
+        );
     }
     for (snap, want) in [("s1", &s1), ("s2", &s2)] {
         let mut got = Vec::new();
