@@ -181,6 +181,11 @@ impl Engine {
                     continue;
                 }
                 let f = OpenOptions::new().read(true).write(true).open(&path)?;
+                // A crash between creating a slab and sizing it leaves it
+                // short; reads of its slots must not hit the end of file.
+                if f.metadata()?.len() < SLAB_SIZE {
+                    f.set_len(SLAB_SIZE)?;
+                }
                 for slot in first..first + SLOTS_PER_SLAB {
                     if !used[disk].contains(&slot) {
                         clear_slot(&f, slot)?;
