@@ -56,6 +56,7 @@ impl Worker {
         let (done_tx, done) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(name.clone())
+            .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || {
                 if let Some(hook) = hook {
                     hook();

@@ -114,6 +114,7 @@ impl Vcpu {
     pub fn start(self, ctx: VcpuContext) -> Result<JoinHandle<()>, Error> {
         std::thread::Builder::new()
             .name(format!("kiln-vcpu{}", self.index))
+            .stack_size(kiln_devices::THREAD_STACK_SIZE)
             .spawn(move || self.run(ctx))
             .map_err(Error::Spawn)
     }
