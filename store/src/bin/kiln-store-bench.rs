@@ -204,9 +204,18 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e6
 }
 
+/// Lets the disk finish what earlier targets left (writeback, freed
+/// blocks), so that each target starts from the same state: the order of
+/// the targets otherwise shows in their figures.
+fn settle() {
+    let _ = Command::new("sync").status();
+    std::thread::sleep(Duration::from_secs(2));
+}
+
 /// Sequential pass over `[base, base + seq_mib)`, then random 4 KiB writes
 /// inside it, a flush after every `flush_every` writes and at the end.
 fn workload(name: &str, io: &dyn VolumeIo, base: u64, a: &Args) -> Result<Row> {
+    settle();
     let mut rng = Xorshift(a.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let span = a.seq_mib * MIB;
     let chunk = a.seq_kib * 1024;
