@@ -48,6 +48,8 @@ pub enum Error {
         path: std::path::PathBuf,
         source: virtio::block::Error,
     },
+    #[error(transparent)]
+    Volume(#[from] crate::store::Error),
     #[error("vhost-user disk {}: {source}", socket.display())]
     VhostUserDisk {
         socket: std::path::PathBuf,
@@ -216,6 +218,14 @@ fn build_disk(
                 source,
             })?;
             (Box::new(block), hooks.io.clone())
+        }
+        DiskBackend::Volume { name, store } => {
+            let socket = crate::store::export_volume(name, store)?;
+            let block = VhostUserBlock::connect(VhostUserBlockConfig {
+                socket: socket.clone(),
+            })
+            .map_err(|source| Error::VhostUserDisk { socket, source })?;
+            (Box::new(block), hooks.vhost_user.clone())
         }
         DiskBackend::VhostUser { socket } => {
             let block = VhostUserBlock::connect(VhostUserBlockConfig {

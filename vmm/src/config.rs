@@ -93,23 +93,43 @@ pub enum DiskBackend {
     /// A vhost-user-blk backend listening on this Unix socket: it serves the
     /// queues itself, in guest memory shared with it.
     VhostUser { socket: PathBuf },
+    /// A kiln-store volume: the store daemon behind control socket `store`
+    /// attaches it and serves it as a vhost-user-blk backend.
+    Volume { name: String, store: PathBuf },
 }
 
+/// Where `--disk volume=` looks for the store daemon by default.
+pub const DEFAULT_STORE_SOCKET: &str = "/run/kiln/store.sock";
+
 impl DiskConfig {
+    /// Is the disk served by another process, in shared guest memory?
     pub fn is_vhost_user(&self) -> bool {
-        matches!(self.backend, DiskBackend::VhostUser { .. })
+        matches!(
+            self.backend,
+            DiskBackend::VhostUser { .. } | DiskBackend::Volume { .. }
+        )
     }
 }
 
 impl std::str::FromStr for DiskConfig {
     type Err = Error;
-    /// `path=IMG[,ro=on][,direct=on][,id=NAME][,bw=BYTES][,ops=N]` or
-    /// `vhost-user=SOCKET[,id=NAME]`
+    /// `path=IMG[,ro=on][,direct=on][,id=NAME][,bw=BYTES][,ops=N]`,
+    /// `vhost-user=SOCKET[,id=NAME]` or `volume=NAME[,store=SOCKET][,id=NAME]`
     fn from_str(s: &str) -> Result<Self, Error> {
         let o = Options::parse(
             "--disk",
             s,
-            &["path", "vhost-user", "ro", "direct", "id", "bw", "ops"],
+            &[
+                "path",
+                "vhost-user",
+                "volume",
+                "store",
+                "ro",
+                "direct",
+                "id",
+                "bw",
+                "ops",
+            ],
         )?;
         let id = o.get("id").map(String::from);
         let rate_limit = rate_limit(&o)?;
@@ -119,36 +139,61 @@ impl std::str::FromStr for DiskConfig {
                 return Err(o.err(format!("id {id:?} is longer than 20 bytes")).into());
             }
         }
-        let backend = match (o.get("path"), o.get("vhost-user")) {
-            (Some(_), Some(_)) => {
-                return Err(o
-                    .err("give either path= or vhost-user=, not both".into())
-                    .into())
+        let given: Vec<&str> = ["path", "vhost-user", "volume"]
+            .into_iter()
+            .filter(|k| o.get(k).is_some())
+            .collect();
+        if given.len() != 1 {
+            return Err(o
+                .err("give exactly one of path=, vhost-user= and volume=".into())
+                .into());
+        }
+        if o.get("store").is_some() && o.get("volume").is_none() {
+            return Err(o.err("store= goes with volume=".into()).into());
+        }
+        if o.get("path").is_none() {
+            for key in ["ro", "direct", "bw", "ops"] {
+                if o.get(key).is_some() {
+                    return Err(o
+                        .err(format!(
+                            "{key}= does not apply to a vhost-user disk (its backend decides)"
+                        ))
+                        .into());
+                }
             }
-            (None, None) => return Err(o.err("path= or vhost-user= is required".into()).into()),
-            (Some(path), None) => DiskBackend::File {
+        }
+        let backend = if let Some(path) = o.get("path") {
+            DiskBackend::File {
                 path: path.into(),
                 read_only: o.switch("ro")?,
                 direct: o.switch("direct")?,
-            },
-            (None, Some(socket)) => {
-                for key in ["ro", "direct", "bw", "ops"] {
-                    if o.get(key).is_some() {
-                        return Err(o
-                            .err(format!(
-                                "{key}= does not apply to a vhost-user disk (its backend decides)"
-                            ))
-                            .into());
-                    }
-                }
-                DiskBackend::VhostUser {
-                    socket: socket.into(),
-                }
+            }
+        } else if let Some(socket) = o.get("vhost-user") {
+            DiskBackend::VhostUser {
+                socket: socket.into(),
+            }
+        } else {
+            let name = o.required("volume")?;
+            let valid = (1..=64).contains(&name.len())
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !valid {
+                return Err(o
+                    .err(format!(
+                        "volume name {name:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+                    ))
+                    .into());
+            }
+            DiskBackend::Volume {
+                name: name.to_string(),
+                store: o.get("store").unwrap_or(DEFAULT_STORE_SOCKET).into(),
             }
         };
         match &backend {
             DiskBackend::File { path, .. } => check_file("disk image", path)?,
             DiskBackend::VhostUser { socket } => check_socket("vhost-user socket", socket)?,
+            DiskBackend::Volume { store, .. } => check_socket("kiln-store socket", store)?,
         }
         Ok(Self {
             backend,
@@ -474,11 +519,28 @@ mod tests {
         let s = sock.display();
         assert!(err(format!("vhost-user={s},ro=on")).contains("ro= does not apply"));
         assert!(err(format!("vhost-user={s},direct=off")).contains("direct= does not apply"));
-        assert!(err(format!("vhost-user={s},path={}", img.display())).contains("not both"));
-        assert!(err("id=x".into()).contains("path= or vhost-user= is required"));
+        assert!(err(format!("vhost-user={s},path={}", img.display())).contains("exactly one"));
+        assert!(err("id=x".into()).contains("exactly one of path="));
         assert!(err(format!("vhost-user={}", img.display())).contains("not a Unix socket"));
         let missing = dir.join("missing.sock");
         assert!(err(format!("vhost-user={}", missing.display())).contains("No such file"));
+
+        // A kiln-store volume: the store's control socket is checked here.
+        let d: DiskConfig = format!("volume=vm-1.root,store={s},id=root")
+            .parse()
+            .unwrap();
+        assert!(d.is_vhost_user());
+        assert_eq!(
+            d.backend,
+            DiskBackend::Volume {
+                name: "vm-1.root".into(),
+                store: sock.clone()
+            }
+        );
+        assert!(err(format!("volume=a/b,store={s}")).contains("volume name"));
+        assert!(err(format!("volume=v,store={s},ro=on")).contains("ro= does not apply"));
+        assert!(err(format!("vhost-user={s},store={s}")).contains("store= goes with volume="));
+        assert!(err(format!("volume=v,store={}", missing.display())).contains("kiln-store socket"));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -10,5 +10,6 @@ pub mod loader;
 pub mod options;
 pub mod runtime;
 pub mod seccomp;
+pub mod store;
 pub mod terminal;
 pub mod vstate;

@@ -59,8 +59,11 @@ struct Cli {
     /// for a raw image (bw= limits bytes per second, e.g. 50M, ops= requests
     /// per second), or vhost-user=SOCKET[,id=NAME] for a vhost-user-blk
     /// backend listening on that Unix socket (it serves the disk from guest
-    /// memory shared with it; ro/direct/limits are its business). The guest
-    /// sees /dev/vda, /dev/vdb, ... in the order given. Repeatable.
+    /// memory shared with it; ro/direct/limits are its business), or
+    /// volume=NAME[,store=SOCKET][,id=NAME] for a kiln-store volume, which
+    /// the store daemon behind SOCKET (default /run/kiln/store.sock)
+    /// attaches and serves over vhost-user. The guest sees /dev/vda,
+    /// /dev/vdb, ... in the order given. Repeatable.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<String>,
 

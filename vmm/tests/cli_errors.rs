@@ -221,6 +221,11 @@ fn vhost_user_disk_without_a_usable_backend() {
         format!("vhost-user={}", stale.display()),
         "is the vhost-user backend running?",
     );
+    // A kiln-store volume whose store daemon is not there.
+    check(
+        format!("volume=v,store={}", stale.display()),
+        "attach volume v",
+    );
     let sock = dir.path().join("listening.sock");
     let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     check(
@@ -229,6 +234,6 @@ fn vhost_user_disk_without_a_usable_backend() {
     );
     check(
         format!("vhost-user={},path={}", sock.display(), img.display()),
-        "not both",
+        "exactly one of",
     );
 }
