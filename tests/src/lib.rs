@@ -387,14 +387,11 @@ impl TestHost {
         // the test host's KVM), or the test host dies without a word. That
         // is not a result about the code under test; such a run is retried
         // once, and said so on stderr.
-        let first = Self::run_once(
-            script,
-            bins,
-            files,
-            qemu_args,
-            timeout,
-            SEQ.fetch_add(1, Ordering::Relaxed),
-        )?;
+        let once = || {
+            let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+            Self::run_once(script, bins, files, qemu_args, timeout, seq)
+        };
+        let first = once()?;
         let Some(why) = first.environment_failure() else {
             return Ok(first);
         };
@@ -403,14 +400,7 @@ impl TestHost {
              The failed run's console:\n{}",
             first.output
         );
-        Self::run_once(
-            script,
-            bins,
-            files,
-            qemu_args,
-            timeout,
-            SEQ.fetch_add(1, Ordering::Relaxed),
-        )
+        once()
     }
 
     fn run_once(
