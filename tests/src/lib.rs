@@ -40,9 +40,10 @@ pub const TESTHOST_EXIT: &str = "KILN-TESTHOST-EXIT";
 pub const GUEST_READY: &str = "KILN-GUEST-READY";
 /// Console marker of the test guest: `KILN-SCRIPT-EXIT rc=N` (after `kiln.script=`).
 pub const GUEST_SCRIPT_EXIT: &str = "KILN-SCRIPT-EXIT";
-/// Printed by a test-host script just before it cuts the test host's power
+/// Printed by a test-host script that is going to cut the test host's power
 /// on purpose (`echo b > /proc/sysrq-trigger`: an immediate reset with
-/// nothing synced; QEMU runs with `-no-reboot`, so it exits).
+/// nothing synced; QEMU runs with `-no-reboot`, so it exits). Print it well
+/// before the cut: what the serial port has not sent by then is lost.
 pub const POWER_CUT: &str = "KILN-POWER-CUT";
 
 /// Exit status of `scripts/testhost` when its `--timeout` expired.

@@ -55,11 +55,15 @@ kiln-store volume detach {vol} --socket /run/pl-n2.sock
     }
     match write {
         Some((vol, cut_after)) => s.push_str(&format!(
-            r#"kiln-store volume create {vol} --size {VOLUME_MIB}M --replica n1=127.0.0.1:7201 \
+            r#"# A rerun of this boot (after the test host failed on its own) starts over.
+kiln-store volume delete {vol} --socket /run/pl-n1.sock >/dev/null 2>&1
+kiln-store volume create {vol} --size {VOLUME_MIB}M --replica n1=127.0.0.1:7201 \
     --replica n2=127.0.0.1:7202 --socket /run/pl-n1.sock >/dev/null || echo PL-CREATE-FAILED
+# Said before the writes start: a line printed just before the reset can
+# die in the serial port's buffer.
+echo "{cut} in={cut_after}s"
 probe n1 --volume {vol} write 2>&1 | sed 's/^/[pl-write] /' &
 sleep {cut_after}
-echo "{cut} after={cut_after}s"
 echo b >/proc/sysrq-trigger
 sleep 60
 echo PL-STILL-RUNNING
