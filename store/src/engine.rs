@@ -1127,6 +1127,56 @@ impl Engine {
         Ok(bad)
     }
 
+    /// After a crash: every written block of `regions` (of the live volume)
+    /// that fails its checksum gets the checksum of what it holds. Only for
+    /// regions written since the last flush (the activity log): a power
+    /// loss can leave a block there with data and checksum from different,
+    /// unacknowledged writes on every replica, and any of those contents is
+    /// a valid outcome. Returns the number of blocks adopted.
+    pub fn adopt_torn(&self, name: &str, epoch: u64, regions: &[u64]) -> Result<u64> {
+        let mut st = self.lock();
+        let rec = Self::vol(&st, name)?;
+        Self::check_epoch(rec, epoch)?;
+        let map = rec.map;
+        let mut adopted = 0;
+        for &idx in regions {
+            let Some(id) = st.maps.get(&(map, idx)).copied() else {
+                continue;
+            };
+            let (f, base, slab) = self.locate(&mut st, id)?;
+            let mut buf = vec![0u8; EXTENT_SIZE as usize];
+            let mut side = vec![0u8; SIDECAR_SIZE as usize];
+            f.read_exact_at(&mut buf, base)?;
+            f.read_exact_at(&mut side, base + EXTENT_SIZE)?;
+            let mut changed = false;
+            for b in 0..BLOCKS_PER_EXTENT as usize {
+                let e = Entry::decode(&side[b * ENTRY_SIZE..]);
+                let c = block_crc(&buf[b * BLOCK_SIZE as usize..(b + 1) * BLOCK_SIZE as usize]);
+                if !e.is_unwritten() && !e.accepts(c) {
+                    Entry {
+                        current: c,
+                        previous: c,
+                    }
+                    .encode(&mut side[b * ENTRY_SIZE..]);
+                    changed = true;
+                    adopted += 1;
+                }
+            }
+            if changed {
+                f.write_all_at(&side, base + EXTENT_SIZE)?;
+                st.unsynced.insert(slab);
+            }
+        }
+        if adopted > 0 {
+            tracing::warn!(
+                volume = name,
+                blocks = adopted,
+                "took torn blocks of unflushed writes as they are"
+            );
+        }
+        Ok(adopted)
+    }
+
     /// Rewrites block `bad.block` with `data` if its sidecar entry is still
     /// the one seen when it failed (no write came in between). Returns
     /// whether it was repaired.
@@ -1490,6 +1540,25 @@ mod tests {
         e.delete_volume("v").unwrap();
         assert_eq!(e.extent_count(), 0);
         assert_eq!(slab_space(t.path()).unwrap(), 0);
+    }
+
+    #[test]
+    fn torn_blocks_of_unflushed_regions_are_adopted() {
+        let t = tempfile::tempdir().unwrap();
+        let e = engine(&[t.path().to_path_buf()]);
+        e.create_volume("v", 4 * EXTENT_SIZE, vec![], 1).unwrap();
+        let data = pattern(5, 2 * EXTENT_SIZE as usize);
+        e.write("v", 1, 0, &data, &[]).unwrap();
+        // Block 3 torn: its data no longer matches its checksum.
+        flip(&e, "v", 3, 10);
+        assert_eq!(e.read("v", 0, 4 * BLOCK_SIZE).unwrap().bad_blocks, vec![3]);
+        assert!(e.adopt_torn("v", 2, &[0]).is_err(), "checks the epoch");
+        assert_eq!(e.adopt_torn("v", 1, &[0, 1, 2]).unwrap(), 1);
+        let out = e.read("v", 0, 4 * BLOCK_SIZE).unwrap();
+        assert!(out.bad_blocks.is_empty());
+        let mut want = data[..4 * BLOCK_SIZE as usize].to_vec();
+        want[3 * BLOCK_SIZE as usize + 10] ^= 0x5a;
+        assert_eq!(out.data, want, "the block keeps what it holds");
     }
 
     #[test]

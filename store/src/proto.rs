@@ -236,6 +236,14 @@ pub enum Request {
         name: String,
         region: u64,
     },
+    /// Takes blocks of `regions` that fail their checksum as they are (see
+    /// `Engine::adopt_torn`): only for regions written since the last
+    /// flush, when a power loss may have torn them.
+    AdoptTorn {
+        name: String,
+        epoch: u64,
+        regions: Vec<u64>,
+    },
 }
 
 impl Request {

@@ -68,6 +68,14 @@ fn dispatch(engine: &Engine, connector: &dyn Connector, req: &Request) -> Result
             Ok(Response::Ok)
         }
         Request::Layout { name } => Ok(Response::Layout(engine.layout(name)?)),
+        Request::AdoptTorn {
+            name,
+            epoch,
+            regions,
+        } => {
+            engine.adopt_torn(name, *epoch, regions)?;
+            Ok(Response::Ok)
+        }
         Request::RegionAllocated { name, region } => {
             Ok(Response::Allocated(engine.region_allocated(name, *region)?))
         }

@@ -258,8 +258,23 @@ impl Writer {
             stats: WriterStats::default(),
         });
         // 5. Make the in-sync replicas agree on regions written in flight.
+        //    A power loss can leave blocks there torn (data and checksum
+        //    from different writes) on every replica; those writes were
+        //    never acknowledged as durable, so the source keeps whatever
+        //    its blocks hold, and the others get a copy of that.
         {
             let mut inner = w.lock();
+            if !touched.is_empty() {
+                w.peer_call(
+                    &mut inner,
+                    first,
+                    &Request::AdoptTorn {
+                        name: w.name.clone(),
+                        epoch: w.epoch,
+                        regions: touched.iter().copied().collect(),
+                    },
+                )?;
+            }
             for &i in &candidates {
                 if i == first {
                     continue;
