@@ -12,7 +12,8 @@
 //! overhead_kib is the resident memory of the VMM process outside its guest
 //! RAM (the largest mapping, which must be at least GUEST_MIB), from the last
 //! smaps sample taken before the process exited. Lines the VMM prints are
-//! passed through on stderr prefixed with "| ".
+//! passed through on stderr, prefixed with "| " and the milliseconds since
+//! the VMM was spawned.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -84,7 +85,7 @@ fn main() {
                 if line.contains(&marker) {
                     marker_at.lock().unwrap().get_or_insert(start.elapsed());
                 }
-                eprintln!("| {line}");
+                eprintln!("| {:>6} ms | {line}", start.elapsed().as_millis());
             }
         })
     };
