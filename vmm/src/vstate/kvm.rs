@@ -3,6 +3,8 @@
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Cap;
 
+use crate::arch::cpuid;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("/dev/kvm does not exist: this host has no KVM (load kvm-intel or kvm-amd, or enable virtualization in the firmware)")]
@@ -45,9 +47,12 @@ impl Kvm {
                 return Err(Error::MissingCap(name));
             }
         }
-        let supported_cpuid = fd
+        let mut supported_cpuid = fd
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::Cpuid)?;
+        if fd.check_extension(Cap::TscDeadlineTimer) {
+            cpuid::add_tsc_deadline(&mut supported_cpuid);
+        }
         Ok(Self {
             max_vcpus: fd.get_max_vcpus(),
             fd,
