@@ -1,12 +1,22 @@
 //! Loading an x86-64 ELF vmlinux: program headers validated against guest
 //! memory, segments copied in, holes in a sparse file skipped (fresh guest
 //! RAM is already zero, so a hole needs no copy and no page touched).
+//!
+//! The copy (56 MiB for a Debian kernel) is the largest part of building a
+//! VM: every 2 MiB of guest RAM it reaches is a huge page the host zeroes
+//! before the data lands. It is split in 2 MiB pieces of guest RAM that a
+//! few threads read in parallel with `pread`.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions, ReadVolatile,
+    VolatileMemoryError, VolatileSlice,
+};
 
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
@@ -140,6 +150,118 @@ fn data_ranges(f: &File, start: u64, end: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// Guest RAM is cut at this alignment between copy threads, so that no two
+/// threads fault in the same (transparent huge) page.
+const PIECE: u64 = 2 << 20;
+/// At most this many threads copy; more gain nothing against memory bandwidth.
+const MAX_COPY_THREADS: usize = 4;
+
+/// `len` bytes of the file at `offset` that go to guest address `dest`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Piece {
+    dest: u64,
+    offset: u64,
+    len: u64,
+}
+
+/// Cuts a copy of `len` bytes from file `offset` to guest `dest` at the
+/// guest's 2 MiB boundaries.
+fn split(dest: u64, offset: u64, len: u64) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut done = 0;
+    while done < len {
+        let at = dest + done;
+        let n = (PIECE - at % PIECE).min(len - done);
+        out.push(Piece {
+            dest: at,
+            offset: offset + done,
+            len: n,
+        });
+        done += n;
+    }
+    out
+}
+
+/// Reads a file at a position of its own (`pread`), so that threads can
+/// share one open file.
+struct FileAt<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl ReadVolatile for FileAt<'_> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let guard = buf.ptr_guard_mut();
+        // SAFETY: the guard keeps `buf`'s memory mapped and writable for
+        // `buf.len()` bytes while pread fills it; pread writes no more.
+        let n = unsafe {
+            libc::pread(
+                self.file.as_raw_fd(),
+                guard.as_ptr().cast(),
+                buf.len(),
+                self.pos as libc::off_t,
+            )
+        };
+        if n < 0 {
+            return Err(VolatileMemoryError::IOError(io::Error::last_os_error()));
+        }
+        let n = n as usize;
+        buf.bitmap().mark_dirty(0, n);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// Copies `pieces` of `f` into guest memory, on up to MAX_COPY_THREADS
+/// threads taking pieces in turn.
+fn copy_pieces(mem: &GuestMemoryMmap, f: &File, pieces: &[Piece]) -> Result<(), Error> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_COPY_THREADS)
+        .min(pieces.len());
+    let next = AtomicUsize::new(0);
+    let work = || -> Result<(), Error> {
+        while let Some(p) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) {
+            let mut src = FileAt {
+                file: f,
+                pos: p.offset,
+            };
+            mem.read_exact_volatile_from(GuestAddress(p.dest), &mut src, p.len as usize)
+                .map_err(Error::GuestMemory)?;
+        }
+        Ok(())
+    };
+    if threads <= 1 {
+        return work();
+    }
+    std::thread::scope(|s| {
+        let mut helpers = Vec::new();
+        for _ in 1..threads {
+            let spawned = std::thread::Builder::new()
+                .name("kiln-load".into())
+                .stack_size(kiln_devices::THREAD_STACK_SIZE)
+                .spawn_scoped(s, work);
+            // Without a helper thread the copy still completes on this one.
+            if let Ok(h) = spawned {
+                helpers.push(h);
+            }
+        }
+        let mut result = work();
+        for h in helpers {
+            let r = h.join().unwrap_or_else(|_| {
+                Err(Error::Read(io::Error::other(
+                    "a kernel copy thread panicked",
+                )))
+            });
+            result = result.and(r);
+        }
+        result
+    })
+}
+
 /// Loads the ELF kernel in `f`; segments must lie in guest RAM at or above
 /// `min_addr`.
 pub fn load(mem: &GuestMemoryMmap, f: &mut File, min_addr: u64) -> Result<Loaded, Error> {
@@ -148,6 +270,7 @@ pub fn load(mem: &GuestMemoryMmap, f: &mut File, min_addr: u64) -> Result<Loaded
     let mut end = 0;
     let mut copied = 0;
     let mut entry_ok = false;
+    let mut pieces = Vec::new();
     for s in &segs {
         let seg_end = s.paddr.checked_add(s.memsz);
         let fits = s.paddr >= min_addr
@@ -162,16 +285,14 @@ pub fn load(mem: &GuestMemoryMmap, f: &mut File, min_addr: u64) -> Result<Loaded
         entry_ok |= (s.paddr..seg_end).contains(&entry);
         end = end.max(seg_end);
         for (from, to) in data_ranges(f, s.offset, s.offset + s.filesz) {
-            f.seek(SeekFrom::Start(from)).map_err(Error::Read)?;
-            let dest = GuestAddress(s.paddr + (from - s.offset));
-            mem.read_exact_volatile_from(dest, f, (to - from) as usize)
-                .map_err(Error::GuestMemory)?;
+            pieces.extend(split(s.paddr + (from - s.offset), from, to - from));
             copied += to - from;
         }
     }
     if !entry_ok {
         return Err(Error::BadEntry(entry));
     }
+    copy_pieces(mem, f, &pieces)?;
     Ok(Loaded {
         entry: GuestAddress(entry),
         end,
@@ -240,6 +361,47 @@ mod tests {
             "copied {}",
             l.copied
         );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn copies_are_cut_at_2mib_guest_boundaries() {
+        assert_eq!(
+            split(0x1f_f000, 0x40, 0x20_2000),
+            [
+                Piece {
+                    dest: 0x1f_f000,
+                    offset: 0x40,
+                    len: 0x1000
+                },
+                Piece {
+                    dest: 0x20_0000,
+                    offset: 0x1040,
+                    len: 0x20_0000
+                },
+                Piece {
+                    dest: 0x40_0000,
+                    offset: 0x20_1040,
+                    len: 0x1000
+                },
+            ]
+        );
+        assert!(split(0x1000, 0, 0).is_empty());
+    }
+
+    #[test]
+    fn a_segment_of_many_pieces_lands_whole() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        // 7 MiB of data not aligned to 2 MiB, each 4-byte word its own index.
+        let data: Vec<u8> = (0..(7u32 << 18) + 3)
+            .flat_map(|i| i.to_le_bytes())
+            .collect();
+        let (mut f, path) = elf_file("pieces", 0x10_3000, &data, 0, &[]);
+        let l = load(&mem, &mut f, 0x10_0000).unwrap();
+        assert_eq!(l.copied, data.len() as u64);
+        let mut back = vec![0u8; data.len()];
+        mem.read_slice(&mut back, GuestAddress(0x10_3000)).unwrap();
+        assert!(back == data, "guest memory differs from the segment");
         std::fs::remove_file(path).unwrap();
     }
 
