@@ -44,6 +44,15 @@ case_run restart kiln-vmm --kernel /images/vmlinux --initrd $RD --memory 256M --
 case_run native kiln-vmm --kernel /images/vmlinuz --bzimage native --initrd $RD --memory 256M --cmdline "$Q"
 case_run serial-file kiln-vmm --kernel /images/vmlinux --initrd $RD --memory 256M --serial file:/tmp/console.log --cmdline "$Q"
 grep -q KILN-GUEST-READY /tmp/console.log && echo "SERIAL-FILE-HAS-READY"
+
+# What the guest learns about its machine.
+cat >/tmp/facts.txt <<'S'
+grep -q tsc_deadline_timer /proc/cpuinfo && echo GUEST-HAS-TSC-DEADLINE
+grep -qw pci=off /proc/cmdline && echo GUEST-TOLD-NO-PCI
+S
+dd if=/tmp/facts.txt of=/tmp/facts.img bs=4096 conv=sync 2>/dev/null
+case_run facts kiln-vmm --kernel /images/vmlinux --initrd $RD --memory 256M \
+    --disk path=/tmp/facts.img,ro=on --cmdline "$Q kiln.script=/dev/vda"
 "#;
 
 fn session() -> Option<&'static HostRun> {
@@ -165,4 +174,17 @@ fn serial_console_can_go_to_a_file() {
         .unwrap()
         .line_with("SERIAL-FILE-HAS-READY")
         .is_some());
+}
+
+#[test]
+fn the_guest_has_the_tsc_deadline_timer_and_is_told_there_is_no_pci() {
+    let Some(c) = case("facts") else { return };
+    assert_eq!(c.rc, 0, "stderr: {:?}", c.err);
+    for fact in ["GUEST-HAS-TSC-DEADLINE", "GUEST-TOLD-NO-PCI"] {
+        assert!(
+            c.out.iter().any(|l| l.contains(fact)),
+            "{fact}: {:?}",
+            c.out
+        );
+    }
 }
