@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 pub const TESTHOST_READY: &str = "KILN-TESTHOST-READY";
 /// Console marker: `KILN-TESTHOST-EXIT rc=N`, the script's exit status.
 pub const TESTHOST_EXIT: &str = "KILN-TESTHOST-EXIT";
+/// Console marker of the test guest: its /init has started (first line).
+pub const GUEST_INIT: &str = "KILN-GUEST-INIT";
 /// Console marker of the test guest: `KILN-GUEST-READY uptime=S cpus=N`.
 pub const GUEST_READY: &str = "KILN-GUEST-READY";
 /// Console marker of the test guest: `KILN-SCRIPT-EXIT rc=N` (after `kiln.script=`).

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use kiln_tests::{
-    field, profile_binary, require_testhost, CaseOutput, HostRun, TestHost, GUEST_READY,
+    field, profile_binary, require_testhost, CaseOutput, HostRun, TestHost, GUEST_INIT, GUEST_READY,
 };
 
 /// Runs each case with its console and stderr captured and tagged:
@@ -106,6 +106,16 @@ fn debian_vmlinux_boots_with_one_vcpu_and_powers_off() {
         "{:?}",
         c.out
     );
+    // The init marker (what the boot benchmark's "start → init" times) comes
+    // once, before the drivers are loaded and READY is printed.
+    let at = |m: &str| c.out.iter().position(|l| l.contains(m));
+    assert_eq!(
+        c.out.iter().filter(|l| l.contains(GUEST_INIT)).count(),
+        1,
+        "{:?}",
+        c.out
+    );
+    assert!(at(GUEST_INIT) < at(GUEST_READY), "{:?}", c.out);
 }
 
 #[test]

@@ -1,14 +1,15 @@
 //! kiln-bootprobe: time one VM boot from the outside.
 //!
-//! Usage: kiln-bootprobe MARKER GUEST_MIB -- VMM [ARGS...]
+//! Usage: kiln-bootprobe [--init-marker INIT] MARKER GUEST_MIB -- VMM [ARGS...]
 //!
 //! Starts the VMM with its console on a pipe, notes when a console line
-//! containing MARKER appears, samples /proc/PID/smaps every 50 ms until the
-//! VMM exits, and prints one line:
+//! containing MARKER (and INIT, if given) first appears, samples
+//! /proc/PID/smaps every 50 ms until the VMM exits, and prints one line:
 //!
-//!   BOOTPROBE marker_ms=T total_ms=T overhead_kib=K rc=N
+//!   BOOTPROBE [init_ms=T ]marker_ms=T total_ms=T overhead_kib=K rc=N
 //!
-//! marker_ms and total_ms count from just before the VMM is spawned.
+//! init_ms, marker_ms and total_ms count from just before the VMM is
+//! spawned; a marker that never appeared reads "none".
 //! overhead_kib is the resident memory of the VMM process outside its guest
 //! RAM (the largest mapping, which must be at least GUEST_MIB), from the last
 //! smaps sample taken before the process exited. Lines the VMM prints are
@@ -44,11 +45,21 @@ fn overhead_kib(pid: u32, guest_kib: u64) -> Option<u64> {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let init_marker = match args.first().map(String::as_str) {
+        Some("--init-marker") if args.len() > 1 => {
+            let m = args.remove(1);
+            args.remove(0);
+            Some(m)
+        }
+        _ => None,
+    };
     let (marker, guest_mib, cmd) = match args.as_slice() {
         [m, g, sep, cmd @ ..] if sep == "--" && !cmd.is_empty() => (m.clone(), g.clone(), cmd),
         _ => {
-            eprintln!("usage: kiln-bootprobe MARKER GUEST_MIB -- VMM [ARGS...]");
+            eprintln!(
+                "usage: kiln-bootprobe [--init-marker INIT] MARKER GUEST_MIB -- VMM [ARGS...]"
+            );
             std::process::exit(2);
         }
     };
@@ -77,13 +88,21 @@ fn main() {
     let stdout = child.stdout.take().expect("stdout is piped");
 
     let marker_at: Arc<Mutex<Option<Duration>>> = Arc::default();
+    let init_at: Arc<Mutex<Option<Duration>>> = Arc::default();
     let reader = {
-        let marker_at = marker_at.clone();
+        let (marker_at, init_at) = (marker_at.clone(), init_at.clone());
+        let init_marker = init_marker.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if line.contains(&marker) {
                     marker_at.lock().unwrap().get_or_insert(start.elapsed());
+                }
+                if init_marker
+                    .as_ref()
+                    .is_some_and(|m| line.contains(m.as_str()))
+                {
+                    init_at.lock().unwrap().get_or_insert(start.elapsed());
                 }
                 eprintln!("| {:>6} ms | {line}", start.elapsed().as_millis());
             }
@@ -107,8 +126,12 @@ fn main() {
     let total = start.elapsed();
     let _ = reader.join();
     let ms = |d: Option<Duration>| d.map_or("none".to_string(), |d| d.as_millis().to_string());
+    let init = match init_marker {
+        Some(_) => format!("init_ms={} ", ms(*init_at.lock().unwrap())),
+        None => String::new(),
+    };
     println!(
-        "BOOTPROBE marker_ms={} total_ms={} overhead_kib={} rc={}",
+        "BOOTPROBE {init}marker_ms={} total_ms={} overhead_kib={} rc={}",
         ms(*marker_at.lock().unwrap()),
         total.as_millis(),
         overhead.map_or("none".to_string(), |v| v.to_string()),
