@@ -45,6 +45,21 @@ fn file_that_is_no_kernel() {
 }
 
 #[test]
+fn a_bad_kernel_is_reported_before_other_build_errors() {
+    // The kernel loads while the devices are set up; when both fail, the
+    // kernel's error is the one the user sees.
+    let dir = Scratch::new("nokernel-badserial");
+    // ELF magic passes the early format check; the loader refuses the rest.
+    let k = dir.file("vmlinux", b"\x7fELF and then nothing an ELF loader wants\n");
+    let serial = format!("file:{}/missing/dir/console.log", dir.path().display());
+    let err = fails_with(
+        &[os("--kernel"), k.as_os_str(), os("--serial"), os(&serial)],
+        "x86-64 ELF",
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
 fn unreadable_kernel_when_not_root() {
     // Root reads anything; drop to "nobody" with setpriv to see EACCES.
     let dir = Scratch::new("unreadable");
