@@ -1,6 +1,7 @@
 //! How a VM ends: devices and vCPUs report it here, the VMM's event loop
 //! waits on the eventfd. The first reason reported wins.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -18,6 +19,8 @@ pub enum VmExit {
 
 pub struct ExitSignal {
     reason: Mutex<Option<VmExit>>,
+    /// Set with `reason`; read without the lock on every vCPU exit.
+    ended: AtomicBool,
     evt: EventFd,
 }
 
@@ -25,6 +28,7 @@ impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             reason: Mutex::new(None),
+            ended: AtomicBool::new(false),
             evt: EventFd::new(EFD_NONBLOCK)?,
         })
     }
@@ -35,10 +39,17 @@ impl ExitSignal {
         let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
         if reason.is_none() {
             *reason = Some(exit);
+            self.ended.store(true, Ordering::Release);
         }
         if let Err(e) = self.evt.write(1) {
             tracing::error!("cannot signal VM exit: {e}");
         }
+    }
+
+    /// Whether a reason has been recorded: the VM is ending, and a vCPU
+    /// should not enter the guest again.
+    pub fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
     }
 
     /// The recorded reason, if any.
@@ -63,7 +74,9 @@ mod tests {
     fn first_reason_wins_and_wakes_the_eventfd() {
         let s = ExitSignal::new().unwrap();
         assert_eq!(s.reason(), None);
+        assert!(!s.has_ended());
         s.signal(VmExit::Reset);
+        assert!(s.has_ended());
         s.signal(VmExit::PowerOff);
         assert_eq!(s.reason(), Some(VmExit::Reset));
         assert_eq!(s.eventfd().read().unwrap(), 2);

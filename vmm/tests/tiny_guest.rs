@@ -37,6 +37,34 @@ fn tiny_guest_prints_and_powers_off() {
     assert!(out.status.success(), "stderr: {}", stderr(&out));
 }
 
+/// After the power-off write the vCPU does not enter the guest again: what
+/// the guest would do next (here, print a line) never happens.
+#[test]
+fn nothing_runs_after_the_guest_powers_off() {
+    if !local_kvm() {
+        return;
+    }
+    let mut code = serial_then_out(b"KILN-TINY-OK\n", ACPI_SLEEP_CONTROL, S5_SLP_EN);
+    code.truncate(code.len() - 3); // drop the final hlt; jmp
+    code.extend_from_slice(&serial_then_out(b"RAN-AFTER-POWER-OFF\n", 0x80, 0));
+    let dir = Scratch::new("tiny-after-off");
+    let kernel = dir.file("tiny.elf", &tiny_elf(&code));
+    for _ in 0..3 {
+        let out = run(kiln_vmm()
+            .arg("--kernel")
+            .arg(&kernel)
+            .args(["--memory", "64M", "--serial", "stdio"])
+            .stdin(std::process::Stdio::null()));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "KILN-TINY-OK\n",
+            "stderr: {}",
+            stderr(&out)
+        );
+        assert!(out.status.success(), "stderr: {}", stderr(&out));
+    }
+}
+
 /// With a vhost-user disk, guest RAM is a shared memfd that KVM runs the
 /// guest in, the backend is connected and negotiated with before the guest
 /// starts, and the device's worker runs under its own seccomp filter.

@@ -124,6 +124,14 @@ impl Vcpu {
             Err(e) => VmExit::Error(format!("vCPU {}: {e}", self.index)),
             Ok(()) => loop {
                 match self.run_once(&ctx) {
+                    // A device (the ACPI sleep or reset register, the
+                    // i8042) may have just ended the VM: stop here rather
+                    // than run the guest on while the VMM winds down. (A
+                    // Linux guest polls the sleep status register after
+                    // its power-off write: 180 exits in one boot.)
+                    Ok(None) if ctx.exit.has_ended() => {
+                        break ctx.exit.reason().unwrap_or(VmExit::PowerOff)
+                    }
                     Ok(None) => continue,
                     Ok(Some(exit)) => break exit,
                     Err(msg) => break VmExit::Error(format!("vCPU {}: {msg}", self.index)),
