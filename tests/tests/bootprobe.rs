@@ -67,8 +67,30 @@ fn a_marker_that_never_comes_reads_none() {
 }
 
 #[test]
+fn a_vmm_that_never_ends_is_killed_at_the_timeout() {
+    let started = std::time::Instant::now();
+    let (out, err, rc) = probe(&[
+        "--timeout",
+        "1",
+        "READY",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        "echo READY; exec sleep 60",
+    ]);
+    assert_eq!(rc, Some(0), "stderr: {err}");
+    assert!(out.contains(" rc=timeout"), "{out}");
+    assert!(!out.contains("marker_ms=none"), "{out}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}
+
+#[test]
 fn bad_usage_is_refused() {
     let (_, err, rc) = probe(&["--init-marker"]);
     assert_eq!(rc, Some(2));
     assert!(err.starts_with("usage: kiln-bootprobe"), "{err}");
+    let (_, err, rc) = probe(&["--timeout", "soon", "READY", "1", "--", "true"]);
+    assert_eq!(rc, Some(2));
+    assert!(err.contains("--timeout needs"), "{err}");
 }

@@ -1,6 +1,6 @@
 //! kiln-bootprobe: time one VM boot from the outside.
 //!
-//! Usage: kiln-bootprobe [--init-marker INIT] MARKER GUEST_MIB -- VMM [ARGS...]
+//! Usage: kiln-bootprobe [--init-marker INIT] [--timeout SECS] MARKER GUEST_MIB -- VMM [ARGS...]
 //!
 //! Starts the VMM with its console on a pipe, notes when a console line
 //! containing MARKER (and INIT, if given) first appears, samples
@@ -9,7 +9,8 @@
 //!   BOOTPROBE [init_ms=T ]marker_ms=T total_ms=T overhead_kib=K rc=N
 //!
 //! init_ms, marker_ms and total_ms count from just before the VMM is
-//! spawned; a marker that never appeared reads "none".
+//! spawned; a marker that never appeared reads "none". With --timeout, a
+//! VMM still running after SECS seconds is killed and rc reads "timeout".
 //! overhead_kib is the resident memory of the VMM process outside its guest
 //! RAM (the largest mapping, which must be at least GUEST_MIB), from the last
 //! smaps sample taken before the process exited. Lines the VMM prints are
@@ -45,21 +46,35 @@ fn overhead_kib(pid: u32, guest_kib: u64) -> Option<u64> {
 }
 
 fn main() {
+    const USAGE: &str =
+        "usage: kiln-bootprobe [--init-marker INIT] [--timeout SECS] MARKER GUEST_MIB -- VMM [ARGS...]";
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let init_marker = match args.first().map(String::as_str) {
-        Some("--init-marker") if args.len() > 1 => {
-            let m = args.remove(1);
-            args.remove(0);
-            Some(m)
+    let (mut init_marker, mut timeout) = (None, None);
+    while matches!(
+        args.first().map(String::as_str),
+        Some("--init-marker" | "--timeout")
+    ) {
+        if args.len() < 2 {
+            eprintln!("{USAGE}");
+            std::process::exit(2);
         }
-        _ => None,
-    };
+        let value = args.remove(1);
+        if args.remove(0) == "--init-marker" {
+            init_marker = Some(value);
+        } else {
+            match value.parse::<u64>() {
+                Ok(secs) if secs > 0 => timeout = Some(Duration::from_secs(secs)),
+                _ => {
+                    eprintln!("kiln-bootprobe: --timeout needs a positive number of seconds");
+                    std::process::exit(2);
+                }
+            }
+        }
+    }
     let (marker, guest_mib, cmd) = match args.as_slice() {
         [m, g, sep, cmd @ ..] if sep == "--" && !cmd.is_empty() => (m.clone(), g.clone(), cmd),
         _ => {
-            eprintln!(
-                "usage: kiln-bootprobe [--init-marker INIT] MARKER GUEST_MIB -- VMM [ARGS...]"
-            );
+            eprintln!("{USAGE}");
             std::process::exit(2);
         }
     };
@@ -110,12 +125,18 @@ fn main() {
     };
 
     let mut overhead = None;
+    let mut timed_out = false;
     let status = loop {
         if let Some(v) = overhead_kib(pid, guest_kib) {
             overhead = Some(v);
         }
         match child.try_wait() {
             Ok(Some(status)) => break status,
+            Ok(None) if !timed_out && timeout.is_some_and(|t| start.elapsed() >= t) => {
+                eprintln!("kiln-bootprobe: the VMM is still running after {timeout:?}; killing it");
+                timed_out = true;
+                let _ = child.kill();
+            }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
             Err(e) => {
                 eprintln!("kiln-bootprobe: wait failed: {e}");
@@ -135,6 +156,10 @@ fn main() {
         ms(*marker_at.lock().unwrap()),
         total.as_millis(),
         overhead.map_or("none".to_string(), |v| v.to_string()),
-        status.code().unwrap_or(-1)
+        if timed_out {
+            "timeout".to_string()
+        } else {
+            status.code().unwrap_or(-1).to_string()
+        }
     );
 }
