@@ -195,3 +195,33 @@ fn the_terminal_is_raw_while_the_guest_runs_and_restored_after() {
     assert_eq!(stty.len(), 2, "{lines:?}");
     assert_eq!(stty[0], stty[1], "terminal settings changed");
 }
+
+/// A guest that triple-faults (an empty IDT, then an invalid opcode) is
+/// reset, which ends kiln-vmm cleanly by default; the log says where it was
+/// (this machine's KVM keeps the registers).
+#[test]
+fn a_triple_fault_resets_the_guest_and_names_where_it_was() {
+    if !local_kvm() {
+        return;
+    }
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03, 0xb0, b'T', 0xee]; // mov dx, 0x3f8; mov al, 'T'; out dx, al
+    code.extend_from_slice(&[0x0f, 0x01, 0x1d, 0x02, 0, 0, 0]); // lidt [rip + 2]
+    code.extend_from_slice(&[0x0f, 0x0b]); // ud2
+    code.extend_from_slice(&[0; 10]); // the IDT descriptor: limit 0, base 0
+    let dir = Scratch::new("tiny-triple-fault");
+    let kernel = dir.file("tiny.elf", &tiny_elf(&code));
+    let out = run(kiln_vmm()
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "64M", "--serial", "stdio"])
+        .stdin(std::process::Stdio::null()));
+    let err = stderr(&out);
+    assert!(out.status.success(), "stderr: {err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "T", "stderr: {err}");
+    // The ud2: entry (0x100078, after the ELF headers) + 7 + 7.
+    assert!(
+        err.contains("vCPU 0: triple fault (rip=0x100086 "),
+        "stderr: {err}"
+    );
+    assert!(err.contains("rebooted"), "stderr: {err}");
+}

@@ -5,7 +5,8 @@ use std::thread::JoinHandle;
 
 use kiln_devices::{Bus, ExitSignal, VmExit};
 use kvm_bindings::{
-    CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_regs, kvm_sregs, CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -172,12 +173,9 @@ impl Vcpu {
                 let regs = self.fd.get_regs().ok();
                 let sregs = self.fd.get_sregs().ok();
                 tracing::warn!(
-                    "vCPU {}: triple fault (rip={:#x} rsp={:#x} cr2={:#x} cr3={:#x}); resetting",
+                    "vCPU {}: triple fault ({}); resetting",
                     self.index,
-                    regs.map_or(0, |r| r.rip),
-                    regs.map_or(0, |r| r.rsp),
-                    sregs.map_or(0, |s| s.cr2),
-                    sregs.map_or(0, |s| s.cr3),
+                    triple_fault_site(regs.as_ref(), sregs.as_ref())
                 );
                 return Ok(Some(VmExit::Reset));
             }
@@ -208,5 +206,51 @@ impl Vcpu {
             Err(e) => return Err(format!("KVM_RUN failed: {e}")),
         }
         Ok(None)
+    }
+}
+
+/// Where the guest was when it triple-faulted, for the log. On AMD hosts KVM
+/// puts the vCPU through INIT before it reports the shutdown, so the
+/// registers then hold the reset state, not the fault's: say that instead
+/// of pointing at the reset vector.
+fn triple_fault_site(regs: Option<&kvm_regs>, sregs: Option<&kvm_sregs>) -> String {
+    match (regs, sregs) {
+        (Some(r), Some(s)) if r.rip == 0xfff0 && s.cs.base == 0xffff_0000 => {
+            "where is unknown: KVM reset the vCPU before reporting it, as it does on AMD hosts"
+                .to_string()
+        }
+        (Some(r), Some(s)) => format!(
+            "rip={:#x} rsp={:#x} cr2={:#x} cr3={:#x}",
+            r.rip, r.rsp, s.cr2, s.cr3
+        ),
+        _ => "where is unknown: KVM_GET_REGS or KVM_GET_SREGS failed".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_triple_fault_is_located_only_when_kvm_kept_the_registers() {
+        let mut regs = kvm_regs {
+            rip: 0xffff_ffff_8100_1234,
+            rsp: 0xffff_c900_0000_3f00,
+            ..Default::default()
+        };
+        let mut sregs = kvm_sregs {
+            cr2: 0x10,
+            cr3: 0x1a0_c000,
+            ..Default::default()
+        };
+        assert_eq!(
+            triple_fault_site(Some(&regs), Some(&sregs)),
+            "rip=0xffffffff81001234 rsp=0xffffc90000003f00 cr2=0x10 cr3=0x1a0c000"
+        );
+        // The INIT state KVM leaves behind on AMD.
+        regs.rip = 0xfff0;
+        sregs.cs.base = 0xffff_0000;
+        assert!(triple_fault_site(Some(&regs), Some(&sregs)).contains("AMD"));
+        assert!(triple_fault_site(None, Some(&sregs)).contains("failed"));
     }
 }
