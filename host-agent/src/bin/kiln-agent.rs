@@ -1,0 +1,217 @@
+//! kiln-agent: the host agent of a Kiln node.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use kiln_agent::api::{self, AppState};
+use kiln_agent::db::Db;
+use kiln_agent::model::{now, NodeInfo};
+use kiln_agent::paths::{self, Paths};
+use kiln_agent::supervisor::Supervisor;
+use kiln_agent::{node, pki, server};
+
+/// The host agent of a Kiln node: its images, networks and VMs behind an
+/// authenticated HTTP/JSON API (see `kilnctl`).
+///
+/// First `kiln-agent init` (once per node: identity, TLS key and
+/// certificate, the first admin token), then `kiln-agent serve`. VMs keep
+/// running when the agent stops, is killed or is replaced; a new agent
+/// re-adopts them.
+#[derive(Parser)]
+#[command(name = "kiln-agent", version, about, long_about)]
+struct Cli {
+    #[command(flatten)]
+    dirs: Dirs,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args)]
+struct Dirs {
+    /// Persistent state (database, images, store data).
+    #[arg(long, env = "KILN_DATA_DIR", default_value = paths::DEFAULT_DATA_DIR, global = true)]
+    data_dir: PathBuf,
+    /// Runtime state (sockets, per-VM directories).
+    #[arg(long, env = "KILN_RUN_DIR", default_value = paths::DEFAULT_RUN_DIR, global = true)]
+    run_dir: PathBuf,
+    /// The node's TLS key, certificate and CA.
+    #[arg(long, env = "KILN_PKI_DIR", default_value = paths::DEFAULT_PKI_DIR, global = true)]
+    pki_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Initialize this node: its identity, a node CA and TLS certificate
+    /// (or the ones given), the state database, and the first admin token,
+    /// which is printed once and stored only as a hash.
+    Init {
+        /// The node's name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Another DNS name or IP address for the node certificate
+        /// (repeatable; localhost, 127.0.0.1 and ::1 are always in it).
+        #[arg(long = "san", value_name = "NAME")]
+        san: Vec<String>,
+        /// Use this certificate (PEM) instead of making a node CA.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// The private key (PEM) of --cert.
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// The CA that issued --cert (default: --cert itself).
+        #[arg(long, requires = "cert")]
+        ca: Option<PathBuf>,
+    },
+    /// Serve the API and supervise the VMs.
+    Serve {
+        /// TCP address of the TLS listener ("none" for the unix socket only).
+        #[arg(long, default_value = paths::DEFAULT_LISTEN)]
+        listen: String,
+        /// The kiln-vmm program (default: beside kiln-agent, else on PATH).
+        #[arg(long, env = "KILN_VMM")]
+        vmm: Option<PathBuf>,
+    },
+    /// Print the OpenAPI document of the API.
+    Openapi,
+}
+
+fn beside_me(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(name)))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+async fn serve(paths: Paths, listen: String, vmm: Option<PathBuf>) -> Result<()> {
+    let record = node::load(&paths)?;
+    let tls = pki::server_config(&paths.pki)?;
+    let db = Arc::new(Db::open(&paths.database()).with_context(|| {
+        format!(
+            "cannot open the state database {} (is another kiln-agent running?)",
+            paths.database().display()
+        )
+    })?);
+    let vmm = vmm.unwrap_or_else(|| beside_me("kiln-vmm"));
+    let sup = Supervisor::new(db.clone(), paths.clone(), vmm);
+    let info = NodeInfo {
+        id: record.id,
+        name: record.name,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_at: now(),
+        cert_sha256: pki::cert_sha256(&paths.pki)?,
+        cgroup_v2: sup.cgroup_v2(),
+    };
+    if !info.cgroup_v2 {
+        tracing::warn!("cgroup v2 is not available: VMs run without cpu and memory limits");
+    }
+    let state = AppState {
+        db: db.clone(),
+        paths: paths.clone(),
+        node: Arc::new(info),
+        sup: sup.clone(),
+    };
+    let unix = server::bind_unix(&paths.agent_socket())?;
+    let tcp = if listen == "none" {
+        None
+    } else {
+        let addr: SocketAddr = listen
+            .parse()
+            .with_context(|| format!("bad --listen {listen:?}"))?;
+        Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        )
+    };
+    sup.reconcile().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Imports that an earlier agent left unfinished start over.
+    for image in db.list::<kiln_agent::model::Image>()? {
+        if image.status.state == kiln_agent::model::ImageState::Importing {
+            let (db, paths) = (db.clone(), paths.clone());
+            tokio::task::spawn_blocking(move || {
+                kiln_agent::images::run_import(db, paths, image.meta.id)
+            });
+        }
+    }
+    tracing::info!(
+        "kiln-agent serving on {}{}",
+        paths.agent_socket().display(),
+        tcp.as_ref()
+            .and_then(|t| t.local_addr().ok())
+            .map(|a| format!(" and https://{a}"))
+            .unwrap_or_default()
+    );
+    let unix_task = tokio::spawn(server::serve_unix(unix, api::router(state.clone(), false)));
+    if let Some(tcp) = tcp {
+        tokio::spawn(server::serve_tls(tcp, tls, api::router(state, true)));
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        _ = unix_task => {}
+    }
+    tracing::info!("kiln-agent stopping; VMs keep running");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let paths = Paths::new(cli.dirs.data_dir, cli.dirs.run_dir, cli.dirs.pki_dir);
+    let r = match cli.cmd {
+        Cmd::Init {
+            name,
+            san,
+            cert,
+            key,
+            ca,
+        } => node::init(
+            &paths,
+            &node::InitOptions {
+                name,
+                san,
+                cert,
+                key,
+                ca,
+            },
+        )
+        .map(|done| {
+            println!("node {} ({}) initialized", done.node.name, done.node.id);
+            println!(
+                "CA certificate for clients: {}",
+                paths.pki.join(pki::CA_CERT).display()
+            );
+            println!("admin token (shown once, stored only as a hash):");
+            println!("{}", done.admin_token);
+        }),
+        Cmd::Serve { listen, vmm } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(serve(paths, listen, vmm))),
+        Cmd::Openapi => {
+            print!("{}", api::openapi::document());
+            Ok(())
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiln-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! One HTTP/1.1 client for everything the agent side talks to: kiln-vmm's
+//! API socket, and (from kilnctl) the agent over its unix socket or TLS.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use axum::body::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpStream, UnixStream};
+
+/// Where a server is.
+#[derive(Clone)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tls {
+        /// `host:port`
+        addr: String,
+        host: String,
+        config: Arc<rustls::ClientConfig>,
+    },
+}
+
+impl Endpoint {
+    /// `unix:PATH` or `https://HOST:PORT` (then `ca` is the CA to trust).
+    pub fn parse(s: &str, ca: Option<&Path>) -> Result<Endpoint> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            return Ok(Endpoint::Unix(PathBuf::from(p)));
+        }
+        if let Some(rest) = s.strip_prefix("https://") {
+            let rest = rest.trim_end_matches('/');
+            let (host, port) = match rest.rsplit_once(':') {
+                Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p),
+                _ => (rest, "7443"),
+            };
+            let port: u16 = port.parse().map_err(|_| anyhow!("bad port in {s:?}"))?;
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let ca = ca.ok_or_else(|| anyhow!("https needs --ca (the node's CA certificate, /etc/kiln/pki/ca.crt on the node)"))?;
+            let config = Arc::new(crate::pki::client_config(ca)?);
+            let addr = if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+            return Ok(Endpoint::Tls { addr, host, config });
+        }
+        bail!("bad --host {s:?}: use unix:PATH or https://HOST:PORT")
+    }
+}
+
+/// Opens a connection and sends one request; the response body is left to
+/// the caller (it may be a stream).
+pub async fn send(
+    ep: &Endpoint,
+    method: Method,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Option<Vec<u8>>,
+    connect_timeout: Duration,
+) -> Result<Response<Incoming>> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    for (k, v) in headers {
+        b = b.header(*k, v);
+    }
+    if body.is_some() {
+        b = b.header("content-type", "application/json");
+    }
+    let req = b.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    match ep {
+        Endpoint::Unix(p) => {
+            let s = tokio::time::timeout(connect_timeout, UnixStream::connect(p))
+                .await
+                .map_err(|_| anyhow!("timed out connecting to {}", p.display()))?
+                .with_context(|| format!("cannot connect to {}", p.display()))?;
+            exchange(s, req).await
+        }
+        Endpoint::Tls { addr, host, config } => {
+            let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr.as_str()))
+                .await
+                .map_err(|_| anyhow!("timed out connecting to {addr}"))?
+                .with_context(|| format!("cannot connect to {addr}"))?;
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|_| anyhow!("bad host name {host:?}"))?;
+            let tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await
+                .with_context(|| format!("TLS with {addr} failed"))?;
+            exchange(tls, req).await
+        }
+    }
+}
+
+async fn exchange<S>(s: S, req: Request<Full<Bytes>>) -> Result<Response<Incoming>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender.send_request(req).await?)
+}
+
+/// Sends a request and reads the whole response, within `timeout`.
+pub async fn call(
+    ep: &Endpoint,
+    method: Method,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<(StatusCode, Bytes)> {
+    tokio::time::timeout(timeout, async {
+        let resp = send(ep, method, path, headers, body, timeout).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    })
+    .await
+    .map_err(|_| anyhow!("no answer within {} s", timeout.as_secs()))?
+}

@@ -1,0 +1,30 @@
+//! kiln-agent: the host agent of a Kiln node, and the library behind
+//! `kilnctl`.
+//!
+//! The agent owns the node's desired state (images, networks, volumes, VMs,
+//! API tokens) in a redb database, serves it as HTTP/JSON under `/v1` on a
+//! root-only unix socket and on TCP with TLS and bearer tokens, and closes
+//! the gap between desired and observed state: it starts one `kiln-vmm`
+//! process per VM (never as a child that dies with it), re-adopts running
+//! VMs after its own restart, and records every state change as an event.
+//!
+//! Resources have the shape the cluster will later replicate unchanged: a
+//! stable id, a name unique per kind, a generation bumped by every change
+//! of desired state, timestamps, a spec and an observed status.
+
+pub mod api;
+pub mod auth;
+pub mod cgroup;
+pub mod client;
+pub mod db;
+pub mod error;
+pub mod images;
+pub mod model;
+pub mod netdev;
+pub mod node;
+pub mod paths;
+pub mod pki;
+pub mod server;
+pub mod supervisor;
+pub mod validate;
+pub mod vmm_client;
