@@ -8,6 +8,7 @@
 pub mod block;
 pub mod device;
 pub mod interrupt;
+pub mod metrics;
 pub mod mmio;
 pub mod net;
 mod queue;
@@ -17,6 +18,7 @@ mod worker;
 pub use block::{Block, BlockBackend, BlockConfig};
 pub use device::{ActivateContext, ActivateError, VirtioDevice, WorkerHook};
 pub use interrupt::Interrupt;
+pub use metrics::{BlockCounters, NetCounters};
 pub use mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 pub use net::{parse_mac, Net, NetConfig};
 pub use vhost_user_blk::{VhostUserBlock, VhostUserBlockConfig};

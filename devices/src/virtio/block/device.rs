@@ -20,6 +20,7 @@ use super::request::{RequestLimits, SECTOR_SHIFT, SECTOR_SIZE};
 use super::worker::BlockWorker;
 use crate::rate_limiter::{self, RateLimit, SharedRateLimiter};
 use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice, WorkerHook};
+use crate::virtio::metrics::BlockCounters;
 use crate::virtio::worker::Worker;
 
 /// Size of the one request queue.
@@ -90,6 +91,11 @@ impl Block {
         Ok(block)
     }
 
+    /// The disk's I/O counters.
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.disk.counters.clone()
+    }
+
     /// Limits the guest's bytes and requests per second on this disk.
     /// Creates the limiter's timerfd: call before the VMM is confined.
     pub fn set_rate_limit(&mut self, limit: RateLimit) -> Result<(), Error> {
@@ -137,6 +143,7 @@ impl Block {
                 backend,
                 read_only,
                 serial,
+                counters: Arc::default(),
             },
             capacity_sectors,
             avail_features: features,

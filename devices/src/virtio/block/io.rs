@@ -7,6 +7,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::backend::BlockBackend;
 use super::request::{Request, RequestType, SECTOR_SHIFT};
+use crate::virtio::metrics::BlockCounters;
 
 /// Data moves between guest memory and the backend in pieces of at most
 /// this size, so a huge request never needs a huge buffer.
@@ -33,6 +34,8 @@ pub struct Disk {
     pub backend: Arc<dyn BlockBackend>,
     pub read_only: bool,
     pub serial: [u8; SERIAL_LEN],
+    /// Completed reads and writes, for the control API.
+    pub counters: Arc<BlockCounters>,
 }
 
 impl Disk {
@@ -52,8 +55,16 @@ impl Disk {
             return Err(ExecError::ReadOnly);
         }
         match req.request_type {
-            RequestType::In => self.read(mem, req, bounce),
-            RequestType::Out => self.write(mem, req, bounce).map(|()| 0),
+            RequestType::In => {
+                let n = self.read(mem, req, bounce)?;
+                self.counters.read(req.data_len);
+                Ok(n)
+            }
+            RequestType::Out => {
+                self.write(mem, req, bounce)?;
+                self.counters.wrote(req.data_len);
+                Ok(0)
+            }
             RequestType::Flush => {
                 if !self.read_only {
                     self.backend.flush()?;
@@ -259,6 +270,7 @@ mod tests {
             ))),
             read_only,
             serial,
+            counters: Arc::default(),
         }
     }
 
@@ -288,6 +300,7 @@ mod tests {
             backend: Arc::new(MemBackend(Mutex::new(vec![0u8; 4 << 20]))),
             read_only: false,
             serial: [0; SERIAL_LEN],
+            counters: Arc::default(),
         };
         let lens = [700 << 10, 0, 1000 << 10, 860 << 10];
         let mut addr = 0x1000u64;
@@ -479,6 +492,7 @@ mod tests {
             backend: Arc::new(MemBackend(Mutex::new(vec![5u8; 0x30_0000]))),
             read_only: false,
             serial: [0; SERIAL_LEN],
+            counters: Arc::default(),
         };
         let seg = vec![Segment {
             addr: GuestAddress(0x1000),

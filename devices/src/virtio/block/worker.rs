@@ -307,6 +307,7 @@ mod tests {
                 backend: Arc::new(backend),
                 read_only,
                 serial,
+                counters: Arc::default(),
             },
             RequestLimits {
                 capacity_sectors: 64,

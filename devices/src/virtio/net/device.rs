@@ -113,6 +113,11 @@ impl Net {
         })
     }
 
+    /// Frames through the interface, for the control API.
+    pub fn counters(&self) -> Arc<crate::virtio::metrics::NetCounters> {
+        self.tap.counters()
+    }
+
     /// The guest's MAC address.
     pub fn mac(&self) -> [u8; 6] {
         self.mac.0

@@ -8,10 +8,12 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use tracing::debug;
 
 use super::FrameIo;
+use crate::virtio::metrics::NetCounters;
 
 /// Length of `struct virtio_net_hdr_v1`, prepended to every frame.
 pub const VNET_HDR_LEN: usize = 12;
@@ -68,6 +70,7 @@ struct IfReqFlags {
 pub struct Tap {
     file: File,
     name: String,
+    counters: Arc<NetCounters>,
 }
 
 impl Tap {
@@ -131,6 +134,7 @@ impl Tap {
         let tap = Self {
             file,
             name: name.into(),
+            counters: Arc::default(),
         };
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which
@@ -150,6 +154,11 @@ impl Tap {
         }
         debug!(tap = name, "attached to TAP interface");
         Ok(tap)
+    }
+
+    /// Frames through the interface, for the control API.
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
     }
 
     /// The interface name.
@@ -200,11 +209,16 @@ impl AsRawFd for Tap {
 
 impl FrameIo for Tap {
     fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
-        (&self.file).read(buf)
+        let n = (&self.file).read(buf)?;
+        self.counters
+            .received(n.saturating_sub(VNET_HDR_LEN) as u64);
+        Ok(n)
     }
 
     fn write_frame(&self, buf: &[u8]) -> io::Result<usize> {
-        (&self.file).write(buf)
+        let n = (&self.file).write(buf)?;
+        self.counters.sent(n.saturating_sub(VNET_HDR_LEN) as u64);
+        Ok(n)
     }
 }
 
