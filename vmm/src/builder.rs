@@ -4,10 +4,10 @@ use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use kiln_devices::legacy::{AcpiPowerDevice, I8042ResetDevice, SerialDevice};
+use kiln_devices::legacy::{AcpiPowerDevice, GedDevice, I8042ResetDevice, SerialDevice};
 use kiln_devices::virtio::{
-    self, Block, BlockConfig, MmioTransport, Net, VhostUserBlock, VhostUserBlockConfig,
-    VirtioDevice, WorkerHook, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+    self, Block, BlockConfig, BlockCounters, MmioTransport, Net, VhostUserBlock,
+    VhostUserBlockConfig, VirtioDevice, WorkerHook, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
 use kiln_devices::{Bus, BusError, ExitSignal};
 use vm_memory::GuestMemoryMmap;
@@ -78,6 +78,11 @@ pub struct Machine {
     pub mmio: Arc<Bus>,
     pub exit: Arc<ExitSignal>,
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// The Generic Event Device: presses the guest's power button.
+    pub ged: Arc<Mutex<GedDevice>>,
+    /// Each device's counters for the control API, in `--disk`, `--net`
+    /// order.
+    pub devices: Vec<crate::control::DeviceStats>,
     /// How the kernel was booted (ELF, extracted bzImage, ...).
     pub kernel_description: String,
     // Kept alive for as long as the vCPUs run: KVM maps this memory and
@@ -237,13 +242,34 @@ fn add_virtio(
     Ok(())
 }
 
+/// `GET /vm`'s entry for a device: its id, kind and counters (none for a
+/// vhost-user disk: its backend does the I/O).
+fn device_stats(
+    id: String,
+    kind: &'static str,
+    values: impl Fn() -> Vec<(&'static str, u64)> + Send + 'static,
+) -> crate::control::DeviceStats {
+    Box::new(move || {
+        let mut v = serde_json::json!({ "id": id, "kind": kind });
+        for (name, n) in values() {
+            v[name] = n.into();
+        }
+        v
+    })
+}
+
+/// A disk's device, the kind of worker it needs, and its counters when
+/// kiln-vmm serves it.
+type BuiltDisk = (
+    Box<dyn VirtioDevice>,
+    WorkerHook,
+    Option<Arc<BlockCounters>>,
+);
+
 /// A disk's device and the kind of worker it needs. A vhost-user backend
 /// is connected and negotiated with here, so that a missing or unsuitable
 /// backend fails the build before any KVM object exists.
-fn build_disk(
-    disk: &DiskConfig,
-    hooks: &WorkerHooks,
-) -> Result<(Box<dyn VirtioDevice>, WorkerHook), Error> {
+fn build_disk(disk: &DiskConfig, hooks: &WorkerHooks) -> Result<BuiltDisk, Error> {
     Ok(match &disk.backend {
         DiskBackend::File {
             path,
@@ -261,7 +287,8 @@ fn build_disk(
                 path: path.clone(),
                 source,
             })?;
-            (Box::new(block), hooks.io.clone())
+            let counters = block.counters();
+            (Box::new(block), hooks.io.clone(), Some(counters))
         }
         DiskBackend::Volume { name, store } => {
             let socket = crate::store::export_volume(name, store)?;
@@ -269,7 +296,7 @@ fn build_disk(
                 socket: socket.clone(),
             })
             .map_err(|source| Error::VhostUserDisk { socket, source })?;
-            (Box::new(block), hooks.vhost_user.clone())
+            (Box::new(block), hooks.vhost_user.clone(), None)
         }
         DiskBackend::VhostUser { socket } => {
             let block = VhostUserBlock::connect(VhostUserBlockConfig {
@@ -279,7 +306,7 @@ fn build_disk(
                 socket: socket.clone(),
                 source,
             })?;
-            (Box::new(block), hooks.vhost_user.clone())
+            (Box::new(block), hooks.vhost_user.clone(), None)
         }
     })
 }
@@ -333,6 +360,14 @@ pub fn build(cfg: &VmConfig, hooks: &WorkerHooks) -> Result<Machine, Error> {
         u64::from(ACPI_SLEEP_CONTROL_PORT),
         kiln_devices::legacy::power::WINDOW_LEN,
     )?;
+    let ged_irq = eventfd()?;
+    vm.register_irqfd(&ged_irq, GED_IRQ)?;
+    let ged = Arc::new(Mutex::new(GedDevice::new(ged_irq)));
+    pio.insert(
+        ged.clone(),
+        u64::from(GED_PORT),
+        kiln_devices::legacy::ged::WINDOW_LEN,
+    )?;
     pio.insert(
         Arc::new(Mutex::new(I8042ResetDevice::new(exit.clone()))),
         u64::from(I8042_COMMAND_PORT),
@@ -342,10 +377,18 @@ pub fn build(cfg: &VmConfig, hooks: &WorkerHooks) -> Result<Machine, Error> {
     let mut alloc = MmioAllocator {
         devices: Vec::new(),
     };
-    for (device, hook) in disks {
+    let mut devices = Vec::new();
+    for (i, ((device, hook, counters), disk)) in disks.into_iter().zip(&cfg.disks).enumerate() {
         add_virtio(&vm, &mem, &mut mmio, &mut alloc, device, &hook)?;
+        let id = crate::control::device_id(disk.id.as_deref(), "disk", i);
+        devices.push(device_stats(id, "block", move || {
+            counters
+                .as_ref()
+                .map(|c| c.values().to_vec())
+                .unwrap_or_default()
+        }));
     }
-    for nic in &cfg.nets {
+    for (i, nic) in cfg.nets.iter().enumerate() {
         let net = Net::new(virtio::NetConfig {
             tap: nic.tap.clone(),
             mac: nic.mac,
@@ -355,7 +398,10 @@ pub fn build(cfg: &VmConfig, hooks: &WorkerHooks) -> Result<Machine, Error> {
             tap: nic.tap.clone(),
             source,
         })?;
+        let counters = net.counters();
         add_virtio(&vm, &mem, &mut mmio, &mut alloc, Box::new(net), &hooks.io)?;
+        let id = crate::control::device_id(nic.id.as_deref(), "net", i);
+        devices.push(device_stats(id, "net", move || counters.values().to_vec()));
     }
     let cmdline = guest_cmdline(&cfg.cmdline, alloc.cmdline());
     let cmdline_len = loader::load_command_line(&mem, &cmdline)?;
@@ -390,6 +436,8 @@ pub fn build(cfg: &VmConfig, hooks: &WorkerHooks) -> Result<Machine, Error> {
         mmio: Arc::new(mmio),
         exit,
         serial,
+        ged,
+        devices,
         kernel_description: kernel.description,
         mem,
         vm,

@@ -1,11 +1,14 @@
 //! kiln-vmm: one process per VM, booting distro Linux kernels on KVM.
 //!
 //! [`config`] validates what the user asked for; [`builder`] turns it into
-//! a machine (memory, kernel, devices, ACPI, vCPUs); [`runtime`] runs it.
+//! a machine (memory, kernel, devices, ACPI, vCPUs); [`runtime`] runs it;
+//! [`api`] serves the control API, whose actions [`control`] carries out.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod control;
 pub mod loader;
 pub mod options;
 pub mod runtime;

@@ -73,6 +73,12 @@ struct Cli {
     #[arg(long, value_name = "OPTIONS")]
     net: Vec<String>,
 
+    /// Serve the control API (HTTP/1.1) on this Unix socket, mode 0600:
+    /// GET /vm, PUT /vm/{shutdown,power-off,pause,resume,reboot}. A stale
+    /// socket there is replaced.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+
     /// Do not confine kiln-vmm's threads with seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -184,17 +190,18 @@ fn exit_unless_confined(install: runtime::ThreadHook) -> kiln_devices::virtio::W
     })
 }
 
-fn run(cli: Cli) -> Result<VmExit> {
+fn run(cli: Cli, started: std::time::Instant) -> Result<VmExit> {
     let violate = cli.debug_seccomp_violation;
+    let api_socket = cli.api_socket.clone();
     let cfg = cli.into_config()?;
     let confine = confinement(cfg.seccomp, violate)?;
     let hooks = builder::WorkerHooks {
         io: exit_unless_confined(confine.io.clone()),
         vhost_user: exit_unless_confined(confine.vhost_user.clone()),
     };
-    let started = std::time::Instant::now();
-    let machine = builder::build(&cfg, &hooks)?;
-    tracing::debug!("VM built in {:?}", started.elapsed());
+    let building = std::time::Instant::now();
+    let mut machine = builder::build(&cfg, &hooks)?;
+    tracing::debug!("VM built in {:?}", building.elapsed());
     tracing::info!(
         "booting {} ({}), {} vCPU(s), {} MiB",
         cfg.kernel.display(),
@@ -202,14 +209,25 @@ fn run(cli: Cli) -> Result<VmExit> {
         cfg.vcpus,
         cfg.memory >> 20
     );
+    let api = match api_socket {
+        Some(path) => Some(runtime::ApiSetup {
+            listener: kiln_vmm::api::http::bind(&path)?,
+            started,
+            config: kiln_vmm::control::config_json(&cfg),
+            devices: std::mem::take(&mut machine.devices),
+        }),
+        None => None,
+    };
     Ok(runtime::run(
         machine,
         cfg.serial == SerialMode::Stdio,
         confine,
+        api,
     )?)
 }
 
 fn main() -> ExitCode {
+    let started = std::time::Instant::now();
     // One malloc arena for all threads: no per-thread heaps that glibc
     // would grow with mprotect (outside the seccomp filters), and less
     // memory overhead. kiln-vmm's threads allocate little.
@@ -240,7 +258,7 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         });
     }
-    match run(cli) {
+    match run(cli, started) {
         Ok(VmExit::PowerOff) => ExitCode::SUCCESS,
         Ok(VmExit::Reset) if supervised => ExitCode::from(REBOOT_STATUS),
         Ok(VmExit::Reset) => {

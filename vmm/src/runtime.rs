@@ -1,19 +1,24 @@
 //! Running a built machine: vCPU threads, and the main thread's event loop
-//! (console input, VM exit) on event-manager's epoll.
+//! (console input, control API requests, VM exit) on event-manager's epoll.
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kiln_devices::legacy::SerialDevice;
 use kiln_devices::{ExitSignal, VmExit};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::api::{self, ApiReceiver, ApiResponse};
 use crate::builder::Machine;
+use crate::control::{DeviceStats, VmControl};
 use crate::terminal::RawTerminal;
-use crate::vstate::vcpu::VcpuContext;
+use crate::vstate::vcpu::{self, PauseGate, VcpuContext};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -23,6 +28,12 @@ pub enum Error {
     Vcpu(#[from] crate::vstate::vcpu::Error),
     #[error("cannot install the main thread's seccomp filter: {0}")]
     Seccomp(String),
+    #[error("cannot set up the vCPU kick signal: {0}")]
+    KickSignal(std::io::Error),
+    #[error("control API: {0}")]
+    Api(#[from] api::http::Error),
+    #[error("control API: cannot create its channel: {0}")]
+    ApiChannel(std::io::Error),
 }
 
 /// A per-thread-kind hook run before the thread touches the guest.
@@ -35,6 +46,8 @@ pub struct Confinement {
     pub vcpu: ThreadHook,
     pub io: ThreadHook,
     pub vhost_user: ThreadHook,
+    /// The control API's HTTP thread.
+    pub api: ThreadHook,
 }
 
 impl Confinement {
@@ -44,7 +57,8 @@ impl Confinement {
             main: nothing.clone(),
             vcpu: nothing.clone(),
             io: nothing.clone(),
-            vhost_user: nothing,
+            vhost_user: nothing.clone(),
+            api: nothing,
         }
     }
 }
@@ -135,21 +149,74 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
+/// Runs the control API's actions as the event loop receives them.
+struct ApiHandler {
+    api: ApiReceiver,
+    control: VmControl,
+    /// For each action that ended the VM: fires once its response is out.
+    written: Arc<Mutex<Vec<mpsc::Receiver<()>>>>,
+}
+
+impl MutEventSubscriber for ApiHandler {
+    fn init(&mut self, ops: &mut EventOps) {
+        ops.add(Events::new(&self.api.evt, EventSet::IN))
+            .expect("a fresh epoll accepts the API eventfd");
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.api.evt.read();
+        while let Ok(req) = self.api.rx.try_recv() {
+            let result = self.control.handle(req.action);
+            let mut written = None;
+            if req.action.ends_vm() && result.is_ok() {
+                let (tx, rx) = mpsc::sync_channel(1);
+                written = Some(tx);
+                self.written
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(rx);
+            }
+            let _ = req.reply.send(ApiResponse { result, written });
+        }
+    }
+}
+
+/// The control API of a run: where it listens and what `GET /vm` reports.
+pub struct ApiSetup {
+    pub listener: UnixListener,
+    /// When the VMM started (`uptime_ms`).
+    pub started: Instant,
+    /// `GET /vm`'s `config`.
+    pub config: serde_json::Value,
+    /// Each device's counters.
+    pub devices: Vec<DeviceStats>,
+}
+
 /// Runs the machine until the guest powers off, resets or fails.
-pub fn run(machine: Machine, console_input: bool, confine: Confinement) -> Result<VmExit, Error> {
+pub fn run(
+    machine: Machine,
+    console_input: bool,
+    confine: Confinement,
+    api: Option<ApiSetup>,
+) -> Result<VmExit, Error> {
     let terminal = if console_input {
         RawTerminal::enter(libc::STDIN_FILENO)
     } else {
         None
     };
-    let result = run_inner(machine, console_input, confine);
+    let result = run_inner(machine, console_input, confine, api);
     if let Some(t) = terminal {
         t.restore();
     }
     result
 }
 
-fn run_inner(machine: Machine, console_input: bool, confine: Confinement) -> Result<VmExit, Error> {
+fn run_inner(
+    machine: Machine,
+    console_input: bool,
+    confine: Confinement,
+    api: Option<ApiSetup>,
+) -> Result<VmExit, Error> {
     let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()?;
     let done = Arc::new(AtomicBool::new(false));
     em.add_subscriber(Box::new(ExitWatcher {
@@ -171,20 +238,51 @@ fn run_inner(machine: Machine, console_input: bool, confine: Confinement) -> Res
         }));
     }
 
+    vcpu::install_kick_handler().map_err(Error::KickSignal)?;
+    let pause = Arc::new(PauseGate::default());
     let ctx = VcpuContext {
         pio: machine.pio.clone(),
         mmio: machine.mmio.clone(),
         exit: machine.exit.clone(),
         on_start: confine.vcpu.clone(),
+        pause: pause.clone(),
     };
     let mut threads = Vec::new();
     for vcpu in machine.vcpus {
         threads.push(vcpu.start(ctx.clone())?);
     }
+
+    let written = Arc::new(Mutex::new(Vec::new()));
+    if let Some(setup) = api {
+        let (sender, receiver) = api::channel().map_err(Error::ApiChannel)?;
+        em.add_subscriber(Box::new(ApiHandler {
+            api: receiver,
+            control: VmControl {
+                started: setup.started,
+                config: setup.config,
+                exit: machine.exit.clone(),
+                ged: machine.ged.clone(),
+                pause,
+                vcpus: threads.iter().map(|t| t.as_pthread_t()).collect(),
+                devices: setup.devices,
+            },
+            written: written.clone(),
+        }));
+        api::http::spawn(
+            setup.listener,
+            sender,
+            confine.api.clone(),
+            machine.exit.clone(),
+        )?;
+    }
     (confine.main)().map_err(Error::Seccomp)?;
 
     while !done.load(Ordering::SeqCst) {
         em.run()?;
+    }
+    // An API client that ended the VM gets its response before we go.
+    for w in written.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        let _ = w.recv_timeout(api::WRITE_GRACE);
     }
     // The vCPU threads are left running in the guest: the caller ends the
     // process (or re-executes it) next, which stops them.

@@ -5,6 +5,13 @@
 //! reboot through the FADT reset register. The DSDT carries `_S5_`, COM1
 //! and one `LNRO0005` device per virtio-mmio window — the only way a
 //! Debian kernel (no `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`) finds them.
+//!
+//! The power button, which a hardware-reduced machine cannot wire as a
+//! fixed event, is a control-method button (`PNP0C0C`, `\_SB_.PWRB`)
+//! notified by a Generic Event Device (`ACPI0013`): its interrupt makes the
+//! guest run `_EVT`, which reads the event register kiln-vmm latched and
+//! sends `Notify (PWRB, 0x80)` for a press. Linux's `button` driver turns
+//! that into a KEY_POWER input event.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -27,6 +34,9 @@ const OEM_REVISION: u32 = 1;
 /// the kernel there is no keyboard controller to probe.
 const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+
+/// The GED register's power-button bit (kiln_devices' `EVENT_POWER_BUTTON`).
+pub const GED_EVENT_POWER_BUTTON: u8 = kiln_devices::legacy::ged::EVENT_POWER_BUTTON;
 
 /// SLP_TYP value for S5 that the DSDT's `_S5_` announces.
 pub const S5_SLEEP_TYPE: u8 = 5;
@@ -94,6 +104,8 @@ fn dsdt_body(devices: &[MmioDeviceInfo]) -> Vec<u8> {
         vec![&com1_io, &com1_irq],
     );
 
+    power_button(&mut body);
+
     for (i, dev) in devices.iter().enumerate() {
         let mem = aml::Memory32Fixed::new(true, dev.base as u32, dev.len as u32);
         let irq = aml::Interrupt::new(true, true, false, false, dev.irq);
@@ -108,6 +120,52 @@ fn dsdt_body(devices: &[MmioDeviceInfo]) -> Vec<u8> {
         );
     }
     body
+}
+
+/// The power button and the Generic Event Device that presses it.
+fn power_button(body: &mut Vec<u8>) {
+    device(
+        body,
+        "_SB_.PWRB",
+        &aml::EISAName::new("PNP0C0C"),
+        0,
+        &[],
+        vec![],
+    );
+
+    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let irq = aml::Interrupt::new(true, true, false, false, GED_IRQ);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&irq]));
+    let region = aml::OpRegion::new(
+        "GDST".into(),
+        aml::OpRegionSpace::SystemIO,
+        &(GED_PORT as usize),
+        &1usize,
+    );
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    // _EVT (Arg0 = the GSI): Local0 = GDAT (reading clears the latch);
+    // if its power-button bit is set, Notify (\_SB_.PWRB, 0x80).
+    let gdat = aml::Path::new("GDAT");
+    let read = aml::Store::new(&aml::Local(0), &gdat);
+    let button = GED_EVENT_POWER_BUTTON;
+    let bit = aml::And::new(&aml::Local(1), &aml::Local(0), &button);
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&pwrb, &0x80u8);
+    let pressed = aml::Equal::new(&aml::Local(1), &button);
+    let when = aml::If::new(&pressed, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &bit, &when]);
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![&hid, &uid, &crs, &region, &field, &evt],
+    )
+    .to_aml_bytes(body);
 }
 
 /// Appends `Device(path) { _HID, _UID, extra names..., _CRS }` to `body`.
@@ -246,6 +304,9 @@ mod tests {
         let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"_S5_"));
         assert!(has(b"LNRO0005"));
+        assert!(has(b"ACPI0013"));
+        assert!(has(b"_EVT"));
+        assert!(has(b"PWRB"));
         let madt = read_table(entries[1]);
         assert_eq!(&madt[..4], b"APIC");
         // Header (44 bytes) + two local APICs (8 each) + one IOAPIC (12).

@@ -55,8 +55,12 @@ pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
 pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
 pub const ACPI_RESET_PORT: u16 = 0x602;
 pub const ACPI_RESET_VALUE: u8 = 0x1;
+/// The Generic Event Device's event register (the power button).
+pub const GED_PORT: u16 = 0x608;
 /// i8042 command port: writing 0xfe pulses the CPU reset line.
 pub const I8042_COMMAND_PORT: u16 = 0x64;
-/// Device interrupts: GSIs 5..=23 of the IOAPIC (4 is COM1).
+/// Virtio device interrupts: GSIs 5..=22 of the IOAPIC (4 is COM1).
 pub const FIRST_DEVICE_IRQ: u32 = 5;
-pub const LAST_DEVICE_IRQ: u32 = 23;
+pub const LAST_DEVICE_IRQ: u32 = 22;
+/// The Generic Event Device's interrupt.
+pub const GED_IRQ: u32 = 23;

@@ -17,6 +17,7 @@ pub const MAIN: &str = "main";
 pub const VCPU: &str = "vcpu";
 pub const IO: &str = "io";
 pub const VHOST_USER: &str = "vhost_user";
+pub const API: &str = "api";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -51,6 +52,7 @@ impl Filters {
             vcpu: self.hook(VCPU)?,
             io: self.hook(IO)?,
             vhost_user: self.hook(VHOST_USER)?,
+            api: self.hook(API)?,
         })
     }
 }
@@ -62,7 +64,7 @@ mod tests {
     #[test]
     fn every_thread_kind_has_a_filter() {
         let f = Filters::compile().unwrap();
-        for name in [MAIN, VCPU, IO, VHOST_USER] {
+        for name in [MAIN, VCPU, IO, VHOST_USER, API] {
             assert!(!f.0[name].is_empty(), "{name}");
         }
     }

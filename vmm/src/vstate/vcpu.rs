@@ -1,7 +1,8 @@
 //! vCPUs: their boot state and the thread that runs each one.
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kiln_devices::{Bus, ExitSignal, VmExit};
 use kvm_bindings::{
@@ -51,6 +52,124 @@ pub struct VcpuContext {
     pub exit: Arc<ExitSignal>,
     /// Runs first on each vCPU thread (installs its seccomp filter).
     pub on_start: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+    /// Where a vCPU waits while the VM is paused.
+    pub pause: Arc<PauseGate>,
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN (its handler does
+/// nothing: KVM_RUN returning EINTR is the point).
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn kick_handler(_: libc::c_int) {}
+
+/// Installs the kick signal's handler, once per process, before any vCPU
+/// thread runs (without one the signal would kill the process).
+pub fn install_kick_handler() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction with a valid handler and an empty mask;
+    // the handler is async-signal-safe (it does nothing).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = kick_handler as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct PauseState {
+    /// The VM should be paused.
+    paused: bool,
+    /// vCPU threads waiting in the gate.
+    parked: usize,
+    /// vCPU threads that will never enter the guest again.
+    finished: usize,
+}
+
+/// Pauses and resumes the vCPUs: each checks the gate before every
+/// KVM_RUN and waits there while the VM is paused; [`PauseGate::pause`]
+/// kicks them out of the guest until all are waiting.
+#[derive(Default)]
+pub struct PauseGate {
+    state: Mutex<PauseState>,
+    changed: Condvar,
+}
+
+/// How long [`PauseGate::pause`] waits for every vCPU to stop.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl PauseGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// On a vCPU thread: waits here while the VM is paused.
+    fn wait_while_paused(&self) {
+        let mut s = self.lock();
+        if !s.paused {
+            return;
+        }
+        s.parked += 1;
+        self.changed.notify_all();
+        while s.paused {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.parked -= 1;
+    }
+
+    /// On a vCPU thread that stops for good.
+    fn finished(&self) {
+        self.lock().finished += 1;
+        self.changed.notify_all();
+    }
+
+    /// Pauses the VM: returns once all `threads` vCPU threads wait in the
+    /// gate (or have finished). `kick` interrupts them in the guest; it is
+    /// repeated until they are all out, since a kick that lands just before
+    /// a KVM_RUN is lost. Gives up (and lets the vCPUs run on) after
+    /// `timeout`.
+    pub fn pause(&self, threads: usize, timeout: Duration, kick: impl Fn()) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        s.paused = true;
+        loop {
+            if s.parked + s.finished >= threads {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                s.paused = false;
+                self.changed.notify_all();
+                return Err(format!(
+                    "only {} of {threads} vCPUs stopped within {timeout:?}",
+                    s.parked + s.finished
+                ));
+            }
+            drop(s);
+            kick();
+            s = self.lock();
+            let wait = (deadline - now).min(Duration::from_millis(5));
+            s = self
+                .changed
+                .wait_timeout(s, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        self.lock().paused = false;
+        self.changed.notify_all();
+    }
 }
 
 impl Vcpu {
@@ -124,6 +243,7 @@ impl Vcpu {
         let exit = match (ctx.on_start)() {
             Err(e) => VmExit::Error(format!("vCPU {}: {e}", self.index)),
             Ok(()) => loop {
+                ctx.pause.wait_while_paused();
                 match self.run_once(&ctx) {
                     // A device (the ACPI sleep or reset register, the
                     // i8042) may have just ended the VM: stop here rather
@@ -140,6 +260,7 @@ impl Vcpu {
             },
         };
         ctx.exit.signal(exit);
+        ctx.pause.finished();
         // The main thread ends the process; this thread neither runs the
         // guest again nor tears itself down (which its filter forbids).
         loop {
@@ -230,6 +351,40 @@ fn triple_fault_site(regs: Option<&kvm_regs>, sregs: Option<&kvm_sregs>) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pause_waits_for_every_vcpu_and_resume_releases_them() {
+        let gate = Arc::new(PauseGate::default());
+        let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (gate, runs) = (gate.clone(), runs.clone());
+                std::thread::spawn(move || {
+                    while runs.load(std::sync::atomic::Ordering::SeqCst) < 100_000 {
+                        gate.wait_while_paused();
+                        runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        std::thread::yield_now();
+                    }
+                    gate.finished();
+                })
+            })
+            .collect();
+        gate.pause(2, PAUSE_TIMEOUT, || {}).unwrap();
+        assert!(gate.is_paused());
+        let before = runs.load(std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), before);
+        gate.resume();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Finished threads count as stopped; a missing one times out.
+        gate.pause(2, PAUSE_TIMEOUT, || {}).unwrap();
+        gate.resume();
+        let e = gate.pause(3, Duration::from_millis(20), || {}).unwrap_err();
+        assert!(e.contains("2 of 3"), "{e}");
+        assert!(!gate.is_paused());
+    }
 
     #[test]
     fn a_triple_fault_is_located_only_when_kvm_kept_the_registers() {

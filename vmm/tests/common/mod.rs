@@ -148,3 +148,62 @@ impl Drop for StorageDaemon {
         let _ = self.0.wait();
     }
 }
+
+/// One HTTP/1.1 request over the Unix socket at `socket`, written by hand;
+/// returns the status and the body.
+pub fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    // A server that refuses the request may stop reading it: a write error
+    // is fine as long as a response comes back.
+    let _ = write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {out:?}"));
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// Waits until `path` exists (a socket being bound), or panics.
+pub fn wait_for_path(path: &Path, child: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "kiln-vmm exited before {} appeared",
+            path.display()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Machine code: print `byte` on COM1 forever, with a busy delay of
+/// `delay` iterations between bytes.
+pub fn print_forever(byte: u8, delay: u32) -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    c.extend_from_slice(&[0xb0, byte, 0xee]); // loop: mov al, byte; out dx, al
+    c.push(0xb9); // mov ecx, delay
+    c.extend_from_slice(&delay.to_le_bytes());
+    c.extend_from_slice(&[0xff, 0xc9, 0x75, 0xfc]); // dec ecx; jnz -4
+    c.extend_from_slice(&[0xeb, 0xf2]); // jmp loop (-14)
+    c
+}
