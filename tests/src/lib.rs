@@ -87,6 +87,8 @@ impl From<std::io::Error> for Error {
     }
 }
 
+pub mod tiny;
+
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// The repository root (the directory holding `images/` and `scripts/`).

@@ -1,0 +1,258 @@
+//! A real kiln-agent process for a test: its own data, run and PKI
+//! directories, a loopback TLS port, and its first admin token.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use kiln_agent::client::{call, Endpoint};
+use serde_json::Value;
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_kiln-agent");
+pub const KILNCTL: &str = env!("CARGO_BIN_EXE_kilnctl");
+
+pub struct Agent {
+    pub dir: PathBuf,
+    pub token: String,
+    pub port: u16,
+    pub child: Option<Child>,
+    pub rt: tokio::runtime::Runtime,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl Agent {
+    /// `kiln-agent init` and `serve` in a fresh directory.
+    pub fn start(tag: &str) -> Agent {
+        let dir = std::env::temp_dir().join(format!("kiln-agent-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new(AGENT)
+            .args(Self::dir_args(&dir))
+            .args(["init", "--name", "test-node"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let token = stdout.lines().last().unwrap().trim().to_string();
+        assert!(token.starts_with("kiln."), "init printed {stdout}");
+        let mut a = Agent {
+            dir,
+            token,
+            port: free_port(),
+            child: None,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        };
+        a.serve(Path::new(AGENT));
+        a
+    }
+
+    pub fn dir_args(dir: &Path) -> Vec<String> {
+        vec![
+            "--data-dir".into(),
+            dir.join("data").display().to_string(),
+            "--run-dir".into(),
+            dir.join("run").display().to_string(),
+            "--pki-dir".into(),
+            dir.join("pki").display().to_string(),
+        ]
+    }
+
+    /// Starts `serve` with the binary `exe` and waits until it answers.
+    pub fn serve(&mut self, exe: &Path) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let child = Command::new(exe)
+            .args(Self::dir_args(&self.dir))
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--vmm")
+            .arg(vmm_binary())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let start = Instant::now();
+        while self.try_unix(Method::GET, "/v1/node", None).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the agent did not come up: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("run/agent.sock")
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("pki/ca.crt")
+    }
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn https(&self) -> Endpoint {
+        Endpoint::parse(
+            &format!("https://127.0.0.1:{}", self.port),
+            Some(&self.ca()),
+        )
+        .unwrap()
+    }
+
+    fn try_unix(
+        &self,
+        m: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        self.raw(
+            &Endpoint::Unix(self.socket()),
+            m,
+            path,
+            &[],
+            body.map(|b| serde_json::to_vec(b).unwrap()),
+        )
+    }
+
+    pub fn raw(
+        &self,
+        ep: &Endpoint,
+        m: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let (status, bytes) =
+            self.rt
+                .block_on(call(ep, m, path, headers, body, Duration::from_secs(30)))?;
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Ok((status.as_u16(), v))
+    }
+
+    /// Over the unix socket (root: no token).
+    pub fn call(&self, m: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.try_unix(m, path, body.as_ref()).unwrap()
+    }
+
+    /// Over TLS with `token`.
+    pub fn tls(
+        &self,
+        token: Option<&str>,
+        m: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let h: Vec<(&str, String)> = token
+            .iter()
+            .map(|t| ("authorization", format!("Bearer {t}")))
+            .collect();
+        self.raw(
+            &self.https(),
+            m,
+            path,
+            &h,
+            body.map(|b| serde_json::to_vec(&b).unwrap()),
+        )
+        .unwrap()
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        let (_, v) = self.call(Method::GET, "/v1/events?since=0&limit=1000", None);
+        v.as_array()
+            .and_then(|a| a.last())
+            .map(|e| e["seq"].as_u64().unwrap())
+            .unwrap_or(0)
+    }
+
+    /// Polls `path` until `pred` holds.
+    pub fn wait_for(
+        &self,
+        path: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let start = Instant::now();
+        loop {
+            let (_, v) = self.call(Method::GET, path, None);
+            if pred(&v) {
+                return v;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{path}: still not {what} after {timeout:?}: {v}\nagent log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kilnctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(KILNCTL)
+            .arg("--host")
+            .arg(format!("unix:{}", self.socket().display()))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// kiln-vmm of this test's cargo profile (built by `cargo test --workspace`;
+/// the VM tests check that it is there).
+pub fn vmm_binary() -> PathBuf {
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    kiln_tests::target_dir().join(profile).join("kiln-vmm")
+}
+
+/// A short name unique to this test process (bridges have 15 characters).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", std::process::id() % 100_000)
+}
