@@ -53,6 +53,37 @@ S
 dd if=/tmp/facts.txt of=/tmp/facts.img bs=4096 conv=sync 2>/dev/null
 case_run facts kiln-vmm --kernel /images/vmlinux --initrd $RD --memory 256M \
     --disk path=/tmp/facts.img,ro=on --cmdline "$Q kiln.script=/dev/vda"
+
+# The control API: GET /vm, pause and resume, then PUT /vm/shutdown presses
+# the guest's ACPI power button and the guest (kept up by kiln.hold) powers
+# off by itself. The button is pressed every 2 s until it does: the guest
+# loads its button driver only after READY.
+api_shutdown() {
+    kiln-vmm --kernel /images/vmlinux --initrd $RD --memory 256M --api-socket /tmp/api.sock \
+        --cmdline "$Q kiln.hold=600" &
+    vmm=$!
+    i=0
+    until grep -q KILN-GUEST-READY /tmp/api-shutdown.out 2>/dev/null; do
+        i=$((i + 1)); [ $i -le 300 ] || { kill $vmm; return 1; }
+        sleep 1
+    done
+    kiln-api-call /tmp/api.sock GET /vm
+    kiln-api-call /tmp/api.sock PUT /vm/pause
+    kiln-api-call /tmp/api.sock GET /vm
+    kiln-api-call /tmp/api.sock PUT /vm/resume '{}'
+    presses=0
+    while kill -0 $vmm 2>/dev/null; do
+        presses=$((presses + 1))
+        [ $presses -le 60 ] || { kill $vmm; break; }
+        kiln-api-call /tmp/api.sock PUT /vm/shutdown >/dev/null 2>&1
+        sleep 2
+    done
+    wait $vmm
+    rc=$?
+    echo "API-SHUTDOWN-PRESSES $presses"
+    return $rc
+}
+case_run api-shutdown api_shutdown
 "#;
 
 fn session() -> Option<&'static HostRun> {
@@ -62,8 +93,9 @@ fn session() -> Option<&'static HostRun> {
             return None;
         }
         let vmm = profile_binary("kiln-vmm");
-        let run =
-            TestHost::run(SCRIPT, &[vmm], &[], Duration::from_secs(900)).expect("test host runs");
+        let api_call = std::path::PathBuf::from(env!("CARGO_BIN_EXE_kiln-api-call"));
+        let run = TestHost::run(SCRIPT, &[vmm, api_call], &[], Duration::from_secs(900))
+            .expect("test host runs");
         eprintln!("{}", run.output);
         run.assert_success();
         Some(run)
@@ -197,4 +229,33 @@ fn the_guest_has_the_tsc_deadline_timer_and_is_told_there_is_no_pci() {
             c.out
         );
     }
+}
+
+#[test]
+fn the_api_pauses_resumes_and_shuts_the_guest_down_with_its_power_button() {
+    let Some(c) = case("api-shutdown") else {
+        return;
+    };
+    let has = |s: &str| c.out.iter().any(|l| l.contains(s));
+    assert_eq!(c.rc, 0, "console: {:?}\nstderr: {:?}", c.out, c.err);
+    let states: Vec<&String> = c.out.iter().filter(|l| l.contains("\"state\":")).collect();
+    assert_eq!(states.len(), 2, "{:?}", c.out);
+    assert!(states[0].contains("\"state\":\"running\""), "{states:?}");
+    assert!(states[1].contains("\"state\":\"paused\""), "{states:?}");
+    assert_eq!(
+        c.out
+            .iter()
+            .filter(|l| l.contains("API-STATUS 204"))
+            .count(),
+        2,
+        "pause and resume: {:?}",
+        c.out
+    );
+    assert!(has("KILN-GUEST-POWER-BUTTON"), "{:?}", c.out);
+    assert!(has("API-SHUTDOWN-PRESSES"), "{:?}", c.out);
+    assert!(
+        c.out.iter().any(|l| l.contains("Power down")),
+        "the guest powered off: {:?}",
+        c.out
+    );
 }
