@@ -29,7 +29,7 @@ fn gauge_family() -> Family<Labels, Gauge<f64, AtomicU64>> {
 
 /// Prometheus metrics of the node and its VMs.
 #[utoipa::path(get, path = "/metrics", tag = "node", operation_id = "metrics.get",
-    responses((status = 200, content_type = "text/plain", body = String)))]
+    responses((status = 200, content_type = "application/openmetrics-text", body = String)))]
 pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let mut reg = Registry::with_prefix("kiln");
     let up = Gauge::<i64>::default();

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs schemathesis against a live kiln-agent, both inside a private network
+# namespace (the generated requests make real bridges; they vanish with it).
+# Usage: schemathesis.sh AGENT_BINARY SCHEMATHESIS OPENAPI_JSON WORKDIR EXAMPLES
+set -euo pipefail
+agent=$1 st=$2 spec=$3 work=$4 examples=$5
+ip link set lo up
+dirs=(--data-dir "$work/data" --run-dir "$work/run" --pki-dir "$work/pki")
+token=$("$agent" "${dirs[@]}" init --name fuzz | tail -1)
+"$agent" "${dirs[@]}" serve --listen 127.0.0.1:7443 >"$work/agent.log" 2>&1 &
+agent_pid=$!
+trap 'kill $agent_pid 2>/dev/null || true' EXIT
+for _ in $(seq 100); do [[ -S $work/run/agent.sock ]] && break; sleep 0.1; done
+cd "$work"
+"$st" run "$spec" --url https://127.0.0.1:7443 \
+    -H "Authorization: Bearer $token" --tls-verify "$work/pki/ca.crt" \
+    --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
+    --exclude-path-regex 'stream' --max-examples "$examples" --seed 1 -w 1 \
+    --request-timeout 20 --warnings off --no-color

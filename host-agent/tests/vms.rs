@@ -1,0 +1,277 @@
+//! VMs under the agent, with real kiln-vmm processes running tiny guests on
+//! this machine's KVM: start, console, pause, the agent killed and replaced
+//! under a running VM, the restart policy, graceful shutdown with its
+//! power-off fallback, and a start that fails cleanly.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use hyper::Method;
+use serde_json::{json, Value};
+
+/// Whether the tiny-guest tests can run; with CI=true they must.
+fn can_run_vms() -> bool {
+    let problem = kiln_tests::tiny::local_kvm().err().or_else(|| {
+        (!vmm_binary().is_file()).then(|| {
+            format!(
+                "{} is missing (run `cargo test --workspace`)",
+                vmm_binary().display()
+            )
+        })
+    });
+    match problem {
+        None => true,
+        Some(p) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{p}; CI=true, refusing to skip")
+        }
+        Some(p) => {
+            eprintln!("SKIPPED: {p}");
+            false
+        }
+    }
+}
+
+fn pid_alive(pid: u64) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+fn setup(a: &Agent, guest: &[u8], policy: &str) -> String {
+    let net = unique("v");
+    let (s, v) = a.call(Method::POST, "/v1/networks", Some(json!({"name": net})));
+    assert_eq!(s, 201, "{v}");
+    let kernel = a.dir.join("guest.elf");
+    std::fs::write(&kernel, guest).unwrap();
+    let (s, v) = a.call(
+        Method::POST,
+        "/v1/images",
+        Some(json!({"name": "tiny", "spec": {"source": {"kind": "kernel", "kernel": kernel}}})),
+    );
+    assert_eq!(s, 202, "{v}");
+    a.wait_for("/v1/images/tiny", "ready", Duration::from_secs(20), |v| {
+        v["status"]["state"] == "ready"
+    });
+    let spec = json!({"vcpus": 1, "memory_mib": 64, "boot": {"image": "tiny"}, "nics": [{"network": net}], "restart_policy": policy});
+    let (s, v) = a.call(
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"name": "vm1", "spec": spec})),
+    );
+    assert_eq!(s, 201, "{v}");
+    net
+}
+
+fn running(a: &Agent, not_pid: Option<u64>) -> Value {
+    a.wait_for("/v1/vms/vm1", "running", Duration::from_secs(60), |v| {
+        v["status"]["state"] == "running"
+            && v["status"]["pid"].as_u64().is_some()
+            && v["status"]["pid"].as_u64() != not_pid
+    })
+}
+
+fn console(a: &Agent) -> String {
+    let ep = kiln_agent::client::Endpoint::Unix(a.socket());
+    let (s, bytes) =
+        a.rt.block_on(kiln_agent::client::call(
+            &ep,
+            Method::GET,
+            "/v1/vms/vm1/console",
+            &[],
+            None,
+            Duration::from_secs(10),
+        ))
+        .unwrap();
+    assert_eq!(s, 200);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn events(a: &Agent) -> Vec<Value> {
+    a.call(Method::GET, "/v1/events?since=0", None)
+        .1
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn a_vm_runs_under_the_agent_and_outlives_it() {
+    if !can_run_vms() {
+        return;
+    }
+    let mut a = Agent::start("vm");
+    let net = setup(
+        &a,
+        &kiln_tests::tiny::print_then_halt(b"KILN-AGENT-VM-OK\n"),
+        "always",
+    );
+    let bridge = format!("kb-{net}");
+
+    let (s, v) = a.call(Method::POST, "/v1/vms/vm1/start", None);
+    assert_eq!(
+        (s, v["status"]["state"].as_str()),
+        (202, Some("starting")),
+        "{v}"
+    );
+    let vm = running(&a, None);
+    let pid1 = vm["status"]["pid"].as_u64().unwrap();
+    let tap = vm["status"]["nics"][0]["tap"].as_str().unwrap().to_string();
+    let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).unwrap();
+    assert_eq!(
+        master.file_name().unwrap().to_str(),
+        Some(bridge.as_str()),
+        "the TAP is on the network's bridge"
+    );
+    assert!(console(&a).contains("KILN-AGENT-VM-OK"));
+    let o = a.kilnctl(&["vm", "console", "vm1"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("KILN-AGENT-VM-OK"),
+        "{o:?}"
+    );
+    // A second start is refused; pause and resume go through kiln-vmm.
+    assert_eq!(a.call(Method::POST, "/v1/vms/vm1/start", None).0, 409);
+    assert_eq!(
+        a.call(Method::POST, "/v1/vms/vm1/pause", None).1["status"]["state"],
+        "paused"
+    );
+    assert_eq!(
+        a.call(Method::POST, "/v1/vms/vm1/resume", None).1["status"]["state"],
+        "running"
+    );
+    let metrics = a
+        .raw(
+            &kiln_agent::client::Endpoint::Unix(a.socket()),
+            Method::GET,
+            "/metrics",
+            &[],
+            None,
+        )
+        .unwrap()
+        .1;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("kiln_vm_uptime_seconds{vm=\"vm1\"}"),
+        "{metrics}"
+    );
+
+    // SIGKILL the agent: the VM keeps running. A new agent from another
+    // copy of the binary re-adopts it, same process.
+    a.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(pid_alive(pid1), "kiln-vmm died with the agent");
+    let copy = a.dir.join("kiln-agent-new");
+    std::fs::copy(AGENT, &copy).unwrap();
+    a.serve(&copy);
+    let vm = running(&a, None);
+    assert_eq!(
+        vm["status"]["pid"].as_u64(),
+        Some(pid1),
+        "re-adopted, not restarted"
+    );
+    assert!(events(&a)
+        .iter()
+        .any(|e| e["action"] == "adopted" && e["name"] == "vm1"));
+    assert!(
+        Path::new(&format!("/sys/class/net/{tap}")).exists(),
+        "the running VM's TAP stays"
+    );
+    assert!(console(&a).contains("KILN-AGENT-VM-OK"));
+
+    // Restart policy `always`: a killed kiln-vmm (not the new agent's
+    // child) comes back by itself.
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &pid1.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let vm = running(&a, Some(pid1));
+    let pid2 = vm["status"]["pid"].as_u64().unwrap();
+    assert_eq!(vm["status"]["restarts"], 1);
+    assert!(events(&a).iter().any(|e| e["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("restart policy"))));
+
+    // Power-off: stopped, and nothing left behind; no restart.
+    let (s, _) = a.call(Method::POST, "/v1/vms/vm1/power-off", None);
+    assert_eq!(s, 202);
+    a.wait_for("/v1/vms/vm1", "stopped", Duration::from_secs(30), |v| {
+        v["status"]["state"] == "stopped"
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let vm = a.call(Method::GET, "/v1/vms/vm1", None).1;
+    assert_eq!(vm["status"]["state"], "stopped", "{vm}");
+    assert!(!pid_alive(pid2));
+    assert!(
+        !Path::new(&format!("/sys/class/net/{tap}")).exists(),
+        "TAP removed"
+    );
+    assert!(!a
+        .dir
+        .join(format!("run/vms/{}/api.sock", vm["id"].as_str().unwrap()))
+        .exists());
+
+    // Graceful shutdown of a guest that ignores its power button: powered
+    // off after the timeout, and the event says so.
+    a.call(Method::POST, "/v1/vms/vm1/start", None);
+    running(&a, None);
+    let (s, v) = a.call(
+        Method::POST,
+        "/v1/vms/vm1/shutdown",
+        Some(json!({"timeout_secs": 1})),
+    );
+    assert_eq!(
+        (s, v["status"]["state"].as_str()),
+        (202, Some("stopping")),
+        "{v}"
+    );
+    a.wait_for("/v1/vms/vm1", "stopped", Duration::from_secs(30), |v| {
+        v["status"]["state"] == "stopped"
+    });
+    assert!(events(&a).iter().any(|e| e["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("did not power off within 1 s"))));
+
+    assert_eq!(a.call(Method::DELETE, "/v1/vms/vm1", None).0, 200);
+    assert_eq!(
+        a.call(Method::DELETE, &format!("/v1/networks/{net}"), None)
+            .0,
+        200
+    );
+}
+
+#[test]
+fn a_vm_that_cannot_start_fails_with_its_reason_and_leaves_nothing() {
+    if !can_run_vms() {
+        return;
+    }
+    let a = Agent::start("vmfail");
+    let net = setup(&a, b"this is not a kernel", "on_failure");
+    let (s, _) = a.call(Method::POST, "/v1/vms/vm1/start", None);
+    assert_eq!(s, 202);
+    let vm = a.wait_for("/v1/vms/vm1", "failed", Duration::from_secs(60), |v| {
+        v["status"]["state"] == "failed"
+    });
+    let reason = vm["status"]["reason"].as_str().unwrap();
+    assert!(reason.contains("kiln-vmm exited"), "{reason}");
+    assert!(
+        vm["status"]["pid"].is_null() && vm["status"]["nics"] == json!([]),
+        "{vm}"
+    );
+    let taps: Vec<String> = std::fs::read_dir("/sys/class/net/")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&kiln_agent::netdev::tap_name(vm["id"].as_str().unwrap(), 0)))
+        .collect();
+    assert!(taps.is_empty(), "left TAPs {taps:?}");
+    // A failed VM can be deleted, and then its network.
+    assert_eq!(a.call(Method::DELETE, "/v1/vms/vm1", None).0, 200);
+    assert_eq!(
+        a.call(Method::DELETE, &format!("/v1/networks/{net}"), None)
+            .0,
+        200
+    );
+}
