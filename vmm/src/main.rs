@@ -138,7 +138,7 @@ fn confinement(seccomp: bool, violate: bool) -> Result<runtime::Confinement> {
         tracing::warn!("seccomp is disabled: kiln-vmm's threads are not confined");
         return Ok(runtime::Confinement::none());
     }
-    let mut confine = kiln_vmm::seccomp::Filters::compile()?.confinement()?;
+    let mut confine = kiln_vmm::seccomp::Filters::load()?.confinement()?;
     if violate {
         let install = confine.vcpu.clone();
         confine.vcpu = std::sync::Arc::new(move || {

@@ -1,16 +1,15 @@
 //! Seccomp filters, one per kind of thread, kept as data in `x86_64.json`
-//! and compiled by seccompiler when kiln-vmm starts. A thread installs its
-//! filter before it touches the guest; a syscall outside it kills the
+//! and compiled to BPF by seccompiler when kiln-vmm is built (`build.rs`);
+//! kiln-vmm includes the programs and only installs them. A thread installs
+//! its filter before it touches the guest; a syscall outside it kills the
 //! whole process (SIGSYS).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use seccompiler::{BpfProgram, TargetArch};
+use seccompiler::{sock_filter, BpfProgram};
 
 use crate::runtime::{Confinement, ThreadHook};
-
-const FILTERS_JSON: &str = include_str!("x86_64.json");
 
 /// The kinds of thread, named as in the JSON.
 pub const MAIN: &str = "main";
@@ -19,10 +18,34 @@ pub const IO: &str = "io";
 pub const VHOST_USER: &str = "vhost_user";
 pub const API: &str = "api";
 
+/// Each thread kind's BPF program, as build.rs compiled it.
+const PROGRAMS: [(&str, &[u8]); 5] = [
+    (
+        MAIN,
+        include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-main.bpf")),
+    ),
+    (
+        VCPU,
+        include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-vcpu.bpf")),
+    ),
+    (
+        IO,
+        include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-io.bpf")),
+    ),
+    (
+        VHOST_USER,
+        include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-vhost_user.bpf")),
+    ),
+    (
+        API,
+        include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-api.bpf")),
+    ),
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot compile the seccomp filters: {0}")]
-    Compile(seccompiler::Error),
+    #[error("the seccomp filter {0:?} built into kiln-vmm is corrupt")]
+    Corrupt(&'static str),
     #[error("no seccomp filter named {0:?}")]
     Missing(&'static str),
 }
@@ -31,10 +54,13 @@ pub enum Error {
 pub struct Filters(HashMap<String, BpfProgram>);
 
 impl Filters {
-    pub fn compile() -> Result<Self, Error> {
-        seccompiler::compile_from_json(FILTERS_JSON.as_bytes(), TargetArch::x86_64)
+    /// The programs built into kiln-vmm.
+    pub fn load() -> Result<Self, Error> {
+        PROGRAMS
+            .iter()
+            .map(|&(name, bytes)| Ok((name.to_string(), decode(name, bytes)?)))
+            .collect::<Result<HashMap<_, _>, Error>>()
             .map(Self)
-            .map_err(Error::Compile)
     }
 
     /// A hook that installs filter `name` on the calling thread.
@@ -57,13 +83,43 @@ impl Filters {
     }
 }
 
+/// 8-byte little-endian `sock_filter`s, as build.rs writes them.
+fn decode(name: &'static str, bytes: &[u8]) -> Result<BpfProgram, Error> {
+    let insns = bytes.chunks_exact(8);
+    if bytes.is_empty() || !insns.remainder().is_empty() {
+        return Err(Error::Corrupt(name));
+    }
+    Ok(insns
+        .map(|b| sock_filter {
+            code: u16::from_le_bytes([b[0], b[1]]),
+            jt: b[2],
+            jf: b[3],
+            k: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn the_built_programs_are_the_json_compiled() {
+        let json = include_str!("x86_64.json");
+        let compiled =
+            seccompiler::compile_from_json(json.as_bytes(), seccompiler::TargetArch::x86_64)
+                .unwrap();
+        let built = Filters::load().unwrap();
+        assert_eq!(compiled.len(), PROGRAMS.len(), "a thread kind is missing");
+        for (name, prog) in compiled {
+            assert!(built.0[&name] == prog, "{name}");
+        }
+        assert!(matches!(decode("x", &[0; 7]), Err(Error::Corrupt("x"))));
+    }
+
+    #[test]
     fn every_thread_kind_has_a_filter() {
-        let f = Filters::compile().unwrap();
+        let f = Filters::load().unwrap();
         for name in [MAIN, VCPU, IO, VHOST_USER, API] {
             assert!(!f.0[name].is_empty(), "{name}");
         }
@@ -72,7 +128,7 @@ mod tests {
     #[test]
     fn a_forbidden_syscall_kills_the_process() {
         // Fork so the filter and the kill stay in the child.
-        let f = Filters::compile().unwrap();
+        let f = Filters::load().unwrap();
         let hook = f.hook(VCPU).unwrap();
         // SAFETY: the child only installs a filter and makes raw syscalls
         // before _exit; it touches no lock the parent could hold.
