@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
 
 use kiln_devices::legacy::{AcpiPowerDevice, GedDevice, I8042ResetDevice, SerialDevice};
@@ -16,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::acpi::{self, MmioDeviceInfo, S5_SLEEP_TYPE};
 use crate::arch::layout::*;
 use crate::config::{DiskBackend, DiskConfig, SerialMode, VmConfig};
+use crate::console::{ConsoleHub, HubWriter};
 use crate::loader::{self, BootInfo};
 use crate::vstate::kvm::{self, Kvm};
 use crate::vstate::vcpu::{self, Vcpu};
@@ -64,6 +66,10 @@ pub enum Error {
     Transport(#[from] virtio::mmio::Error),
     #[error("too many devices: the guest has room for {0}")]
     TooManyDevices(usize),
+    #[error(transparent)]
+    Socket(#[from] crate::socket::Error),
+    #[error("--serial socket: cannot make the socket non-blocking: {0}")]
+    SerialSocket(std::io::Error),
     #[error("cannot open the serial output file {path}: {source}")]
     SerialFile {
         path: String,
@@ -78,6 +84,8 @@ pub struct Machine {
     pub mmio: Arc<Bus>,
     pub exit: Arc<ExitSignal>,
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// `--serial socket:`: the listening socket and where output goes.
+    pub console: Option<(UnixListener, Arc<Mutex<ConsoleHub>>)>,
     /// The Generic Event Device: presses the guest's power button.
     pub ged: Arc<Mutex<GedDevice>>,
     /// Each device's counters for the control API, in `--disk`, `--net`
@@ -96,8 +104,15 @@ fn eventfd() -> Result<EventFd, Error> {
     EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)
 }
 
-fn serial_output(mode: &SerialMode) -> Result<Box<dyn Write + Send>, Error> {
-    Ok(match mode {
+/// Where the console's output goes; for `socket:`, also the listening
+/// socket and the hub its clients attach to.
+type SerialOutput = (
+    Box<dyn Write + Send>,
+    Option<(UnixListener, Arc<Mutex<ConsoleHub>>)>,
+);
+
+fn serial_output(mode: &SerialMode) -> Result<SerialOutput, Error> {
+    let out: Box<dyn Write + Send> = match mode {
         SerialMode::Stdio => Box::new(std::io::stdout()),
         SerialMode::None => Box::new(std::io::sink()),
         SerialMode::File(path) => {
@@ -106,7 +121,16 @@ fn serial_output(mode: &SerialMode) -> Result<Box<dyn Write + Send>, Error> {
                 source,
             })?)
         }
-    })
+        SerialMode::Socket(path) => {
+            let listener = crate::socket::bind("--serial socket:", path)?;
+            listener
+                .set_nonblocking(true)
+                .map_err(Error::SerialSocket)?;
+            let hub = ConsoleHub::new();
+            return Ok((Box::new(HubWriter(hub.clone())), Some((listener, hub))));
+        }
+    };
+    Ok((out, None))
 }
 
 /// Checks what can be checked without KVM, so a bad kernel or an initrd
@@ -347,8 +371,9 @@ pub fn build(cfg: &VmConfig, hooks: &WorkerHooks) -> Result<Machine, Error> {
     let mut pio = Bus::new();
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+    let (output, console) = serial_output(&cfg.serial)?;
     let serial = Arc::new(Mutex::new(
-        SerialDevice::new(serial_irq, serial_output(&cfg.serial)?).map_err(Error::EventFd)?,
+        SerialDevice::new(serial_irq, output).map_err(Error::EventFd)?,
     ));
     pio.insert(serial.clone(), u64::from(COM1_PORT), 8)?;
     pio.insert(
@@ -436,6 +461,7 @@ pub fn build(cfg: &VmConfig, hooks: &WorkerHooks) -> Result<Machine, Error> {
         mmio: Arc::new(mmio),
         exit,
         serial,
+        console,
         ged,
         devices,
         kernel_description: kernel.description,

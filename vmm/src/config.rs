@@ -25,7 +25,7 @@ pub enum Error {
     NoCpus,
     #[error("--cpus {0} is more than kiln-vmm supports ({MAX_VCPUS})")]
     TooManyCpus(u32),
-    #[error("--serial {0:?}: expected stdio, file:PATH or none")]
+    #[error("--serial {0:?}: expected stdio, file:PATH, socket:PATH or none")]
     SerialSyntax(String),
     #[error(transparent)]
     Option(#[from] options::Error),
@@ -46,6 +46,9 @@ pub enum SerialMode {
     Stdio,
     /// Output to a file, no input.
     File(PathBuf),
+    /// A Unix socket clients attach to: output to all of them (the last
+    /// 64 KiB first), input from any.
+    Socket(PathBuf),
     /// Discarded.
     None,
 }
@@ -56,8 +59,9 @@ impl std::str::FromStr for SerialMode {
         match s {
             "stdio" => Ok(Self::Stdio),
             "none" => Ok(Self::None),
-            _ => match s.strip_prefix("file:") {
-                Some(p) if !p.is_empty() => Ok(Self::File(p.into())),
+            _ => match (s.strip_prefix("file:"), s.strip_prefix("socket:")) {
+                (Some(p), _) if !p.is_empty() => Ok(Self::File(p.into())),
+                (_, Some(p)) if !p.is_empty() => Ok(Self::Socket(p.into())),
                 _ => Err(Error::SerialSyntax(s.into())),
             },
         }
@@ -550,6 +554,11 @@ mod tests {
         assert_eq!("none".parse(), Ok(SerialMode::None));
         assert_eq!("file:/tmp/x".parse(), Ok(SerialMode::File("/tmp/x".into())));
         assert!("file:".parse::<SerialMode>().is_err());
+        assert_eq!(
+            "socket:/run/c.sock".parse(),
+            Ok(SerialMode::Socket("/run/c.sock".into()))
+        );
+        assert!("socket:".parse::<SerialMode>().is_err());
         assert!("tcp:1".parse::<SerialMode>().is_err());
     }
 }

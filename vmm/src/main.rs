@@ -41,7 +41,10 @@ struct Cli {
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     memory: String,
 
-    /// Where the serial console goes: stdio, file:PATH or none.
+    /// Where the serial console goes: stdio, file:PATH, socket:PATH (a Unix
+    /// socket, mode 0600, that clients attach to and detach from at will;
+    /// each first gets the last 64 KiB of output; what they write is the
+    /// console's input) or none.
     #[arg(long, value_name = "MODE", default_value = "stdio")]
     serial: String,
 

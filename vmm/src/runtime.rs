@@ -16,6 +16,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::api::{self, ApiReceiver, ApiResponse};
 use crate::builder::Machine;
+use crate::console::ConsoleSocket;
 use crate::control::{DeviceStats, VmControl};
 use crate::terminal::RawTerminal;
 use crate::vstate::vcpu::{self, PauseGate, VcpuContext};
@@ -238,6 +239,13 @@ fn run_inner(
         }));
     }
 
+    if let Some((listener, hub)) = machine.console {
+        em.add_subscriber(Box::new(ConsoleSocket::new(
+            listener,
+            hub,
+            machine.serial.clone(),
+        )));
+    }
     vcpu::install_kick_handler().map_err(Error::KickSignal)?;
     let pause = Arc::new(PauseGate::default());
     let ctx = VcpuContext {

@@ -146,7 +146,7 @@ fn bad_serial_mode() {
             os("--serial"),
             os("tcp:4444"),
         ],
-        "expected stdio, file:PATH or none",
+        "expected stdio, file:PATH, socket:PATH or none",
     );
 }
 

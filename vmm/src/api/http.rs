@@ -6,9 +6,8 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -29,45 +28,13 @@ pub const IDLE_TIMEOUT_MS: i32 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("--api-socket {}: {what}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        what: &'static str,
-        source: io::Error,
-    },
-    #[error("--api-socket {}: another process is listening there", .0.display())]
-    InUse(PathBuf),
-    #[error("--api-socket {}: exists and is not a socket", .0.display())]
-    NotASocket(PathBuf),
     #[error("cannot start the API thread: {0}")]
     Spawn(io::Error),
 }
 
-/// Binds the API socket, mode 0600. A stale socket (nobody listening) is
-/// removed first; a live one or any other file is left alone.
-pub fn bind(path: &Path) -> Result<UnixListener, Error> {
-    let io_err = |what| {
-        move |source| Error::Io {
-            path: path.to_owned(),
-            what,
-            source,
-        }
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(Error::InUse(path.to_owned()));
-            }
-            std::fs::remove_file(path).map_err(io_err("cannot remove the stale socket"))?;
-        }
-        Ok(_) => return Err(Error::NotASocket(path.to_owned())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("cannot inspect it")(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(io_err("cannot listen"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(io_err("cannot make it private (0600)"))?;
-    Ok(listener)
+/// Binds the API socket (see [`crate::socket::bind`]).
+pub fn bind(path: &Path) -> Result<UnixListener, crate::socket::Error> {
+    crate::socket::bind("--api-socket", path)
 }
 
 /// Starts the API thread. It runs `confine` first; if that fails the VM
@@ -547,24 +514,5 @@ mod tests {
         assert!(r.contains("\r\nConnection: close\r\n"), "{r}");
         assert!(r.ends_with("\r\n\r\n{\"error\":\"no\"}"), "{r}");
         assert!(r.contains("Content-Length: 14\r\n"), "{r}");
-    }
-
-    #[test]
-    fn a_stale_socket_is_replaced_and_a_live_one_kept() {
-        let dir = std::env::temp_dir().join(format!("kiln-api-bind-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("api.sock");
-        let live = bind(&path).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        assert!(matches!(bind(&path), Err(Error::InUse(_))));
-        drop(live);
-        let again = bind(&path).unwrap();
-        drop(again);
-        let file = dir.join("file");
-        std::fs::write(&file, b"x").unwrap();
-        assert!(matches!(bind(&file), Err(Error::NotASocket(_))));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
