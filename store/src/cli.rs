@@ -41,8 +41,9 @@ pub struct ServeArgs {
     /// Address for node-to-node traffic, e.g. 0.0.0.0:7001
     #[arg(long)]
     pub listen: String,
-    /// Unix socket for the local CLI and block I/O
-    #[arg(long, default_value = "/run/kiln-store.sock")]
+    /// Unix socket for the local CLI and block I/O (its directory is created
+    /// if missing)
+    #[arg(long, default_value = kiln_store::DEFAULT_SOCKET)]
     pub socket: PathBuf,
     /// Background scrub rate (bytes per second, K/M/G suffixes; 0 turns it off)
     #[arg(long, default_value = "8M", value_parser = parse_size)]
@@ -59,10 +60,11 @@ pub struct VolumeArgs {
         long,
         global = true,
         env = "KILN_STORE_SOCKET",
-        default_value = "/run/kiln-store.sock"
+        default_value = kiln_store::DEFAULT_SOCKET
     )]
     pub socket: PathBuf,
-    /// Print JSON instead of tables
+    /// Print JSON instead of tables; a failure is then also reported on
+    /// stdout, as {"error": "..."}
     #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
@@ -145,11 +147,14 @@ pub enum VolumeCmd {
         #[arg(long)]
         force: bool,
         /// Also serve the volume to a VM as a vhost-user-blk backend on this
-        /// unix socket (e.g. /run/kiln/NAME.sock, for `kiln-vmm --disk
-        /// vhost-user=SOCK`). One VM at a time; it may disconnect and
-        /// reconnect. `detach` stops it
+        /// unix socket (for `kiln-vmm --disk vhost-user=SOCK`); without a
+        /// path, on kiln-vhost-NAME.sock beside the daemon's socket (what
+        /// `kiln-vmm --disk volume=NAME` asks for). One VM at a time; it may
+        /// disconnect and reconnect. `detach` stops it. With --json, the
+        /// volume's status gains "vhost_user": "<socket>"
         #[arg(long, value_name = "SOCK")]
-        vhost_user: Option<PathBuf>,
+        #[allow(clippy::option_option)]
+        vhost_user: Option<Option<PathBuf>>,
     },
     /// Stop being this volume's writer (and stop its vhost-user export)
     Detach { name: String },
@@ -368,6 +373,8 @@ pub fn volume(a: VolumeArgs) -> Result<()> {
                 force,
             })?;
             if let Some(sock) = vhost_user {
+                let sock =
+                    sock.unwrap_or_else(|| kiln_store::vhost_socket_beside(&a.socket, &name));
                 let socket = std::path::absolute(&sock)
                     .with_context(|| format!("bad socket path {}", sock.display()))?;
                 c.call(&Request::VolExportVhost {
@@ -375,6 +382,17 @@ pub fn volume(a: VolumeArgs) -> Result<()> {
                     socket: socket.display().to_string(),
                 })
                 .with_context(|| format!("attached, but cannot export on {}", socket.display()))?;
+                if json {
+                    // The volume's status, plus where it is served.
+                    let mut v = match r {
+                        Response::Status(s) => serde_json::to_value(&s)?,
+                        Response::Ok => serde_json::json!({ "ok": true }),
+                        other => return show(other),
+                    };
+                    v["vhost_user"] = serde_json::json!(socket);
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    return Ok(());
+                }
                 if !json {
                     println!("vhost-user-blk: {}", socket.display());
                 }

@@ -25,6 +25,21 @@ pub use error::{Error, Result};
 pub use io::VolumeIo;
 pub use writer::Writer;
 
+/// The daemon's control socket unless told otherwise (`serve --socket`;
+/// `volume --socket` or `KILN_STORE_SOCKET`). This is the one place it is
+/// written down: kiln-vmm's `--disk volume=` without `store=` leaves the
+/// socket to the `kiln-store` command, hence to this default.
+pub const DEFAULT_SOCKET: &str = "/run/kiln/store.sock";
+
+/// Where `volume attach NAME --vhost-user` (with no path) serves the
+/// volume: `kiln-vhost-NAME.sock` beside the control socket `control`.
+pub fn vhost_socket_beside(control: &std::path::Path, volume: &str) -> std::path::PathBuf {
+    control
+        .parent()
+        .unwrap_or(std::path::Path::new("/"))
+        .join(format!("kiln-vhost-{volume}.sock"))
+}
+
 /// Size of one block: the unit of addressing and checksumming.
 pub const BLOCK_SIZE: u64 = 4096;
 /// Blocks per extent (1 MiB extents). An extent is also the unit of thin
@@ -52,5 +67,16 @@ pub fn validate_name(name: &str) -> Result<()> {
         Err(Error::Invalid(format!(
             "bad name {name:?}: use 1-64 characters of A-Z a-z 0-9 . _ -"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_vhost_socket_sits_beside_the_control_socket() {
+        assert_eq!(
+            super::vhost_socket_beside(std::path::Path::new(super::DEFAULT_SOCKET), "vm1"),
+            std::path::Path::new("/run/kiln/kiln-vhost-vm1.sock")
+        );
     }
 }

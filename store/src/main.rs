@@ -51,7 +51,15 @@ fn main() {
             })
             .map_err(anyhow::Error::from)
         }
-        cli::Cmd::Volume(a) => cli::volume(a),
+        cli::Cmd::Volume(a) => {
+            let json = a.json;
+            cli::volume(a).inspect_err(|e| {
+                if json {
+                    // Programs (kiln-vmm) read the reason here, not on stderr.
+                    println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
+                }
+            })
+        }
     };
     if let Err(e) = result {
         eprintln!("kiln-store: error: {e:#}");

@@ -514,6 +514,10 @@ pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
             cfg.socket.display()
         )));
     }
+    if let Some(dir) = cfg.socket.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.display())))?;
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     let unix = UnixListener::bind(&cfg.socket)
         .map_err(|e| Error::Io(format!("cannot bind {}: {e}", cfg.socket.display())))?;
