@@ -315,7 +315,7 @@ fn build_disk(disk: &DiskConfig, hooks: &WorkerHooks) -> Result<BuiltDisk, Error
             (Box::new(block), hooks.io.clone(), Some(counters))
         }
         DiskBackend::Volume { name, store } => {
-            let socket = crate::store::export_volume(name, store)?;
+            let socket = crate::store::export_volume(name, store.as_deref())?;
             let block = VhostUserBlock::connect(VhostUserBlockConfig {
                 socket: socket.clone(),
             })

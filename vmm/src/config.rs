@@ -98,12 +98,13 @@ pub enum DiskBackend {
     /// queues itself, in guest memory shared with it.
     VhostUser { socket: PathBuf },
     /// A kiln-store volume: the store daemon behind control socket `store`
+    /// (None: kiln-store's default, `kiln_store::DEFAULT_SOCKET`)
     /// attaches it and serves it as a vhost-user-blk backend.
-    Volume { name: String, store: PathBuf },
+    Volume {
+        name: String,
+        store: Option<PathBuf>,
+    },
 }
-
-/// Where `--disk volume=` looks for the store daemon by default.
-pub const DEFAULT_STORE_SOCKET: &str = "/run/kiln/store.sock";
 
 impl DiskConfig {
     /// Is the disk served by another process, in shared guest memory?
@@ -191,13 +192,16 @@ impl std::str::FromStr for DiskConfig {
             }
             DiskBackend::Volume {
                 name: name.to_string(),
-                store: o.get("store").unwrap_or(DEFAULT_STORE_SOCKET).into(),
+                store: o.get("store").map(PathBuf::from),
             }
         };
         match &backend {
             DiskBackend::File { path, .. } => check_file("disk image", path)?,
             DiskBackend::VhostUser { socket } => check_socket("vhost-user socket", socket)?,
-            DiskBackend::Volume { store, .. } => check_socket("kiln-store socket", store)?,
+            DiskBackend::Volume {
+                store: Some(store), ..
+            } => check_socket("kiln-store socket", store)?,
+            DiskBackend::Volume { store: None, .. } => {}
         }
         Ok(Self {
             backend,
@@ -538,7 +542,7 @@ mod tests {
             d.backend,
             DiskBackend::Volume {
                 name: "vm-1.root".into(),
-                store: sock.clone()
+                store: Some(sock.clone())
             }
         );
         assert!(err(format!("volume=a/b,store={s}")).contains("volume name"));

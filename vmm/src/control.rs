@@ -147,7 +147,10 @@ pub fn config_json(cfg: &VmConfig) -> Value {
                     json!({ "vhost_user": socket.display().to_string() })
                 }
                 DiskBackend::Volume { name, store } => {
-                    json!({ "volume": name, "store": store.display().to_string() })
+                    json!({
+                        "volume": name,
+                        "store": store.as_ref().map(|s| s.display().to_string()),
+                    })
                 }
             };
             v["id"] = json!(device_id(d.id.as_deref(), "disk", i));

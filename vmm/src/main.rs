@@ -64,9 +64,9 @@ struct Cli {
     /// backend listening on that Unix socket (it serves the disk from guest
     /// memory shared with it; ro/direct/limits are its business), or
     /// volume=NAME[,store=SOCKET][,id=NAME] for a kiln-store volume, which
-    /// the store daemon behind SOCKET (default /run/kiln/store.sock)
-    /// attaches and serves over vhost-user. The guest sees /dev/vda,
-    /// /dev/vdb, ... in the order given. Repeatable.
+    /// the store daemon behind SOCKET (default: kiln-store's own,
+    /// /run/kiln/store.sock) attaches and serves over vhost-user. The guest
+    /// sees /dev/vda, /dev/vdb, ... in the order given. Repeatable.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<String>,
 

@@ -1,14 +1,17 @@
-//! Disks on kiln-store volumes (`--disk volume=NAME,store=SOCKET`).
+//! Disks on kiln-store volumes (`--disk volume=NAME[,store=SOCKET]`).
 //!
 //! The store daemon attaches the volume (becoming its writer) and serves it
-//! as a vhost-user-blk backend on a socket next to its control socket;
-//! kiln-vmm then connects to that socket like to any vhost-user backend.
-//! The request goes through the `kiln-store` command, so that the VMM
-//! carries none of the store's code or protocol. Attaching and exporting
-//! are idempotent: a VM restarted on the same node gets the same socket.
+//! as a vhost-user-blk backend on a socket of its choosing (beside its
+//! control socket); kiln-vmm then connects to that socket like to any
+//! vhost-user backend. The request goes through the `kiln-store` command,
+//! so that the VMM carries none of the store's code or protocol: kiln-vmm
+//! reads the command's `--json` answer (the socket, or the error), never
+//! its messages. Without `store=` the command's own default socket
+//! applies. Attaching and exporting are idempotent: a VM restarted on the
+//! same node gets the same socket.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -32,48 +35,53 @@ fn program() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("kiln-store"))
 }
 
-/// Where the store serves volume `name` over vhost-user: beside its
-/// control socket `store`.
-pub fn vhost_socket(name: &str, store: &Path) -> PathBuf {
-    store
-        .parent()
-        .unwrap_or(Path::new("/"))
-        .join(format!("kiln-vhost-{name}.sock"))
-}
-
-/// Has the store daemon at `store` attach volume `name` and export it over
-/// vhost-user; returns the socket to connect to.
-pub fn export_volume(name: &str, store: &Path) -> Result<PathBuf, Error> {
-    let socket = vhost_socket(name, store);
+/// Has the store daemon at `store` (None: kiln-store's default) attach
+/// volume `name` and export it over vhost-user; returns the socket to
+/// connect to.
+pub fn export_volume(name: &str, store: Option<&Path>) -> Result<PathBuf, Error> {
     let program = program();
-    let out = Command::new(&program)
-        .args(["volume", "attach", name, "--vhost-user"])
-        .arg(&socket)
-        .arg("--socket")
-        .arg(store)
+    let mut cmd = Command::new(&program);
+    cmd.args(["volume", "attach", name, "--vhost-user", "--json"]);
+    if let Some(store) = store {
+        cmd.arg("--socket").arg(store);
+    }
+    let out = cmd
+        .stdin(Stdio::null())
         .output()
         .map_err(|source| Error::Spawn {
             program: program.clone(),
             name: name.to_string(),
             source,
         })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let reason = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("no reason given")
-            .trim()
-            .trim_start_matches("kiln-store: ")
-            .to_string();
-        return Err(Error::Attach {
-            name: name.to_string(),
-            reason,
-        });
-    }
+    tracing::debug!(
+        volume = name,
+        "kiln-store said: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let socket = answer(out.status.success(), &out.stdout).map_err(|reason| Error::Attach {
+        name: name.to_string(),
+        reason,
+    })?;
     tracing::info!(volume = name, socket = %socket.display(), "kiln-store serves the volume");
     Ok(socket)
+}
+
+/// The socket from `kiln-store volume attach --vhost-user --json`'s answer,
+/// or why there is none.
+fn answer(success: bool, stdout: &[u8]) -> Result<PathBuf, String> {
+    let json: Option<serde_json::Value> = serde_json::from_slice(stdout).ok();
+    let field = |key: &str| {
+        json.as_ref()
+            .and_then(|v| v.get(key))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
+    match (success, field("vhost_user"), field("error")) {
+        (true, Some(socket), _) => Ok(PathBuf::from(socket)),
+        (true, None, _) => Err("its answer names no vhost-user socket".into()),
+        (false, _, Some(reason)) => Err(reason),
+        (false, _, None) => Err("it failed without saying why (run it by hand to see)".into()),
+    }
 }
 
 #[cfg(test)]
@@ -81,10 +89,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_vhost_socket_sits_beside_the_store_socket() {
+    fn the_socket_or_the_reason_comes_from_the_json_answer() {
+        let ok = br#"{ "name": "vm1", "epoch": 3, "vhost_user": "/run/kiln/kiln-vhost-vm1.sock" }"#;
         assert_eq!(
-            vhost_socket("vm1", Path::new("/run/kiln/store.sock")),
-            Path::new("/run/kiln/kiln-vhost-vm1.sock")
+            answer(true, ok),
+            Ok(PathBuf::from("/run/kiln/kiln-vhost-vm1.sock"))
         );
+        assert_eq!(
+            answer(false, br#"{"error": "no such volume vm2"}"#),
+            Err("no such volume vm2".into())
+        );
+        assert!(answer(true, br#"{"ok": true}"#).is_err());
+        assert!(answer(false, b"kiln-store: error: text")
+            .unwrap_err()
+            .contains("without saying"));
+        assert!(answer(true, b"").is_err());
     }
 }
