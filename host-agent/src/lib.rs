@@ -25,6 +25,7 @@ pub mod node;
 pub mod paths;
 pub mod pki;
 pub mod server;
+pub mod store;
 pub mod supervisor;
 pub mod validate;
 pub mod vmm_client;

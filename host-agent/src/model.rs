@@ -220,6 +220,90 @@ pub struct Network {
 }
 resource!(Network, Kind::Network);
 
+// ---------------------------------------------------------------- volumes
+
+/// What a new volume holds.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum VolumeSource {
+    /// Zeros.
+    #[default]
+    Blank,
+    /// A copy of a disk image (name or id).
+    Image { image: String },
+    /// A copy-on-write clone of a snapshot of another volume.
+    Snapshot { volume: String, snapshot: String },
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// Bytes, a multiple of 4096 (at least the image's size).
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub source: VolumeSource,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeState {
+    Creating,
+    Ready,
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, ToSchema)]
+pub struct ReplicaHealth {
+    pub node: String,
+    /// `in-sync`, `stale`, `resyncing` or `unknown`.
+    pub state: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, ToSchema)]
+pub struct VolumeStatus {
+    pub state: VolumeState,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Bytes copied from the image so far.
+    #[serde(default)]
+    pub bytes_done: u64,
+    #[serde(default)]
+    pub replicas: Vec<ReplicaHealth>,
+    #[serde(default)]
+    pub snapshots: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, ToSchema)]
+pub struct Volume {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub spec: VolumeSpec,
+    pub status: VolumeStatus,
+}
+resource!(Volume, Kind::Volume);
+
+#[derive(Serialize, Deserialize, Clone, Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    pub name: String,
+    pub spec: VolumeSpec,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeVolume {
+    /// The generation this change was based on (or send `If-Match`).
+    #[serde(default)]
+    pub generation: Option<u64>,
+    pub size_bytes: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    pub name: String,
+}
+
 // ---------------------------------------------------------------- VMs
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, ToSchema)]
@@ -320,6 +404,9 @@ pub struct VmStatus {
     pub restarts: u32,
     #[serde(default)]
     pub nics: Vec<NicStatus>,
+    /// The volumes attached and exported for the current run.
+    #[serde(default)]
+    pub disks: Vec<String>,
     /// The cgroup holding kiln-vmm, when cgroup v2 is available.
     #[serde(default)]
     pub cgroup: Option<String>,

@@ -26,6 +26,7 @@ use crate::model::{
     RestartPolicy, Vm, VmState,
 };
 use crate::paths::{Paths, VmRunDir};
+use crate::store::Store;
 use crate::{cgroup, netdev, vmm_client};
 
 /// How long kiln-vmm has to answer on its API socket after it starts.
@@ -35,6 +36,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub struct Supervisor {
     db: Arc<Db>,
+    store: Arc<Store>,
     paths: Paths,
     vmm: PathBuf,
     cgroup_root: Option<PathBuf>,
@@ -54,6 +56,7 @@ struct Launched {
     pid: u32,
     child: Child,
     nics: Vec<NicStatus>,
+    disks: Vec<String>,
     cgroup: Option<PathBuf>,
 }
 
@@ -90,9 +93,10 @@ fn log_tail(path: &Path) -> String {
 }
 
 impl Supervisor {
-    pub fn new(db: Arc<Db>, paths: Paths, vmm: PathBuf) -> Arc<Self> {
+    pub fn new(db: Arc<Db>, store: Arc<Store>, paths: Paths, vmm: PathBuf) -> Arc<Self> {
         Arc::new(Supervisor {
             db,
+            store,
             paths,
             vmm,
             cgroup_root: cgroup::root(),
@@ -153,6 +157,8 @@ impl Supervisor {
                     v.status.pid = Some(pid);
                     v.status.started_at = Some(now());
                     v.status.nics = l.nics.clone();
+                    v.status.disks = l.disks.clone();
+                    v.status.disks = l.disks.clone();
                     v.status.cgroup = cg.clone();
                     v.status.reason = None;
                     Ok(Some(Note::with(
@@ -171,6 +177,7 @@ impl Supervisor {
                     v.status.state = VmState::Failed;
                     v.status.pid = None;
                     v.status.nics.clear();
+                    v.status.disks.clear();
                     v.status.reason = Some(reason.clone());
                     Ok(Some(Note::with("state", reason.clone())))
                 });
@@ -204,9 +211,7 @@ impl Supervisor {
         let kernel = images::blob(&self.paths, &image, FileRole::Kernel)
             .ok_or_else(|| format!("boot image {} has no kernel", image.meta.name))?;
         let initrd = images::blob(&self.paths, &image, FileRole::Initrd);
-        if !vm.spec.disks.is_empty() {
-            return Err("volumes are not available on this node yet".to_string());
-        }
+        let volumes = crate::api::volumes::ready_volumes(&self.db, &vm.spec)?;
         let dir = self.run_dir(id);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::DirBuilder::new()
@@ -217,7 +222,27 @@ impl Supervisor {
         let rd = VmRunDir(&dir);
 
         let mut nics: Vec<NicStatus> = Vec::new();
+        let mut disks: Vec<String> = Vec::new();
         let result = async {
+            for (i, name) in volumes.iter().enumerate() {
+                let sock = dir.join(format!("disk{i}.sock"));
+                let (store, name2) = (self.store.clone(), name.clone());
+                let s2 = sock.display().to_string();
+                tokio::task::spawn_blocking(move || {
+                    store.call(&kiln_store::proto::Request::VolAttach {
+                        name: name2.clone(),
+                        force: false,
+                    })?;
+                    store.call(&kiln_store::proto::Request::VolExportVhost {
+                        name: name2,
+                        socket: s2,
+                    })
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("volume {name}: {}", e.message))?;
+                disks.push(name.clone());
+            }
             for (i, nic) in vm.spec.nics.iter().enumerate() {
                 let net: Network = self
                     .db
@@ -260,6 +285,12 @@ impl Supervisor {
                 .arg(format!("socket:{}", rd.console_socket().display()))
                 .arg("--on-reboot")
                 .arg("restart");
+            for (i, d) in disks.iter().enumerate() {
+                cmd.arg("--disk").arg(format!(
+                    "vhost-user={},id={d}",
+                    dir.join(format!("disk{i}.sock")).display()
+                ));
+            }
             for n in &nics {
                 cmd.arg("--net").arg(format!("tap={},mac={}", n.tap, n.mac));
             }
@@ -322,17 +353,34 @@ impl Supervisor {
                 pid,
                 child,
                 nics,
+                disks,
                 cgroup,
             }),
             Err(e) => {
-                self.cleanup(id, &nics, None).await;
+                self.cleanup(id, &nics, &disks, None).await;
                 Err(e)
             }
         }
     }
 
     /// Removes a VM's TAPs, runtime directory and cgroup.
-    async fn cleanup(&self, id: &str, nics: &[NicStatus], cgroup_dir: Option<&str>) {
+    async fn cleanup(
+        &self,
+        id: &str,
+        nics: &[NicStatus],
+        disks: &[String],
+        cgroup_dir: Option<&str>,
+    ) {
+        for d in disks {
+            let (store, name) = (self.store.clone(), d.clone());
+            let r = tokio::task::spawn_blocking(move || {
+                store.call(&kiln_store::proto::Request::VolDetach { name })
+            })
+            .await;
+            if !matches!(r, Ok(Ok(_))) {
+                tracing::warn!("cannot detach volume {d} from this node's store");
+            }
+        }
         for n in nics {
             if let Err(e) = netdev::delete_tap(&n.tap).await {
                 tracing::warn!("cannot remove TAP {}: {e:#}", n.tap);
@@ -390,8 +438,13 @@ impl Supervisor {
         if vm.status.pid != Some(pid) {
             return;
         }
-        self.cleanup(id, &vm.status.nics, vm.status.cgroup.as_deref())
-            .await;
+        self.cleanup(
+            id,
+            &vm.status.nics,
+            &vm.status.disks,
+            vm.status.cgroup.as_deref(),
+        )
+        .await;
         let tail = log_tail(&VmRunDir(&self.run_dir(id)).log());
         let restart = self.decide(&vm, exit, &tail);
         drop(guard);
@@ -422,6 +475,7 @@ impl Supervisor {
         let r = self.db.update(&vm.meta.id, Change::Observed, |v: &mut Vm| {
             v.status.pid = None;
             v.status.nics.clear();
+            v.status.disks.clear();
             v.status.cgroup = None;
             if asked {
                 v.status.state = VmState::Stopped;
@@ -557,8 +611,13 @@ impl Supervisor {
                     self.spawn_start(id, Duration::ZERO);
                 }
                 None => {
-                    self.cleanup(&id, &vm.status.nics, vm.status.cgroup.as_deref())
-                        .await;
+                    self.cleanup(
+                        &id,
+                        &vm.status.nics,
+                        &vm.status.disks,
+                        vm.status.cgroup.as_deref(),
+                    )
+                    .await;
                     let restart = self.decide(&vm, Exit::Unknown, "");
                     drop(guard);
                     if let Some(d) = restart {

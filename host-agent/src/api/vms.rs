@@ -37,7 +37,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Checks a spec's references: the boot image is a kernel image, each
-/// network exists; volumes are not available yet.
+/// network and volume exists.
 fn check_refs(db: &Db, spec: &VmSpec) -> Result<(), ApiError> {
     validate::vm_spec(spec)?;
     let image: Image = db.get(&spec.boot.image).map_err(|_| {
@@ -53,10 +53,9 @@ fn check_refs(db: &Db, spec: &VmSpec) -> Result<(), ApiError> {
         db.get::<Network>(&n.network)
             .map_err(|_| ApiError::invalid(format!("network {:?} does not exist", n.network)))?;
     }
-    if !spec.disks.is_empty() {
-        return Err(ApiError::invalid(
-            "disks: volumes are not available on this node yet",
-        ));
+    for d in &spec.disks {
+        db.get::<crate::model::Volume>(&d.volume)
+            .map_err(|_| ApiError::invalid(format!("volume {:?} does not exist", d.volume)))?;
     }
     Ok(())
 }
@@ -99,6 +98,7 @@ pub async fn create(
             started_at: None,
             restarts: 0,
             nics: Vec::new(),
+            disks: Vec::new(),
             cgroup: None,
         },
     };

@@ -11,6 +11,7 @@ use kiln_agent::api::{self, AppState};
 use kiln_agent::db::Db;
 use kiln_agent::model::{now, NodeInfo};
 use kiln_agent::paths::{self, Paths};
+use kiln_agent::store::Store;
 use kiln_agent::supervisor::Supervisor;
 use kiln_agent::{node, pki, server};
 
@@ -74,6 +75,15 @@ enum Cmd {
         /// The kiln-vmm program (default: beside kiln-agent, else on PATH).
         #[arg(long, env = "KILN_VMM")]
         vmm: Option<PathBuf>,
+        /// The kiln-store program, for the store daemon the agent starts
+        /// when none answers on <run-dir>/store.sock (default: beside
+        /// kiln-agent, else on PATH).
+        #[arg(long, env = "KILN_STORE")]
+        store: Option<PathBuf>,
+        /// Replication address of a store daemon the agent starts (loopback
+        /// only until kiln-store's port is authenticated).
+        #[arg(long, default_value = "127.0.0.1:7001")]
+        store_listen: String,
     },
     /// Print the OpenAPI document of the API.
     Openapi,
@@ -87,7 +97,7 @@ fn beside_me(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-async fn serve(paths: Paths, listen: String, vmm: Option<PathBuf>) -> Result<()> {
+async fn serve(paths: Paths, listen: String, vmm: Option<PathBuf>, store: Store) -> Result<()> {
     let record = node::load(&paths)?;
     let tls = pki::server_config(&paths.pki)?;
     let db = Arc::new(Db::open(&paths.database()).with_context(|| {
@@ -97,7 +107,18 @@ async fn serve(paths: Paths, listen: String, vmm: Option<PathBuf>) -> Result<()>
         )
     })?);
     let vmm = vmm.unwrap_or_else(|| beside_me("kiln-vmm"));
-    let sup = Supervisor::new(db.clone(), paths.clone(), vmm);
+    let store = Arc::new(Store {
+        node: record.name.clone(),
+        ..store
+    });
+    {
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.ensure_running()).await? {
+            Ok(()) => {}
+            Err(e) => tracing::warn!("volumes are unavailable: {e:#}"),
+        }
+    }
+    let sup = Supervisor::new(db.clone(), store.clone(), paths.clone(), vmm);
     let info = NodeInfo {
         id: record.id,
         name: record.name,
@@ -114,6 +135,7 @@ async fn serve(paths: Paths, listen: String, vmm: Option<PathBuf>) -> Result<()>
         paths: paths.clone(),
         node: Arc::new(info),
         sup: sup.clone(),
+        store,
     };
     let unix = server::bind_unix(&paths.agent_socket())?;
     let tcp = if listen == "none" {
@@ -196,12 +218,27 @@ fn main() -> ExitCode {
             println!("admin token (shown once, stored only as a hash):");
             println!("{}", done.admin_token);
         }),
-        Cmd::Serve { listen, vmm } => tokio::runtime::Builder::new_multi_thread()
+        Cmd::Serve {
+            listen,
+            vmm,
+            store,
+            store_listen,
+        } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(serve(paths, listen, vmm))),
+            .and_then(|rt| {
+                let store = Store {
+                    socket: paths.store_socket(),
+                    program: store.unwrap_or_else(|| beside_me("kiln-store")),
+                    data: paths.store_data(),
+                    listen: store_listen,
+                    node: String::new(),
+                    log: paths.run.join("store.log"),
+                };
+                rt.block_on(serve(paths, listen, vmm, store))
+            }),
         Cmd::Openapi => {
             print!("{}", api::openapi::document());
             Ok(())

@@ -18,6 +18,7 @@ pub struct Agent {
     pub dir: PathBuf,
     pub token: String,
     pub port: u16,
+    pub store_port: u16,
     pub child: Option<Child>,
     pub rt: tokio::runtime::Runtime,
 }
@@ -52,6 +53,7 @@ impl Agent {
             dir,
             token,
             port: free_port(),
+            store_port: free_port(),
             child: None,
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -85,6 +87,9 @@ impl Agent {
             .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
             .arg("--vmm")
             .arg(vmm_binary())
+            .arg("--store")
+            .arg(store_binary())
+            .args(["--store-listen", &format!("127.0.0.1:{}", self.store_port)])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -234,9 +239,57 @@ impl Agent {
     }
 }
 
+/// Kills every process whose command line names `dir` (the store daemon
+/// and kiln-vmm processes outlive the agent by design).
+pub fn kill_all_under(dir: &Path) {
+    let needle = dir.display().to_string();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(&needle) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
+        // The interfaces this agent made, whatever state a failed test left.
+        let mut links: Vec<String> = Vec::new();
+        if self.child.is_some() {
+            if let Ok((_, nets)) = self.try_unix(Method::GET, "/v1/networks", None) {
+                links.extend(
+                    nets.as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|n| n["status"]["bridge"].as_str().map(str::to_string)),
+                );
+            }
+            if let Ok((_, vms)) = self.try_unix(Method::GET, "/v1/vms", None) {
+                for vm in vms.as_array().into_iter().flatten() {
+                    links.extend(
+                        vm["status"]["nics"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|n| n["tap"].as_str().map(str::to_string)),
+                    );
+                }
+            }
+        }
         self.kill();
+        kill_all_under(&self.dir);
+        for l in links {
+            let _ = Command::new("ip").args(["link", "del", &l]).output();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -252,7 +305,20 @@ pub fn vmm_binary() -> PathBuf {
     kiln_tests::target_dir().join(profile).join("kiln-vmm")
 }
 
-/// A short name unique to this test process (bridges have 15 characters).
+/// kiln-store of this test's cargo profile.
+pub fn store_binary() -> PathBuf {
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    kiln_tests::target_dir().join(profile).join("kiln-store")
+}
+
+/// A short name unique to this test process and call (bridge names have
+/// 15 characters: `kb-` and this).
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", std::process::id() % 100_000)
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
 }

@@ -1,0 +1,137 @@
+//! The node's kiln-store daemon, through kiln-store's client library: the
+//! agent uses a daemon it finds on the store socket, or starts one with a
+//! single-node layout (data under `<data-dir>/store`), in its own process
+//! group so that it outlives the agent like the VMs do.
+//!
+//! Until kiln-store's replication port is authenticated (mutual TLS, issue
+//! 12), the daemon the agent starts listens on loopback only.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use kiln_store::meta::ReplicaAddr;
+use kiln_store::proto::{Request, Response, VolumeStatus};
+use kiln_store::Client;
+
+use crate::error::ApiError;
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pub socket: PathBuf,
+    pub program: PathBuf,
+    pub data: PathBuf,
+    /// The replication listener of a daemon the agent starts.
+    pub listen: String,
+    /// This node's id in replica sets (the node's name).
+    pub node: String,
+    pub log: PathBuf,
+}
+
+/// The store's error as the API's: bad values 422, missing 404, taken 409,
+/// unreachable 503, anything else 409 with the store's words.
+fn api_error(e: kiln_store::Error) -> ApiError {
+    use kiln_store::Error as E;
+    match e {
+        E::Invalid(m) => ApiError::invalid(format!("kiln-store: {m}")),
+        E::NotFound(n) => ApiError::not_found(format!("kiln-store has no volume {n:?}")),
+        E::Exists(n) => ApiError::conflict(format!("kiln-store: {n:?} already exists")),
+        E::Unavailable(m) => ApiError::unavailable(format!("kiln-store: {m}")),
+        other => ApiError::conflict(format!("kiln-store: {other}")),
+    }
+}
+
+impl Store {
+    /// One request to the daemon (blocking).
+    pub fn call(&self, req: &Request) -> Result<Response, ApiError> {
+        let mut c = Client::connect(&self.socket).map_err(api_error)?;
+        c.call(req).map_err(api_error)
+    }
+
+    pub fn status(&self, name: &str) -> Result<VolumeStatus, ApiError> {
+        match self.call(&Request::VolShow {
+            name: name.to_string(),
+        })? {
+            Response::Status(s) => Ok(s),
+            other => Err(ApiError::internal(format!(
+                "kiln-store answered VolShow with {other:?}"
+            ))),
+        }
+    }
+
+    pub fn replica(&self) -> ReplicaAddr {
+        ReplicaAddr {
+            node: self.node.clone(),
+            addr: self.listen.clone(),
+        }
+    }
+
+    fn answers(&self) -> bool {
+        Client::connect(&self.socket)
+            .and_then(|mut c| c.call(&Request::VolList))
+            .is_ok()
+    }
+
+    /// Uses the daemon on the socket, or starts one (blocking).
+    pub fn ensure_running(&self) -> Result<()> {
+        if self.answers() {
+            return Ok(());
+        }
+        if !self.listen.starts_with("127.") && !self.listen.starts_with("[::1]") {
+            bail!(
+                "refusing to start kiln-store with its replication port on {}: it is not authenticated yet, so the agent keeps it on loopback",
+                self.listen
+            );
+        }
+        std::fs::create_dir_all(&self.data)
+            .with_context(|| format!("cannot create {}", self.data.display()))?;
+        if let Some(d) = self.socket.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut child = Command::new(&self.program)
+            .args(["serve", "--node-id", &self.node, "--listen", &self.listen])
+            .arg("--data")
+            .arg(&self.data)
+            .arg("--socket")
+            .arg(&self.socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot run {}", self.program.display()))?;
+        let start = Instant::now();
+        while !self.answers() {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "kiln-store exited ({status}) at start; see {}",
+                    self.log.display()
+                );
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                bail!(
+                    "kiln-store did not answer within 20 s; see {}",
+                    self.log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        tracing::info!(
+            "started kiln-store (pid {}) on {}",
+            child.id(),
+            self.socket.display()
+        );
+        // Reap it if it ends while this agent runs; it is not tied to us.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,202 @@
+//! Volumes through the agent, in a real kiln-store daemon that the agent
+//! starts: blank, from a disk image, snapshot and clone, resize, delete;
+//! the data is read back through kiln-store's own client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hyper::Method;
+use kiln_store::VolumeIo;
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+
+fn can_run() -> bool {
+    if store_binary().is_file() {
+        return true;
+    }
+    let msg = format!(
+        "{} is missing (run `cargo test --workspace`)",
+        store_binary().display()
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg}; CI=true, refusing to skip");
+    }
+    eprintln!("SKIPPED: {msg}");
+    false
+}
+
+fn ready(a: &Agent, name: &str) -> Value {
+    a.wait_for(
+        &format!("/v1/volumes/{name}"),
+        "ready",
+        Duration::from_secs(60),
+        |v| {
+            assert_ne!(v["status"]["state"], "failed", "{v}");
+            v["status"]["state"] == "ready"
+        },
+    )
+}
+
+fn read(a: &Agent, name: &str, len: usize) -> Vec<u8> {
+    let c = kiln_store::VolumeClient::open(&a.dir.join("run/store.sock"), name).unwrap();
+    let mut buf = vec![0u8; len];
+    c.read_at(&mut buf, 0).unwrap();
+    buf
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
+}
+
+#[test]
+fn volumes_are_made_copied_snapshotted_cloned_resized_and_deleted_in_the_store() {
+    if !can_run() {
+        return;
+    }
+    let a = Agent::start("vol");
+    let seq = a.last_seq();
+    for (what, spec) in [
+        ("zero size", json!({"size_bytes": 0})),
+        ("unaligned", json!({"size_bytes": 4095})),
+        ("too large", json!({"size_bytes": 1u64 << 50})),
+        ("negative", json!({"size_bytes": -4096})),
+        (
+            "missing image",
+            json!({"size_bytes": 4096, "source": {"kind": "image", "image": "nope"}}),
+        ),
+        (
+            "missing volume",
+            json!({"size_bytes": 4096, "source": {"kind": "snapshot", "volume": "nope", "snapshot": "s"}}),
+        ),
+    ] {
+        let (s, v) = a.call(
+            Method::POST,
+            "/v1/volumes",
+            Some(json!({"name": "bad", "spec": spec})),
+        );
+        assert_eq!(s, 422, "{what}: {v}");
+    }
+    assert_eq!(a.last_seq(), seq, "refused requests leave no event");
+
+    // Blank.
+    let (s, v) = a.call(
+        Method::POST,
+        "/v1/volumes",
+        Some(json!({"name": "blank", "spec": {"size_bytes": 8 * MIB}})),
+    );
+    assert_eq!(
+        (s, v["status"]["state"].as_str()),
+        (202, Some("creating")),
+        "{v}"
+    );
+    let v = ready(&a, "blank");
+    assert_eq!(
+        v["status"]["replicas"],
+        json!([{"node": "test-node", "state": "in-sync"}]),
+        "{v}"
+    );
+    assert!(read(&a, "blank", 4096).iter().all(|b| *b == 0));
+
+    // From a disk image: the image's bytes, then zeros.
+    let data = pattern(MIB as usize + 4096, 7);
+    let img = a.dir.join("disk.img");
+    std::fs::write(&img, &data).unwrap();
+    let (s, v) = a.call(
+        Method::POST,
+        "/v1/images",
+        Some(json!({"name": "disk", "spec": {"source": {"kind": "disk", "path": img}}})),
+    );
+    assert_eq!(s, 202, "{v}");
+    a.wait_for("/v1/images/disk", "ready", Duration::from_secs(20), |v| {
+        v["status"]["state"] == "ready"
+    });
+    let (s, v) = a.call(Method::POST, "/v1/volumes", Some(json!({"name": "small", "spec": {"size_bytes": 4096, "source": {"kind": "image", "image": "disk"}}})));
+    assert_eq!(s, 422, "smaller than the image: {v}");
+    let (s, v) = a.call(Method::POST, "/v1/volumes", Some(json!({"name": "root", "spec": {"size_bytes": 4 * MIB, "source": {"kind": "image", "image": "disk"}}})));
+    assert_eq!(s, 202, "{v}");
+    let v = ready(&a, "root");
+    assert_eq!(v["status"]["bytes_done"].as_u64(), Some(data.len() as u64));
+    let got = read(&a, "root", 2 * MIB as usize);
+    assert_eq!(&got[..data.len()], &data[..], "the image's bytes");
+    assert!(got[data.len()..].iter().all(|b| *b == 0));
+
+    // Snapshot, overwrite, clone: the clone has the snapshot's data.
+    let (s, v) = a.call(
+        Method::POST,
+        "/v1/volumes/root/snapshots",
+        Some(json!({"name": "s1"})),
+    );
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["status"]["snapshots"], json!(["s1"]));
+    assert_eq!(
+        a.call(
+            Method::POST,
+            "/v1/volumes/root/snapshots",
+            Some(json!({"name": "s1"}))
+        )
+        .0,
+        409
+    );
+    let c = kiln_store::VolumeClient::open(&a.dir.join("run/store.sock"), "root").unwrap();
+    c.write_at(&pattern(4096, 99), 0).unwrap();
+    c.flush().unwrap();
+    let (s, v) = a.call(Method::POST, "/v1/volumes", Some(json!({"name": "clone", "spec": {"size_bytes": 4 * MIB, "source": {"kind": "snapshot", "volume": "root", "snapshot": "s1"}}})));
+    assert_eq!(s, 202, "{v}");
+    ready(&a, "clone");
+    assert_eq!(read(&a, "clone", 4096), data[..4096].to_vec());
+    assert_eq!(read(&a, "root", 4096), pattern(4096, 99));
+
+    // Resize names the generation it read.
+    let (s, v) = a.call(
+        Method::POST,
+        "/v1/volumes/blank/resize",
+        Some(json!({"generation": 1, "size_bytes": 16 * MIB})),
+    );
+    assert_eq!(
+        (
+            s,
+            v["generation"].as_u64(),
+            v["spec"]["size_bytes"].as_u64()
+        ),
+        (200, Some(2), Some(16 * MIB)),
+        "{v}"
+    );
+    let (s, _) = a.call(
+        Method::POST,
+        "/v1/volumes/blank/resize",
+        Some(json!({"generation": 1, "size_bytes": 32 * MIB})),
+    );
+    assert_eq!(s, 409);
+
+    // Deleting: snapshots, then the volumes; the store forgets them.
+    assert_eq!(
+        a.call(Method::DELETE, "/v1/volumes/root/snapshots/nope", None)
+            .0,
+        404
+    );
+    let (s, v) = a.call(Method::DELETE, "/v1/volumes/root/snapshots/s1", None);
+    assert_eq!(
+        (s, v["status"]["snapshots"].clone()),
+        (200, json!([])),
+        "{v}"
+    );
+    for name in ["blank", "root", "clone"] {
+        assert_eq!(
+            a.call(Method::DELETE, &format!("/v1/volumes/{name}"), None)
+                .0,
+            200,
+            "{name}"
+        );
+    }
+    assert_eq!(a.call(Method::GET, "/v1/volumes", None).1, json!([]));
+    let mut client = kiln_store::Client::connect(&a.dir.join("run/store.sock")).unwrap();
+    match client.call(&kiln_store::proto::Request::VolList).unwrap() {
+        kiln_store::proto::Response::Volumes(v) => assert!(v.is_empty(), "{v:?}"),
+        other => panic!("{other:?}"),
+    }
+}
