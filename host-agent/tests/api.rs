@@ -289,6 +289,22 @@ fn bad_input_is_refused_with_its_error_and_leaves_nothing_behind() {
         assert_eq!(s, status, "{m} {path}: {v}");
         assert!(v["error"]["code"].is_string(), "{m} {path}: {v}");
     }
+    // An error may come before the body was read: the connection closes,
+    // and the response says so.
+    let resp =
+        a.rt.block_on(kiln_agent::client::send(
+            &ep,
+            Method::PATCH,
+            "/v1/vms",
+            &[],
+            Some(b"{}".to_vec()),
+            Duration::from_secs(5),
+        ))
+        .unwrap();
+    assert_eq!(
+        resp.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
     // Nothing was created, no event was recorded, no file or bridge made.
     for kind in ["images", "networks", "vms"] {
         assert_eq!(

@@ -26,6 +26,7 @@ pub mod node;
 pub mod openapi;
 pub mod tokens;
 pub mod vms;
+pub mod volumes;
 
 /// Request bodies larger than this are refused (413).
 pub const MAX_BODY: usize = 1 << 20;
@@ -36,6 +37,7 @@ pub struct AppState {
     pub paths: Paths,
     pub node: Arc<NodeInfo>,
     pub sup: Arc<Supervisor>,
+    pub store: Arc<crate::store::Store>,
 }
 
 /// The whole API. `authenticated`: every request needs a bearer token
@@ -46,6 +48,7 @@ pub fn router(state: AppState, authenticated: bool) -> Router {
         .merge(tokens::router())
         .merge(images::router())
         .merge(networks::router())
+        .merge(volumes::router())
         .merge(vms::router())
         .merge(events::router())
         .merge(openapi::router());
@@ -61,7 +64,22 @@ pub fn router(state: AppState, authenticated: bool) -> Router {
             require_token,
         ));
     }
-    r.with_state(state)
+    r.layer(axum::middleware::map_response(close_after_error))
+        .with_state(state)
+}
+
+/// An error may be answered before the request's body was read (a refused
+/// token, a wrong method, a body too large), after which the server closes
+/// the connection; saying so keeps a client from sending its next request
+/// into it.
+async fn close_after_error(mut resp: Response) -> Response {
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
 }
 
 async fn require_token(
