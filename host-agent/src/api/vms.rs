@@ -302,14 +302,44 @@ pub async fn power_off(
     Ok((StatusCode::ACCEPTED, Json(vm)))
 }
 
-async fn vmm_op(
-    st: &AppState,
-    key: &str,
-    headers: &HeaderMap,
+/// An operation kiln-vmm carries out: its name there, the state it needs,
+/// and the observed and desired states after it.
+struct VmOp {
     op: &'static str,
     from: VmState,
     to: VmState,
     desired: DesiredVmState,
+}
+
+const PAUSE: VmOp = VmOp {
+    op: "pause",
+    from: VmState::Running,
+    to: VmState::Paused,
+    desired: DesiredVmState::Paused,
+};
+const RESUME: VmOp = VmOp {
+    op: "resume",
+    from: VmState::Paused,
+    to: VmState::Running,
+    desired: DesiredVmState::Running,
+};
+const REBOOT: VmOp = VmOp {
+    op: "reboot",
+    from: VmState::Running,
+    to: VmState::Running,
+    desired: DesiredVmState::Running,
+};
+
+async fn vmm_op(
+    st: &AppState,
+    key: &str,
+    headers: &HeaderMap,
+    VmOp {
+        op,
+        from,
+        to,
+        desired,
+    }: VmOp,
 ) -> Result<Json<Vm>, ApiError> {
     let expected = if_match(headers)?;
     let id = st.db.get::<Vm>(key)?.meta.id;
@@ -342,16 +372,7 @@ pub async fn pause(
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Vm>, ApiError> {
-    vmm_op(
-        &st,
-        &key,
-        &headers,
-        "pause",
-        VmState::Running,
-        VmState::Paused,
-        DesiredVmState::Paused,
-    )
-    .await
+    vmm_op(&st, &key, &headers, PAUSE).await
 }
 
 /// Resumes a paused VM.
@@ -363,16 +384,7 @@ pub async fn resume(
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Vm>, ApiError> {
-    vmm_op(
-        &st,
-        &key,
-        &headers,
-        "resume",
-        VmState::Paused,
-        VmState::Running,
-        DesiredVmState::Running,
-    )
-    .await
+    vmm_op(&st, &key, &headers, RESUME).await
 }
 
 /// Reboots a running VM (a reset, in the same kiln-vmm).
@@ -384,16 +396,7 @@ pub async fn restart(
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Vm>, ApiError> {
-    vmm_op(
-        &st,
-        &key,
-        &headers,
-        "reboot",
-        VmState::Running,
-        VmState::Running,
-        DesiredVmState::Running,
-    )
-    .await
+    vmm_op(&st, &key, &headers, REBOOT).await
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
