@@ -31,6 +31,8 @@ use crate::{cgroup, netdev, vmm_client};
 
 /// How long kiln-vmm has to answer on its API socket after it starts.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a graceful shutdown presses the power button again.
+const PRESS_AGAIN: Duration = Duration::from_secs(5);
 /// Restart backoff: 1 s, doubling, at most this.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -524,14 +526,24 @@ impl Supervisor {
         let me = self.clone();
         tokio::spawn(async move {
             let api = me.api_socket(&id);
+            // A paused guest cannot see its button: let it run first (a
+            // running one answers 409, which changes nothing).
+            let _ = vmm_client::action(&api, "resume").await;
             if let Err(e) = vmm_client::action(&api, "shutdown").await {
                 tracing::warn!("graceful shutdown of {id} failed ({e:#}); powering off");
                 me.force_off(pid, &api).await;
                 return;
             }
+            // A press can come before the guest listens for its button (early
+            // in its boot): press again every few seconds until the deadline.
             let deadline = Instant::now() + timeout;
+            let mut next_press = Instant::now() + PRESS_AGAIN;
             while alive(pid, &api) && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                if Instant::now() >= next_press {
+                    next_press = Instant::now() + PRESS_AGAIN;
+                    let _ = vmm_client::action(&api, "shutdown").await;
+                }
             }
             if alive(pid, &api) {
                 let _ = me.db.update(&id, Change::Observed, |_: &mut Vm| {

@@ -42,54 +42,8 @@ impl Drop for Scratch {
     }
 }
 
-/// Load address of the tiny payloads: kiln-vmm loads kernels at or above 1 MiB.
-const LOAD_ADDR: u64 = 0x10_0000;
-
-/// A minimal x86-64 ELF executable whose single segment is `code`, entered
-/// in 64-bit mode at its first byte.
-pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
-    let entry = LOAD_ADDR + (EHDR + PHDR) as u64;
-    let total = (EHDR + PHDR + code.len()) as u64;
-    let mut v = Vec::new();
-    v.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0"); // 64-bit, LE, v1
-    v.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    v.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    v.extend_from_slice(&1u32.to_le_bytes());
-    v.extend_from_slice(&entry.to_le_bytes());
-    v.extend_from_slice(&(EHDR as u64).to_le_bytes()); // phoff
-    v.extend_from_slice(&0u64.to_le_bytes()); // shoff
-    v.extend_from_slice(&0u32.to_le_bytes()); // flags
-    v.extend_from_slice(&(EHDR as u16).to_le_bytes());
-    v.extend_from_slice(&(PHDR as u16).to_le_bytes());
-    v.extend_from_slice(&1u16.to_le_bytes()); // phnum
-    v.extend_from_slice(&[0; 6]); // shentsize, shnum, shstrndx
-    v.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    v.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    v.extend_from_slice(&0u64.to_le_bytes()); // offset
-    v.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // vaddr
-    v.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // paddr
-    v.extend_from_slice(&total.to_le_bytes()); // filesz
-    v.extend_from_slice(&total.to_le_bytes()); // memsz
-    v.extend_from_slice(&0x1000u64.to_le_bytes()); // align
-    v.extend_from_slice(code);
-    v
-}
-
-/// Machine code: print `text` on COM1, then write `last_port`/`last_value`
-/// (e.g. the ACPI sleep register) and halt.
-pub fn serial_then_out(text: &[u8], last_port: u16, last_value: u8) -> Vec<u8> {
-    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
-    for b in text {
-        c.extend_from_slice(&[0xb0, *b, 0xee]); // mov al, b; out dx, al
-    }
-    c.extend_from_slice(&[0x66, 0xba]);
-    c.extend_from_slice(&last_port.to_le_bytes()); // mov dx, port
-    c.extend_from_slice(&[0xb0, last_value, 0xee]); // mov al, v; out dx, al
-    c.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
-    c
-}
+/// The tiny-payload builders are shared with the agent's tests.
+pub use kiln_tests::tiny::{serial_then_out, tiny_elf};
 
 /// Whether this machine's /dev/kvm can be opened (tiny payloads only).
 pub fn local_kvm() -> bool {
