@@ -198,19 +198,37 @@ fn volumes_are_made_copied_snapshotted_cloned_resized_and_deleted_in_the_store()
     let o = a.kilnctl(&["--json", "volume", "create", "cli", "--size", "2M"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!((v["status"]["state"].as_str(), v["spec"]["size_bytes"].as_u64()), (Some("ready"), Some(2 * MIB)));
+    assert_eq!(
+        (
+            v["status"]["state"].as_str(),
+            v["spec"]["size_bytes"].as_u64()
+        ),
+        (Some("ready"), Some(2 * MIB))
+    );
     let o = a.kilnctl(&["volume", "create", "bad", "--size", "2Q"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("bad size"));
-    assert!(a.kilnctl(&["volume", "snapshot", "cli", "s"]).status.success());
-    let o = a.kilnctl(&["--json", "volume", "create", "cli2", "--size", "2M", "--from", "cli@s"]);
+    assert!(a
+        .kilnctl(&["volume", "snapshot", "cli", "s"])
+        .status
+        .success());
+    let o = a.kilnctl(&[
+        "--json", "volume", "create", "cli2", "--size", "2M", "--from", "cli@s",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for n in ["cli2", "cli"] {
         if n == "cli" {
-            assert!(a.kilnctl(&["volume", "snapshot", "cli", "s", "--delete"]).status.success());
+            assert!(a
+                .kilnctl(&["volume", "snapshot", "cli", "s", "--delete"])
+                .status
+                .success());
         }
         let o = a.kilnctl(&["volume", "delete", n]);
-        assert!(o.status.success(), "{n}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{n}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     let mut client = kiln_store::Client::connect(&a.dir.join("run/store.sock")).unwrap();
     match client.call(&kiln_store::proto::Request::VolList).unwrap() {

@@ -43,6 +43,7 @@ impl Drop for Scratch {
 }
 
 /// The tiny-payload builders are shared with the agent's tests.
+#[allow(unused_imports)] // not every test file uses both
 pub use kiln_tests::tiny::{serial_then_out, tiny_elf};
 
 /// Whether this machine's /dev/kvm can be opened (tiny payloads only).
