@@ -9,7 +9,16 @@ dirs=(--data-dir "$work/data" --run-dir "$work/run" --pki-dir "$work/pki")
 token=$("$agent" "${dirs[@]}" init --name fuzz | tail -1)
 "$agent" "${dirs[@]}" serve --listen 127.0.0.1:7443 >"$work/agent.log" 2>&1 &
 agent_pid=$!
-trap 'kill $agent_pid 2>/dev/null || true' EXIT
+# The agent and the store daemon it started (which outlives it by design).
+stop_all() {
+    kill "$agent_pid" 2>/dev/null || true
+    for p in /proc/[0-9]*; do
+        [ "${p#/proc/}" = "$$" ] && continue
+        grep -qF "$work" "$p/cmdline" 2>/dev/null && kill -9 "${p#/proc/}" 2>/dev/null
+    done
+    return 0
+}
+trap stop_all EXIT
 for _ in $(seq 100); do [[ -S $work/run/agent.sock ]] && break; sleep 0.1; done
 cd "$work"
 "$st" run "$spec" --url https://127.0.0.1:7443 \
