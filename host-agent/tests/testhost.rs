@@ -103,8 +103,11 @@ pid3=$(show e2e pid)
 kill -9 "$pid3" && echo "E2E-KILLED-VMM pid=$pid3"
 i=0
 while [ $i -lt 600 ]; do
-    p=$(show e2e pid)
-    [ "$(show e2e state)" = running ] && [ -n "$p" ] && [ "$p" != "$pid3" ] && { echo "E2E-RESTARTED-BY-POLICY pid=$p"; break; }
+    # One snapshot for both fields: the pid and the state must agree.
+    snap=$($K --json vm show e2e)
+    p=$(echo "$snap" | sed -n 's/.*"pid": \([0-9][0-9]*\),\{0,1\}$/\1/p' | head -1)
+    st=$(echo "$snap" | sed -n 's/.*"state": "\([a-z]*\)".*/\1/p' | head -1)
+    [ "$st" = running ] && [ -n "$p" ] && [ "$p" != "$pid3" ] && { echo "E2E-RESTARTED-BY-POLICY pid=$p"; break; }
     sleep 0.1; i=$((i + 1))
 done
 $K vm power-off e2e >/dev/null && echo E2E-POWERED-OFF
@@ -229,6 +232,7 @@ fn restart_policy_always_brings_a_killed_vmm_back() {
     has(run, "E2E-UPDATED");
     let killed = value(run, "E2E-KILLED-VMM", "pid");
     let back = value(run, "E2E-RESTARTED-BY-POLICY", "pid");
+    assert!(back.parse::<u32>().is_ok(), "{back}");
     assert_ne!(killed, back);
     has(run, "E2E-POWERED-OFF");
 }

@@ -275,3 +275,62 @@ fn a_vm_that_cannot_start_fails_with_its_reason_and_leaves_nothing() {
         200
     );
 }
+
+#[test]
+fn following_the_console_keeps_delivering_the_guests_output() {
+    if !can_run_vms() {
+        return;
+    }
+    let a = Agent::start("follow");
+    let net = setup(
+        &a,
+        &kiln_tests::tiny::tiny_elf(&kiln_tests::tiny::print_forever(b'.', 5000)),
+        "never",
+    );
+    a.call(Method::POST, "/v1/vms/vm1/start", None);
+    running(&a, None);
+    let ep = kiln_agent::client::Endpoint::Unix(a.socket());
+    let (chunks, ended) = a.rt.block_on(async {
+        use http_body_util::BodyExt;
+        let resp = kiln_agent::client::send(
+            &ep,
+            Method::GET,
+            "/v1/vms/vm1/console?follow=true",
+            &[],
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut chunks = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => return (chunks, false), // still open at the deadline
+                Ok(None) => return (chunks, true),
+                Ok(Some(f)) => {
+                    if f.unwrap().into_data().is_ok_and(|d| !d.is_empty()) {
+                        chunks += 1;
+                    }
+                }
+            }
+        }
+    });
+    assert!(!ended, "the console stream ended after {chunks} chunks");
+    assert!(
+        chunks >= 2,
+        "only {chunks} chunks: the replay, then nothing live"
+    );
+    assert_eq!(a.call(Method::POST, "/v1/vms/vm1/power-off", None).0, 202);
+    a.wait_for("/v1/vms/vm1", "stopped", Duration::from_secs(30), |v| {
+        v["status"]["state"] == "stopped"
+    });
+    assert_eq!(a.call(Method::DELETE, "/v1/vms/vm1", None).0, 200);
+    assert_eq!(
+        a.call(Method::DELETE, &format!("/v1/networks/{net}"), None)
+            .0,
+        200
+    );
+}

@@ -50,6 +50,18 @@ pub fn serial_then_out(text: &[u8], last_port: u16, last_value: u8) -> Vec<u8> {
     c
 }
 
+/// Machine code: print `byte` on COM1 forever, with a busy delay of
+/// `delay` iterations between bytes.
+pub fn print_forever(byte: u8, delay: u32) -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    c.extend_from_slice(&[0xb0, byte, 0xee]); // loop: mov al, byte; out dx, al
+    c.push(0xb9); // mov ecx, delay
+    c.extend_from_slice(&delay.to_le_bytes());
+    c.extend_from_slice(&[0xff, 0xc9, 0x75, 0xfc]); // dec ecx; jnz -4
+    c.extend_from_slice(&[0xeb, 0xf2]); // jmp loop (-14)
+    c
+}
+
 /// A guest that prints `text` and then halts for good: it runs until it is
 /// powered off from outside.
 pub fn print_then_halt(text: &[u8]) -> Vec<u8> {

@@ -429,8 +429,10 @@ pub async fn console(
     })?;
     let headers = [(axum::http::header::CONTENT_TYPE, "application/octet-stream")];
     if q.follow {
-        let (rd, _wr) = stream.into_split();
-        let body = Body::from_stream(tokio_util_stream(rd));
+        // The whole socket goes into the stream: dropping its write half
+        // would shut it down, and kiln-vmm would take that as the client
+        // leaving.
+        let body = Body::from_stream(tokio_util_stream(stream));
         return Ok((headers, body).into_response());
     }
     // What the ring buffer holds arrives at once; stop at the first quiet
@@ -448,7 +450,7 @@ pub async fn console(
 
 /// A reader as a stream of byte chunks, ending at end of file or error.
 fn tokio_util_stream(
-    rd: tokio::net::unix::OwnedReadHalf,
+    rd: tokio::net::UnixStream,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
     futures_util::stream::unfold(rd, |mut rd| async move {
         let mut buf = vec![0u8; 16 * 1024];

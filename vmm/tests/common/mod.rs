@@ -44,7 +44,7 @@ impl Drop for Scratch {
 
 /// The tiny-payload builders are shared with the agent's tests.
 #[allow(unused_imports)] // not every test file uses both
-pub use kiln_tests::tiny::{serial_then_out, tiny_elf};
+pub use kiln_tests::tiny::{print_forever, serial_then_out, tiny_elf};
 
 /// Whether this machine's /dev/kvm can be opened (tiny payloads only).
 pub fn local_kvm() -> bool {
@@ -149,16 +149,4 @@ pub fn wait_for_path(path: &Path, child: &mut std::process::Child) {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-}
-
-/// Machine code: print `byte` on COM1 forever, with a busy delay of
-/// `delay` iterations between bytes.
-pub fn print_forever(byte: u8, delay: u32) -> Vec<u8> {
-    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
-    c.extend_from_slice(&[0xb0, byte, 0xee]); // loop: mov al, byte; out dx, al
-    c.push(0xb9); // mov ecx, delay
-    c.extend_from_slice(&delay.to_le_bytes());
-    c.extend_from_slice(&[0xff, 0xc9, 0x75, 0xfc]); // dec ecx; jnz -4
-    c.extend_from_slice(&[0xeb, 0xf2]); // jmp loop (-14)
-    c
 }
