@@ -1,9 +1,11 @@
 //! Where a virtio-blk device keeps its data.
 //!
 //! The device model only speaks [`BlockBackend`]; a raw file
-//! ([`super::raw::RawFile`]) is one implementation, a replicated store will be
-//! another. Offsets and lengths are in bytes and, coming from a parsed
-//! request, always lie inside `[0, capacity)`.
+//! ([`super::raw::RawFile`]) is its one implementation. A kiln-store volume
+//! reaches a guest another way: the store serves it over vhost-user-blk, and
+//! kiln-vmm's vhost-user device hands the queues to it. Offsets and lengths
+//! are in bytes and, coming from a parsed request, always lie inside
+//! `[0, capacity)`.
 
 use std::io;
 
