@@ -151,6 +151,13 @@ fn volumes_are_made_copied_snapshotted_cloned_resized_and_deleted_in_the_store()
     assert_eq!(read(&a, "clone", 4096), data[..4096].to_vec());
     assert_eq!(read(&a, "root", 4096), pattern(4096, 99));
 
+    // A VM that stops detaches its volumes; changing them still works.
+    let mut store = kiln_store::Client::connect(&a.dir.join("run/store.sock")).unwrap();
+    for name in ["blank", "root"] {
+        store
+            .call(&kiln_store::proto::Request::VolDetach { name: name.into() })
+            .unwrap();
+    }
     // Resize names the generation it read.
     let (s, v) = a.call(
         Method::POST,

@@ -45,6 +45,17 @@ fn check_size(size: u64) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The store changes a volume through its writer: attach it here first
+/// (idempotent; a VM that stopped has detached it).
+fn as_writer(store: &Store, name: &str) -> Result<(), ApiError> {
+    store
+        .call(&Request::VolAttach {
+            name: name.to_string(),
+            force: false,
+        })
+        .map(|_| ())
+}
+
 /// The VM whose spec uses this volume, if any.
 fn user(db: &Db, v: &Volume) -> Result<Option<Vm>, ApiError> {
     Ok(db.list::<Vm>()?.into_iter().find(|vm| {
@@ -302,9 +313,12 @@ pub async fn remove(
                     .into());
                 }
             }
-            match store.call(&Request::VolDelete {
-                name: v.meta.name.clone(),
-            }) {
+            let deleted = as_writer(&store, &v.meta.name).and_then(|_| {
+                store.call(&Request::VolDelete {
+                    name: v.meta.name.clone(),
+                })
+            });
+            match deleted {
                 Ok(_) => {}
                 // Never made (a failed create): only the record goes.
                 Err(e) if e.status == StatusCode::NOT_FOUND => {}
@@ -359,6 +373,7 @@ pub async fn resize(
                 }
                 .into());
             }
+            as_writer(&store, &v.meta.name)?;
             store.call(&Request::VolResize {
                 name: v.meta.name.clone(),
                 size: req.size_bytes,
@@ -404,6 +419,7 @@ pub async fn snapshot(
                 v.meta.name, req.name
             )));
         }
+        as_writer(&store, &v.meta.name)?;
         store.call(&Request::VolSnapshot {
             name: v.meta.name.clone(),
             snap: req.name.clone(),
@@ -440,6 +456,7 @@ pub async fn delete_snapshot(
                     v.meta.name
                 )));
             }
+            as_writer(&store, &v.meta.name)?;
             store.call(&Request::VolDeleteSnapshot {
                 name: v.meta.name.clone(),
                 snap: snap.clone(),
