@@ -571,6 +571,13 @@ impl Supervisor {
     /// leftovers.
     pub async fn reconcile(self: &Arc<Self>) -> Result<(), ApiError> {
         let vms = self.db.list::<Vm>()?;
+        // TAPs are named after VM ids: only this agent's VMs' TAPs are its
+        // to remove (another agent on the host, such as a test's, owns its own).
+        let own_taps: Vec<String> = vms
+            .iter()
+            .map(|vm| netdev::tap_name(&vm.meta.id, 0))
+            .map(|t| t[..t.len() - 1].to_string())
+            .collect();
         let mut live_taps: Vec<String> = Vec::new();
         let mut live_ids: Vec<String> = Vec::new();
         for vm in vms {
@@ -640,7 +647,7 @@ impl Supervisor {
             }
         }
         for tap in netdev::list_taps() {
-            if !live_taps.contains(&tap) {
+            if !live_taps.contains(&tap) && own_taps.iter().any(|p| tap.starts_with(p.as_str())) {
                 tracing::info!("removing leftover TAP {tap}");
                 let _ = netdev::delete_tap(&tap).await;
             }
