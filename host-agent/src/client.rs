@@ -55,6 +55,9 @@ impl Endpoint {
     }
 }
 
+/// A request body: bytes in memory, or a stream (an upload).
+pub type ReqBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
 /// Opens a connection and sends one request; the response body is left to
 /// the caller (it may be a stream).
 pub async fn send(
@@ -65,6 +68,32 @@ pub async fn send(
     body: Option<Vec<u8>>,
     connect_timeout: Duration,
 ) -> Result<Response<Incoming>> {
+    let content_type = body.as_ref().map(|_| "application/json");
+    let body = Full::new(Bytes::from(body.unwrap_or_default()))
+        .map_err(|never| match never {})
+        .boxed();
+    send_body(
+        ep,
+        method,
+        path,
+        headers,
+        content_type,
+        body,
+        connect_timeout,
+    )
+    .await
+}
+
+/// [`send`] with any body, e.g. a file streamed as it is read.
+pub async fn send_body(
+    ep: &Endpoint,
+    method: Method,
+    path: &str,
+    headers: &[(&str, String)],
+    content_type: Option<&str>,
+    body: ReqBody,
+    connect_timeout: Duration,
+) -> Result<Response<Incoming>> {
     let mut b = Request::builder()
         .method(method)
         .uri(path)
@@ -72,10 +101,10 @@ pub async fn send(
     for (k, v) in headers {
         b = b.header(*k, v);
     }
-    if body.is_some() {
-        b = b.header("content-type", "application/json");
+    if let Some(t) = content_type {
+        b = b.header("content-type", t);
     }
-    let req = b.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    let req = b.body(body)?;
     match ep {
         Endpoint::Unix(p) => {
             let s = tokio::time::timeout(connect_timeout, UnixStream::connect(p))
@@ -100,7 +129,7 @@ pub async fn send(
     }
 }
 
-async fn exchange<S>(s: S, req: Request<Full<Bytes>>) -> Result<Response<Incoming>>
+async fn exchange<S>(s: S, req: Request<ReqBody>) -> Result<Response<Incoming>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
