@@ -115,6 +115,54 @@ pub enum ImageSource {
     },
     /// A raw disk image from an absolute path on this node.
     Disk { path: String },
+    /// Files sent over the API after the image is created, each with
+    /// `PUT /v1/images/{image}/files/{role}`: a kernel (with an optional
+    /// initrd) or a disk. The image is `ready` when all have arrived.
+    Upload {
+        files: Vec<UploadFile>,
+        #[serde(default)]
+        cmdline: Option<String>,
+    },
+}
+
+/// A file an uploaded image will receive, and its exact size.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UploadFile {
+    pub role: FileRole,
+    pub size: u64,
+}
+
+impl ImageSource {
+    /// The roles of the files the image will hold.
+    pub fn roles(&self) -> Vec<FileRole> {
+        match self {
+            ImageSource::Kernel { initrd, .. } => {
+                let mut v = vec![FileRole::Kernel];
+                if initrd.is_some() {
+                    v.push(FileRole::Initrd);
+                }
+                v
+            }
+            ImageSource::Disk { .. } => vec![FileRole::Disk],
+            ImageSource::Upload { files, .. } => files.iter().map(|f| f.role).collect(),
+        }
+    }
+
+    /// A kernel image (VMs boot it), as opposed to a disk image.
+    pub fn is_kernel(&self) -> bool {
+        self.roles().contains(&FileRole::Kernel)
+    }
+
+    /// The default command line of VMs booting this image.
+    pub fn cmdline(&self) -> Option<&str> {
+        match self {
+            ImageSource::Kernel { cmdline, .. } | ImageSource::Upload { cmdline, .. } => {
+                cmdline.as_deref()
+            }
+            ImageSource::Disk { .. } => None,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, ToSchema)]
@@ -131,12 +179,22 @@ pub enum ImageState {
     Failed,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, ToSchema)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FileRole {
     Kernel,
     Initrd,
     Disk,
+}
+
+impl std::fmt::Display for FileRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FileRole::Kernel => "kernel",
+            FileRole::Initrd => "initrd",
+            FileRole::Disk => "disk",
+        })
+    }
 }
 
 /// One content-addressed file of an image.

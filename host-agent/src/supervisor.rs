@@ -22,8 +22,8 @@ use crate::db::{Change, Db, Note};
 use crate::error::ApiError;
 use crate::images;
 use crate::model::{
-    now, DesiredVmState, FileRole, Image, ImageSource, ImageState, Network, NicStatus,
-    RestartPolicy, Vm, VmState,
+    now, DesiredVmState, FileRole, Image, ImageState, Network, NicStatus, RestartPolicy, Vm,
+    VmState,
 };
 use crate::paths::{Paths, VmRunDir};
 use crate::store::Store;
@@ -200,16 +200,13 @@ impl Supervisor {
                 image.meta.name, image.status.state
             ));
         }
-        let ImageSource::Kernel {
-            cmdline: image_cmdline,
-            ..
-        } = &image.spec.source
-        else {
+        if !image.spec.source.is_kernel() {
             return Err(format!(
                 "boot image {} is not a kernel image",
                 image.meta.name
             ));
-        };
+        }
+        let image_cmdline = image.spec.source.cmdline();
         let kernel = images::blob(&self.paths, &image, FileRole::Kernel)
             .ok_or_else(|| format!("boot image {} has no kernel", image.meta.name))?;
         let initrd = images::blob(&self.paths, &image, FileRole::Initrd);
@@ -268,7 +265,7 @@ impl Supervisor {
                 .boot
                 .cmdline
                 .clone()
-                .or_else(|| image_cmdline.clone())
+                .or_else(|| image_cmdline.map(str::to_string))
                 .unwrap_or_else(|| "console=ttyS0".to_string());
             let mut cmd = Command::new(&self.vmm);
             cmd.arg("--kernel").arg(&kernel);

@@ -19,6 +19,7 @@ use crate::error::ErrorBody;
         super::metrics::metrics,
         super::tokens::list, super::tokens::create, super::tokens::revoke,
         super::images::list, super::images::get_one, super::images::create, super::images::remove,
+        super::images::upload,
         super::networks::list, super::networks::get_one, super::networks::create, super::networks::remove,
         super::volumes::list, super::volumes::get_one, super::volumes::create, super::volumes::remove,
         super::volumes::resize, super::volumes::snapshot, super::volumes::delete_snapshot,

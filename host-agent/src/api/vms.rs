@@ -18,7 +18,7 @@ use super::{if_match, AppState, ValidJson, ValidQuery};
 use crate::db::{Change, Db, Note};
 use crate::error::ApiError;
 use crate::model::{
-    CreateVm, DesiredVmState, Image, ImageSource, Meta, Network, ShutdownRequest, UpdateVm, Vm,
+    CreateVm, DesiredVmState, Image, Meta, Network, ShutdownRequest, UpdateVm, Vm,
     VmSpec, VmState, VmStatus,
 };
 use crate::{validate, vmm_client};
@@ -43,7 +43,7 @@ fn check_refs(db: &Db, spec: &VmSpec) -> Result<(), ApiError> {
     let image: Image = db.get(&spec.boot.image).map_err(|_| {
         ApiError::invalid(format!("boot.image {:?} does not exist", spec.boot.image))
     })?;
-    if !matches!(image.spec.source, ImageSource::Kernel { .. }) {
+    if !image.spec.source.is_kernel() {
         return Err(ApiError::invalid(format!(
             "boot.image {} is a disk image, not a kernel image",
             image.meta.name

@@ -15,8 +15,8 @@ use super::{blocking, if_match, AppState, ValidJson};
 use crate::db::{Change, Db, Note};
 use crate::error::ApiError;
 use crate::model::{
-    CreateSnapshot, CreateVolume, FileRole, Image, ImageSource, ImageState, Meta, ReplicaHealth,
-    ResizeVolume, Vm, VmState, Volume, VolumeSource, VolumeState, VolumeStatus,
+    CreateSnapshot, CreateVolume, FileRole, Image, ImageState, Meta, ReplicaHealth, ResizeVolume,
+    Vm, VmState, Volume, VolumeSource, VolumeState, VolumeStatus,
 };
 use crate::store::Store;
 use crate::validate;
@@ -133,7 +133,7 @@ pub async fn create(
                     i.meta.name
                 )));
             };
-            if !matches!(i.spec.source, ImageSource::Disk { .. }) || f.size > req.spec.size_bytes {
+            if f.size > req.spec.size_bytes {
                 return Err(ApiError::invalid(format!(
                     "image {} holds {} bytes: size_bytes must be at least that",
                     i.meta.name, f.size

@@ -24,6 +24,21 @@ impl std::fmt::Display for Failure {
 }
 impl std::error::Error for Failure {}
 
+/// The agent's refusal (its JSON error body) with the exit status it gives.
+pub fn failure(status: StatusCode, body: &[u8]) -> Failure {
+    let message = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{status}"));
+    let code = match status {
+        StatusCode::NOT_FOUND => 3,
+        StatusCode::CONFLICT | StatusCode::PRECONDITION_REQUIRED => 4,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => 5,
+        _ => 1,
+    };
+    Failure { code, message }
+}
+
 pub struct Ctl {
     pub ep: Endpoint,
     pub token: Option<String>,
@@ -55,17 +70,7 @@ impl Ctl {
             }
             return serde_json::from_slice(&bytes).context("the agent's answer is not JSON");
         }
-        let message = serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-            .unwrap_or_else(|| format!("{status}"));
-        let code = match status {
-            StatusCode::NOT_FOUND => 3,
-            StatusCode::CONFLICT | StatusCode::PRECONDITION_REQUIRED => 4,
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => 5,
-            _ => 1,
-        };
-        Err(Failure { code, message }.into())
+        Err(failure(status, &bytes).into())
     }
 
     pub fn print(&self, v: &Value, columns: &[(&str, &str)]) {

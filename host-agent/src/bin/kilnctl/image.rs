@@ -12,8 +12,10 @@ use crate::ctl::Ctl;
 
 #[derive(Subcommand)]
 pub enum ImageCmd {
-    /// Import a kernel (--kernel, optional --initrd) or a disk image (--disk)
-    /// from paths on the node; waits with a progress bar unless --no-wait.
+    /// Import a kernel (--kernel, optional --initrd) or a disk image
+    /// (--disk). The agent reads the files from paths on the node; with
+    /// --upload (the default over https) kilnctl sends them itself. Waits
+    /// with a progress bar unless --no-wait.
     Import {
         name: String,
         #[arg(long, conflicts_with = "disk", required_unless_present = "disk")]
@@ -25,7 +27,10 @@ pub enum ImageCmd {
         cmdline: Option<String>,
         #[arg(long)]
         disk: Option<PathBuf>,
+        /// Send the files over the API instead of naming paths on the node.
         #[arg(long)]
+        upload: bool,
+        #[arg(long, conflicts_with = "upload")]
         no_wait: bool,
     },
     List,
@@ -54,8 +59,23 @@ pub async fn run(ctl: &Ctl, c: ImageCmd) -> Result<()> {
             initrd,
             cmdline,
             disk,
+            upload,
             no_wait,
         } => {
+            if upload || matches!(ctl.ep, kiln_agent::client::Endpoint::Tls { .. }) {
+                let files = match (kernel, initrd, disk) {
+                    (Some(k), i, _) => {
+                        let mut f = vec![("kernel", k)];
+                        f.extend(i.map(|i| ("initrd", i)));
+                        f
+                    }
+                    (None, _, Some(d)) => vec![("disk", d)],
+                    (None, _, None) => bail!("give --kernel or --disk"),
+                };
+                let v = crate::upload::upload(ctl, &name, &files, cmdline).await?;
+                ctl.print(&v, IMAGE_COLS);
+                return Ok(());
+            }
             let source = match (kernel, disk) {
                 (Some(k), _) => {
                     json!({"kind": "kernel", "kernel": abs(&k)?, "initrd": initrd.as_deref().map(abs).transpose()?, "cmdline": cmdline})

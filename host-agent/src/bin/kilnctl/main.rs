@@ -5,6 +5,7 @@ mod event;
 mod image;
 mod network;
 mod token;
+mod upload;
 mod vm;
 mod volume;
 
