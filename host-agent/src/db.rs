@@ -292,24 +292,60 @@ impl Db {
         r: &T,
         note: Note,
     ) -> Result<Event, DbError> {
-        let mut counters = tx.open_table(COUNTERS)?;
-        let seq = counters.get("event_seq")?.map(|v| v.value()).unwrap_or(0) + 1;
-        counters.insert("event_seq", seq)?;
+        let state = if note.action == "deleted" {
+            "deleted".to_string()
+        } else {
+            r.state()
+        };
         let event = Event {
-            seq,
+            seq: 0,
             time: now(),
             kind: T::KIND,
             id: r.meta().id.clone(),
             name: r.meta().name.clone(),
             action: note.action.to_string(),
-            state: if note.action == "deleted" {
-                "deleted".to_string()
-            } else {
-                r.state()
-            },
+            state,
             generation: r.meta().generation,
             message: note.message,
         };
+        Self::append(tx, event)
+    }
+
+    /// An event about the node itself (not a stored resource), such as its
+    /// store daemon going away and coming back.
+    pub fn node_event(
+        &self,
+        node: &crate::model::NodeInfo,
+        state: &str,
+        note: Note,
+    ) -> Result<Event, DbError> {
+        let tx = self.db.begin_write()?;
+        let event = Self::append(
+            &tx,
+            Event {
+                seq: 0,
+                time: now(),
+                kind: Kind::Node,
+                id: node.id.clone(),
+                name: node.name.clone(),
+                action: note.action.to_string(),
+                state: state.to_string(),
+                generation: 0,
+                message: note.message,
+            },
+        )?;
+        tx.commit()?;
+        let _ = self.events.send(event.clone());
+        Ok(event)
+    }
+
+    /// Gives `event` the next sequence number and keeps it (and no more
+    /// than [`EVENTS_KEPT`] events).
+    fn append(tx: &redb::WriteTransaction, mut event: Event) -> Result<Event, DbError> {
+        let mut counters = tx.open_table(COUNTERS)?;
+        let seq = counters.get("event_seq")?.map(|v| v.value()).unwrap_or(0) + 1;
+        counters.insert("event_seq", seq)?;
+        event.seq = seq;
         let mut events = tx.open_table(EVENTS)?;
         events.insert(seq, serde_json::to_vec(&event)?.as_slice())?;
         if seq > EVENTS_KEPT {

@@ -9,6 +9,8 @@
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +18,9 @@ use kiln_store::meta::ReplicaAddr;
 use kiln_store::proto::{Request, Response, VolumeStatus};
 use kiln_store::Client;
 
+use crate::db::{Db, Note};
 use crate::error::ApiError;
+use crate::model::NodeInfo;
 
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -28,6 +32,8 @@ pub struct Store {
     /// This node's id in replica sets (the node's name).
     pub node: String,
     pub log: PathBuf,
+    /// Times the agent found the daemon gone and started it again.
+    pub restarts: Arc<AtomicU64>,
 }
 
 /// The store's error as the API's: bad values 422, missing 404, taken 409,
@@ -57,6 +63,16 @@ impl Store {
             Response::Status(s) => Ok(s),
             other => Err(ApiError::internal(format!(
                 "kiln-store answered VolShow with {other:?}"
+            ))),
+        }
+    }
+
+    /// Every volume the daemon holds, with its replicas' health.
+    pub fn list(&self) -> Result<Vec<VolumeStatus>, ApiError> {
+        match self.call(&Request::VolList)? {
+            Response::Volumes(v) => Ok(v),
+            other => Err(ApiError::internal(format!(
+                "kiln-store answered VolList with {other:?}"
             ))),
         }
     }
@@ -133,5 +149,59 @@ impl Store {
             let _ = child.wait();
         });
         Ok(())
+    }
+
+    /// Keeps the daemon running while the agent runs: every `every`, a
+    /// daemon that does not answer is started again (a second daemon
+    /// cannot take over a live one's data or port, so a hung one is left
+    /// to its operator). Going away and coming back are node events.
+    pub async fn supervise(self: Arc<Self>, db: Arc<Db>, node: Arc<NodeInfo>, every: Duration) {
+        // Events only for a daemon that was there: a node without kiln-store
+        // (no volumes) is not told every few seconds.
+        let mut seen = false;
+        let mut down = false;
+        let mut wait = Duration::ZERO;
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = wait.max(every);
+            let store = self.clone();
+            let answers = tokio::task::spawn_blocking(move || store.answers())
+                .await
+                .unwrap_or(false);
+            if answers {
+                seen = true;
+                down = false;
+                wait = every;
+                continue;
+            }
+            if seen && !down {
+                down = true;
+                tracing::warn!("kiln-store does not answer on {}", self.socket.display());
+                let _ = db.node_event(
+                    &node,
+                    "store-down",
+                    Note::with("store", "kiln-store does not answer; starting it again"),
+                );
+            }
+            let store = self.clone();
+            match tokio::task::spawn_blocking(move || store.ensure_running()).await {
+                Ok(Ok(())) if !seen => seen = true,
+                Ok(Ok(())) => {
+                    down = false;
+                    wait = every;
+                    self.restarts.fetch_add(1, Ordering::Relaxed);
+                    let _ = db.node_event(
+                        &node,
+                        "store-up",
+                        Note::with("store", "kiln-store started again"),
+                    );
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!("cannot start kiln-store: {e:#}");
+                    wait = (wait * 2).min(Duration::from_secs(30));
+                }
+                Err(e) => tracing::warn!("cannot start kiln-store: {e}"),
+            }
+        }
     }
 }

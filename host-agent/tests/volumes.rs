@@ -243,3 +243,105 @@ fn volumes_are_made_copied_snapshotted_cloned_resized_and_deleted_in_the_store()
         other => panic!("{other:?}"),
     }
 }
+
+fn metrics(a: &Agent) -> String {
+    a.raw(
+        &kiln_agent::client::Endpoint::Unix(a.socket()),
+        Method::GET,
+        "/metrics",
+        &[],
+        None,
+    )
+    .unwrap()
+    .1
+    .as_str()
+    .unwrap()
+    .to_string()
+}
+
+/// The pid of the store daemon serving this agent's data directory.
+fn store_pid(a: &Agent) -> Option<u32> {
+    let needle = a.dir.join("data/store").display().to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        (cmd.contains("kiln-store") && cmd.contains(" serve ") && cmd.contains(&needle))
+            .then_some(pid)
+    })
+}
+
+#[test]
+fn volume_health_is_in_the_metrics_and_a_dead_store_daemon_is_started_again() {
+    if !can_run() {
+        return;
+    }
+    let a = Agent::start("volmetrics");
+    let (s, v) = a.call(
+        Method::POST,
+        "/v1/volumes",
+        Some(json!({"name": "m1", "spec": {"size_bytes": 2 * MIB}})),
+    );
+    assert_eq!(s, 202, "{v}");
+    ready(&a, "m1");
+    let m = metrics(&a);
+    for line in [
+        "kiln_store_up 1",
+        "kiln_store_restarts 0",
+        "kiln_volumes{state=\"ready\"} 1",
+        "kiln_volume_size_bytes{volume=\"m1\"} 2097152",
+        "kiln_volume_replica{volume=\"m1\",node=\"test-node\",state=\"in-sync\"} 1",
+        "kiln_volume_replica_dirty_regions{volume=\"m1\",node=\"test-node\"} 0",
+    ] {
+        assert!(m.lines().any(|l| l == line), "no {line:?} in:\n{m}");
+    }
+
+    // The daemon dies: the agent notices, starts it again, says so, and the
+    // volume is still there.
+    let pid = store_pid(&a).expect("the agent's kiln-store runs");
+    let seq = a.last_seq();
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let start = std::time::Instant::now();
+    loop {
+        let m = metrics(&a);
+        if m.lines().any(|l| l == "kiln_store_restarts 1") && m.contains("kiln_store_up 1") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the store did not come back:\n{m}\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_ne!(store_pid(&a), Some(pid));
+    let (_, events) = a.call(Method::GET, &format!("/v1/events?since={seq}"), None);
+    let actions: Vec<(&str, &str)> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "node")
+        .map(|e| (e["state"].as_str().unwrap(), e["action"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        actions,
+        [("store-down", "store"), ("store-up", "store")],
+        "{events}"
+    );
+    // The new daemon has the volume (from its data directory).
+    let mut client = kiln_store::Client::connect(&a.dir.join("run/store.sock")).unwrap();
+    match client.call(&kiln_store::proto::Request::VolList).unwrap() {
+        kiln_store::proto::Response::Volumes(v) => {
+            assert_eq!(
+                v.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+                ["m1"]
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(a.call(Method::DELETE, "/v1/volumes/m1", None).0, 200);
+}

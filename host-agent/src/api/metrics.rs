@@ -1,5 +1,7 @@
 //! `/metrics`: Prometheus text. Per VM: vCPU time, memory, and each
-//! device's counters as kiln-vmm reports them; the agent's own health.
+//! device's counters as kiln-vmm reports them; per volume: its state, size
+//! and each replica's health as kiln-store reports them; the agent's and
+//! the store daemon's own health.
 
 use std::sync::atomic::AtomicU64;
 
@@ -14,7 +16,7 @@ use prometheus_client::registry::Registry;
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::model::{Image, Network, Vm, VmState};
+use crate::model::{Image, Network, Vm, VmState, Volume};
 use crate::vmm_client;
 
 pub fn router() -> Router<AppState> {
@@ -102,6 +104,7 @@ pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, Ap
         "A device counter as kiln-vmm reports it",
         dev,
     );
+    volume_metrics(&st, &mut reg).await?;
     let images = Gauge::<i64>::default();
     images.set(st.db.list::<Image>()?.len() as i64);
     reg.register("images", "Images on this node", images);
@@ -120,4 +123,123 @@ pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, Ap
         )],
         out,
     ))
+}
+
+/// Volumes by state, and from the store daemon (when it answers): each
+/// volume's size, allocation, writer, fencing, checksum and resync
+/// counters, and each replica's state.
+async fn volume_metrics(st: &AppState, reg: &mut Registry) -> Result<(), ApiError> {
+    let volumes = st.db.list::<Volume>()?;
+    let by_state = Family::<Labels, Gauge>::default();
+    for state in ["creating", "ready", "failed"] {
+        let n = volumes
+            .iter()
+            .filter(|v| {
+                serde_json::to_value(v.status.state)
+                    .ok()
+                    .and_then(|s| s.as_str().map(|s| s == state))
+                    == Some(true)
+            })
+            .count();
+        by_state
+            .get_or_create(&vec![("state".to_string(), state.to_string())])
+            .set(n as i64);
+    }
+    reg.register("volumes", "Volumes by state", by_state);
+    let store = st.store.clone();
+    let listed = tokio::task::spawn_blocking(move || store.list())
+        .await
+        .map_err(ApiError::internal)?;
+    let up = Gauge::<i64>::default();
+    up.set(listed.is_ok() as i64);
+    reg.register("store_up", "The node's kiln-store daemon answers", up);
+    let restarts = Gauge::<i64>::default();
+    restarts.set(st.store.restarts.load(std::sync::atomic::Ordering::Relaxed) as i64);
+    reg.register(
+        "store_restarts",
+        "Times the agent started a kiln-store daemon that had gone away",
+        restarts,
+    );
+    let Ok(listed) = listed else {
+        return Ok(());
+    };
+    let per_volume = [
+        ("volume_size_bytes", "Volume size"),
+        (
+            "volume_allocated_bytes",
+            "Bytes allocated on this node's replica",
+        ),
+        ("volume_attached", "This node is the volume's writer"),
+        ("volume_fenced", "The volume is fenced on this node"),
+        ("volume_epoch", "The volume's writer epoch"),
+        (
+            "volume_checksum_errors",
+            "Checksum mismatches the writer saw",
+        ),
+        (
+            "volume_repaired_blocks",
+            "Blocks the writer repaired on a replica",
+        ),
+        ("volume_resync_bytes", "Bytes copied to resyncing replicas"),
+    ];
+    let families: Vec<Family<Labels, Gauge>> =
+        per_volume.iter().map(|_| Family::default()).collect();
+    let replica_up = Family::<Labels, Gauge>::default();
+    let replica_dirty = Family::<Labels, Gauge>::default();
+    let mut node_checksum = 0;
+    for v in listed
+        .iter()
+        .filter(|v| volumes.iter().any(|x| x.meta.name == v.name))
+    {
+        let l = vec![("volume".to_string(), v.name.clone())];
+        let values = [
+            v.size,
+            v.allocated_bytes,
+            v.attached as u64,
+            v.fenced as u64,
+            v.epoch,
+            v.checksum_errors,
+            v.repaired_blocks,
+            v.resync_bytes,
+        ];
+        for (f, x) in families.iter().zip(values) {
+            f.get_or_create(&l).set(x as i64);
+        }
+        for r in &v.replicas {
+            let rl = vec![
+                ("volume".to_string(), v.name.clone()),
+                ("node".to_string(), r.node.clone()),
+                ("state".to_string(), r.state.clone()),
+            ];
+            replica_up.get_or_create(&rl).set(1);
+            replica_dirty
+                .get_or_create(&vec![
+                    ("volume".to_string(), v.name.clone()),
+                    ("node".to_string(), r.node.clone()),
+                ])
+                .set(r.dirty_regions as i64);
+        }
+        node_checksum = v.node.checksum_errors;
+    }
+    for ((name, help), f) in per_volume.iter().zip(families) {
+        reg.register(*name, *help, f);
+    }
+    reg.register(
+        "volume_replica",
+        "A replica of a volume, labelled with its state (in-sync, stale, resyncing, unknown)",
+        replica_up,
+    );
+    reg.register(
+        "volume_replica_dirty_regions",
+        "Regions a replica still has to resync",
+        replica_dirty,
+    );
+    let c = Gauge::<i64>::default();
+    c.set(node_checksum as i64);
+    reg.register(
+        "store_checksum_errors",
+        "Blocks that failed their checksum on this node's store",
+        c,
+    );
+    Ok(())
 }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -130,10 +131,16 @@ async fn serve(paths: Paths, listen: String, vmm: Option<PathBuf>, store: Store)
     if !info.cgroup_v2 {
         tracing::warn!("cgroup v2 is not available: VMs run without cpu and memory limits");
     }
+    let node = Arc::new(info);
+    tokio::spawn(
+        store
+            .clone()
+            .supervise(db.clone(), node.clone(), Duration::from_secs(2)),
+    );
     let state = AppState {
         db: db.clone(),
         paths: paths.clone(),
-        node: Arc::new(info),
+        node,
         sup: sup.clone(),
         store,
     };
@@ -236,6 +243,7 @@ fn main() -> ExitCode {
                     listen: store_listen,
                     node: String::new(),
                     log: paths.run.join("store.log"),
+                    restarts: Default::default(),
                 };
                 rt.block_on(serve(paths, listen, vmm, store))
             }),
