@@ -158,3 +158,61 @@ pub async fn call(
     .await
     .map_err(|_| anyhow!("no answer within {} s", timeout.as_secs()))?
 }
+
+/// A WebSocket over an upgraded connection (unix socket or TLS alike).
+pub type WebSocket = tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// What a WebSocket upgrade request got.
+pub enum Upgrade {
+    /// 101: the connection is now a WebSocket.
+    Open(Box<WebSocket>),
+    /// Any other answer, with its whole body (the API's JSON error).
+    Refused(StatusCode, Bytes),
+}
+
+/// Opens a WebSocket on `path` (a GET with the upgrade headers) over the
+/// same connection code as [`send`]; `timeout` bounds the handshake.
+pub async fn websocket(
+    ep: &Endpoint,
+    path: &str,
+    headers: &[(&str, String)],
+    timeout: Duration,
+) -> Result<Upgrade> {
+    use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+    let key = generate_key();
+    let mut all: Vec<(&str, String)> = vec![
+        ("connection", "upgrade".into()),
+        ("upgrade", "websocket".into()),
+        ("sec-websocket-version", "13".into()),
+        ("sec-websocket-key", key.clone()),
+    ];
+    all.extend(headers.iter().cloned());
+    tokio::time::timeout(timeout, async {
+        let resp = send(ep, Method::GET, path, &all, None, timeout).await?;
+        let status = resp.status();
+        if status != StatusCode::SWITCHING_PROTOCOLS {
+            let body = resp.into_body().collect().await?.to_bytes();
+            return Ok(Upgrade::Refused(status, body));
+        }
+        let accept = resp
+            .headers()
+            .get("sec-websocket-accept")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if accept != derive_accept_key(key.as_bytes()) {
+            bail!("the server's WebSocket handshake is wrong (Sec-WebSocket-Accept)");
+        }
+        let io = hyper::upgrade::on(resp)
+            .await
+            .context("the connection was not upgraded")?;
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(io),
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await;
+        Ok(Upgrade::Open(Box::new(ws)))
+    })
+    .await
+    .map_err(|_| anyhow!("no WebSocket within {} s", timeout.as_secs()))?
+}

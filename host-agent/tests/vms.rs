@@ -334,3 +334,227 @@ fn following_the_console_keeps_delivering_the_guests_output() {
         200
     );
 }
+
+/// Starts vm1 with the echo guest: what it reads on COM1 it writes back.
+fn echo_vm(a: &Agent) -> String {
+    let net = setup(
+        a,
+        &kiln_tests::tiny::tiny_elf(&kiln_tests::tiny::echo_serial(1000)),
+        "never",
+    );
+    let (s, v) = a.call(Method::POST, "/v1/vms/vm1/start", None);
+    assert_eq!(s, 202, "{v}");
+    running(a, None);
+    net
+}
+
+fn remove_vm(a: &Agent, net: &str) {
+    assert_eq!(a.call(Method::POST, "/v1/vms/vm1/power-off", None).0, 202);
+    a.wait_for("/v1/vms/vm1", "stopped", Duration::from_secs(30), |v| {
+        v["status"]["state"] == "stopped"
+    });
+    assert_eq!(a.call(Method::DELETE, "/v1/vms/vm1", None).0, 200);
+    assert_eq!(
+        a.call(Method::DELETE, &format!("/v1/networks/{net}"), None)
+            .0,
+        200
+    );
+}
+
+/// kilnctl on the agent's unix socket, with piped stdin and stdout.
+fn kilnctl_piped(a: &Agent, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(KILNCTL)
+        .arg("--host")
+        .arg(format!("unix:{}", a.socket().display()))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Reads `r` on a thread until `want` has been seen or `timeout` passed;
+/// returns everything read by then.
+fn read_until(r: impl std::io::Read + Send + 'static, want: &str, timeout: Duration) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = r;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains(want) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => got.extend_from_slice(&chunk),
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Waits for a child within `timeout`, killing it if it overstays.
+fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn kilnctl_attaches_to_the_console_and_detaches_with_ctrl_bracket() {
+    if !can_run_vms() {
+        return;
+    }
+    let a = Agent::start("attach");
+    let net = setup(
+        &a,
+        &kiln_tests::tiny::tiny_elf(&kiln_tests::tiny::echo_serial(1000)),
+        "never",
+    );
+    // Not running yet: 409, exit status 4; no such VM: 404, 3.
+    let o = a.kilnctl(&["vm", "console", "--attach", "vm1"]);
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    let o = a.kilnctl(&["vm", "console", "--attach", "no-such-vm"]);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+
+    a.call(Method::POST, "/v1/vms/vm1/start", None);
+    running(&a, None);
+    let mut child = kilnctl_piped(&a, &["vm", "console", "--attach", "vm1"]);
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    use std::io::Write;
+    stdin.write_all(b"hello-kiln\n").unwrap();
+    stdin.flush().unwrap();
+    let got = read_until(stdout, "hello-kiln", Duration::from_secs(30));
+    assert!(
+        got.contains("hello-kiln"),
+        "no echo, got {got:?}\nagent log:\n{}",
+        a.log()
+    );
+    // Ctrl-] detaches: exit 0, and the VM runs on.
+    stdin.write_all(&[0x1d]).unwrap();
+    stdin.flush().unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{status:?}: {err}");
+    std::thread::sleep(Duration::from_millis(300));
+    let vm = a.call(Method::GET, "/v1/vms/vm1", None).1;
+    assert_eq!(vm["status"]["state"], "running", "{vm}");
+
+    // The end of stdin detaches too; the echo and the earlier input are
+    // in the replay.
+    let mut child = kilnctl_piped(&a, &["vm", "console", "--attach", "vm1"]);
+    drop(child.stdin.take());
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(out.contains("hello-kiln"), "{out:?}");
+    remove_vm(&a, &net);
+}
+
+#[test]
+fn attaching_over_tls_needs_an_admin_token() {
+    if !can_run_vms() {
+        return;
+    }
+    use futures_util::{SinkExt, StreamExt};
+    use kiln_agent::client::{websocket, Upgrade};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let a = Agent::start("attachtls");
+    let net = echo_vm(&a);
+    let (s, t) = a.tls(
+        Some(&a.token),
+        Method::POST,
+        "/v1/tokens",
+        Some(json!({"name": "ro", "spec": {"role": "reader"}})),
+    );
+    assert_eq!(s, 201, "{t}");
+    let reader = t["token"].as_str().unwrap().to_string();
+    let bearer = |t: &str| vec![("authorization", format!("Bearer {t}"))];
+    let path = "/v1/vms/vm1/console/attach";
+
+    // A reader may read the console but not attach (403, the JSON error).
+    assert_eq!(
+        a.tls(Some(&reader), Method::GET, "/v1/vms/vm1/console", None)
+            .0,
+        200
+    );
+    let refused = a.rt.block_on(websocket(
+        &a.https(),
+        path,
+        &bearer(&reader),
+        Duration::from_secs(10),
+    ));
+    match refused.unwrap() {
+        Upgrade::Refused(s, body) => {
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                (s.as_u16(), &v["error"]["code"]),
+                (403, &json!("forbidden"))
+            );
+        }
+        Upgrade::Open(_) => panic!("a reader attached"),
+    }
+    // Without the upgrade headers: 400 with the JSON error, not a 5xx.
+    let (s, v) = a.tls(Some(&a.token), Method::GET, path, None);
+    assert_eq!(
+        (s, &v["error"]["code"]),
+        (400, &json!("bad_request")),
+        "{v}"
+    );
+    let (s, v) = a.tls(
+        Some(&a.token),
+        Method::GET,
+        "/v1/vms/nope/console/attach",
+        None,
+    );
+    assert_eq!((s, &v["error"]["code"]), (404, &json!("not_found")), "{v}");
+
+    // The admin attaches over TLS: input is echoed back.
+    let echoed = a.rt.block_on(async {
+        let Upgrade::Open(mut ws) =
+            websocket(&a.https(), path, &bearer(&a.token), Duration::from_secs(10))
+                .await
+                .unwrap()
+        else {
+            panic!("the admin was refused");
+        };
+        ws.send(Message::Binary(b"tls-echo\n".to_vec().into()))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !String::from_utf8_lossy(&got).contains("tls-echo") {
+            match tokio::time::timeout_at(deadline, ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => got.extend_from_slice(&b),
+                Ok(Some(Ok(_))) => {}
+                _ => break,
+            }
+        }
+        ws.close().await.unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    assert!(echoed.contains("tls-echo"), "{echoed:?}");
+    assert_eq!(
+        a.call(Method::GET, "/v1/vms/vm1", None).1["status"]["state"],
+        "running"
+    );
+    remove_vm(&a, &net);
+}

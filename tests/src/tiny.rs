@@ -62,6 +62,34 @@ pub fn print_forever(byte: u8, delay: u32) -> Vec<u8> {
     c
 }
 
+/// Machine code: echo COM1's input forever. It polls the line status
+/// register (0x3fd; bit 0: data ready), with a busy delay of `delay`
+/// iterations (at least 1) between polls that find nothing, reads the byte
+/// from 0x3f8 and writes it back. No interrupts: the UART's receive side
+/// works by polling alone.
+pub fn echo_serial(delay: u32) -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xfd, 0x03]; // poll: mov dx, 0x3fd
+    c.push(0xec); // in al, dx
+    c.extend_from_slice(&[0xa8, 0x01]); // test al, 1
+    c.extend_from_slice(&[0x75, 0]); // jnz got (patched below)
+    let jnz_got = c.len();
+    c.push(0xb9); // mov ecx, delay
+    c.extend_from_slice(&delay.max(1).to_le_bytes());
+    c.extend_from_slice(&[0xff, 0xc9, 0x75, 0xfc]); // dec ecx; jnz -4
+    c.extend_from_slice(&[0xeb, rel8(c.len() + 2, 0)]); // jmp poll
+    c[jnz_got - 1] = rel8(jnz_got, c.len());
+    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // got: mov dx, 0x3f8
+    c.extend_from_slice(&[0xec, 0xee]); // in al, dx; out dx, al
+    c.extend_from_slice(&[0xeb, rel8(c.len() + 2, 0)]); // jmp poll
+    c
+}
+
+/// The 8-bit displacement of a jump whose next instruction is at `next`.
+fn rel8(next: usize, target: usize) -> u8 {
+    let d = target as isize - next as isize;
+    i8::try_from(d).expect("a short jump") as u8
+}
+
 /// A guest that prints `text` and then halts for good: it runs until it is
 /// powered off from outside.
 pub fn print_then_halt(text: &[u8]) -> Vec<u8> {
@@ -77,4 +105,34 @@ pub fn local_kvm() -> Result<(), String> {
         .open("/dev/kvm")
         .map(|_| ())
         .map_err(|e| format!("/dev/kvm is not usable here ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where the short jump whose opcode is at `at` lands.
+    fn lands(code: &[u8], at: usize) -> usize {
+        (at as isize + 2 + code[at + 1] as i8 as isize) as usize
+    }
+
+    #[test]
+    fn the_echo_guest_polls_then_echoes_and_loops() {
+        let c = echo_serial(7);
+        assert_eq!(
+            &c[..9],
+            &[0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x75, 0x0b]
+        );
+        assert_eq!(&c[9..14], &[0xb9, 7, 0, 0, 0]);
+        // The delay loop, then back to the poll.
+        assert_eq!((c[16], lands(&c, 16)), (0x75, 14));
+        assert_eq!((c[18], lands(&c, 18)), (0xeb, 0));
+        // Data ready: read it, write it back, poll again.
+        let got = lands(&c, 7);
+        assert_eq!(&c[got..got + 6], &[0x66, 0xba, 0xf8, 0x03, 0xec, 0xee]);
+        assert_eq!((c[got + 6], lands(&c, got + 6)), (0xeb, 0));
+        assert_eq!(c.len(), got + 8);
+        // A zero delay would count down from 2^32.
+        assert_eq!(&echo_serial(0)[10..14], &[1, 0, 0, 0]);
+    }
 }

@@ -14,10 +14,11 @@ use serde::de::DeserializeOwned;
 
 use crate::db::Db;
 use crate::error::ApiError;
-use crate::model::NodeInfo;
+use crate::model::{NodeInfo, Role};
 use crate::paths::Paths;
 use crate::supervisor::Supervisor;
 
+pub mod console;
 pub mod events;
 pub mod images;
 pub mod metrics;
@@ -50,6 +51,7 @@ pub fn router(state: AppState, authenticated: bool) -> Router {
         .merge(networks::router())
         .merge(volumes::router())
         .merge(vms::router())
+        .merge(console::router())
         .merge(events::router())
         .merge(openapi::router());
     let mut r = Router::new()
@@ -63,6 +65,8 @@ pub fn router(state: AppState, authenticated: bool) -> Router {
             state.clone(),
             require_token,
         ));
+    } else {
+        r = r.layer(axum::middleware::map_request(trusted_caller));
     }
     r.layer(axum::middleware::map_response(close_after_error))
         .with_state(state)
@@ -84,7 +88,7 @@ async fn close_after_error(mut resp: Response) -> Response {
 
 async fn require_token(
     axum::extract::State(st): axum::extract::State<AppState>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let header = req
@@ -93,7 +97,34 @@ async fn require_token(
         .and_then(|v| v.to_str().ok());
     let token = crate::auth::authenticate(&st.db, header)?;
     crate::auth::authorize(token.spec.role, req.method())?;
+    req.extensions_mut().insert(Caller(token.spec.role));
     Ok(next.run(req).await)
+}
+
+/// The root-only unix socket's callers may do everything.
+async fn trusted_caller(mut req: Request) -> Request {
+    req.extensions_mut().insert(Caller(Role::Admin));
+    req
+}
+
+/// The role a request was made with.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller(pub Role);
+
+/// Admits only the `admin` role (403 otherwise): for a GET that still
+/// writes, such as attaching to a console, whose input reaches the guest.
+/// A request that came with no role at all is refused too.
+pub struct AdminOnly;
+
+impl<S: Send + Sync> FromRequestParts<S> for AdminOnly {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        match parts.extensions.get::<Caller>() {
+            Some(Caller(Role::Admin)) => Ok(AdminOnly),
+            _ => Err(ApiError::forbidden()),
+        }
+    }
 }
 
 /// A JSON body, refused with the API's error body: 400 for bad JSON, 422

@@ -5,21 +5,18 @@
 
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
-use tokio::io::AsyncReadExt;
 
-use super::{if_match, AppState, ValidJson, ValidQuery};
+use super::{if_match, AppState, ValidJson};
 use crate::db::{Change, Db, Note};
 use crate::error::ApiError;
 use crate::model::{
-    CreateVm, DesiredVmState, Image, Meta, Network, ShutdownRequest, UpdateVm, Vm,
-    VmSpec, VmState, VmStatus,
+    CreateVm, DesiredVmState, Image, Meta, Network, ShutdownRequest, UpdateVm, Vm, VmSpec, VmState,
+    VmStatus,
 };
 use crate::{validate, vmm_client};
 
@@ -33,7 +30,6 @@ pub fn router() -> Router<AppState> {
         .route("/vms/{vm}/pause", post(pause))
         .route("/vms/{vm}/resume", post(resume))
         .route("/vms/{vm}/restart", post(restart))
-        .route("/vms/{vm}/console", get(console))
 }
 
 /// Checks a spec's references: the boot image is a kernel image, each
@@ -194,7 +190,7 @@ async fn transition(
         })?)
 }
 
-fn wrong_state(v: &Vm, what: &str) -> ApiError {
+pub(super) fn wrong_state(v: &Vm, what: &str) -> ApiError {
     ApiError::conflict(format!(
         "cannot {what} VM {}: it is {}",
         v.meta.name,
@@ -397,69 +393,4 @@ pub async fn restart(
     headers: HeaderMap,
 ) -> Result<Json<Vm>, ApiError> {
     vmm_op(&st, &key, &headers, REBOOT).await
-}
-
-#[derive(Deserialize, utoipa::IntoParams)]
-pub struct ConsoleQuery {
-    /// Keep the response open and stream new output.
-    #[serde(default)]
-    pub follow: bool,
-}
-
-/// The VM's console output: what kiln-vmm kept (its last 64 KiB), and with
-/// `follow=true` everything after it as it comes.
-#[utoipa::path(get, path = "/v1/vms/{vm}/console", tag = "vms", operation_id = "vms.console",
-    params(("vm" = String, Path, description = "name or id"), ConsoleQuery),
-    responses((status = 200, content_type = "application/octet-stream", body = String)))]
-pub async fn console(
-    State(st): State<AppState>,
-    Path(key): Path<String>,
-    ValidQuery(q): ValidQuery<ConsoleQuery>,
-) -> Result<Response, ApiError> {
-    let vm = st.db.get::<Vm>(&key)?;
-    if vm.status.pid.is_none() {
-        return Err(wrong_state(&vm, "read the console of"));
-    }
-    let sock = st.sup.console_socket(&vm.meta.id);
-    let mut stream = tokio::net::UnixStream::connect(&sock).await.map_err(|e| {
-        ApiError::conflict(format!(
-            "the console of VM {} is not available: {e}",
-            vm.meta.name
-        ))
-    })?;
-    let headers = [(axum::http::header::CONTENT_TYPE, "application/octet-stream")];
-    if q.follow {
-        // The whole socket goes into the stream: dropping its write half
-        // would shut it down, and kiln-vmm would take that as the client
-        // leaving.
-        let body = Body::from_stream(tokio_util_stream(stream));
-        return Ok((headers, body).into_response());
-    }
-    // What the ring buffer holds arrives at once; stop at the first quiet
-    // moment.
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 16 * 1024];
-    while out.len() < (1 << 20) {
-        match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
-            _ => break,
-        }
-    }
-    Ok((headers, out).into_response())
-}
-
-/// A reader as a stream of byte chunks, ending at end of file or error.
-fn tokio_util_stream(
-    rd: tokio::net::UnixStream,
-) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
-    futures_util::stream::unfold(rd, |mut rd| async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        match rd.read(&mut buf).await {
-            Ok(n) if n > 0 => {
-                buf.truncate(n);
-                Some((Ok(Bytes::from(buf)), rd))
-            }
-            _ => None,
-        }
-    })
 }

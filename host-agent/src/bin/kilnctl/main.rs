@@ -1,5 +1,6 @@
 //! kilnctl: the command line of a Kiln node's agent.
 
+mod console;
 mod ctl;
 mod event;
 mod image;

@@ -1,17 +1,14 @@
 //! `kilnctl vm`: define, start, stop and watch VMs.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Subcommand, ValueEnum};
-use http_body_util::BodyExt;
-use hyper::{Method, StatusCode};
-use kiln_agent::client::send;
+use hyper::Method;
 use serde_json::{json, Value};
 
-use crate::ctl::{stream_body, Ctl, Failure};
+use crate::ctl::Ctl;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Policy {
@@ -92,11 +89,21 @@ pub enum VmCmd {
     Restart {
         name: String,
     },
-    /// Print the console's recent output; --follow keeps printing.
+    /// The serial console: attach from a terminal, otherwise print it.
+    ///
+    /// On a terminal (stdin and stdout), attach: what you type goes to the
+    /// guest, Ctrl-] detaches and the VM keeps running (needs an admin
+    /// token). Otherwise, or with --follow, print the recent output;
+    /// --follow keeps printing. --attach attaches with any stdin.
     Console {
         name: String,
-        #[arg(long)]
+        /// Keep printing new output (read-only: no input).
+        #[arg(long, conflicts_with = "attach")]
         follow: bool,
+        /// Attach even when stdin is not a terminal: its bytes go to the
+        /// guest; a 0x1d byte (Ctrl-]) or the end of stdin detaches.
+        #[arg(long)]
+        attach: bool,
     },
 }
 
@@ -233,41 +240,11 @@ pub async fn run(ctl: &Ctl, c: VmCmd) -> Result<()> {
                 .await?,
             VM_COLS,
         ),
-        VmCmd::Console { name, follow } => {
-            let path = format!("{}/console?follow={follow}", p(&name));
-            let resp = send(
-                &ctl.ep,
-                Method::GET,
-                &path,
-                &ctl.headers(),
-                None,
-                Duration::from_secs(10),
-            )
-            .await?;
-            if !resp.status().is_success() {
-                let status = resp.status();
-                let bytes = resp.into_body().collect().await?.to_bytes();
-                let message = serde_json::from_slice::<Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                    .unwrap_or_else(|| status.to_string());
-                let code = if status == StatusCode::NOT_FOUND {
-                    3
-                } else if status == StatusCode::CONFLICT {
-                    4
-                } else {
-                    1
-                };
-                return Err(Failure { code, message }.into());
-            }
-            let mut out = std::io::stdout();
-            stream_body(resp, |chunk| {
-                out.write_all(chunk)?;
-                out.flush()?;
-                Ok(())
-            })
-            .await?;
-        }
+        VmCmd::Console {
+            name,
+            follow,
+            attach,
+        } => crate::console::run(ctl, &name, follow, attach).await?,
     }
     Ok(())
 }
