@@ -139,21 +139,9 @@ fn a_vm_runs_under_the_agent_and_outlives_it() {
         a.call(Method::POST, "/v1/vms/vm1/resume", None).1["status"]["state"],
         "running"
     );
-    let metrics = a
-        .raw(
-            &kiln_agent::client::Endpoint::Unix(a.socket()),
-            Method::GET,
-            "/metrics",
-            &[],
-            None,
-        )
-        .unwrap()
-        .1;
+    let metrics = a.metrics();
     assert!(
-        metrics
-            .as_str()
-            .unwrap()
-            .contains("kiln_vm_uptime_seconds{vm=\"vm1\"}"),
+        metrics.contains("kiln_vm_uptime_seconds{vm=\"vm1\"}"),
         "{metrics}"
     );
 

@@ -244,21 +244,6 @@ fn volumes_are_made_copied_snapshotted_cloned_resized_and_deleted_in_the_store()
     }
 }
 
-fn metrics(a: &Agent) -> String {
-    a.raw(
-        &kiln_agent::client::Endpoint::Unix(a.socket()),
-        Method::GET,
-        "/metrics",
-        &[],
-        None,
-    )
-    .unwrap()
-    .1
-    .as_str()
-    .unwrap()
-    .to_string()
-}
-
 /// The pid of the store daemon serving this agent's data directory.
 fn store_pid(a: &Agent) -> Option<u32> {
     let needle = a.dir.join("data/store").display().to_string();
@@ -284,7 +269,7 @@ fn volume_health_is_in_the_metrics_and_a_dead_store_daemon_is_started_again() {
     );
     assert_eq!(s, 202, "{v}");
     ready(&a, "m1");
-    let m = metrics(&a);
+    let m = a.metrics();
     for line in [
         "kiln_store_up 1",
         "kiln_store_restarts 0",
@@ -307,7 +292,7 @@ fn volume_health_is_in_the_metrics_and_a_dead_store_daemon_is_started_again() {
         .success());
     let start = std::time::Instant::now();
     loop {
-        let m = metrics(&a);
+        let m = a.metrics();
         if m.lines().any(|l| l == "kiln_store_restarts 1") && m.contains("kiln_store_up 1") {
             break;
         }

@@ -43,22 +43,13 @@ pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, Ap
     let dev = gauge_family();
     let uptime = gauge_family();
     let vms = st.db.list::<Vm>()?;
-    for state in [
-        "stopped", "starting", "running", "stopping", "paused", "failed",
-    ] {
-        let n = vms
-            .iter()
-            .filter(|v| {
-                serde_json::to_value(v.status.state)
-                    .ok()
-                    .and_then(|s| s.as_str().map(|s| s == state))
-                    == Some(true)
-            })
-            .count();
-        vms_by_state
-            .get_or_create(&vec![("state".to_string(), state.to_string())])
-            .set(n as i64);
-    }
+    count_by_state(
+        &vms_by_state,
+        &[
+            "stopped", "starting", "running", "stopping", "paused", "failed",
+        ],
+        vms.iter().map(|v| v.status.state),
+    );
     for vm in vms
         .iter()
         .filter(|v| matches!(v.status.state, VmState::Running | VmState::Paused))
@@ -125,26 +116,35 @@ pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, Ap
     ))
 }
 
+/// One gauge per state name: how many of `states` (serialized as those
+/// names) are in it, zeros included.
+fn count_by_state<S: serde::Serialize>(
+    family: &Family<Labels, Gauge>,
+    names: &[&str],
+    states: impl Iterator<Item = S>,
+) {
+    let seen: Vec<String> = states
+        .filter_map(|s| serde_json::to_value(s).ok())
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    for name in names {
+        family
+            .get_or_create(&vec![("state".to_string(), name.to_string())])
+            .set(seen.iter().filter(|s| s == name).count() as i64);
+    }
+}
+
 /// Volumes by state, and from the store daemon (when it answers): each
 /// volume's size, allocation, writer, fencing, checksum and resync
 /// counters, and each replica's state.
 async fn volume_metrics(st: &AppState, reg: &mut Registry) -> Result<(), ApiError> {
     let volumes = st.db.list::<Volume>()?;
     let by_state = Family::<Labels, Gauge>::default();
-    for state in ["creating", "ready", "failed"] {
-        let n = volumes
-            .iter()
-            .filter(|v| {
-                serde_json::to_value(v.status.state)
-                    .ok()
-                    .and_then(|s| s.as_str().map(|s| s == state))
-                    == Some(true)
-            })
-            .count();
-        by_state
-            .get_or_create(&vec![("state".to_string(), state.to_string())])
-            .set(n as i64);
-    }
+    count_by_state(
+        &by_state,
+        &["creating", "ready", "failed"],
+        volumes.iter().map(|v| v.status.state),
+    );
     reg.register("volumes", "Volumes by state", by_state);
     let store = st.store.clone();
     let listed = tokio::task::spawn_blocking(move || store.list())

@@ -85,6 +85,10 @@ async fn fill_bridge(
     match (uplink, vlan) {
         (Some((u, ui)), Some(v)) => {
             let sub = vlan_ifname(u, v);
+            // A VLAN interface cannot come up on a lower device that is down.
+            nl.up(ui)
+                .await
+                .with_context(|| format!("cannot set uplink {u} up"))?;
             nl.add_vlan_port(&sub, ui, v, br).await.with_context(|| {
                 format!("cannot create VLAN {v} interface {sub} on {u} in bridge {bridge}")
             })?;

@@ -229,6 +229,20 @@ impl Agent {
         }
     }
 
+    /// `/metrics` over the unix socket, as text.
+    pub fn metrics(&self) -> String {
+        let (_, v) = self
+            .raw(
+                &Endpoint::Unix(self.socket()),
+                Method::GET,
+                "/metrics",
+                &[],
+                None,
+            )
+            .unwrap();
+        v.as_str().unwrap_or_default().to_string()
+    }
+
     pub fn kilnctl(&self, args: &[&str]) -> std::process::Output {
         Command::new(KILNCTL)
             .arg("--host")
