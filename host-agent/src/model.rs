@@ -628,8 +628,8 @@ pub struct NodeInfo {
     pub id: String,
     pub name: String,
     pub version: String,
-    /// This agent binary's build: its cargo profile and its own SHA-256
-    /// (so that an upgrade shows which binary serves).
+    /// This agent binary's build: its cargo profile and its size (so that
+    /// an upgrade shows which binary serves).
     pub build: String,
     pub started_at: String,
     /// SHA-256 of the node's TLS certificate (DER), for pinning.

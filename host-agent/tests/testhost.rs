@@ -52,10 +52,20 @@ show() { # VM FIELD
 
 kiln-agent $D init --name testhost >/tmp/init.txt && echo E2E-INIT-OK
 serve kiln-agent
-$K --json image import debian --kernel /images/vmlinux --initrd /images/guest.cpio.gz \
-    --cmdline "console=ttyS0 panic=-1 quiet kiln.script=/dev/vda" >/dev/null && echo E2E-IMPORTED
+# The kernel and initramfs go over the API (an upload), the disk by path.
+$K --json image import debian --upload --kernel /images/vmlinux --initrd /images/guest.cpio.gz \
+    --cmdline "console=ttyS0 panic=-1 quiet kiln.script=/dev/vda" >/tmp/image.json && echo E2E-IMPORTED
+grep -q '"kind": "upload"' /tmp/image.json && grep -q '"state": "ready"' /tmp/image.json && echo E2E-UPLOADED
 $K --json image import script --disk /images/agent-script.img >/dev/null
 $K network create lan --address 10.91.0.1/24 >/dev/null && echo E2E-NETWORK
+# A network on VLAN 42 of an uplink (a veth here): the VLAN sub-interface
+# is on the bridge, and goes with the network.
+modprobe 8021q || echo E2E-NO-8021Q
+/usr/sbin/ip link add e2eup0 type veth peer name e2eup1
+$K network create vlan42 --uplink e2eup0 --vlan 42 >/dev/null && echo E2E-VLAN-CREATED
+vid=$(awk '{for (i = 1; i < NF; i++) if ($i == "VID:") print $(i + 1)}' /proc/net/vlan/e2eup0.42 | head -1)
+echo "E2E-VLAN-IF vid=$vid master=$(basename "$(readlink /sys/class/net/e2eup0.42/master)")"
+$K network delete vlan42 >/dev/null && [ ! -e /sys/class/net/e2eup0.42 ] && [ -e /sys/class/net/e2eup0 ] && echo E2E-VLAN-REMOVED
 $K volume create script --size 1M --image script >/dev/null && echo E2E-VOLUME
 $K vm create e2e --image debian --memory 256 --disk script --nic lan >/dev/null && echo E2E-VM-CREATED
 $K vm start e2e >/dev/null && echo E2E-STARTED
@@ -63,16 +73,21 @@ $K vm console e2e --follow >/tmp/console1.log 2>&1 &
 waitfor /tmp/console1.log E2E-PING-STARTED 6000 || echo E2E-NO-PING-START
 pid1=$(show e2e pid)
 echo "E2E-VMM pid=$pid1"
+# The VM's cgroup: its limits, and kiln-vmm in it.
+cg=$(dirname "$(grep -lx "$pid1" /sys/fs/cgroup/kiln/vm-*/cgroup.procs)")
+echo "E2E-CGROUP memory=$(cat "$cg/memory.max") cpu=$(cut -d' ' -f1 "$cg/cpu.max")"
+build() { $K --json node | sed -n 's/.*"build": "\([^"]*\)".*/\1/p' | tr -d ',' | tr ' ' '_'; }
+build1=$(build)
 
-# SIGKILL the agent under the running VM, then start a different binary.
+# SIGKILL the agent under the running VM, then start a different build of
+# it (the upgrade-test cargo profile: unoptimised).
 kill -9 "$(cat /tmp/agent.pid)" && echo E2E-AGENT-KILLED
 sleep 2
 kill -0 "$pid1" && echo E2E-VMM-ALIVE-AFTER-KILL
-cp /kiln/bin/kiln-agent /tmp/kiln-agent-v2
-printf 'a different kiln-agent binary' >>/tmp/kiln-agent-v2
-cmp -s /kiln/bin/kiln-agent /tmp/kiln-agent-v2 || echo E2E-AGENT-BINARY-DIFFERS
-serve /tmp/kiln-agent-v2
+cmp -s /kiln/bin/kiln-agent /kiln/bin/kiln-agent-v2 || echo E2E-AGENT-BINARY-DIFFERS
+serve /kiln/bin/kiln-agent-v2
 echo "E2E-READOPTED state=$(show e2e state) pid=$(show e2e pid)"
+echo "E2E-BUILDS before=$build1 after=$(build)"
 $K vm console e2e --follow >/tmp/console2.log 2>&1 &
 waitfor /tmp/console2.log E2E-PING-DONE 900 || echo E2E-NO-PING-DONE
 # The console's ring buffer replays the guest's early output too.
@@ -80,11 +95,17 @@ cat /tmp/console1.log /tmp/console2.log | grep -o 'KILN-GUEST-READY.*\|E2E-PING-
 grep -o 'E2E-PING-DONE.*' /tmp/console2.log | head -1
 grep -o 'E2E-TICK n=[0-9]*' /tmp/console2.log | sed 's/.*=//' |
     awk 'NR > 1 && $1 != prev + 1 {gaps++} {prev = $1} END {print "E2E-TICKS count=" NR " gaps=" gaps + 0}'
+# Killed again, and started again from the first binary.
+kill -9 "$(cat /tmp/agent.pid)" && sleep 1
+serve kiln-agent
+echo "E2E-READOPTED2 state=$(show e2e state) pid=$(show e2e pid) build=$(build)"
+# The earlier console followers ended with the agent they talked to.
+$K vm console e2e --follow >/tmp/console3.log 2>&1 &
 
 # Graceful shutdown: the guest's power button.
 $K vm shutdown e2e --timeout 120 >/dev/null && echo E2E-SHUTDOWN-OK
 sleep 1
-grep -q KILN-GUEST-POWER-BUTTON /tmp/console2.log && echo E2E-POWER-BUTTON
+grep -q KILN-GUEST-POWER-BUTTON /tmp/console3.log && echo E2E-POWER-BUTTON
 echo "E2E-AFTER-SHUTDOWN state=$(show e2e state)"
 
 # Restart policy always: a killed kiln-vmm comes back by itself.
@@ -116,32 +137,73 @@ sed 's/^/[console1] /' /tmp/console1.log | grep -v E2E-TICK
 sed 's/^/[agent] /' /tmp/agent.log
 "#;
 
+/// The agent built again from the same source with the `upgrade-test`
+/// profile (unoptimised, in its own target directory and lock, so this
+/// works while `cargo test` holds the test profile's): a different build
+/// to upgrade to under a running VM. Returned as `kiln-agent-v2`.
+fn other_build() -> std::path::PathBuf {
+    let start = std::time::Instant::now();
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--profile", "upgrade-test", "-p", "kiln-agent"])
+        .args(["--bin", "kiln-agent"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the upgrade-test agent failed");
+    eprintln!(
+        "built the upgrade-test kiln-agent in {:.0} s",
+        start.elapsed().as_secs_f64()
+    );
+    let v2 = target_dir().join("kiln-tests/kiln-agent-v2");
+    std::fs::create_dir_all(v2.parent().unwrap()).unwrap();
+    std::fs::copy(target_dir().join("upgrade-test/kiln-agent"), &v2).unwrap();
+    v2
+}
+
+/// The one test-host run all cases read. A failure is kept too, so that
+/// the other cases report it instead of booting the test host again.
 fn session() -> Option<&'static HostRun> {
-    static RUN: OnceLock<Option<HostRun>> = OnceLock::new();
-    RUN.get_or_init(|| {
-        if !require_testhost() {
-            return None;
+    static RUN: OnceLock<Result<Option<HostRun>, String>> = OnceLock::new();
+    let run = RUN.get_or_init(|| {
+        std::panic::catch_unwind(|| {
+            if !require_testhost() {
+                return None;
+            }
+            let disk = target_dir().join("kiln-tests/agent-script.img");
+            std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+            write_script_disk(&disk, &guest_script(), 4096).unwrap();
+            let v2 = other_build();
+            let run = TestHost::run(
+                HOST_SCRIPT,
+                &[
+                    env!("CARGO_BIN_EXE_kiln-agent").into(),
+                    v2,
+                    env!("CARGO_BIN_EXE_kilnctl").into(),
+                    profile_binary("kiln-vmm"),
+                    profile_binary("kiln-store"),
+                ],
+                &[(disk, "/images/agent-script.img".into())],
+                Duration::from_secs(900),
+            )
+            .expect("test host runs");
+            eprintln!("{}", run.output);
+            Some(run)
+        })
+        .map_err(|e| {
+            e.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the test-host session panicked".into())
+        })
+    });
+    match run {
+        Ok(Some(run)) => {
+            run.assert_success();
+            Some(run)
         }
-        let disk = target_dir().join("kiln-tests/agent-script.img");
-        std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
-        write_script_disk(&disk, &guest_script(), 4096).unwrap();
-        let run = TestHost::run(
-            HOST_SCRIPT,
-            &[
-                env!("CARGO_BIN_EXE_kiln-agent").into(),
-                env!("CARGO_BIN_EXE_kilnctl").into(),
-                profile_binary("kiln-vmm"),
-                profile_binary("kiln-store"),
-            ],
-            &[(disk, "/images/agent-script.img".into())],
-            Duration::from_secs(900),
-        )
-        .expect("test host runs");
-        eprintln!("{}", run.output);
-        run.assert_success();
-        Some(run)
-    })
-    .as_ref()
+        Ok(None) => None,
+        Err(e) => panic!("the shared test-host session failed: {e}"),
+    }
 }
 
 fn has(run: &HostRun, marker: &str) {
@@ -165,6 +227,7 @@ fn kilnctl_sets_up_a_vm_whose_stock_guest_boots_and_pings_the_bridge() {
     for m in [
         "E2E-INIT-OK",
         "E2E-IMPORTED",
+        "E2E-UPLOADED",
         "E2E-NETWORK",
         "E2E-VOLUME",
         "E2E-VM-CREATED",
@@ -186,8 +249,19 @@ fn the_vm_outlives_a_killed_agent_and_a_new_binary_re_adopts_it() {
     ] {
         has(run, m);
     }
+    // Another build served after the kill: its profile and size say so.
+    let (before, after) = (
+        value(run, "E2E-BUILDS", "before"),
+        value(run, "E2E-BUILDS", "after"),
+    );
+    assert!(after.starts_with("debug_"), "{after}");
+    assert_ne!(before, after);
     let pid = value(run, "E2E-VMM", "pid");
     assert!(!pid.is_empty());
+    // Killed once more and started from the first binary: the same again.
+    assert_eq!(value(run, "E2E-READOPTED2", "state"), "running");
+    assert_eq!(value(run, "E2E-READOPTED2", "pid"), pid);
+    assert_eq!(value(run, "E2E-READOPTED2", "build"), before);
     assert_eq!(
         value(run, "E2E-READOPTED", "state"),
         "running",
@@ -237,4 +311,26 @@ fn restart_policy_always_brings_a_killed_vmm_back() {
     assert!(back.parse::<u32>().is_ok(), "{back}");
     assert_ne!(killed, back);
     has(run, "E2E-POWERED-OFF");
+}
+
+#[test]
+fn a_vlan_network_bridges_a_sub_interface_of_its_uplink() {
+    let Some(run) = session() else { return };
+    has(run, "E2E-VLAN-CREATED");
+    assert_eq!(value(run, "E2E-VLAN-IF", "vid"), "42", "{}", run.output);
+    assert_eq!(value(run, "E2E-VLAN-IF", "master"), "kb-vlan42");
+    has(run, "E2E-VLAN-REMOVED");
+}
+
+#[test]
+fn kiln_vmm_runs_in_the_vms_cgroup_with_its_limits() {
+    let Some(run) = session() else { return };
+    // 256 MiB of guest RAM plus kiln-vmm's 128 MiB; one vCPU's worth of CPU.
+    assert_eq!(
+        value(run, "E2E-CGROUP", "memory"),
+        ((256u64 + 128) << 20).to_string(),
+        "{}",
+        run.output
+    );
+    assert_eq!(value(run, "E2E-CGROUP", "cpu"), "100000");
 }
