@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::BodyExt;
-use hyper::Method;
-use kiln_agent::client::{send, websocket, Upgrade, WebSocket};
+use kiln_agent::client::{websocket, Upgrade, WebSocket};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -37,20 +35,7 @@ pub async fn run(ctl: &Ctl, name: &str, follow: bool, attach: bool) -> Result<()
 
 async fn print_output(ctl: &Ctl, name: &str, follow: bool) -> Result<()> {
     let path = format!("/v1/vms/{name}/console?follow={follow}");
-    let resp = send(
-        &ctl.ep,
-        Method::GET,
-        &path,
-        &ctl.headers(),
-        None,
-        Duration::from_secs(10),
-    )
-    .await?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await?.to_bytes();
-        return Err(failure(status, &bytes).into());
-    }
+    let resp = ctl.stream(&path).await?;
     let mut out = std::io::stdout();
     stream_body(resp, |chunk| {
         out.write_all(chunk)?;

@@ -73,6 +73,26 @@ impl Ctl {
         Err(failure(status, &bytes).into())
     }
 
+    /// A GET whose answer is a stream (console output, events): the
+    /// response to read on, or the agent's refusal as a [`Failure`].
+    pub async fn stream(&self, path: &str) -> Result<hyper::Response<hyper::body::Incoming>> {
+        let resp = kiln_agent::client::send(
+            &self.ep,
+            Method::GET,
+            path,
+            &self.headers(),
+            None,
+            Duration::from_secs(10),
+        )
+        .await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            return Err(failure(status, &bytes).into());
+        }
+        Ok(resp)
+    }
+
     pub fn print(&self, v: &Value, columns: &[(&str, &str)]) {
         if self.json {
             println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());

@@ -1,12 +1,10 @@
 //! `kilnctl event`: the event log, listed or watched.
 
 use std::io::Write;
-use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Subcommand;
 use hyper::Method;
-use kiln_agent::client::send;
 use serde_json::Value;
 
 use crate::ctl::{field, stream_body, Ctl};
@@ -48,18 +46,7 @@ pub async fn run(ctl: &Ctl, c: EventCmd) -> Result<()> {
                 Some(s) => format!("/v1/events/stream?since={s}"),
                 None => "/v1/events/stream".into(),
             };
-            let resp = send(
-                &ctl.ep,
-                Method::GET,
-                &path,
-                &ctl.headers(),
-                None,
-                Duration::from_secs(10),
-            )
-            .await?;
-            if !resp.status().is_success() {
-                bail!("the agent refused the event stream: {}", resp.status());
-            }
+            let resp = ctl.stream(&path).await?;
             let mut pending = String::new();
             stream_body(resp, |chunk| {
                 pending.push_str(&String::from_utf8_lossy(chunk));
