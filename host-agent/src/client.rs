@@ -137,7 +137,26 @@ where
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
-    Ok(sender.send_request(req).await?)
+    sender.send_request(req).await.map_err(|e| {
+        let closed = std::error::Error::source(&e)
+            .and_then(|c| c.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                )
+            });
+        if closed || e.is_incomplete_message() {
+            // The agent reads at most a few MiB of a body it refused
+            // (api::linger); a longer one loses the answer.
+            anyhow::Error::new(e).context(
+                "the agent closed the connection before the request was sent whole \
+                 (it refused it, or stopped)",
+            )
+        } else {
+            e.into()
+        }
+    })
 }
 
 /// Sends a request and reads the whole response, within `timeout`.

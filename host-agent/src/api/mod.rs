@@ -21,6 +21,7 @@ use crate::supervisor::Supervisor;
 pub mod console;
 pub mod events;
 pub mod images;
+pub mod linger;
 pub mod metrics;
 pub mod networks;
 pub mod node;
@@ -69,6 +70,7 @@ pub fn router(state: AppState, authenticated: bool) -> Router {
         r = r.layer(axum::middleware::map_request(trusted_caller));
     }
     r.layer(axum::middleware::map_response(close_after_error))
+        .layer(axum::middleware::from_fn(linger::drain_unread_body))
         .with_state(state)
 }
 
