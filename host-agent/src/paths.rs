@@ -67,6 +67,9 @@ impl Paths {
     pub fn node_key(&self) -> PathBuf {
         self.pki.join("node.key")
     }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.pki.join("ca.crt")
+    }
 }
 
 /// A VM's runtime files, all inside its runtime directory.

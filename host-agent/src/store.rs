@@ -3,8 +3,10 @@
 //! single-node layout (data under `<data-dir>/store`), in its own process
 //! group so that it outlives the agent like the VMs do.
 //!
-//! Until kiln-store's replication port is authenticated (mutual TLS, issue
-//! 12), the daemon the agent starts listens on loopback only.
+//! The daemon the agent starts replicates over mutual TLS with the node's
+//! identity (`/etc/kiln/pki`: node.crt, node.key, ca.crt): the same key
+//! and certificate as the agent's API, so a peer store is accepted only
+//! with a certificate of this node's (later: this cluster's) CA.
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -29,6 +31,8 @@ pub struct Store {
     pub data: PathBuf,
     /// The replication listener of a daemon the agent starts.
     pub listen: String,
+    /// The node's TLS identity, for the replication port.
+    pub tls: kiln_store::transport::TlsFiles,
     /// This node's id in replica sets (the node's name).
     pub node: String,
     pub log: PathBuf,
@@ -95,12 +99,6 @@ impl Store {
         if self.answers() {
             return Ok(());
         }
-        if !self.listen.starts_with("127.") && !self.listen.starts_with("[::1]") {
-            bail!(
-                "refusing to start kiln-store with its replication port on {}: it is not authenticated yet, so the agent keeps it on loopback",
-                self.listen
-            );
-        }
         std::fs::create_dir_all(&self.data)
             .with_context(|| format!("cannot create {}", self.data.display()))?;
         if let Some(d) = self.socket.parent() {
@@ -112,6 +110,12 @@ impl Store {
             .open(&self.log)?;
         let mut child = Command::new(&self.program)
             .args(["serve", "--node-id", &self.node, "--listen", &self.listen])
+            .arg("--tls-cert")
+            .arg(&self.tls.cert)
+            .arg("--tls-key")
+            .arg(&self.tls.key)
+            .arg("--tls-ca")
+            .arg(&self.tls.ca)
             .arg("--data")
             .arg(&self.data)
             .arg("--socket")

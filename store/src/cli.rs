@@ -28,9 +28,34 @@ pub enum Cmd {
     Serve(ServeArgs),
     /// Manage volumes through the local daemon
     Volume(VolumeArgs),
+    /// Certificates for daemons run without the host agent
+    #[command(subcommand)]
+    Tls(TlsCmd),
+}
+
+#[derive(Subcommand)]
+pub enum TlsCmd {
+    /// Make a new CA and a certificate for each node id (DIR/ca.crt,
+    /// DIR/NODE.crt, DIR/NODE.key; keys 0600), for `serve --tls-cert
+    /// DIR/NODE.crt --tls-key DIR/NODE.key --tls-ca DIR/ca.crt`. Copy each
+    /// node's pair (and ca.crt, never ca.key) to that node. Under the host
+    /// agent, use the agent's node certificate instead.
+    Init {
+        /// Where to write them (created if missing; nothing is overwritten)
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node ids, as given to `serve --node-id`
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
 }
 
 #[derive(Args)]
+#[command(group(
+    clap::ArgGroup::new("security")
+        .required(true)
+        .args(["tls_cert", "insecure"])
+))]
 pub struct ServeArgs {
     /// This node's id (as named in replica sets)
     #[arg(long)]
@@ -41,6 +66,22 @@ pub struct ServeArgs {
     /// Address for node-to-node traffic, e.g. 0.0.0.0:7001
     #[arg(long)]
     pub listen: String,
+    /// This node's certificate (PEM), for mutual TLS with the other nodes;
+    /// it must name the node id as a DNS name (the host agent's node
+    /// certificate does: /etc/kiln/pki/node.crt)
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM, mode 0600)
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM): only peers with a certificate of this CA
+    /// are served, and only they are dialled
+    #[arg(long, requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// Plain, unauthenticated TCP for experiments: then --listen must be a
+    /// loopback address
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    pub insecure: bool,
     /// Unix socket for the local CLI and block I/O (its directory is created
     /// if missing)
     #[arg(long, default_value = kiln_store::DEFAULT_SOCKET)]

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod io;
 pub mod meta;
+pub mod pki;
 pub mod proto;
 pub mod replica;
 pub mod resync;

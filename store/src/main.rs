@@ -45,12 +45,25 @@ fn main() {
                 node_id: a.node_id,
                 data: a.data,
                 listen: a.listen,
+                security: match (a.tls_cert, a.tls_key, a.tls_ca) {
+                    (Some(cert), Some(key), Some(ca)) => kiln_store::server::Security::Tls(
+                        kiln_store::transport::TlsFiles { cert, key, ca },
+                    ),
+                    _ => kiln_store::server::Security::InsecureLoopback,
+                },
                 socket: a.socket,
                 scrub_rate: a.scrub_rate,
                 scrub_interval: std::time::Duration::from_secs(a.scrub_interval),
             })
             .map_err(anyhow::Error::from)
         }
+        cli::Cmd::Tls(cli::TlsCmd::Init { dir, nodes }) => kiln_store::pki::init(&dir, &nodes)
+            .map(|files| {
+                for f in files {
+                    println!("{}", f.display());
+                }
+            })
+            .map_err(anyhow::Error::from),
         cli::Cmd::Volume(a) => {
             let json = a.json;
             cli::volume(a).inspect_err(|e| {

@@ -186,7 +186,7 @@ fn repair_from_peers(
     replicas: &[crate::meta::ReplicaAddr],
 ) -> Result<bool> {
     for r in replicas.iter().filter(|r| r.node != engine.node_id()) {
-        let got = connector.connect(&r.addr).and_then(|c| {
+        let got = connector.connect(&r.node, &r.addr).and_then(|c| {
             Link::new(c).call(&Request::Read {
                 name: name.to_string(),
                 offset: bad.block * BLOCK_SIZE,

@@ -83,7 +83,7 @@ pub fn resync_one(w: &Writer, node: &str) -> Result<()> {
         w.engine.set_epoch(&w.name, w.epoch)?;
         earlier_activity(&w.engine.info(&w.name)?, w.epoch)
     } else {
-        let mut link = Link::new(w.connector.connect(&addr)?);
+        let mut link = Link::new(w.connector.connect(node, &addr)?);
         // Probe with a harmless request first: a frozen node then only has
         // that queued, not an epoch raise that would land whenever it wakes
         // up, even after this writer stepped back.

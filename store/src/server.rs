@@ -15,14 +15,27 @@ use crate::error::{Error, Result};
 use crate::io::VolumeIo;
 use crate::meta::ReplicaAddr;
 use crate::proto::{self, Kind, Progress, Request, Response, ScrubReport, VolumeStatus};
-use crate::transport::{Connector, Link, PlainServer, ServerTransport, TcpConnector};
+use crate::transport::{Connector, Link, PlainServer, ServerTransport, TcpConnector, TlsFiles};
 use crate::writer::Writer;
 use crate::{replica, resync, validate_name, MAX_IO};
+
+/// How the replication port is protected.
+#[derive(Debug, Clone)]
+pub enum Security {
+    /// Mutual TLS: peers need a certificate of this cluster's CA.
+    Tls(TlsFiles),
+    /// Plain TCP, for experiments: the port must be on loopback.
+    InsecureLoopback,
+}
+
+/// At most this many connections from peers at once; more are refused.
+pub const MAX_PEER_CONNECTIONS: usize = 256;
 
 pub struct Config {
     pub node_id: String,
     pub data: Vec<PathBuf>,
     pub listen: String,
+    pub security: Security,
     pub socket: PathBuf,
     /// Background scrub rate in bytes per second (0 = off).
     pub scrub_rate: u64,
@@ -171,7 +184,7 @@ impl Daemon {
         if r.node == self.engine.node_id() {
             replica::handle(&self.engine, self.connector.as_ref(), req).into_result()
         } else {
-            Link::new(self.connector.connect(&r.addr)?).call(req)
+            Link::new(self.connector.connect(&r.node, &r.addr)?).call(req)
         }
     }
 
@@ -503,8 +516,18 @@ impl<C: Read + Write + ?Sized> ProgressSink<'_, C> {
 /// gives in-process access to attached volumes ([`Daemon::volume_io`]),
 /// e.g. for a vhost-user-blk backend.
 pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
+    let (connector, transport): (Arc<dyn Connector>, Arc<dyn ServerTransport>) =
+        match &cfg.security {
+            Security::Tls(files) => {
+                let (c, s) = files.load(TcpConnector::default())?;
+                (Arc::new(c), Arc::new(s))
+            }
+            Security::InsecureLoopback => {
+                check_loopback(&cfg.listen)?;
+                (Arc::new(TcpConnector::default()), Arc::new(PlainServer))
+            }
+        };
     let engine = Arc::new(Engine::open(&cfg.node_id, &cfg.data)?);
-    let connector: Arc<dyn Connector> = Arc::new(TcpConnector::default());
     let daemon = Daemon::new(engine.clone(), connector.clone());
     let tcp = TcpListener::bind(&cfg.listen)
         .map_err(|e| Error::Io(format!("cannot listen on {}: {e}", cfg.listen)))?;
@@ -521,7 +544,8 @@ pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
     let _ = std::fs::remove_file(&cfg.socket);
     let unix = UnixListener::bind(&cfg.socket)
         .map_err(|e| Error::Io(format!("cannot bind {}: {e}", cfg.socket.display())))?;
-    tracing::info!(node = %cfg.node_id, listen = %cfg.listen, socket = %cfg.socket.display(), "kiln-store serving");
+    let tls = matches!(cfg.security, Security::Tls(_));
+    tracing::info!(node = %cfg.node_id, listen = %cfg.listen, tls, socket = %cfg.socket.display(), "kiln-store serving");
     if cfg.scrub_rate > 0 {
         let (e, c, rate, pause) = (
             engine.clone(),
@@ -537,18 +561,30 @@ pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
     std::thread::Builder::new()
         .name("tcp-accept".into())
         .spawn(move || {
-            let transport = PlainServer;
+            let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             for s in tcp.incoming() {
                 let Ok(s) = s else { continue };
-                match transport.accept(s) {
-                    Ok(conn) => {
-                        let d = d.clone();
-                        let _ = std::thread::Builder::new()
-                            .name("peer".into())
-                            .spawn(move || d.serve_conn(conn, false));
+                let guard = match PeerSlot::take(&open) {
+                    Some(g) => g,
+                    None => {
+                        tracing::warn!(
+                            "refusing a connection: {MAX_PEER_CONNECTIONS} peers connected already"
+                        );
+                        continue;
                     }
-                    Err(e) => tracing::warn!(error = %e, "rejected connection"),
-                }
+                };
+                let (d, transport) = (d.clone(), transport.clone());
+                // The handshake runs in the connection's own thread: a
+                // peer that stalls in it holds up nobody else.
+                let _ = std::thread::Builder::new()
+                    .name("peer".into())
+                    .spawn(move || {
+                        let _slot = guard;
+                        match transport.accept(s) {
+                            Ok(conn) => d.serve_conn(conn, false),
+                            Err(e) => tracing::warn!(error = %e, "rejected connection"),
+                        }
+                    });
             }
         })?;
     let d = daemon.clone();
@@ -564,6 +600,43 @@ pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
             }
         })?;
     Ok(daemon)
+}
+
+/// One of the [`MAX_PEER_CONNECTIONS`] places, given back on drop.
+struct PeerSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl PeerSlot {
+    fn take(open: &Arc<std::sync::atomic::AtomicUsize>) -> Option<PeerSlot> {
+        use std::sync::atomic::Ordering;
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < MAX_PEER_CONNECTIONS).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| PeerSlot(open.clone()))
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// `--insecure` listens on loopback only: every address `listen` names
+/// must be a loopback one.
+fn check_loopback(listen: &str) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<_> = listen
+        .to_socket_addrs()
+        .map_err(|e| Error::Invalid(format!("bad listen address {listen}: {e}")))?
+        .collect();
+    if addrs.is_empty() || addrs.iter().any(|a| !a.ip().is_loopback()) {
+        return Err(Error::Invalid(format!(
+            "--insecure serves plain TCP and listens on loopback only; {listen} is not a \
+             loopback address (give --tls-cert, --tls-key and --tls-ca for mutual TLS)"
+        )));
+    }
+    Ok(())
 }
 
 /// Runs the daemon until the process is killed.

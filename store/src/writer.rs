@@ -71,7 +71,7 @@ impl Peer {
             return replica::handle(engine, connector, req).into_result();
         }
         if self.link.is_none() {
-            self.link = Some(Link::new(connector.connect(&self.addr)?));
+            self.link = Some(Link::new(connector.connect(&self.node, &self.addr)?));
         }
         let r = self.link.as_mut().expect("link set above").call(req);
         if matches!(r, Err(Error::Unavailable(_)) | Err(Error::Protocol(_))) {
@@ -84,7 +84,7 @@ impl Peer {
     /// ([`Peer::call_finish`] reads it).
     fn call_start(&mut self, connector: &dyn Connector, req: &Request) -> Result<()> {
         if self.link.is_none() {
-            self.link = Some(Link::new(connector.connect(&self.addr)?));
+            self.link = Some(Link::new(connector.connect(&self.node, &self.addr)?));
         }
         let r = self.link.as_mut().expect("link set above").send(req);
         if r.is_err() {

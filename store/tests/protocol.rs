@@ -1,26 +1,35 @@
-//! Hostile input on the node-to-node port: bad frames close the connection,
-//! bad requests get error replies, and the daemon keeps serving.
+//! Hostile input on the node-to-node port from a peer that holds a
+//! certificate of the cluster (an unauthenticated one gets nothing: see
+//! tls.rs): bad frames close the connection, bad requests get error
+//! replies, and the daemon keeps serving.
 
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::path::Path;
 
 use common::*;
 use kiln_store::error::WireError;
 use kiln_store::proto::{self, Kind, Request, Response};
+use kiln_store::transport::{Conn, Connector};
 
-fn call(addr: &str, req: &Request) -> Response {
-    let mut s = TcpStream::connect(addr).unwrap();
+/// A connection to n1 at `addr` as node n2.
+fn peer(base: &Path, addr: &str) -> Box<dyn Conn> {
+    connector_as(base, "n2").connect("n1", addr).unwrap()
+}
+
+fn call(base: &Path, addr: &str, req: &Request) -> Response {
+    let mut s = peer(base, addr);
     proto::send(&mut s, Kind::Request, req).unwrap();
     let (k, body) = proto::read_frame(&mut s).unwrap().unwrap();
     assert_eq!(k, Kind::Response);
     proto::decode(&body).unwrap()
 }
 
-fn closes(addr: &str, bytes: &[u8]) -> bool {
-    let mut s = TcpStream::connect(addr).unwrap();
+fn closes(base: &Path, addr: &str, bytes: &[u8]) -> bool {
+    let mut s = peer(base, addr);
     s.write_all(bytes).unwrap();
+    s.flush().unwrap();
     let mut buf = [0u8; 64];
     matches!(s.read(&mut buf), Ok(0) | Err(_))
 }
@@ -28,20 +37,21 @@ fn closes(addr: &str, bytes: &[u8]) -> bool {
 #[test]
 fn hostile_requests_are_refused_without_harm() {
     let t = tempfile::tempdir().unwrap();
-    let n1 = Node::new(t.path(), "n1", 1);
+    let base = t.path();
+    let n1 = Node::new(base, "n1", 1);
     let addr = n1.addr();
     n1.create_volume("vol", "1M", &[&n1]);
 
     // Garbage, a wrong version, an absurd length: the connection is closed.
-    assert!(closes(&addr, b"GET / HTTP/1.1\r\n\r\n"));
+    assert!(closes(base, &addr, b"GET / HTTP/1.1\r\n\r\n"));
     let mut h = Vec::new();
     proto::send(&mut h, Kind::Request, &Request::VolList).unwrap();
     let mut v2 = h.clone();
     v2[4] = 2;
-    assert!(closes(&addr, &v2));
+    assert!(closes(base, &addr, &v2));
     let mut huge = h.clone();
     huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert!(closes(&addr, &huge));
+    assert!(closes(base, &addr, &huge));
 
     // Well-framed but bad requests: error replies.
     let bad = [
@@ -105,13 +115,14 @@ fn hostile_requests_are_refused_without_harm() {
         },
     ];
     for req in &bad {
-        match call(&addr, req) {
+        match call(base, &addr, req) {
             Response::Err(_) => {}
             r => panic!("{req:?} was accepted: {r:?}"),
         }
     }
     assert!(matches!(
         call(
+            base,
             &addr,
             &Request::Write {
                 name: "vol".into(),
@@ -124,7 +135,7 @@ fn hostile_requests_are_refused_without_harm() {
         Response::Err(WireError::Fenced { .. })
     ));
     // An undecodable body gets an error reply too.
-    let mut s = TcpStream::connect(&addr).unwrap();
+    let mut s = peer(base, &addr);
     proto::write_frame(&mut s, Kind::Request, &[0xff; 7]).unwrap();
     let (_, body) = proto::read_frame(&mut s).unwrap().unwrap();
     assert!(matches!(

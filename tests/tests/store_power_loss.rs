@@ -28,9 +28,12 @@ i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 mkdir -p /mnt/pl
 mount -t ext4 /dev/vda /mnt/pl || { echo PL-MOUNT-FAILED; exit 1; }
+[ -f /mnt/pl/pki/ca.crt ] || kiln-store tls init --dir /mnt/pl/pki n1 n2 >/dev/null \
+    || echo PL-TLS-INIT-FAILED
 for n in 1 2; do
     mkdir -p /mnt/pl/n$n
     kiln-store serve --node-id n$n --data /mnt/pl/n$n --listen 127.0.0.1:720$n \
+        --tls-cert /mnt/pl/pki/n$n.crt --tls-key /mnt/pl/pki/n$n.key --tls-ca /mnt/pl/pki/ca.crt \
         --socket /run/pl-n$n.sock >/tmp/pl-n$n.log 2>&1 &
 done
 i=0
@@ -101,6 +104,7 @@ fn boot(disk: &Path, script: &str) -> HostRun {
     for bad in [
         "PL-MODPROBE-FAILED",
         "PL-MOUNT-FAILED",
+        "PL-TLS-INIT-FAILED",
         "PL-CREATE-FAILED",
         "PL-ATTACH-FAILED",
     ] {

@@ -106,9 +106,11 @@ sed 's/^/[vu2-err] /' /tmp/vu2.err
 
 # kiln-store: a 2-replica volume on two daemons, exported by the writer (n1).
 ks() {{ node=$1; shift; kiln-store volume "$@" --socket /run/ks-$node.sock; }}
+kiln-store tls init --dir /tmp/ks-pki n1 n2 >/dev/null || echo "KS-TLS-INIT-FAILED"
 for n in 1 2; do
     mkdir -p /tmp/ks-n$n
     kiln-store serve --node-id n$n --data /tmp/ks-n$n --listen 127.0.0.1:710$n \
+        --tls-cert /tmp/ks-pki/n$n.crt --tls-key /tmp/ks-pki/n$n.key --tls-ca /tmp/ks-pki/ca.crt \
         --socket /run/ks-n$n.sock >/tmp/ks-n$n.log 2>&1 &
 done
 i=0
@@ -264,7 +266,11 @@ fn store_guest_md5<'a>(run: &'a HostRun, marker: &str) -> &'a str {
 fn a_guest_writes_to_a_two_replica_kiln_store_volume_and_both_replicas_hold_it() {
     let Some(run) = session() else { return };
     let out = &run.output;
-    for failure in ["KS-CREATE-FAILED", "KS-N2-ATTACH-FAILED"] {
+    for failure in [
+        "KS-TLS-INIT-FAILED",
+        "KS-CREATE-FAILED",
+        "KS-N2-ATTACH-FAILED",
+    ] {
         assert!(run.line_with(failure).is_none(), "{failure}:\n{out}");
     }
     assert_eq!(value(run, "KS-VMM-EXIT", "rc"), "0", "{out}");

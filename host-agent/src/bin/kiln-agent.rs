@@ -81,8 +81,8 @@ enum Cmd {
         /// kiln-agent, else on PATH).
         #[arg(long, env = "KILN_STORE")]
         store: Option<PathBuf>,
-        /// Replication address of a store daemon the agent starts (loopback
-        /// only until kiln-store's port is authenticated).
+        /// Replication address of a store daemon the agent starts (mutual
+        /// TLS with the node's certificate; peers need one of its CA)
         #[arg(long, default_value = "127.0.0.1:7001")]
         store_listen: String,
     },
@@ -242,6 +242,11 @@ fn main() -> ExitCode {
                     program: store.unwrap_or_else(|| beside_me("kiln-store")),
                     data: paths.store_data(),
                     listen: store_listen,
+                    tls: kiln_store::transport::TlsFiles {
+                        cert: paths.node_cert(),
+                        key: paths.node_key(),
+                        ca: paths.ca_cert(),
+                    },
                     node: String::new(),
                     log: paths.run.join("store.log"),
                     restarts: Default::default(),

@@ -97,6 +97,7 @@ struct Node {
     data: PathBuf,
     socket: PathBuf,
     bin: PathBuf,
+    tls: kiln_store::transport::TlsFiles,
     child: Option<Child>,
 }
 
@@ -110,6 +111,12 @@ impl Node {
             .arg("--socket")
             .arg(&self.socket)
             .args(["--scrub-rate", "0"])
+            .arg("--tls-cert")
+            .arg(&self.tls.cert)
+            .arg("--tls-key")
+            .arg(&self.tls.key)
+            .arg("--tls-ca")
+            .arg(&self.tls.ca)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -372,7 +379,18 @@ fn main() -> Result<()> {
         }
     }
 
-    // Nodes: n1 in process (the writer), n2 and n3 as processes.
+    // Nodes: n1 in process (the writer), n2 and n3 as processes, all
+    // replicating over mutual TLS as in production.
+    let pki = dir.join("pki");
+    kiln_store::pki::init(&pki, &["n1".into(), "n2".into(), "n3".into()])?;
+    let tls = |id: &str| {
+        let (cert, key) = kiln_store::pki::node_files(&pki, id);
+        kiln_store::transport::TlsFiles {
+            cert,
+            key,
+            ca: kiln_store::pki::ca_file(&pki),
+        }
+    };
     let mut nodes = Vec::new();
     for id in ["n2", "n3"] {
         let mut n = Node {
@@ -381,6 +399,7 @@ fn main() -> Result<()> {
             data: dir.join(id),
             socket: dir.join(format!("{id}.sock")),
             bin: bin.clone(),
+            tls: tls(id),
             child: None,
         };
         std::fs::create_dir_all(&n.data)?;
@@ -393,6 +412,7 @@ fn main() -> Result<()> {
         node_id: "n1".into(),
         data: vec![dir.join("n1")],
         listen: n1_addr.clone(),
+        security: server::Security::Tls(tls("n1")),
         socket: dir.join("n1.sock"),
         scrub_rate: 0,
         scrub_interval: Duration::from_secs(3600),

@@ -1,5 +1,7 @@
 //! Helpers for the store's integration tests: real `kiln-store serve`
-//! processes on loopback, each with its own temp dirs, ports and socket.
+//! processes on loopback, each with its own temp dirs, ports and socket,
+//! replicating over mutual TLS with certificates from `kiln-store tls
+//! init` (one CA per test's base directory).
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -21,6 +23,38 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Node ids the test CA has certificates for.
+pub const PKI_NODES: [&str; 5] = ["n1", "n2", "n3", "n4", "n5"];
+
+/// The test CA and node certificates under `base` (made on first use).
+pub fn pki(base: &Path) -> PathBuf {
+    let dir = base.join("pki");
+    if !dir.join("ca.crt").exists() {
+        let nodes: Vec<String> = PKI_NODES.iter().map(|n| n.to_string()).collect();
+        kiln_store::pki::init(&dir, &nodes).unwrap();
+    }
+    dir
+}
+
+/// Node `id`'s TLS identity from the test CA under `base`.
+pub fn tls_files(base: &Path, id: &str) -> kiln_store::transport::TlsFiles {
+    let dir = pki(base);
+    let (cert, key) = kiln_store::pki::node_files(&dir, id);
+    kiln_store::transport::TlsFiles {
+        cert,
+        key,
+        ca: kiln_store::pki::ca_file(&dir),
+    }
+}
+
+/// A connector holding node `id`'s certificate (as that node would dial).
+pub fn connector_as(base: &Path, id: &str) -> kiln_store::transport::TlsConnector {
+    tls_files(base, id)
+        .load(kiln_store::transport::TcpConnector::default())
+        .unwrap()
+        .0
+}
+
 pub struct Node {
     pub id: String,
     pub port: u16,
@@ -39,6 +73,18 @@ impl Node {
     pub fn with_args(base: &Path, id: &str, disks: usize, args: &[&str]) -> Node {
         let dir = base.join(id);
         std::fs::create_dir_all(&dir).unwrap();
+        let tls = tls_files(base, id);
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if !args.iter().any(|a| a == "--insecure") {
+            for (flag, path) in [
+                ("--tls-cert", &tls.cert),
+                ("--tls-key", &tls.key),
+                ("--tls-ca", &tls.ca),
+            ] {
+                args.push(flag.into());
+                args.push(path.display().to_string());
+            }
+        }
         let mut n = Node {
             id: id.to_string(),
             port: free_port(),
@@ -46,7 +92,7 @@ impl Node {
             dir,
             child: None,
             disks,
-            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            extra_args: args,
         };
         n.start();
         n

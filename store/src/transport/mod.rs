@@ -1,69 +1,35 @@
-//! Node-to-node connections. [`Connector`] is the seam where mTLS will go:
-//! today [`TcpConnector`] dials plain TCP, and the server side wraps each
-//! accepted stream with a [`ServerTransport`].
+//! Node-to-node connections: mutual TLS between daemons ([`tls`]), or
+//! plain TCP on loopback for experiments ([`tcp`], `serve --insecure`).
+//! [`Connector`] dials a peer, [`ServerTransport`] wraps an accepted
+//! stream, [`Link`] carries requests over either.
+
+pub mod tcp;
+pub mod tls;
 
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::net::TcpStream;
 
 use crate::error::{Error, Result};
 use crate::proto::{self, Kind, Progress, Request, Response};
 
-/// A bidirectional byte stream (plain TCP today, TLS later).
+pub use tcp::{PlainServer, TcpConnector};
+pub use tls::{TlsConnector, TlsFiles, TlsServer};
+
+/// A bidirectional byte stream (TLS, or plain TCP on loopback).
 pub trait Conn: Read + Write + Send {}
 impl<T: Read + Write + Send> Conn for T {}
 
 /// Opens connections to other nodes.
 pub trait Connector: Send + Sync {
-    fn connect(&self, addr: &str) -> Result<Box<dyn Conn>>;
+    /// Connects to node `node` at `addr`; with TLS, the peer must prove it
+    /// is `node` (its certificate names it).
+    fn connect(&self, node: &str, addr: &str) -> Result<Box<dyn Conn>>;
 }
 
-/// Wraps connections accepted from other nodes (authenticates them, later).
+/// Wraps connections accepted from other nodes (with TLS: the handshake,
+/// which refuses a peer without a certificate of this cluster).
 pub trait ServerTransport: Send + Sync {
     fn accept(&self, stream: TcpStream) -> Result<Box<dyn Conn>>;
-}
-
-/// Plain TCP with timeouts: a replica that does not answer within
-/// `io_timeout` is treated as failed.
-#[derive(Debug, Clone)]
-pub struct TcpConnector {
-    pub connect_timeout: Duration,
-    pub io_timeout: Duration,
-}
-
-impl Default for TcpConnector {
-    fn default() -> Self {
-        TcpConnector {
-            connect_timeout: Duration::from_secs(2),
-            io_timeout: Duration::from_secs(3),
-        }
-    }
-}
-
-impl Connector for TcpConnector {
-    fn connect(&self, addr: &str) -> Result<Box<dyn Conn>> {
-        let sa = addr
-            .to_socket_addrs()
-            .map_err(|e| Error::Unavailable(format!("{addr}: {e}")))?
-            .next()
-            .ok_or_else(|| Error::Unavailable(format!("{addr}: no address")))?;
-        let s = TcpStream::connect_timeout(&sa, self.connect_timeout)
-            .map_err(|e| Error::Unavailable(format!("{addr}: {e}")))?;
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(self.io_timeout))?;
-        s.set_write_timeout(Some(self.io_timeout))?;
-        Ok(Box::new(s))
-    }
-}
-
-/// Accepts plain TCP.
-pub struct PlainServer;
-
-impl ServerTransport for PlainServer {
-    fn accept(&self, stream: TcpStream) -> Result<Box<dyn Conn>> {
-        stream.set_nodelay(true)?;
-        Ok(Box::new(stream))
-    }
 }
 
 /// A client connection that sends requests and waits for their responses.

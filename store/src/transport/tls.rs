@@ -1,0 +1,177 @@
+//! Mutual TLS between daemons (rustls, TLS 1.3 only). Each daemon has a
+//! key and a certificate; both ends must present a certificate that chains
+//! to the configured CA, and a daemon dialling node `n` accepts only a
+//! certificate that names `n` (as a DNS subject alternative name), so a
+//! node cannot pose as another. The host agent issues these (its node CA
+//! makes them at `kiln-agent init`; in a cluster, the cluster CA).
+
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+use rustls::{StreamOwned, ALL_VERSIONS};
+
+use super::tcp::TcpConnector;
+use super::{Conn, Connector, ServerTransport};
+use crate::error::{Error, Result};
+
+/// A peer that has not finished its handshake within this is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a daemon's TLS identity lives (`serve --tls-cert --tls-key
+/// --tls-ca`).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// This node's certificate (PEM; may be followed by intermediates).
+    pub cert: PathBuf,
+    /// Its private key (PEM); must not be readable by group or others.
+    pub key: PathBuf,
+    /// The CA certificate(s) peers' certificates must chain to (PEM).
+    pub ca: PathBuf,
+}
+
+fn invalid(path: &Path, what: impl std::fmt::Display) -> Error {
+    Error::Invalid(format!("{}: {what}", path.display()))
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(path).map_err(|e| invalid(path, e))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| invalid(path, format!("bad certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid(path, "no certificate in it"));
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    let meta = std::fs::metadata(path).map_err(|e| invalid(path, e))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(invalid(
+            path,
+            format!("a private key readable by others (mode {mode:o}); chmod 600 it"),
+        ));
+    }
+    let pem = std::fs::read(path).map_err(|e| invalid(path, e))?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| invalid(path, format!("bad private key: {e}")))?
+        .ok_or_else(|| invalid(path, "no private key in it"))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls13() -> Vec<&'static rustls::SupportedProtocolVersion> {
+    ALL_VERSIONS
+        .iter()
+        .copied()
+        .filter(|v| v.version == rustls::ProtocolVersion::TLSv1_3)
+        .collect()
+}
+
+impl TlsFiles {
+    /// Loads the identity and the CA, for both ends: the connector that
+    /// dials peers and the server side of the replication port.
+    pub fn load(&self, tcp: TcpConnector) -> Result<(TlsConnector, TlsServer)> {
+        let certs = load_certs(&self.cert)?;
+        let key = load_key(&self.key)?;
+        let mut roots = RootCertStore::empty();
+        for c in load_certs(&self.ca)? {
+            roots
+                .add(c)
+                .map_err(|e| invalid(&self.ca, format!("bad CA certificate: {e}")))?;
+        }
+        let roots = Arc::new(roots);
+        let tls_err = |e: rustls::Error| invalid(&self.cert, e);
+        let client = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&tls13())
+            .map_err(tls_err)?
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(certs.clone(), key.clone_key())
+            .map_err(|e| invalid(&self.key, format!("does not match the certificate: {e}")))?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| invalid(&self.ca, e))?;
+        let server = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&tls13())
+            .map_err(tls_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .map_err(|e| invalid(&self.key, format!("does not match the certificate: {e}")))?;
+        Ok((
+            TlsConnector {
+                tcp,
+                config: Arc::new(client),
+            },
+            TlsServer {
+                config: Arc::new(server),
+            },
+        ))
+    }
+}
+
+/// Dials peers over mutual TLS.
+pub struct TlsConnector {
+    tcp: TcpConnector,
+    config: Arc<ClientConfig>,
+}
+
+impl Connector for TlsConnector {
+    fn connect(&self, node: &str, addr: &str) -> Result<Box<dyn Conn>> {
+        let name = ServerName::try_from(node.to_string()).map_err(|_| {
+            Error::Invalid(format!(
+                "node id {node:?} is not a name a certificate can carry"
+            ))
+        })?;
+        let failed = |e: &dyn std::fmt::Display| {
+            Error::Unavailable(format!("TLS with node {node} at {addr}: {e}"))
+        };
+        let tcp = self.tcp.dial(addr)?;
+        let conn = ClientConnection::new(self.config.clone(), name).map_err(|e| failed(&e))?;
+        let mut s = StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn
+                .complete_io(&mut s.sock)
+                .map_err(|e| failed(&e))?;
+        }
+        Ok(Box::new(s))
+    }
+}
+
+/// The server side: completes the handshake (in the connection's own
+/// thread, within [`HANDSHAKE_TIMEOUT`]), refusing peers whose certificate
+/// does not chain to the CA.
+pub struct TlsServer {
+    config: Arc<ServerConfig>,
+}
+
+impl ServerTransport for TlsServer {
+    fn accept(&self, stream: TcpStream) -> Result<Box<dyn Conn>> {
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        let conn = ServerConnection::new(self.config.clone())
+            .map_err(|e| Error::Io(format!("TLS: {e}")))?;
+        let mut s = StreamOwned::new(conn, stream);
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock).map_err(|e| {
+                Error::Unavailable(format!("TLS handshake with {peer} failed: {e}"))
+            })?;
+        }
+        // Peers keep links open between requests.
+        s.sock.set_read_timeout(None)?;
+        Ok(Box::new(s))
+    }
+}
