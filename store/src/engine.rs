@@ -362,6 +362,14 @@ impl Engine {
         }
     }
 
+    /// Is `epoch` the epoch of `name` here (a request from its current
+    /// writer)? For requests that change the replica without going through
+    /// an epoch-checked update of its record.
+    pub fn check_writer(&self, name: &str, epoch: u64) -> Result<()> {
+        let st = self.lock();
+        Self::check_epoch(Self::vol(&st, name)?, epoch)
+    }
+
     fn check_range(size: u64, offset: u64, len: u64, max: u64) -> Result<()> {
         if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
             return Err(Error::Invalid(format!(
@@ -504,18 +512,20 @@ impl Engine {
         self.lock().extents.len()
     }
 
-    /// Raises the volume's epoch to `epoch` (a no-op if equal). Refuses to
-    /// lower it.
+    /// Raises the volume's epoch to `epoch`. An epoch is taken once: only
+    /// a strictly greater value succeeds, so two writers that both chose
+    /// the same epoch cannot both take it on this replica (the second is
+    /// refused as fenced), and a majority cannot agree on both of them.
     pub fn set_epoch(&self, name: &str, epoch: u64) -> Result<u64> {
         let mut st = self.lock();
         let rec = Self::vol(&st, name)?;
-        if epoch < rec.epoch {
+        if epoch <= rec.epoch {
             return Err(Error::Fenced {
                 request: epoch,
                 current: rec.epoch,
             });
         }
-        if epoch > rec.epoch {
+        {
             let mut rec = rec.clone();
             rec.epoch = epoch;
             self.meta.commit(&Batch {
@@ -580,7 +590,14 @@ impl Engine {
         epoch: u64,
         stale: BTreeMap<String, BTreeSet<u64>>,
     ) -> Result<()> {
+        for node in stale.keys() {
+            validate_name(node)?;
+        }
         self.update_rec(name, epoch, |rec| {
+            let n = ext_count(rec.size);
+            if stale.values().flatten().any(|r| *r >= n) {
+                return Err(Error::Invalid("region beyond the volume".into()));
+            }
             rec.stale = stale;
             Ok(())
         })
@@ -840,6 +857,9 @@ impl Engine {
     pub fn region_allocated(&self, name: &str, idx: u64) -> Result<bool> {
         let st = self.lock();
         let rec = Self::vol(&st, name)?;
+        if idx >= ext_count(rec.size) {
+            return Err(Error::Invalid(format!("region {idx} is beyond the volume")));
+        }
         Ok(st.maps.contains_key(&(rec.map, idx)))
     }
 
@@ -1137,6 +1157,9 @@ impl Engine {
         let mut st = self.lock();
         let rec = Self::vol(&st, name)?;
         Self::check_epoch(rec, epoch)?;
+        if regions.iter().any(|r| *r >= ext_count(rec.size)) {
+            return Err(Error::Invalid("region beyond the volume".into()));
+        }
         let map = rec.map;
         let mut adopted = 0;
         for &idx in regions {
@@ -1435,6 +1458,14 @@ mod tests {
             Err(Error::Fenced { .. })
         ));
         assert!(matches!(e.set_epoch("v", 2), Err(Error::Fenced { .. })));
+        // The epoch it has is taken: a second writer choosing it is refused.
+        assert!(matches!(
+            e.set_epoch("v", 3),
+            Err(Error::Fenced {
+                request: 3,
+                current: 3
+            })
+        ));
         e.set_epoch("v", 4).unwrap();
         assert!(matches!(
             e.write("v", 3, 0, &[0u8; 4096], &[]),

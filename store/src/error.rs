@@ -12,9 +12,9 @@ pub enum Error {
     NotFound(String),
     #[error("{0:?} already exists")]
     Exists(String),
-    /// The request carried an older epoch than the replica's: the writer has
-    /// been replaced and must stop.
-    #[error("fenced: request epoch {request} is older than replica epoch {current}")]
+    /// The request carried an older epoch than the replica's (or, to take
+    /// an epoch, one not newer): the writer has been replaced and must stop.
+    #[error("fenced: request epoch {request}, replica epoch {current} (another writer took over)")]
     Fenced { request: u64, current: u64 },
     /// The request carried a newer epoch than the replica knows: the writer
     /// must raise the replica's epoch first.

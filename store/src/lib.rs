@@ -7,6 +7,7 @@
 
 pub mod checksum;
 pub mod client;
+pub mod control_socket;
 pub mod engine;
 pub mod error;
 pub mod io;

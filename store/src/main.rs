@@ -46,9 +46,13 @@ fn main() {
                 data: a.data,
                 listen: a.listen,
                 security: match (a.tls_cert, a.tls_key, a.tls_ca) {
-                    (Some(cert), Some(key), Some(ca)) => kiln_store::server::Security::Tls(
-                        kiln_store::transport::TlsFiles { cert, key, ca },
-                    ),
+                    (Some(cert), Some(key), Some(ca)) => {
+                        kiln_store::server::Security::Tls(kiln_store::transport::TlsFiles {
+                            cert,
+                            key,
+                            ca,
+                        })
+                    }
                     _ => kiln_store::server::Security::InsecureLoopback,
                 },
                 socket: a.socket,

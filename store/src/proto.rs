@@ -53,8 +53,10 @@ pub enum Request {
         replicas: Vec<ReplicaAddr>,
         epoch: u64,
     },
+    /// Only the current writer deletes (its epoch must be the replica's).
     DeleteReplica {
         name: String,
+        epoch: u64,
     },
     ReplicaInfo {
         name: String,
@@ -119,10 +121,12 @@ pub enum Request {
     Snapshot {
         name: String,
         snap: String,
+        epoch: u64,
     },
     DeleteSnapshot {
         name: String,
         snap: String,
+        epoch: u64,
     },
     CloneReplica {
         name: String,

@@ -23,7 +23,8 @@ fn dispatch(engine: &Engine, connector: &dyn Connector, req: &Request) -> Result
             engine.create_volume(name, *size, replicas.clone(), *epoch)?;
             Ok(Response::Ok)
         }
-        Request::DeleteReplica { name } => {
+        Request::DeleteReplica { name, epoch } => {
+            engine.check_writer(name, *epoch)?;
             engine.delete_volume(name)?;
             Ok(Response::Ok)
         }
@@ -115,11 +116,13 @@ fn dispatch(engine: &Engine, connector: &dyn Connector, req: &Request) -> Result
             engine.resize(name, *epoch, *size)?;
             Ok(Response::Ok)
         }
-        Request::Snapshot { name, snap } => {
+        Request::Snapshot { name, snap, epoch } => {
+            engine.check_writer(name, *epoch)?;
             engine.snapshot(name, snap)?;
             Ok(Response::Ok)
         }
-        Request::DeleteSnapshot { name, snap } => {
+        Request::DeleteSnapshot { name, snap, epoch } => {
+            engine.check_writer(name, *epoch)?;
             engine.delete_snapshot(name, snap)?;
             Ok(Response::Ok)
         }

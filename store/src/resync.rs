@@ -67,41 +67,69 @@ fn earlier_activity(info: &crate::engine::VolumeInfo, epoch: u64) -> BTreeSet<u6
         .collect()
 }
 
+/// Records that this writer took its epoch on `node`'s replica.
+fn mark_taken(w: &Writer, node: &str) {
+    if let Some(p) = w.lock().peers.iter_mut().find(|p| p.node == node) {
+        p.epoch_taken = true;
+    }
+}
+
+/// A replica past this writer's epoch has a newer writer.
+fn check_still_ours(w: &Writer, replica_epoch: u64) -> Result<()> {
+    if replica_epoch > w.epoch {
+        return Err(Error::Fenced {
+            request: w.epoch,
+            current: replica_epoch,
+        });
+    }
+    Ok(())
+}
+
 /// One attempt to resync `node`.
 pub fn resync_one(w: &Writer, node: &str) -> Result<()> {
-    let (addr, local) = {
+    let (addr, local, taken) = {
         let inner = w.lock();
         let p = inner
             .peers
             .iter()
             .find(|p| p.node == node)
             .ok_or_else(|| Error::NotFound(node.to_string()))?;
-        (p.addr.clone(), node == w.engine.node_id())
+        (p.addr.clone(), node == w.engine.node_id(), p.epoch_taken)
     };
     // Probe without holding the writer lock: a hung peer must not stall I/O.
     let own_activity: BTreeSet<u64> = if local {
-        w.engine.set_epoch(&w.name, w.epoch)?;
-        earlier_activity(&w.engine.info(&w.name)?, w.epoch)
+        if !taken {
+            w.engine.set_epoch(&w.name, w.epoch)?;
+            mark_taken(w, node);
+        }
+        let i = w.engine.info(&w.name)?;
+        check_still_ours(w, i.epoch)?;
+        earlier_activity(&i, w.epoch)
     } else {
         let mut link = Link::new(w.connector.connect(node, &addr)?);
         // Probe with a harmless request first: a frozen node then only has
         // that queued, not an epoch raise that would land whenever it wakes
         // up, even after this writer stepped back.
-        info(&mut link, &w.name)?;
+        check_still_ours(w, info(&mut link, &w.name)?.epoch)?;
         if w.is_detached() || w.is_fenced() {
             return Ok(());
         }
-        link.call(&Request::SetEpoch {
-            name: w.name.clone(),
-            epoch: w.epoch,
-        })
-        .map_err(|e| {
-            if matches!(e, Error::Fenced { .. }) {
-                tracing::error!(volume = %w.name, peer = node, "replica has a newer epoch");
-            }
-            e
-        })?;
-        earlier_activity(&info(&mut link, &w.name)?, w.epoch)
+        if !taken {
+            link.call(&Request::SetEpoch {
+                name: w.name.clone(),
+                epoch: w.epoch,
+            })
+            .map_err(|e| {
+                if matches!(e, Error::Fenced { .. }) {
+                    tracing::error!(volume = %w.name, peer = node, "replica has a newer epoch");
+                }
+                e
+            })?;
+            mark_taken(w, node);
+        }
+        let i = info(&mut link, &w.name)?;
+        check_still_ours(w, i.epoch)?;
+        earlier_activity(&i, w.epoch)
     };
     let regions: Vec<u64> = {
         let mut inner = w.lock();

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -271,8 +270,13 @@ impl Daemon {
                     if let Err(e) = created {
                         // Undo the replicas already created.
                         for done in &replicas[..i] {
-                            let _ =
-                                self.remote(done, &Request::DeleteReplica { name: name.clone() });
+                            let _ = self.remote(
+                                done,
+                                &Request::DeleteReplica {
+                                    name: name.clone(),
+                                    epoch: 1,
+                                },
+                            );
                         }
                         return Err(Error::Unavailable(format!(
                             "cannot create the replica on {}: {e}",
@@ -313,7 +317,11 @@ impl Daemon {
                     .remove(&name);
                 let mut errors = Vec::new();
                 for r in &replicas {
-                    if let Err(e) = self.remote(r, &Request::DeleteReplica { name: name.clone() }) {
+                    let req = Request::DeleteReplica {
+                        name: name.clone(),
+                        epoch: w.epoch,
+                    };
+                    if let Err(e) = self.remote(r, &req) {
                         errors.push(format!("{}: {e}", r.node));
                     }
                 }
@@ -368,7 +376,7 @@ impl Daemon {
                     if w.is_fenced() {
                         return Err(Error::Fenced {
                             request: w.epoch,
-                            current: w.epoch + 1,
+                            current: w.epoch.saturating_add(1),
                         });
                     }
                     std::thread::sleep(Duration::from_millis(100));
@@ -516,17 +524,17 @@ impl<C: Read + Write + ?Sized> ProgressSink<'_, C> {
 /// gives in-process access to attached volumes ([`Daemon::volume_io`]),
 /// e.g. for a vhost-user-blk backend.
 pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
-    let (connector, transport): (Arc<dyn Connector>, Arc<dyn ServerTransport>) =
-        match &cfg.security {
-            Security::Tls(files) => {
-                let (c, s) = files.load(TcpConnector::default())?;
-                (Arc::new(c), Arc::new(s))
-            }
-            Security::InsecureLoopback => {
-                check_loopback(&cfg.listen)?;
-                (Arc::new(TcpConnector::default()), Arc::new(PlainServer))
-            }
-        };
+    let (connector, transport): (Arc<dyn Connector>, Arc<dyn ServerTransport>) = match &cfg.security
+    {
+        Security::Tls(files) => {
+            let (c, s) = files.load(TcpConnector::default())?;
+            (Arc::new(c), Arc::new(s))
+        }
+        Security::InsecureLoopback => {
+            check_loopback(&cfg.listen)?;
+            (Arc::new(TcpConnector::default()), Arc::new(PlainServer))
+        }
+    };
     let engine = Arc::new(Engine::open(&cfg.node_id, &cfg.data)?);
     let daemon = Daemon::new(engine.clone(), connector.clone());
     let tcp = TcpListener::bind(&cfg.listen)
@@ -537,13 +545,7 @@ pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
             cfg.socket.display()
         )));
     }
-    if let Some(dir) = cfg.socket.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.display())))?;
-    }
-    let _ = std::fs::remove_file(&cfg.socket);
-    let unix = UnixListener::bind(&cfg.socket)
-        .map_err(|e| Error::Io(format!("cannot bind {}: {e}", cfg.socket.display())))?;
+    let unix = crate::control_socket::bind(&cfg.socket)?;
     let tls = matches!(cfg.security, Security::Tls(_));
     tracing::info!(node = %cfg.node_id, listen = %cfg.listen, tls, socket = %cfg.socket.display(), "kiln-store serving");
     if cfg.scrub_rate > 0 {
@@ -593,6 +595,10 @@ pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
         .spawn(move || {
             for s in unix.incoming() {
                 let Ok(s) = s else { continue };
+                if !crate::control_socket::peer_allowed(&s) {
+                    tracing::warn!("refused a control connection from another user");
+                    continue;
+                }
                 let d = d.clone();
                 let _ = std::thread::Builder::new()
                     .name("local".into())

@@ -50,6 +50,10 @@ pub(crate) struct Peer {
     local: bool,
     /// Regions left to copy while resyncing.
     pub pending: u64,
+    /// This writer raised the replica to its epoch (or created it there):
+    /// the replica's epoch equal to the writer's is then this writer's own,
+    /// not a rival's that chose the same number.
+    pub epoch_taken: bool,
 }
 
 impl Peer {
@@ -156,6 +160,7 @@ impl Writer {
                 link: None,
                 local: r.node == engine.node_id(),
                 pending: 0,
+                epoch_taken: false,
             })
             .collect();
         let info_req = Request::ReplicaInfo {
@@ -189,7 +194,11 @@ impl Writer {
                 peers.len()
             )));
         }
-        let epoch = max_epoch + 1;
+        let epoch = max_epoch.checked_add(1).ok_or_else(|| {
+            Error::Invalid(format!(
+                "the epoch of {name} cannot be raised past {max_epoch}"
+            ))
+        })?;
         // 2. Fence the previous writer, then 3. read each replica's state.
         let mut infos: Vec<Option<VolumeInfo>> = vec![None; peers.len()];
         for (i, p) in peers.iter_mut().enumerate() {
@@ -212,6 +221,7 @@ impl Writer {
                 }
                 continue;
             }
+            p.epoch_taken = true;
             if let Ok(Response::Info(info)) = p.call(&engine, connector.as_ref(), &info_req) {
                 infos[i] = Some(info);
             }
@@ -229,6 +239,8 @@ impl Writer {
             }
             size = size.max(info.size);
         }
+        // A log may name regions a shrink has since cut off.
+        touched.retain(|r| *r < size.div_ceil(crate::EXTENT_SIZE));
         let candidates: Vec<usize> = (0..peers.len())
             .filter(|i| infos[*i].is_some() && !stale.contains_key(&peers[*i].node))
             .collect();
@@ -333,7 +345,7 @@ impl Writer {
             request: self.epoch,
             current: match e {
                 Error::Fenced { current, .. } => *current,
-                _ => self.epoch + 1,
+                _ => self.epoch.saturating_add(1),
             },
         }
     }
@@ -342,7 +354,7 @@ impl Writer {
         if self.is_fenced() {
             return Err(Error::Fenced {
                 request: self.epoch,
-                current: self.epoch + 1,
+                current: self.epoch.saturating_add(1),
             });
         }
         if self.is_detached() {
@@ -674,6 +686,7 @@ impl Writer {
         self.on_all(&Request::Snapshot {
             name: self.name.clone(),
             snap: snap.to_string(),
+            epoch: self.epoch,
         })
     }
 
@@ -681,6 +694,7 @@ impl Writer {
         self.on_all(&Request::DeleteSnapshot {
             name: self.name.clone(),
             snap: snap.to_string(),
+            epoch: self.epoch,
         })
     }
 
@@ -843,6 +857,7 @@ impl Writer {
                 Request::Snapshot {
                     name: self.name.clone(),
                     snap: snap.name.clone(),
+                    epoch: self.epoch,
                 },
             )?;
             prev = cur;
@@ -874,6 +889,7 @@ impl Writer {
                 link: None,
                 local: p.local,
                 pending: 0,
+                epoch_taken: p.epoch_taken,
             };
             (set, inner.size, src)
         };
@@ -884,6 +900,8 @@ impl Writer {
             link: None,
             local: add.node == self.engine.node_id(),
             pending: 0,
+            // Created below at this writer's epoch.
+            epoch_taken: true,
         };
         newp.call(
             &self.engine,
@@ -905,6 +923,7 @@ impl Writer {
                 self.connector.as_ref(),
                 &Request::DeleteReplica {
                     name: self.name.clone(),
+                    epoch: self.epoch,
                 },
             );
             e

@@ -61,7 +61,12 @@ fn only_peers_with_a_certificate_of_the_cluster_are_served() {
     // frame for a bad handshake and closes; nothing is written.
     let mut bare = TcpStream::connect(n2.addr()).unwrap();
     let mut frame = Vec::new();
-    proto::send(&mut frame, Kind::Request, &write_req(vec![0x66; 4096], epoch)).unwrap();
+    proto::send(
+        &mut frame,
+        Kind::Request,
+        &write_req(vec![0x66; 4096], epoch),
+    )
+    .unwrap();
     let _ = bare.write_all(&frame);
     let mut buf = [0u8; 64];
     let got = bare.read(&mut buf).unwrap_or(0);
@@ -111,8 +116,7 @@ fn only_peers_with_a_certificate_of_the_cluster_are_served() {
     .with_root_certificates(roots)
     .with_no_client_auth();
     let tcp = TcpConnector::default().dial(&n2.addr()).unwrap();
-    let conn =
-        rustls::ClientConnection::new(Arc::new(cfg), "n2".try_into().unwrap()).unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), "n2".try_into().unwrap()).unwrap();
     let mut anon = rustls::StreamOwned::new(conn, tcp);
     assert!(
         try_call(&mut anon, &write_req(vec![0x68; 4096], epoch)).is_none(),
@@ -183,7 +187,10 @@ fn insecure_is_for_loopback_only_and_serve_needs_one_or_the_other() {
     let err = run(&["--listen", "0.0.0.0:0", "--insecure"]);
     assert!(err.contains("loopback"), "{err}");
     let err = run(&["--listen", "127.0.0.1:0"]);
-    assert!(err.contains("--tls-cert") && err.contains("--insecure"), "{err}");
+    assert!(
+        err.contains("--tls-cert") && err.contains("--insecure"),
+        "{err}"
+    );
     let tls = tls_files(t.path(), "n1");
     let err = run(&[
         "--listen",
@@ -200,7 +207,12 @@ fn insecure_is_for_loopback_only_and_serve_needs_one_or_the_other() {
     let n = Node::with_args(t.path(), "n1", 1, &["--insecure", "--scrub-rate", "0"]);
     let mut plain: Box<dyn Conn> = TcpConnector::default().connect("n1", &n.addr()).unwrap();
     assert!(matches!(
-        try_call(plain.as_mut(), &Request::ReplicaInfo { name: "none".into() }),
+        try_call(
+            plain.as_mut(),
+            &Request::ReplicaInfo {
+                name: "none".into()
+            }
+        ),
         Some(Response::Err(_))
     ));
 }

@@ -55,4 +55,3 @@ impl ServerTransport for PlainServer {
         Ok(Box::new(stream))
     }
 }
-

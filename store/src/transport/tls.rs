@@ -138,9 +138,7 @@ impl Connector for TlsConnector {
         let conn = ClientConnection::new(self.config.clone(), name).map_err(|e| failed(&e))?;
         let mut s = StreamOwned::new(conn, tcp);
         while s.conn.is_handshaking() {
-            s.conn
-                .complete_io(&mut s.sock)
-                .map_err(|e| failed(&e))?;
+            s.conn.complete_io(&mut s.sock).map_err(|e| failed(&e))?;
         }
         Ok(Box::new(s))
     }
