@@ -312,11 +312,14 @@ fn print_status(s: &VolumeStatus) {
 
 fn print_scrub(r: &ScrubReport) {
     println!(
-        "scanned {}; {} bad blocks, {} repaired, {} unrepaired",
+        "scanned {}; {} bad blocks, {} repaired, {} unrepaired; {} regions compared across \
+         replicas, {} differed (copied from the writer's)",
         human(r.scanned_bytes),
         r.bad_blocks.len(),
         r.repaired,
-        r.unrepaired
+        r.unrepaired,
+        r.compared_regions,
+        r.diverged_regions
     );
 }
 

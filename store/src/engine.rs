@@ -31,12 +31,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use serde::{Deserialize, Serialize};
-
 use crate::checksum::{block_crc, zero_crc, Entry, ENTRY_SIZE};
 use crate::error::{Error, Result};
 use crate::meta::{Batch, ExtentRec, Meta, ReplicaAddr, SnapRec, VolumeRec};
-use crate::proto::{SnapshotLayout, VolumeLayout};
+pub use crate::types::{
+    BadBlock, NodeMetrics, ReadOut, RegionDigest, SnapshotLayout, VolumeInfo, VolumeLayout,
+};
 use crate::{validate_name, BLOCKS_PER_EXTENT, BLOCK_SIZE, EXTENT_SIZE, MAX_IO, MAX_VOLUME_SIZE};
 
 const SIDECAR_SIZE: u64 = BLOCKS_PER_EXTENT * ENTRY_SIZE as u64;
@@ -61,39 +61,6 @@ pub struct EngineMetrics {
     pub checksum_errors: AtomicU64,
     pub repaired_blocks: AtomicU64,
     pub scrubbed_bytes: AtomicU64,
-}
-
-/// What a replica reports about one of its volumes.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VolumeInfo {
-    pub name: String,
-    pub size: u64,
-    pub epoch: u64,
-    pub replicas: Vec<ReplicaAddr>,
-    pub snapshots: Vec<String>,
-    pub allocated_bytes: u64,
-    /// Allocated regions (extent indexes) of the live volume.
-    pub regions: Vec<u64>,
-    pub activity: BTreeMap<u64, BTreeSet<u64>>,
-    pub stale: BTreeMap<String, BTreeSet<u64>>,
-}
-
-/// Result of a read: the data (blocks that failed verification are zeroed)
-/// and the volume block numbers that failed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReadOut {
-    #[serde(with = "serde_bytes")]
-    pub data: Vec<u8>,
-    pub bad_blocks: Vec<u64>,
-}
-
-/// A block that failed verification during a scrub, with the sidecar entry
-/// seen, so that a repair can make sure nothing wrote it meanwhile.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct BadBlock {
-    pub block: u64,
-    pub current: u32,
-    pub previous: u32,
 }
 
 struct State {
@@ -851,6 +818,36 @@ impl Engine {
         Self::check_range(rec.size, offset, len, MAX_IO)?;
         let map = rec.map;
         self.read_map(&mut st, map, offset, len)
+    }
+
+    /// This node's counters.
+    pub fn node_metrics(&self) -> NodeMetrics {
+        use std::sync::atomic::Ordering::Relaxed;
+        NodeMetrics {
+            checksum_errors: self.metrics.checksum_errors.load(Relaxed),
+            scrub_repaired_blocks: self.metrics.repaired_blocks.load(Relaxed),
+            scrubbed_bytes: self.metrics.scrubbed_bytes.load(Relaxed),
+        }
+    }
+
+    /// The digest of region `idx` of the live volume: crc32c of what it
+    /// reads (zeros where unallocated, so a discarded region and one of
+    /// written zeros compare equal).
+    pub fn region_digest(&self, name: &str, idx: u64) -> Result<RegionDigest> {
+        let size = {
+            let st = self.lock();
+            let rec = Self::vol(&st, name)?;
+            if idx >= ext_count(rec.size) {
+                return Err(Error::Invalid(format!("region {idx} is beyond the volume")));
+            }
+            rec.size
+        };
+        let start = idx * EXTENT_SIZE;
+        let out = self.read(name, start, EXTENT_SIZE.min(size - start))?;
+        Ok(RegionDigest {
+            crc: crc32c::crc32c(&out.data),
+            bad: !out.bad_blocks.is_empty(),
+        })
     }
 
     /// Is region (extent) `idx` of the live volume allocated?

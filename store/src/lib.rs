@@ -18,6 +18,8 @@ pub mod replica;
 pub mod resync;
 pub mod server;
 pub mod transport;
+pub mod types;
+pub mod verify;
 pub mod vhost_blk;
 pub mod writer;
 

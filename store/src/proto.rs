@@ -23,9 +23,11 @@ use std::io::{IoSlice, Read, Write};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{BadBlock, ReadOut, VolumeInfo};
 use crate::error::{Error, Result, WireError};
 use crate::meta::ReplicaAddr;
+pub use crate::types::{
+    BadBlock, NodeMetrics, ReadOut, RegionDigest, SnapshotLayout, VolumeInfo, VolumeLayout,
+};
 use crate::MAX_IO;
 
 pub const MAGIC: [u8; 4] = *b"KLNS";
@@ -33,6 +35,8 @@ pub const VERSION: u16 = 1;
 pub const HEADER_SIZE: usize = 16;
 /// Largest body accepted: one maximal I/O plus room for the envelope.
 pub const MAX_BODY: u32 = (MAX_IO + (1 << 20)) as u32;
+/// Most regions one [`Request::RegionDigests`] may ask for.
+pub const MAX_DIGEST_REGIONS: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
@@ -216,7 +220,7 @@ pub enum Request {
     },
     /// The writer's data-path flush: a durability barrier like `Flush`,
     /// but the activity log keeps the regions written recently (up to
-    /// `engine::ACTIVITY_LOG_LIMIT`), so that writes to them need no
+    /// the engine's `ACTIVITY_LOG_LIMIT`), so that writes to them need no
     /// durable metadata commit (like DRBD's activity-log extents).
     FlushHot {
         name: String,
@@ -239,6 +243,13 @@ pub enum Request {
     RegionAllocated {
         name: String,
         region: u64,
+    },
+    /// A digest of each of `regions` of the live volume, as it reads (for
+    /// comparing replicas: see `verify`). At most
+    /// [`MAX_DIGEST_REGIONS`] regions.
+    RegionDigests {
+        name: String,
+        regions: Vec<u64>,
     },
     /// Takes blocks of `regions` that fail their checksum as they are (see
     /// `Engine::adopt_torn`): only for regions written since the last
@@ -277,6 +288,7 @@ impl Request {
                 | Request::Layout { .. }
                 | Request::ReadSnapshot { .. }
                 | Request::RegionAllocated { .. }
+                | Request::RegionDigests { .. }
                 | Request::AdoptTorn { .. }
         )
     }
@@ -317,34 +329,17 @@ pub struct VolumeStatus {
     pub node: NodeMetrics,
 }
 
-/// Counters of one node's engine.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct NodeMetrics {
-    /// Blocks that failed their checksum on this node (reads and scrubs).
-    pub checksum_errors: u64,
-    /// Blocks this node repaired by scrubbing.
-    pub scrub_repaired_blocks: u64,
-    pub scrubbed_bytes: u64,
-}
-
-impl NodeMetrics {
-    pub fn of(engine: &crate::engine::Engine) -> NodeMetrics {
-        use std::sync::atomic::Ordering::Relaxed;
-        let m = &engine.metrics;
-        NodeMetrics {
-            checksum_errors: m.checksum_errors.load(Relaxed),
-            scrub_repaired_blocks: m.repaired_blocks.load(Relaxed),
-            scrubbed_bytes: m.scrubbed_bytes.load(Relaxed),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ScrubReport {
     pub scanned_bytes: u64,
     pub bad_blocks: Vec<BadBlock>,
     pub repaired: u64,
     pub unrepaired: u64,
+    /// Regions whose copies were compared across the replicas (by the
+    /// writer; 0 where there is no writer or one replica).
+    pub compared_regions: u64,
+    /// Regions found to differ from the writer's copy, and copied over it.
+    pub diverged_regions: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -359,23 +354,7 @@ pub enum Response {
     Volumes(Vec<VolumeStatus>),
     Layout(VolumeLayout),
     Allocated(bool),
-}
-
-/// A volume as one replica lays it out (see [`Request::Layout`]).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VolumeLayout {
-    /// (region, extent id on that replica) of the live volume, by region.
-    pub live: Vec<(u64, u64)>,
-    /// Snapshots, oldest first.
-    pub snapshots: Vec<SnapshotLayout>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SnapshotLayout {
-    pub name: String,
-    pub size: u64,
-    /// (region, extent id on that replica), by region.
-    pub regions: Vec<(u64, u64)>,
+    Digests(Vec<RegionDigest>),
 }
 
 impl Response {

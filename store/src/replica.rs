@@ -77,6 +77,20 @@ fn dispatch(engine: &Engine, connector: &dyn Connector, req: &Request) -> Result
             engine.adopt_torn(name, *epoch, regions)?;
             Ok(Response::Ok)
         }
+        Request::RegionDigests { name, regions } => {
+            if regions.len() > crate::proto::MAX_DIGEST_REGIONS {
+                return Err(Error::Invalid(format!(
+                    "at most {} regions per digest request",
+                    crate::proto::MAX_DIGEST_REGIONS
+                )));
+            }
+            Ok(Response::Digests(
+                regions
+                    .iter()
+                    .map(|r| engine.region_digest(name, *r))
+                    .collect::<Result<_>>()?,
+            ))
+        }
         Request::RegionAllocated { name, region } => {
             Ok(Response::Allocated(engine.region_allocated(name, *region)?))
         }

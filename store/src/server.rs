@@ -190,7 +190,7 @@ impl Daemon {
     fn status(&self, name: &str) -> Result<VolumeStatus> {
         if let Ok(w) = self.writer(name) {
             let mut st = w.status();
-            st.node = proto::NodeMetrics::of(&self.engine);
+            st.node = self.engine.node_metrics();
             return Ok(st);
         }
         let i = self.engine.info(name)?;
@@ -220,7 +220,7 @@ impl Daemon {
             resync_regions: 0,
             repaired_blocks: 0,
             checksum_errors: 0,
-            node: proto::NodeMetrics::of(&self.engine),
+            node: self.engine.node_metrics(),
         })
     }
 
@@ -405,6 +405,18 @@ impl Daemon {
                         _ => return Err(Error::Protocol("unexpected reply to scrub".into())),
                     }
                 }
+                // Then, where this node is the writer, the replicas are
+                // compared with each other.
+                if let Ok(w) = self.writer(&name) {
+                    let c = crate::verify::compare_replicas(&w, &mut |done, all| {
+                        progress(Progress {
+                            done: n + done,
+                            total: n + all,
+                        })
+                    })?;
+                    total.compared_regions = c.compared;
+                    total.diverged_regions = c.diverged;
+                }
                 Ok(Response::Scrub(total))
             }
             Request::VolAttach { name, force } => {
@@ -549,15 +561,10 @@ pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
     let tls = matches!(cfg.security, Security::Tls(_));
     tracing::info!(node = %cfg.node_id, listen = %cfg.listen, tls, socket = %cfg.socket.display(), "kiln-store serving");
     if cfg.scrub_rate > 0 {
-        let (e, c, rate, pause) = (
-            engine.clone(),
-            connector.clone(),
-            cfg.scrub_rate,
-            cfg.scrub_interval,
-        );
+        let (d, rate, pause) = (Arc::downgrade(&daemon), cfg.scrub_rate, cfg.scrub_interval);
         std::thread::Builder::new()
             .name("scrub".into())
-            .spawn(move || background_scrub(&e, c.as_ref(), rate, pause))?;
+            .spawn(move || background_scrub(d, rate, pause))?;
     }
     let d = daemon.clone();
     std::thread::Builder::new()
@@ -654,19 +661,43 @@ pub fn serve(cfg: Config) -> Result<()> {
 }
 
 /// Scrubs every local replica forever at about `rate` bytes per second.
-fn background_scrub(engine: &Engine, connector: &dyn Connector, rate: u64, pause: Duration) {
+/// Where this node is a volume's writer, its replicas are then compared
+/// with each other at the same rate.
+fn background_scrub(daemon: Weak<Daemon>, rate: u64, pause: Duration) {
     loop {
         std::thread::sleep(pause);
-        for v in engine.list() {
+        let Some(d) = daemon.upgrade() else { return };
+        for v in d.engine.list() {
             let start = Instant::now();
             let mut done_bytes = 0u64;
-            let r = replica::scrub_and_repair(engine, connector, &v.name, &mut |_, _| {
-                done_bytes += crate::EXTENT_SIZE;
+            let mut pace = |bytes: u64| {
+                done_bytes += bytes;
                 let due = Duration::from_secs_f64(done_bytes as f64 / rate as f64);
                 if let Some(wait) = due.checked_sub(start.elapsed()) {
                     std::thread::sleep(wait);
                 }
-            });
+            };
+            let r =
+                replica::scrub_and_repair(&d.engine, d.connector.as_ref(), &v.name, &mut |_, _| {
+                    pace(crate::EXTENT_SIZE)
+                });
+            if let Ok(w) = d.writer(&v.name) {
+                let mut last = 0;
+                match crate::verify::compare_replicas(&w, &mut |done, _| {
+                    pace((done - last) * crate::EXTENT_SIZE);
+                    last = done;
+                }) {
+                    Ok(c) if c.diverged > 0 => tracing::warn!(
+                        volume = %v.name,
+                        regions = c.diverged,
+                        "background scrub found replicas that differed and copied the writer's regions over them"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(volume = %v.name, error = %e, "replica comparison skipped")
+                    }
+                }
+            }
             match r {
                 Ok(rep) if !rep.bad_blocks.is_empty() => tracing::warn!(
                     volume = %v.name,
