@@ -13,10 +13,7 @@ fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     let st = root.join("target/py/bin/schemathesis");
     if !st.is_file() {
         let msg = format!("{} is missing: run scripts/install-deps", st.display());
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{msg}; CI=true, refusing to skip");
-        }
-        eprintln!("SKIPPED: {msg}");
+        kiln_tests::skip(msg);
         return;
     }
     let work = std::env::temp_dir().join(format!("kiln-schemathesis-{}", std::process::id()));

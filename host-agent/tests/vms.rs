@@ -24,11 +24,8 @@ fn can_run_vms() -> bool {
     });
     match problem {
         None => true,
-        Some(p) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("{p}; CI=true, refusing to skip")
-        }
         Some(p) => {
-            eprintln!("SKIPPED: {p}");
+            kiln_tests::skip(p);
             false
         }
     }

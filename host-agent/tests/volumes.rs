@@ -21,10 +21,7 @@ fn can_run() -> bool {
         "{} is missing (run `cargo test --workspace`)",
         store_binary().display()
     );
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg}; CI=true, refusing to skip");
-    }
-    eprintln!("SKIPPED: {msg}");
+    kiln_tests::skip(msg);
     false
 }
 

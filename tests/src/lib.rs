@@ -87,7 +87,10 @@ impl From<std::io::Error> for Error {
     }
 }
 
+pub mod report;
 pub mod tiny;
+
+pub use report::{in_ci, retry, skip};
 
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -162,21 +165,14 @@ pub fn profile_binary(name: &str) -> PathBuf {
     p
 }
 
-fn in_ci() -> bool {
-    std::env::var("CI")
-        .map(|v| v == "true" || v == "1")
-        .unwrap_or(false)
-}
-
 fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
         .unwrap_or(false)
 }
 
-/// Whether test-host tests can run here. If the tools are missing, prints a
-/// skip message and returns false, except with `CI=true`, where it panics:
-/// CI must never skip these tests silently.
+/// Whether test-host tests can run here. If the tools are missing, it
+/// [`skip`]s (which panics with `CI=true`) and returns false.
 pub fn require_testhost() -> bool {
     let missing: Vec<&str> = ["qemu-system-x86_64", "cpio", "depmod", "busybox"]
         .into_iter()
@@ -190,10 +186,7 @@ pub fn require_testhost() -> bool {
          busybox-static cpio kmod seabios)",
         missing.join(", ")
     );
-    if in_ci() {
-        panic!("{msg}; CI=true, refusing to skip");
-    }
-    eprintln!("SKIPPED: {msg}");
+    skip(msg);
     false
 }
 
@@ -391,7 +384,7 @@ impl TestHost {
         // kernel reports a soft lockup of a VMM's vCPU thread (stuck inside
         // the test host's KVM), or the test host dies without a word. That
         // is not a result about the code under test; such a run is retried
-        // once, and said so on stderr.
+        // once, and said so (`report::retry`: CI's log and its summary).
         let once = || {
             let seq = SEQ.fetch_add(1, Ordering::Relaxed);
             Self::run_once(script, bins, files, qemu_args, timeout, seq)
@@ -400,11 +393,10 @@ impl TestHost {
         let Some(why) = first.environment_failure() else {
             return Ok(first);
         };
-        eprintln!(
-            "WARNING: the test host failed on its own ({why}); running it once more. \
-             The failed run's console:\n{}",
-            first.output
-        );
+        retry(format!(
+            "the test host failed on its own ({why}); booting it once more"
+        ));
+        eprintln!("The failed test-host run's console:\n{}", first.output);
         once()
     }
 

@@ -166,7 +166,7 @@ fn no_dev_kvm() {
         .expect("unshare (util-linux) runs");
     let err = stderr(&out);
     if err.contains("unshare failed") || err.contains("mount:") {
-        eprintln!("SKIP: cannot make a mount namespace here: {err}");
+        kiln_tests::skip(format!("cannot make a mount namespace here: {err}"));
         return;
     }
     assert!(!out.status.success());
@@ -184,7 +184,7 @@ fn no_permission_on_dev_kvm() {
     .unwrap();
     std::fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     if std::fs::metadata("/dev/kvm").is_err() {
-        eprintln!("SKIP: no /dev/kvm on this machine");
+        kiln_tests::skip("no /dev/kvm on this machine");
         return;
     }
     let out = std::process::Command::new("setpriv")

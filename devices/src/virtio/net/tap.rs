@@ -231,8 +231,8 @@ pub(crate) mod tests {
     pub(crate) struct TestTap(pub String);
 
     impl TestTap {
-        /// Creates `name`, or returns None (after saying why) when this
-        /// machine cannot.
+        /// Creates `name`, or skips the test (`kiln_tests::skip`: a panic
+        /// under CI=true) and returns None when this machine cannot.
         pub(crate) fn create(name: &str) -> Option<Self> {
             let _ = Command::new("ip").args(["link", "del", name]).output();
             match Command::new("ip")
@@ -241,14 +241,14 @@ pub(crate) mod tests {
             {
                 Ok(o) if o.status.success() => Some(Self(name.into())),
                 Ok(o) => {
-                    eprintln!(
-                        "skipping: cannot create TAP {name}: {}",
+                    kiln_tests::skip(format!(
+                        "cannot create TAP {name}: {}",
                         String::from_utf8_lossy(&o.stderr).trim()
-                    );
+                    ));
                     None
                 }
                 Err(e) => {
-                    eprintln!("skipping: cannot run ip: {e}");
+                    kiln_tests::skip(format!("cannot run ip: {e}"));
                     None
                 }
             }
