@@ -88,6 +88,7 @@ impl From<std::io::Error> for Error {
 }
 
 pub mod report;
+pub mod stall;
 pub mod tiny;
 
 pub use report::{in_ci, retry, skip};

@@ -84,6 +84,24 @@ pub fn echo_serial(delay: u32) -> Vec<u8> {
     c
 }
 
+/// Machine code: what a driver does when its device never completes a
+/// request (e.g. after a bad used-ring entry): poll a 32-bit word in guest
+/// memory (here one that follows the code, and stays 0) with `pause`, forever.
+/// Interrupts stay disabled and it never exits to the VMM: the vCPU is busy,
+/// but only interrupts on the host interrupt it.
+pub fn spin_on_memory() -> Vec<u8> {
+    let mut c = vec![0xf3, 0x90]; // poll: pause
+    c.extend_from_slice(&[0x8b, 0x05, 0, 0, 0, 0]); // mov eax, [rip + word]
+    let after_mov = c.len();
+    c.extend_from_slice(&[0x85, 0xc0]); // test eax, eax
+    c.extend_from_slice(&[0x74, rel8(c.len() + 2, 0)]); // jz poll
+    c.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
+    let word = c.len();
+    c[4..8].copy_from_slice(&((word - after_mov) as i32).to_le_bytes());
+    c.extend_from_slice(&[0; 4]); // word: never set
+    c
+}
+
 /// The 8-bit displacement of a jump whose next instruction is at `next`.
 fn rel8(next: usize, target: usize) -> u8 {
     let d = target as isize - next as isize;
@@ -114,6 +132,16 @@ mod tests {
     /// Where the short jump whose opcode is at `at` lands.
     fn lands(code: &[u8], at: usize) -> usize {
         (at as isize + 2 + code[at + 1] as i8 as isize) as usize
+    }
+
+    #[test]
+    fn the_spinning_guest_polls_a_zero_word_after_its_code() {
+        let c = spin_on_memory();
+        assert_eq!(&c[..4], &[0xf3, 0x90, 0x8b, 0x05]);
+        // RIP-relative: from the end of the mov (8) to the word (15).
+        assert_eq!(i32::from_le_bytes(c[4..8].try_into().unwrap()), 7);
+        assert_eq!(&c[15..], &[0, 0, 0, 0]);
+        assert_eq!((c[10], lands(&c, 10)), (0x74, 0));
     }
 
     #[test]
