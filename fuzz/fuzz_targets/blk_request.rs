@@ -63,6 +63,7 @@ fuzz_target!(|data: &[u8]| {
         backend: Arc::new(MemDisk(Mutex::new(vec![0; DISK_LEN]))),
         read_only: data.first().is_some_and(|b| b & 1 == 1),
         serial: *b"kiln-fuzz-serial-000",
+        counters: Arc::default(),
     };
     let limits = RequestLimits {
         capacity_sectors: (DISK_LEN / 512) as u64,
