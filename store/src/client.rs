@@ -57,10 +57,7 @@ impl VolumeClient {
     }
 
     fn call(&self, req: &Request) -> Result<Response> {
-        self.client
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .call(req)
+        self.client.lock().expect(crate::POISONED).call(req)
     }
 }
 

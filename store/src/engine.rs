@@ -91,6 +91,12 @@ pub struct Engine {
     meta: Meta,
     state: Mutex<State>,
     pub metrics: EngineMetrics,
+    /// Set when an fdatasync of data failed: Linux may have dropped the
+    /// dirty pages and reports the error once, so a retry could succeed
+    /// over lost data. The replica then acknowledges nothing more until the
+    /// daemon restarts (after its operator has looked at the disk); its
+    /// writer has marked it stale with every region not yet flushed.
+    failed: Mutex<Option<String>>,
 }
 
 fn ext_count(size: u64) -> u64 {
@@ -189,6 +195,48 @@ impl Engine {
                 recent: HashMap::new(),
             }),
             metrics: EngineMetrics::default(),
+            failed: Mutex::new(None),
+        })
+    }
+
+    /// Refuses everything once a sync failed (see `failed`).
+    pub fn check_healthy(&self) -> Result<()> {
+        let why = self
+            .failed
+            .lock()
+            .expect(crate::POISONED)
+            .clone()
+            .or_else(|| self.meta.failure());
+        match why {
+            Some(why) => Err(Error::Io(format!(
+                "this replica on node {} has failed ({why}) and acknowledges nothing until \
+                 kiln-store is restarted; check the disk first",
+                self.node_id
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// fdatasync (or fsync, `all`) of `f`; a failure fails the replica.
+    fn sync_file(&self, f: &File, all: bool) -> Result<()> {
+        let r =
+            crate::faults::before_sync().and_then(
+                |()| {
+                    if all {
+                        f.sync_all()
+                    } else {
+                        f.sync_data()
+                    }
+                },
+            );
+        r.map_err(|e| {
+            tracing::error!(error = %e, "a data sync failed; this replica stops acknowledging");
+            let why = format!("a data sync failed: {e}");
+            self.failed
+                .lock()
+                .expect(crate::POISONED)
+                .get_or_insert_with(|| why.clone());
+            Error::Io(why)
         })
     }
 
@@ -197,7 +245,7 @@ impl Engine {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().expect(crate::POISONED)
     }
 
     fn slab_path(&self, disk: u32, num: u64) -> PathBuf {
@@ -279,7 +327,7 @@ impl Engine {
         // map entry that points to it (a later write's activity-log commit
         // may come before the next flush): otherwise a power loss could
         // leave the volume reading zeros where the snapshot's data was.
-        dst.sync_data()?;
+        self.sync_file(&dst, false)?;
         let rec = st
             .extents
             .get_mut(&old)
@@ -917,7 +965,7 @@ impl Engine {
     /// slab when there are several, so that different disks sync at once),
     /// the slab directories if slabs were created, and the metadata log.
     fn sync_all_data(&self, checkpoint: Option<(&str, u64)>) -> Result<()> {
-        let (keys, files, cleared, dirs_dirty) = {
+        let (files, cleared, dirs_dirty) = {
             let mut st = self.lock();
             if let Some((name, epoch)) = checkpoint {
                 Self::check_epoch(Self::vol(&st, name)?, epoch)?;
@@ -930,35 +978,39 @@ impl Engine {
             let cleared = std::mem::take(&mut st.pending_free);
             let d = st.dirs_dirty;
             st.dirs_dirty = false;
-            (keys, files, cleared, d)
+            (files, cleared, d)
         };
+        self.check_healthy()?;
         let synced = match files.as_slice() {
             [] => Ok(()),
-            [f] => f.sync_data(),
+            [f] => self.sync_file(f, false),
             _ => std::thread::scope(|s| {
-                let jobs: Vec<_> = files.iter().map(|f| s.spawn(|| f.sync_data())).collect();
-                jobs.into_iter().try_for_each(|j| {
-                    j.join()
-                        .unwrap_or_else(|_| Err(std::io::Error::other("fdatasync thread panicked")))
-                })
+                let jobs: Vec<_> = files
+                    .iter()
+                    .map(|f| s.spawn(|| self.sync_file(f, false)))
+                    .collect();
+                // Join them all (each failure is recorded), then report.
+                let done: Vec<Result<()>> = jobs
+                    .into_iter()
+                    .map(|j| {
+                        j.join()
+                            .unwrap_or_else(|_| Err(Error::Io("fdatasync thread panicked".into())))
+                    })
+                    .collect();
+                done.into_iter().collect::<Result<()>>()
             }),
         };
+        // No retry after a failure: the replica has failed (sync_file).
+        synced?;
         {
             let mut st = self.lock();
-            if synced.is_ok() {
-                for (disk, slot) in cleared {
-                    st.free[disk as usize].insert(slot);
-                }
-            } else {
-                st.unsynced.extend(keys);
-                st.pending_free.extend(cleared);
-                st.dirs_dirty |= dirs_dirty;
+            for (disk, slot) in cleared {
+                st.free[disk as usize].insert(slot);
             }
         }
-        synced?;
         if dirs_dirty {
             for d in &self.disks {
-                File::open(d.join("slabs"))?.sync_all()?;
+                self.sync_file(&File::open(d.join("slabs"))?, true)?;
             }
         }
         // Allocations committed through the metadata log become durable.

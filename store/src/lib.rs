@@ -10,6 +10,7 @@ pub mod client;
 pub mod control_socket;
 pub mod engine;
 pub mod error;
+pub mod faults;
 pub mod io;
 pub mod meta;
 pub mod pki;
@@ -24,6 +25,14 @@ pub mod vhost_blk;
 pub mod writer;
 
 pub use client::{Client, VolumeClient};
+
+/// Why a lock cannot be poisoned: kiln-store is crash-only. Release builds
+/// abort on a panic (`panic = "abort"` for the whole workspace), so no
+/// thread ever unwinds with a lock held; on restart, the write-ahead log
+/// and the replicas' epochs and dirty maps put things right. In unwinding
+/// test builds, a poisoned lock means a thread already panicked, and
+/// panicking again is the honest outcome.
+pub(crate) const POISONED: &str = "a thread panicked holding a lock (kiln-store is crash-only)";
 pub use engine::Engine;
 pub use error::{Error, Result};
 pub use io::VolumeIo;

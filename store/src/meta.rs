@@ -107,6 +107,9 @@ impl Batch {
 pub struct Meta {
     db: Database,
     wal: Mutex<Wal>,
+    /// Set when a sync of the log or a durable commit failed: what was in
+    /// the page cache may be gone, so nothing is committed any more.
+    failed: Mutex<Option<String>>,
 }
 
 /// The write-ahead log of commits since the last checkpoint (durable redb
@@ -179,6 +182,7 @@ impl Meta {
             file.sync_all()?;
         }
         Ok(Meta {
+            failed: Mutex::new(None),
             db,
             wal: Mutex::new(Wal {
                 file,
@@ -235,7 +239,7 @@ impl Meta {
     }
 
     fn wal(&self) -> MutexGuard<'_, Wal> {
-        self.wal.lock().unwrap_or_else(|p| p.into_inner())
+        self.wal.lock().expect(crate::POISONED)
     }
 
     pub fn load(&self) -> Result<Loaded> {
@@ -271,15 +275,38 @@ impl Meta {
         })
     }
 
+    /// Why the metadata stopped taking commits, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().expect(crate::POISONED).clone()
+    }
+
+    fn check(&self) -> Result<()> {
+        match self.failure() {
+            Some(why) => Err(Error::Io(format!("metadata failed earlier: {why}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a failed sync or durable commit; nothing commits after it.
+    fn fail(&self, e: Error) -> Error {
+        tracing::error!(error = %e, "metadata sync failed; this replica stops committing");
+        self.failed
+            .lock()
+            .expect(crate::POISONED)
+            .get_or_insert_with(|| e.to_string());
+        e
+    }
+
     /// Commits `batch` durably (fdatasync of the log before return), together
     /// with every logged commit before it.
     pub fn commit(&self, batch: &Batch) -> Result<()> {
+        self.check()?;
         if batch.is_empty() {
             return Ok(());
         }
         let mut wal = self.wal();
-        if self.append(&mut wal, batch)? {
-            Self::sync_log(&mut wal)?;
+        if self.append(&mut wal, batch).map_err(|e| self.fail(e))? {
+            Self::sync_log(&mut wal).map_err(|e| self.fail(e))?;
         }
         Ok(())
     }
@@ -289,21 +316,24 @@ impl Meta {
     /// [`Meta::sync`]: appended to the log (page cache), then committed to
     /// redb without fsync.
     pub fn commit_logged(&self, batch: &Batch) -> Result<()> {
+        self.check()?;
         if batch.is_empty() {
             return Ok(());
         }
         let mut wal = self.wal();
-        self.append(&mut wal, batch)?;
+        self.append(&mut wal, batch).map_err(|e| self.fail(e))?;
         Ok(())
     }
 
     /// Makes every logged commit durable (a durability barrier for metadata).
     pub fn sync(&self) -> Result<()> {
-        Self::sync_log(&mut self.wal())
+        self.check()?;
+        Self::sync_log(&mut self.wal()).map_err(|e| self.fail(e))
     }
 
     fn sync_log(wal: &mut Wal) -> Result<()> {
         if wal.synced < wal.len {
+            crate::faults::before_sync()?;
             wal.file.sync_data()?;
             wal.synced = wal.len;
         }

@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IoSlice, Read, Write};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -35,6 +36,13 @@ pub const VERSION: u16 = 1;
 pub const HEADER_SIZE: usize = 16;
 /// Largest body accepted: one maximal I/O plus room for the envelope.
 pub const MAX_BODY: u32 = (MAX_IO + (1 << 20)) as u32;
+/// How long a peer may take to answer a request that does not wait for
+/// its disk: past it, the peer is taken for failed.
+pub const IO_DEADLINE: Duration = Duration::from_secs(3);
+/// How long a peer may take to answer a request that waits for its disk
+/// (a flush, a durable metadata commit): a slow flush is not a failure.
+pub const SYNC_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Most regions one [`Request::RegionDigests`] may ask for.
 pub const MAX_DIGEST_REGIONS: usize = 64;
 
@@ -262,6 +270,20 @@ pub enum Request {
 }
 
 impl Request {
+    /// How long the node that sends this to a peer waits for the answer.
+    pub fn deadline(&self) -> Duration {
+        match self {
+            Request::Write { .. }
+            | Request::Discard { .. }
+            | Request::Read { .. }
+            | Request::ReplicaInfo { .. }
+            | Request::Layout { .. }
+            | Request::ReadSnapshot { .. }
+            | Request::RegionAllocated { .. } => IO_DEADLINE,
+            _ => SYNC_DEADLINE,
+        }
+    }
+
     /// May this request come from another node? An allow-list: a new
     /// request type is refused on the network until it is added here.
     pub fn is_replica_op(&self) -> bool {
@@ -439,9 +461,15 @@ pub fn read_frame(r: &mut dyn Read) -> Result<Option<(Kind, Vec<u8>)>> {
         return Err(Error::Protocol(format!("frame of {len} bytes too large")));
     }
     let crc = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body)
+    // The buffer grows with what arrives: a header that announces 5 MiB
+    // and sends nothing costs nothing.
+    let mut body = Vec::with_capacity((len as usize).min(64 << 10));
+    r.take(u64::from(len))
+        .read_to_end(&mut body)
         .map_err(|e| Error::Unavailable(e.to_string()))?;
+    if body.len() != len as usize {
+        return Err(Error::Unavailable("connection closed in a frame".into()));
+    }
     if crc32c::crc32c(&body) != crc {
         return Err(Error::Protocol("frame checksum mismatch".into()));
     }
@@ -481,5 +509,32 @@ mod tests {
         *bad.last_mut().unwrap() ^= 1;
         assert!(read_frame(&mut bad.as_slice()).is_err());
         assert!(decode::<Request>(&[0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn a_frame_that_announces_more_than_it_sends_is_refused() {
+        let mut buf = Vec::new();
+        send(&mut buf, Kind::Request, &Request::VolList).unwrap();
+        buf[8..12].copy_from_slice(&MAX_BODY.to_le_bytes());
+        let err = read_frame(&mut buf.as_slice()).unwrap_err();
+        assert!(err.to_string().contains("closed in a frame"), "{err}");
+    }
+
+    #[test]
+    fn every_request_has_a_deadline_and_only_replica_requests_reach_the_network() {
+        let flush = Request::Flush {
+            name: "v".into(),
+            epoch: 1,
+        };
+        assert_eq!(flush.deadline(), SYNC_DEADLINE);
+        let read = Request::Read {
+            name: "v".into(),
+            offset: 0,
+            len: 4096,
+        };
+        assert_eq!(read.deadline(), IO_DEADLINE);
+        assert!(read.is_replica_op() && flush.is_replica_op());
+        assert!(!Request::VolList.is_replica_op());
+        assert!(!Request::VolFlush { name: "v".into() }.is_replica_op());
     }
 }

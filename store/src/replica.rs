@@ -13,6 +13,9 @@ pub fn handle(engine: &Engine, connector: &dyn Connector, req: &Request) -> Resp
 }
 
 fn dispatch(engine: &Engine, connector: &dyn Connector, req: &Request) -> Result<Response> {
+    // A replica whose disk failed a sync answers nothing: to its writer it
+    // is like one that is down.
+    engine.check_healthy()?;
     match req {
         Request::CreateReplica {
             name,
@@ -204,7 +207,7 @@ fn repair_from_peers(
 ) -> Result<bool> {
     for r in replicas.iter().filter(|r| r.node != engine.node_id()) {
         let got = connector.connect(&r.node, &r.addr).and_then(|c| {
-            Link::new(c).call(&Request::Read {
+            Link::peer(c).call(&Request::Read {
                 name: name.to_string(),
                 offset: bad.block * BLOCK_SIZE,
                 len: BLOCK_SIZE,

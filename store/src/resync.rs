@@ -106,7 +106,7 @@ pub fn resync_one(w: &Writer, node: &str) -> Result<()> {
         check_still_ours(w, i.epoch)?;
         earlier_activity(&i, w.epoch)
     } else {
-        let mut link = Link::new(w.connector.connect(node, &addr)?);
+        let mut link = Link::peer(w.connector.connect(node, &addr)?);
         // Probe with a harmless request first: a frozen node then only has
         // that queued, not an epoch raise that would land whenever it wakes
         // up, even after this writer stepped back.

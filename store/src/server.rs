@@ -68,7 +68,7 @@ impl Daemon {
         validate_name(name)?;
         self.writers
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .expect(crate::POISONED)
             .get(name)
             .cloned()
             .ok_or_else(|| {
@@ -100,7 +100,7 @@ impl Daemon {
         let same = self
             .vhost_exports
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .expect(crate::POISONED)
             .get(name)
             .is_some_and(|e| e.socket() == socket);
         if !same && socket_in_use(socket) {
@@ -120,7 +120,7 @@ impl Daemon {
             .map_err(|e| Error::Io(e.to_string()))?;
         self.vhost_exports
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .expect(crate::POISONED)
             .insert(name.to_string(), export);
         Ok(())
     }
@@ -131,7 +131,7 @@ impl Daemon {
         let export = self
             .vhost_exports
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .expect(crate::POISONED)
             .remove(name);
         if let Some(e) = export {
             tracing::info!(volume = name, socket = %e.socket().display(), "stopping vhost-user-blk export");
@@ -171,7 +171,7 @@ impl Daemon {
         if let Some(old) = self
             .writers
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .expect(crate::POISONED)
             .insert(name.to_string(), w.clone())
         {
             old.detach();
@@ -183,7 +183,7 @@ impl Daemon {
         if r.node == self.engine.node_id() {
             replica::handle(&self.engine, self.connector.as_ref(), req).into_result()
         } else {
-            Link::new(self.connector.connect(&r.node, &r.addr)?).call(req)
+            Link::peer(self.connector.connect(&r.node, &r.addr)?).call(req)
         }
     }
 
@@ -290,12 +290,7 @@ impl Daemon {
             Request::VolList => {
                 let mut names: Vec<String> =
                     self.engine.list().into_iter().map(|i| i.name).collect();
-                for n in self
-                    .writers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .keys()
-                {
+                for n in self.writers.lock().expect(crate::POISONED).keys() {
                     if !names.contains(n) {
                         names.push(n.clone());
                     }
@@ -311,10 +306,7 @@ impl Daemon {
                 self.unexport_vhost(&name);
                 let replicas = w.replicas();
                 w.detach();
-                self.writers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&name);
+                self.writers.lock().expect(crate::POISONED).remove(&name);
                 let mut errors = Vec::new();
                 for r in &replicas {
                     let req = Request::DeleteReplica {
@@ -424,12 +416,7 @@ impl Daemon {
             }
             Request::VolDetach { name } => {
                 self.unexport_vhost(&name);
-                if let Some(w) = self
-                    .writers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&name)
-                {
+                if let Some(w) = self.writers.lock().expect(crate::POISONED).remove(&name) {
                     w.detach();
                 }
                 Ok(Response::Ok)
@@ -465,6 +452,7 @@ impl Daemon {
                 Ok(Response::Ok)
             }
             Request::ScrubReplica { name } => {
+                self.engine.check_healthy()?;
                 let mut last = Instant::now();
                 let r = replica::scrub_and_repair(
                     &self.engine,

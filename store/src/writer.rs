@@ -75,7 +75,7 @@ impl Peer {
             return replica::handle(engine, connector, req).into_result();
         }
         if self.link.is_none() {
-            self.link = Some(Link::new(connector.connect(&self.node, &self.addr)?));
+            self.link = Some(Link::peer(connector.connect(&self.node, &self.addr)?));
         }
         let r = self.link.as_mut().expect("link set above").call(req);
         if matches!(r, Err(Error::Unavailable(_)) | Err(Error::Protocol(_))) {
@@ -88,7 +88,7 @@ impl Peer {
     /// ([`Peer::call_finish`] reads it).
     fn call_start(&mut self, connector: &dyn Connector, req: &Request) -> Result<()> {
         if self.link.is_none() {
-            self.link = Some(Link::new(connector.connect(&self.node, &self.addr)?));
+            self.link = Some(Link::peer(connector.connect(&self.node, &self.addr)?));
         }
         let r = self.link.as_mut().expect("link set above").send(req);
         if r.is_err() {
@@ -120,6 +120,10 @@ pub struct WriterStats {
 pub(crate) struct Inner {
     pub peers: Vec<Peer>,
     pub size: u64,
+    /// Regions written or discarded since the last flush that succeeded: a
+    /// replica whose flush fails may have lost any of them (a failed
+    /// fdatasync can drop dirty pages), so its dirty map gets them all.
+    pub unflushed: BTreeSet<u64>,
 }
 
 pub struct Writer {
@@ -264,7 +268,11 @@ impl Writer {
             epoch,
             engine,
             connector,
-            inner: Mutex::new(Inner { peers, size }),
+            inner: Mutex::new(Inner {
+                peers,
+                size,
+                unflushed: BTreeSet::new(),
+            }),
             fenced: AtomicBool::new(false),
             detached: AtomicBool::new(false),
             stats: WriterStats::default(),
@@ -322,7 +330,7 @@ impl Writer {
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock().expect(crate::POISONED)
     }
 
     pub fn is_fenced(&self) -> bool {
@@ -506,7 +514,9 @@ impl Writer {
             data: data.to_vec(),
             stale: Self::stale_nodes(inner),
         };
-        self.replicate(inner, &req, &Self::regions_of(offset, data.len() as u64))
+        let regions = Self::regions_of(offset, data.len() as u64);
+        inner.unflushed.extend(&regions);
+        self.replicate(inner, &req, &regions)
     }
 
     /// Reads whole blocks from the best replica, repairing blocks that fail
@@ -1095,7 +1105,10 @@ impl VolumeIo for Writer {
             name: self.name.clone(),
             epoch: self.epoch,
         };
-        self.replicate(&mut inner, &req, &[])
+        let unflushed: Vec<u64> = inner.unflushed.iter().copied().collect();
+        self.replicate(&mut inner, &req, &unflushed)?;
+        inner.unflushed.clear();
+        Ok(())
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -1113,7 +1126,9 @@ impl VolumeIo for Writer {
                 len: b - a,
                 stale: Self::stale_nodes(&inner),
             };
-            self.replicate(&mut inner, &req, &Self::regions_of(a, b - a))?;
+            let regions = Self::regions_of(a, b - a);
+            inner.unflushed.extend(&regions);
+            self.replicate(&mut inner, &req, &regions)?;
         }
         drop(inner);
         // Unaligned edges are zeroed by read-modify-write.

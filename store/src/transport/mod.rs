@@ -8,6 +8,8 @@ pub mod tls;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::proto::{self, Kind, Progress, Request, Response};
@@ -15,9 +17,36 @@ use crate::proto::{self, Kind, Progress, Request, Response};
 pub use tcp::{PlainServer, TcpConnector};
 pub use tls::{TlsConnector, TlsFiles, TlsServer};
 
-/// A bidirectional byte stream (TLS, or plain TCP on loopback).
-pub trait Conn: Read + Write + Send {}
-impl<T: Read + Write + Send> Conn for T {}
+/// A bidirectional byte stream (TLS, or plain TCP on loopback, or the
+/// local unix socket).
+pub trait Conn: Read + Write + Send {
+    /// How long a read may wait for the peer (None: for ever).
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl Conn for TcpStream {
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        TcpStream::set_read_timeout(self, d)
+    }
+}
+
+impl Conn for UnixStream {
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_read_timeout(self, d)
+    }
+}
+
+impl Conn for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.sock.set_read_timeout(d)
+    }
+}
+
+impl Conn for rustls::StreamOwned<rustls::ServerConnection, TcpStream> {
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.sock.set_read_timeout(d)
+    }
+}
 
 /// Opens connections to other nodes.
 pub trait Connector: Send + Sync {
@@ -35,11 +64,28 @@ pub trait ServerTransport: Send + Sync {
 /// A client connection that sends requests and waits for their responses.
 pub struct Link {
     conn: Box<dyn Conn>,
+    /// A link to another node: each request's answer is awaited for
+    /// [`Request::deadline`] at most.
+    deadlines: bool,
 }
 
 impl Link {
+    /// A link on the local socket: answers are awaited for ever (a scrub
+    /// or a rebuild reports progress, and may take hours).
     pub fn new(conn: Box<dyn Conn>) -> Link {
-        Link { conn }
+        Link {
+            conn,
+            deadlines: false,
+        }
+    }
+
+    /// A link to another node: a peer that does not answer within the
+    /// request's deadline is taken for failed.
+    pub fn peer(conn: Box<dyn Conn>) -> Link {
+        Link {
+            conn,
+            deadlines: true,
+        }
     }
 
     /// Sends `req`; calls `progress` for each progress frame; returns the
@@ -57,6 +103,9 @@ impl Link {
     /// Sends `req` without waiting; [`Link::recv`] reads its response. Lets
     /// a caller have one request in flight on each of several links.
     pub fn send(&mut self, req: &Request) -> Result<()> {
+        if self.deadlines {
+            self.conn.set_read_timeout(Some(req.deadline()))?;
+        }
         proto::send(&mut self.conn, Kind::Request, req).map_err(unavailable)
     }
 

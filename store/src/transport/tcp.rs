@@ -18,7 +18,7 @@ impl Default for TcpConnector {
     fn default() -> Self {
         TcpConnector {
             connect_timeout: Duration::from_secs(2),
-            io_timeout: Duration::from_secs(3),
+            io_timeout: crate::proto::IO_DEADLINE,
         }
     }
 }

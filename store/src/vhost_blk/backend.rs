@@ -46,7 +46,7 @@ impl BlkBackend {
 
     /// Pops and serves available requests; returns once the queue is empty.
     fn process_queue(&self, vring: &VringRwLock<GuestMem>) {
-        let Some(atomic) = self.0.mem.read().unwrap_or_else(|p| p.into_inner()).clone() else {
+        let Some(atomic) = self.0.mem.read().expect(crate::POISONED).clone() else {
             return;
         };
         let volume = match (self.0.source)() {
@@ -154,7 +154,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
-        *self.0.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        *self.0.mem.write().expect(crate::POISONED) = Some(mem);
         Ok(())
     }
 

@@ -72,13 +72,7 @@ impl Export {
             return;
         };
         self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(c) = self
-            .shared
-            .connection
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        if let Some(c) = self.shared.connection.lock().expect(crate::POISONED).take() {
             c.shutdown();
         }
         // Wakes the thread if it is waiting in accept().
@@ -132,18 +126,14 @@ fn serve(name: &str, socket: &Path, mut listener: Listener, backend: BlkBackend,
             stop_workers(&daemon);
             continue;
         }
-        *shared.connection.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
+        *shared.connection.lock().expect(crate::POISONED) = daemon.shutdown_handle();
         if shared.stop.load(Ordering::SeqCst) {
             daemon.request_shutdown();
         } else {
             tracing::info!(volume = name, socket = %socket.display(), "vhost-user frontend connected");
         }
         let result = daemon.wait();
-        shared
-            .connection
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        shared.connection.lock().expect(crate::POISONED).take();
         stop_workers(&daemon);
         if shared.stop.load(Ordering::SeqCst) {
             break;

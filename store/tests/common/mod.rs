@@ -129,9 +129,11 @@ impl Node {
             .append(true)
             .open(self.dir.join("log"))
             .unwrap();
+        std::fs::create_dir_all(self.faults()).unwrap();
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
+            .env(kiln_store::faults::ENV, self.faults())
             .env("RUST_LOG", "info");
         self.child = Some(cmd.spawn().unwrap());
         let t = Instant::now();
@@ -153,6 +155,11 @@ impl Node {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Where files that inject faults go (see `kiln_store::faults`).
+    pub fn faults(&self) -> PathBuf {
+        self.dir.join("faults")
     }
 
     pub fn log(&self) -> String {
