@@ -92,6 +92,10 @@ pub struct ServeArgs {
     /// Seconds to pause before each background scrub pass
     #[arg(long, default_value_t = 3600)]
     pub scrub_interval: u64,
+    /// Seconds after which a peer's connection that sent nothing is closed
+    /// (writers open a new one after 300 s idle, so keep it above that)
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub peer_idle_timeout: u64,
 }
 
 #[derive(Args)]

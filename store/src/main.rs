@@ -58,6 +58,7 @@ fn main() {
                 socket: a.socket,
                 scrub_rate: a.scrub_rate,
                 scrub_interval: std::time::Duration::from_secs(a.scrub_interval),
+                peer_idle_timeout: std::time::Duration::from_secs(a.peer_idle_timeout),
             })
             .map_err(anyhow::Error::from)
         }

@@ -43,6 +43,12 @@ pub const IO_DEADLINE: Duration = Duration::from_secs(3);
 /// (a flush, a durable metadata commit): a slow flush is not a failure.
 pub const SYNC_DEADLINE: Duration = Duration::from_secs(30);
 
+/// A daemon closes a peer's connection that sent nothing for this long
+/// (`serve --peer-idle-timeout`, default 600 s)...
+pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// ...so a link idle for this long is not reused: a new one is opened.
+pub const LINK_MAX_IDLE: Duration = Duration::from_secs(300);
+
 /// Most regions one [`Request::RegionDigests`] may ask for.
 pub const MAX_DIGEST_REGIONS: usize = 64;
 

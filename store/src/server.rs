@@ -40,6 +40,8 @@ pub struct Config {
     pub scrub_rate: u64,
     /// Pause between background scrub passes.
     pub scrub_interval: Duration,
+    /// A peer connection that sends nothing for this long is closed.
+    pub peer_idle_timeout: Duration,
 }
 
 pub struct Daemon {
@@ -555,6 +557,7 @@ pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
             .spawn(move || background_scrub(d, rate, pause))?;
     }
     let d = daemon.clone();
+    let peer_idle = cfg.peer_idle_timeout;
     std::thread::Builder::new()
         .name("tcp-accept".into())
         .spawn(move || {
@@ -570,7 +573,7 @@ pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
                         continue;
                     }
                 };
-                let (d, transport) = (d.clone(), transport.clone());
+                let (d, transport, idle) = (d.clone(), transport.clone(), peer_idle);
                 // The handshake runs in the connection's own thread: a
                 // peer that stalls in it holds up nobody else.
                 let _ = std::thread::Builder::new()
@@ -578,7 +581,13 @@ pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
                     .spawn(move || {
                         let _slot = guard;
                         match transport.accept(s) {
-                            Ok(conn) => d.serve_conn(conn, false),
+                            Ok(conn) => {
+                                if let Err(e) = conn.set_read_timeout(Some(idle)) {
+                                    tracing::warn!(error = %e, "cannot set a read deadline");
+                                    return;
+                                }
+                                d.serve_conn(conn, false)
+                            }
                             Err(e) => tracing::warn!(error = %e, "rejected connection"),
                         }
                     });

@@ -74,6 +74,9 @@ impl Peer {
         if self.local {
             return replica::handle(engine, connector, req).into_result();
         }
+        if self.link.as_ref().is_some_and(Link::idle_too_long) {
+            self.link = None;
+        }
         if self.link.is_none() {
             self.link = Some(Link::peer(connector.connect(&self.node, &self.addr)?));
         }
@@ -87,6 +90,9 @@ impl Peer {
     /// Sends `req` to a remote peer without waiting for the reply
     /// ([`Peer::call_finish`] reads it).
     fn call_start(&mut self, connector: &dyn Connector, req: &Request) -> Result<()> {
+        if self.link.as_ref().is_some_and(Link::idle_too_long) {
+            self.link = None;
+        }
         if self.link.is_none() {
             self.link = Some(Link::peer(connector.connect(&self.node, &self.addr)?));
         }

@@ -216,3 +216,33 @@ fn insecure_is_for_loopback_only_and_serve_needs_one_or_the_other() {
         Some(Response::Err(_))
     ));
 }
+
+#[test]
+fn an_idle_peer_connection_is_closed_after_the_idle_timeout() {
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path();
+    let n1 = Node::with_args(
+        base,
+        "n1",
+        1,
+        &["--scrub-rate", "0", "--peer-idle-timeout", "1"],
+    );
+    let mut link = kiln_store::transport::Link::new(
+        connector_as(base, "n2").connect("n1", &n1.addr()).unwrap(),
+    );
+    let info = Request::ReplicaInfo {
+        name: "none".into(),
+    };
+    // Answered (an error: no such volume) while the link is in use...
+    assert!(matches!(
+        link.call(&info),
+        Err(kiln_store::Error::NotFound(_))
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    // ...and closed by the daemon once it sat idle.
+    assert!(matches!(
+        link.call(&info),
+        Err(kiln_store::Error::Unavailable(_))
+    ));
+    assert!(n1.cli(&["list"]).status.success());
+}

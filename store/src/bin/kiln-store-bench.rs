@@ -416,6 +416,7 @@ fn main() -> Result<()> {
         socket: dir.join("n1.sock"),
         scrub_rate: 0,
         scrub_interval: Duration::from_secs(3600),
+        peer_idle_timeout: kiln_store::proto::PEER_IDLE_TIMEOUT,
     })?;
     let n1 = ReplicaAddr {
         node: "n1".into(),

@@ -64,6 +64,8 @@ pub trait ServerTransport: Send + Sync {
 /// A client connection that sends requests and waits for their responses.
 pub struct Link {
     conn: Box<dyn Conn>,
+    /// When the last request went out.
+    used: std::time::Instant,
     /// A link to another node: each request's answer is awaited for
     /// [`Request::deadline`] at most.
     deadlines: bool,
@@ -75,6 +77,7 @@ impl Link {
     pub fn new(conn: Box<dyn Conn>) -> Link {
         Link {
             conn,
+            used: std::time::Instant::now(),
             deadlines: false,
         }
     }
@@ -84,8 +87,15 @@ impl Link {
     pub fn peer(conn: Box<dyn Conn>) -> Link {
         Link {
             conn,
+            used: std::time::Instant::now(),
             deadlines: true,
         }
+    }
+
+    /// Idle for so long that the peer may have closed it
+    /// ([`proto::LINK_MAX_IDLE`]): open a new one instead of reusing it.
+    pub fn idle_too_long(&self) -> bool {
+        self.used.elapsed() > proto::LINK_MAX_IDLE
     }
 
     /// Sends `req`; calls `progress` for each progress frame; returns the
@@ -106,6 +116,7 @@ impl Link {
         if self.deadlines {
             self.conn.set_read_timeout(Some(req.deadline()))?;
         }
+        self.used = std::time::Instant::now();
         proto::send(&mut self.conn, Kind::Request, req).map_err(unavailable)
     }
 
