@@ -540,15 +540,17 @@ impl Engine {
                 current: rec.epoch,
             });
         }
-        {
-            let mut rec = rec.clone();
-            rec.epoch = epoch;
-            self.meta.commit(&Batch {
-                volumes: vec![(name.to_string(), Some(rec.clone()))],
-                ..Batch::default()
-            })?;
-            st.volumes.insert(name.to_string(), rec);
-        }
+        let mut rec = rec.clone();
+        rec.epoch = epoch;
+        let pending = self.meta.commit_pending(&Batch {
+            volumes: vec![(name.to_string(), Some(rec.clone()))],
+            ..Batch::default()
+        })?;
+        st.volumes.insert(name.to_string(), rec);
+        // Other volumes go on while this one's commit reaches the disk; the
+        // new epoch is answered for only once it is durable.
+        drop(st);
+        self.meta.make_durable(pending)?;
         Ok(epoch)
     }
 
@@ -563,12 +565,13 @@ impl Engine {
         let mut rec = Self::vol(&st, name)?.clone();
         Self::check_epoch(&rec, epoch)?;
         change(&mut rec)?;
-        self.meta.commit(&Batch {
+        let pending = self.meta.commit_pending(&Batch {
             volumes: vec![(name.to_string(), Some(rec.clone()))],
             ..Batch::default()
         })?;
         st.volumes.insert(name.to_string(), rec);
-        Ok(())
+        drop(st);
+        self.meta.make_durable(pending)
     }
 
     pub fn set_replicas(&self, name: &str, epoch: u64, replicas: Vec<ReplicaAddr>) -> Result<()> {
@@ -743,19 +746,30 @@ impl Engine {
             .entry(name.to_string())
             .or_default()
             .extend(&regions);
+        let places = ids
+            .iter()
+            .map(|id| self.locate(&mut st, *id))
+            .collect::<Result<Vec<_>>>()?;
         let ahead = Self::log_ahead(&rec, epoch, first, last);
         if Self::note_regions(&mut rec, epoch, &regions, stale)
             | Self::note_regions(&mut rec, epoch, &ahead, &[])
         {
             // The activity log must be durable before the data lands (the
-            // regions may differ between replicas after a power loss).
+            // regions may differ between replicas after a power loss). The
+            // node-wide lock is let go meanwhile: other volumes go on. This
+            // volume's writes, discards and copies are serialized by its
+            // writer, so nothing else touches these extents until we are
+            // done.
             batch.volumes.push((name.to_string(), Some(rec.clone())));
             st.volumes.insert(name.to_string(), rec);
-            self.meta.commit(&batch)?;
+            let pending = self.meta.commit_pending(&batch)?;
+            drop(st);
+            self.meta.make_durable(pending)?;
         } else {
             // Only allocations: they must survive kill -9 before the write is
             // acknowledged, and reach the disk by the next flush.
             self.meta.commit_logged(&batch)?;
+            drop(st);
         }
         let mut pos = 0usize;
         let mut written = Vec::new();
@@ -764,16 +778,17 @@ impl Engine {
             let from = (offset + pos as u64).max(ext_start);
             let to = (offset + data.len() as u64).min(ext_start + EXTENT_SIZE);
             let n = (to - from) as usize;
-            let (f, base, slab) = self.locate(&mut st, ids[i])?;
+            let (f, base, slab) = &places[i];
             let b0 = (from - ext_start) / BLOCK_SIZE;
-            write_blocks(&f, base, b0, &data[pos..pos + n])?;
-            st.unsynced.insert(slab);
+            write_blocks(f, *base, b0, &data[pos..pos + n])?;
+            // Marked after the data is in: a flush that took the list
+            // before did not need it, this volume's next flush will.
+            self.lock().unsynced.insert(*slab);
             if data.len() as u64 >= EAGER_WRITEBACK_MIN {
-                written.push((f, base + b0 * BLOCK_SIZE, n as u64));
+                written.push((f.clone(), base + b0 * BLOCK_SIZE, n as u64));
             }
             pos += n;
         }
-        drop(st);
         for (f, off, len) in written {
             start_writeback(&f, off, len);
         }

@@ -107,6 +107,9 @@ impl Batch {
 pub struct Meta {
     db: Database,
     wal: Mutex<Wal>,
+    /// The log file again, to fdatasync it without holding `wal` (appends
+    /// go on meanwhile; see [`Meta::make_durable`]).
+    wal_sync: File,
     /// Set when a sync of the log or a durable commit failed: what was in
     /// the page cache may be gone, so nothing is committed any more.
     failed: Mutex<Option<String>>,
@@ -126,6 +129,15 @@ struct Wal {
     /// How much of the log is known durable.
     synced: u64,
     seq: u64,
+    /// Checkpoints so far: a commit logged in an earlier round is durable.
+    round: u64,
+}
+
+/// A commit logged but not yet durable: [`Meta::make_durable`] makes it so.
+#[must_use = "a pending commit must be made durable before what depends on it"]
+pub struct Pending {
+    round: u64,
+    end: u64,
 }
 
 const WAL_HEADER: usize = 8;
@@ -184,11 +196,13 @@ impl Meta {
         Ok(Meta {
             failed: Mutex::new(None),
             db,
+            wal_sync: file.try_clone()?,
             wal: Mutex::new(Wal {
                 file,
                 len: 0,
                 synced: 0,
                 seq,
+                round: 0,
             }),
         })
     }
@@ -311,6 +325,42 @@ impl Meta {
         Ok(())
     }
 
+    /// Logs `batch` now (in order with every other commit) and returns what
+    /// [`Meta::make_durable`] needs to make it durable later: the caller can
+    /// let go of its own locks before waiting for the disk, so that one
+    /// volume's commit does not hold up the others.
+    pub fn commit_pending(&self, batch: &Batch) -> Result<Pending> {
+        self.check()?;
+        let mut wal = self.wal();
+        let logged = self.append(&mut wal, batch).map_err(|e| self.fail(e))?;
+        Ok(Pending {
+            round: wal.round,
+            // Not logged: committed durably to redb already.
+            end: if logged { wal.len } else { 0 },
+        })
+    }
+
+    /// Returns once `p` is durable: fdatasyncs the log (without holding it,
+    /// so appends continue) unless another sync or a checkpoint did already.
+    pub fn make_durable(&self, p: Pending) -> Result<()> {
+        self.check()?;
+        let target = {
+            let wal = self.wal();
+            if wal.round != p.round || wal.synced >= p.end {
+                return Ok(());
+            }
+            wal.len
+        };
+        crate::faults::before_sync()
+            .and_then(|()| self.wal_sync.sync_data())
+            .map_err(|e| self.fail(e.into()))?;
+        let mut wal = self.wal();
+        if wal.round == p.round {
+            wal.synced = wal.synced.max(target);
+        }
+        Ok(())
+    }
+
     /// Commits `batch` so that it survives the daemon being killed, but not
     /// necessarily a power loss until the next durable commit or
     /// [`Meta::sync`]: appended to the log (page cache), then committed to
@@ -375,6 +425,7 @@ impl Meta {
         txn.commit()?;
         wal.len = 0;
         wal.synced = 0;
+        wal.round += 1;
         Ok(())
     }
 

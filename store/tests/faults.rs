@@ -147,3 +147,63 @@ fn a_slow_flush_does_not_make_a_healthy_replica_stale() {
         pattern(2, 64 << 10)
     );
 }
+
+#[test]
+fn a_commit_waiting_for_the_disk_holds_up_no_other_volume() {
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path();
+    let n1 = std::sync::Arc::new(Node::new(base, "n1", 1));
+    for vol in ["a", "b"] {
+        n1.cli_ok(&[
+            "create",
+            vol,
+            "--size",
+            "4M",
+            "--replica",
+            &n1.replica_arg(),
+        ]);
+    }
+    n1.call(Request::VolWrite {
+        name: "b".into(),
+        offset: 0,
+        data: vec![7; 4096],
+    })
+    .unwrap();
+    // Every sync now takes 1.5 s; a first write to a region of `a` waits
+    // for one (its activity log must be durable before the data lands).
+    std::fs::write(n1.faults().join("slow-sync-ms"), "1500").unwrap();
+    let writer = {
+        let n1 = n1.clone();
+        std::thread::spawn(move || {
+            n1.call(Request::VolWrite {
+                name: "a".into(),
+                offset: 2 << 20,
+                data: vec![1; 4096],
+            })
+            .unwrap();
+            Instant::now()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // Meanwhile `b` is read: it needs no sync and must not queue behind
+    // `a`'s commit.
+    match n1
+        .call(Request::VolRead {
+            name: "b".into(),
+            offset: 0,
+            len: 4096,
+        })
+        .unwrap()
+    {
+        Response::Read(r) => assert_eq!(r.data, vec![7; 4096]),
+        r => panic!("{r:?}"),
+    }
+    let read_done = Instant::now();
+    let write_done = writer.join().unwrap();
+    std::fs::remove_file(n1.faults().join("slow-sync-ms")).unwrap();
+    assert!(
+        read_done < write_done,
+        "the read of b waited for a's commit ({:?} after it)",
+        read_done - write_done
+    );
+}
