@@ -246,3 +246,39 @@ fn an_idle_peer_connection_is_closed_after_the_idle_timeout() {
     ));
     assert!(n1.cli(&["list"]).status.success());
 }
+
+#[test]
+fn connections_past_the_limit_are_refused_until_places_free_up() {
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path();
+    let n1 = Node::new(base, "n1", 1);
+    // Bare connections that never finish a handshake take every place...
+    let hogs: Vec<TcpStream> = (0..kiln_store::server::MAX_PEER_CONNECTIONS)
+        .map(|_| TcpStream::connect(n1.addr()).unwrap())
+        .collect();
+    let peer = connector_as(base, "n2");
+    let info = Request::ReplicaInfo {
+        name: "none".into(),
+    };
+    // ...so a real peer is refused (closed before or during its handshake)...
+    common::wait_until(
+        "the daemon has seen every hog",
+        std::time::Duration::from_secs(10),
+        || match peer.connect("n1", &n1.addr()) {
+            Err(_) => true,
+            Ok(mut c) => try_call(c.as_mut(), &info).is_none(),
+        },
+    );
+    // ...until they go away.
+    drop(hogs);
+    common::wait_until(
+        "a place is free again",
+        std::time::Duration::from_secs(10),
+        || {
+            peer.connect("n1", &n1.addr())
+                .ok()
+                .and_then(|mut c| try_call(c.as_mut(), &info))
+                .is_some()
+        },
+    );
+}
