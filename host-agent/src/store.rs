@@ -110,12 +110,7 @@ impl Store {
             .open(&self.log)?;
         let mut child = Command::new(&self.program)
             .args(["serve", "--node-id", &self.node, "--listen", &self.listen])
-            .arg("--tls-cert")
-            .arg(&self.tls.cert)
-            .arg("--tls-key")
-            .arg(&self.tls.key)
-            .arg("--tls-ca")
-            .arg(&self.tls.ca)
+            .args(self.tls.serve_args())
             .arg("--data")
             .arg(&self.data)
             .arg("--socket")

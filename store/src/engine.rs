@@ -532,7 +532,7 @@ impl Engine {
     /// the same epoch cannot both take it on this replica (the second is
     /// refused as fenced), and a majority cannot agree on both of them.
     pub fn set_epoch(&self, name: &str, epoch: u64) -> Result<u64> {
-        let mut st = self.lock();
+        let st = self.lock();
         let rec = Self::vol(&st, name)?;
         if epoch <= rec.epoch {
             return Err(Error::Fenced {
@@ -542,16 +542,21 @@ impl Engine {
         }
         let mut rec = rec.clone();
         rec.epoch = epoch;
+        self.commit_rec(st, name, rec)?;
+        Ok(epoch)
+    }
+
+    /// Commits the new record of volume `name` and puts it in place; the
+    /// node-wide lock `st` is let go while the commit reaches the disk, so
+    /// other volumes go on. Returns once it is durable.
+    fn commit_rec(&self, mut st: MutexGuard<'_, State>, name: &str, rec: VolumeRec) -> Result<()> {
         let pending = self.meta.commit_pending(&Batch {
             volumes: vec![(name.to_string(), Some(rec.clone()))],
             ..Batch::default()
         })?;
         st.volumes.insert(name.to_string(), rec);
-        // Other volumes go on while this one's commit reaches the disk; the
-        // new epoch is answered for only once it is durable.
         drop(st);
-        self.meta.make_durable(pending)?;
-        Ok(epoch)
+        self.meta.make_durable(pending)
     }
 
     /// Applies `change` to a volume record at `epoch` and commits it.
@@ -561,17 +566,11 @@ impl Engine {
         epoch: u64,
         change: impl FnOnce(&mut VolumeRec) -> Result<()>,
     ) -> Result<()> {
-        let mut st = self.lock();
+        let st = self.lock();
         let mut rec = Self::vol(&st, name)?.clone();
         Self::check_epoch(&rec, epoch)?;
         change(&mut rec)?;
-        let pending = self.meta.commit_pending(&Batch {
-            volumes: vec![(name.to_string(), Some(rec.clone()))],
-            ..Batch::default()
-        })?;
-        st.volumes.insert(name.to_string(), rec);
-        drop(st);
-        self.meta.make_durable(pending)
+        self.commit_rec(st, name, rec)
     }
 
     pub fn set_replicas(&self, name: &str, epoch: u64, replicas: Vec<ReplicaAddr>) -> Result<()> {

@@ -57,13 +57,7 @@ fn a_failed_fdatasync_fails_the_replica_and_loses_no_acknowledged_write() {
     );
     assert_eq!(state_of(&n1, "n2"), "stale");
     // The writer recorded every region n2 may have lost, not only later ones.
-    let info = match n1
-        .call(Request::ReplicaInfo { name: "vol".into() })
-        .unwrap()
-    {
-        Response::Info(i) => i,
-        r => panic!("{r:?}"),
-    };
+    let info = n1.info("vol");
     assert!(info.stale["n2"].contains(&1), "{:?}", info.stale);
 
     // n2 acknowledges nothing now, to anyone: no retried sync passes for

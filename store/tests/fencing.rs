@@ -88,13 +88,7 @@ fn hostile_epochs_and_regions_from_the_network_are_refused() {
     let mut link = kiln_store::transport::Link::new(
         connector_as(base, "n3").connect("n2", &n2.addr()).unwrap(),
     );
-    let epoch = match link
-        .call(&Request::ReplicaInfo { name: "vol".into() })
-        .unwrap()
-    {
-        Response::Info(i) => i.epoch,
-        r => panic!("{r:?}"),
-    };
+    let epoch = replica_info(&mut link, "vol").epoch;
     // Regions beyond the volume in a stale map: refused, nothing stored.
     let mut stale = BTreeMap::new();
     stale.insert("n1".to_string(), BTreeSet::from([u64::MAX]));
@@ -115,12 +109,9 @@ fn hostile_epochs_and_regions_from_the_network_are_refused() {
             stale,
         })
         .is_err());
-    match link
-        .call(&Request::ReplicaInfo { name: "vol".into() })
-        .unwrap()
     {
-        Response::Info(i) => assert!(i.stale.is_empty(), "{:?}", i.stale),
-        r => panic!("{r:?}"),
+        let i = replica_info(&mut link, "vol");
+        assert!(i.stale.is_empty(), "{:?}", i.stale);
     }
     for req in [
         Request::AdoptTorn {
@@ -167,12 +158,9 @@ fn hostile_epochs_and_regions_from_the_network_are_refused() {
         let err = link.call(&req).unwrap_err();
         assert!(err.to_string().contains("fenced"), "{req:?}: {err}");
     }
-    match link
-        .call(&Request::ReplicaInfo { name: "vol".into() })
-        .unwrap()
     {
-        Response::Info(i) => assert_eq!(i.snapshots, vec!["s1".to_string()]),
-        r => panic!("{r:?}"),
+        let i = replica_info(&mut link, "vol");
+        assert_eq!(i.snapshots, vec!["s1".to_string()]);
     }
 
     // The highest epoch there is: the replica takes it (it is newer)...

@@ -34,10 +34,7 @@ fn try_call(s: &mut dyn Conn, req: &Request) -> Option<Response> {
 }
 
 fn epoch_of(n: &Node) -> u64 {
-    match n.call(Request::ReplicaInfo { name: "vol".into() }).unwrap() {
-        Response::Info(i) => i.epoch,
-        r => panic!("{r:?}"),
-    }
+    n.info("vol").epoch
 }
 
 #[test]

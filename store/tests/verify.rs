@@ -38,13 +38,7 @@ fn scrub_finds_replicas_that_differ_and_repairs_them_from_the_writer() {
     // A peer of the cluster writes one block of n2's replica at the current
     // epoch, checksum and all, telling nobody.
     let mut link = Link::new(connector_as(base, "n3").connect("n2", &n2.addr()).unwrap());
-    let epoch = match link
-        .call(&Request::ReplicaInfo { name: "vol".into() })
-        .unwrap()
-    {
-        Response::Info(i) => i.epoch,
-        r => panic!("{r:?}"),
-    };
+    let epoch = replica_info(&mut link, "vol").epoch;
     link.call(&Request::Write {
         name: "vol".into(),
         epoch,

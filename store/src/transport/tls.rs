@@ -78,6 +78,18 @@ fn tls13() -> Vec<&'static rustls::SupportedProtocolVersion> {
 }
 
 impl TlsFiles {
+    /// The `serve` flags that name these files.
+    pub fn serve_args(&self) -> [std::ffi::OsString; 6] {
+        [
+            "--tls-cert".into(),
+            self.cert.clone().into(),
+            "--tls-key".into(),
+            self.key.clone().into(),
+            "--tls-ca".into(),
+            self.ca.clone().into(),
+        ]
+    }
+
     /// Loads the identity and the CA, for both ends: the connector that
     /// dials peers and the server side of the replication port.
     pub fn load(&self, tcp: TcpConnector) -> Result<(TlsConnector, TlsServer)> {

@@ -76,14 +76,11 @@ impl Node {
         let tls = tls_files(base, id);
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         if !args.iter().any(|a| a == "--insecure") {
-            for (flag, path) in [
-                ("--tls-cert", &tls.cert),
-                ("--tls-key", &tls.key),
-                ("--tls-ca", &tls.ca),
-            ] {
-                args.push(flag.into());
-                args.push(path.display().to_string());
-            }
+            args.extend(
+                tls.serve_args()
+                    .iter()
+                    .map(|a| a.to_string_lossy().into_owned()),
+            );
         }
         let mut n = Node {
             id: id.to_string(),
@@ -154,6 +151,17 @@ impl Node {
                 self.id
             );
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// This node's own replica of `vol`, as it reports it.
+    pub fn info(&self, vol: &str) -> kiln_store::types::VolumeInfo {
+        match self
+            .call(Request::ReplicaInfo { name: vol.into() })
+            .unwrap()
+        {
+            Response::Info(i) => i,
+            r => panic!("{r:?}"),
         }
     }
 
@@ -305,5 +313,19 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     while !f() {
         assert!(t.elapsed() < timeout, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What a replica at the other end of `link` says of volume `vol`.
+pub fn replica_info(
+    link: &mut kiln_store::transport::Link,
+    vol: &str,
+) -> kiln_store::types::VolumeInfo {
+    match link
+        .call(&Request::ReplicaInfo { name: vol.into() })
+        .unwrap()
+    {
+        Response::Info(i) => i,
+        r => panic!("{r:?}"),
     }
 }
