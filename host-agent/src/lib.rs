@@ -13,6 +13,7 @@
 //! of desired state, timestamps, a spec and an observed status.
 
 pub mod api;
+pub mod attest;
 pub mod auth;
 pub mod cgroup;
 pub mod client;
