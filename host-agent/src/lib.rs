@@ -28,5 +28,6 @@ pub mod pki;
 pub mod server;
 pub mod store;
 pub mod supervisor;
+pub mod tpm;
 pub mod validate;
 pub mod vmm_client;
