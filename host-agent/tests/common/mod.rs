@@ -11,6 +11,8 @@ use hyper::Method;
 use kiln_agent::client::{call, Endpoint};
 use serde_json::Value;
 
+pub mod swtpm;
+
 pub const AGENT: &str = env!("CARGO_BIN_EXE_kiln-agent");
 pub const KILNCTL: &str = env!("CARGO_BIN_EXE_kilnctl");
 
