@@ -127,6 +127,11 @@ pub enum VolumeCmd {
         /// A replica as NODE=HOST:PORT; give 1 to 3
         #[arg(long = "replica", required = true, value_parser = parse_replica)]
         replicas: Vec<ReplicaAddr>,
+        /// Encrypt the volume (XTS-AES-256) with the key in this file:
+        /// exactly 64 bytes, mode 0600. Keys are never taken on the
+        /// command line
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
     },
     /// List the volumes this node holds or writes
     List,
@@ -200,6 +205,20 @@ pub enum VolumeCmd {
         #[arg(long, value_name = "SOCK")]
         #[allow(clippy::option_option)]
         vhost_user: Option<Option<PathBuf>>,
+        /// An encrypted volume's key file (64 bytes, mode 0600)
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        /// The new key of an interrupted rekey (resumes it)
+        #[arg(long, value_name = "FILE", requires = "key_file")]
+        next_key_file: Option<PathBuf>,
+    },
+    /// Re-encrypt an attached encrypted volume with a new key, online,
+    /// showing progress (refused while the volume has snapshots)
+    Rekey {
+        name: String,
+        /// The new key file (64 bytes, mode 0600)
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
     },
     /// Stop being this volume's writer (and stop its vhost-user export)
     Detach { name: String },
@@ -265,6 +284,10 @@ fn bar(len: u64, msg: &str) -> ProgressBar {
     b
 }
 
+fn read_key(path: &std::path::Path) -> Result<kiln_store::crypt::VolumeKey> {
+    Ok(kiln_store::crypt::VolumeKey::from_file(path)?)
+}
+
 fn print_status(s: &VolumeStatus) {
     println!("name:       {}", s.name);
     println!("size:       {}", human(s.size));
@@ -280,6 +303,16 @@ fn print_status(s: &VolumeStatus) {
         }
     );
     println!("allocated:  {} (this node)", human(s.allocated_bytes));
+    match (&s.key_check, &s.rekey) {
+        (None, _) => println!("encrypted:  no"),
+        (Some(k), None) => println!("encrypted:  XTS-AES-256, key check {k}"),
+        (Some(k), Some(r)) => println!(
+            "encrypted:  XTS-AES-256, key check {k}; rekey to {} at {} of {}",
+            r.next_key_check,
+            human(r.done),
+            human(r.total)
+        ),
+    }
     println!(
         "snapshots:  {}",
         if s.snapshots.is_empty() {
@@ -377,10 +410,12 @@ pub fn volume(a: VolumeArgs) -> Result<()> {
             name,
             size,
             replicas,
+            key_file,
         } => simple(Request::VolCreate {
             name,
             size,
             replicas,
+            key: key_file.as_deref().map(read_key).transpose()?,
         }),
         VolumeCmd::List => simple(Request::VolList),
         VolumeCmd::Show { name } => simple(Request::VolShow { name }),
@@ -414,11 +449,15 @@ pub fn volume(a: VolumeArgs) -> Result<()> {
             name,
             force,
             vhost_user,
+            key_file,
+            next_key_file,
         } => {
             let mut c = connect()?;
             let r = c.call(&Request::VolAttach {
                 name: name.clone(),
                 force,
+                key: key_file.as_deref().map(read_key).transpose()?,
+                next_key: next_key_file.as_deref().map(read_key).transpose()?,
             })?;
             if let Some(sock) = vhost_user {
                 let sock =
@@ -457,6 +496,16 @@ pub fn volume(a: VolumeArgs) -> Result<()> {
                     b.set_position(p.done);
                 },
             )?;
+            b.finish_and_clear();
+            show(r)
+        }
+        VolumeCmd::Rekey { name, key_file } => {
+            let key = read_key(&key_file)?;
+            let b = bar(0, "rekey");
+            let r = connect()?.call_with_progress(&Request::VolRekey { name, key }, &mut |p| {
+                b.set_length(p.total);
+                b.set_position(p.done);
+            })?;
             b.finish_and_clear();
             show(r)
         }

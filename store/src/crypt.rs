@@ -43,6 +43,8 @@ pub enum CryptError {
     Unaligned { offset: u64, len: usize },
     #[error("cannot set up locked memory for a key: {0}")]
     Memory(String),
+    #[error("bad key file {0}")]
+    KeyFile(String),
     #[error("cannot read random bytes: {0}")]
     Random(String),
 }
@@ -176,6 +178,37 @@ impl VolumeKey {
         })?;
         res.map_err(|e| CryptError::Random(e.to_string()))?;
         Ok(VolumeKey(s))
+    }
+
+    /// Reads a key file: exactly [`KEY_LEN`] bytes, a regular file that
+    /// only its owner may read (mode 0600 or 0400).
+    pub fn from_file(path: &std::path::Path) -> Result<VolumeKey, CryptError> {
+        use std::os::unix::fs::MetadataExt;
+        let bad = |m: String| CryptError::KeyFile(format!("{}: {m}", path.display()));
+        let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+        let md = f.metadata().map_err(|e| bad(e.to_string()))?;
+        if !md.is_file() {
+            return Err(bad("not a regular file".into()));
+        }
+        if md.mode() & 0o077 != 0 {
+            return Err(bad(format!(
+                "mode {:o}: a key file must be readable by its owner only (chmod 600)",
+                md.mode() & 0o777
+            )));
+        }
+        if md.len() != KEY_LEN as u64 {
+            return Err(bad(format!(
+                "{} bytes: a key file holds exactly {KEY_LEN} bytes",
+                md.len()
+            )));
+        }
+        let mut buf = zeroize::Zeroizing::new([0u8; KEY_LEN]);
+        f.read_exact(&mut buf[..]).map_err(|e| bad(e.to_string()))?;
+        let mut extra = [0u8; 1];
+        if f.read(&mut extra).map_err(|e| bad(e.to_string()))? != 0 {
+            return Err(bad(format!("longer than {KEY_LEN} bytes")));
+        }
+        VolumeKey::from_bytes(&buf[..])
     }
 
     /// The key material (for building a cipher). Do not copy it.
@@ -485,6 +518,18 @@ mod tests {
         assert_eq!(back.expose(), k.expose());
         let short = postcard::to_stdvec(serde_bytes::Bytes::new(&[7u8; 63])).unwrap();
         assert!(postcard::from_bytes::<VolumeKey>(&short).is_err());
+        // Key files: 0600, exactly 64 bytes.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k");
+        std::fs::write(&f, &bytes).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = VolumeKey::from_file(&f).unwrap_err();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(VolumeKey::from_file(&f).unwrap().check(), check);
+        std::fs::write(&f, &bytes[..63]).unwrap();
+        assert!(VolumeKey::from_file(&f).is_err());
         let json = serde_json::to_string(&k).unwrap();
         let back: VolumeKey = serde_json::from_str(&json).unwrap();
         assert_eq!(back.check(), check);

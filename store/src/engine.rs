@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::checksum::{block_crc, zero_crc, Entry, ENTRY_SIZE};
 use crate::error::{Error, Result};
 use crate::meta::{Batch, ExtentRec, Meta, ReplicaAddr, SnapRec, VolumeRec};
+use crate::types::CryptRec;
 pub use crate::types::{
     BadBlock, NodeMetrics, ReadOut, RegionDigest, SnapshotLayout, VolumeInfo, VolumeLayout,
 };
@@ -435,6 +436,7 @@ impl Engine {
             regions,
             activity: rec.activity.clone(),
             stale: rec.stale.clone(),
+            crypt: rec.crypt.clone(),
         }
     }
 
@@ -446,12 +448,16 @@ impl Engine {
         size: u64,
         replicas: Vec<ReplicaAddr>,
         epoch: u64,
+        crypt: Option<CryptRec>,
     ) -> Result<VolumeInfo> {
         validate_name(name)?;
         if size == 0 || size % BLOCK_SIZE != 0 || size > MAX_VOLUME_SIZE {
             return Err(Error::Invalid(format!(
                 "size {size} must be a non-zero multiple of {BLOCK_SIZE} up to {MAX_VOLUME_SIZE}"
             )));
+        }
+        if let Some(c) = &crypt {
+            c.validate(size)?;
         }
         for r in &replicas {
             validate_name(&r.node)?;
@@ -471,6 +477,7 @@ impl Engine {
             snapshots: BTreeMap::new(),
             activity: BTreeMap::new(),
             stale: BTreeMap::new(),
+            crypt,
         };
         let batch = Batch {
             volumes: vec![(name.to_string(), Some(rec.clone()))],
@@ -579,6 +586,19 @@ impl Engine {
         }
         self.update_rec(name, epoch, |rec| {
             rec.replicas = replicas;
+            Ok(())
+        })
+    }
+
+    /// Records the volume's encryption state (its key check, a rekey's
+    /// progress). A plaintext volume stays plaintext.
+    pub fn set_crypt(&self, name: &str, epoch: u64, crypt: CryptRec) -> Result<()> {
+        self.update_rec(name, epoch, |rec| {
+            crypt.validate(rec.size)?;
+            if rec.crypt.is_none() {
+                return Err(Error::Invalid(format!("{name} is not encrypted")));
+            }
+            rec.crypt = Some(crypt);
             Ok(())
         })
     }
@@ -1038,6 +1058,11 @@ impl Engine {
         validate_name(snap)?;
         let mut st = self.lock();
         let mut rec = Self::vol(&st, name)?.clone();
+        if rec.crypt.as_ref().is_some_and(|c| c.rekey.is_some()) {
+            return Err(Error::Invalid(format!(
+                "{name} is being rekeyed; snapshots wait until it is done"
+            )));
+        }
         if rec.snapshots.contains_key(snap) {
             return Err(Error::Exists(format!("{name}@{snap}")));
         }
@@ -1156,6 +1181,11 @@ impl Engine {
             snapshots: BTreeMap::new(),
             activity: BTreeMap::new(),
             stale: BTreeMap::new(),
+            // A clone shares its parent's key (and so its key check).
+            crypt: base.crypt.clone().map(|c| CryptRec {
+                key_check: c.key_check,
+                rekey: None,
+            }),
         };
         self.share_map(&mut st, &mut batch, s.map, rec.map, s.size);
         batch.volumes.push((new.to_string(), Some(rec.clone())));
@@ -1467,7 +1497,8 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let dirs = vec![t.path().join("d1"), t.path().join("d2")];
         let e = engine(&dirs);
-        e.create_volume("v", 8 * EXTENT_SIZE, vec![], 1).unwrap();
+        e.create_volume("v", 8 * EXTENT_SIZE, vec![], 1, None)
+            .unwrap();
         let data = pattern(1, 3 * EXTENT_SIZE as usize);
         // Straddles extents 0..=3 (not aligned on an extent).
         e.write("v", 1, EXTENT_SIZE / 2, &data, &[]).unwrap();
@@ -1493,7 +1524,7 @@ mod tests {
     fn thin_provisioning_allocates_on_first_write() {
         let t = tempfile::tempdir().unwrap();
         let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", 1 << 30, vec![], 1).unwrap();
+        e.create_volume("v", 1 << 30, vec![], 1, None).unwrap();
         assert_eq!(e.info("v").unwrap().allocated_bytes, 0);
         let out = e.read("v", 5 * EXTENT_SIZE, 8192).unwrap();
         assert!(out.data.iter().all(|b| *b == 0));
@@ -1507,7 +1538,7 @@ mod tests {
     fn rejects_bad_ranges_and_epochs() {
         let t = tempfile::tempdir().unwrap();
         let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", EXTENT_SIZE, vec![], 3).unwrap();
+        e.create_volume("v", EXTENT_SIZE, vec![], 3, None).unwrap();
         assert!(matches!(
             e.write("v", 3, 100, &[0u8; 4096], &[]),
             Err(Error::Invalid(_))
@@ -1535,14 +1566,16 @@ mod tests {
             Err(Error::Fenced { .. })
         ));
         assert!(e.write("v", 4, 0, &[1u8; 4096], &[]).is_ok());
-        assert!(e.create_volume("../x", EXTENT_SIZE, vec![], 1).is_err());
+        assert!(e
+            .create_volume("../x", EXTENT_SIZE, vec![], 1, None)
+            .is_err());
     }
 
     #[test]
     fn checksum_mismatch_is_reported_not_returned() {
         let t = tempfile::tempdir().unwrap();
         let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", EXTENT_SIZE, vec![], 1).unwrap();
+        e.create_volume("v", EXTENT_SIZE, vec![], 1, None).unwrap();
         e.write("v", 1, 0, &pattern(3, 16384), &[]).unwrap();
         flip(&e, "v", 2, 100);
         let out = e.read("v", 0, 16384).unwrap();
@@ -1558,7 +1591,7 @@ mod tests {
         // step 2 (data written, sidecar still (new, old)).
         let t = tempfile::tempdir().unwrap();
         let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", EXTENT_SIZE, vec![], 1).unwrap();
+        e.create_volume("v", EXTENT_SIZE, vec![], 1, None).unwrap();
         let old = pattern(4, 4096);
         let new = pattern(5, 4096);
         e.write("v", 1, 0, &old, &[]).unwrap();
@@ -1590,7 +1623,8 @@ mod tests {
     fn snapshot_clone_cow_and_delete_reclaims() {
         let t = tempfile::tempdir().unwrap();
         let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", 4 * EXTENT_SIZE, vec![], 1).unwrap();
+        e.create_volume("v", 4 * EXTENT_SIZE, vec![], 1, None)
+            .unwrap();
         let a = pattern(7, 2 * EXTENT_SIZE as usize);
         e.write("v", 1, 0, &a, &[]).unwrap();
         assert_eq!(e.extent_count(), 2);
@@ -1640,7 +1674,8 @@ mod tests {
     fn torn_blocks_of_unflushed_regions_are_adopted() {
         let t = tempfile::tempdir().unwrap();
         let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", 4 * EXTENT_SIZE, vec![], 1).unwrap();
+        e.create_volume("v", 4 * EXTENT_SIZE, vec![], 1, None)
+            .unwrap();
         let data = pattern(5, 2 * EXTENT_SIZE as usize);
         e.write("v", 1, 0, &data, &[]).unwrap();
         // Block 3 torn: its data no longer matches its checksum.
@@ -1660,7 +1695,8 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let dirs = vec![t.path().to_path_buf()];
         let e = engine(&dirs);
-        e.create_volume("a", 4 * EXTENT_SIZE, vec![], 1).unwrap();
+        e.create_volume("a", 4 * EXTENT_SIZE, vec![], 1, None)
+            .unwrap();
         let full = pattern(3, EXTENT_SIZE as usize);
         e.write("a", 1, 0, &full, &[]).unwrap();
         e.flush(None).unwrap();
@@ -1668,7 +1704,8 @@ mod tests {
         // is not durable yet); after the flush it is, and reads as zeros but
         // for what its new owner writes.
         e.delete_volume("a").unwrap();
-        e.create_volume("b", 4 * EXTENT_SIZE, vec![], 1).unwrap();
+        e.create_volume("b", 4 * EXTENT_SIZE, vec![], 1, None)
+            .unwrap();
         let one = pattern(4, BLOCK_SIZE as usize);
         e.write("b", 1, BLOCK_SIZE, &one, &[]).unwrap();
         let (_, off) = e.block_location("b", 1).unwrap().unwrap();
@@ -1715,7 +1752,8 @@ mod tests {
     fn scrub_finds_flip_and_repair_fixes_it() {
         let t = tempfile::tempdir().unwrap();
         let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", 2 * EXTENT_SIZE, vec![], 1).unwrap();
+        e.create_volume("v", 2 * EXTENT_SIZE, vec![], 1, None)
+            .unwrap();
         let data = pattern(10, 2 * EXTENT_SIZE as usize);
         e.write("v", 1, 0, &data, &[]).unwrap();
         assert!(e.scrub("v", |_, _| {}).unwrap().is_empty());
@@ -1740,7 +1778,8 @@ mod tests {
     fn activity_and_stale_maps_track_regions() {
         let t = tempfile::tempdir().unwrap();
         let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", 8 * EXTENT_SIZE, vec![], 1).unwrap();
+        e.create_volume("v", 8 * EXTENT_SIZE, vec![], 1, None)
+            .unwrap();
         e.write("v", 1, 3 * EXTENT_SIZE, &[1u8; 4096], &["n2".into()])
             .unwrap();
         let i = e.info("v").unwrap();

@@ -67,6 +67,8 @@ pub struct VolumeRec {
     pub activity: BTreeMap<u64, BTreeSet<u64>>,
     /// Peers the writer marked stale, with the regions each missed.
     pub stale: BTreeMap<String, BTreeSet<u64>>,
+    /// Encryption (key fingerprint, rekey progress); `None`: plaintext.
+    pub crypt: Option<crate::types::CryptRec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -494,6 +496,7 @@ mod tests {
             snapshots: BTreeMap::new(),
             activity: BTreeMap::new(),
             stale: BTreeMap::new(),
+            crypt: None,
         }
     }
 

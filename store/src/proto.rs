@@ -24,10 +24,12 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::crypt::VolumeKey;
 use crate::error::{Error, Result, WireError};
 use crate::meta::ReplicaAddr;
 pub use crate::types::{
-    BadBlock, NodeMetrics, ReadOut, RegionDigest, SnapshotLayout, VolumeInfo, VolumeLayout,
+    BadBlock, CryptRec, NodeMetrics, ReadOut, RegionDigest, SnapshotLayout, VolumeInfo,
+    VolumeLayout,
 };
 use crate::MAX_IO;
 
@@ -70,6 +72,14 @@ pub enum Request {
         size: u64,
         replicas: Vec<ReplicaAddr>,
         epoch: u64,
+        /// Encryption metadata (the key's check, never the key).
+        crypt: Option<CryptRec>,
+    },
+    /// Records an encrypted volume's key check and rekey progress.
+    SetCrypt {
+        name: String,
+        epoch: u64,
+        crypt: CryptRec,
     },
     /// Only the current writer deletes (its epoch must be the replica's).
     DeleteReplica {
@@ -161,10 +171,13 @@ pub enum Request {
         name: String,
         block: u64,
     },
+    /// Creates a volume; with `key`, encrypted with it (the replicas
+    /// record only its check) and attached here with it.
     VolCreate {
         name: String,
         size: u64,
         replicas: Vec<ReplicaAddr>,
+        key: Option<VolumeKey>,
     },
     VolList,
     VolShow {
@@ -202,6 +215,16 @@ pub enum Request {
         name: String,
         /// Attach even without a majority of replicas reachable.
         force: bool,
+        /// The key of an encrypted volume (refused for a plaintext one).
+        key: Option<VolumeKey>,
+        /// The new key of a rekey that was interrupted (resumed on attach).
+        next_key: Option<VolumeKey>,
+    },
+    /// Re-encrypts an attached encrypted volume with `key`, online (progress
+    /// frames: bytes done of total). Refused while it has snapshots.
+    VolRekey {
+        name: String,
+        key: VolumeKey,
     },
     VolDetach {
         name: String,
@@ -290,12 +313,24 @@ impl Request {
         }
     }
 
+    /// Does this request carry key material? (Its encoded frame is wiped
+    /// after use; it is never a replica operation.)
+    pub fn carries_key(&self) -> bool {
+        match self {
+            Request::VolCreate { key, .. } => key.is_some(),
+            Request::VolAttach { key, next_key, .. } => key.is_some() || next_key.is_some(),
+            Request::VolRekey { .. } => true,
+            _ => false,
+        }
+    }
+
     /// May this request come from another node? An allow-list: a new
     /// request type is refused on the network until it is added here.
     pub fn is_replica_op(&self) -> bool {
         matches!(
             self,
             Request::CreateReplica { .. }
+                | Request::SetCrypt { .. }
                 | Request::DeleteReplica { .. }
                 | Request::ReplicaInfo { .. }
                 | Request::SetEpoch { .. }
@@ -355,6 +390,19 @@ pub struct VolumeStatus {
     pub checksum_errors: u64,
     /// Counters of this node's engine (all volumes).
     pub node: NodeMetrics,
+    pub encrypted: bool,
+    /// The public fingerprint of the volume's key (`None`: plaintext).
+    pub key_check: Option<String>,
+    /// An online rekey in progress.
+    pub rekey: Option<RekeyStatus>,
+}
+
+/// Progress of an online rekey (bytes of the volume re-encrypted).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RekeyStatus {
+    pub done: u64,
+    pub total: u64,
+    pub next_key_check: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -485,6 +533,17 @@ pub fn read_frame(r: &mut dyn Read) -> Result<Option<(Kind, Vec<u8>)>> {
 pub fn send<T: Serialize>(w: &mut dyn Write, kind: Kind, msg: &T) -> Result<()> {
     let body = postcard::to_stdvec(msg).map_err(|e| Error::Protocol(e.to_string()))?;
     write_frame(w, kind, &body)
+}
+
+/// Sends a request; the encoding of one that carries a key is wiped once
+/// written.
+pub fn send_request(w: &mut dyn Write, req: &Request) -> Result<()> {
+    let mut body = postcard::to_stdvec(req).map_err(|e| Error::Protocol(e.to_string()))?;
+    let r = write_frame(w, Kind::Request, &body);
+    if req.carries_key() {
+        zeroize::Zeroize::zeroize(&mut body);
+    }
+    r
 }
 
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {

@@ -22,8 +22,13 @@ fn dispatch(engine: &Engine, connector: &dyn Connector, req: &Request) -> Result
             size,
             replicas,
             epoch,
+            crypt,
         } => {
-            engine.create_volume(name, *size, replicas.clone(), *epoch)?;
+            engine.create_volume(name, *size, replicas.clone(), *epoch, crypt.clone())?;
+            Ok(Response::Ok)
+        }
+        Request::SetCrypt { name, epoch, crypt } => {
+            engine.set_crypt(name, *epoch, crypt.clone())?;
             Ok(Response::Ok)
         }
         Request::DeleteReplica { name, epoch } => {

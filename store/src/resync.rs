@@ -257,6 +257,8 @@ pub fn resync_one(w: &Writer, node: &str) -> Result<()> {
             stale: stale_map.unwrap_or_default(),
         },
     )?;
+    // It may have missed a rekey's progress (or all of it).
+    w.send_crypt(&mut inner, pi)?;
     inner.peers[pi].state = PeerState::InSync;
     inner.peers[pi].pending = 0;
     tracing::info!(volume = %w.name, peer = node, "replica back in sync");

@@ -15,7 +15,7 @@ use crate::io::VolumeIo;
 use crate::meta::ReplicaAddr;
 use crate::proto::{self, Kind, Progress, Request, Response, ScrubReport, VolumeStatus};
 use crate::transport::{Connector, Link, PlainServer, ServerTransport, TcpConnector, TlsFiles};
-use crate::writer::Writer;
+use crate::writer::{Keys, Writer};
 use crate::{replica, resync, validate_name, MAX_IO};
 
 /// How the replication port is protected.
@@ -150,8 +150,23 @@ impl Daemon {
         replicas: Option<Vec<ReplicaAddr>>,
         force: bool,
     ) -> Result<Arc<Writer>> {
+        self.attach_with_keys(name, replicas, force, Keys::default())
+    }
+
+    /// [`Daemon::attach`] for an encrypted volume: `keys` must be its key
+    /// (and an interrupted rekey's new key, which resumes the rekey). Wrong
+    /// or missing keys, or a key for a plaintext volume, are refused and
+    /// nothing is attached.
+    pub fn attach_with_keys(
+        &self,
+        name: &str,
+        replicas: Option<Vec<ReplicaAddr>>,
+        force: bool,
+        keys: Keys,
+    ) -> Result<Arc<Writer>> {
         if let Ok(w) = self.writer(name) {
             if !w.is_fenced() && !w.is_detached() {
+                w.accepts(&keys)?;
                 return Ok(w);
             }
         }
@@ -165,11 +180,13 @@ impl Daemon {
             self.engine.clone(),
             self.connector.clone(),
             force,
+            keys,
         )?;
         let r = w.clone();
         std::thread::Builder::new()
             .name(format!("resync-{name}"))
             .spawn(move || resync::run(r))?;
+        w.spawn_rekey()?;
         if let Some(old) = self
             .writers
             .lock()
@@ -223,6 +240,17 @@ impl Daemon {
             repaired_blocks: 0,
             checksum_errors: 0,
             node: self.engine.node_metrics(),
+            encrypted: i.crypt.is_some(),
+            key_check: i.crypt.as_ref().map(|c| c.key_check.clone()),
+            rekey: i
+                .crypt
+                .as_ref()
+                .and_then(|c| c.rekey.as_ref())
+                .map(|r| proto::RekeyStatus {
+                    done: r.watermark.min(i.size),
+                    total: i.size,
+                    next_key_check: r.next_key_check.clone(),
+                }),
         })
     }
 
@@ -248,7 +276,12 @@ impl Daemon {
                 name,
                 size,
                 replicas,
+                key,
             } => {
+                let crypt = key.as_ref().map(|k| proto::CryptRec {
+                    key_check: crate::crypt::key_check(k),
+                    rekey: None,
+                });
                 validate_name(&name)?;
                 if replicas.is_empty() || replicas.len() > 3 {
                     return Err(Error::Invalid("a volume needs 1 to 3 replicas".into()));
@@ -267,6 +300,7 @@ impl Daemon {
                             size,
                             replicas: replicas.clone(),
                             epoch: 1,
+                            crypt: crypt.clone(),
                         },
                     );
                     if let Err(e) = created {
@@ -286,7 +320,15 @@ impl Daemon {
                         )));
                     }
                 }
-                let w = self.attach(&name, Some(replicas), false)?;
+                let w = self.attach_with_keys(
+                    &name,
+                    Some(replicas),
+                    false,
+                    Keys {
+                        key,
+                        next_key: None,
+                    },
+                )?;
                 Ok(Response::Status(w.status()))
             }
             Request::VolList => {
@@ -343,7 +385,12 @@ impl Daemon {
             Request::VolClone { name, snap, new } => {
                 let w = self.writer(&name)?;
                 w.clone_to(&snap, &new)?;
-                let c = self.attach(&new, Some(w.replicas()), false)?;
+                // A clone shares its parent's key.
+                let keys = Keys {
+                    key: w.key_copy()?,
+                    next_key: None,
+                };
+                let c = self.attach_with_keys(&new, Some(w.replicas()), false, keys)?;
                 Ok(Response::Status(c.status()))
             }
             Request::VolRebuild { name, add, remove } => {
@@ -413,8 +460,35 @@ impl Daemon {
                 }
                 Ok(Response::Scrub(total))
             }
-            Request::VolAttach { name, force } => {
-                Ok(Response::Status(self.attach(&name, None, force)?.status()))
+            Request::VolAttach {
+                name,
+                force,
+                key,
+                next_key,
+            } => Ok(Response::Status(
+                self.attach_with_keys(&name, None, force, Keys { key, next_key })?
+                    .status(),
+            )),
+            Request::VolRekey { name, key } => {
+                let w = self.writer(&name)?;
+                w.begin_rekey(key)?;
+                w.spawn_rekey()?;
+                loop {
+                    let st = w.status();
+                    let Some(r) = st.rekey else { break };
+                    progress(Progress {
+                        done: r.done,
+                        total: r.total,
+                    });
+                    if w.is_fenced() || w.is_detached() {
+                        return Err(Error::Unavailable(format!(
+                            "{name} stopped being attached here during the rekey; attach it \
+                             again with both keys to resume"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Ok(Response::Status(w.status()))
             }
             Request::VolDetach { name } => {
                 self.unexport_vhost(&name);
@@ -485,8 +559,11 @@ impl Daemon {
                 }
             };
             let resp = match frame {
-                (Kind::Request, body) => match proto::decode::<Request>(&body) {
+                (Kind::Request, mut body) => match proto::decode::<Request>(&body) {
                     Ok(req) => {
+                        if req.carries_key() {
+                            zeroize::Zeroize::zeroize(&mut body);
+                        }
                         let mut sink = ProgressSink {
                             conn: &mut conn,
                             failed: false,

@@ -20,6 +20,65 @@ pub struct VolumeInfo {
     pub regions: Vec<u64>,
     pub activity: BTreeMap<u64, BTreeSet<u64>>,
     pub stale: BTreeMap<String, BTreeSet<u64>>,
+    /// `None`: not encrypted.
+    pub crypt: Option<CryptRec>,
+}
+
+/// A volume's encryption, as every replica records it: the public
+/// fingerprint of its key ([`crate::crypt::key_check`]), never the key,
+/// and an online rekey's progress.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CryptRec {
+    pub key_check: String,
+    pub rekey: Option<RekeyRec>,
+}
+
+/// An online rekey in progress: regions below `watermark` (bytes, a
+/// multiple of the region size) are under the new key, the rest under the
+/// old one, except `hot`, the region being re-encrypted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RekeyRec {
+    pub next_key_check: String,
+    pub watermark: u64,
+    pub hot: Option<HotRegion>,
+}
+
+/// The region a rekey was re-encrypting: a fingerprint of each block's old
+/// ciphertext (first 8 bytes of its SHA-256; 0 for a hole), so that after a
+/// crash each block can be told old (fingerprint matches) from new.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HotRegion {
+    pub region: u64,
+    pub old: Vec<u64>,
+}
+
+impl CryptRec {
+    /// Bounds on what a peer may ask a replica to record.
+    pub fn validate(&self, size: u64) -> crate::Result<()> {
+        let ok_check = |c: &str| c.len() == 16 && c.bytes().all(|b| b.is_ascii_hexdigit());
+        let bad = |m: &str| Err(crate::Error::Invalid(format!("bad encryption record: {m}")));
+        if !ok_check(&self.key_check) {
+            return bad("key check");
+        }
+        if let Some(r) = &self.rekey {
+            if !ok_check(&r.next_key_check) {
+                return bad("next key check");
+            }
+            if r.watermark % crate::EXTENT_SIZE != 0
+                || r.watermark > size.next_multiple_of(crate::EXTENT_SIZE)
+            {
+                return bad("watermark");
+            }
+            if let Some(h) = &r.hot {
+                if h.old.len() as u64 > crate::BLOCKS_PER_EXTENT
+                    || h.region >= size.div_ceil(crate::EXTENT_SIZE)
+                {
+                    return bad("hot region");
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Result of a read: the data (blocks that failed verification are zeroed)

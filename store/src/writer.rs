@@ -22,6 +22,12 @@ use crate::proto::{ReplicaStatus, Request, Response, SnapshotLayout, VolumeLayou
 use crate::transport::{Connector, Link};
 use crate::{replica, BLOCK_SIZE, EXTENT_SIZE, MAX_IO};
 
+mod keys;
+mod rekey;
+
+pub use keys::Keys;
+use keys::VolumeCrypt;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerState {
     InSync,
@@ -130,6 +136,9 @@ pub(crate) struct Inner {
     /// replica whose flush fails may have lost any of them (a failed
     /// fdatasync can drop dirty pages), so its dirty map gets them all.
     pub unflushed: BTreeSet<u64>,
+    /// An encrypted volume's keys (`None`: plaintext). Data is encrypted
+    /// here, before it is replicated, and decrypted after it is read.
+    pub(crate) crypt: Option<VolumeCrypt>,
 }
 
 pub struct Writer {
@@ -140,6 +149,8 @@ pub struct Writer {
     pub(crate) inner: Mutex<Inner>,
     fenced: AtomicBool,
     detached: AtomicBool,
+    /// A rekey thread runs for this volume.
+    rekeying: AtomicBool,
     pub stats: WriterStats,
 }
 
@@ -153,12 +164,17 @@ impl Writer {
     ///
     /// Only replicas that answer can tell which members missed writes, so
     /// attaching needs a majority of the replica set unless `force`.
+    ///
+    /// An encrypted volume needs its key (and, while a rekey is in
+    /// progress, the new key too); wrong or missing keys are refused before
+    /// any epoch is raised, so nothing changes.
     pub fn attach(
         name: &str,
         replicas: Vec<ReplicaAddr>,
         engine: Arc<Engine>,
         connector: Arc<dyn Connector>,
         force: bool,
+        keys: Keys,
     ) -> Result<Arc<Writer>> {
         crate::validate_name(name)?;
         let mut peers: Vec<Peer> = replicas
@@ -179,17 +195,34 @@ impl Writer {
         // 1. Find the highest epoch.
         let mut reachable = vec![false; peers.len()];
         let mut max_epoch = 0;
+        let mut first_info: Option<(bool, VolumeInfo)> = None;
         for (i, p) in peers.iter_mut().enumerate() {
             match p.call(&engine, connector.as_ref(), &info_req) {
                 Ok(Response::Info(info)) => {
                     reachable[i] = true;
                     max_epoch = max_epoch.max(info.epoch);
+                    if first_info
+                        .as_ref()
+                        .is_none_or(|(local, _)| !local && p.local)
+                    {
+                        first_info = Some((p.local, info));
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(volume = name, peer = %p.node, error = %e, "replica not reachable at attach")
                 }
             }
+        }
+        // The keys are checked before anything changes (the replica
+        // chosen below, once the epochs are raised, is checked again).
+        if let Some((_, info)) = &first_info {
+            keys::check_keys(
+                name,
+                info.crypt.as_ref(),
+                keys.key.as_ref(),
+                keys.next_key.as_ref(),
+            )?;
         }
         let answered = reachable.iter().filter(|r| **r).count();
         if answered == 0 {
@@ -269,6 +302,11 @@ impl Writer {
                 stale.entry(p.node.clone()).or_default().extend(&touched);
             }
         }
+        let crypt = VolumeCrypt::open(
+            name,
+            infos[first].as_ref().and_then(|i| i.crypt.as_ref()),
+            keys,
+        )?;
         let w = Arc::new(Writer {
             name: name.to_string(),
             epoch,
@@ -278,9 +316,11 @@ impl Writer {
                 peers,
                 size,
                 unflushed: BTreeSet::new(),
+                crypt,
             }),
             fenced: AtomicBool::new(false),
             detached: AtomicBool::new(false),
+            rekeying: AtomicBool::new(false),
             stats: WriterStats::default(),
         });
         // 5. Make the in-sync replicas agree on regions written in flight.
@@ -330,6 +370,9 @@ impl Writer {
                     },
                 )?;
             }
+            // 7. Every replica in sync records the same encryption state;
+            //    a rekey interrupted inside a region finishes that region.
+            w.settle_rekey(&mut inner)?;
         }
         tracing::info!(volume = name, epoch, "attached as writer");
         Ok(w)
@@ -511,23 +554,45 @@ impl Writer {
         }
     }
 
-    /// Aligned write of whole blocks (at most MAX_IO) with `inner` held.
+    /// Aligned write of whole blocks (at most MAX_IO) with `inner` held,
+    /// encrypted first if the volume is.
     fn write_locked(&self, inner: &mut Inner, offset: u64, data: &[u8]) -> Result<()> {
+        match &inner.crypt {
+            None => self.write_raw(inner, offset, data.to_vec()),
+            Some(c) => {
+                let mut buf = data.to_vec();
+                c.encrypt(&mut buf, offset)?;
+                self.write_raw(inner, offset, buf)
+            }
+        }
+    }
+
+    /// Reads whole blocks (decrypted if the volume is encrypted).
+    fn read_locked(&self, inner: &mut Inner, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut data = self.read_raw(inner, offset, len)?;
+        if let Some(c) = &inner.crypt {
+            c.decrypt(&mut data, offset)?;
+        }
+        Ok(data)
+    }
+
+    /// Aligned write of whole blocks (at most MAX_IO) as they are.
+    fn write_raw(&self, inner: &mut Inner, offset: u64, data: Vec<u8>) -> Result<()> {
+        let regions = Self::regions_of(offset, data.len() as u64);
         let req = Request::Write {
             name: self.name.clone(),
             epoch: self.epoch,
             offset,
-            data: data.to_vec(),
+            data,
             stale: Self::stale_nodes(inner),
         };
-        let regions = Self::regions_of(offset, data.len() as u64);
         inner.unflushed.extend(&regions);
         self.replicate(inner, &req, &regions)
     }
 
-    /// Reads whole blocks from the best replica, repairing blocks that fail
-    /// their checksum from another replica.
-    fn read_locked(&self, inner: &mut Inner, offset: u64, len: u64) -> Result<Vec<u8>> {
+    /// Reads whole blocks as stored from the best replica, repairing
+    /// blocks that fail their checksum from another replica.
+    fn read_raw(&self, inner: &mut Inner, offset: u64, len: u64) -> Result<Vec<u8>> {
         let mut order: Vec<usize> = (0..inner.peers.len())
             .filter(|i| inner.peers[*i].state == PeerState::InSync)
             .collect();
@@ -679,6 +744,18 @@ impl Writer {
         Ok(len)
     }
 
+    /// The data-path flush with `inner` held.
+    fn flush_locked(&self, inner: &mut Inner) -> Result<()> {
+        let req = Request::FlushHot {
+            name: self.name.clone(),
+            epoch: self.epoch,
+        };
+        let unflushed: Vec<u64> = inner.unflushed.iter().copied().collect();
+        self.replicate(inner, &req, &unflushed)?;
+        inner.unflushed.clear();
+        Ok(())
+    }
+
     /// Runs `req` on every replica; all must be in sync and all must succeed.
     fn on_all(&self, req: &Request) -> Result<()> {
         self.check_usable()?;
@@ -699,6 +776,7 @@ impl Writer {
 
     pub fn snapshot(&self, snap: &str) -> Result<()> {
         crate::validate_name(snap)?;
+        self.refuse_during_rekey("snapshots")?;
         self.on_all(&Request::Snapshot {
             name: self.name.clone(),
             snap: snap.to_string(),
@@ -727,6 +805,7 @@ impl Writer {
     }
 
     pub fn resize(&self, size: u64) -> Result<()> {
+        self.refuse_during_rekey("resizing")?;
         self.on_all(&Request::Resize {
             name: self.name.clone(),
             epoch: self.epoch,
@@ -890,7 +969,7 @@ impl Writer {
     pub fn rebuild(&self, add: ReplicaAddr, remove: Option<&str>) -> Result<()> {
         self.check_usable()?;
         crate::validate_name(&add.node)?;
-        let (set, size, mut src) = {
+        let (set, size, mut src, crypt) = {
             let inner = self.lock();
             let set = Self::rebuilt_set(&inner, &add, remove)?;
             let p = inner
@@ -907,7 +986,8 @@ impl Writer {
                 pending: 0,
                 epoch_taken: p.epoch_taken,
             };
-            (set, inner.size, src)
+            let crypt = inner.crypt.as_ref().map(|c| c.rec.clone());
+            (set, inner.size, src, crypt)
         };
         let mut newp = Peer {
             node: add.node.clone(),
@@ -927,6 +1007,7 @@ impl Writer {
                 size,
                 replicas: set.clone(),
                 epoch: self.epoch,
+                crypt,
             },
         )?;
         let copied = self.layout_of(&mut src).and_then(|l| {
@@ -1050,6 +1131,12 @@ impl Writer {
             repaired_blocks: self.stats.repaired_blocks.load(Ordering::Relaxed),
             checksum_errors: self.stats.checksum_errors.load(Ordering::Relaxed),
             node: crate::proto::NodeMetrics::default(),
+            encrypted: inner.crypt.is_some(),
+            key_check: inner.crypt.as_ref().map(|c| c.rec.key_check.clone()),
+            rekey: inner
+                .crypt
+                .as_ref()
+                .and_then(|c| c.rekey_status(inner.size)),
         }
     }
 }
@@ -1107,14 +1194,7 @@ impl VolumeIo for Writer {
     fn flush(&self) -> Result<()> {
         self.check_usable()?;
         let mut inner = self.lock();
-        let req = Request::FlushHot {
-            name: self.name.clone(),
-            epoch: self.epoch,
-        };
-        let unflushed: Vec<u64> = inner.unflushed.iter().copied().collect();
-        self.replicate(&mut inner, &req, &unflushed)?;
-        inner.unflushed.clear();
-        Ok(())
+        self.flush_locked(&mut inner)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

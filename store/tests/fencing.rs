@@ -16,6 +16,8 @@ fn attach(n: &Node) -> Option<u64> {
     match n.call(Request::VolAttach {
         name: "vol".into(),
         force: false,
+        key: None,
+        next_key: None,
     }) {
         Ok(Response::Status(s)) => Some(s.epoch),
         _ => None,
@@ -176,6 +178,8 @@ fn hostile_epochs_and_regions_from_the_network_are_refused() {
         .call(Request::VolAttach {
             name: "vol".into(),
             force: false,
+            key: None,
+            next_key: None,
         })
         .unwrap_err();
     assert!(err.to_string().contains("cannot be raised"), "{err}");

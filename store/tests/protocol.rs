@@ -105,6 +105,7 @@ fn hostile_requests_are_refused_without_harm() {
             size: 12345,
             replicas: vec![],
             epoch: 1,
+            crypt: None,
         },
         Request::Write {
             name: "vol".into(),

@@ -145,6 +145,8 @@ fn only_peers_with_a_certificate_of_the_cluster_are_served() {
         Request::VolAttach {
             name: "vol".into(),
             force: true,
+            key: None,
+            next_key: None,
         },
         Request::VolExportVhost {
             name: "vol".into(),

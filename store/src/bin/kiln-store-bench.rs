@@ -430,6 +430,7 @@ fn main() -> Result<()> {
                 name: name.into(),
                 size: vol_size,
                 replicas,
+                key: None,
             },
         )
     };

@@ -117,7 +117,7 @@ impl Link {
             self.conn.set_read_timeout(Some(req.deadline()))?;
         }
         self.used = std::time::Instant::now();
-        proto::send(&mut self.conn, Kind::Request, req).map_err(unavailable)
+        proto::send_request(&mut self.conn, req).map_err(unavailable)
     }
 
     /// Reads the response to the request last sent.
