@@ -89,9 +89,11 @@ impl From<std::io::Error> for Error {
 
 pub mod report;
 pub mod stall;
+pub mod swtpm;
 pub mod tiny;
 
 pub use report::{in_ci, retry, skip};
+pub use swtpm::Swtpm;
 
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -374,6 +376,24 @@ impl TestHost {
         qemu_args: &[String],
         timeout: Duration,
     ) -> Result<HostRun> {
+        let args: Vec<String> = qemu_args
+            .iter()
+            .flat_map(|a| ["--qemu-arg".to_string(), a.clone()])
+            .collect();
+        Self::run_with_args(script, bins, files, &args, timeout)
+    }
+
+    /// [`TestHost::run`] with extra options for `scripts/testhost` (given
+    /// before the script), e.g. `["--tpm", dir, "--ima"]` for a test host
+    /// with a TPM and measured boot, or `["--append", "ARG"]` for its kernel
+    /// command line. See `scripts/testhost --help`.
+    pub fn run_with_args(
+        script: &str,
+        bins: &[PathBuf],
+        files: &[(PathBuf, String)],
+        testhost_args: &[String],
+        timeout: Duration,
+    ) -> Result<HostRun> {
         static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
         static SEQ: AtomicUsize = AtomicUsize::new(0);
 
@@ -388,7 +408,7 @@ impl TestHost {
         // once, and said so (`report::retry`: CI's log and its summary).
         let once = || {
             let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-            Self::run_once(script, bins, files, qemu_args, timeout, seq)
+            Self::run_once(script, bins, files, testhost_args, timeout, seq)
         };
         let first = once()?;
         let Some(why) = first.environment_failure() else {
@@ -405,7 +425,7 @@ impl TestHost {
         script: &str,
         bins: &[PathBuf],
         files: &[(PathBuf, String)],
-        qemu_args: &[String],
+        testhost_args: &[String],
         timeout: Duration,
         seq: usize,
     ) -> Result<HostRun> {
@@ -429,9 +449,7 @@ impl TestHost {
             spec.push(dest);
             cmd.arg("--file").arg(spec);
         }
-        for a in qemu_args {
-            cmd.arg("--qemu-arg").arg(a);
-        }
+        cmd.args(testhost_args);
         cmd.arg(&script_path)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
