@@ -1,0 +1,902 @@
+//! The verifier: checks evidence against our challenge and, optionally, a
+//! reference policy, and names every failure with its facts. Pure Rust over
+//! the evidence's bytes: no TPM, no C library.
+//!
+//! Order of trust: the AK's signature over TPMS_ATTEST vouches for the
+//! quote; the quote's pcrDigest vouches for the reported PCR values; the
+//! PCR values vouch for the event logs that replay to them; the logs name
+//! the measured files, which the policy judges. Every step runs even when
+//! an earlier one failed, so the report shows all that is wrong at once;
+//! it passes only when nothing failed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
+use rsa::{BigUint, Pkcs1v15Sign, Pss, RsaPublicKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256, Sha384, Sha512};
+
+use super::eventlog::{self, extend, NUM_PCRS};
+use super::evidence::{
+    Evidence, EvidenceNode, KilnEvent, MEASUREMENT_MODE_IMA, MEASUREMENT_MODE_KILN_SELF,
+};
+use super::policy::ReferencePolicy;
+use super::quote::{self, alg_name};
+use super::{IMA_PCR, KILN_SOFTWARE_PCR, VM_LAUNCH_PCR};
+
+/// One reason the evidence is not trusted. Serialized with a `kind` tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum Failure {
+    /// The node has no TPM (`--insecure-no-tpm`) and the policy does not
+    /// allow that.
+    NoTpm,
+    /// The quote's signature does not verify with the AK in the evidence.
+    BadSignature { reason: String },
+    /// The AK is not a restricted, fixed, signing key: its quotes prove
+    /// nothing, since it could sign anything.
+    AkNotAttestationKey { reason: String },
+    /// The AK is not the one the policy trusts (SHA-256 of each key's
+    /// SubjectPublicKeyInfo DER).
+    AkNotTrusted { expected: String, found: String },
+    /// The evidence's `nonce` differs from the quote's extraData: altered.
+    NonceEdited { field: String, quoted: String },
+    /// A self-consistent quote, but over another challenge than ours: a
+    /// replayed old quote.
+    Stale { challenge: String, quoted: String },
+    /// The reported PCR values do not hash to the quote's pcrDigest.
+    PcrDigestMismatch { quoted: String, computed: String },
+    /// A PCR that must be covered is not in the quote's selection.
+    PcrNotQuoted { pcr: u8, why: String },
+    /// Replaying a log does not give the quoted PCR value: an edited,
+    /// truncated or missing log.
+    LogReplayMismatch {
+        pcr: u8,
+        log: String,
+        replayed: String,
+        quoted: String,
+    },
+    /// A Kiln log entry's extended digest is not its event's digest.
+    EventDigestMismatch {
+        pcr: u8,
+        index: usize,
+        recorded: String,
+        computed: String,
+    },
+    /// A quoted PCR differs from the policy's value.
+    PcrNotExpected {
+        pcr: u8,
+        expected: String,
+        found: String,
+    },
+    /// A measured file's digest differs from the policy's.
+    FileChanged {
+        pcr: u8,
+        path: String,
+        expected: String,
+        found: String,
+    },
+    /// A measured file the policy does not know.
+    UnknownFile {
+        pcr: u8,
+        path: String,
+        found: String,
+    },
+    /// The evidence cannot be parsed or contradicts itself.
+    MalformedEvidence(String),
+}
+
+impl Failure {
+    /// The variant's name, for tables and tests.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Failure::NoTpm => "NoTpm",
+            Failure::BadSignature { .. } => "BadSignature",
+            Failure::AkNotAttestationKey { .. } => "AkNotAttestationKey",
+            Failure::AkNotTrusted { .. } => "AkNotTrusted",
+            Failure::NonceEdited { .. } => "NonceEdited",
+            Failure::Stale { .. } => "Stale",
+            Failure::PcrDigestMismatch { .. } => "PcrDigestMismatch",
+            Failure::PcrNotQuoted { .. } => "PcrNotQuoted",
+            Failure::LogReplayMismatch { .. } => "LogReplayMismatch",
+            Failure::EventDigestMismatch { .. } => "EventDigestMismatch",
+            Failure::PcrNotExpected { .. } => "PcrNotExpected",
+            Failure::FileChanged { .. } => "FileChanged",
+            Failure::UnknownFile { .. } => "UnknownFile",
+            Failure::MalformedEvidence(_) => "MalformedEvidence",
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.kind())?;
+        match self {
+            Failure::NoTpm => write!(
+                f,
+                "the node has no TPM (--insecure-no-tpm); its evidence proves nothing"
+            ),
+            Failure::BadSignature { reason } => write!(f, "quote signature: {reason}"),
+            Failure::AkNotAttestationKey { reason } => write!(f, "attestation key: {reason}"),
+            Failure::AkNotTrusted { expected, found } => write!(
+                f,
+                "attestation key sha256:{found} is not the policy's sha256:{expected}"
+            ),
+            Failure::NonceEdited { field, quoted } => write!(
+                f,
+                "evidence nonce {field} differs from the quote's extraData {quoted} (evidence altered)"
+            ),
+            Failure::Stale { challenge, quoted } => write!(
+                f,
+                "the quote answers nonce {quoted}, not our challenge {challenge} (a replayed quote)"
+            ),
+            Failure::PcrDigestMismatch { quoted, computed } => write!(
+                f,
+                "reported PCR values hash to {computed}, the quote says {quoted} (a PCR value was changed)"
+            ),
+            Failure::PcrNotQuoted { pcr, why } => write!(f, "PCR {pcr} is not quoted: {why}"),
+            Failure::LogReplayMismatch {
+                pcr,
+                log,
+                replayed,
+                quoted,
+            } => write!(
+                f,
+                "PCR {pcr}: the {log} log replays to {replayed}, quoted {quoted} (log edited)"
+            ),
+            Failure::EventDigestMismatch {
+                pcr,
+                index,
+                recorded,
+                computed,
+            } => write!(
+                f,
+                "PCR {pcr}: kiln log entry {index} records digest {recorded}, its event hashes to {computed}"
+            ),
+            Failure::PcrNotExpected {
+                pcr,
+                expected,
+                found,
+            } => write!(f, "PCR {pcr}: expected {expected}, found {found}"),
+            Failure::FileChanged {
+                pcr,
+                path,
+                expected,
+                found,
+            } => write!(f, "PCR {pcr}: {path}: expected {expected}, found {found}"),
+            Failure::UnknownFile { pcr, path, found } => {
+                write!(f, "PCR {pcr}: {path} ({found}) is not in the policy")
+            }
+            Failure::MalformedEvidence(m) => f.write_str(m),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckStatus {
+    Pass,
+    Fail,
+    /// Not checked (no policy, no log): says nothing either way.
+    Skipped,
+}
+
+/// One line of the verifier's table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub status: CheckStatus,
+    pub detail: String,
+}
+
+/// A file some log says was measured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeasuredFile {
+    pub pcr: u8,
+    pub path: String,
+    /// Hex SHA-256 (or "ALG:hex" for an IMA digest in another algorithm).
+    pub digest: String,
+    /// "ima" or "kiln".
+    pub log: String,
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub node: EvidenceNode,
+    pub measurement_mode: String,
+    pub checks: Vec<Check>,
+    pub failures: Vec<Failure>,
+    /// SHA-256 of the AK's SubjectPublicKeyInfo DER, when it parsed.
+    pub ak_sha256: Option<String>,
+    /// The quoted PCR values (hex), when they hash to the quote's digest.
+    pub quoted_pcrs: BTreeMap<u8, String>,
+    pub files: Vec<MeasuredFile>,
+    pub vm_launches: Vec<KilnEvent>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+struct Run {
+    checks: Vec<Check>,
+    failures: Vec<Failure>,
+    mark: usize,
+}
+
+impl Run {
+    fn fail(&mut self, f: Failure) {
+        self.failures.push(f);
+    }
+    fn malformed(&mut self, m: impl Into<String>) {
+        self.failures.push(Failure::MalformedEvidence(m.into()));
+    }
+    /// Starts a check: failures pushed until `end` belong to it.
+    fn begin(&mut self) {
+        self.mark = self.failures.len();
+    }
+    fn end(&mut self, name: &str, detail: impl Into<String>) {
+        let status = if self.failures.len() > self.mark {
+            CheckStatus::Fail
+        } else {
+            CheckStatus::Pass
+        };
+        self.push(name, status, detail);
+    }
+    fn push(&mut self, name: &str, status: CheckStatus, detail: impl Into<String>) {
+        let mut detail = detail.into();
+        if status == CheckStatus::Fail {
+            let kinds: BTreeSet<&str> = self.failures[self.mark..]
+                .iter()
+                .map(|f| f.kind())
+                .collect();
+            let kinds: Vec<&str> = kinds.into_iter().collect();
+            detail = format!("{} ({})", kinds.join(", "), detail);
+        }
+        self.checks.push(Check {
+            name: name.into(),
+            status,
+            detail,
+        });
+        self.mark = self.failures.len();
+    }
+}
+
+fn unhex(s: &str, what: &str) -> Result<Vec<u8>, String> {
+    hex::decode(s.trim()).map_err(|e| format!("{what} is not hex: {e}"))
+}
+
+fn digest32(s: &str, what: &str) -> Result<[u8; 32], String> {
+    let v = unhex(s, what)?;
+    <[u8; 32]>::try_from(v.as_slice())
+        .map_err(|_| format!("{what} is {} bytes, not a SHA-256 (32)", v.len()))
+}
+
+/// SHA-256 of the key's SubjectPublicKeyInfo DER, hex: the AK's identity.
+pub fn ak_sha256(key: &RsaPublicKey) -> Option<String> {
+    let der = key.to_public_key_der().ok()?;
+    Some(hex::encode(Sha256::digest(der.as_bytes())))
+}
+
+/// Parses a PEM public key (SubjectPublicKeyInfo or PKCS#1 RSA).
+pub fn parse_pem_key(pem: &str) -> Result<RsaPublicKey, String> {
+    use rsa::pkcs1::DecodeRsaPublicKey;
+    RsaPublicKey::from_public_key_pem(pem.trim())
+        .or_else(|_| RsaPublicKey::from_pkcs1_pem(pem.trim()))
+        .map_err(|e| format!("not an RSA public key in PEM: {e}"))
+}
+
+fn hash(alg: u16, data: &[u8]) -> Option<Vec<u8>> {
+    match alg {
+        quote::TPM_ALG_SHA256 => Some(Sha256::digest(data).to_vec()),
+        quote::TPM_ALG_SHA384 => Some(Sha384::digest(data).to_vec()),
+        quote::TPM_ALG_SHA512 => Some(Sha512::digest(data).to_vec()),
+        _ => None,
+    }
+}
+
+fn check_signature(
+    key: &RsaPublicKey,
+    ak: &quote::RsaAkPublic,
+    attest: &[u8],
+    sig: &quote::TpmSignature,
+) -> Result<String, String> {
+    if ak.scheme != quote::TPM_ALG_NULL && (ak.scheme != sig.scheme || ak.scheme_hash != sig.hash) {
+        return Err(format!(
+            "signed with {}/{}, but the AK's scheme is {}/{}",
+            alg_name(sig.scheme),
+            alg_name(sig.hash),
+            alg_name(ak.scheme),
+            alg_name(ak.scheme_hash)
+        ));
+    }
+    let digest = hash(sig.hash, attest).ok_or_else(|| {
+        format!(
+            "hash {} not accepted (sha256, sha384, sha512)",
+            alg_name(sig.hash)
+        )
+    })?;
+    let ok = match sig.scheme {
+        quote::TPM_ALG_RSASSA => key.verify(pkcs1v15(sig.hash), &digest, &sig.sig).is_ok(),
+        quote::TPM_ALG_RSAPSS => {
+            use rsa::traits::PublicKeyParts;
+            // TPMs salt with the digest's length, or the most the key allows.
+            let max = key.size().saturating_sub(digest.len() + 2);
+            [digest.len(), max].into_iter().any(|salt| {
+                match sig.hash {
+                    quote::TPM_ALG_SHA256 => {
+                        key.verify(Pss::new_with_salt::<Sha256>(salt), &digest, &sig.sig)
+                    }
+                    quote::TPM_ALG_SHA384 => {
+                        key.verify(Pss::new_with_salt::<Sha384>(salt), &digest, &sig.sig)
+                    }
+                    _ => key.verify(Pss::new_with_salt::<Sha512>(salt), &digest, &sig.sig),
+                }
+                .is_ok()
+            })
+        }
+        s => {
+            return Err(format!(
+                "scheme {} not accepted (rsassa, rsapss)",
+                alg_name(s)
+            ))
+        }
+    };
+    if ok {
+        Ok(format!("{}/{}", alg_name(sig.scheme), alg_name(sig.hash)))
+    } else {
+        Err(format!(
+            "{}/{} signature does not verify with the AK",
+            alg_name(sig.scheme),
+            alg_name(sig.hash)
+        ))
+    }
+}
+
+/// PKCS#1 v1.5 with the DigestInfo prefix of the hash (RFC 8017, 9.2),
+/// spelled out so sha2 needs no OID feature.
+fn pkcs1v15(hash: u16) -> Pkcs1v15Sign {
+    let (oid_last, len) = match hash {
+        quote::TPM_ALG_SHA384 => (2u8, 48u8),
+        quote::TPM_ALG_SHA512 => (3, 64),
+        _ => (1, 32),
+    };
+    let prefix = [
+        0x30,
+        17 + len,
+        0x30,
+        0x0d,
+        0x06,
+        0x09,
+        0x60,
+        0x86,
+        0x48,
+        0x01,
+        0x65,
+        0x03,
+        0x04,
+        0x02,
+        oid_last,
+        0x05,
+        0x00,
+        0x04,
+        len,
+    ];
+    Pkcs1v15Sign {
+        hash_len: Some(len as usize),
+        prefix: prefix.into(),
+    }
+}
+
+/// Checks `evidence` as the answer to `challenge_nonce`, and against
+/// `policy` when given (without one, the AK, PCR values and files are not
+/// judged: the report only shows the evidence is self-consistent and fresh).
+pub fn verify(
+    evidence: &Evidence,
+    challenge_nonce: &[u8],
+    policy: Option<&ReferencePolicy>,
+) -> Report {
+    let mut run = Run {
+        checks: Vec::new(),
+        failures: Vec::new(),
+        mark: 0,
+    };
+    let mut report = Report {
+        node: evidence.node.clone(),
+        measurement_mode: evidence.measurement_mode.clone(),
+        checks: Vec::new(),
+        failures: Vec::new(),
+        ak_sha256: None,
+        quoted_pcrs: BTreeMap::new(),
+        files: Vec::new(),
+        vm_launches: Vec::new(),
+    };
+    let Some(tpm) = &evidence.tpm else {
+        if policy.is_some_and(|p| p.allow_insecure_no_tpm) {
+            run.push(
+                "tpm",
+                CheckStatus::Skipped,
+                "no TPM: insecure node, allowed by the policy; nothing below is proven",
+            );
+            // Still show what the logs claim, and judge the files.
+            let mut logs = Logs::default();
+            parse_logs(evidence, &mut run, &mut logs);
+            judge_files(&mut run, policy, &logs.files);
+            report.files = logs.files;
+            report.vm_launches = logs.vm_launches;
+        } else {
+            run.fail(Failure::NoTpm);
+            run.end("tpm", "node runs with --insecure-no-tpm");
+        }
+        report.checks = run.checks;
+        report.failures = run.failures;
+        return report;
+    };
+    run.push("tpm", CheckStatus::Pass, "evidence carries a TPM quote");
+
+    // The quote's structures.
+    run.begin();
+    let attest = unhex(&tpm.attest, "tpm.attest")
+        .map_err(|e| run.malformed(e))
+        .ok();
+    let quote = attest.as_deref().and_then(|a| {
+        quote::parse_attest(a)
+            .map_err(|e| run.malformed(e.to_string()))
+            .ok()
+    });
+    if let Some(q) = &quote {
+        if q.magic != quote::TPM_GENERATED_VALUE {
+            run.malformed(format!(
+                "TPMS_ATTEST magic 0x{:08x} is not TPM_GENERATED_VALUE (0xff544347): not made by a TPM",
+                q.magic
+            ));
+        }
+    }
+    run.end(
+        "quote",
+        quote.as_ref().map_or("unreadable".to_string(), |q| {
+            format!(
+                "TPMS_ATTEST, TPM_ST_ATTEST_QUOTE, reset {} restart {}",
+                q.reset_count, q.restart_count
+            )
+        }),
+    );
+
+    // The attestation key.
+    run.begin();
+    let ak = unhex(&tpm.ak_public, "tpm.ak_public")
+        .and_then(|b| quote::parse_public(&b).map_err(|e| e.to_string()))
+        .map_err(|e| run.malformed(e))
+        .ok();
+    let key = ak.as_ref().and_then(|ak| {
+        RsaPublicKey::new(
+            BigUint::from_bytes_be(&ak.modulus),
+            BigUint::from(ak.exponent),
+        )
+        .map_err(|e| run.malformed(format!("AK public key: {e}")))
+        .ok()
+    });
+    if let Some(ak) = &ak {
+        let want = quote::TPMA_OBJECT_FIXEDTPM
+            | quote::TPMA_OBJECT_RESTRICTED
+            | quote::TPMA_OBJECT_SIGN_ENCRYPT;
+        if ak.attributes & want != want {
+            run.fail(Failure::AkNotAttestationKey {
+                reason: format!(
+                    "attributes 0x{:08x} lack fixedTPM, restricted or sign",
+                    ak.attributes
+                ),
+            });
+        }
+    }
+    if let Some(key) = &key {
+        report.ak_sha256 = ak_sha256(key);
+        match parse_pem_key(&tpm.ak_public_pem) {
+            Ok(pem) if &pem == key => {}
+            Ok(_) => run.malformed("ak_public_pem is not the key in ak_public"),
+            Err(e) => run.malformed(format!("ak_public_pem: {e}")),
+        }
+    }
+    if let (Some(p), Some(key)) = (policy, &key) {
+        match parse_pem_key(&p.ak_public_pem) {
+            Ok(trusted) if &trusted == key => {}
+            Ok(trusted) => run.fail(Failure::AkNotTrusted {
+                expected: ak_sha256(&trusted).unwrap_or_default(),
+                found: report.ak_sha256.clone().unwrap_or_default(),
+            }),
+            Err(e) => run.malformed(format!("policy ak_public_pem: {e}")),
+        }
+    }
+    let ak_detail = report
+        .ak_sha256
+        .as_ref()
+        .map_or("unreadable".into(), |s| format!("sha256:{s}"));
+    if policy.is_none() && run.failures.len() == run.mark {
+        run.push(
+            "attestation key",
+            CheckStatus::Skipped,
+            format!("{ak_detail}, not judged: no policy names a trusted AK"),
+        );
+    } else {
+        run.end("attestation key", ak_detail);
+    }
+
+    // The signature.
+    run.begin();
+    match (&attest, &ak, &key) {
+        (Some(attest), Some(ak), Some(key)) => {
+            let res = unhex(&tpm.signature, "tpm.signature")
+                .and_then(|b| quote::parse_signature(&b).map_err(|e| e.to_string()));
+            match res.and_then(|sig| check_signature(key, ak, attest, &sig)) {
+                Ok(d) => run.push("signature", CheckStatus::Pass, d),
+                Err(reason) => {
+                    run.fail(Failure::BadSignature { reason });
+                    run.end("signature", "over TPMS_ATTEST with the AK");
+                }
+            }
+        }
+        _ => {
+            run.fail(Failure::BadSignature {
+                reason: "no readable quote or AK to check it with".into(),
+            });
+            run.end("signature", "");
+        }
+    }
+
+    // The nonce.
+    run.begin();
+    let challenge = hex::encode(challenge_nonce);
+    match (unhex(&evidence.nonce, "nonce"), &quote) {
+        (Err(e), _) => run.malformed(e),
+        (Ok(field), Some(q)) => {
+            if field != q.extra_data {
+                run.fail(Failure::NonceEdited {
+                    field: hex::encode(&field),
+                    quoted: hex::encode(&q.extra_data),
+                });
+            } else if q.extra_data != challenge_nonce {
+                run.fail(Failure::Stale {
+                    challenge: challenge.clone(),
+                    quoted: hex::encode(&q.extra_data),
+                });
+            }
+        }
+        (Ok(_), None) => {}
+    }
+    run.end("nonce", format!("challenge {challenge}"));
+
+    // The PCR values against the quote's digest.
+    run.begin();
+    let mut quoted: BTreeMap<u8, [u8; 32]> = BTreeMap::new();
+    if let Some(q) = &quote {
+        let mut order = Vec::new();
+        for sel in &q.pcr_select {
+            if sel.hash != quote::TPM_ALG_SHA256 {
+                run.malformed(format!(
+                    "the quote selects the {} bank; only SHA-256 is verified",
+                    alg_name(sel.hash)
+                ));
+            }
+            order.extend(sel.pcrs.iter().copied());
+        }
+        let mut values = Vec::new();
+        for &pcr in &order {
+            match evidence.pcrs.get(&pcr) {
+                None => run.malformed(format!("PCR {pcr} is quoted but its value is not reported")),
+                Some(v) => match digest32(v, &format!("PCR {pcr}")) {
+                    Ok(d) => {
+                        values.extend_from_slice(&d);
+                        quoted.insert(pcr, d);
+                    }
+                    Err(e) => run.malformed(e),
+                },
+            }
+        }
+        // The quote's digest uses the signing scheme's hash.
+        let alg = unhex(&tpm.signature, "")
+            .ok()
+            .and_then(|b| quote::parse_signature(&b).ok())
+            .map_or(quote::TPM_ALG_SHA256, |s| s.hash);
+        match hash(alg, &values) {
+            Some(computed) if computed == q.pcr_digest => {}
+            Some(computed) => run.fail(Failure::PcrDigestMismatch {
+                quoted: hex::encode(&q.pcr_digest),
+                computed: hex::encode(computed),
+            }),
+            None => run.malformed(format!("pcrDigest in {}", alg_name(alg))),
+        }
+        let unquoted: Vec<String> = evidence
+            .pcrs
+            .keys()
+            .filter(|p| !quoted.contains_key(p))
+            .map(|p| p.to_string())
+            .collect();
+        let list: Vec<String> = order.iter().map(|p| p.to_string()).collect();
+        let mut detail = format!("sha256:{}", list.join(","));
+        if !unquoted.is_empty() {
+            detail += &format!(" (ignored, not quoted: {})", unquoted.join(","));
+        }
+        run.end("pcr values", detail);
+    } else {
+        run.end("pcr values", "no quote");
+    }
+    if !run
+        .failures
+        .iter()
+        .any(|f| matches!(f, Failure::PcrDigestMismatch { .. }))
+    {
+        report.quoted_pcrs = quoted.iter().map(|(p, v)| (*p, hex::encode(v))).collect();
+    }
+
+    // The logs, replayed to the quoted values.
+    let mut logs = Logs::default();
+    parse_logs(evidence, &mut run, &mut logs);
+    run.begin();
+    let mut must: BTreeMap<u8, &str> = BTreeMap::new();
+    must.insert(VM_LAUNCH_PCR, "VM launches are measured there");
+    match evidence.measurement_mode.as_str() {
+        MEASUREMENT_MODE_IMA => {
+            must.insert(IMA_PCR, "measurement mode is ima");
+        }
+        MEASUREMENT_MODE_KILN_SELF => {
+            must.insert(KILN_SOFTWARE_PCR, "measurement mode is kiln-self");
+        }
+        m => run.malformed(format!("unknown measurement mode {m:?}")),
+    }
+    for (pcr, why) in must {
+        if quote.is_some() && !quoted.contains_key(&pcr) {
+            run.fail(Failure::PcrNotQuoted {
+                pcr,
+                why: why.into(),
+            });
+        }
+    }
+    // A PCR a log owns must replay even when its log is missing or empty:
+    // dropping a log must not hide what was extended.
+    let mut owned = vec![
+        (IMA_PCR, "ima"),
+        (KILN_SOFTWARE_PCR, "kiln"),
+        (VM_LAUNCH_PCR, "kiln"),
+    ];
+    if evidence.logs.firmware.is_some() {
+        owned.extend(super::policy::STATIC_PCRS.map(|p| (p, "firmware")));
+    }
+    for (pcr, log) in owned {
+        if quoted.contains_key(&pcr) && !logs.replayed.contains_key(&pcr) {
+            let start = if pcr == 0 { logs.pcr0_start } else { [0u8; 32] };
+            logs.replayed.insert(pcr, (start, log.to_string()));
+        }
+    }
+    let mut compared = Vec::new();
+    for (pcr, (value, log)) in &logs.replayed {
+        match quoted.get(pcr) {
+            Some(q) => {
+                compared.push(pcr.to_string());
+                if q != value {
+                    run.fail(Failure::LogReplayMismatch {
+                        pcr: *pcr,
+                        log: log.clone(),
+                        replayed: hex::encode(value),
+                        quoted: hex::encode(q),
+                    });
+                }
+            }
+            None if quote.is_some() => run.fail(Failure::PcrNotQuoted {
+                pcr: *pcr,
+                why: format!("the {log} log extends it"),
+            }),
+            None => {}
+        }
+    }
+    run.end(
+        "log replay",
+        format!(
+            "PCRs {} replayed from {} firmware, {} IMA, {} kiln events",
+            compared.join(","),
+            logs.counts.0,
+            logs.counts.1,
+            logs.counts.2
+        ),
+    );
+
+    // The policy.
+    match policy {
+        None => run.push("reference pcrs", CheckStatus::Skipped, "no policy"),
+        Some(p) => {
+            run.begin();
+            for (pcr, expected) in &p.pcrs {
+                match quoted.get(pcr) {
+                    None => run.fail(Failure::PcrNotQuoted {
+                        pcr: *pcr,
+                        why: "the policy expects a value".into(),
+                    }),
+                    Some(found) if hex::encode(found) != expected.to_ascii_lowercase() => {
+                        run.fail(Failure::PcrNotExpected {
+                            pcr: *pcr,
+                            expected: expected.clone(),
+                            found: hex::encode(found),
+                        })
+                    }
+                    Some(_) => {}
+                }
+            }
+            let list: Vec<String> = p.pcrs.keys().map(|p| p.to_string()).collect();
+            run.end("reference pcrs", format!("PCRs {}", list.join(",")));
+        }
+    }
+    judge_files(&mut run, policy, &logs.files);
+
+    report.files = logs.files;
+    report.vm_launches = logs.vm_launches;
+    report.checks = run.checks;
+    report.failures = run.failures;
+    report
+}
+
+#[derive(Default)]
+struct Logs {
+    /// PCR -> (replayed value, which log).
+    replayed: BTreeMap<u8, ([u8; 32], String)>,
+    files: Vec<MeasuredFile>,
+    vm_launches: Vec<KilnEvent>,
+    /// Firmware, IMA, Kiln events extended.
+    counts: (usize, usize, usize),
+    /// PCR 0's value before the first extend (StartupLocality).
+    pcr0_start: [u8; 32],
+}
+
+impl Logs {
+    fn extend(&mut self, pcr: u8, digest: &[u8; 32], log: &str, pcr0_start: [u8; 32]) {
+        let entry = self.replayed.entry(pcr).or_insert_with(|| {
+            let start = if pcr == 0 { pcr0_start } else { [0u8; 32] };
+            (start, log.to_string())
+        });
+        if !entry.1.split('+').any(|l| l == log) {
+            entry.1 = format!("{}+{log}", entry.1);
+        }
+        extend(&mut entry.0, digest);
+    }
+}
+
+/// Parses every log, replays it, and collects what it measured. Logs are
+/// replayed in boot order: firmware, then IMA, then Kiln's.
+fn parse_logs(evidence: &Evidence, run: &mut Run, logs: &mut Logs) {
+    run.begin();
+    let mut pcr0 = [0u8; 32];
+    match &evidence.logs.firmware {
+        None => run.push(
+            "firmware log",
+            CheckStatus::Skipped,
+            "none (no UEFI TPM log)",
+        ),
+        Some(h) => {
+            match unhex(h, "logs.firmware")
+                .and_then(|b| eventlog::parse_firmware_log(&b).map_err(|e| e.to_string()))
+            {
+                Err(e) => run.malformed(e),
+                Ok(fw) => {
+                    if let Some(l) = fw.startup_locality {
+                        pcr0[31] = l;
+                    }
+                    logs.pcr0_start = pcr0;
+                    logs.counts.0 = fw.extends.len();
+                    for e in &fw.extends {
+                        logs.extend(e.pcr, &e.digest, "firmware", pcr0);
+                    }
+                }
+            }
+            run.end("firmware log", format!("{} events", logs.counts.0));
+        }
+    }
+    match &evidence.logs.ima {
+        None => run.push("ima log", CheckStatus::Skipped, "none"),
+        Some(h) => {
+            match unhex(h, "logs.ima")
+                .and_then(|b| eventlog::parse_ima_log(&b).map_err(|e| e.to_string()))
+            {
+                Err(e) => run.malformed(e),
+                Ok(ima) => {
+                    logs.counts.1 = ima.extends.len();
+                    for e in &ima.extends {
+                        logs.extend(e.pcr, &e.digest, "ima", pcr0);
+                    }
+                    logs.files
+                        .extend(ima.files.into_iter().map(|f| MeasuredFile {
+                            pcr: f.pcr,
+                            path: f.path,
+                            digest: f.digest,
+                            log: "ima".into(),
+                        }));
+                }
+            }
+            run.end("ima log", format!("{} entries", logs.counts.1));
+        }
+    }
+    for (index, entry) in evidence.logs.kiln.iter().enumerate() {
+        let want = match entry.event {
+            KilnEvent::File { .. } => KILN_SOFTWARE_PCR,
+            KilnEvent::VmLaunch { .. } => VM_LAUNCH_PCR,
+        };
+        if entry.pcr != want || u32::from(entry.pcr) >= NUM_PCRS {
+            run.malformed(format!(
+                "kiln log entry {index}: PCR {} (this event belongs in PCR {want})",
+                entry.pcr
+            ));
+            continue;
+        }
+        let recorded = match digest32(&entry.digest, &format!("kiln log entry {index} digest")) {
+            Ok(d) => d,
+            Err(e) => {
+                run.malformed(e);
+                continue;
+            }
+        };
+        let computed = entry.event.digest();
+        if recorded != computed {
+            run.fail(Failure::EventDigestMismatch {
+                pcr: entry.pcr,
+                index,
+                recorded: hex::encode(recorded),
+                computed: hex::encode(computed),
+            });
+        }
+        // What the TPM saw is the recorded digest.
+        logs.extend(entry.pcr, &recorded, "kiln", pcr0);
+        logs.counts.2 += 1;
+        match &entry.event {
+            KilnEvent::File { path, sha256 } => logs.files.push(MeasuredFile {
+                pcr: entry.pcr,
+                path: path.clone(),
+                digest: sha256.to_ascii_lowercase(),
+                log: "kiln".into(),
+            }),
+            e @ KilnEvent::VmLaunch { .. } => logs.vm_launches.push(e.clone()),
+        }
+    }
+    run.end(
+        "kiln log",
+        format!(
+            "{} entries ({} VM launches)",
+            evidence.logs.kiln.len(),
+            logs.vm_launches.len()
+        ),
+    );
+}
+
+fn judge_files(run: &mut Run, policy: Option<&ReferencePolicy>, files: &[MeasuredFile]) {
+    let Some(p) = policy else {
+        run.push(
+            "files",
+            CheckStatus::Skipped,
+            format!("{} measured, not judged: no policy", files.len()),
+        );
+        return;
+    };
+    run.begin();
+    for f in files {
+        match p.files.get(&f.path) {
+            None => run.fail(Failure::UnknownFile {
+                pcr: f.pcr,
+                path: f.path.clone(),
+                found: f.digest.clone(),
+            }),
+            Some(expected) if expected.to_ascii_lowercase() != f.digest => {
+                run.fail(Failure::FileChanged {
+                    pcr: f.pcr,
+                    path: f.path.clone(),
+                    expected: expected.clone(),
+                    found: f.digest.clone(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    run.end(
+        "files",
+        format!("{} measured, {} in the policy", files.len(), p.files.len()),
+    );
+}
