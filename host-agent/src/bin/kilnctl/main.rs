@@ -1,5 +1,6 @@
 //! kilnctl: the command line of a Kiln node's agent.
 
+mod attest;
 mod console;
 mod ctl;
 mod event;
@@ -75,6 +76,9 @@ enum Cmd {
     /// API tokens.
     #[command(subcommand)]
     Token(token::TokenCmd),
+    /// Remote attestation: verify a node's TPM quote and event logs.
+    #[command(subcommand)]
+    Attest(attest::AttestCmd),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -110,6 +114,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Vm(c) => vm::run(&ctl, c).await?,
         Cmd::Event(c) => event::run(&ctl, c).await?,
         Cmd::Token(c) => token::run(&ctl, c).await?,
+        Cmd::Attest(c) => attest::run(&ctl, c).await?,
     }
     Ok(())
 }
