@@ -221,3 +221,27 @@ fn flushed<T>(
     flush?;
     Ok(v)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tpm_can_be_shared_with_blocking_tasks() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<Tpm>();
+    }
+
+    #[test]
+    fn a_missing_device_or_a_bad_address_is_named() {
+        let e = Tpm::open(Some("device:/dev/kiln-none")).unwrap_err();
+        assert_eq!(
+            e.to_string().split(':').take(2).collect::<Vec<_>>(),
+            ["no TPM at device", "/dev/kiln-none"]
+        );
+        assert!(matches!(
+            Tpm::open(Some("tcp://x")),
+            Err(TpmError::BadTcti(_))
+        ));
+    }
+}

@@ -5,13 +5,13 @@ use tss_esapi::constants::response_code::Tss2ResponseCodeKind;
 use tss_esapi::constants::SessionType;
 use tss_esapi::handles::{KeyHandle, SessionHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
-use tss_esapi::interface_types::key_bits::RsaKeyBits;
+use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Digest, DigestList, KeyedHashScheme, Public, PublicBuilder, PublicKeyRsa,
-    PublicKeyedHashParameters, PublicRsaParametersBuilder, RsaExponent, SensitiveData,
-    SymmetricDefinition, SymmetricDefinitionObject,
+    Digest, DigestList, EccPoint, KeyedHashScheme, Public, PublicBuilder,
+    PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData, SymmetricDefinition,
+    SymmetricDefinitionObject,
 };
 use tss_esapi::Context;
 use zeroize::Zeroizing;
@@ -195,9 +195,10 @@ fn sealed_object_public(policy: &[u8; 32]) -> Result<Public, TpmError> {
         .map_err(cmd("build the sealed object's template"))
 }
 
-/// The storage root key from the owner seed with the TCG standard SRK
-/// template (RSA 2048, AES-128-CFB, as `tpm2_createprimary -C o` makes):
-/// the same key every time. The caller flushes it.
+/// The storage root key from the owner seed with the TCG standard ECC
+/// NIST P-256 SRK template (AES-128-CFB, as `tpm2_createprimary -C o -G
+/// ecc` makes): the same key every time, and quick to derive where an RSA
+/// primary takes a hardware TPM seconds. The caller flushes it.
 fn create_srk(ctx: &mut Context) -> Result<KeyHandle, TpmError> {
     let attrs = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
@@ -210,19 +211,18 @@ fn create_srk(ctx: &mut Context) -> Result<KeyHandle, TpmError> {
         .build()
         .map_err(cmd("build the storage key's attributes"))?;
     let public = PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Rsa)
+        .with_public_algorithm(PublicAlgorithm::Ecc)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
         .with_object_attributes(attrs)
-        .with_rsa_parameters(
-            PublicRsaParametersBuilder::new_restricted_decryption_key(
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_restricted_decryption_key(
                 SymmetricDefinitionObject::AES_128_CFB,
-                RsaKeyBits::Rsa2048,
-                RsaExponent::default(),
+                EccCurve::NistP256,
             )
             .build()
             .map_err(cmd("build the storage key's template"))?,
         )
-        .with_rsa_unique_identifier(PublicKeyRsa::default())
+        .with_ecc_unique_identifier(EccPoint::default())
         .build()
         .map_err(cmd("build the storage key's template"))?;
     ctx.execute_with_nullauth_session(|ctx| {
