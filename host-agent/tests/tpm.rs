@@ -124,11 +124,15 @@ fn identity_has_the_ek_certificate_and_a_restricted_signing_ak() {
     assert_eq!(again.ek_public_pem, id.ek_public_pem);
     assert_eq!(again.ek_cert_der, id.ek_cert_der);
     assert_ne!(again.ak, id.ak);
+    // The AK loads under the persisted EK and quotes.
+    let dir = tempfile::tempdir().unwrap();
+    let q = tpm.quote(&id.ak, b"nonce", &[0, 23]).unwrap();
+    checkquote(dir.path(), &q, b"nonce", &[0, 23]).unwrap();
+    assert_nothing_loaded(&tpm);
     drop(tpm);
 
     // The same EK as swtpm_setup persisted at 0x81010001, and the same
     // certificate as tpm2-tools reads.
-    let dir = tempfile::tempdir().unwrap();
     let pem = dir.path().join("ek.pem");
     t.tool(
         "tpm2_readpublic",
@@ -148,6 +152,22 @@ fn a_tpm_without_an_ek_certificate_gives_none() {
     let tpm = open(&t);
     let id = tpm.create_identity().unwrap();
     assert!(id.ek_cert_der.is_none());
+    assert_nothing_loaded(&tpm);
+    drop(tpm);
+
+    // Another key persisted where the EK belongs is not taken for the EK.
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("other.ctx");
+    let ctx = ctx.to_str().unwrap();
+    t.tool("tpm2_createprimary", &["-C", "e", "-G", "ecc", "-c", ctx]);
+    t.tool("tpm2_evictcontrol", &["-C", "o", "-c", ctx, "0x81010001"]);
+    // No resource manager on swtpm's socket: unload what tpm2-tools left.
+    t.tool("tpm2_flushcontext", &["-t"]);
+    let tpm = open(&t);
+    let again = tpm.create_identity().unwrap();
+    assert_eq!(again.ek_public_pem, id.ek_public_pem);
+    let q = tpm.quote(&id.ak, b"nonce", &[0]).unwrap();
+    checkquote(dir.path(), &q, b"nonce", &[0]).unwrap();
     assert_nothing_loaded(&tpm);
 }
 
