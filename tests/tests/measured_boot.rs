@@ -30,8 +30,9 @@ use std::time::Duration;
 
 use kiln_tests::{require_testhost, skip, target_dir, HostRun, Swtpm, TestHost};
 
-/// The group whose files IMA measures as Kiln configuration
-/// (`fgroup=` in scripts/lib/ima-policy).
+/// The group whose files IMA measures as Kiln configuration (`fgroup=` in
+/// scripts/lib/ima-policy; scripts/testhost gives it to files under
+/// /etc/kiln).
 const KILN_CONFIG_GID: u32 = 4190;
 /// A persistent key handle (owner hierarchy) the test makes in boot 1.
 const KEY_HANDLE: &str = "0x81000010";
@@ -452,8 +453,10 @@ fn boot1_script() -> String {
     format!(
         r#"{SCRIPT_LIB}KEY={KEY_HANDLE}
 ls -l /dev/tpm0 /dev/tpmrm0
-# Kiln configuration: measured because of its group.
-chgrp {KILN_CONFIG_GID} /etc/kiln/kiln.toml && cat /etc/kiln/kiln.toml >/dev/null
+# Kiln configuration: measured because of its group, which scripts/testhost
+# --ima gives the files it copies under /etc/kiln.
+[ "$(stat -c %g /etc/kiln/kiln.toml)" = {KILN_CONFIG_GID} ] || echo MB-CONFIG-GROUP-WRONG
+cat /etc/kiln/kiln.toml >/dev/null
 kiln-mb-probe
 # A persistent key in the owner hierarchy (again if this boot is rerun).
 tpm2 evictcontrol -C o -c $KEY >/dev/null 2>&1
@@ -514,6 +517,7 @@ fn measured_boot_in_the_test_host() {
     let b1 = check_boot(&run1, "boot 1");
     assert!(run1.line_with(&format!("MB-PROBE-RAN {nonce}")).is_some());
     assert!(run1.line_with("MB-KEY-MADE").is_some(), "{}", run1.output);
+    assert!(run1.line_with("MB-CONFIG-GROUP-WRONG").is_none());
 
     // What ran and what was read is in the log with the files' digests.
     for (path, local) in [
