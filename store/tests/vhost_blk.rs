@@ -605,3 +605,76 @@ fn export_needs_an_attached_volume_and_a_free_socket() {
     let mut g = Guest::connect(&sock, false);
     assert_eq!(g.request(T_FLUSH, 0, &[]).0, S_OK);
 }
+
+#[test]
+fn an_encrypted_volume_served_to_a_guest() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let n1 = Node::new(t.path(), "n1", 1);
+    let n2 = Node::new(t.path(), "n2", 1);
+    let key = kiln_store::crypt::VolumeKey::random().unwrap();
+    let kf = t.path().join("key");
+    std::fs::write(&kf, key.expose()).unwrap();
+    std::fs::set_permissions(&kf, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (r1, r2) = (n1.replica_arg(), n2.replica_arg());
+    let kfs = kf.to_str().unwrap();
+    n1.cli_ok(&[
+        "create",
+        "vmdisk",
+        "--size",
+        "8M",
+        "--replica",
+        &r1,
+        "--replica",
+        &r2,
+        "--key-file",
+        kfs,
+    ]);
+    let sock = t.path().join("enc.vhost.sock");
+    let socks = sock.to_str().unwrap();
+    n1.cli_ok(&["attach", "vmdisk", "--key-file", kfs, "--vhost-user", socks]);
+    let data = pattern(21, 64 << 10);
+    let small = pattern(22, 1024);
+    {
+        let mut g = Guest::connect(&sock, false);
+        assert_eq!(g.write(8, &data, 2), S_OK);
+        // 1 KiB at sector 1: inside a 4 KiB block, read-modify-written.
+        assert_eq!(g.write(1, &small, 1), S_OK);
+        assert_eq!(g.request(T_FLUSH, 0, &[]).0, S_OK);
+        let (st, back) = g.read(8, data.len(), 3);
+        assert_eq!(st, S_OK);
+        assert!(back == data, "read back differs");
+        let (st, back) = g.read(0, 4096, 1);
+        assert_eq!(st, S_OK);
+        assert!(back[512..1536] == small[..] && back[..512].iter().all(|b| *b == 0));
+        // Zeroed and discarded ranges read as zeros, encrypted or not.
+        assert_eq!(g.ranged(T_WRITE_ZEROES, 8, 8, 0), S_OK);
+        assert_eq!(g.ranged(T_DISCARD, 16, 8, 0), S_OK);
+        let (st, back) = g.read(8, 16 << 10, 1);
+        assert_eq!(st, S_OK);
+        assert!(back[..8192].iter().all(|b| *b == 0));
+        assert!(back[8192..] == data[8192..16 << 10]);
+    }
+    // The replicas hold ciphertext only.
+    for n in [&n1, &n2] {
+        let r = n.replica_read("vmdisk", 4096 * 4, 48 << 10);
+        assert!(r.bad_blocks.is_empty());
+        assert!(
+            r.data[..] != data[12 << 10..60 << 10],
+            "plaintext on {}",
+            n.id
+        );
+    }
+    // Detached and attached again with the key, the guest sees its data.
+    n1.cli_ok(&["detach", "vmdisk"]);
+    let o = n1.cli(&["attach", "vmdisk", "--vhost-user", socks]);
+    assert!(!o.status.success(), "attached without its key");
+    n1.cli_ok(&["attach", "vmdisk", "--key-file", kfs, "--vhost-user", socks]);
+    let mut g = Guest::connect(&sock, false);
+    let (st, back) = g.read(24, 32 << 10, 2);
+    assert_eq!(st, S_OK);
+    assert!(
+        back[..] == data[8 << 10..40 << 10],
+        "data lost across re-attach"
+    );
+}
