@@ -172,11 +172,14 @@ fn a_tpm_without_an_ek_certificate_gives_none() {
 }
 
 #[test]
-fn pcr_extend_makes_sha256_of_old_and_digest() {
+fn a_software_tpm_says_so_and_pcr_extend_makes_sha256_of_old_and_digest() {
     let Some(t) = Swtpm::start() else {
         return;
     };
     let tpm = open(&t);
+    let info = tpm.info().unwrap();
+    assert_eq!(info.manufacturer, "IBM", "{info:?}");
+    assert!(info.software, "swtpm is a software TPM: {info:?}");
     let before = tpm.pcr_read(&[16, 23]).unwrap();
     assert_eq!(before, BTreeMap::from([(16, [0; 32]), (23, [0; 32])]));
     let d = sha(b"kiln-vmm launch");

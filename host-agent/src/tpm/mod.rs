@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::{Mutex, MutexGuard};
 
-use tss_esapi::constants::CapabilityType;
+use tss_esapi::constants::{CapabilityType, PropertyTag};
 use tss_esapi::handles::{ObjectHandle, PcrHandle};
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::structures::{CapabilityData, Digest, DigestValues, PcrSelectionList, PcrSlot};
@@ -49,6 +49,19 @@ pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
 
 /// SHA-256 PCR values by PCR index.
 pub type PcrValues = BTreeMap<u8, [u8; 32]>;
+
+/// What a TPM says about itself.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TpmInfo {
+    /// TPM_PT_MANUFACTURER as text ("IFX", "STM", "INTC", "IBM", ...).
+    pub manufacturer: String,
+    /// TPM_PT_VENDOR_STRING_1..4 as text.
+    pub vendor: String,
+    /// TPM_PT_FIRMWARE_VERSION_1 and _2.
+    pub firmware: u64,
+    /// A software TPM (swtpm, IBM's simulator): no hardware root of trust.
+    pub software: bool,
+}
 
 /// A TPM 2.0 and the one ESAPI context that talks to it.
 pub struct Tpm {
@@ -95,6 +108,40 @@ impl Tpm {
     /// method leaves the context without loaded objects).
     fn ctx(&self) -> MutexGuard<'_, Context> {
         self.ctx.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Who made the TPM and whether it is a software TPM (swtpm, IBM's
+    /// simulator), which proves nothing about the machine: the agent
+    /// reports that loudly.
+    pub fn info(&self) -> Result<TpmInfo, TpmError> {
+        let mut ctx = self.ctx();
+        let mut prop = |tag| {
+            ctx.get_tpm_property(tag)
+                .map(Option::unwrap_or_default)
+                .map_err(cmd("read the TPM's properties"))
+        };
+        let text = |words: &[u32]| -> String {
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
+            String::from_utf8_lossy(&bytes)
+                .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+                .to_string()
+        };
+        let manufacturer = text(&[prop(PropertyTag::Manufacturer)?]);
+        let vendor = text(&[
+            prop(PropertyTag::VendorString1)?,
+            prop(PropertyTag::VendorString2)?,
+            prop(PropertyTag::VendorString3)?,
+            prop(PropertyTag::VendorString4)?,
+        ]);
+        let firmware = (u64::from(prop(PropertyTag::FirmwareVersion1)?) << 32)
+            | u64::from(prop(PropertyTag::FirmwareVersion2)?);
+        let software = vendor.replace([' ', '\0'], "") == "SWTPM";
+        Ok(TpmInfo {
+            manufacturer,
+            vendor,
+            firmware,
+            software,
+        })
     }
 
     /// How many transient objects and sessions are loaded in the TPM now:
