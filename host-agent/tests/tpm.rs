@@ -11,7 +11,7 @@ use std::process::Command;
 use common::swtpm::Swtpm;
 use kiln_agent::tpm::{pcr_policy_digest, AkBlobs, Quote, SealedBlob, Tpm, TpmError};
 use sha2::{Digest, Sha256};
-use tss_esapi::structures::{Public, PublicBuffer};
+use tss_esapi::structures::{Attest, AttestInfo, Public, PublicBuffer};
 use tss_esapi::traits::UnMarshall;
 
 fn open(t: &Swtpm) -> Tpm {
@@ -35,6 +35,12 @@ fn assert_nothing_loaded(tpm: &Tpm) {
 }
 
 /// Writes the quote's parts where `tpm2_checkquote` reads them and runs it.
+///
+/// The PCR values go in as a "values" file (no selection header, as
+/// `tpm2_pcrread -o` writes it) read with `-l`; tpm2-tools 5.4 cannot read
+/// such a file for more than 8 PCRs (not even one `tpm2_quote -F values`
+/// wrote: "Failed to hash PCR values related to quote"), so for more the
+/// PCR digest in the signed TPMS_ATTEST is compared here instead.
 fn checkquote(dir: &Path, q: &Quote, nonce: &[u8], pcrs: &[u8]) -> Result<(), String> {
     let write = |name: &str, data: &[u8]| {
         let p = dir.join(name);
@@ -44,19 +50,27 @@ fn checkquote(dir: &Path, q: &Quote, nonce: &[u8], pcrs: &[u8]) -> Result<(), St
     let ak = write("ak.pub", &q.ak_public);
     let msg = write("quote.msg", &q.attest);
     let sig = write("quote.sig", &q.signature);
-    // PCR values without a selection header ("values" format, as
-    // `tpm2_pcrread -o` writes), interpreted with -l.
-    let values: Vec<u8> = q.pcrs.values().flatten().copied().collect();
-    let pcr_file = write("quote.pcrs", &values);
-    let list = format!(
-        "sha256:{}",
-        pcrs.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
-    );
-    let out = Command::new("tpm2_checkquote")
-        .args(["-u", &ak, "-m", &msg, "-s", &sig, "-g", "sha256"])
-        .args(["-q", &hex::encode(nonce), "-f", &pcr_file, "-l", &list])
-        .output()
-        .expect("run tpm2_checkquote");
+    let mut cmd = Command::new("tpm2_checkquote");
+    cmd.args(["-u", &ak, "-m", &msg, "-s", &sig, "-g", "sha256"])
+        .args(["-q", &hex::encode(nonce)]);
+    if pcrs.len() <= 8 {
+        let values: Vec<u8> = q.pcrs.values().flatten().copied().collect();
+        let list = format!(
+            "sha256:{}",
+            pcrs.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
+        );
+        cmd.args(["-f", &write("quote.pcrs", &values), "-l", &list]);
+    } else {
+        let attest = Attest::unmarshall(&q.attest).map_err(|e| e.to_string())?;
+        let AttestInfo::Quote { info } = attest.attested() else {
+            return Err("not a quote".into());
+        };
+        let digest = kiln_agent::tpm::pcr_values_digest(pcrs, &q.pcrs).unwrap();
+        if info.pcr_digest().value() != digest {
+            return Err("the PCR values do not match the quote's PCR digest".into());
+        }
+    }
+    let out = cmd.output().expect("run tpm2_checkquote");
     if out.status.success() {
         Ok(())
     } else {
@@ -228,6 +242,15 @@ fn a_quote_verifies_with_tpm2_checkquote_and_only_with_its_nonce() {
     *forged.attest.last_mut().unwrap() ^= 1;
     checkquote(dir.path(), &forged, &nonce, &pcrs).expect_err("changed quote");
 
+    // More PCRs than one TPM2_PCR_Read returns, across the bitmap's octets.
+    let many = [0, 1, 2, 3, 4, 5, 6, 7, 10, 14, 15, 16, 23];
+    let q = tpm.quote(&id.ak, &nonce, &many).unwrap();
+    assert_eq!(q.pcrs.len(), many.len());
+    checkquote(dir.path(), &q, &nonce, &many).unwrap();
+    let mut forged = q.clone();
+    forged.pcrs.insert(23, [1; 32]);
+    checkquote(dir.path(), &forged, &nonce, &many).expect_err("changed PCR values");
+
     // The largest nonce goes through; one byte more is refused.
     let big = [7u8; 64];
     let q = tpm.quote(&id.ak, &big, &[23]).unwrap();
@@ -276,6 +299,21 @@ fn a_secret_unseals_until_a_sealed_pcr_changes() {
     );
     assert!(e.to_string().contains("measurements changed"), "{e}");
     assert_nothing_loaded(&tpm);
+
+    // Sealed to more PCRs than one TPM2_PCR_Read returns, two branches.
+    let many = [0, 1, 2, 3, 4, 5, 6, 7, 14];
+    let now = tpm.pcr_read(&many).unwrap();
+    let mut next = now.clone();
+    next.insert(14, extended(&[0; 32], &sha(b"next")));
+    let b = tpm.seal(&secret, &many, &[now, next]).unwrap();
+    assert_eq!(tpm.unseal(&b).unwrap().as_slice(), secret);
+    tpm.pcr_extend(14, &sha(b"next")).unwrap();
+    assert_eq!(tpm.unseal(&b).unwrap().as_slice(), secret);
+    tpm.pcr_extend(7, &sha(b"other")).unwrap();
+    assert!(matches!(
+        tpm.unseal(&b),
+        Err(TpmError::PolicyMismatch { ref changed }) if changed == &[7]
+    ));
 
     // Secrets of 1 and 128 bytes; empty and 129 refused.
     for len in [1, 128] {
