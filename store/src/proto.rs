@@ -586,6 +586,64 @@ mod tests {
     }
 
     #[test]
+    fn requests_with_keys_stay_local_and_never_print_their_keys() {
+        let key = VolumeKey::random().unwrap();
+        let hex: String = key.expose().iter().map(|b| format!("{b:02x}")).collect();
+        let reqs = [
+            Request::VolAttach {
+                name: "v".into(),
+                force: false,
+                key: Some(key.clone()),
+                next_key: None,
+            },
+            Request::VolRekey {
+                name: "v".into(),
+                key: key.clone(),
+            },
+            Request::VolCreate {
+                name: "v".into(),
+                size: 4096,
+                replicas: vec![],
+                key: Some(key.clone()),
+            },
+        ];
+        for r in &reqs {
+            assert!(r.carries_key() && !r.is_replica_op());
+            let dbg = format!("{r:?}");
+            assert!(
+                !dbg.contains(&hex[..16]) && dbg.contains(&key.check()),
+                "{dbg}"
+            );
+            // The key survives the trip over the control socket.
+            let mut buf = Vec::new();
+            send_request(&mut buf, r).unwrap();
+            let (_, body) = read_frame(&mut buf.as_slice()).unwrap().unwrap();
+            match decode::<Request>(&body).unwrap() {
+                Request::VolAttach { key: Some(k), .. }
+                | Request::VolRekey { key: k, .. }
+                | Request::VolCreate { key: Some(k), .. } => assert_eq!(k.expose(), key.expose()),
+                other => panic!("{other:?}"),
+            }
+        }
+        let plain = Request::VolAttach {
+            name: "v".into(),
+            force: false,
+            key: None,
+            next_key: None,
+        };
+        assert!(!plain.carries_key());
+        assert!(Request::SetCrypt {
+            name: "v".into(),
+            epoch: 1,
+            crypt: CryptRec {
+                key_check: key.check(),
+                rekey: None,
+            },
+        }
+        .is_replica_op());
+    }
+
+    #[test]
     fn every_request_has_a_deadline_and_only_replica_requests_reach_the_network() {
         let flush = Request::Flush {
             name: "v".into(),
