@@ -93,7 +93,7 @@ pub mod swtpm;
 pub mod tiny;
 
 pub use report::{in_ci, retry, skip};
-pub use swtpm::Swtpm;
+pub use swtpm::{Manufacture, Swtpm};
 
 pub type Result<T> = std::result::Result<T, Error>;
 

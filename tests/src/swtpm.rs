@@ -18,13 +18,18 @@
 //!   same machine rebooted. (`scripts/testhost --tpm DIR` does the same
 //!   without Rust.)
 //!
-//! A new state directory is first manufactured with `swtpm_setup` like a real
-//! TPM: RSA and ECC endorsement keys (persistent handles 0x81010001 and
-//! 0x81010016) with certificates from swtpm's local CA in NV (0x01c00002,
-//! 0x01c00016; root only, otherwise without certificates) and the SHA-256
-//! PCR bank active (no SHA-1).
+//! A new state directory is first manufactured ([`Manufacture`]): by default
+//! with `swtpm_setup` like a real TPM: RSA and ECC endorsement keys
+//! (persistent handles 0x81010001 and 0x81010016) with certificates from
+//! swtpm's local CA in NV (0x01c00002, 0x01c00016; root only, otherwise
+//! without certificates) and the SHA-256 PCR bank active (no SHA-1).
+//! [`Manufacture::Bare`] leaves that to swtpm: no persistent keys, banks
+//! SHA-1, SHA-256, SHA-384 and SHA-512.
 //!
-//! swtpm is stopped when the `Swtpm` is dropped.
+//! swtpm serves one client connection at a time: close every TPM context
+//! opened on it before [`Swtpm::reboot`] or before running tpm2-tools
+//! against it. swtpm is stopped when the `Swtpm` is dropped; the state
+//! directory stays (the caller owns it).
 
 use crate::{Error, Result};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -35,6 +40,18 @@ use std::time::{Duration, Instant};
 
 /// How long swtpm may take to open its sockets.
 const START_LIMIT: Duration = Duration::from_secs(10);
+
+/// How [`Swtpm`] prepares a state directory that holds no TPM yet (an
+/// existing state is used as it is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Manufacture {
+    /// `swtpm_setup`: EKs with certificates (where swtpm's local CA is
+    /// usable), SHA-256 bank only.
+    #[default]
+    EkCerts,
+    /// swtpm's own first start: no persistent objects, all four banks.
+    Bare,
+}
 
 /// A running swtpm; stopped on drop.
 pub struct Swtpm {
@@ -72,7 +89,12 @@ impl Swtpm {
     /// Starts swtpm on TCP loopback with its state in `state_dir` (created
     /// and manufactured if new), started up and ready for commands.
     pub fn tcp(state_dir: &Path) -> Result<Swtpm> {
-        let state_dir = prepare(state_dir)?;
+        Self::tcp_with(state_dir, Manufacture::default())
+    }
+
+    /// [`Swtpm::tcp`], manufacturing a new state as `how` says.
+    pub fn tcp_with(state_dir: &Path, how: Manufacture) -> Result<Swtpm> {
+        let state_dir = prepare(state_dir, how)?;
         // The ports are free when picked, but another process may take them
         // before swtpm binds: then pick again.
         let mut last_err = None;
@@ -95,7 +117,12 @@ impl Swtpm {
     /// (created and manufactured if new). QEMU starts the TPM; the firmware
     /// sends TPM2_Startup. Give [`Swtpm::qemu_args`] to the test host.
     pub fn for_testhost(state_dir: &Path) -> Result<Swtpm> {
-        let state_dir = prepare(state_dir)?;
+        Self::for_testhost_with(state_dir, Manufacture::default())
+    }
+
+    /// [`Swtpm::for_testhost`], manufacturing a new state as `how` says.
+    pub fn for_testhost_with(state_dir: &Path, how: Manufacture) -> Result<Swtpm> {
+        let state_dir = prepare(state_dir, how)?;
         let socket = state_dir.join("swtpm.sock");
         // sun_path holds 108 bytes, NUL included.
         if socket.as_os_str().len() >= 108 {
@@ -175,9 +202,9 @@ impl Swtpm {
         match &self.mode {
             Mode::Tcp { port } => {
                 cmd.arg("--server")
-                    .arg(format!("type=tcp,port={port}"))
+                    .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
                     .arg("--ctrl")
-                    .arg(format!("type=tcp,port={}", port + 1))
+                    .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
                     .arg("--flags")
                     .arg("not-need-init,startup-clear");
             }
@@ -266,13 +293,13 @@ impl Drop for Swtpm {
     }
 }
 
-/// Creates `dir` and, if it holds no TPM state yet, manufactures one with
-/// swtpm_setup (EK certificates where the local CA is usable, i.e. as root).
-/// Returns the absolute path.
-fn prepare(dir: &Path) -> Result<PathBuf> {
+/// Creates `dir` and, if it holds no TPM state yet, manufactures one as
+/// `how` says (with swtpm_setup: EK certificates where the local CA is
+/// usable, i.e. as root). Returns the absolute path.
+fn prepare(dir: &Path, how: Manufacture) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
-    if dir.join("tpm2-00.permall").exists() {
+    if how == Manufacture::Bare || dir.join("tpm2-00.permall").exists() {
         return Ok(dir);
     }
     let setup = |certs: bool| -> Result<std::process::Output> {

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kiln_tests::{require_testhost, skip, target_dir, HostRun, Swtpm, TestHost};
+use kiln_tests::{require_testhost, skip, target_dir, HostRun, Manufacture, Swtpm, TestHost};
 
 /// The group whose files IMA measures as Kiln configuration (`fgroup=` in
 /// scripts/lib/ima-policy; scripts/testhost gives it to files under
@@ -635,6 +635,20 @@ fn swtpm_over_tcp_resets_pcrs_on_reboot_and_keeps_keys() {
     assert_eq!(read16(&tcti), [0; 32], "PCR 16 not reset by the reboot");
     let after = tpm2_tool(&tcti, &["getcap", "handles-persistent"]);
     assert_eq!(handles, after, "persistent handles changed");
+    drop(tpm);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // A bare TPM (swtpm's own manufacture): no persistent keys, all banks.
+    let mut tpm = Swtpm::tcp_with(&dir, Manufacture::Bare).expect("swtpm");
+    let tcti = tpm.tcti();
+    let banks = tpm2_tool(&tcti, &["getcap", "pcrs"]);
+    assert!(
+        banks.contains("sha1") && banks.contains("sha256"),
+        "{banks}"
+    );
+    let handles = tpm2_tool(&tcti, &["getcap", "handles-persistent"]);
+    assert!(!handles.contains("0x81"), "{handles}");
+    tpm.reboot().expect("reboot");
     drop(tpm);
     let _ = std::fs::remove_dir_all(&dir);
 }
