@@ -586,6 +586,8 @@ fn measured_boot_in_the_test_host() {
         run1.output
     );
     assert_eq!(b1.key_name, b2.key_name, "the persistent key changed");
+    // Kept when the test fails, to look at (swtpm.log is in the TPM state).
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// tpm2-tools against a TCP swtpm; returns stdout.
