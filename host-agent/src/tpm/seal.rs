@@ -9,7 +9,7 @@ use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Digest, DigestList, EccPoint, KeyedHashScheme, Public, PublicBuilder,
+    CreateKeyResult, Digest, DigestList, EccPoint, KeyedHashScheme, Public, PublicBuilder,
     PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData, SymmetricDefinition,
     SymmetricDefinitionObject,
 };
@@ -44,11 +44,7 @@ impl Tpm {
         let data = SensitiveData::try_from(secret.to_vec()).map_err(cmd("take the secret"))?;
         let mut ctx = self.ctx();
         let srk = create_srk(&mut ctx)?;
-        let made = ctx
-            .execute_with_nullauth_session(|ctx| {
-                ctx.create(srk, public, None, Some(data), None, None)
-            })
-            .map_err(cmd("seal under the storage key"));
+        let made = create_sealed(&mut ctx, srk, public, data);
         let made = flushed(&mut ctx, srk, made)?;
         Ok(SealedBlob {
             public: public_to_bytes(&made.out_public)?,
@@ -80,6 +76,50 @@ impl Tpm {
     }
 }
 
+/// Creates the sealed object under `srk`, the secret sent through an HMAC
+/// session salted by the SRK so that it crosses the bus encrypted.
+fn create_sealed(
+    ctx: &mut Context,
+    srk: KeyHandle,
+    public: Public,
+    data: SensitiveData,
+) -> Result<CreateKeyResult, TpmError> {
+    let session = salted_session(ctx, srk, SessionType::Hmac)?;
+    let (attrs, mask) = SessionAttributesBuilder::new()
+        .with_decrypt(true)
+        .with_continue_session(true)
+        .build();
+    let made = ctx
+        .tr_sess_set_attributes(session, attrs, mask)
+        .map_err(cmd("set the session's attributes"))
+        .and_then(|()| {
+            ctx.execute_with_session(Some(session), |ctx| {
+                ctx.create(srk, public, None, Some(data), None, None)
+            })
+            .map_err(cmd("seal under the storage key"))
+        });
+    flushed(ctx, SessionHandle::from(session), made)
+}
+
+/// A session salted by `srk`: its key comes from a secret encrypted to
+/// the SRK, so parameter encryption in it hides data from a bus sniffer.
+fn salted_session(
+    ctx: &mut Context,
+    srk: KeyHandle,
+    kind: SessionType,
+) -> Result<AuthSession, TpmError> {
+    ctx.start_auth_session(
+        Some(srk),
+        None,
+        None,
+        kind,
+        SymmetricDefinition::AES_128_CFB,
+        HashingAlgorithm::Sha256,
+    )
+    .map_err(cmd("start a session"))?
+    .ok_or_else(|| TpmError::Invalid("the TPM returned no session".into()))
+}
+
 /// Loads the sealed object and unseals it through a policy session;
 /// `None` when the PCRs do not satisfy the policy.
 fn unseal_under(
@@ -97,17 +137,7 @@ fn unseal_under(
         ))?;
     let r = (|| {
         // Salted with the SRK: the unsealed secret crosses the bus encrypted.
-        let session = ctx
-            .start_auth_session(
-                Some(srk),
-                None,
-                None,
-                SessionType::Policy,
-                SymmetricDefinition::AES_128_CFB,
-                HashingAlgorithm::Sha256,
-            )
-            .map_err(cmd("start a policy session"))?
-            .ok_or_else(|| TpmError::Invalid("the TPM returned no policy session".into()))?;
+        let session = salted_session(ctx, srk, SessionType::Policy)?;
         let r = policy_and_unseal(ctx, session, object, blob, digests);
         flushed(ctx, SessionHandle::from(session), r)
     })();
