@@ -410,3 +410,84 @@ fn stored_ak_and_sealed_blobs_work_after_a_restart() {
     );
     assert_nothing_loaded(&tpm);
 }
+
+/// A recording TCP relay between the TPM client and swtpm, on a port pair
+/// like swtpm's (command, control).
+struct Tap {
+    port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Tap {
+    fn start(swtpm_port: u16) -> Tap {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        let (port, listeners) = loop {
+            let a = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = a.local_addr().unwrap().port();
+            if let Ok(b) = TcpListener::bind(("127.0.0.1", port.wrapping_add(1))) {
+                break (port, [(a, swtpm_port), (b, swtpm_port + 1)]);
+            }
+        };
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        for (listener, target) in listeners {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                for client in listener.incoming().flatten() {
+                    let server = TcpStream::connect(("127.0.0.1", target)).unwrap();
+                    for (mut from, mut to) in [
+                        (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                        (server, client),
+                    ] {
+                        let seen = seen.clone();
+                        std::thread::spawn(move || {
+                            let mut buf = [0u8; 4096];
+                            while let Ok(n @ 1..) = from.read(&mut buf) {
+                                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                                if to.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                            let _ = to.shutdown(std::net::Shutdown::Write);
+                        });
+                    }
+                }
+            });
+        }
+        Tap { port, seen }
+    }
+
+    fn saw(&self, needle: &[u8]) -> bool {
+        self.seen
+            .lock()
+            .unwrap()
+            .windows(needle.len())
+            .any(|w| w == needle)
+    }
+}
+
+#[test]
+fn a_sealed_secret_never_crosses_the_wire_in_the_clear() {
+    let Some(t) = Swtpm::start() else {
+        return;
+    };
+    let tap = Tap::start(t.port);
+    let tpm = Tpm::open(Some(&format!("swtpm:host=127.0.0.1,port={}", tap.port))).unwrap();
+    let now = tpm.pcr_read(&[23]).unwrap();
+    let secret = rand::random::<[u8; 32]>();
+    let blob = tpm
+        .seal(&secret, &[23], std::slice::from_ref(&now))
+        .unwrap();
+    assert_eq!(tpm.unseal(&blob).unwrap().as_slice(), secret);
+    // The tap sees the traffic: the policy travels in the clear.
+    let policy = pcr_policy_digest(&[23], &now).unwrap();
+    assert!(tap.saw(&policy), "the tap saw no TPM traffic");
+    assert!(
+        !tap.saw(&secret),
+        "the secret crossed the wire in the clear"
+    );
+    assert!(
+        !tap.saw(&secret[..16]),
+        "half the secret crossed the wire in the clear"
+    );
+}
