@@ -40,7 +40,10 @@ use tss_esapi::Context;
 
 pub use blobs::{AkBlobs, Identity, Quote, SealedBlob};
 pub use error::TpmError;
+pub use identity::{EK_CERT_NV_INDEX, EK_PERSISTENT_HANDLE};
 pub use policy::{pcr_policy_digest, pcr_values_digest, policy_or_digest};
+pub use quote::MAX_NONCE;
+pub use seal::MAX_SECRET;
 
 use error::cmd;
 
