@@ -10,6 +10,7 @@ use tokio::sync::broadcast;
 
 use crate::error::ApiError;
 use crate::model::{now, Event, Kind, Resource};
+use crate::trust::wrap::Wrapped;
 
 /// `kind/id` -> resource JSON.
 const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
@@ -19,6 +20,10 @@ const NAMES: TableDefinition<&str, &str> = TableDefinition::new("names");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// Counters (`event_seq`).
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// Volume id -> its data-encryption key wrapped by the node's KEK (JSON of
+/// `trust::wrap::Wrapped`; never a key in the clear). Kept out of the
+/// volume resource so that no API answer carries it.
+const VOLUME_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("volume_keys");
 
 /// How many events are kept; older ones are dropped.
 pub const EVENTS_KEPT: u64 = 10_000;
@@ -113,9 +118,54 @@ impl Db {
         tx.open_table(NAMES)?;
         tx.open_table(EVENTS)?;
         tx.open_table(COUNTERS)?;
+        tx.open_table(VOLUME_KEYS)?;
         tx.commit()?;
         let (events, _) = broadcast::channel(1024);
         Ok(Db { db, events })
+    }
+
+    /// A volume's wrapped key, if it has one.
+    pub fn volume_key(&self, id: &str) -> Result<Option<Wrapped>, DbError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(VOLUME_KEYS)?;
+        let v = t.get(id)?;
+        Ok(match v {
+            Some(v) => Some(serde_json::from_slice(v.value())?),
+            None => None,
+        })
+    }
+
+    /// Stores (or, with `None`, forgets) wrapped volume keys, all in one
+    /// transaction: a KEK rotation re-wraps every key or none.
+    pub fn set_volume_keys(&self, keys: &[(String, Option<Wrapped>)]) -> Result<(), DbError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(VOLUME_KEYS)?;
+            for (id, w) in keys {
+                match w {
+                    Some(w) => {
+                        t.insert(id.as_str(), serde_json::to_vec(w)?.as_slice())?;
+                    }
+                    None => {
+                        t.remove(id.as_str())?;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every wrapped volume key, by volume id.
+    pub fn volume_keys(&self) -> Result<Vec<(String, Wrapped)>, DbError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(VOLUME_KEYS)?;
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            out.push((k.value().to_string(), serde_json::from_slice(v.value())?));
+        }
+        Ok(out)
     }
 
     /// Events committed from now on.

@@ -54,6 +54,7 @@ pub enum Kind {
     Vm,
     Token,
     Node,
+    Policy,
 }
 
 impl Kind {
@@ -65,6 +66,7 @@ impl Kind {
             Kind::Vm => "vm",
             Kind::Token => "token",
             Kind::Node => "node",
+            Kind::Policy => "policy",
         }
     }
 }
@@ -233,6 +235,75 @@ impl Image {
     }
 }
 
+// ---------------------------------------------------------------- image policy
+
+/// What the node does with a VM whose kernel, initrd or base disk image
+/// is not approved.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyMode {
+    /// The VM starts; an event records each unapproved image.
+    #[default]
+    Audit,
+    /// The VM does not start; its state says which image is not approved.
+    Enforce,
+}
+
+/// An approved image file, by content.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovedDigest {
+    /// Hex SHA-256 of a kernel, initrd or disk image file.
+    pub sha256: String,
+    /// What it is, for people.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImagePolicySpec {
+    #[serde(default)]
+    pub mode: PolicyMode,
+    #[serde(default)]
+    pub approved: Vec<ApprovedDigest>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyState {
+    Active,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, ToSchema)]
+pub struct ImagePolicyStatus {
+    pub state: PolicyState,
+}
+
+/// The node's image policy (one, named `images`): which kernels, initrds
+/// and disk images VMs may start from. Only admins change it; every
+/// change is an event.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, ToSchema)]
+pub struct ImagePolicy {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub spec: ImagePolicySpec,
+    pub status: ImagePolicyStatus,
+}
+resource!(ImagePolicy, Kind::Policy);
+
+/// The one image policy's name.
+pub const IMAGE_POLICY: &str = "images";
+
+#[derive(Serialize, Deserialize, Clone, Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateImagePolicy {
+    /// The generation this change was based on (or send `If-Match`).
+    #[serde(default)]
+    pub generation: Option<u64>,
+    pub spec: ImagePolicySpec,
+}
+
 // ---------------------------------------------------------------- networks
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, ToSchema)]
@@ -329,6 +400,23 @@ pub struct VolumeStatus {
     pub replicas: Vec<ReplicaHealth>,
     #[serde(default)]
     pub snapshots: Vec<String>,
+    /// Encrypted at rest (XTS-AES-256, a key of its own wrapped by the
+    /// node's TPM-sealed KEK).
+    #[serde(default)]
+    pub encrypted: bool,
+    /// The public fingerprint of the volume's key.
+    #[serde(default)]
+    pub key_check: Option<String>,
+    /// An online re-encryption with a new key, while it runs.
+    #[serde(default)]
+    pub rekey: Option<RekeyProgress>,
+}
+
+/// Bytes of a volume re-encrypted so far.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, ToSchema)]
+pub struct RekeyProgress {
+    pub done: u64,
+    pub total: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, ToSchema)]
@@ -636,4 +724,8 @@ pub struct NodeInfo {
     pub cert_sha256: String,
     /// Whether cgroup v2 is available for VM limits.
     pub cgroup_v2: bool,
+    /// Initialized with `--insecure-no-tpm`: no attestation, and the key
+    /// that wraps the volume keys is on disk unprotected.
+    #[serde(default)]
+    pub insecure_no_tpm: bool,
 }

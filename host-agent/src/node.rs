@@ -50,12 +50,20 @@ pub struct InitOptions {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub ca: Option<PathBuf>,
+    /// The TPM (default: the kernel's).
+    pub tcti: Option<String>,
+    /// No TPM: no attestation, the KEK on disk.
+    pub insecure_no_tpm: bool,
+    /// Kiln's files, measured before the KEK is sealed.
+    pub software: crate::trust::Software,
 }
 
 /// What `init` made: the admin token, to show once.
 pub struct Initialized {
     pub node: NodeRecord,
     pub admin_token: String,
+    /// The recovery key, to show once.
+    pub trust: crate::trust::InitTrust,
 }
 
 fn mkdir(p: &Path, mode: u32) -> Result<()> {
@@ -109,6 +117,16 @@ pub fn init(paths: &Paths, opts: &InitOptions) -> Result<Initialized> {
             (None, None) => made.extend(pki::create(&paths.pki, &name, &opts.san)?),
             _ => bail!("--cert and --key go together"),
         }
+        let trust_dir = crate::trust::files_dir(&agent_dir);
+        if !trust_dir.exists() {
+            made.push(trust_dir);
+        }
+        let trust = crate::trust::Trust::init(
+            paths,
+            opts.tcti.as_deref(),
+            opts.insecure_no_tpm,
+            &opts.software,
+        )?;
         let node = NodeRecord {
             id: uuid::Uuid::new_v4().to_string(),
             name,
@@ -126,6 +144,7 @@ pub fn init(paths: &Paths, opts: &InitOptions) -> Result<Initialized> {
         Ok(Initialized {
             node,
             admin_token: value,
+            trust,
         })
     })();
     if result.is_err() {

@@ -54,6 +54,16 @@ fn api_error(e: kiln_store::Error) -> ApiError {
 }
 
 impl Store {
+    /// One long request whose progress frames go to `progress` (blocking).
+    pub fn call_with_progress(
+        &self,
+        req: &Request,
+        progress: &mut dyn FnMut(kiln_store::proto::Progress),
+    ) -> Result<Response, ApiError> {
+        let mut c = Client::connect(&self.socket).map_err(api_error)?;
+        c.call_with_progress(req, progress).map_err(api_error)
+    }
+
     /// One request to the daemon (blocking).
     pub fn call(&self, req: &Request) -> Result<Response, ApiError> {
         let mut c = Client::connect(&self.socket).map_err(api_error)?;

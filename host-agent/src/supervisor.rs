@@ -18,15 +18,18 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
+use crate::attest::KilnEvent;
 use crate::db::{Change, Db, Note};
 use crate::error::ApiError;
+use crate::image_policy;
 use crate::images;
 use crate::model::{
-    now, DesiredVmState, FileRole, Image, ImageState, Network, NicStatus, RestartPolicy, Vm,
-    VmState,
+    now, DesiredVmState, FileRole, Image, ImageState, Network, NicStatus, PolicyMode,
+    RestartPolicy, Vm, VmState, Volume,
 };
 use crate::paths::{Paths, VmRunDir};
 use crate::store::Store;
+use crate::trust::Trust;
 use crate::{cgroup, netdev, vmm_client};
 
 /// How long kiln-vmm has to answer on its API socket after it starts.
@@ -39,6 +42,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub struct Supervisor {
     db: Arc<Db>,
     store: Arc<Store>,
+    trust: Arc<Trust>,
     paths: Paths,
     vmm: PathBuf,
     cgroup_root: Option<PathBuf>,
@@ -95,10 +99,17 @@ fn log_tail(path: &Path) -> String {
 }
 
 impl Supervisor {
-    pub fn new(db: Arc<Db>, store: Arc<Store>, paths: Paths, vmm: PathBuf) -> Arc<Self> {
+    pub fn new(
+        db: Arc<Db>,
+        store: Arc<Store>,
+        trust: Arc<Trust>,
+        paths: Paths,
+        vmm: PathBuf,
+    ) -> Arc<Self> {
         Arc::new(Supervisor {
             db,
             store,
+            trust,
             paths,
             vmm,
             cgroup_root: cgroup::root(),
@@ -211,6 +222,18 @@ impl Supervisor {
             .ok_or_else(|| format!("boot image {} has no kernel", image.meta.name))?;
         let initrd = images::blob(&self.paths, &image, FileRole::Initrd);
         let volumes = crate::api::volumes::ready_volumes(&self.db, &vm.spec)?;
+        let vols: Vec<Volume> = volumes
+            .iter()
+            .map(|n| self.db.get::<Volume>(n).map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        self.check_image_policy(vm, &image, &vols)?;
+        // Keys first: a locked node refuses before anything is set up.
+        let attach: Vec<kiln_store::proto::Request> = vols
+            .iter()
+            .map(|v| {
+                crate::volume_keys::attach_request(&self.db, &self.trust, v).map_err(|e| e.message)
+            })
+            .collect::<Result<_, _>>()?;
         let dir = self.run_dir(id);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::DirBuilder::new()
@@ -223,15 +246,12 @@ impl Supervisor {
         let mut nics: Vec<NicStatus> = Vec::new();
         let mut disks: Vec<String> = Vec::new();
         let result = async {
-            for (i, name) in volumes.iter().enumerate() {
+            for (i, (name, attach)) in volumes.iter().zip(attach).enumerate() {
                 let sock = dir.join(format!("disk{i}.sock"));
                 let (store, name2) = (self.store.clone(), name.clone());
                 let s2 = sock.display().to_string();
                 tokio::task::spawn_blocking(move || {
-                    store.call(&kiln_store::proto::Request::VolAttach {
-                        name: name2.clone(),
-                        force: false,
-                    })?;
+                    store.call(&attach)?;
                     store.call(&kiln_store::proto::Request::VolExportVhost {
                         name: name2,
                         socket: s2,
@@ -267,6 +287,7 @@ impl Supervisor {
                 .clone()
                 .or_else(|| image_cmdline.map(str::to_string))
                 .unwrap_or_else(|| "console=ttyS0".to_string());
+            self.measure_launch(vm, &image, &vols, &cmdline).await?;
             let mut cmd = Command::new(&self.vmm);
             cmd.arg("--kernel").arg(&kernel);
             if let Some(i) = &initrd {
@@ -360,6 +381,68 @@ impl Supervisor {
                 Err(e)
             }
         }
+    }
+
+    /// The image policy: in `enforce` mode an unapproved kernel, initrd
+    /// or base disk image stops the launch; in `audit` mode it is an event.
+    fn check_image_policy(&self, vm: &Vm, image: &Image, vols: &[Volume]) -> Result<(), String> {
+        let policy = image_policy::current(&self.db).map_err(|e| e.to_string())?;
+        let mut sources = image_policy::boot_sources(image);
+        sources.extend(
+            vols.iter()
+                .filter_map(|v| image_policy::base_image(&self.db, v)),
+        );
+        let bad = image_policy::unapproved(&policy.spec, &sources);
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let what = bad.join("; ");
+        match policy.spec.mode {
+            PolicyMode::Enforce => Err(format!("refused by the image policy (enforce): {what}")),
+            PolicyMode::Audit => {
+                tracing::warn!("VM {}: image policy (audit): {what}", vm.meta.name);
+                let _ = self.db.update(&vm.meta.id, Change::Observed, |_: &mut Vm| {
+                    Ok(Some(Note::with(
+                        "policy-violation",
+                        format!("started although (audit mode): {what}"),
+                    )))
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Extends what this launch is made of into the VM-launch PCR.
+    async fn measure_launch(
+        &self,
+        vm: &Vm,
+        image: &Image,
+        vols: &[Volume],
+        cmdline: &str,
+    ) -> Result<(), String> {
+        let sha = |role| image.file(role).map(|f| f.sha256.clone());
+        let disks = vols
+            .iter()
+            .map(|v| match image_policy::base_image(&self.db, v) {
+                Some(s) => format!("volume:{}@live;image:sha256:{}", v.meta.id, s.sha256),
+                None => format!("volume:{}@live", v.meta.id),
+            })
+            .collect();
+        let event = KilnEvent::VmLaunch {
+            vm: vm.meta.id.clone(),
+            name: vm.meta.name.clone(),
+            kernel: sha(FileRole::Kernel).unwrap_or_default(),
+            initrd: sha(FileRole::Initrd),
+            cmdline: cmdline.to_string(),
+            vcpus: vm.spec.vcpus,
+            memory_mib: vm.spec.memory_mib,
+            disks,
+        };
+        let trust = self.trust.clone();
+        tokio::task::spawn_blocking(move || trust.measure_launch(event))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot measure the launch: {e}"))
     }
 
     /// Removes a VM's TAPs, runtime directory and cgroup.

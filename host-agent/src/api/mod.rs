@@ -27,6 +27,7 @@ pub mod networks;
 pub mod node;
 pub mod openapi;
 pub mod tokens;
+pub mod trust;
 pub mod vms;
 pub mod volumes;
 
@@ -40,6 +41,7 @@ pub struct AppState {
     pub node: Arc<NodeInfo>,
     pub sup: Arc<Supervisor>,
     pub store: Arc<crate::store::Store>,
+    pub trust: Arc<crate::trust::Trust>,
 }
 
 /// The whole API. `authenticated`: every request needs a bearer token
@@ -48,6 +50,7 @@ pub fn router(state: AppState, authenticated: bool) -> Router {
     let v1 = Router::new()
         .merge(node::router())
         .merge(tokens::router())
+        .merge(trust::router())
         .merge(images::router())
         .merge(networks::router())
         .merge(volumes::router())

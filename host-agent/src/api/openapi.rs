@@ -16,6 +16,9 @@ use crate::error::ErrorBody;
     info(title = "Kiln host agent", description = "One Kiln node's images, networks, volumes, VMs, tokens and events."),
     paths(
         super::node::get_node,
+        super::trust::status, super::trust::attestation, super::trust::unlock,
+        super::trust::reseal, super::trust::rotate_kek,
+        super::trust::get_policy, super::trust::put_policy,
         super::metrics::metrics,
         super::tokens::list, super::tokens::create, super::tokens::revoke,
         super::images::list, super::images::get_one, super::images::create, super::images::remove,
@@ -23,6 +26,7 @@ use crate::error::ErrorBody;
         super::networks::list, super::networks::get_one, super::networks::create, super::networks::remove,
         super::volumes::list, super::volumes::get_one, super::volumes::create, super::volumes::remove,
         super::volumes::resize, super::volumes::snapshot, super::volumes::delete_snapshot,
+        super::volumes::rekey,
         super::vms::list, super::vms::get_one, super::vms::create, super::vms::update, super::vms::remove,
         super::vms::start, super::vms::shutdown, super::vms::power_off, super::vms::pause,
         super::vms::resume, super::vms::restart,

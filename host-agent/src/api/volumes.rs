@@ -19,6 +19,7 @@ use crate::model::{
     Vm, VmState, Volume, VolumeSource, VolumeState, VolumeStatus,
 };
 use crate::store::Store;
+use crate::trust::Trust;
 use crate::validate;
 
 pub fn router() -> Router<AppState> {
@@ -27,6 +28,7 @@ pub fn router() -> Router<AppState> {
         .route("/volumes/{volume}", get(get_one).delete(remove))
         .route("/volumes/{volume}/resize", post(resize))
         .route("/volumes/{volume}/snapshots", post(snapshot))
+        .route("/volumes/{volume}/rekey", post(rekey))
         .route(
             "/volumes/{volume}/snapshots/{snapshot}",
             delete(delete_snapshot),
@@ -47,12 +49,9 @@ fn check_size(size: u64) -> Result<(), ApiError> {
 
 /// The store changes a volume through its writer: attach it here first
 /// (idempotent; a VM that stopped has detached it).
-fn as_writer(store: &Store, name: &str) -> Result<(), ApiError> {
+fn as_writer(db: &Db, trust: &Trust, store: &Store, v: &Volume) -> Result<(), ApiError> {
     store
-        .call(&Request::VolAttach {
-            name: name.to_string(),
-            force: false,
-        })
+        .call(&crate::volume_keys::attach_request(db, trust, v)?)
         .map(|_| ())
 }
 
@@ -85,6 +84,14 @@ fn refresh(db: &Db, store: &Store, name: &str) -> Result<Volume, ApiError> {
             })
             .collect();
         v.status.snapshots = s.snapshots.clone();
+        v.status.encrypted = s.encrypted;
+        v.status.key_check = s.key_check.clone();
+        if v.status.rekey.is_none() {
+            v.status.rekey = s.rekey.as_ref().map(|r| crate::model::RekeyProgress {
+                done: r.done,
+                total: r.total,
+            });
+        }
         Ok(None)
     })?)
 }
@@ -163,27 +170,38 @@ pub async fn create(
             bytes_done: 0,
             replicas: Vec::new(),
             snapshots: Vec::new(),
+            encrypted: true,
+            key_check: None,
+            rekey: None,
         },
     };
     st.db.create(&vol, Note::new("created"))?;
-    let (db, store, paths, id) = (
+    let (db, store, paths, trust, id) = (
         st.db.clone(),
         st.store.clone(),
         st.paths.clone(),
+        st.trust.clone(),
         vol.meta.id.clone(),
     );
-    tokio::task::spawn_blocking(move || build(db, store, paths, id));
+    tokio::task::spawn_blocking(move || build(db, store, paths, trust, id));
     Ok((StatusCode::ACCEPTED, Json(vol)))
 }
 
 /// Makes the volume in the store and fills it; records the outcome.
-fn build(db: Arc<Db>, store: Arc<Store>, paths: crate::paths::Paths, id: String) {
+fn build(
+    db: Arc<Db>,
+    store: Arc<Store>,
+    paths: crate::paths::Paths,
+    trust: Arc<Trust>,
+    id: String,
+) {
     let Ok(v) = db.get::<Volume>(&id) else { return };
     let name = v.meta.name.clone();
     let result = (|| -> Result<(), ApiError> {
         match &v.spec.source {
             VolumeSource::Snapshot { volume, snapshot } => {
                 let src: Volume = db.get(volume)?;
+                crate::volume_keys::share(&db, &trust, &src, &v)?;
                 store.call(&Request::VolClone {
                     name: src.meta.name,
                     snap: snapshot.clone(),
@@ -191,10 +209,12 @@ fn build(db: Arc<Db>, store: Arc<Store>, paths: crate::paths::Paths, id: String)
                 })?;
             }
             source => {
+                let key = crate::volume_keys::create(&db, &trust, &v)?;
                 store.call(&Request::VolCreate {
                     name: name.clone(),
                     size: v.spec.size_bytes,
                     replicas: vec![store.replica()],
+                    key: Some(key),
                 })?;
                 if let VolumeSource::Image { image } = source {
                     let i: Image = db.get(image)?;
@@ -288,7 +308,7 @@ pub async fn remove(
     headers: HeaderMap,
 ) -> Result<Json<Volume>, ApiError> {
     let expected = if_match(&headers)?;
-    let (db, store) = (st.db.clone(), st.store.clone());
+    let (db, store, trust) = (st.db.clone(), st.store.clone(), st.trust.clone());
     Ok(Json(
         blocking(move || {
             let v: Volume = db.get(&key)?;
@@ -313,7 +333,7 @@ pub async fn remove(
                     .into());
                 }
             }
-            let deleted = as_writer(&store, &v.meta.name).and_then(|_| {
+            let deleted = as_writer(&db, &trust, &store, &v).and_then(|_| {
                 store.call(&Request::VolDelete {
                     name: v.meta.name.clone(),
                 })
@@ -324,7 +344,9 @@ pub async fn remove(
                 Err(e) if e.status == StatusCode::NOT_FOUND => {}
                 Err(e) => return Err(e),
             }
-            Ok(db.delete::<Volume>(&v.meta.id, None, |_| Ok(()))?)
+            let gone = db.delete::<Volume>(&v.meta.id, None, |_| Ok(()))?;
+            crate::volume_keys::forget(&db, &gone.meta.id)?;
+            Ok(gone)
         })
         .await?,
     ))
@@ -355,7 +377,7 @@ pub async fn resize(
 ) -> Result<Json<Volume>, ApiError> {
     let expected = if_match(&headers)?.or(req.generation);
     check_size(req.size_bytes)?;
-    let (db, store) = (st.db.clone(), st.store.clone());
+    let (db, store, trust) = (st.db.clone(), st.store.clone(), st.trust.clone());
     Ok(Json(
         blocking(move || {
             let v: Volume = db.get(&key)?;
@@ -373,7 +395,7 @@ pub async fn resize(
                 }
                 .into());
             }
-            as_writer(&store, &v.meta.name)?;
+            as_writer(&db, &trust, &store, &v)?;
             store.call(&Request::VolResize {
                 name: v.meta.name.clone(),
                 size: req.size_bytes,
@@ -404,7 +426,7 @@ pub async fn snapshot(
     ValidJson(req): ValidJson<CreateSnapshot>,
 ) -> Result<(StatusCode, Json<Volume>), ApiError> {
     validate::name("snapshot", &req.name)?;
-    let (db, store) = (st.db.clone(), st.store.clone());
+    let (db, store, trust) = (st.db.clone(), st.store.clone(), st.trust.clone());
     let v = blocking(move || {
         let v: Volume = db.get(&key)?;
         if v.status.state != VolumeState::Ready {
@@ -419,7 +441,7 @@ pub async fn snapshot(
                 v.meta.name, req.name
             )));
         }
-        as_writer(&store, &v.meta.name)?;
+        as_writer(&db, &trust, &store, &v)?;
         store.call(&Request::VolSnapshot {
             name: v.meta.name.clone(),
             snap: req.name.clone(),
@@ -446,7 +468,7 @@ pub async fn delete_snapshot(
     State(st): State<AppState>,
     Path((key, snap)): Path<(String, String)>,
 ) -> Result<Json<Volume>, ApiError> {
-    let (db, store) = (st.db.clone(), st.store.clone());
+    let (db, store, trust) = (st.db.clone(), st.store.clone(), st.trust.clone());
     Ok(Json(
         blocking(move || {
             let v: Volume = db.get(&key)?;
@@ -456,7 +478,7 @@ pub async fn delete_snapshot(
                     v.meta.name
                 )));
             }
-            as_writer(&store, &v.meta.name)?;
+            as_writer(&db, &trust, &store, &v)?;
             store.call(&Request::VolDeleteSnapshot {
                 name: v.meta.name.clone(),
                 snap: snap.clone(),
@@ -488,4 +510,118 @@ pub fn ready_volumes(db: &Db, spec: &crate::model::VmSpec) -> Result<Vec<String>
             Ok(v.meta.name)
         })
         .collect()
+}
+
+/// Re-encrypts a volume with a new key, online (its VM keeps running):
+/// answers at once; `status.rekey` shows progress until it is done.
+/// Refused while the volume has snapshots (their blocks use the old key).
+#[utoipa::path(post, path = "/v1/volumes/{volume}/rekey", tag = "volumes", operation_id = "volumes.rekey",
+    params(("volume" = String, Path, description = "name or id")),
+    responses((status = 202, body = Volume)))]
+pub async fn rekey(
+    State(st): State<AppState>,
+    Path(key): Path<String>,
+) -> Result<(StatusCode, Json<Volume>), ApiError> {
+    let (db, store, trust) = (st.db.clone(), st.store.clone(), st.trust.clone());
+    let v = blocking(move || {
+        let v: Volume = db.get(&key)?;
+        if v.status.state != VolumeState::Ready {
+            return Err(ApiError::conflict(format!(
+                "volume {} is not ready",
+                v.meta.name
+            )));
+        }
+        if db.volume_key(&v.meta.id)?.is_none() {
+            return Err(ApiError::conflict(format!(
+                "volume {} is not encrypted",
+                v.meta.name
+            )));
+        }
+        if v.status.rekey.is_some() {
+            return Err(ApiError::conflict(format!(
+                "volume {} is being rekeyed already",
+                v.meta.name
+            )));
+        }
+        if !v.status.snapshots.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "volume {} has snapshots, whose blocks use its current key: delete them first",
+                v.meta.name
+            )));
+        }
+        // Attach with the current key before a next one exists.
+        as_writer(&db, &trust, &store, &v)?;
+        let (dek, w) = trust.new_volume_key(&v.meta.id).map_err(ApiError::from)?;
+        db.set_volume_keys(&[(crate::volume_keys::next_slot(&v.meta.id), Some(w))])?;
+        let new = crate::volume_keys::store_key(&dek)?;
+        let v = db.update(&v.meta.id, Change::Observed, |v: &mut Volume| {
+            v.status.rekey = Some(crate::model::RekeyProgress {
+                done: 0,
+                total: v.spec.size_bytes,
+            });
+            Ok(Some(Note::with(
+                "rekey",
+                "re-encryption with a new key started",
+            )))
+        })?;
+        let (db2, id, name) = (db.clone(), v.meta.id.clone(), v.meta.name.clone());
+        std::thread::spawn(move || run_rekey(&db2, &store, &id, &name, new));
+        Ok(v)
+    })
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(v)))
+}
+
+fn run_rekey(db: &Db, store: &Store, id: &str, name: &str, key: kiln_store::crypt::VolumeKey) {
+    let mut last = std::time::Instant::now();
+    let r = store.call_with_progress(
+        &Request::VolRekey {
+            name: name.to_string(),
+            key,
+        },
+        &mut |p| {
+            if last.elapsed().as_millis() >= 500 {
+                last = std::time::Instant::now();
+                let _ = db.update(id, Change::Observed, |v: &mut Volume| {
+                    v.status.rekey = Some(crate::model::RekeyProgress {
+                        done: p.done,
+                        total: p.total,
+                    });
+                    Ok(None)
+                });
+            }
+        },
+    );
+    let next = crate::volume_keys::next_slot(id);
+    let note = match &r {
+        Ok(_) => match db.volume_key(&next) {
+            Ok(Some(w)) => match db.set_volume_keys(&[(id.to_string(), Some(w)), (next, None)]) {
+                Ok(()) => Note::with("rekey", "re-encrypted with a new key"),
+                Err(e) => Note::with(
+                    "rekey",
+                    format!("re-encrypted, but the new key was not recorded: {e}"),
+                ),
+            },
+            _ => Note::with("rekey", "re-encrypted, but the new key went missing"),
+        },
+        Err(e) => Note::with(
+            "rekey",
+            format!(
+                "re-encryption stopped: {}; it resumes when the volume is attached again",
+                e.message
+            ),
+        ),
+    };
+    let failed = r.as_ref().err().map(|e| {
+        format!(
+            "the rekey stopped: {}; it resumes when the volume is attached again",
+            e.message
+        )
+    });
+    let _ = db.update(id, Change::Observed, |v: &mut Volume| {
+        v.status.rekey = None;
+        v.status.reason = failed;
+        Ok(Some(note))
+    });
+    let _ = refresh(db, store, id);
 }

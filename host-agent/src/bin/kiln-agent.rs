@@ -14,6 +14,7 @@ use kiln_agent::model::{now, NodeInfo};
 use kiln_agent::paths::{self, Paths};
 use kiln_agent::store::Store;
 use kiln_agent::supervisor::Supervisor;
+use kiln_agent::trust::{Software, Trust};
 use kiln_agent::{node, pki, server};
 
 /// The host agent of a Kiln node: its images, networks and VMs behind an
@@ -67,27 +68,96 @@ enum Cmd {
         /// The CA that issued --cert (default: --cert itself).
         #[arg(long, requires = "cert")]
         ca: Option<PathBuf>,
+        #[command(flatten)]
+        tpm: TpmArgs,
+        /// Run without a TPM: no attestation, and the key that wraps every
+        /// volume key is stored on this disk unprotected. For machines
+        /// that have none; every report of this node says so.
+        #[arg(long)]
+        insecure_no_tpm: bool,
+        #[command(flatten)]
+        programs: Programs,
     },
     /// Serve the API and supervise the VMs.
     Serve {
         /// TCP address of the TLS listener ("none" for the unix socket only).
         #[arg(long, default_value = paths::DEFAULT_LISTEN)]
         listen: String,
-        /// The kiln-vmm program (default: beside kiln-agent, else on PATH).
-        #[arg(long, env = "KILN_VMM")]
-        vmm: Option<PathBuf>,
-        /// The kiln-store program, for the store daemon the agent starts
-        /// when none answers on <run-dir>/store.sock (default: beside
-        /// kiln-agent, else on PATH).
-        #[arg(long, env = "KILN_STORE")]
-        store: Option<PathBuf>,
+        #[command(flatten)]
+        programs: Programs,
+        #[command(flatten)]
+        tpm: TpmArgs,
         /// Replication address of a store daemon the agent starts (mutual
         /// TLS with the node's certificate; peers need one of its CA)
         #[arg(long, default_value = "127.0.0.1:7001")]
         store_listen: String,
     },
+    /// Seal the node's key-encryption key to the measurements as they are
+    /// now, after an approved update (agent stopped; while it runs use
+    /// `kilnctl node reseal`). If the KEK no longer unseals, give the
+    /// recovery key shown at init.
+    Reseal {
+        /// A file holding the recovery key (else it is read from stdin
+        /// when the KEK does not unseal).
+        #[arg(long, value_name = "FILE")]
+        recovery_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        programs: Programs,
+        #[command(flatten)]
+        tpm: TpmArgs,
+    },
     /// Print the OpenAPI document of the API.
     Openapi,
+}
+
+#[derive(clap::Args)]
+struct TpmArgs {
+    /// The TPM, as a TCTI: device:/dev/tpmrm0 (the kernel's, default) or
+    /// swtpm:host=127.0.0.1,port=2321 (a software TPM, for tests).
+    #[arg(long = "tpm", env = "KILN_TPM", value_name = "TCTI")]
+    tcti: Option<String>,
+}
+
+/// Kiln's programs: run by the agent, and measured (with the agent itself)
+/// into the PCR its key-encryption key is sealed to.
+#[derive(clap::Args)]
+struct Programs {
+    /// The kiln-vmm program (default: beside kiln-agent, else on PATH).
+    #[arg(long, env = "KILN_VMM")]
+    vmm: Option<PathBuf>,
+    /// The kiln-store program, for the store daemon the agent starts
+    /// when none answers on <run-dir>/store.sock (default: beside
+    /// kiln-agent, else on PATH).
+    #[arg(long, env = "KILN_STORE")]
+    store: Option<PathBuf>,
+}
+
+impl Programs {
+    fn vmm(&self) -> PathBuf {
+        self.vmm.clone().unwrap_or_else(|| beside_me("kiln-vmm"))
+    }
+    fn store(&self) -> PathBuf {
+        self.store
+            .clone()
+            .unwrap_or_else(|| beside_me("kiln-store"))
+    }
+    fn software(&self, paths: &Paths) -> Software {
+        Software::of(paths, &on_path(&self.vmm()), &on_path(&self.store()))
+    }
+}
+
+/// A bare program name as the file PATH finds, to measure it.
+fn on_path(p: &std::path::Path) -> PathBuf {
+    if p.components().count() > 1 {
+        return p.to_path_buf();
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(p))
+                .find(|c| c.is_file())
+        })
+        .unwrap_or_else(|| p.to_path_buf())
 }
 
 fn beside_me(name: &str) -> PathBuf {
@@ -98,7 +168,13 @@ fn beside_me(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-async fn serve(paths: Paths, listen: String, vmm: Option<PathBuf>, store: Store) -> Result<()> {
+async fn serve(
+    paths: Paths,
+    listen: String,
+    vmm: PathBuf,
+    store: Store,
+    trust: Arc<Trust>,
+) -> Result<()> {
     let record = node::load(&paths)?;
     let tls = pki::server_config(&paths.pki)?;
     let db = Arc::new(Db::open(&paths.database()).with_context(|| {
@@ -107,7 +183,6 @@ async fn serve(paths: Paths, listen: String, vmm: Option<PathBuf>, store: Store)
             paths.database().display()
         )
     })?);
-    let vmm = vmm.unwrap_or_else(|| beside_me("kiln-vmm"));
     let store = Arc::new(Store {
         node: record.name.clone(),
         ..store
@@ -119,7 +194,7 @@ async fn serve(paths: Paths, listen: String, vmm: Option<PathBuf>, store: Store)
             Err(e) => tracing::warn!("volumes are unavailable: {e:#}"),
         }
     }
-    let sup = Supervisor::new(db.clone(), store.clone(), paths.clone(), vmm);
+    let sup = Supervisor::new(db.clone(), store.clone(), trust.clone(), paths.clone(), vmm);
     let info = NodeInfo {
         id: record.id,
         name: record.name,
@@ -128,6 +203,7 @@ async fn serve(paths: Paths, listen: String, vmm: Option<PathBuf>, store: Store)
         started_at: now(),
         cert_sha256: pki::cert_sha256(&paths.pki)?,
         cgroup_v2: sup.cgroup_v2(),
+        insecure_no_tpm: trust.insecure(),
     };
     if !info.cgroup_v2 {
         tracing::warn!("cgroup v2 is not available: VMs run without cpu and memory limits");
@@ -144,6 +220,7 @@ async fn serve(paths: Paths, listen: String, vmm: Option<PathBuf>, store: Store)
         node,
         sup: sup.clone(),
         store,
+        trust,
     };
     let unix = server::bind_unix(&paths.agent_socket())?;
     let tcp = if listen == "none" {
@@ -190,6 +267,37 @@ async fn serve(paths: Paths, listen: String, vmm: Option<PathBuf>, store: Store)
     Ok(())
 }
 
+fn reseal(
+    paths: &Paths,
+    tcti: Option<&str>,
+    software: Software,
+    recovery_key_file: Option<PathBuf>,
+) -> Result<()> {
+    let trust = Trust::open(paths, tcti, software)?;
+    if trust.status().locked {
+        let text = match recovery_key_file {
+            Some(f) => std::fs::read_to_string(&f)
+                .with_context(|| format!("cannot read {}", f.display()))?,
+            None => {
+                eprintln!(
+                    "{}\nrecovery key: ",
+                    trust.status().reason.unwrap_or_default()
+                );
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                line
+            }
+        };
+        trust.unlock(&text)?;
+    }
+    trust.reseal()?;
+    println!(
+        "the key-encryption key {} is sealed to this node's measurements as they are now",
+        trust.status().kek_id
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -207,6 +315,9 @@ fn main() -> ExitCode {
             cert,
             key,
             ca,
+            tpm,
+            insecure_no_tpm,
+            programs,
         } => node::init(
             &paths,
             &node::InitOptions {
@@ -215,6 +326,9 @@ fn main() -> ExitCode {
                 cert,
                 key,
                 ca,
+                tcti: tpm.tcti,
+                insecure_no_tpm,
+                software: programs.software(&paths),
             },
         )
         .map(|done| {
@@ -223,13 +337,23 @@ fn main() -> ExitCode {
                 "CA certificate for clients: {}",
                 paths.pki.join(pki::CA_CERT).display()
             );
+            if done.trust.insecure_no_tpm {
+                println!("WARNING: no TPM (--insecure-no-tpm): this node cannot attest, and the key that wraps its volume keys is stored unprotected on this disk");
+            }
             println!("admin token (shown once, stored only as a hash):");
             println!("{}", done.admin_token);
+            println!("recovery key (shown once: keep it away from this node; it unlocks the encrypted volumes when the measurements change):");
+            println!("{}", done.trust.recovery_key);
         }),
+        Cmd::Reseal {
+            recovery_key_file,
+            programs,
+            tpm,
+        } => reseal(&paths, tpm.tcti.as_deref(), programs.software(&paths), recovery_key_file),
         Cmd::Serve {
             listen,
-            vmm,
-            store,
+            programs,
+            tpm,
             store_listen,
         } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -237,9 +361,10 @@ fn main() -> ExitCode {
             .build()
             .context("cannot start the async runtime")
             .and_then(|rt| {
+                let trust = Arc::new(Trust::open(&paths, tpm.tcti.as_deref(), programs.software(&paths))?);
                 let store = Store {
                     socket: paths.store_socket(),
-                    program: store.unwrap_or_else(|| beside_me("kiln-store")),
+                    program: programs.store(),
                     data: paths.store_data(),
                     listen: store_listen,
                     tls: kiln_store::transport::TlsFiles {
@@ -251,7 +376,7 @@ fn main() -> ExitCode {
                     log: paths.run.join("store.log"),
                     restarts: Default::default(),
                 };
-                rt.block_on(serve(paths, listen, vmm, store))
+                rt.block_on(serve(paths, listen, programs.vmm(), store, trust))
             }),
         Cmd::Openapi => {
             print!("{}", api::openapi::document());

@@ -7,6 +7,7 @@ mod event;
 mod image;
 mod network;
 mod token;
+mod trust;
 mod upload;
 mod vm;
 mod volume;
@@ -76,6 +77,12 @@ enum Cmd {
     /// API tokens.
     #[command(subcommand)]
     Token(token::TokenCmd),
+    /// The node's TPM, sealed key-encryption key and measurements.
+    #[command(subcommand)]
+    Trust(trust::TrustCmd),
+    /// The image policy: which kernels and disk images VMs may start from.
+    #[command(subcommand)]
+    Policy(trust::PolicyCmd),
     /// Remote attestation: verify a node's TPM quote and event logs.
     #[command(subcommand)]
     Attest(attest::AttestCmd),
@@ -104,6 +111,7 @@ async fn run(cli: Cli) -> Result<()> {
                     ("ID", "id"),
                     ("VERSION", "version"),
                     ("CGROUP_V2", "cgroup_v2"),
+                    ("INSECURE_NO_TPM", "insecure_no_tpm"),
                     ("CERT_SHA256", "cert_sha256"),
                 ],
             );
@@ -115,6 +123,8 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Event(c) => event::run(&ctl, c).await?,
         Cmd::Token(c) => token::run(&ctl, c).await?,
         Cmd::Attest(c) => attest::run(&ctl, c).await?,
+        Cmd::Trust(c) => trust::run(&ctl, c).await?,
+        Cmd::Policy(c) => trust::run_policy(&ctl, c).await?,
     }
     Ok(())
 }

@@ -38,6 +38,14 @@ pub enum VolumeCmd {
         #[arg(long)]
         size: String,
     },
+    /// Re-encrypt a volume with a new key, online (its VM keeps running),
+    /// showing progress; refused while it has snapshots.
+    Rekey {
+        name: String,
+        /// Return at once; `volume show` reports progress.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Take a snapshot, or delete one with --delete.
     Snapshot {
         name: String,
@@ -53,6 +61,7 @@ pub const VOLUME_COLS: &[(&str, &str)] = &[
     ("SIZE", "spec.size_bytes"),
     ("SOURCE", "spec.source.kind"),
     ("SNAPSHOTS", "status.snapshots"),
+    ("ENCRYPTED", "status.encrypted"),
     ("GEN", "generation"),
     ("REASON", "status.reason"),
 ];
@@ -134,6 +143,15 @@ pub async fn run(ctl: &Ctl, c: VolumeCmd) -> Result<()> {
                 VOLUME_COLS,
             );
         }
+        VolumeCmd::Rekey { name, no_wait } => {
+            let mut v = ctl
+                .req(Method::POST, &format!("{}/rekey", p(&name)), None)
+                .await?;
+            if !no_wait {
+                v = wait_rekey(ctl, &p(&name)).await?;
+            }
+            ctl.print(&v, VOLUME_COLS);
+        }
         VolumeCmd::Snapshot {
             name,
             snapshot,
@@ -158,4 +176,39 @@ pub async fn run(ctl: &Ctl, c: VolumeCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Follows a rekey with a progress bar until the volume has no rekey
+/// running; says how it ended (the last event's words).
+async fn wait_rekey(ctl: &Ctl, path: &str) -> Result<serde_json::Value> {
+    use std::io::IsTerminal;
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(0)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "re-encrypting {bar:40} {bytes}/{total_bytes} ({eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    loop {
+        let v = ctl.req(Method::GET, path, None).await?;
+        match v["status"]["rekey"].as_object() {
+            Some(r) => {
+                bar.set_length(r["total"].as_u64().unwrap_or(0));
+                bar.set_position(r["done"].as_u64().unwrap_or(0));
+            }
+            None => {
+                bar.finish_and_clear();
+                if let Some(reason) = v["status"]["reason"].as_str() {
+                    bail!("{reason}");
+                }
+                eprintln!("re-encrypted with a new key");
+                return Ok(v);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
