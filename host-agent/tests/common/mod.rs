@@ -23,6 +23,10 @@ pub struct Agent {
     pub store_port: u16,
     pub child: Option<Child>,
     pub rt: tokio::runtime::Runtime,
+    /// The node's TPM (a real swtpm), `None` for `--insecure-no-tpm`.
+    pub tpm: Option<swtpm::Swtpm>,
+    /// The recovery key `init` printed.
+    pub recovery_key: String,
 }
 
 fn free_port() -> u16 {
@@ -33,24 +37,58 @@ fn free_port() -> u16 {
 }
 
 impl Agent {
-    /// `kiln-agent init` and `serve` in a fresh directory.
+    /// `kiln-agent init` and `serve` in a fresh directory, with a real
+    /// software TPM of its own.
     pub fn start(tag: &str) -> Agent {
+        let tpm =
+            swtpm::Swtpm::start().expect("swtpm (apt-get install swtpm swtpm-tools tpm2-tools)");
+        Self::start_with(tag, Some(tpm), Path::new(AGENT))
+    }
+
+    /// `kiln-agent init --insecure-no-tpm` and `serve`.
+    pub fn start_insecure(tag: &str) -> Agent {
+        Self::start_with(tag, None, Path::new(AGENT))
+    }
+
+    /// Like [`Agent::start`], with the agent binary `exe` for both `init`
+    /// and `serve` (it is measured: a test may change it).
+    pub fn start_program(tag: &str, exe: &Path) -> Agent {
+        let tpm =
+            swtpm::Swtpm::start().expect("swtpm (apt-get install swtpm swtpm-tools tpm2-tools)");
+        Self::start_with(tag, Some(tpm), exe)
+    }
+
+    fn start_with(tag: &str, tpm: Option<swtpm::Swtpm>, exe: &Path) -> Agent {
         let dir = std::env::temp_dir().join(format!("kiln-agent-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let out = Command::new(AGENT)
-            .args(Self::dir_args(&dir))
+        let mut cmd = Command::new(exe);
+        cmd.args(Self::dir_args(&dir))
             .args(["init", "--name", "test-node"])
-            .output()
-            .unwrap();
+            .arg("--vmm")
+            .arg(vmm_binary())
+            .arg("--store")
+            .arg(store_binary());
+        match &tpm {
+            Some(t) => cmd.args(["--tpm", &t.tcti()]),
+            None => cmd.arg("--insecure-no-tpm"),
+        };
+        let out = cmd.output().unwrap();
         assert!(
             out.status.success(),
             "init: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         let stdout = String::from_utf8(out.stdout).unwrap();
-        let token = stdout.lines().last().unwrap().trim().to_string();
+        let after = |heading: &str| -> String {
+            let mut lines = stdout.lines();
+            let _ = lines.find(|l| l.starts_with(heading));
+            lines.next().unwrap_or_default().trim().to_string()
+        };
+        let token = after("admin token");
         assert!(token.starts_with("kiln."), "init printed {stdout}");
+        let recovery_key = after("recovery key");
+        assert_eq!(recovery_key.len(), 71, "init printed {stdout}");
         let mut a = Agent {
             dir,
             token,
@@ -61,8 +99,10 @@ impl Agent {
                 .enable_all()
                 .build()
                 .unwrap(),
+            tpm,
+            recovery_key,
         };
-        a.serve(Path::new(AGENT));
+        a.serve(exe);
         a
     }
 
@@ -92,6 +132,11 @@ impl Agent {
             .arg("--store")
             .arg(store_binary())
             .args(["--store-listen", &format!("127.0.0.1:{}", self.store_port)])
+            .args(
+                self.tpm
+                    .iter()
+                    .flat_map(|t| ["--tpm".to_string(), t.tcti()]),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
