@@ -735,4 +735,5 @@ fn kilnctl_offline_verify_names_the_failure() {
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["failures"][0]["kind"], "FileChanged");
+    assert_eq!(v["failures"][0]["facts"]["path"], "/usr/bin/kiln-vmm");
 }

@@ -25,9 +25,10 @@ use super::policy::ReferencePolicy;
 use super::quote::{self, alg_name};
 use super::{IMA_PCR, KILN_SOFTWARE_PCR, VM_LAUNCH_PCR};
 
-/// One reason the evidence is not trusted. Serialized with a `kind` tag.
+/// One reason the evidence is not trusted. As JSON: `{"kind": "FileChanged",
+/// "facts": {"pcr": 10, "path": …}}` (no `facts` for `NoTpm`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind")]
+#[serde(tag = "kind", content = "facts")]
 pub enum Failure {
     /// The node has no TPM (`--insecure-no-tpm`) and the policy does not
     /// allow that.
@@ -899,4 +900,110 @@ fn judge_files(run: &mut Run, policy: Option<&ReferencePolicy>, files: &[Measure
         "files",
         format!("{} measured, {} in the policy", files.len(), p.files.len()),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attest::evidence::EventLogs;
+
+    fn firmware_log(locality: Option<u8>, events: &[(u32, [u8; 32])]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&eventlog::EV_NO_ACTION.to_le_bytes());
+        b.extend_from_slice(&[0u8; 20]);
+        let mut spec = b"Spec ID Event03\0".to_vec();
+        spec.extend_from_slice(&[0; 8]);
+        spec.extend_from_slice(&1u32.to_le_bytes());
+        spec.extend_from_slice(&quote::TPM_ALG_SHA256.to_le_bytes());
+        spec.extend_from_slice(&32u16.to_le_bytes());
+        spec.push(0);
+        b.extend_from_slice(&(spec.len() as u32).to_le_bytes());
+        b.extend_from_slice(&spec);
+        let mut ev = |pcr: u32, ty: u32, d: [u8; 32], data: &[u8]| {
+            b.extend_from_slice(&pcr.to_le_bytes());
+            b.extend_from_slice(&ty.to_le_bytes());
+            b.extend_from_slice(&1u32.to_le_bytes());
+            b.extend_from_slice(&quote::TPM_ALG_SHA256.to_le_bytes());
+            b.extend_from_slice(&d);
+            b.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            b.extend_from_slice(data);
+        };
+        if let Some(l) = locality {
+            let mut data = b"StartupLocality\0".to_vec();
+            data.push(l);
+            ev(0, eventlog::EV_NO_ACTION, [0; 32], &data);
+        }
+        for (pcr, d) in events {
+            ev(*pcr, 1, *d, b"x");
+        }
+        b
+    }
+
+    fn replay(fw: Vec<u8>) -> BTreeMap<u8, ([u8; 32], String)> {
+        let e = Evidence {
+            node: EvidenceNode {
+                id: "i".into(),
+                name: "n".into(),
+            },
+            nonce: String::new(),
+            tpm: None,
+            pcrs: BTreeMap::new(),
+            logs: EventLogs {
+                firmware: Some(hex::encode(fw)),
+                ..Default::default()
+            },
+            measurement_mode: MEASUREMENT_MODE_IMA.into(),
+        };
+        let mut run = Run {
+            checks: Vec::new(),
+            failures: Vec::new(),
+            mark: 0,
+        };
+        let mut logs = Logs::default();
+        parse_logs(&e, &mut run, &mut logs);
+        assert!(run.failures.is_empty(), "{:?}", run.failures);
+        logs.replayed
+    }
+
+    #[test]
+    fn pcr0_starts_at_the_startup_locality() {
+        let d = [9u8; 32];
+        let mut start = [0u8; 32];
+        start[31] = 3;
+        let mut want0 = start;
+        extend(&mut want0, &d);
+        let mut want7 = [0u8; 32];
+        extend(&mut want7, &d);
+        let r = replay(firmware_log(Some(3), &[(0, d), (7, d)]));
+        assert_eq!(r[&0].0, want0);
+        assert_eq!(r[&7].0, want7, "only PCR 0 starts at the locality");
+        let r = replay(firmware_log(None, &[(0, d)]));
+        assert_eq!(r[&0].0, want7);
+    }
+
+    #[test]
+    fn every_failure_serializes_with_its_kind() {
+        for f in [
+            Failure::NoTpm,
+            Failure::MalformedEvidence("x".into()),
+            Failure::PcrNotQuoted {
+                pcr: 1,
+                why: "y".into(),
+            },
+        ] {
+            let v = serde_json::to_value(&f).unwrap();
+            assert_eq!(v["kind"], f.kind());
+            assert_eq!(serde_json::from_value::<Failure>(v).unwrap(), f);
+        }
+    }
+
+    #[test]
+    fn pkcs1v15_prefix_is_the_sha256_digest_info() {
+        // RFC 8017, 9.2, note 1.
+        let want = "3031300d060960864801650304020105000420";
+        assert_eq!(hex::encode(&*pkcs1v15(quote::TPM_ALG_SHA256).prefix), want);
+        assert!(hex::encode(&*pkcs1v15(quote::TPM_ALG_SHA512).prefix)
+            .starts_with("3051300d0609608648016503040203"));
+    }
 }
