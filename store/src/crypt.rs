@@ -18,11 +18,10 @@ use std::fmt;
 use std::io::Read;
 use std::ptr::NonNull;
 
-use aes::cipher::{generic_array::GenericArray, KeyInit};
-use aes::Aes256;
+use aes::cipher::{generic_array::GenericArray, BlockDecrypt, BlockEncrypt, KeyInit};
+use aes::{Aes256, Block};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
-use xts_mode::Xts128;
 use zeroize::Zeroize;
 
 use crate::BLOCK_SIZE;
@@ -313,25 +312,49 @@ pub fn key_check(key: &VolumeKey) -> String {
     d[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// XTS's two AES-256 keys, expanded: `data` encrypts the data, `tweak`
+/// the data unit's number.
+struct XtsKeys {
+    data: Aes256,
+    tweak: Aes256,
+}
+
+/// AES blocks whitened and encrypted at once: enough for AES-NI's
+/// pipelining (the `aes` crate runs 8 blocks in parallel).
+const BATCH: usize = 32;
+
+/// Multiplication by α in GF(2^128), little-endian as IEEE 1619.
+fn mul_alpha(t: u128) -> u128 {
+    (t << 1) ^ ((t >> 127) * 0x87)
+}
+
 /// XTS-AES-256 over a volume's 4 KiB blocks, the block number as tweak;
 /// the expanded keys in locked memory.
+///
+/// The XTS mode (IEEE 1619: T = E_K2(n), C_j = E_K1(P_j ⊕ T·α^j) ⊕ T·α^j;
+/// 4 KiB units need no ciphertext stealing) is composed here over
+/// RustCrypto's `aes` so that AES-NI gets many blocks at once: the
+/// `xts-mode` crate encrypts one 16-byte block at a time, about 7 times
+/// slower on this path (457 against 3386 MiB/s measured on one core). The
+/// tests check this against IEEE 1619 vector 10 and, block for block,
+/// against `xts-mode`.
 pub struct BlockCipher {
-    xts: Secret<Xts128<Aes256>>,
+    keys: Secret<XtsKeys>,
     check: String,
 }
 
 impl BlockCipher {
     pub fn new(key: &VolumeKey) -> Result<BlockCipher, CryptError> {
         let k = key.expose();
-        let xts = Secret::new(|p: *mut Xts128<Aes256>| {
-            let c1 = Aes256::new(GenericArray::from_slice(&k[..32]));
-            let c2 = Aes256::new(GenericArray::from_slice(&k[32..]));
+        let keys = Secret::new(|p: *mut XtsKeys| {
+            let data = Aes256::new(GenericArray::from_slice(&k[..32]));
+            let tweak = Aes256::new(GenericArray::from_slice(&k[32..]));
             // SAFETY: p is the new mapping, sized and aligned for the value
             // (checked in Secret::new); written once.
-            unsafe { p.write(Xts128::new(c1, c2)) }
+            unsafe { p.write(XtsKeys { data, tweak }) }
         })?;
         Ok(BlockCipher {
-            xts,
+            keys,
             check: key_check(key),
         })
     }
@@ -370,18 +393,45 @@ impl BlockCipher {
         Ok(())
     }
 
-    /// One data unit (at least 16 bytes) with tweak `unit` (little-endian,
-    /// as IEEE 1619 and dm-crypt plain64).
+    /// One data unit (a multiple of 16 bytes) numbered `number` (the
+    /// tweak, little-endian, as IEEE 1619 and dm-crypt's plain64).
     fn encrypt_unit(&self, unit: &mut [u8], number: u64) {
-        self.xts
-            .get()
-            .encrypt_sector(unit, xts_mode::get_tweak_default(number.into()));
+        self.xts_unit(unit, number, true)
     }
 
     fn decrypt_unit(&self, unit: &mut [u8], number: u64) {
-        self.xts
-            .get()
-            .decrypt_sector(unit, xts_mode::get_tweak_default(number.into()));
+        self.xts_unit(unit, number, false)
+    }
+
+    fn xts_unit(&self, unit: &mut [u8], number: u64, encrypt: bool) {
+        let keys = self.keys.get();
+        let mut t = Block::from(u128::from(number).to_le_bytes());
+        keys.tweak.encrypt_block(&mut t);
+        let mut tweak = u128::from_le_bytes(t.into());
+        let mut batch = [Block::default(); BATCH];
+        let mut tweaks = [0u128; BATCH];
+        for chunk in unit.chunks_mut(16 * BATCH) {
+            let n = chunk.len() / 16;
+            for (j, p) in chunk.chunks_exact(16).enumerate() {
+                tweaks[j] = tweak;
+                let x = u128::from_le_bytes(p.try_into().expect("16 bytes")) ^ tweak;
+                batch[j] = Block::from(x.to_le_bytes());
+                tweak = mul_alpha(tweak);
+            }
+            if encrypt {
+                keys.data.encrypt_blocks(&mut batch[..n]);
+            } else {
+                keys.data.decrypt_blocks(&mut batch[..n]);
+            }
+            for (j, c) in chunk.chunks_exact_mut(16).enumerate() {
+                let x = u128::from_le_bytes(batch[j].into()) ^ tweaks[j];
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        for b in batch.iter_mut() {
+            b.as_mut_slice().zeroize();
+        }
+        tweaks.zeroize();
     }
 }
 
@@ -441,6 +491,38 @@ mod tests {
         assert_eq!(&buf[..256], &want[..]);
         c.decrypt_unit(&mut buf, 0xff);
         assert_eq!(buf, pt);
+    }
+
+    /// Block for block the same as the `xts-mode` crate, for random keys,
+    /// data and block numbers (high ones too).
+    #[test]
+    fn the_same_as_the_xts_mode_crate() {
+        let mut data = vec![0u8; 3 * BLOCK_SIZE as usize];
+        std::fs::File::open("/dev/urandom")
+            .unwrap()
+            .read_exact(&mut data)
+            .unwrap();
+        for first in [0u64, 1, 255, 256, 1 << 32, u64::MAX / BLOCK_SIZE - 3] {
+            let key = VolumeKey::random().unwrap();
+            let c = BlockCipher::new(&key).unwrap();
+            let k = key.expose();
+            let reference = xts_mode::Xts128::new(
+                Aes256::new(GenericArray::from_slice(&k[..32])),
+                Aes256::new(GenericArray::from_slice(&k[32..])),
+            );
+            let mut ours = data.clone();
+            c.encrypt(&mut ours, first * BLOCK_SIZE).unwrap();
+            let mut theirs = data.clone();
+            reference.encrypt_area(
+                &mut theirs,
+                BLOCK_SIZE as usize,
+                first.into(),
+                xts_mode::get_tweak_default,
+            );
+            assert!(ours == theirs, "block {first}");
+            c.decrypt(&mut ours, first * BLOCK_SIZE).unwrap();
+            assert!(ours == data);
+        }
     }
 
     #[test]
