@@ -136,7 +136,7 @@ impl Swtpm {
 
     /// An AK under the EK, as `kiln-agent init` makes one: RSA, restricted,
     /// RSASSA with SHA-256. Returns (TPM2B_PUBLIC hex, PEM).
-    fn make_ak(&self, name: &str) -> (String, String) {
+    fn make_ak(&self, name: &str, scheme: &str) -> (String, String) {
         if !self.path("ek.ctx").exists() {
             self.tool(
                 "tpm2_createek",
@@ -147,7 +147,7 @@ impl Swtpm {
         self.tool(
             "tpm2_createak",
             &[
-                "-C", "ek.ctx", "-c", &ctx, "-G", "rsa", "-g", "sha256", "-s", "rsassa",
+                "-C", "ek.ctx", "-c", &ctx, "-G", "rsa", "-g", "sha256", "-s", scheme,
             ],
         );
         let tss = format!("{name}.tss");
@@ -169,6 +169,11 @@ impl Swtpm {
         public: &(String, String),
     ) -> (TpmEvidence, BTreeMap<u8, String>) {
         let nonce = hex::encode(nonce);
+        let scheme = if ak.ends_with("pss") {
+            "--scheme=rsapss"
+        } else {
+            "--scheme=rsassa"
+        };
         let out = self.tool(
             "tpm2_quote",
             &[
@@ -186,25 +191,29 @@ impl Swtpm {
                 "pcrs.out",
                 "-g",
                 "sha256",
+                scheme,
             ],
         );
-        self.tool(
-            "tpm2_checkquote",
-            &[
-                "-u",
-                &format!("{ak}.pem"),
-                "-m",
-                "attest",
-                "-s",
-                "sig",
-                "-f",
-                "pcrs.out",
-                "-g",
-                "sha256",
-                "-q",
-                &nonce,
-            ],
-        );
+        // tpm2-tools 5.4's checkquote verifies RSASSA signatures only.
+        if !ak.ends_with("pss") {
+            self.tool(
+                "tpm2_checkquote",
+                &[
+                    "-u",
+                    &format!("{ak}.tss"),
+                    "-m",
+                    "attest",
+                    "-s",
+                    "sig",
+                    "-f",
+                    "pcrs.out",
+                    "-g",
+                    "sha256",
+                    "-q",
+                    &nonce,
+                ],
+            );
+        }
         let text = String::from_utf8_lossy(&out.stdout);
         let mut pcrs = BTreeMap::new();
         let mut in_pcrs = false;
@@ -276,6 +285,8 @@ struct Fixture {
     old: Evidence,
     /// A quote by a second AK of the same TPM.
     other_ak: Evidence,
+    /// A quote by an RSASSA-PSS AK.
+    pss: Evidence,
     /// After the good quote, /usr/bin/kiln-vmm was replaced and IMA
     /// measured it anew: an honest log of a changed node.
     replaced: Evidence,
@@ -300,8 +311,9 @@ fn fixture() -> Option<&'static Fixture> {
 
 fn make_fixture() -> Fixture {
     let tpm = Swtpm::start();
-    let ak = tpm.make_ak("ak");
-    let ak2 = tpm.make_ak("ak2");
+    let ak = tpm.make_ak("ak", "rsassa");
+    let ak2 = tpm.make_ak("ak2", "rsassa");
+    let ak_pss = tpm.make_ak("akpss", "rsapss");
 
     // Firmware: PCR 0 (CRTM) and PCR 7 (Secure Boot state).
     let fw_events: Vec<(u32, u32, [u8; 32], &[u8])> = vec![
@@ -381,6 +393,7 @@ fn make_fixture() -> Fixture {
     let challenge: Vec<u8> = (0..32u8).collect();
     let good = evidence(&challenge, tpm.quote("ak", &challenge, &ak), &ima);
     let other_ak = evidence(&challenge, tpm.quote("ak2", &challenge, &ak2), &ima);
+    let pss = evidence(&challenge, tpm.quote("akpss", &challenge, &ak_pss), &ima);
 
     let rec = ima_ng_record(10, "sha256", &sha(b"kiln-vmm evil"), "/usr/bin/kiln-vmm");
     tpm.extend(10, &ima_template_sha256(&rec).unwrap());
@@ -396,6 +409,7 @@ fn make_fixture() -> Fixture {
         good,
         old,
         other_ak,
+        pss,
         replaced,
         replaced_challenge,
     }
@@ -429,6 +443,15 @@ fn a_good_quote_verifies_with_and_without_policy() {
     // Evidence through its JSON wire form.
     let wire: Evidence = serde_json::from_str(&serde_json::to_string(&f.good).unwrap()).unwrap();
     assert!(verify(&wire, &f.challenge, Some(&p)).ok());
+}
+
+#[test]
+fn an_rsapss_quote_verifies() {
+    let Some(f) = fixture() else { return };
+    let r = verify(&f.pss, &f.challenge, None);
+    assert!(r.ok(), "{:#?}", r.failures);
+    let sig = r.checks.iter().find(|c| c.name == "signature").unwrap();
+    assert_eq!(sig.detail, "rsapss/sha256");
 }
 
 #[test]
