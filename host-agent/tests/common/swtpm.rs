@@ -5,7 +5,7 @@
 //! swtpm serves one client connection at a time: drop every `Tpm` opened on
 //! it before [`Swtpm::reboot`] or before running tpm2-tools against it.
 
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -94,6 +94,9 @@ impl Swtpm {
         let log = self.state.parent().unwrap().join("swtpm.log");
         for _ in 0..10 {
             let port = free_port_pair();
+            // swtpm writes its errors to the log file, after what earlier
+            // runs on this state wrote.
+            let log_start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
             let mut child = Command::new("swtpm")
                 .arg("socket")
                 .arg("--tpm2")
@@ -117,6 +120,10 @@ impl Swtpm {
                 if let Some(status) = child.try_wait().unwrap() {
                     let mut err = String::new();
                     let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                    if let Ok(mut f) = std::fs::File::open(&log) {
+                        let _ = f.seek(SeekFrom::Start(log_start));
+                        let _ = f.read_to_string(&mut err);
+                    }
                     if err.contains("Address already in use") {
                         break; // another pair of ports
                     }
