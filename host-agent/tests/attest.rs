@@ -442,6 +442,20 @@ fn a_good_quote_verifies_with_and_without_policy() {
     assert!(r.ok(), "{:#?}", r.failures);
     // Evidence through its JSON wire form.
     let wire: Evidence = serde_json::from_str(&serde_json::to_string(&f.good).unwrap()).unwrap();
+    // The AK as a bare TPMT_PUBLIC (tss-esapi's Public::marshall) is the same key.
+    let mut bare = f.good.clone();
+    let t = bare.tpm.as_mut().unwrap();
+    t.ak_public.replace_range(0..4, "");
+    assert!(verify(&bare, &f.challenge, Some(&p)).ok());
+    // The weaker mode must have Kiln's PCR quoted; an unknown mode fails.
+    let mut e = f.good.clone();
+    e.measurement_mode = kiln_agent::attest::MEASUREMENT_MODE_KILN_SELF.into();
+    assert!(verify(&e, &f.challenge, Some(&p)).ok());
+    e.measurement_mode = "trust me".into();
+    assert_eq!(
+        kinds(&verify(&e, &f.challenge, None)),
+        ["MalformedEvidence"]
+    );
     assert!(verify(&wire, &f.challenge, Some(&p)).ok());
 }
 

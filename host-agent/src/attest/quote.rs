@@ -175,11 +175,20 @@ pub struct RsaAkPublic {
     pub modulus: Vec<u8>,
 }
 
-/// Unmarshals a TPM2B_PUBLIC holding an RSA key.
+/// Unmarshals a TPM2B_PUBLIC holding an RSA key. A bare TPMT_PUBLIC (what
+/// tss-esapi's `Public::marshall` writes) is taken too: it starts with the
+/// key type, never with its own remaining length.
 pub fn parse_public(buf: &[u8]) -> Result<RsaAkPublic> {
-    let mut outer = Reader::new(buf, "TPM2B_PUBLIC");
-    let inner = outer.tpm2b("size")?;
-    outer.finish()?;
+    let sized =
+        buf.len() >= 2 && usize::from(u16::from_be_bytes([buf[0], buf[1]])) == buf.len() - 2;
+    let inner = if sized {
+        let mut outer = Reader::new(buf, "TPM2B_PUBLIC");
+        let inner = outer.tpm2b("size")?;
+        outer.finish()?;
+        inner
+    } else {
+        buf
+    };
     let mut r = Reader::new(inner, "TPMT_PUBLIC");
     let kind = r.u16_be("type")?;
     if kind != TPM_ALG_RSA {
