@@ -299,6 +299,12 @@ fn reseal(
 }
 
 fn main() -> ExitCode {
+    // libtss2 prints its own WARNING/ERROR lines on stderr for failures the
+    // agent expects and reports itself (a policy that no longer matches);
+    // its error codes still reach the agent.
+    if std::env::var_os("TSS2_LOG").is_none() {
+        std::env::set_var("TSS2_LOG", "all+none");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
