@@ -16,30 +16,10 @@ use hyper::Method;
 use kiln_agent::attest::{verify, Evidence};
 use kiln_agent::trust::secret::Secret;
 use kiln_agent::trust::{parse_recovery_key, wrap, KekFile};
-use kiln_store::VolumeIo;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const MIB: usize = 1 << 20;
 const MARKER: &[u8; 32] = b"KILN-PLAINTEXT-MARKER-0123456789";
-
-fn ready(a: &Agent, name: &str) -> Value {
-    a.wait_for(
-        &format!("/v1/volumes/{name}"),
-        "ready",
-        Duration::from_secs(60),
-        |v| {
-            assert_ne!(v["status"]["state"], "failed", "{v}");
-            v["status"]["state"] == "ready"
-        },
-    )
-}
-
-fn read(a: &Agent, name: &str, len: usize) -> Vec<u8> {
-    let c = kiln_store::VolumeClient::open(&a.dir.join("run/store.sock"), name).unwrap();
-    let mut buf = vec![0u8; len];
-    c.read_at(&mut buf, 0).unwrap();
-    buf
-}
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -175,11 +155,15 @@ fn volumes_are_encrypted_under_a_sealed_key_that_a_replaced_binary_cannot_unseal
         Some(json!({"name": "secret", "spec": {"size_bytes": 2 * MIB, "source": {"kind": "image", "image": "disk"}}})),
     );
     assert_eq!(s, 202, "{v}");
-    let vol = ready(&a, "secret");
+    let vol = volume_ready(&a, "secret");
     let vol_id = vol["id"].as_str().unwrap().to_string();
     assert_eq!(vol["status"]["encrypted"], true, "{vol}");
     let check1 = vol["status"]["key_check"].as_str().unwrap().to_string();
-    assert_eq!(read(&a, "secret", MIB), data, "reads back in the clear");
+    assert_eq!(
+        read_volume(&a, "secret", MIB),
+        data,
+        "reads back in the clear"
+    );
     let store_dir = a.data().join("store");
     assert!(
         files_under(&store_dir)
@@ -309,7 +293,11 @@ fn volumes_are_encrypted_under_a_sealed_key_that_a_replaced_binary_cannot_unseal
     let (_, v) = a.call(Method::GET, "/v1/volumes/secret", None);
     let check2 = v["status"]["key_check"].as_str().unwrap().to_string();
     assert_ne!(check1, check2, "{v}");
-    assert_eq!(read(&a, "secret", MIB), data, "the data after the rekey");
+    assert_eq!(
+        read_volume(&a, "secret", MIB),
+        data,
+        "the data after the rekey"
+    );
     assert_eq!(holding(&store_dir, MARKER), Vec::<PathBuf>::new());
 
     // No key bytes in the database, the logs, or the core dump.

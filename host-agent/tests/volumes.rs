@@ -25,25 +25,6 @@ fn can_run() -> bool {
     false
 }
 
-fn ready(a: &Agent, name: &str) -> Value {
-    a.wait_for(
-        &format!("/v1/volumes/{name}"),
-        "ready",
-        Duration::from_secs(60),
-        |v| {
-            assert_ne!(v["status"]["state"], "failed", "{v}");
-            v["status"]["state"] == "ready"
-        },
-    )
-}
-
-fn read(a: &Agent, name: &str, len: usize) -> Vec<u8> {
-    let c = kiln_store::VolumeClient::open(&a.dir.join("run/store.sock"), name).unwrap();
-    let mut buf = vec![0u8; len];
-    c.read_at(&mut buf, 0).unwrap();
-    buf
-}
-
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
@@ -91,13 +72,13 @@ fn volumes_are_made_copied_snapshotted_cloned_resized_and_deleted_in_the_store()
         (202, Some("creating")),
         "{v}"
     );
-    let v = ready(&a, "blank");
+    let v = volume_ready(&a, "blank");
     assert_eq!(
         v["status"]["replicas"],
         json!([{"node": "test-node", "state": "in-sync"}]),
         "{v}"
     );
-    assert!(read(&a, "blank", 4096).iter().all(|b| *b == 0));
+    assert!(read_volume(&a, "blank", 4096).iter().all(|b| *b == 0));
 
     // From a disk image: the image's bytes, then zeros.
     let data = pattern(MIB as usize + 4096, 7);
@@ -116,9 +97,9 @@ fn volumes_are_made_copied_snapshotted_cloned_resized_and_deleted_in_the_store()
     assert_eq!(s, 422, "smaller than the image: {v}");
     let (s, v) = a.call(Method::POST, "/v1/volumes", Some(json!({"name": "root", "spec": {"size_bytes": 4 * MIB, "source": {"kind": "image", "image": "disk"}}})));
     assert_eq!(s, 202, "{v}");
-    let v = ready(&a, "root");
+    let v = volume_ready(&a, "root");
     assert_eq!(v["status"]["bytes_done"].as_u64(), Some(data.len() as u64));
-    let got = read(&a, "root", 2 * MIB as usize);
+    let got = read_volume(&a, "root", 2 * MIB as usize);
     assert_eq!(&got[..data.len()], &data[..], "the image's bytes");
     assert!(got[data.len()..].iter().all(|b| *b == 0));
 
@@ -144,9 +125,9 @@ fn volumes_are_made_copied_snapshotted_cloned_resized_and_deleted_in_the_store()
     c.flush().unwrap();
     let (s, v) = a.call(Method::POST, "/v1/volumes", Some(json!({"name": "clone", "spec": {"size_bytes": 4 * MIB, "source": {"kind": "snapshot", "volume": "root", "snapshot": "s1"}}})));
     assert_eq!(s, 202, "{v}");
-    ready(&a, "clone");
-    assert_eq!(read(&a, "clone", 4096), data[..4096].to_vec());
-    assert_eq!(read(&a, "root", 4096), pattern(4096, 99));
+    volume_ready(&a, "clone");
+    assert_eq!(read_volume(&a, "clone", 4096), data[..4096].to_vec());
+    assert_eq!(read_volume(&a, "root", 4096), pattern(4096, 99));
 
     // A VM that stops detaches its volumes; changing them still works.
     let mut store = kiln_store::Client::connect(&a.dir.join("run/store.sock")).unwrap();
@@ -265,7 +246,7 @@ fn volume_health_is_in_the_metrics_and_a_dead_store_daemon_is_started_again() {
         Some(json!({"name": "m1", "spec": {"size_bytes": 2 * MIB}})),
     );
     assert_eq!(s, 202, "{v}");
-    ready(&a, "m1");
+    volume_ready(&a, "m1");
     let m = a.metrics();
     for line in [
         "kiln_store_up 1",

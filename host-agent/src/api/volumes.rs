@@ -55,6 +55,18 @@ fn as_writer(db: &Db, trust: &Trust, store: &Store, v: &Volume) -> Result<(), Ap
         .map(|_| ())
 }
 
+/// A volume that is `ready` (409 otherwise).
+fn ready_volume(db: &Db, key: &str) -> Result<Volume, ApiError> {
+    let v: Volume = db.get(key)?;
+    if v.status.state != VolumeState::Ready {
+        return Err(ApiError::conflict(format!(
+            "volume {} is not ready",
+            v.meta.name
+        )));
+    }
+    Ok(v)
+}
+
 /// The VM whose spec uses this volume, if any.
 fn user(db: &Db, v: &Volume) -> Result<Option<Vm>, ApiError> {
     Ok(db.list::<Vm>()?.into_iter().find(|vm| {
@@ -428,13 +440,7 @@ pub async fn snapshot(
     validate::name("snapshot", &req.name)?;
     let (db, store, trust) = (st.db.clone(), st.store.clone(), st.trust.clone());
     let v = blocking(move || {
-        let v: Volume = db.get(&key)?;
-        if v.status.state != VolumeState::Ready {
-            return Err(ApiError::conflict(format!(
-                "volume {} is not ready",
-                v.meta.name
-            )));
-        }
+        let v = ready_volume(&db, &key)?;
         if v.status.snapshots.contains(&req.name) {
             return Err(ApiError::conflict(format!(
                 "volume {} has a snapshot {}",
@@ -524,13 +530,7 @@ pub async fn rekey(
 ) -> Result<(StatusCode, Json<Volume>), ApiError> {
     let (db, store, trust) = (st.db.clone(), st.store.clone(), st.trust.clone());
     let v = blocking(move || {
-        let v: Volume = db.get(&key)?;
-        if v.status.state != VolumeState::Ready {
-            return Err(ApiError::conflict(format!(
-                "volume {} is not ready",
-                v.meta.name
-            )));
-        }
+        let v = ready_volume(&db, &key)?;
         if db.volume_key(&v.meta.id)?.is_none() {
             return Err(ApiError::conflict(format!(
                 "volume {} is not encrypted",

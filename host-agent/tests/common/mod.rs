@@ -357,6 +357,28 @@ impl Drop for Agent {
 
 /// kiln-vmm of this test's cargo profile (built by `cargo test --workspace`;
 /// the VM tests check that it is there).
+/// Waits until volume `name` is `ready` (fails on `failed`).
+pub fn volume_ready(a: &Agent, name: &str) -> Value {
+    a.wait_for(
+        &format!("/v1/volumes/{name}"),
+        "ready",
+        Duration::from_secs(60),
+        |v| {
+            assert_ne!(v["status"]["state"], "failed", "{v}");
+            v["status"]["state"] == "ready"
+        },
+    )
+}
+
+/// The first `len` bytes of a volume, through kiln-store's own client.
+pub fn read_volume(a: &Agent, name: &str, len: usize) -> Vec<u8> {
+    use kiln_store::VolumeIo;
+    let c = kiln_store::VolumeClient::open(&a.dir.join("run/store.sock"), name).unwrap();
+    let mut buf = vec![0u8; len];
+    c.read_at(&mut buf, 0).unwrap();
+    buf
+}
+
 pub fn vmm_binary() -> PathBuf {
     let profile = if cfg!(debug_assertions) {
         "debug"
