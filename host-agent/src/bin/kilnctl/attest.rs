@@ -53,6 +53,13 @@ pub enum AttestCmd {
     },
 }
 
+impl AttestCmd {
+    /// Verifies saved evidence: needs no node, so no token.
+    pub fn is_offline(&self) -> bool {
+        matches!(self, AttestCmd::Verify(a) if a.evidence.is_some())
+    }
+}
+
 #[derive(Args)]
 pub struct VerifyArgs {
     /// Reference policy (from `kilnctl attest policy`) to judge the AK,
