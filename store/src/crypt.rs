@@ -575,6 +575,55 @@ mod tests {
         assert!(c.encrypt(&mut [], 0).is_ok());
     }
 
+    /// The key's page is locked in RAM and left out of core dumps, as the
+    /// kernel reports it (`/proc/self/smaps`: `Locked`, VmFlags `lo dd`).
+    #[test]
+    fn key_memory_is_locked_and_not_dumped() {
+        let k = VolumeKey::random().unwrap();
+        let at = k.expose().as_ptr() as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut mine = None;
+        for block in smaps
+            .split_inclusive("VmFlags:")
+            .collect::<Vec<_>>()
+            .windows(2)
+        {
+            // `block[0]` ends with this mapping's header and fields; its
+            // flags start `block[1]`.
+            let Some(header) = block[0].lines().rev().find(|l| {
+                l.split_whitespace()
+                    .next()
+                    .is_some_and(|r| r.contains('-') && !r.ends_with(':'))
+            }) else {
+                continue;
+            };
+            let range = header.split_whitespace().next().unwrap();
+            let (a, b) = range.split_once('-').unwrap();
+            let (a, b) = (
+                usize::from_str_radix(a, 16).unwrap(),
+                usize::from_str_radix(b, 16).unwrap(),
+            );
+            if (a..b).contains(&at) {
+                let fields = &block[0][block[0].find(header).unwrap()..];
+                let flags = block[1].lines().next().unwrap_or("");
+                mine = Some((fields.to_string(), flags.to_string()));
+            }
+        }
+        let (fields, flags) = mine.expect("the key's mapping in smaps");
+        let locked = fields
+            .lines()
+            .find(|l| l.starts_with("Locked:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
+        assert!(locked >= 4, "{fields}");
+        let flags: Vec<&str> = flags.split_whitespace().collect();
+        assert!(flags.contains(&"lo") && flags.contains(&"dd"), "{flags:?}");
+    }
+
     #[test]
     fn keys_are_checked_fingerprinted_and_never_printed() {
         assert_eq!(

@@ -284,6 +284,20 @@ fn wrong_missing_or_unneeded_keys_are_refused_and_nothing_is_attached() {
     assert!(e.to_string().contains("wrong key"), "{e}");
     let e = attach(&n1, "plain", Some(&key), None).unwrap_err();
     assert!(e.to_string().contains("not encrypted"), "{e}");
+    // Rekeys: not of a plaintext volume, not to the same key.
+    for (vol, k, want) in [
+        ("plain", &key, "not encrypted"),
+        ("enc", &key, "current key"),
+    ] {
+        let e = n1
+            .call(Request::VolRekey {
+                name: vol.into(),
+                key: k.clone(),
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains(want), "{e}");
+    }
+    assert!(status(&n1, "enc").rekey.is_none());
 
     detach(&n1, "enc");
     detach(&n1, "plain");
@@ -386,6 +400,28 @@ fn a_clone_reads_back_with_its_parents_key_and_snapshots_stop_a_rekey() {
     assert!(attach(&n1, "copy", Some(&VolumeKey::random().unwrap()), None).is_err());
     attach(&n1, "copy", Some(&key), None).unwrap();
     assert!(read_all(&n1, "copy", 4 * MIB) == data);
+
+    // Without the snapshot the parent is rekeyed (with the CLI); the clone,
+    // which shared its extents, keeps the old key and its data.
+    let new = VolumeKey::random().unwrap();
+    let kf = key_file(t.path(), "new", &new);
+    let o = n1.cli(&["rekey", "base", "--key-file", kf.to_str().unwrap()]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("snapshots"));
+    n1.cli_ok(&["snapshot", "base", "s1", "--delete"]);
+    let out = n1.cli_ok(&["rekey", "base", "--key-file", kf.to_str().unwrap()]);
+    assert!(out.contains(&new.check()), "{out}");
+    let mut base = data.clone();
+    base[..4096].fill(1);
+    assert!(read_all(&n1, "base", 4 * MIB) == base);
+    assert!(read_all(&n1, "copy", 4 * MIB) == data, "the clone changed");
+    assert_eq!(
+        status(&n1, "copy").key_check.as_deref(),
+        Some(key.check().as_str())
+    );
+    detach(&n1, "base");
+    assert!(attach(&n1, "base", Some(&key), None).is_err());
+    attach(&n1, "base", Some(&new), None).unwrap();
+    assert!(read_all(&n1, "base", 4 * MIB) == base);
 }
 
 /// Fills `vol` (of `size`) with a pattern, leaving one region a hole.
