@@ -5,12 +5,9 @@
 //! honest evidence and name each kind of tampering.
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use kiln_agent::attest::eventlog::{ima_ng_record, ima_template_sha256};
 use kiln_agent::attest::{
@@ -21,81 +18,24 @@ use sha2::{Digest, Sha256};
 
 const QUOTED: &str = "sha256:0,7,10,14,15";
 
-/// A swtpm on two free loopback ports, killed on drop.
+mod common;
+
+/// A real swtpm (the tests' shared starter) and a directory for the
+/// tpm2-tools files made against it.
 struct Swtpm {
     dir: tempfile::TempDir,
-    child: Child,
-    tcti: String,
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn have(program: &str) -> bool {
-    Command::new(program)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
-fn free_port_pair() -> u16 {
-    loop {
-        let a = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = a.local_addr().unwrap().port();
-        if port < u16::MAX - 1 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
+    tpm: common::swtpm::Swtpm,
 }
 
 impl Swtpm {
-    fn start() -> Swtpm {
+    /// `None` when swtpm or tpm2-tools are missing outside CI (skipped).
+    fn start() -> Option<Swtpm> {
+        let tpm = common::swtpm::Swtpm::start()?;
         let dir = tempfile::Builder::new()
             .prefix("kiln-attest-")
             .tempdir()
             .unwrap();
-        let state = dir.path().join("state");
-        std::fs::create_dir_all(&state).unwrap();
-        for _ in 0..10 {
-            let port = free_port_pair();
-            let mut child = Command::new("swtpm")
-                .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
-                .arg("--server")
-                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-                .arg("--ctrl")
-                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-                .arg("--tpmstate")
-                .arg(format!("dir={}", state.display()))
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("start swtpm");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    let mut err = String::new();
-                    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-                    assert!(err.contains("in use"), "swtpm exited with {status}: {err}");
-                    break; // Ports taken meanwhile: try another pair.
-                }
-                if TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).is_ok() {
-                    return Swtpm {
-                        dir,
-                        child,
-                        tcti: format!("swtpm:host=127.0.0.1,port={port}"),
-                    };
-                }
-                assert!(Instant::now() < deadline, "swtpm did not listen");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("no free port pair for swtpm");
+        Some(Swtpm { dir, tpm })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -122,7 +62,7 @@ impl Swtpm {
         Command::new(program)
             .args(args)
             .current_dir(self.dir.path())
-            .env("TPM2TOOLS_TCTI", &self.tcti)
+            .env("TPM2TOOLS_TCTI", self.tpm.tcti())
             .output()
             .unwrap_or_else(|e| panic!("{program}: {e}"))
     }
@@ -295,22 +235,10 @@ struct Fixture {
 
 fn fixture() -> Option<&'static Fixture> {
     static F: OnceLock<Option<Fixture>> = OnceLock::new();
-    F.get_or_init(|| {
-        for p in ["swtpm", "tpm2_quote", "tpm2_checkquote", "tpm2_createak"] {
-            if !have(p) {
-                kiln_tests::skip(format!(
-                    "{p} is not installed (apt-get install swtpm swtpm-tools tpm2-tools)"
-                ));
-                return None;
-            }
-        }
-        Some(make_fixture())
-    })
-    .as_ref()
+    F.get_or_init(|| Swtpm::start().map(make_fixture)).as_ref()
 }
 
-fn make_fixture() -> Fixture {
-    let tpm = Swtpm::start();
+fn make_fixture(tpm: Swtpm) -> Fixture {
     let ak = tpm.make_ak("ak", "rsassa");
     let ak2 = tpm.make_ak("ak2", "rsassa");
     let ak_pss = tpm.make_ak("akpss", "rsapss");
