@@ -471,7 +471,7 @@ fn a_sealed_secret_never_crosses_the_wire_in_the_clear() {
     let Some(t) = Swtpm::start() else {
         return;
     };
-    let tap = Tap::start(t.port);
+    let tap = Tap::start(t.port());
     let tpm = Tpm::open(Some(&format!("swtpm:host=127.0.0.1,port={}", tap.port))).unwrap();
     let now = tpm.pcr_read(&[23]).unwrap();
     let secret = rand::random::<[u8; 32]>();

@@ -1,50 +1,28 @@
-//! A real software TPM (swtpm) for a test: its own state directory and a
-//! pair of free loopback ports, killed on drop. [`Swtpm::reboot`] restarts
-//! it on the same state (PCRs reset, keys and NV kept), as a power cycle.
+//! A real software TPM (swtpm) for the agent's tests, on the shared
+//! starter (`kiln_tests::Swtpm`): its own state directory, free loopback
+//! ports, stopped on drop. [`Swtpm::reboot`] is a power cycle on the same
+//! state (PCRs reset; keys and NV kept).
 //!
 //! swtpm serves one client connection at a time: drop every `Tpm` opened on
 //! it before [`Swtpm::reboot`] or before running tpm2-tools against it.
 
-use std::io::{Read, Seek, SeekFrom};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use kiln_tests::{Manufacture, Swtpm as Shared};
 
 pub struct Swtpm {
     _tmp: tempfile::TempDir,
     /// The TPM's state (NVRAM, seeds, persistent objects).
     pub state: PathBuf,
-    /// The TPM command port; the control port is the next one.
-    pub port: u16,
-    child: Option<Child>,
-}
-
-/// Whether `program` runs at all.
-fn have(program: &str) -> bool {
-    Command::new(program)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
-/// Two consecutive free loopback ports (swtpm's command and control).
-fn free_port_pair() -> u16 {
-    loop {
-        let a = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
-        let port = a.local_addr().unwrap().port();
-        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
+    tpm: Shared,
 }
 
 impl Swtpm {
-    /// A freshly manufactured TPM (no EK certificate). `None` when swtpm is
-    /// missing and this is not CI (the test was skipped); under CI=true a
-    /// missing swtpm fails the test.
+    /// A freshly manufactured TPM (no EK certificate). `None` when swtpm or
+    /// tpm2-tools are missing and this is not CI (the test was skipped);
+    /// under CI=true that fails the test.
     pub fn start() -> Option<Swtpm> {
         Self::make(false)
     }
@@ -56,13 +34,16 @@ impl Swtpm {
     }
 
     fn make(ek_cert: bool) -> Option<Swtpm> {
-        for program in ["swtpm", "swtpm_setup", "tpm2_checkquote"] {
-            if !have(program) {
-                kiln_tests::skip(format!(
-                    "{program} is not installed (apt-get install swtpm swtpm-tools tpm2-tools)"
-                ));
-                return None;
-            }
+        if !Shared::available() {
+            return None;
+        }
+        if Command::new("tpm2_checkquote")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            kiln_tests::skip("tpm2-tools are not installed (apt-get install tpm2-tools)");
+            return None;
         }
         let tmp = tempfile::Builder::new()
             .prefix("kiln-swtpm-")
@@ -73,93 +54,34 @@ impl Swtpm {
         if ek_cert {
             manufacture(tmp.path(), &state);
         }
-        let mut t = Swtpm {
+        // A state manufactured above is used as it is; otherwise swtpm's own.
+        let tpm = Shared::tcp_with(&state, Manufacture::Bare).expect("start swtpm");
+        Some(Swtpm {
             _tmp: tmp,
             state,
-            port: 0,
-            child: None,
-        };
-        t.run();
-        Some(t)
+            tpm,
+        })
     }
 
     /// The TCTI string for `Tpm::open` and tpm2-tools (`-T`).
     pub fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
+        self.tpm.tcti()
     }
 
-    /// Starts swtpm on the state directory, on free ports (a new pair if
-    /// another process took the ports first).
-    fn run(&mut self) {
-        let log = self.state.parent().unwrap().join("swtpm.log");
-        for _ in 0..10 {
-            let port = free_port_pair();
-            // swtpm writes its errors to the log file, after what earlier
-            // runs on this state wrote.
-            let log_start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-            let mut child = Command::new("swtpm")
-                .arg("socket")
-                .arg("--tpm2")
-                .arg("--tpmstate")
-                .arg(format!("dir={}", self.state.display()))
-                .arg("--server")
-                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-                .arg("--ctrl")
-                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-                .arg("--flags")
-                .arg("not-need-init,startup-clear")
-                .arg("--log")
-                .arg(format!("file={},level=1", log.display()))
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("start swtpm");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let addr = SocketAddr::from(([127, 0, 0, 1], port + 1));
-            loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    let mut err = String::new();
-                    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-                    if let Ok(mut f) = std::fs::File::open(&log) {
-                        let _ = f.seek(SeekFrom::Start(log_start));
-                        let _ = f.read_to_string(&mut err);
-                    }
-                    if err.contains("Address already in use") {
-                        break; // another pair of ports
-                    }
-                    panic!("swtpm exited at start ({status}): {err}");
-                }
-                // The control port answers once the TPM is up; probing it
-                // leaves the one-client command port free for the test.
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                    self.port = port;
-                    self.child = Some(child);
-                    return;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "swtpm did not listen on port {} in 10 s",
-                    port + 1
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("no free loopback ports for swtpm after 10 tries");
+    /// The TPM command port (the control port is the next one).
+    pub fn port(&self) -> u16 {
+        self.tpm.port().expect("a TCP swtpm")
     }
 
-    /// Stops swtpm: an orderly TPM2_Shutdown(CLEAR) first where it
-    /// answers, as an OS does at reboot, then the process.
-    pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
+    /// An orderly TPM2_Shutdown(CLEAR), as an OS does before a reboot
+    /// (bounded: a `Tpm` left open would hold swtpm's only connection).
+    fn shutdown(&self) {
         if let Ok(mut sd) = Command::new("tpm2_shutdown")
             .args(["-T", &self.tcti()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
         {
-            // Bounded: a Tpm left open would hold swtpm's only connection.
             let deadline = Instant::now() + Duration::from_secs(5);
             while sd.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
@@ -167,16 +89,13 @@ impl Swtpm {
             let _ = sd.kill();
             let _ = sd.wait();
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
-    /// A power cycle: stop, start again on the same state. PCRs return to
-    /// their reset values; keys from the seeds, NV and sealed blobs stay
-    /// usable. The port may change: take [`Swtpm::tcti`] afterwards.
+    /// A power cycle: shut down, start again on the same state. The port
+    /// may change: take [`Swtpm::tcti`] afterwards.
     pub fn reboot(&mut self) {
-        self.stop();
-        self.run();
+        self.shutdown();
+        self.tpm.reboot().expect("restart swtpm");
     }
 
     /// Runs a tpm2-tools command against this TPM; its stdout, or a panic
@@ -193,15 +112,6 @@ impl Swtpm {
             String::from_utf8_lossy(&out.stderr)
         );
         out.stdout
-    }
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
