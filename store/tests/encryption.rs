@@ -455,7 +455,13 @@ fn an_online_rekey_under_a_concurrent_writer_loses_nothing() {
     let model = Arc::new(Mutex::new(fill(&nodes[0], "vol", size)));
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (m, s, sock) = (model.clone(), stop.clone(), nodes[0].socket.clone());
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (m, s, sock, n) = (
+        model.clone(),
+        stop.clone(),
+        nodes[0].socket.clone(),
+        acked.clone(),
+    );
     let guest = std::thread::spawn(move || {
         let v = VolumeClient::open(&sock, "vol").unwrap();
         let mut rng = Rng(7);
@@ -468,11 +474,16 @@ fn an_online_rekey_under_a_concurrent_writer_loses_nothing() {
             v.write_at(&d, off).unwrap();
             m.lock().unwrap()[off as usize..off as usize + len].copy_from_slice(&d);
             writes += 1;
+            n.store(writes, Ordering::SeqCst);
         }
         writes
     });
+    wait_until("the guest writing", Duration::from_secs(10), || {
+        acked.load(Ordering::SeqCst) > 0
+    });
     let mut frames = Vec::new();
     let kf_new = key_file(t.path(), "new", &new);
+    let before = acked.load(Ordering::SeqCst);
     let r = nodes[0]
         .client()
         .call_with_progress(
@@ -483,9 +494,14 @@ fn an_online_rekey_under_a_concurrent_writer_loses_nothing() {
             &mut |p| frames.push((p.done, p.total)),
         )
         .unwrap();
+    let during = acked.load(Ordering::SeqCst) - before;
     stop.store(true, Ordering::SeqCst);
     let writes = guest.join().unwrap();
     assert!(writes >= 20);
+    assert!(
+        during >= 5,
+        "only {during} writes acknowledged during the rekey"
+    );
     let Response::Status(st) = r else {
         panic!("{r:?}")
     };
