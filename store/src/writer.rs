@@ -195,18 +195,13 @@ impl Writer {
         // 1. Find the highest epoch.
         let mut reachable = vec![false; peers.len()];
         let mut max_epoch = 0;
-        let mut first_info: Option<(bool, VolumeInfo)> = None;
+        let mut early: Vec<Option<VolumeInfo>> = vec![None; peers.len()];
         for (i, p) in peers.iter_mut().enumerate() {
             match p.call(&engine, connector.as_ref(), &info_req) {
                 Ok(Response::Info(info)) => {
                     reachable[i] = true;
                     max_epoch = max_epoch.max(info.epoch);
-                    if first_info
-                        .as_ref()
-                        .is_none_or(|(local, _)| !local && p.local)
-                    {
-                        first_info = Some((p.local, info));
-                    }
+                    early[i] = Some(info);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -214,9 +209,11 @@ impl Writer {
                 }
             }
         }
-        // The keys are checked before anything changes (the replica
-        // chosen below, once the epochs are raised, is checked again).
-        if let Some((_, info)) = &first_info {
+        // The keys are checked before anything changes, against the
+        // record of the replica step 4 will choose (current, this node's
+        // first): a stale one may hold an older key check. Step 4 checks
+        // again once the epochs are raised.
+        if let Some(info) = Self::current_info(&peers, &early) {
             keys::check_keys(
                 name,
                 info.crypt.as_ref(),
@@ -376,6 +373,21 @@ impl Writer {
         }
         tracing::info!(volume = name, epoch, "attached as writer");
         Ok(w)
+    }
+
+    /// The info of a replica no other replica names stale, this node's
+    /// first.
+    fn current_info<'a>(peers: &[Peer], infos: &'a [Option<VolumeInfo>]) -> Option<&'a VolumeInfo> {
+        let stale: BTreeSet<&String> = infos
+            .iter()
+            .flatten()
+            .flat_map(|i| i.stale.keys())
+            .collect();
+        let mut current = (0..peers.len())
+            .filter(|i| infos[*i].is_some() && !stale.contains(&peers[*i].node))
+            .collect::<Vec<_>>();
+        current.sort_by_key(|i| !peers[*i].local);
+        current.first().and_then(|i| infos[*i].as_ref())
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -631,3 +631,40 @@ fn a_rekey_interrupted_by_kill_9_resumes_when_attached_with_both_keys() {
         assert_eq!(n.info("vol").crypt.unwrap().key_check, new.check());
     }
 }
+
+#[test]
+fn a_replica_that_missed_a_rekey_is_attached_with_the_new_key_and_catches_up() {
+    let t = tempfile::tempdir().unwrap();
+    let n1 = Node::new(t.path(), "n1", 1);
+    let n2 = Node::new(t.path(), "n2", 1);
+    let mut n3 = Node::new(t.path(), "n3", 1);
+    let (old, new) = (VolumeKey::random().unwrap(), VolumeKey::random().unwrap());
+    let size = 4 * MIB;
+    let reps = [n1.replica_arg(), n2.replica_arg(), n3.replica_arg()];
+    let kf = key_file(t.path(), "old", &old);
+    n_create(&n1, "vol", "4M", &reps, &kf);
+    let model = fill(&n1, "vol", size);
+    // n3 is down for the whole rekey: it keeps the old key's check.
+    n3.kill9();
+    n1.call(Request::VolRekey {
+        name: "vol".into(),
+        key: new.clone(),
+    })
+    .unwrap();
+    assert_eq!(
+        status(&n1, "vol").key_check.as_deref(),
+        Some(new.check().as_str())
+    );
+    detach(&n1, "vol");
+    n3.start();
+    assert_eq!(n3.info("vol").crypt.unwrap().key_check, old.check());
+    // Attached on n3, whose own replica is stale: the current replicas'
+    // record decides, so the new key is the one.
+    let e = attach(&n3, "vol", Some(&old), None).unwrap_err();
+    assert!(e.to_string().contains("wrong key"), "{e}");
+    attach(&n3, "vol", Some(&new), None).unwrap();
+    assert!(read_all(&n3, "vol", size) == model);
+    wait_in_sync(&n3, "vol");
+    assert_eq!(n3.info("vol").crypt.unwrap().key_check, new.check());
+    assert!(n3.replica_read_all("vol", size) == n1.replica_read_all("vol", size));
+}
