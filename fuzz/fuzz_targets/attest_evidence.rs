@@ -7,9 +7,9 @@
 
 #![no_main]
 
-use kiln_agent::attest::eventlog::{parse_firmware_log, parse_ima_log};
-use kiln_agent::attest::quote::{parse_attest, parse_public, parse_signature};
-use kiln_agent::attest::{
+use kiln_attest::eventlog::{parse_firmware_log, parse_ima_log};
+use kiln_attest::quote::{parse_attest, parse_public, parse_signature};
+use kiln_attest::{
     verify, EventLogs, Evidence, EvidenceNode, ReferencePolicy, TpmEvidence,
     MEASUREMENT_MODE_IMA,
 };

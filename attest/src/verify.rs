@@ -905,7 +905,7 @@ fn judge_files(run: &mut Run, policy: Option<&ReferencePolicy>, files: &[Measure
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attest::evidence::EventLogs;
+    use crate::evidence::EventLogs;
 
     fn firmware_log(locality: Option<u8>, events: &[(u32, [u8; 32])]) -> Vec<u8> {
         let mut b = Vec::new();
