@@ -26,8 +26,20 @@ ip addr add 10.91.0.2/24 dev eth0
 if ping -c 3 -W 3 10.91.0.1 >/dev/null; then echo E2E-PING-OK; else echo E2E-PING-FAILED; fi
 (ping -c {PINGS} 10.91.0.1 >/run/ping.log 2>&1; awk '/packets transmitted/ {{print "E2E-PING-DONE tx=" $1 " rx=" $4}}' /run/ping.log) &
 echo E2E-PING-STARTED
+# The data disk: a known pattern, its checksum now and every 10 ticks
+# (read past the page cache), across the online rekey.
+yes KILN-GUEST-PLAINTEXT-MARKER | head -c 4194304 >/run/pattern
+dd if=/run/pattern of=/dev/vdb bs=1M oflag=direct 2>/dev/null && sync
+echo "E2E-DATASUM n=0 sum=$(md5sum </run/pattern | cut -c1-32)"
 n=0
-while true; do n=$((n + 1)); echo "E2E-TICK n=$n"; sleep 1; done
+while true; do
+    n=$((n + 1)); echo "E2E-TICK n=$n"
+    if [ $((n % 10)) -eq 0 ]; then
+        echo 3 >/proc/sys/vm/drop_caches
+        echo "E2E-DATASUM n=$n sum=$(head -c 4194304 /dev/vdb | md5sum | cut -c1-32)"
+    fi
+    sleep 1
+done
 "#
     )
 }
@@ -50,8 +62,17 @@ show() { # VM FIELD
     $K --json vm show "$1" | sed -n "s/.*\"$2\": \"\{0,1\}\([a-z0-9]*\)\"\{0,1\},\{0,1\}$/\1/p" | head -1
 }
 
+mount -t securityfs securityfs /sys/kernel/security
+# The test host's TPM (swtpm as a tpm-tis device) and IMA: the real paths.
 kiln-agent $D init --name testhost >/tmp/init.txt && echo E2E-INIT-OK
+sed -n '/^recovery key/{n;p}' /tmp/init.txt >/tmp/recovery.key
 serve kiln-agent
+trust() { # MARKER
+    $K --json trust status >/tmp/trust.json
+    echo "$1 locked=$(sed -n 's/.*"locked": \([a-z]*\).*/\1/p' /tmp/trust.json) mode=$(sed -n 's/.*"measurement_mode": "\([a-z-]*\).*/\1/p' /tmp/trust.json)"
+    sed -n 's/.*"reason": "\(.*\)".*/\1/p' /tmp/trust.json | sed "s/^/$1-REASON /"
+}
+trust E2E-TRUST
 # The kernel and initramfs go over the API (an upload), the disk by path.
 $K --json image import debian --upload --kernel /images/vmlinux --initrd /images/guest.cpio.gz \
     --cmdline "console=ttyS0 panic=-1 quiet kiln.script=/dev/vda" >/tmp/image.json && echo E2E-IMPORTED
@@ -67,12 +88,23 @@ vid=$(awk '{for (i = 1; i < NF; i++) if ($i == "VID:") print $(i + 1)}' /proc/ne
 echo "E2E-VLAN-IF vid=$vid master=$(basename "$(readlink /sys/class/net/e2eup0.42/master)")"
 $K network delete vlan42 >/dev/null && [ ! -e /sys/class/net/e2eup0.42 ] && [ -e /sys/class/net/e2eup0 ] && echo E2E-VLAN-REMOVED
 $K volume create script --size 1M --image script >/dev/null && echo E2E-VOLUME
-$K vm create e2e --image debian --memory 256 --disk script --nic lan >/dev/null && echo E2E-VM-CREATED
+$K volume create data --size 8M >/dev/null && echo E2E-DATA-VOLUME
+$K vm create e2e --image debian --memory 256 --disk script --disk data --nic lan >/dev/null && echo E2E-VM-CREATED
 $K vm start e2e >/dev/null && echo E2E-STARTED
 $K vm console e2e --follow >/tmp/console1.log 2>&1 &
 waitfor /tmp/console1.log E2E-PING-STARTED 6000 || echo E2E-NO-PING-START
 pid1=$(show e2e pid)
 echo "E2E-VMM pid=$pid1"
+# Attestation with IMA's log and the VM launch: a reference policy from
+# this known-good node, then a fresh quote checked against it.
+$K attest policy --out /tmp/policy.json >/tmp/attest1.txt 2>&1 && echo E2E-ATTEST-POLICY
+$K attest verify --policy /tmp/policy.json >>/tmp/attest1.txt 2>&1 && echo E2E-ATTEST-OK
+# The guest's pattern is nowhere in the store's files, in any form seen.
+waitfor /tmp/console1.log 'E2E-DATASUM n=0' 600
+if grep -rqa KILN-GUEST-PLAINTEXT-MARKER /tmp/kiln/data/store; then echo E2E-PLAINTEXT-FOUND; else echo E2E-NO-PLAINTEXT; fi
+# Online rekey under the running guest.
+$K volume rekey data >/tmp/rekey.txt 2>&1 && echo E2E-REKEYED
+$K --json volume show data | grep -q '"encrypted": true' && echo E2E-DATA-ENCRYPTED
 # The VM's cgroup: its limits, and kiln-vmm in it.
 cg=$(dirname "$(grep -lx "$pid1" /sys/fs/cgroup/kiln/vm-*/cgroup.procs)")
 echo "E2E-CGROUP memory=$(cat "$cg/memory.max") cpu=$(cut -d' ' -f1 "$cg/cpu.max")"
@@ -87,6 +119,10 @@ kill -0 "$pid1" && echo E2E-VMM-ALIVE-AFTER-KILL
 cmp -s /kiln/bin/kiln-agent /kiln/bin/kiln-agent-v2 || echo E2E-AGENT-BINARY-DIFFERS
 serve /kiln/bin/kiln-agent-v2
 echo "E2E-READOPTED state=$(show e2e state) pid=$(show e2e pid)"
+# Another binary: the KEK does not unseal, and attestation names it.
+trust E2E-TRUST-V2
+if $K attest verify --policy /tmp/policy.json >/tmp/attest2.txt 2>&1; then echo E2E-ATTEST-V2-PASSED; else echo E2E-ATTEST-V2-REFUSED; fi
+grep -q kiln-agent-v2 /tmp/attest2.txt && echo E2E-ATTEST-V2-NAMED
 echo "E2E-BUILDS before=$build1 after=$(build)"
 $K vm console e2e --follow >/tmp/console2.log 2>&1 &
 waitfor /tmp/console2.log E2E-PING-DONE 900 || echo E2E-NO-PING-DONE
@@ -107,6 +143,15 @@ $K vm shutdown e2e --timeout 120 >/dev/null && echo E2E-SHUTDOWN-OK
 sleep 1
 grep -q KILN-GUEST-POWER-BUTTON /tmp/console3.log && echo E2E-POWER-BUTTON
 echo "E2E-AFTER-SHUTDOWN state=$(show e2e state)"
+grep -o 'E2E-DATASUM.*' /tmp/console3.log /tmp/console2.log | sed 's/^[^:]*://' | tail -1 | sed 's/E2E-DATASUM/E2E-DATASUM-LAST/'
+# Locked: the VM does not start, and says why.
+$K vm start e2e >/tmp/start-locked.txt 2>&1 || echo E2E-START-REFUSED
+echo "E2E-START-LOCKED state=$(show e2e state)"
+grep -q 'locked' /tmp/start-locked.txt && echo E2E-START-REFUSED-LOCKED
+# The recovery key unlocks; reseal seals to what runs now.
+$K trust unlock --recovery-key-file /tmp/recovery.key >/dev/null && echo E2E-UNLOCKED
+$K trust reseal >/dev/null && echo E2E-RESEALED
+trust E2E-TRUST-RESEALED
 
 # Restart policy always: a killed kiln-vmm comes back by itself.
 cat >/tmp/vm.toml <<TOML
@@ -160,6 +205,25 @@ fn other_build() -> std::path::PathBuf {
     v2
 }
 
+/// A copy of `bin` without debug information, beside the other test-host
+/// files: the test host unpacks its binaries into RAM, and the kernel's IMA
+/// and the agent hash each one they run, all under emulation (kiln-agent
+/// and kilnctl are over 200 MB each with it, about 30 without).
+fn stripped(bin: &std::path::Path) -> std::path::PathBuf {
+    let dir = target_dir().join("kiln-tests/stripped");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(bin.file_name().unwrap());
+    let status = std::process::Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&out)
+        .arg(bin)
+        .status()
+        .expect("strip runs (binutils)");
+    assert!(status.success(), "strip {}", bin.display());
+    out
+}
+
 /// The one test-host run all cases read. A failure is kept too, so that
 /// the other cases report it instead of booting the test host again.
 fn session() -> Option<&'static HostRun> {
@@ -173,16 +237,22 @@ fn session() -> Option<&'static HostRun> {
             std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
             write_script_disk(&disk, &guest_script(), 4096).unwrap();
             let v2 = other_build();
-            let run = TestHost::run(
+            let tpm = tempfile::tempdir().unwrap();
+            let run = TestHost::run_with_args(
                 HOST_SCRIPT,
                 &[
-                    env!("CARGO_BIN_EXE_kiln-agent").into(),
-                    v2,
-                    env!("CARGO_BIN_EXE_kilnctl").into(),
-                    profile_binary("kiln-vmm"),
-                    profile_binary("kiln-store"),
+                    stripped(env!("CARGO_BIN_EXE_kiln-agent").as_ref()),
+                    stripped(&v2),
+                    stripped(env!("CARGO_BIN_EXE_kilnctl").as_ref()),
+                    stripped(&profile_binary("kiln-vmm")),
+                    stripped(&profile_binary("kiln-store")),
                 ],
                 &[(disk, "/images/agent-script.img".into())],
+                &[
+                    "--tpm".to_string(),
+                    tpm.path().display().to_string(),
+                    "--ima".to_string(),
+                ],
                 Duration::from_secs(900),
             )
             .expect("test host runs");
@@ -333,4 +403,50 @@ fn kiln_vmm_runs_in_the_vms_cgroup_with_its_limits() {
         run.output
     );
     assert_eq!(value(run, "E2E-CGROUP", "cpu"), "100000");
+}
+
+#[test]
+fn volumes_are_encrypted_sealed_to_the_tpm_and_locked_for_another_binary() {
+    let Some(run) = session() else { return };
+    // A real TPM in the test host, IMA measuring: unlocked at first.
+    assert_eq!(value(run, "E2E-TRUST", "locked"), "false", "{}", run.output);
+    assert_eq!(value(run, "E2E-TRUST", "mode"), "ima", "{}", run.output);
+    // The guest's data: never in the clear on disk; the same after an
+    // online rekey under the running guest.
+    has(run, "E2E-DATA-ENCRYPTED");
+    has(run, "E2E-NO-PLAINTEXT");
+    has(run, "E2E-REKEYED");
+    let first = value(run, "E2E-DATASUM n=0", "sum");
+    assert_eq!(first.len(), 32, "{first}");
+    let last = value(run, "E2E-DATASUM-LAST", "sum");
+    let n: u32 = value(run, "E2E-DATASUM-LAST", "n").parse().unwrap();
+    assert!(n > 0, "no checksum after the rekey:\n{}", run.output);
+    assert_eq!(first, last, "the guest's data changed across the rekey");
+    // Another agent binary: locked, with the reason naming it.
+    assert_eq!(
+        value(run, "E2E-TRUST-V2", "locked"),
+        "true",
+        "{}",
+        run.output
+    );
+    let reason = run.line_with("E2E-TRUST-V2-REASON").unwrap_or_default();
+    assert!(reason.contains("kiln-agent-v2"), "{reason}");
+    // The VM does not start while locked, and says why.
+    has(run, "E2E-START-REFUSED");
+    has(run, "E2E-START-REFUSED-LOCKED");
+    // The recovery key unlocks, reseal makes it stick, the VM starts again
+    // (the restart-policy case below starts it).
+    has(run, "E2E-UNLOCKED");
+    has(run, "E2E-RESEALED");
+    assert_eq!(value(run, "E2E-TRUST-RESEALED", "locked"), "false");
+    has(run, "E2E-RESTARTED-BY-POLICY");
+}
+
+#[test]
+fn a_quote_with_imas_log_verifies_and_another_binary_fails_by_name() {
+    let Some(run) = session() else { return };
+    has(run, "E2E-ATTEST-POLICY");
+    has(run, "E2E-ATTEST-OK");
+    has(run, "E2E-ATTEST-V2-REFUSED");
+    has(run, "E2E-ATTEST-V2-NAMED");
 }
