@@ -6,7 +6,14 @@ set -euo pipefail
 agent=$1 st=$2 spec=$3 work=$4 examples=$5
 ip link set lo up
 dirs=(--data-dir "$work/data" --run-dir "$work/run" --pki-dir "$work/pki")
-token=$("$agent" "${dirs[@]}" init --name fuzz | tail -1)
+# A real software TPM for the node, on loopback in this namespace.
+mkdir -p "$work/tpm"
+swtpm socket --tpm2 --tpmstate dir="$work/tpm" --server type=tcp,port=2321,bindaddr=127.0.0.1 \
+    --ctrl type=tcp,port=2322,bindaddr=127.0.0.1 --flags not-need-init,startup-clear \
+    --log file="$work/swtpm.log" &
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/2322) 2>/dev/null && break; sleep 0.05; done
+export KILN_TPM=swtpm:host=127.0.0.1,port=2321
+token=$("$agent" "${dirs[@]}" init --name fuzz | sed -n '/^admin token/{n;p}')
 "$agent" "${dirs[@]}" serve --listen 127.0.0.1:7443 >"$work/agent.log" 2>&1 &
 agent_pid=$!
 # The agent and the store daemon it started (which outlives it by design).

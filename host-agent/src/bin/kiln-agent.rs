@@ -108,6 +108,14 @@ enum Cmd {
     },
     /// Print the OpenAPI document of the API.
     Openapi,
+    /// (internal) Unseal the KEK: the sealed blob on stdin, the key on
+    /// stdout. `serve` runs it, so that the TPM stack's leftovers die with
+    /// this process.
+    #[command(hide = true)]
+    TpmUnseal {
+        #[command(flatten)]
+        tpm: TpmArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -385,6 +393,10 @@ fn main() -> ExitCode {
                 };
                 rt.block_on(serve(paths, listen, programs.vmm(), store, trust))
             }),
+        Cmd::TpmUnseal { tpm } => {
+            let code = kiln_agent::trust::unseal::child_main(tpm.tcti.as_deref());
+            return ExitCode::from(code as u8);
+        }
         Cmd::Openapi => {
             print!("{}", api::openapi::document());
             Ok(())

@@ -15,6 +15,7 @@
 
 pub mod measure;
 pub mod secret;
+pub mod unseal;
 pub mod wrap;
 
 mod files;

@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 use super::files::{self, IdentityFile, KekFile};
 use super::measure::{self, EventLog, Measured};
 use super::secret::Secret;
+use super::unseal::Unsealed;
 use super::wrap::{self, Wrapped};
 use super::{format_recovery_key, parse_recovery_key, QUOTE_PCRS, SEAL_PCRS};
 use crate::attest::{
@@ -254,7 +255,7 @@ impl Trust {
             .context("this node has no keys (made by `kiln-agent init`)")?;
         let kek_file: KekFile = files::read(&kek_path(&dir))?;
         let tcti = tcti.unwrap_or(super::DEFAULT_TCTI).to_string();
-        let tpm = if identity.tpm {
+        let mut tpm = if identity.tpm {
             Some(open_tpm(&tcti)?)
         } else {
             tracing::warn!(
@@ -266,6 +267,19 @@ impl Trust {
         let pcrs = read_pcrs(tpm.as_ref(), &[KILN_SOFTWARE_PCR, VM_LAUNCH_PCR])?;
         let mut log = EventLog::load(&log_path(paths), &pcrs);
         measure_software(tpm.as_ref(), &mut log, &files_now)?;
+        // The KEK is unsealed by a child process, which needs the TPM to
+        // itself (a swtpm serves one connection); the agent's own
+        // connection opens again after.
+        let unsealed = match (&tpm, &kek_file.sealed) {
+            (Some(_), Some(blob)) => {
+                drop(tpm.take());
+                let exe = std::env::current_exe().context("cannot find kiln-agent itself")?;
+                let u = super::unseal::in_child(&exe, &tcti, blob);
+                tpm = Some(open_tpm(&tcti)?);
+                Some(u)
+            }
+            _ => None,
+        };
         let (kek, reason) = match (&tpm, &kek_file.insecure_plain, &kek_file.sealed) {
             (None, Some(plain), _) => {
                 let mut b = hex::decode(plain).unwrap_or_default();
@@ -274,19 +288,22 @@ impl Trust {
                     None => (None, Some("the stored KEK is malformed".to_string())),
                 }
             }
-            (Some(t), _, Some(blob)) => match t.unseal(blob) {
-                Ok(mut bytes) => match Secret::<32>::take(&mut bytes) {
-                    Some(k) if wrap::fingerprint(k.expose()) == kek_file.id => (Some(k), None),
-                    _ => (
-                        None,
-                        Some("the unsealed KEK is not this node's".to_string()),
-                    ),
-                },
-                Err(TpmError::PolicyMismatch { .. }) => (
+            (Some(t), _, Some(blob)) => match unsealed {
+                Some(Unsealed::Key(k)) if wrap::fingerprint(k.expose()) == kek_file.id => {
+                    (Some(k), None)
+                }
+                Some(Unsealed::Key(_)) => (
+                    None,
+                    Some("the unsealed KEK is not this node's".to_string()),
+                ),
+                Some(Unsealed::PolicyMismatch) => (
                     None,
                     Some(why_locked(t, blob, &kek_file.sealed_files, &files_now)),
                 ),
-                Err(e) => (None, Some(format!("the TPM did not unseal the KEK: {e}"))),
+                Some(Unsealed::Failed(e)) => {
+                    (None, Some(format!("the TPM did not unseal the KEK: {e}")))
+                }
+                None => (None, Some("the KEK was not unsealed".to_string())),
             },
             _ => (
                 None,

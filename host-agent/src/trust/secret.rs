@@ -36,7 +36,8 @@ impl<const N: usize> Secret<N> {
         Some(s)
     }
 
-    fn zeroed() -> Secret<N> {
+    /// Zeros, to be filled in place (say, by a read from a pipe).
+    pub fn zeroed() -> Secret<N> {
         let bytes = Box::new(Page([0u8; N]));
         let ptr = bytes.0.as_ptr() as *mut libc::c_void;
         let len = std::mem::size_of::<Page<N>>();
@@ -58,6 +59,10 @@ impl<const N: usize> Secret<N> {
 
     pub fn expose(&self) -> &[u8; N] {
         &self.bytes.0
+    }
+
+    pub fn expose_mut(&mut self) -> &mut [u8; N] {
+        &mut self.bytes.0
     }
 
     pub fn duplicate(&self) -> Secret<N> {
