@@ -98,6 +98,19 @@ fn checkquote(dir: &Path, ev: &Evidence, nonce: &[u8]) -> std::process::Output {
         .unwrap()
 }
 
+/// A core dump of the running agent (gdb's gcore).
+fn gcore(a: &Agent, dir: &Path, name: &str) -> PathBuf {
+    let pid = a.child.as_ref().unwrap().id();
+    let core = dir.join(name);
+    let out = Command::new("gcore")
+        .args(["-o", core.to_str().unwrap(), &pid.to_string()])
+        .output()
+        .unwrap();
+    let core = PathBuf::from(format!("{}.{pid}", core.display()));
+    assert!(core.is_file(), "gcore: {}", text(&out));
+    core
+}
+
 fn text(o: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -197,14 +210,7 @@ fn volumes_are_encrypted_under_a_sealed_key_that_a_replaced_binary_cannot_unseal
     assert!(out.status.success(), "attest verify: {}", text(&out));
 
     // A core dump of the running agent, searched for keys further down.
-    let pid = a.child.as_ref().unwrap().id();
-    let core = work.path().join("agent.core");
-    let out = Command::new("gcore")
-        .args(["-o", core.to_str().unwrap(), &pid.to_string()])
-        .output()
-        .unwrap();
-    let core = PathBuf::from(format!("{}.{pid}", core.display()));
-    assert!(core.is_file(), "gcore: {}", text(&out));
+    let core = gcore(&a, work.path(), "unsealed");
 
     // A replaced agent binary: the KEK does not unseal, volumes stay
     // locked, and the reason names the PCR and the file.
@@ -300,7 +306,10 @@ fn volumes_are_encrypted_under_a_sealed_key_that_a_replaced_binary_cannot_unseal
     );
     assert_eq!(holding(&store_dir, MARKER), Vec::<PathBuf>::new());
 
-    // No key bytes in the database, the logs, or the core dump.
+    // Another after a reseal, a KEK rotation and a rekey in this agent.
+    let core2 = gcore(&a, work.path(), "rotated");
+
+    // No key bytes in the database, the logs, or the core dumps.
     a.kill();
     let kek2 = kek(&a, &new_rk);
     assert!(
@@ -308,7 +317,7 @@ fn volumes_are_encrypted_under_a_sealed_key_that_a_replaced_binary_cannot_unseal
         "the old recovery key still unwraps the KEK"
     );
     let dek2 = dek(&a, &kek2, &vol_id);
-    let mut places: Vec<PathBuf> = vec![a.data().join("agent/state.redb"), core.clone()];
+    let mut places: Vec<PathBuf> = vec![a.data().join("agent/state.redb"), core, core2];
     places.extend(
         files_under(&a.dir.join("run"))
             .into_iter()

@@ -116,6 +116,13 @@ enum Cmd {
         #[command(flatten)]
         tpm: TpmArgs,
     },
+    /// (internal) Seal the KEK: the key and the policy on stdin, the sealed
+    /// blob on stdout.
+    #[command(hide = true)]
+    TpmSeal {
+        #[command(flatten)]
+        tpm: TpmArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -394,7 +401,11 @@ fn main() -> ExitCode {
                 rt.block_on(serve(paths, listen, programs.vmm(), store, trust))
             }),
         Cmd::TpmUnseal { tpm } => {
-            let code = kiln_agent::trust::unseal::child_main(tpm.tcti.as_deref());
+            let code = kiln_agent::trust::sealing::child_main(tpm.tcti.as_deref());
+            return ExitCode::from(code as u8);
+        }
+        Cmd::TpmSeal { tpm } => {
+            let code = kiln_agent::trust::sealing::seal_child_main(tpm.tcti.as_deref());
             return ExitCode::from(code as u8);
         }
         Cmd::Openapi => {

@@ -68,8 +68,29 @@ pub struct TpmInfo {
 
 /// A TPM 2.0 and the one ESAPI context that talks to it.
 pub struct Tpm {
-    ctx: Mutex<Context>,
+    ctx: Mutex<Slot>,
     tcti: String,
+}
+
+/// The context, or none while [`Tpm::released`] lends the TPM to another
+/// process (it holds the lock all that time, so no call sees it empty).
+struct Slot(Option<Context>);
+
+impl std::ops::Deref for Slot {
+    type Target = Context;
+    fn deref(&self) -> &Context {
+        self.0
+            .as_ref()
+            .expect("the TPM connection was not reopened")
+    }
+}
+
+impl std::ops::DerefMut for Slot {
+    fn deref_mut(&mut self) -> &mut Context {
+        self.0
+            .as_mut()
+            .expect("the TPM connection was not reopened")
+    }
 }
 
 impl std::fmt::Debug for Tpm {
@@ -92,14 +113,24 @@ impl Tpm {
                 });
             }
         }
-        let ctx = Context::new(conf).map_err(|e| TpmError::NotFound {
-            tcti: tcti.clone(),
-            reason: e.to_string(),
-        })?;
+        let ctx = connect(&tcti, conf)?;
         Ok(Tpm {
-            ctx: Mutex::new(ctx),
+            ctx: Mutex::new(Slot(Some(ctx))),
             tcti,
         })
+    }
+
+    /// Runs `f` with this process's connection to the TPM closed, for a
+    /// child process that needs the TPM (a swtpm serves one connection at
+    /// a time), and opens it again after. Other calls wait meanwhile.
+    pub fn released<R>(&self, f: impl FnOnce() -> R) -> Result<R, TpmError> {
+        let mut slot = self.ctx();
+        drop(slot.0.take());
+        let r = f();
+        let conf =
+            TctiNameConf::from_str(&self.tcti).map_err(|_| TpmError::BadTcti(self.tcti.clone()))?;
+        slot.0 = Some(connect(&self.tcti, conf)?);
+        Ok(r)
     }
 
     /// The TCTI this TPM was opened at.
@@ -109,7 +140,7 @@ impl Tpm {
 
     /// The context; a panic in another call does not poison the TPM (every
     /// method leaves the context without loaded objects).
-    fn ctx(&self) -> MutexGuard<'_, Context> {
+    fn ctx(&self) -> MutexGuard<'_, Slot> {
         self.ctx.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -236,6 +267,13 @@ fn selection(pcrs: &[u8]) -> Result<PcrSelectionList, TpmError> {
 }
 
 /// Reads `pcrs` (several TPM2_PCR_Read calls where needed).
+fn connect(tcti: &str, conf: TctiNameConf) -> Result<Context, TpmError> {
+    Context::new(conf).map_err(|e| TpmError::NotFound {
+        tcti: tcti.to_string(),
+        reason: e.to_string(),
+    })
+}
+
 fn read_pcrs(ctx: &mut Context, pcrs: &[u8]) -> Result<PcrValues, TpmError> {
     let data =
         tss_esapi::abstraction::pcr::read_all(ctx, selection(pcrs)?).map_err(cmd("read PCRs"))?;

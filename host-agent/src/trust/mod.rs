@@ -14,8 +14,8 @@
 //! unlocks it and `reseal` seals the KEK to the new measurements.
 
 pub mod measure;
+pub mod sealing;
 pub mod secret;
-pub mod unseal;
 pub mod wrap;
 
 mod files;

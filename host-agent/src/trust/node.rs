@@ -11,8 +11,8 @@ use utoipa::ToSchema;
 
 use super::files::{self, IdentityFile, KekFile};
 use super::measure::{self, EventLog, Measured};
+use super::sealing::Unsealed;
 use super::secret::Secret;
-use super::unseal::Unsealed;
 use super::wrap::{self, Wrapped};
 use super::{format_recovery_key, parse_recovery_key, QUOTE_PCRS, SEAL_PCRS};
 use crate::attest::{
@@ -170,9 +170,13 @@ fn seal_branches(now: &BTreeMap<u8, [u8; 32]>, files: &[Measured]) -> Vec<BTreeM
     }
 }
 
+/// Seals the KEK (in a child process: see `sealing`).
 fn seal(tpm: &Tpm, kek: &Secret<32>, files: &[Measured]) -> Result<crate::tpm::SealedBlob> {
     let now = tpm.pcr_read(&SEAL_PCRS)?;
-    Ok(tpm.seal(kek.expose(), &SEAL_PCRS, &seal_branches(&now, files))?)
+    let branches = seal_branches(&now, files);
+    let exe = std::env::current_exe().context("cannot find kiln-agent itself")?;
+    tpm.released(|| super::sealing::seal_in_child(&exe, tpm.tcti(), kek, &SEAL_PCRS, &branches))?
+        .map_err(|e| anyhow::anyhow!("cannot seal the KEK: {e}"))
 }
 
 impl Trust {
@@ -274,7 +278,7 @@ impl Trust {
             (Some(_), Some(blob)) => {
                 drop(tpm.take());
                 let exe = std::env::current_exe().context("cannot find kiln-agent itself")?;
-                let u = super::unseal::in_child(&exe, &tcti, blob);
+                let u = super::sealing::in_child(&exe, &tcti, blob);
                 tpm = Some(open_tpm(&tcti)?);
                 Some(u)
             }
