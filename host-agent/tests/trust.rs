@@ -280,6 +280,37 @@ fn volumes_are_encrypted_under_a_sealed_key_that_a_replaced_binary_cannot_unseal
     let (_, t) = a.call(Method::GET, "/v1/node/trust", None);
     assert_eq!(t["locked"], false, "after a reboot: {t}");
 
+    // Another update, resealed offline: `kiln-agent reseal` with the agent
+    // stopped takes the recovery key (the KEK no longer unseals) and seals
+    // to the new binary; the next start unlocks by itself.
+    a.kill();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&exe).unwrap();
+        f.write_all(b"yet another build").unwrap();
+    }
+    let tcti = a.tpm.as_ref().unwrap().tcti();
+    let out = Command::new(&exe)
+        .args(Agent::dir_args(&a.dir))
+        .args(["reseal", "--tpm", &tcti])
+        .arg("--recovery-key-file")
+        .arg(&rk_file)
+        .arg("--vmm")
+        .arg(vmm_binary())
+        .arg("--store")
+        .arg(store_binary())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kiln-agent reseal: {}", text(&out));
+    assert!(
+        text(&out).contains("is sealed to this node's measurements"),
+        "{}",
+        text(&out)
+    );
+    a.serve(&exe);
+    let (_, t) = a.call(Method::GET, "/v1/node/trust", None);
+    assert_eq!(t["locked"], false, "after an offline reseal: {t}");
+
     // A new KEK re-wraps the volume's key; a new recovery key replaces the old.
     let out = a.kilnctl(&["trust", "rotate-kek"]);
     assert!(out.status.success(), "rotate-kek: {}", text(&out));
