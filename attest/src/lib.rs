@@ -20,6 +20,7 @@ pub mod evidence;
 pub mod policy;
 pub mod quote;
 pub mod reader;
+pub mod report;
 pub mod verify;
 
 pub use evidence::{
