@@ -249,6 +249,15 @@ pub enum PolicyMode {
     Enforce,
 }
 
+impl PolicyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyMode::Audit => "audit",
+            PolicyMode::Enforce => "enforce",
+        }
+    }
+}
+
 /// An approved image file, by content.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, ToSchema)]
 #[serde(deny_unknown_fields)]

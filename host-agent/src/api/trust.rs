@@ -205,9 +205,9 @@ pub async fn put_policy(
         Change::Desired { expected },
         |p: &mut ImagePolicy| {
             let msg = format!(
-                "mode {:?} -> {:?}, approved digests {} -> {}",
-                p.spec.mode,
-                spec.mode,
+                "mode {} -> {}, approved digests {} -> {}",
+                p.spec.mode.as_str(),
+                spec.mode.as_str(),
                 p.spec.approved.len(),
                 spec.approved.len()
             );
