@@ -448,10 +448,11 @@ fn an_online_rekey_under_a_concurrent_writer_loses_nothing() {
         Node::new(t.path(), "n3", 1),
     ];
     let (old, new) = (VolumeKey::random().unwrap(), VolumeKey::random().unwrap());
-    let size = 24 * MIB;
+    // Large enough that a release build's rekey spans many guest writes.
+    let size = 96 * MIB;
     let reps: Vec<String> = nodes.iter().map(|n| n.replica_arg()).collect();
     let kf = key_file(t.path(), "old", &old);
-    n_create(&nodes[0], "vol", "24M", &reps, &kf);
+    n_create(&nodes[0], "vol", "96M", &reps, &kf);
     let model = Arc::new(Mutex::new(fill(&nodes[0], "vol", size)));
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -499,8 +500,10 @@ fn an_online_rekey_under_a_concurrent_writer_loses_nothing() {
     let writes = guest.join().unwrap();
     assert!(writes >= 20);
     assert!(
-        during >= 5,
-        "only {during} writes acknowledged during the rekey"
+        // How many depends on the machine's speed; one proves the guest
+        // was served while the rekey ran (five failed once on a fast CI run).
+        during >= 1,
+        "no write acknowledged during the rekey"
     );
     let Response::Status(st) = r else {
         panic!("{r:?}")
