@@ -84,6 +84,39 @@ struct State {
     dirs_dirty: bool,
     /// Per volume, the regions written since its last flush.
     recent: HashMap<String, BTreeSet<u64>>,
+    /// Per volume, the regions with a write in flight here (counted): a
+    /// flush keeps them in the activity log, since their data may reach
+    /// the disk after it.
+    writing: HashMap<String, BTreeMap<u64, u32>>,
+    /// Per volume, the last activity-log commit: a write to a region
+    /// logged by a commit not yet durable waits for it, as the write that
+    /// logged it does.
+    log_pending: HashMap<String, crate::meta::Pending>,
+}
+
+impl State {
+    fn writing_regions(&self, name: &str) -> BTreeSet<u64> {
+        self.writing
+            .get(name)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn end_writing(&mut self, name: &str, regions: &[u64]) {
+        if let Some(m) = self.writing.get_mut(name) {
+            for r in regions {
+                if let Some(n) = m.get_mut(r) {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.remove(r);
+                    }
+                }
+            }
+            if m.is_empty() {
+                self.writing.remove(name);
+            }
+        }
+    }
 }
 
 pub struct Engine {
@@ -194,6 +227,8 @@ impl Engine {
                 unsynced: HashSet::new(),
                 dirs_dirty: false,
                 recent: HashMap::new(),
+                writing: HashMap::new(),
+                log_pending: HashMap::new(),
             }),
             metrics: EngineMetrics::default(),
             failed: Mutex::new(None),
@@ -770,25 +805,49 @@ impl Engine {
             .map(|id| self.locate(&mut st, *id))
             .collect::<Result<Vec<_>>>()?;
         let ahead = Self::log_ahead(&rec, epoch, first, last);
-        if Self::note_regions(&mut rec, epoch, &regions, stale)
-            | Self::note_regions(&mut rec, epoch, &ahead, &[])
-        {
+        let changed = Self::note_regions(&mut rec, epoch, &regions, stale)
+            | Self::note_regions(&mut rec, epoch, &ahead, &[]);
+        let wait = if changed {
             // The activity log must be durable before the data lands (the
             // regions may differ between replicas after a power loss). The
-            // node-wide lock is let go meanwhile: other volumes go on. This
-            // volume's writes, discards and copies are serialized by its
-            // writer, so nothing else touches these extents until we are
-            // done.
+            // node-wide lock is let go meanwhile: other volumes, and this
+            // volume's writes to other blocks, go on. The writer never has
+            // two writes of the same blocks in flight at once, so nothing
+            // else touches these blocks until we are done.
             batch.volumes.push((name.to_string(), Some(rec.clone())));
             st.volumes.insert(name.to_string(), rec);
             let pending = self.meta.commit_pending(&batch)?;
-            drop(st);
-            self.meta.make_durable(pending)?;
+            st.log_pending.insert(name.to_string(), pending);
+            Some(pending)
         } else {
             // Only allocations: they must survive kill -9 before the write is
             // acknowledged, and reach the disk by the next flush.
             self.meta.commit_logged(&batch)?;
-            drop(st);
+            // The regions are logged, but maybe by a concurrent write whose
+            // commit is not durable yet: wait for it too.
+            st.log_pending.get(name).copied()
+        };
+        let counts = st.writing.entry(name.to_string()).or_default();
+        for &r in &regions {
+            *counts.entry(r).or_default() += 1;
+        }
+        drop(st);
+        let r = self.write_logged(offset, data, &regions, &places, wait);
+        self.lock().end_writing(name, &regions);
+        r
+    }
+
+    /// The rest of [`Engine::write`], once the regions are logged.
+    fn write_logged(
+        &self,
+        offset: u64,
+        data: &[u8],
+        regions: &[u64],
+        places: &[(Arc<File>, u64, (u32, u64))],
+        wait: Option<crate::meta::Pending>,
+    ) -> Result<()> {
+        if let Some(p) = wait {
+            self.meta.make_durable(p)?;
         }
         let mut pos = 0usize;
         let mut written = Vec::new();
@@ -969,30 +1028,48 @@ impl Engine {
     /// and flushes), so dropping any region is safe and keeping one only
     /// means it is compared after a crash; keeping the hot ones spares the
     /// durable commit that the next write to them would need.
+    ///
+    /// Writes of this volume may run during the flush (the writer pipelines
+    /// them), so a region is dropped from the log only if every write to
+    /// it was done before the sync began: regions with a write in flight
+    /// then, or written since, stay.
     pub fn flush_keep_hot(&self, name: &str, epoch: u64) -> Result<()> {
+        let (recent, writing_before) = {
+            let mut st = self.lock();
+            (
+                st.recent.remove(name).unwrap_or_default(),
+                st.writing_regions(name),
+            )
+        };
         self.sync_all_data(Some((name, epoch)))?;
-        let mut st = self.lock();
-        let recent = st.recent.remove(name).unwrap_or_default();
+        let st = self.lock();
         let rec = Self::vol(&st, name)?;
         let cur = rec.activity.get(&epoch).map(|l| l.len()).unwrap_or(0);
         let only_current = rec.activity.keys().all(|e| *e == epoch);
         if only_current && cur <= ACTIVITY_LOG_LIMIT {
             return Ok(());
         }
-        drop(st);
-        self.update_rec(name, epoch, |rec| {
-            let keep: BTreeSet<u64> = match rec.activity.get(&epoch) {
-                Some(l) if recent.len() <= ACTIVITY_LOG_LIMIT => {
-                    l.intersection(&recent).copied().collect()
-                }
-                _ => BTreeSet::new(),
-            };
-            rec.activity.clear();
-            if !keep.is_empty() {
-                rec.activity.insert(epoch, keep);
-            }
-            Ok(())
-        })
+        let mut must_keep = writing_before;
+        must_keep.extend(st.writing_regions(name));
+        must_keep.extend(st.recent.get(name).into_iter().flatten().copied());
+        let mut rec = rec.clone();
+        Self::check_epoch(&rec, epoch)?;
+        let keep: BTreeSet<u64> = match rec.activity.get(&epoch) {
+            Some(l) => l
+                .iter()
+                .copied()
+                .filter(|r| {
+                    must_keep.contains(r)
+                        || (recent.len() <= ACTIVITY_LOG_LIMIT && recent.contains(r))
+                })
+                .collect(),
+            None => BTreeSet::new(),
+        };
+        rec.activity.clear();
+        if !keep.is_empty() {
+            rec.activity.insert(epoch, keep);
+        }
+        self.commit_rec(st, name, rec)
     }
 
     /// fdatasync of every slab written since the last flush (one thread per
@@ -1460,344 +1537,4 @@ fn clear_slot(f: &File, slot: u64) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn engine(dirs: &[PathBuf]) -> Engine {
-        Engine::open("n1", dirs).unwrap()
-    }
-
-    fn pattern(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
-    fn flip(e: &Engine, vol: &str, block: u64, at: u64) {
-        let (path, off) = e.block_location(vol, block).unwrap().unwrap();
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .unwrap();
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, off + at).unwrap();
-        b[0] ^= 0x5a;
-        f.write_all_at(&b, off + at).unwrap();
-    }
-
-    #[test]
-    fn write_read_roundtrip_across_extents_and_disks() {
-        let t = tempfile::tempdir().unwrap();
-        let dirs = vec![t.path().join("d1"), t.path().join("d2")];
-        let e = engine(&dirs);
-        e.create_volume("v", 8 * EXTENT_SIZE, vec![], 1, None)
-            .unwrap();
-        let data = pattern(1, 3 * EXTENT_SIZE as usize);
-        // Straddles extents 0..=3 (not aligned on an extent).
-        e.write("v", 1, EXTENT_SIZE / 2, &data, &[]).unwrap();
-        let out = e.read("v", EXTENT_SIZE / 2, data.len() as u64).unwrap();
-        assert!(out.bad_blocks.is_empty());
-        assert_eq!(out.data, data);
-        // Extents spread over both disks.
-        for d in &dirs {
-            assert!(slab_space(d).unwrap() > 0);
-        }
-        // Survives reopening.
-        drop(e);
-        let e = engine(&dirs);
-        assert_eq!(
-            e.read("v", EXTENT_SIZE / 2, data.len() as u64)
-                .unwrap()
-                .data,
-            data
-        );
-    }
-
-    #[test]
-    fn thin_provisioning_allocates_on_first_write() {
-        let t = tempfile::tempdir().unwrap();
-        let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", 1 << 30, vec![], 1, None).unwrap();
-        assert_eq!(e.info("v").unwrap().allocated_bytes, 0);
-        let out = e.read("v", 5 * EXTENT_SIZE, 8192).unwrap();
-        assert!(out.data.iter().all(|b| *b == 0));
-        e.write("v", 1, 5 * EXTENT_SIZE + 4096, &pattern(2, 4096), &[])
-            .unwrap();
-        assert_eq!(e.info("v").unwrap().allocated_bytes, EXTENT_SIZE);
-        assert_eq!(e.extent_count(), 1);
-    }
-
-    #[test]
-    fn rejects_bad_ranges_and_epochs() {
-        let t = tempfile::tempdir().unwrap();
-        let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", EXTENT_SIZE, vec![], 3, None).unwrap();
-        assert!(matches!(
-            e.write("v", 3, 100, &[0u8; 4096], &[]),
-            Err(Error::Invalid(_))
-        ));
-        assert!(matches!(
-            e.write("v", 3, EXTENT_SIZE, &[0u8; 4096], &[]),
-            Err(Error::Invalid(_))
-        ));
-        assert!(matches!(
-            e.write("v", 2, 0, &[0u8; 4096], &[]),
-            Err(Error::Fenced { .. })
-        ));
-        assert!(matches!(e.set_epoch("v", 2), Err(Error::Fenced { .. })));
-        // The epoch it has is taken: a second writer choosing it is refused.
-        assert!(matches!(
-            e.set_epoch("v", 3),
-            Err(Error::Fenced {
-                request: 3,
-                current: 3
-            })
-        ));
-        e.set_epoch("v", 4).unwrap();
-        assert!(matches!(
-            e.write("v", 3, 0, &[0u8; 4096], &[]),
-            Err(Error::Fenced { .. })
-        ));
-        assert!(e.write("v", 4, 0, &[1u8; 4096], &[]).is_ok());
-        assert!(e
-            .create_volume("../x", EXTENT_SIZE, vec![], 1, None)
-            .is_err());
-    }
-
-    #[test]
-    fn checksum_mismatch_is_reported_not_returned() {
-        let t = tempfile::tempdir().unwrap();
-        let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", EXTENT_SIZE, vec![], 1, None).unwrap();
-        e.write("v", 1, 0, &pattern(3, 16384), &[]).unwrap();
-        flip(&e, "v", 2, 100);
-        let out = e.read("v", 0, 16384).unwrap();
-        assert_eq!(out.bad_blocks, vec![2]);
-        assert!(out.data[8192..12288].iter().all(|b| *b == 0));
-        assert_eq!(out.data[..8192], pattern(3, 16384)[..8192]);
-        assert_eq!(e.metrics.checksum_errors.load(Ordering::Relaxed), 1);
-    }
-
-    #[test]
-    fn interrupted_write_reads_old_or_new() {
-        // Simulate kill -9 after step 1 (sidecar has (new, old)) and after
-        // step 2 (data written, sidecar still (new, old)).
-        let t = tempfile::tempdir().unwrap();
-        let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", EXTENT_SIZE, vec![], 1, None).unwrap();
-        let old = pattern(4, 4096);
-        let new = pattern(5, 4096);
-        e.write("v", 1, 0, &old, &[]).unwrap();
-        let (path, _) = e.block_location("v", 0).unwrap().unwrap();
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let mut side = [0u8; ENTRY_SIZE];
-        Entry {
-            current: block_crc(&new),
-            previous: block_crc(&old),
-        }
-        .encode(&mut side);
-        f.write_all_at(&side, EXTENT_SIZE).unwrap();
-        assert_eq!(e.read("v", 0, 4096).unwrap().data, old);
-        f.write_all_at(&new, 0).unwrap();
-        assert_eq!(e.read("v", 0, 4096).unwrap().data, new);
-        // A later write after such a crash keeps verifying.
-        let newer = pattern(6, 4096);
-        e.write("v", 1, 0, &newer, &[]).unwrap();
-        let out = e.read("v", 0, 4096).unwrap();
-        assert!(out.bad_blocks.is_empty());
-        assert_eq!(out.data, newer);
-    }
-
-    #[test]
-    fn snapshot_clone_cow_and_delete_reclaims() {
-        let t = tempfile::tempdir().unwrap();
-        let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", 4 * EXTENT_SIZE, vec![], 1, None)
-            .unwrap();
-        let a = pattern(7, 2 * EXTENT_SIZE as usize);
-        e.write("v", 1, 0, &a, &[]).unwrap();
-        assert_eq!(e.extent_count(), 2);
-        e.snapshot("v", "s1").unwrap();
-        assert_eq!(e.extent_count(), 2, "a snapshot copies nothing");
-        let b = pattern(8, 4096);
-        e.write("v", 1, 0, &b, &[]).unwrap();
-        assert_eq!(
-            e.extent_count(),
-            3,
-            "first write to a shared extent copies it"
-        );
-        e.clone_volume("v", "s1", "c", 1).unwrap();
-        assert_eq!(e.extent_count(), 3, "a clone copies nothing");
-        assert_eq!(e.read("c", 0, a.len() as u64).unwrap().data, a);
-        let c = pattern(9, 4096);
-        e.write("c", 1, EXTENT_SIZE, &c, &[]).unwrap();
-        assert_eq!(e.read("c", EXTENT_SIZE, 4096).unwrap().data, c);
-        let v = e.read("v", 0, a.len() as u64).unwrap().data;
-        assert_eq!(v[..4096], b[..]);
-        assert_eq!(
-            v[4096..],
-            a[4096..],
-            "writes to the clone leave the base alone"
-        );
-        // The clone still references the snapshot's extent 0; extent 1 of
-        // the snapshot is shared with v.
-        e.delete_volume("c").unwrap();
-        let before = e.extent_count();
-        e.delete_snapshot("v", "s1").unwrap();
-        assert!(
-            e.extent_count() < before,
-            "deleting the snapshot frees extents"
-        );
-        assert_eq!(e.extent_count(), 2);
-        let space = slab_space(t.path()).unwrap();
-        assert!(
-            space <= 2 * SLOT_SIZE,
-            "freed extents' space is given back: {space} bytes still held"
-        );
-        e.delete_volume("v").unwrap();
-        assert_eq!(e.extent_count(), 0);
-        assert_eq!(slab_space(t.path()).unwrap(), 0);
-    }
-
-    #[test]
-    fn torn_blocks_of_unflushed_regions_are_adopted() {
-        let t = tempfile::tempdir().unwrap();
-        let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", 4 * EXTENT_SIZE, vec![], 1, None)
-            .unwrap();
-        let data = pattern(5, 2 * EXTENT_SIZE as usize);
-        e.write("v", 1, 0, &data, &[]).unwrap();
-        // Block 3 torn: its data no longer matches its checksum.
-        flip(&e, "v", 3, 10);
-        assert_eq!(e.read("v", 0, 4 * BLOCK_SIZE).unwrap().bad_blocks, vec![3]);
-        assert!(e.adopt_torn("v", 2, &[0]).is_err(), "checks the epoch");
-        assert_eq!(e.adopt_torn("v", 1, &[0, 1, 2]).unwrap(), 1);
-        let out = e.read("v", 0, 4 * BLOCK_SIZE).unwrap();
-        assert!(out.bad_blocks.is_empty());
-        let mut want = data[..4 * BLOCK_SIZE as usize].to_vec();
-        want[3 * BLOCK_SIZE as usize + 10] ^= 0x5a;
-        assert_eq!(out.data, want, "the block keeps what it holds");
-    }
-
-    #[test]
-    fn reused_and_orphaned_slots_read_as_zeros() {
-        let t = tempfile::tempdir().unwrap();
-        let dirs = vec![t.path().to_path_buf()];
-        let e = engine(&dirs);
-        e.create_volume("a", 4 * EXTENT_SIZE, vec![], 1, None)
-            .unwrap();
-        let full = pattern(3, EXTENT_SIZE as usize);
-        e.write("a", 1, 0, &full, &[]).unwrap();
-        e.flush(None).unwrap();
-        // A slot freed since the last flush is not handed out (its clearing
-        // is not durable yet); after the flush it is, and reads as zeros but
-        // for what its new owner writes.
-        e.delete_volume("a").unwrap();
-        e.create_volume("b", 4 * EXTENT_SIZE, vec![], 1, None)
-            .unwrap();
-        let one = pattern(4, BLOCK_SIZE as usize);
-        e.write("b", 1, BLOCK_SIZE, &one, &[]).unwrap();
-        let (_, off) = e.block_location("b", 1).unwrap().unwrap();
-        assert_eq!(off, SLOT_SIZE + BLOCK_SIZE, "slot 0 is not reused yet");
-        e.flush(None).unwrap();
-        e.write("b", 1, EXTENT_SIZE + BLOCK_SIZE, &one, &[])
-            .unwrap();
-        let (path, off) = e
-            .block_location("b", BLOCKS_PER_EXTENT + 1)
-            .unwrap()
-            .unwrap();
-        assert_eq!(off, BLOCK_SIZE, "slot 0 is reused after the flush");
-        let mut want = vec![0u8; EXTENT_SIZE as usize];
-        want[BLOCK_SIZE as usize..2 * BLOCK_SIZE as usize].copy_from_slice(&one);
-        let out = e.read("b", EXTENT_SIZE, EXTENT_SIZE).unwrap();
-        assert!(out.bad_blocks.is_empty() && out.data == want);
-        e.flush(None).unwrap();
-        drop(e);
-        // A slot written by an allocation that never got committed (a crash
-        // between the data and the metadata) holds a valid-looking extent;
-        // reopening clears it before it is handed out.
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let mut slot0 = vec![0u8; SLOT_SIZE as usize];
-        f.read_exact_at(&mut slot0, 0).unwrap();
-        f.write_all_at(&slot0, 2 * SLOT_SIZE).unwrap();
-        let e = engine(&dirs);
-        e.write("b", 1, 2 * EXTENT_SIZE, &one, &[]).unwrap();
-        let (_, off) = e
-            .block_location("b", 2 * BLOCKS_PER_EXTENT)
-            .unwrap()
-            .unwrap();
-        assert_eq!(off, 2 * SLOT_SIZE, "slot 2 is handed out");
-        let out = e.read("b", 2 * EXTENT_SIZE, EXTENT_SIZE).unwrap();
-        assert!(out.bad_blocks.is_empty());
-        assert!(out.data[..BLOCK_SIZE as usize] == one[..]);
-        assert!(out.data[BLOCK_SIZE as usize..].iter().all(|b| *b == 0));
-    }
-
-    #[test]
-    fn scrub_finds_flip_and_repair_fixes_it() {
-        let t = tempfile::tempdir().unwrap();
-        let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", 2 * EXTENT_SIZE, vec![], 1, None)
-            .unwrap();
-        let data = pattern(10, 2 * EXTENT_SIZE as usize);
-        e.write("v", 1, 0, &data, &[]).unwrap();
-        assert!(e.scrub("v", |_, _| {}).unwrap().is_empty());
-        flip(&e, "v", 300, 7);
-        let bad = e.scrub("v", |_, _| {}).unwrap();
-        assert_eq!(bad.len(), 1);
-        assert_eq!(bad[0].block, 300);
-        let good = &data[300 * 4096..301 * 4096];
-        assert!(e.repair_block("v", bad[0], good).unwrap());
-        assert!(e.scrub("v", |_, _| {}).unwrap().is_empty());
-        assert_eq!(e.read("v", 300 * 4096, 4096).unwrap().data, good);
-        // A stale repair (the block was rewritten since) is skipped.
-        flip(&e, "v", 300, 9);
-        let bad = e.scrub("v", |_, _| {}).unwrap();
-        let newer = pattern(11, 4096);
-        e.write("v", 1, 300 * 4096, &newer, &[]).unwrap();
-        assert!(!e.repair_block("v", bad[0], good).unwrap());
-        assert_eq!(e.read("v", 300 * 4096, 4096).unwrap().data, newer);
-    }
-
-    #[test]
-    fn activity_and_stale_maps_track_regions() {
-        let t = tempfile::tempdir().unwrap();
-        let e = engine(&[t.path().to_path_buf()]);
-        e.create_volume("v", 8 * EXTENT_SIZE, vec![], 1, None)
-            .unwrap();
-        e.write("v", 1, 3 * EXTENT_SIZE, &[1u8; 4096], &["n2".into()])
-            .unwrap();
-        let i = e.info("v").unwrap();
-        assert_eq!(i.activity[&1], BTreeSet::from([3]));
-        assert_eq!(i.stale["n2"], BTreeSet::from([3]));
-        e.flush(Some(("v", 1))).unwrap();
-        let i = e.info("v").unwrap();
-        assert!(
-            i.activity.is_empty(),
-            "a flush checkpoints the activity log"
-        );
-        assert_eq!(
-            i.stale["n2"],
-            BTreeSet::from([3]),
-            "stale maps survive flushes"
-        );
-        e.discard("v", 1, 3 * EXTENT_SIZE, EXTENT_SIZE, &[])
-            .unwrap();
-        assert_eq!(e.info("v").unwrap().allocated_bytes, 0);
-    }
-}
+mod tests;

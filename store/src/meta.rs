@@ -137,6 +137,7 @@ struct Wal {
 
 /// A commit logged but not yet durable: [`Meta::make_durable`] makes it so.
 #[must_use = "a pending commit must be made durable before what depends on it"]
+#[derive(Debug, Clone, Copy)]
 pub struct Pending {
     round: u64,
     end: u64,

@@ -535,6 +535,17 @@ pub fn send<T: Serialize>(w: &mut dyn Write, kind: Kind, msg: &T) -> Result<()> 
     write_frame(w, kind, &body)
 }
 
+/// Encodes a request once, for [`write_frame`] on several connections
+/// (a write goes to every replica). Never for a request that carries a key.
+pub fn encode(req: &Request) -> Result<Vec<u8>> {
+    if req.carries_key() {
+        return Err(Error::Invalid(
+            "a request with a key is sent, not kept".into(),
+        ));
+    }
+    postcard::to_stdvec(req).map_err(|e| Error::Protocol(e.to_string()))
+}
+
 /// Sends a request; the encoding of one that carries a key is wiped once
 /// written.
 pub fn send_request(w: &mut dyn Write, req: &Request) -> Result<()> {

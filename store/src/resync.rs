@@ -8,7 +8,8 @@
 //! e.g. writes a fenced old writer made to its local replica after the
 //! epoch was raised). From
 //! then on the replica receives new writes, and those regions are copied one
-//! at a time under the writer's lock, so a copy never races a write.
+//! at a time with no write in flight (the writer's I/O gate), so a copy never
+//! races a write.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -132,6 +133,9 @@ pub fn resync_one(w: &Writer, node: &str) -> Result<()> {
         earlier_activity(&i, w.epoch)
     };
     let regions: Vec<u64> = {
+        // No write in flight: every write that named it stale has reached
+        // the survivors' dirty maps before they are read.
+        let _quiet = w.quiesce();
         let mut inner = w.lock();
         let Some(pi) = inner.peers.iter().position(|p| p.node == node) else {
             return Ok(());
@@ -185,6 +189,7 @@ pub fn resync_one(w: &Writer, node: &str) -> Result<()> {
         all.into_iter().collect()
     };
     for r in regions {
+        let _quiet = w.quiesce();
         let mut inner = w.lock();
         let Some(pi) = inner.peers.iter().position(|p| p.node == node) else {
             return Ok(());
@@ -213,6 +218,7 @@ pub fn resync_one(w: &Writer, node: &str) -> Result<()> {
             }
         }
     }
+    let _quiet = w.quiesce();
     let mut inner = w.lock();
     let Some(pi) = inner.peers.iter().position(|p| p.node == node) else {
         return Ok(());

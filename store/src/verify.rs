@@ -6,8 +6,9 @@
 //! and each one looks healthy. The writer therefore asks every in-sync
 //! replica for a digest of each region and copies its source's region
 //! (its own copy when it holds one) over any replica whose digest differs.
-//! Regions are compared a few at a time under the writer's lock, so no
-//! write is in flight while a region is compared or copied.
+//! Regions are compared a few at a time with the writer's I/O gate held
+//! exclusively, so no write is in flight while a region is compared or
+//! copied.
 
 use crate::error::{Error, Result};
 use crate::proto::{RegionDigest, Request, Response, MAX_DIGEST_REGIONS};
@@ -56,6 +57,7 @@ pub fn compare_replicas(w: &Writer, pace: &mut dyn FnMut(u64, u64)) -> Result<Co
     let mut found = Comparison::default();
     let mut next = 0u64;
     loop {
+        let quiet = w.quiesce();
         let mut inner = w.lock();
         let total = inner.size.div_ceil(EXTENT_SIZE);
         if next >= total {
@@ -100,6 +102,7 @@ pub fn compare_replicas(w: &Writer, pace: &mut dyn FnMut(u64, u64)) -> Result<Co
         found.compared += regions.len() as u64;
         next = end;
         drop(inner);
+        drop(quiet);
         pace(next, total);
     }
 }

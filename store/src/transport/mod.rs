@@ -120,6 +120,16 @@ impl Link {
         proto::send_request(&mut self.conn, req).map_err(unavailable)
     }
 
+    /// Sends a request encoded already (`proto::encode_request`), so that
+    /// one encoding of a write goes to every replica.
+    pub fn send_encoded(&mut self, body: &[u8], deadline: Duration) -> Result<()> {
+        if self.deadlines {
+            self.conn.set_read_timeout(Some(deadline))?;
+        }
+        self.used = std::time::Instant::now();
+        proto::write_frame(&mut self.conn, Kind::Request, body).map_err(unavailable)
+    }
+
     /// Reads the response to the request last sent.
     pub fn recv(&mut self) -> Result<Response> {
         self.recv_with_progress(&mut |_| {})

@@ -143,6 +143,7 @@ impl Writer {
     /// [`Writer::spawn_rekey`] then runs it.
     pub fn begin_rekey(&self, key: VolumeKey) -> Result<()> {
         self.check_usable()?;
+        let _quiet = self.quiesce();
         let mut inner = self.lock();
         let Some(c) = inner.crypt.as_ref() else {
             return Err(Error::Invalid(format!(
@@ -222,6 +223,9 @@ impl Writer {
     /// Re-encrypts the next region; `true` when the rekey is complete.
     fn rekey_step(&self) -> Result<bool> {
         self.check_usable()?;
+        // No guest write in flight while a region is re-encrypted (nor
+        // while the watermark moves).
+        let _quiet = self.quiesce();
         let mut inner = self.lock();
         let Some(c) = inner.crypt.as_ref() else {
             return Ok(true);
@@ -262,18 +266,7 @@ impl Writer {
         let end = (start + EXTENT_SIZE).min(inner.size);
         if start < end {
             let src = Self::source(inner)?;
-            let allocated = match self.peer_call(
-                inner,
-                src,
-                &Request::RegionAllocated {
-                    name: self.name.clone(),
-                    region: r,
-                },
-            )? {
-                Response::Allocated(a) => a,
-                _ => return Err(Error::Protocol("unexpected reply to region query".into())),
-            };
-            if allocated {
+            if self.region_allocated(inner, src, r)? {
                 self.reencrypt(inner, r, start, end - start, settling)?;
             }
         }

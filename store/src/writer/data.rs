@@ -1,0 +1,354 @@
+//! The data path: reads, writes, discards and flushes of the guest (or of
+//! any [`VolumeIo`] user), many at once.
+//!
+//! Each request holds the writer's I/O gate shared and a ticket of the
+//! overlap tracker ([`super::order`]) on its blocks for its whole life,
+//! takes the writer's lock only to look at the replica set (and to
+//! encrypt), and is sent to every replica without any lock held. So
+//! writes to different blocks are in flight together, each replica
+//! applies overlapping writes in submission order, and a write is
+//! acknowledged once every in-sync replica has it (or, for a replica that
+//! failed it, once the survivors have durably recorded that it missed it).
+//!
+//! The `*_raw` functions and [`Writer::flush_locked`] are the same
+//! operations for control paths that hold the writer's lock and the gate
+//! exclusively (rekey, region copies).
+
+use std::sync::atomic::Ordering;
+
+use super::{Inner, PeerState, Writer};
+use crate::engine::ReadOut;
+use crate::error::{Error, Result};
+use crate::io::VolumeIo;
+use crate::proto::{Request, Response};
+use crate::{replica, BLOCK_SIZE, MAX_IO};
+
+impl Writer {
+    /// Aligned write of whole blocks (at most MAX_IO) as they are.
+    pub(crate) fn write_raw(&self, inner: &mut Inner, offset: u64, data: Vec<u8>) -> Result<()> {
+        let regions = Self::regions_of(offset, data.len() as u64);
+        let req = Request::Write {
+            name: self.name.clone(),
+            epoch: self.epoch,
+            offset,
+            data,
+            stale: Self::stale_nodes(inner),
+        };
+        inner.unflushed.extend(&regions);
+        self.replicate(inner, &req, &regions)
+    }
+
+    /// Reads whole blocks as stored from the best replica, repairing
+    /// blocks that fail their checksum from another replica.
+    pub(crate) fn read_raw(&self, inner: &mut Inner, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut order: Vec<usize> = (0..inner.peers.len())
+            .filter(|i| inner.peers[*i].state == PeerState::InSync)
+            .collect();
+        order.sort_by_key(|i| !inner.peers[*i].local);
+        let req = Request::Read {
+            name: self.name.clone(),
+            offset,
+            len,
+        };
+        for (k, &i) in order.iter().enumerate() {
+            let out = match self.peer_call(inner, i, &req) {
+                Ok(Response::Read(out)) => out,
+                Ok(_) => return Err(Error::Protocol("unexpected reply to read".into())),
+                Err(e @ (Error::Fenced { .. } | Error::Invalid(_))) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(volume = %self.name, peer = %inner.peers[i].node, error = %e, "read failed; marking replica stale");
+                    self.mark_stale(inner, vec![i], &[])?;
+                    continue;
+                }
+            };
+            return self.fix_bad_blocks(inner, i, &order[k + 1..], offset, out);
+        }
+        Err(Error::Io(format!(
+            "no in-sync replica of {} could be read",
+            self.name
+        )))
+    }
+
+    pub(crate) fn fix_bad_blocks(
+        &self,
+        inner: &mut Inner,
+        from: usize,
+        others: &[usize],
+        offset: u64,
+        mut out: ReadOut,
+    ) -> Result<Vec<u8>> {
+        for &b in &out.bad_blocks {
+            self.stats.checksum_errors.fetch_add(1, Ordering::Relaxed);
+            let off = b * BLOCK_SIZE;
+            let mut good = None;
+            for &o in others {
+                let req = Request::Read {
+                    name: self.name.clone(),
+                    offset: off,
+                    len: BLOCK_SIZE,
+                };
+                if let Ok(Response::Read(r)) = self.peer_call(inner, o, &req) {
+                    if r.bad_blocks.is_empty() {
+                        good = Some(r.data);
+                        break;
+                    }
+                }
+            }
+            let Some(good) = good else {
+                return Err(Error::Io(format!(
+                    "block {b} of {} fails its checksum on every replica",
+                    self.name
+                )));
+            };
+            tracing::warn!(volume = %self.name, block = b, replica = %inner.peers[from].node, "checksum mismatch; repairing from another replica");
+            let req = Request::Write {
+                name: self.name.clone(),
+                epoch: self.epoch,
+                offset: off,
+                data: good.clone(),
+                stale: Self::stale_nodes(inner),
+            };
+            match self.peer_call(inner, from, &req) {
+                Ok(_) => {
+                    self.stats.repaired_blocks.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e @ Error::Fenced { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "repair write failed; marking replica stale");
+                    self.mark_stale(inner, vec![from], &Self::regions_of(off, BLOCK_SIZE))?;
+                }
+            }
+            let at = (off - offset) as usize;
+            out.data[at..at + BLOCK_SIZE as usize].copy_from_slice(&good);
+        }
+        Ok(out.data)
+    }
+
+    /// The data-path flush with `inner` held (control paths).
+    pub(crate) fn flush_locked(&self, inner: &mut Inner) -> Result<()> {
+        let req = Request::FlushHot {
+            name: self.name.clone(),
+            epoch: self.epoch,
+        };
+        let unflushed: Vec<u64> = inner.unflushed.iter().copied().collect();
+        self.replicate(inner, &req, &unflushed)?;
+        inner.unflushed.clear();
+        Ok(())
+    }
+
+    // ----- the concurrent data path ---------------------------------------
+
+    /// Writes whole blocks (at most `MAX_IO`) to every replica that gets
+    /// writes, encrypted first if the volume is. The caller holds the gate
+    /// and a ticket on the blocks.
+    fn write_blocks(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let regions = Self::regions_of(offset, data.len() as u64);
+        let (targets, req) = {
+            let mut inner = self.lock();
+            Self::check_range(&inner, offset, data.len() as u64)?;
+            let mut buf = data.to_vec();
+            if let Some(c) = &inner.crypt {
+                c.encrypt(&mut buf, offset)?;
+            }
+            inner.unflushed.extend(&regions);
+            let req = Request::Write {
+                name: self.name.clone(),
+                epoch: self.epoch,
+                offset,
+                data: buf,
+                stale: Self::stale_nodes(&inner),
+            };
+            (Self::targets(&inner), req)
+        };
+        let results = self.fanout(&targets, &req);
+        self.settle(None, &targets, results, &|_| regions.clone())
+    }
+
+    /// Reads whole blocks (at most `MAX_IO`) from the best in-sync replica
+    /// (this node's first), decrypted; a block that fails its checksum is
+    /// fetched from another replica and repaired. The caller holds the
+    /// gate and a (shared) ticket on the blocks.
+    fn read_blocks(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let order: Vec<(usize, std::sync::Arc<super::PeerLinks>, bool)> = {
+            let inner = self.lock();
+            Self::check_range(&inner, offset, len)?;
+            let mut o: Vec<_> = inner
+                .peers
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.state == PeerState::InSync)
+                .map(|(i, p)| (i, p.links.clone(), p.local))
+                .collect();
+            o.sort_by_key(|(_, _, local)| !local);
+            o
+        };
+        let req = Request::Read {
+            name: self.name.clone(),
+            offset,
+            len,
+        };
+        let connector = self.connector.as_ref();
+        for (k, (i, links, local)) in order.iter().enumerate() {
+            let r = if *local {
+                replica::handle(&self.engine, connector, &req).into_result()
+            } else {
+                links.call(connector, &req)
+            };
+            let out = match r {
+                Ok(Response::Read(out)) => out,
+                Ok(_) => return Err(Error::Protocol("unexpected reply to read".into())),
+                Err(e @ Error::Fenced { .. }) => return Err(self.fence(&e)),
+                Err(e @ Error::Invalid(_)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(volume = %self.name, peer = %links.node, error = %e, "read failed; marking replica stale");
+                    self.mark_stale(&mut self.lock(), vec![*i], &[])?;
+                    continue;
+                }
+            };
+            let mut inner = self.lock();
+            let mut data = if out.bad_blocks.is_empty() {
+                out.data
+            } else {
+                let others: Vec<usize> = order[k + 1..]
+                    .iter()
+                    .map(|(j, _, _)| *j)
+                    .filter(|j| inner.peers[*j].state == PeerState::InSync)
+                    .collect();
+                self.fix_bad_blocks(&mut inner, *i, &others, offset, out)?
+            };
+            if let Some(c) = &inner.crypt {
+                c.decrypt(&mut data, offset)?;
+            }
+            return Ok(data);
+        }
+        Err(Error::Io(format!(
+            "no in-sync replica of {} could be read",
+            self.name
+        )))
+    }
+
+    /// Writes any byte range (unaligned edges read-modify-written); the
+    /// caller holds the gate and a ticket covering the range's blocks.
+    fn write_bytes(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let start = pos / BLOCK_SIZE * BLOCK_SIZE;
+            let remaining = (buf.len() - done) as u64;
+            if pos == start && remaining >= BLOCK_SIZE {
+                let n = (remaining / BLOCK_SIZE * BLOCK_SIZE).min(MAX_IO) as usize;
+                self.write_blocks(pos, &buf[done..done + n])?;
+                done += n;
+            } else {
+                // Read-modify-write of one partial block.
+                let mut blk = self.read_blocks(start, BLOCK_SIZE)?;
+                let skip = (pos - start) as usize;
+                let n = (BLOCK_SIZE as usize - skip).min(buf.len() - done);
+                blk[skip..skip + n].copy_from_slice(&buf[done..done + n]);
+                self.write_blocks(start, &blk)?;
+                done += n;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_size(&self, offset: u64, len: u64) -> Result<()> {
+        Self::check_range(&self.lock(), offset, len)
+    }
+}
+
+impl VolumeIo for Writer {
+    fn size(&self) -> Result<u64> {
+        Ok(self.lock().size)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_usable()?;
+        let _gate = self.io_gate();
+        let _range = self.ranges.acquire_bytes(offset, buf.len() as u64, true);
+        self.check_size(offset, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let start = pos / BLOCK_SIZE * BLOCK_SIZE;
+            let want = (buf.len() - done) as u64;
+            let len = ((pos - start + want).div_ceil(BLOCK_SIZE) * BLOCK_SIZE).min(MAX_IO);
+            let data = self.read_blocks(start, len)?;
+            let skip = (pos - start) as usize;
+            let n = (data.len() - skip).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&data[skip..skip + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_usable()?;
+        let _gate = self.io_gate();
+        let _range = self.ranges.acquire_bytes(offset, buf.len() as u64, false);
+        self.check_size(offset, buf.len() as u64)?;
+        self.write_bytes(buf, offset)
+    }
+
+    /// Every write acknowledged before this call is on every replica that
+    /// got it (in its page cache); the flush makes it durable there. A
+    /// write still in flight may or may not be covered, as a block device
+    /// promises.
+    fn flush(&self) -> Result<()> {
+        self.check_usable()?;
+        let _gate = self.io_gate();
+        let (targets, unflushed) = {
+            let mut inner = self.lock();
+            (Self::targets(&inner), std::mem::take(&mut inner.unflushed))
+        };
+        let req = Request::FlushHot {
+            name: self.name.clone(),
+            epoch: self.epoch,
+        };
+        let results = self.fanout(&targets, &req);
+        // A replica whose flush failed may have lost anything written to it
+        // since its last good flush: the regions taken here and any written
+        // meanwhile.
+        let r = self.settle(None, &targets, results, &|inner: &Inner| {
+            unflushed.union(&inner.unflushed).copied().collect()
+        });
+        if r.is_err() {
+            self.lock().unflushed.extend(&unflushed);
+        }
+        r
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_usable()?;
+        let _gate = self.io_gate();
+        let _range = self.ranges.acquire_bytes(offset, len, false);
+        self.check_size(offset, len)?;
+        let end = offset + len;
+        let a = offset.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        let b = end / BLOCK_SIZE * BLOCK_SIZE;
+        if a < b {
+            let regions = Self::regions_of(a, b - a);
+            let (targets, req) = {
+                let mut inner = self.lock();
+                inner.unflushed.extend(&regions);
+                let req = Request::Discard {
+                    name: self.name.clone(),
+                    epoch: self.epoch,
+                    offset: a,
+                    len: b - a,
+                    stale: Self::stale_nodes(&inner),
+                };
+                (Self::targets(&inner), req)
+            };
+            let results = self.fanout(&targets, &req);
+            self.settle(None, &targets, results, &|_| regions.clone())?;
+        }
+        // Unaligned edges are zeroed by read-modify-write.
+        for (s, e) in [(offset, a.min(end)), (b.max(offset).max(a), end)] {
+            if s < e {
+                self.write_bytes(&vec![0u8; (e - s) as usize], s)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,231 @@
+//! Connections from the writer to one replica: a small pool, so that many
+//! requests of one volume are in flight to that replica at once (one per
+//! connection; the replica serves each connection in its own thread).
+//!
+//! Ordering between requests is not the pool's business: overlapping
+//! writes never travel at the same time (the writer's [`super::order`]
+//! tracker holds a write until the earlier overlapping one is done), so
+//! two requests in flight on different connections commute.
+
+use std::sync::{Condvar, Mutex};
+
+use crate::error::{Error, Result};
+use crate::proto::{Request, Response};
+use crate::transport::{Connector, Link};
+
+/// Most connections one writer keeps open to one replica of one volume at
+/// once; further requests wait for one to come back. (A daemon accepts
+/// [`crate::server::MAX_PEER_CONNECTIONS`] in all.)
+pub const MAX_LINKS: usize = 48;
+
+/// The pool of links to one replica.
+pub(crate) struct PeerLinks {
+    pub node: String,
+    pub addr: String,
+    state: Mutex<Pool>,
+    freed: Condvar,
+}
+
+#[derive(Default)]
+struct Pool {
+    idle: Vec<Link>,
+    /// Links handed out or idle.
+    open: usize,
+    /// Bumped by [`PeerLinks::clear`]: links handed out before are not
+    /// taken back (they may lead to a replica that failed).
+    generation: u64,
+}
+
+/// A link taken from the pool, with a request in flight on it.
+pub(crate) struct InFlight {
+    link: Link,
+    generation: u64,
+}
+
+impl PeerLinks {
+    pub fn new(node: &str, addr: &str) -> PeerLinks {
+        PeerLinks {
+            node: node.to_string(),
+            addr: addr.to_string(),
+            state: Mutex::new(Pool::default()),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.state.lock().expect(crate::POISONED)
+    }
+
+    /// An idle link, or a new connection (waiting while [`MAX_LINKS`] are
+    /// out).
+    fn take(&self, connector: &dyn Connector) -> Result<(Link, u64)> {
+        let mut pool = self.pool();
+        loop {
+            while let Some(l) = pool.idle.pop() {
+                if !l.idle_too_long() {
+                    return Ok((l, pool.generation));
+                }
+                pool.open -= 1;
+            }
+            if pool.open < MAX_LINKS {
+                break;
+            }
+            pool = self.freed.wait(pool).expect(crate::POISONED);
+        }
+        pool.open += 1;
+        let generation = pool.generation;
+        drop(pool);
+        match connector.connect(&self.node, &self.addr) {
+            Ok(c) => Ok((Link::peer(c), generation)),
+            Err(e) => {
+                self.release(None, generation);
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives a link back (`None`: it broke and is dropped).
+    fn release(&self, link: Option<Link>, generation: u64) {
+        let mut pool = self.pool();
+        if generation != pool.generation {
+            // Counted in an older generation, already forgotten.
+            return;
+        }
+        match link {
+            Some(l) => pool.idle.push(l),
+            None => pool.open -= 1,
+        }
+        drop(pool);
+        self.freed.notify_one();
+    }
+
+    /// Sends `req` and waits for the answer.
+    pub fn call(&self, connector: &dyn Connector, req: &Request) -> Result<Response> {
+        let f = self.start(connector, req)?;
+        self.finish(f)
+    }
+
+    /// Sends `req` on a link of the pool without waiting for the answer
+    /// ([`PeerLinks::finish`] reads it).
+    pub fn start(&self, connector: &dyn Connector, req: &Request) -> Result<InFlight> {
+        let (mut link, generation) = self.take(connector)?;
+        match link.send(req) {
+            Ok(()) => Ok(InFlight { link, generation }),
+            Err(e) => {
+                self.release(None, generation);
+                Err(e)
+            }
+        }
+    }
+
+    /// [`PeerLinks::start`] for a request encoded already (one encoding
+    /// sent to every replica).
+    pub fn start_encoded(
+        &self,
+        connector: &dyn Connector,
+        body: &[u8],
+        deadline: std::time::Duration,
+    ) -> Result<InFlight> {
+        let (mut link, generation) = self.take(connector)?;
+        match link.send_encoded(body, deadline) {
+            Ok(()) => Ok(InFlight { link, generation }),
+            Err(e) => {
+                self.release(None, generation);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the answer of a request in flight; the link goes back to the
+    /// pool unless the connection failed.
+    pub fn finish(&self, mut f: InFlight) -> Result<Response> {
+        let r = f.link.recv();
+        let broken = matches!(r, Err(Error::Unavailable(_)) | Err(Error::Protocol(_)));
+        self.release((!broken).then_some(f.link), f.generation);
+        r
+    }
+
+    /// Drops every idle link and forgets the ones handed out (a replica
+    /// that failed: the next request connects afresh).
+    pub fn clear(&self) {
+        let mut pool = self.pool();
+        pool.idle.clear();
+        pool.open = 0;
+        pool.generation += 1;
+        drop(pool);
+        self.freed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::Conn;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// Connects to an in-test server answering every request with `Ok`.
+    struct Echo {
+        connects: AtomicUsize,
+    }
+
+    impl Connector for Echo {
+        fn connect(&self, _node: &str, _addr: &str) -> Result<Box<dyn Conn>> {
+            self.connects.fetch_add(1, Ordering::SeqCst);
+            let (a, mut b) = UnixStream::pair()?;
+            std::thread::spawn(move || {
+                while let Ok(Some(_)) = crate::proto::read_frame(&mut b) {
+                    if crate::proto::send(&mut b, crate::proto::Kind::Response, &Response::Ok)
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            Ok(Box::new(a))
+        }
+    }
+
+    fn req() -> Request {
+        Request::ReplicaInfo { name: "v".into() }
+    }
+
+    #[test]
+    fn links_are_reused_and_several_are_in_flight_at_once() {
+        let c = Echo {
+            connects: AtomicUsize::new(0),
+        };
+        let p = PeerLinks::new("n", "a");
+        assert!(matches!(p.call(&c, &req()), Ok(Response::Ok)));
+        assert!(matches!(p.call(&c, &req()), Ok(Response::Ok)));
+        assert_eq!(c.connects.load(Ordering::SeqCst), 1);
+        let a = p.start(&c, &req()).unwrap();
+        let b = p.start(&c, &req()).unwrap();
+        assert_eq!(c.connects.load(Ordering::SeqCst), 2);
+        assert!(matches!(p.finish(b), Ok(Response::Ok)));
+        assert!(matches!(p.finish(a), Ok(Response::Ok)));
+        p.clear();
+        assert!(matches!(p.call(&c, &req()), Ok(Response::Ok)));
+        assert_eq!(c.connects.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn the_pool_is_bounded() {
+        let c = Arc::new(Echo {
+            connects: AtomicUsize::new(0),
+        });
+        let p = Arc::new(PeerLinks::new("n", "a"));
+        let held: Vec<_> = (0..MAX_LINKS)
+            .map(|_| p.start(c.as_ref(), &req()).unwrap())
+            .collect();
+        let (p2, c2) = (p.clone(), c.clone());
+        let waiter = std::thread::spawn(move || p2.call(c2.as_ref(), &req()).is_ok());
+        // The waiter can only finish once a link comes back.
+        for f in held {
+            p.finish(f).unwrap();
+        }
+        assert!(waiter.join().unwrap());
+        assert_eq!(c.connects.load(Ordering::SeqCst), MAX_LINKS);
+    }
+}
