@@ -343,6 +343,48 @@ pub fn write_script_disk(path: &Path, script: &str, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// Where the test host mounts its real disk ([`HostOptions::disk_image`]).
+pub const HOST_DISK: &str = "/disk";
+/// Console marker: `KILN-TESTHOST-DISK dev=/dev/vdX`, the real disk is
+/// mounted on [`HOST_DISK`].
+pub const TESTHOST_DISK: &str = "KILN-TESTHOST-DISK";
+/// The guest's tools disk in the test host ([`HostOptions::tools`]): an ext4
+/// image with Debian's `fio`; a guest given it as a disk mounts it on
+/// `/tools` (with `/tools/bin` on `PATH`) when booted with
+/// `kiln.tools=/dev/vdX`.
+pub const TOOLS_IMAGE: &str = "/images/tools.ext4";
+
+/// Options of a test-host boot beyond the script, binaries and files.
+#[derive(Debug, Clone, Default)]
+pub struct HostOptions {
+    /// A real disk for the test host (`scripts/testhost --disk-image`): a
+    /// virtio disk backed by this file on the build machine (created with
+    /// the given size in MiB and formatted ext4 if it does not exist; kept
+    /// as it is otherwise), opened with `cache=none,aio=io_uring`, mounted
+    /// on [`HOST_DISK`] in the test host. Put it under [`target_dir`].
+    pub disk_image: Option<(PathBuf, u64)>,
+    /// The guest's tools disk (`scripts/testhost --tools`): [`TOOLS_IMAGE`].
+    pub tools: bool,
+    /// More `scripts/testhost` options, as for [`TestHost::run_with_args`].
+    pub args: Vec<String>,
+}
+
+impl HostOptions {
+    /// The `scripts/testhost` options these stand for.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some((path, mib)) = &self.disk_image {
+            args.push("--disk-image".to_string());
+            args.push(format!("{}:{mib}M", path.display()));
+        }
+        if self.tools {
+            args.push("--tools".to_string());
+        }
+        args.extend(self.args.iter().cloned());
+        args
+    }
+}
+
 /// Boots test hosts through `scripts/testhost`.
 pub struct TestHost;
 
@@ -381,6 +423,18 @@ impl TestHost {
             .flat_map(|a| ["--qemu-arg".to_string(), a.clone()])
             .collect();
         Self::run_with_args(script, bins, files, &args, timeout)
+    }
+
+    /// [`TestHost::run`] with a real disk, the tools disk or other options
+    /// ([`HostOptions`]).
+    pub fn run_with_options(
+        script: &str,
+        bins: &[PathBuf],
+        files: &[(PathBuf, String)],
+        options: &HostOptions,
+        timeout: Duration,
+    ) -> Result<HostRun> {
+        Self::run_with_args(script, bins, files, &options.to_args(), timeout)
     }
 
     /// [`TestHost::run`] with extra options for `scripts/testhost` (given
@@ -624,6 +678,26 @@ mod tests {
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 4608);
         assert!(write_script_disk(&p, "a\0b", 0).is_err());
         let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn host_options_become_testhost_arguments() {
+        let o = HostOptions {
+            disk_image: Some((PathBuf::from("/x/disk.img"), 2048)),
+            tools: true,
+            args: vec!["--append".into(), "a=b".into()],
+        };
+        assert_eq!(
+            o.to_args(),
+            [
+                "--disk-image",
+                "/x/disk.img:2048M",
+                "--tools",
+                "--append",
+                "a=b"
+            ]
+        );
+        assert!(HostOptions::default().to_args().is_empty());
     }
 
     #[test]
