@@ -205,6 +205,14 @@ pub enum VolumeCmd {
         #[arg(long, value_name = "SOCK")]
         #[allow(clippy::option_option)]
         vhost_user: Option<Option<PathBuf>>,
+        /// With --vhost-user: queues offered to the VM (1-64; it uses as
+        /// many as it likes up to this, typically one per vCPU)
+        #[arg(long, value_name = "N", requires = "vhost_user", default_value_t = kiln_store::vhost_blk::config::DEFAULT_QUEUES)]
+        queues: u16,
+        /// With --vhost-user: export read-only (VIRTIO_BLK_F_RO; writes get
+        /// an I/O error)
+        #[arg(long, requires = "vhost_user")]
+        read_only: bool,
         /// An encrypted volume's key file (64 bytes, mode 0600)
         #[arg(long, value_name = "FILE")]
         key_file: Option<PathBuf>,
@@ -449,6 +457,8 @@ pub fn volume(a: VolumeArgs) -> Result<()> {
             name,
             force,
             vhost_user,
+            queues,
+            read_only,
             key_file,
             next_key_file,
         } => {
@@ -464,9 +474,11 @@ pub fn volume(a: VolumeArgs) -> Result<()> {
                     sock.unwrap_or_else(|| kiln_store::vhost_socket_beside(&a.socket, &name));
                 let socket = std::path::absolute(&sock)
                     .with_context(|| format!("bad socket path {}", sock.display()))?;
-                c.call(&Request::VolExportVhost {
+                c.call(&Request::VolExport {
                     name,
                     socket: socket.display().to_string(),
+                    queues,
+                    read_only,
                 })
                 .with_context(|| format!("attached, but cannot export on {}", socket.display()))?;
                 if json {

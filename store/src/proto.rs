@@ -296,6 +296,14 @@ pub enum Request {
         epoch: u64,
         regions: Vec<u64>,
     },
+    /// [`Request::VolExportVhost`] with `queues` queues (1 to 64) and,
+    /// with `read_only`, refusing writes.
+    VolExport {
+        name: String,
+        socket: String,
+        queues: u16,
+        read_only: bool,
+    },
 }
 
 impl Request {

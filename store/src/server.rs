@@ -93,6 +93,18 @@ impl Daemon {
     /// One frontend at a time; when it disconnects the export waits for the
     /// next. Replaces an earlier export of the same volume.
     pub fn export_vhost(&self, name: &str, socket: &Path) -> Result<()> {
+        self.export_vhost_with(name, socket, crate::vhost_blk::ExportOptions::default())
+    }
+
+    /// [`Daemon::export_vhost`] with a queue count and, optionally,
+    /// read-only.
+    pub fn export_vhost_with(
+        &self,
+        name: &str,
+        socket: &Path,
+        opts: crate::vhost_blk::ExportOptions,
+    ) -> Result<()> {
+        opts.validate()?;
         self.writer(name)?;
         crate::vhost_blk::export::check_socket_path(socket)
             .map_err(|e| Error::Invalid(e.to_string()))?;
@@ -118,7 +130,7 @@ impl Daemon {
                 .ok_or_else(|| Error::Unavailable("daemon stopped".into()))?
                 .volume_io(&vol)
         });
-        let export = crate::vhost_blk::Export::start(name, socket, source)
+        let export = crate::vhost_blk::Export::start(name, socket, source, opts)
             .map_err(|e| Error::Io(e.to_string()))?;
         self.vhost_exports
             .lock()
@@ -525,6 +537,16 @@ impl Daemon {
             }
             Request::VolExportVhost { name, socket } => {
                 self.export_vhost(&name, Path::new(&socket))?;
+                Ok(Response::Ok)
+            }
+            Request::VolExport {
+                name,
+                socket,
+                queues,
+                read_only,
+            } => {
+                let opts = crate::vhost_blk::ExportOptions { queues, read_only };
+                self.export_vhost_with(&name, Path::new(&socket), opts)?;
                 Ok(Response::Ok)
             }
             Request::ScrubReplica { name } => {

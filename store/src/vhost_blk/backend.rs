@@ -1,5 +1,7 @@
 //! The `VhostUserBackend` of one exported volume: feature negotiation,
-//! config space, and processing of the request queue on kicks.
+//! config space, and processing of the request queues on kicks: one thread
+//! per queue pops requests, a pool of workers ([`super::workers`]) serves
+//! them concurrently and completes each as it finishes.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,9 +16,11 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use super::config;
+use super::config::{self, ExportOptions};
 use super::request::{self, Device, LogLimiter};
+use super::workers::Workers;
 use super::VolumeSource;
+use crate::VolumeIo;
 
 /// Guest memory as the frontend shared it (no dirty-page logging).
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -28,65 +32,79 @@ pub struct BlkBackend(Arc<Inner>);
 struct Inner {
     name: String,
     source: VolumeSource,
+    opts: ExportOptions,
     event_idx: AtomicBool,
     mem: RwLock<Option<GuestMem>>,
     log: LogLimiter,
+    workers: Workers,
 }
 
 impl BlkBackend {
-    pub fn new(name: &str, source: VolumeSource) -> BlkBackend {
-        BlkBackend(Arc::new(Inner {
+    pub fn new(name: &str, source: VolumeSource, opts: ExportOptions) -> io::Result<BlkBackend> {
+        Ok(BlkBackend(Arc::new(Inner {
             name: name.to_string(),
             source,
+            opts,
             event_idx: AtomicBool::new(false),
             mem: RwLock::new(None),
             log: LogLimiter::default(),
-        }))
+            workers: Workers::new(name, config::WORKERS)?,
+        })))
     }
 
-    /// Pops and serves available requests; returns once the queue is empty.
+    /// Waits until every request taken from a ring is completed (before
+    /// the next frontend connects, or a ring stops).
+    pub fn drain(&self) {
+        self.0.workers.drain();
+    }
+
+    /// Pops every available request and hands each to a worker, which
+    /// serves it and puts it on the used ring when done; returns once the
+    /// queue is empty.
     fn process_queue(&self, vring: &VringRwLock<GuestMem>) {
         let Some(atomic) = self.0.mem.read().expect(crate::POISONED).clone() else {
             return;
         };
-        let volume = match (self.0.source)() {
-            Ok(v) => Some(v),
+        let volume: Arc<dyn VolumeIo> = match (self.0.source)() {
+            Ok(v) => v,
             Err(e) => {
                 if self.0.log.allow() {
                     tracing::warn!(volume = %self.0.name, error = %e, "vhost-user-blk: volume unavailable, failing requests");
                 }
-                None
+                Arc::new(Unavailable)
             }
         };
-        let unavailable = Unavailable;
-        let dev = Device {
-            name: &self.0.name,
-            volume: volume.as_deref().unwrap_or(&unavailable),
-            log: &self.0.log,
-        };
         loop {
-            let mem = atomic.memory();
             let chain = vring
                 .get_mut()
                 .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
+                .pop_descriptor_chain(atomic.memory());
             let Some(chain) = chain else { return };
-            let head = chain.head_index();
-            let used = request::handle_chain(chain.memory(), chain.clone(), &dev);
-            if let Err(e) = vring.add_used(head, used) {
-                if self.0.log.allow() {
-                    tracing::warn!(volume = %self.0.name, error = %e, "vhost-user-blk: cannot return a request");
-                }
-                return;
-            }
-            match vring.needs_notification() {
-                Ok(true) | Err(_) => {
-                    if let Err(e) = vring.signal_used_queue() {
-                        tracing::debug!(error = %e, "vhost-user-blk: cannot signal the guest");
+            let (me, vring, volume) = (self.0.clone(), vring.clone(), volume.clone());
+            self.0.workers.submit(move || {
+                let head = chain.head_index();
+                let dev = Device {
+                    name: &me.name,
+                    volume: volume.as_ref(),
+                    log: &me.log,
+                    read_only: me.opts.read_only,
+                };
+                let used = request::handle_chain(chain.memory(), chain.clone(), &dev);
+                if let Err(e) = vring.add_used(head, used) {
+                    if me.log.allow() {
+                        tracing::warn!(volume = %me.name, error = %e, "vhost-user-blk: cannot return a request");
                     }
+                    return;
                 }
-                Ok(false) => {}
-            }
+                match vring.needs_notification() {
+                    Ok(true) | Err(_) => {
+                        if let Err(e) = vring.signal_used_queue() {
+                            tracing::debug!(error = %e, "vhost-user-blk: cannot signal the guest");
+                        }
+                    }
+                    Ok(false) => {}
+                }
+            });
         }
     }
 }
@@ -121,7 +139,21 @@ impl VhostUserBackend for BlkBackend {
     type Vring = VringRwLock<GuestMem>;
 
     fn num_queues(&self) -> usize {
-        config::NUM_QUEUES
+        usize::from(self.0.opts.queues)
+    }
+
+    /// One thread per queue pops requests (the workers serve them).
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.0.opts.queues.min(config::MAX_QUEUES))
+            .map(|q| 1u64 << q)
+            .collect()
+    }
+
+    /// Before a ring's state goes back to the frontend, every request
+    /// taken from it is completed.
+    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+        self.drain();
+        Ok(())
     }
 
     fn max_queue_size(&self) -> usize {
@@ -129,7 +161,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        config::features()
+        config::features(&self.0.opts)
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -142,7 +174,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let capacity = (self.0.source)().and_then(|v| v.size()).unwrap_or(0);
-        config::config_window(capacity, offset, size)
+        config::config_window(capacity, self.0.opts.queues, offset, size)
     }
 
     fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {

@@ -16,6 +16,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::backend::BlkBackend;
+use super::config::ExportOptions;
 use super::{VhostBlkError, VolumeSource};
 
 /// A running export; [`Export::stop`] (or drop) ends it and removes the socket.
@@ -34,7 +35,14 @@ struct Shared {
 impl Export {
     /// Binds `socket` (replacing a stale file) and serves `name` on it from
     /// a background thread.
-    pub fn start(name: &str, socket: &Path, source: VolumeSource) -> Result<Export, VhostBlkError> {
+    pub fn start(
+        name: &str,
+        socket: &Path,
+        source: VolumeSource,
+        opts: ExportOptions,
+    ) -> Result<Export, VhostBlkError> {
+        opts.validate()
+            .map_err(|e| VhostBlkError::Options(e.to_string()))?;
         check_socket_path(socket)?;
         let listener = Listener::new(socket, true).map_err(|e| VhostBlkError::Listen {
             path: socket.display().to_string(),
@@ -44,7 +52,7 @@ impl Export {
             stop: AtomicBool::new(false),
             connection: Mutex::new(None),
         });
-        let backend = BlkBackend::new(name, source);
+        let backend = BlkBackend::new(name, source, opts)?;
         let (n, s, p) = (name.to_string(), shared.clone(), socket.to_path_buf());
         let thread = std::thread::Builder::new()
             .name(format!("vhost-{name}"))
@@ -135,6 +143,9 @@ fn serve(name: &str, socket: &Path, mut listener: Listener, backend: BlkBackend,
         let result = daemon.wait();
         shared.connection.lock().expect(crate::POISONED).take();
         stop_workers(&daemon);
+        // Requests of the old connection still being served land in its
+        // used rings before anyone else connects.
+        backend.drain();
         if shared.stop.load(Ordering::SeqCst) {
             break;
         }

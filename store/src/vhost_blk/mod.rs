@@ -6,15 +6,18 @@
 //! - [`request`]: parsing and executing one request from a descriptor chain
 //!   (all guest input validated; a bad request gets an error status).
 //! - [`backend`]: the `VhostUserBackend` (queue processing, EVENT_IDX).
+//! - [`workers`]: the threads that serve requests of all queues at once.
 //! - [`export`]: the listening socket and its accept / serve / reconnect loop.
 
 pub mod backend;
 pub mod config;
 pub mod export;
 pub mod request;
+pub mod workers;
 
 use std::sync::Arc;
 
+pub use config::ExportOptions;
 pub use export::Export;
 
 /// Resolves the volume's block I/O at request time, so an export keeps
@@ -29,6 +32,8 @@ pub enum VhostBlkError {
         path: String,
         source: vhost::vhost_user::Error,
     },
+    #[error("bad export options: {0}")]
+    Options(String),
     #[error("{0} exists and is not a socket")]
     NotASocket(String),
     #[error("cannot start the export thread: {0}")]

@@ -54,6 +54,8 @@ pub enum RequestError {
     UnsupportedType(u32),
     #[error("unsupported flags {0:#x}")]
     UnsupportedFlags(u32),
+    #[error("the device is read-only")]
+    ReadOnly,
     #[error("volume I/O failed: {0}")]
     Volume(#[from] crate::Error),
 }
@@ -152,6 +154,8 @@ pub struct Device<'a> {
     pub name: &'a str,
     pub volume: &'a dyn VolumeIo,
     pub log: &'a LogLimiter,
+    /// Exported read-only: requests that change the volume get IOERR.
+    pub read_only: bool,
 }
 
 /// Serves the request in one descriptor chain; returns the used length
@@ -271,6 +275,14 @@ fn execute<M: GuestMemory + ?Sized>(
     let kind = u32::from_le_bytes(hdr[0..4].try_into().unwrap_or_default());
     let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
     let vol = dev.volume;
+    if dev.read_only
+        && matches!(
+            kind,
+            VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES
+        )
+    {
+        return Err(RequestError::ReadOnly);
+    }
     match kind {
         VIRTIO_BLK_T_IN => {
             let len = writable.len();
