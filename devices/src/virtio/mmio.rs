@@ -383,11 +383,21 @@ impl MmioTransport {
 
     fn build_activate_context(&mut self) -> Result<ActivateContext, String> {
         let event_idx = self.acked_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for (i, q) in self.queues.iter_mut().enumerate() {
-            if !q.ready() {
-                return Err(format!("queue {i} is not ready"));
-            }
+        // A driver may use fewer queues than the device has (a virtio-blk
+        // driver with fewer CPUs than `num_queues`), always the first ones:
+        // the device gets the ready ones, and decides whether they are enough.
+        let ready = self.queues.iter().take_while(|q| q.ready()).count();
+        if ready == 0 {
+            return Err("queue 0 is not ready".into());
+        }
+        if let Some(i) = self.queues.iter().skip(ready).position(|q| q.ready()) {
+            return Err(format!(
+                "queue {} is ready but queue {ready} is not",
+                ready + i
+            ));
+        }
+        let mut queues = Vec::with_capacity(ready);
+        for (i, q) in self.queues.iter_mut().take(ready).enumerate() {
             if !q.is_valid(&self.mem) {
                 return Err(format!("queue {i} lies outside guest memory"));
             }
@@ -397,7 +407,7 @@ impl MmioTransport {
         Ok(ActivateContext {
             mem: self.mem.clone(),
             queues,
-            queue_events: self.queue_events.clone(),
+            queue_events: self.queue_events[..ready].to_vec(),
             interrupt: self.interrupt.clone(),
             acked_features: self.acked_features,
         })
@@ -777,6 +787,7 @@ mod tests {
             direct: false,
             id: None,
             rate_limit: Default::default(),
+            queues: 1,
         })
         .unwrap();
         let name = block.name().to_string();

@@ -8,6 +8,21 @@
 //! `[0, capacity)`.
 
 use std::io;
+use std::os::fd::RawFd;
+
+/// How a backend's file takes asynchronous, vectored I/O straight from guest
+/// buffers (see `super::engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AsyncIo {
+    /// The file the engine reads, writes and syncs; it stays open as long as
+    /// the backend.
+    pub fd: RawFd,
+    /// Buffer addresses, lengths and file offsets must be multiples of this
+    /// (1 for buffered I/O; the direct-I/O block with `O_DIRECT`). Requests
+    /// that are not go through [`BlockBackend::read_at`] and
+    /// [`BlockBackend::write_at`].
+    pub align: u64,
+}
 
 /// Storage behind a virtio-blk device. Methods take `&self` so that a backend
 /// can be shared between the device and its worker thread.
@@ -40,5 +55,12 @@ pub trait BlockBackend: Send + Sync {
     /// Whether `write_zeroes` is supported (sets `VIRTIO_BLK_F_WRITE_ZEROES`).
     fn supports_write_zeroes(&self) -> bool {
         true
+    }
+
+    /// The file descriptor reads, writes and flushes may go to directly,
+    /// many at once, with `preadv`/`pwritev`/`fdatasync` semantics; `None`
+    /// (the default) runs every request through the methods above.
+    fn async_io(&self) -> Option<AsyncIo> {
+        None
     }
 }

@@ -6,25 +6,31 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use tracing::debug;
+use tracing::error;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use super::backend::BlockBackend;
+use super::engine::{self, EngineKind, EngineSlot};
 use super::io::{Disk, SERIAL_LEN};
 use super::raw::{RawFile, RawFileError};
 use super::request::{RequestLimits, SECTOR_SHIFT, SECTOR_SIZE};
-use super::worker::BlockWorker;
+use super::worker::{BlockWorker, QueueContext};
 use crate::rate_limiter::{self, RateLimit, SharedRateLimiter};
 use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice, WorkerHook};
 use crate::virtio::metrics::BlockCounters;
 use crate::virtio::worker::Worker;
 
-/// Size of the one request queue.
+/// Size of each request queue, and the most requests a queue keeps in
+/// flight.
 pub const QUEUE_SIZE: u16 = 256;
+/// Most request queues a disk may have (`num_queues`); the VMM further
+/// limits it to the VM's vCPU count.
+pub const MAX_QUEUES: u16 = 64;
 /// Data descriptors per request (the header and status take two slots).
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Longest discard / write-zeroes range, in sectors (2 GiB).
@@ -52,6 +58,9 @@ pub struct BlockConfig {
     pub id: Option<String>,
     /// Bytes and requests per second the guest may move (default: no limit).
     pub rate_limit: RateLimit,
+    /// Request queues (1 to [`MAX_QUEUES`]); more than one offers
+    /// `VIRTIO_BLK_F_MQ`.
+    pub queues: u16,
 }
 
 /// Errors creating a block device.
@@ -65,19 +74,31 @@ pub enum Error {
     TooSmall,
     #[error("cannot create the rate limiter's timer: {0}")]
     RateLimiter(#[source] io::Error),
+    #[error("{0} queues: a disk has 1 to {MAX_QUEUES}")]
+    QueueCount(u16),
 }
 
 /// A virtio-blk device.
+///
+/// Each queue has its worker thread and its I/O engine (see `worker` for
+/// why a thread per queue). Fields drop in order: the workers first (their
+/// bodies wait for the I/O in flight and hand the engines back), then the
+/// engines, then the disk whose file they use.
 pub struct Block {
     name: String,
+    /// One per queue, spawned by [`VirtioDevice::spawn_worker`] (or the
+    /// first activation) and kept until the device is dropped.
+    workers: Vec<Option<Worker>>,
+    /// One per queue; empty slots (no engine could be built, or a backend
+    /// without a file) serve requests synchronously.
+    engines: Vec<EngineSlot>,
+    engine_kind: EngineKind,
+    engines_built: bool,
     disk: Disk,
     capacity_sectors: u64,
     avail_features: u64,
     config: [u8; CONFIG_LEN],
-    queue_sizes: [u16; 1],
-    /// Spawned by [`VirtioDevice::spawn_worker`] (or the first activation)
-    /// and kept until the device is dropped.
-    worker: Option<Worker>,
+    queue_sizes: Vec<u16>,
     limiter: Option<SharedRateLimiter>,
 }
 
@@ -85,10 +106,60 @@ impl Block {
     /// Opens the raw image `cfg.path` and builds the device around it.
     pub fn new(cfg: BlockConfig) -> Result<Self, Error> {
         let serial = serial(cfg.id.as_deref())?;
+        if !(1..=MAX_QUEUES).contains(&cfg.queues) {
+            return Err(Error::QueueCount(cfg.queues));
+        }
         let backend = RawFile::open(&cfg.path, cfg.read_only, cfg.direct)?;
-        let mut block = Self::build(Arc::new(backend), cfg.read_only, serial)?;
+        let mut block = Self::build(Arc::new(backend), cfg.read_only, serial, cfg.queues)?;
         block.set_rate_limit(cfg.rate_limit)?;
         Ok(block)
+    }
+
+    /// Chooses the I/O engine (before [`VirtioDevice::spawn_worker`]);
+    /// the default is io_uring, else a thread pool.
+    pub fn set_engine(&mut self, kind: EngineKind) {
+        self.engine_kind = kind;
+    }
+
+    /// The engine each queue got, for logs and tests: "io_uring", "thread
+    /// pool", or "none" (synchronous).
+    pub fn engine_names(&self) -> Vec<&'static str> {
+        self.engines
+            .iter()
+            .map(|slot| {
+                slot.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map_or("none", |e| e.name())
+            })
+            .collect()
+    }
+
+    /// Builds each queue's engine, once; the pool's threads run `hook`.
+    fn build_engines(&mut self, hook: Option<WorkerHook>) {
+        if self.engines_built {
+            return;
+        }
+        self.engines_built = true;
+        let Some(target) = self.disk.backend.async_io() else {
+            return;
+        };
+        for (i, slot) in self.engines.iter().enumerate() {
+            match engine::build(
+                self.engine_kind,
+                target.fd,
+                usize::from(QUEUE_SIZE),
+                &queue_thread_name(&self.name, i),
+                hook.clone(),
+            ) {
+                Ok(e) => engine::put_back(slot, e),
+                Err(e) => error!(
+                    device = %self.name,
+                    queue = i,
+                    "cannot set up asynchronous I/O, serving requests one at a time: {e}"
+                ),
+            }
+        }
     }
 
     /// The disk's I/O counters.
@@ -109,13 +180,14 @@ impl Block {
         read_only: bool,
         id: Option<&str>,
     ) -> Result<Self, Error> {
-        Self::build(backend, read_only, serial(id)?)
+        Self::build(backend, read_only, serial(id)?, 1)
     }
 
     fn build(
         backend: Arc<dyn BlockBackend>,
         read_only: bool,
         serial: [u8; SERIAL_LEN],
+        queues: u16,
     ) -> Result<Self, Error> {
         let capacity_sectors = backend.capacity() >> SECTOR_SHIFT;
         if capacity_sectors == 0 {
@@ -136,9 +208,17 @@ impl Block {
                 features |= 1u64 << VIRTIO_BLK_F_WRITE_ZEROES;
             }
         }
+        if queues > 1 {
+            features |= 1u64 << VIRTIO_BLK_F_MQ;
+        }
         let index = NEXT_INDEX.fetch_add(1, Ordering::Relaxed);
+        let n = usize::from(queues);
         Ok(Self {
             name: format!("kiln-blk{index}"),
+            workers: (0..n).map(|_| None).collect(),
+            engines: (0..n).map(|_| EngineSlot::default()).collect(),
+            engine_kind: EngineKind::default(),
+            engines_built: false,
             disk: Disk {
                 backend,
                 read_only,
@@ -147,9 +227,8 @@ impl Block {
             },
             capacity_sectors,
             avail_features: features,
-            config: config_space(capacity_sectors),
-            queue_sizes: [QUEUE_SIZE],
-            worker: None,
+            config: config_space(capacity_sectors, queues),
+            queue_sizes: vec![QUEUE_SIZE; n],
             limiter: None,
         })
     }
@@ -159,9 +238,14 @@ impl Block {
         self.capacity_sectors
     }
 
-    /// The worker thread's name.
+    /// The first queue's worker thread's name (the device's name).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The number of request queues.
+    pub fn queues(&self) -> usize {
+        self.queue_sizes.len()
     }
 
     fn limits(&self) -> RequestLimits {
@@ -186,13 +270,23 @@ fn serial(id: Option<&str>) -> Result<[u8; SERIAL_LEN], Error> {
     Ok(serial)
 }
 
+/// The worker thread of queue `i` of device `name`: the device's name for
+/// queue 0, `name`q`i` for the others.
+fn queue_thread_name(name: &str, i: usize) -> String {
+    match i {
+        0 => name.to_string(),
+        i => format!("{name}q{i}"),
+    }
+}
+
 /// `struct virtio_blk_config`, little-endian.
-fn config_space(capacity_sectors: u64) -> [u8; CONFIG_LEN] {
+fn config_space(capacity_sectors: u64, queues: u16) -> [u8; CONFIG_LEN] {
     let mut c = [0u8; CONFIG_LEN];
     let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
     put(0, &capacity_sectors.to_le_bytes());
     put(12, &SEG_MAX.to_le_bytes());
     put(20, &(SECTOR_SIZE as u32).to_le_bytes());
+    put(34, &queues.to_le_bytes()); // num_queues (read with VIRTIO_BLK_F_MQ)
     put(36, &MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors
     put(40, &MAX_RANGES.to_le_bytes()); // max_discard_seg
     put(44, &DISCARD_ALIGNMENT_SECTORS.to_le_bytes());
@@ -228,43 +322,70 @@ impl VirtioDevice for Block {
         );
     }
 
+    /// Creates every queue's worker thread and I/O engine (the pool's
+    /// threads, if io_uring is unavailable), all running `hook` first.
     fn spawn_worker(&mut self, hook: WorkerHook) -> io::Result<()> {
-        Worker::spawn_into(&mut self.worker, &self.name, hook)
+        for (i, slot) in self.workers.iter_mut().enumerate() {
+            Worker::spawn_into(slot, &queue_thread_name(&self.name, i), hook.clone())?;
+        }
+        self.build_engines(Some(hook));
+        Ok(())
     }
 
+    /// Hands each queue the driver set up to its worker. A driver may use
+    /// fewer queues than offered (one per CPU it has, at most): the others
+    /// stay idle.
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.worker.as_ref().is_some_and(Worker::is_busy) {
+        if self.workers.iter().flatten().any(Worker::is_busy) {
             return Err(ActivateError::AlreadyActive);
         }
         let got = ctx.queues.len();
-        let (Some(queue), Some(queue_evt)) = (
-            ctx.queues.into_iter().next(),
-            ctx.queue_events.into_iter().next(),
-        ) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
+        if got == 0 || got > self.workers.len() || ctx.queue_events.len() != got {
+            return Err(ActivateError::QueueCount {
+                expected: self.workers.len(),
+                got,
+            });
+        }
+        // Without spawn_worker (tests): engines without a hook.
+        self.build_engines(None);
+        let shared = QueueContext {
+            mem: ctx.mem,
+            interrupt: ctx.interrupt,
+            disk: self.disk.clone(),
+            limits: self.limits(),
+            limiter: self.limiter.clone(),
+            all_queue_events: ctx.queue_events.clone(),
         };
-        let disk = self.disk.clone();
-        let limits = self.limits();
-        let worker =
-            Worker::get_or_spawn(&mut self.worker, &self.name).map_err(ActivateError::Spawn)?;
-        let body = BlockWorker::new(
-            ctx.mem,
-            queue,
-            queue_evt,
-            ctx.interrupt,
-            disk,
-            limits,
-            worker.poller(),
-            worker.stop_eventfd(),
-            self.limiter.clone(),
-        );
-        worker
-            .submit(move || body.run())
-            .map_err(ActivateError::Worker)
+        let queues = ctx.queues.into_iter().zip(ctx.queue_events);
+        for (i, (queue, queue_evt)) in queues.enumerate() {
+            let name = queue_thread_name(&self.name, i);
+            let worker = Worker::get_or_spawn(&mut self.workers[i], &name);
+            let worker = match worker {
+                Ok(w) => w,
+                Err(e) => {
+                    self.reset();
+                    return Err(ActivateError::Spawn(e));
+                }
+            };
+            let body = BlockWorker::new(
+                &shared,
+                queue,
+                queue_evt,
+                self.engines.get(i),
+                worker.poller(),
+                worker.stop_eventfd(),
+            );
+            if let Err(e) = worker.submit(move || body.run()) {
+                self.reset();
+                return Err(ActivateError::Worker(e));
+            }
+        }
+        Ok(())
     }
 
+    /// Stops every queue's worker; each waits for its I/O in flight.
     fn reset(&mut self) {
-        if let Some(w) = &mut self.worker {
+        for w in self.workers.iter_mut().flatten() {
             w.stop();
         }
     }
@@ -301,6 +422,7 @@ mod tests {
             direct: false,
             id: Some("disk-0".into()),
             rate_limit: RateLimit::default(),
+            queues: 1,
         }
     }
 
@@ -443,11 +565,17 @@ mod tests {
             assert!(on_disk.iter().all(|&x| x == round + 1));
 
             b.reset();
-            assert!(!b.worker.as_ref().unwrap().is_busy());
+            assert!(!b.workers[0].as_ref().unwrap().is_busy());
             assert!(queue_is_unused(&mq));
-            // Still the one thread, hooked once.
+            // Still the one thread, hooked once (and the I/O pool's
+            // threads, where there is no io_uring, each once).
             assert_eq!(threads_named(b.name()), vec![tid]);
-            assert_eq!(*hook_tids.lock().unwrap(), vec![tid]);
+            let pool = match b.engine_names()[..] {
+                ["thread pool"] => crate::virtio::block::engine::pool::THREADS,
+                _ => 0,
+            };
+            assert_eq!(hook_tids.lock().unwrap().len(), 1 + pool);
+            assert_eq!(hook_tids.lock().unwrap()[0], tid);
         }
         let name = b.name().to_string();
         drop(b);

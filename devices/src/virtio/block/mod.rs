@@ -6,11 +6,16 @@
 
 pub mod backend;
 pub mod device;
+pub mod engine;
+pub mod inflight;
 pub mod io;
 pub mod raw;
 pub mod request;
 mod worker;
 
-pub use backend::BlockBackend;
+#[cfg(test)]
+mod tests;
+
+pub use backend::{AsyncIo, BlockBackend};
 pub use device::{Block, BlockConfig, Error};
 pub use raw::{RawFile, RawFileError};

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use tracing::{debug, warn};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
-use super::backend::BlockBackend;
+use super::backend::{AsyncIo, BlockBackend};
 
 /// Buffer, offset and length alignment used for `O_DIRECT` I/O; covers both
 /// 512-byte and 4 KiB logical-block devices.
@@ -242,10 +242,17 @@ impl BlockBackend for RawFile {
         }
         self.write_zeroes_by_hand(offset, len)
     }
+
+    fn async_io(&self) -> Option<AsyncIo> {
+        Some(AsyncIo {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.file),
+            align: if self.direct { DIRECT_ALIGN } else { 1 },
+        })
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
     use vmm_sys_util::tempfile::TempFile;
@@ -315,7 +322,7 @@ mod tests {
     /// directory, else (a tmpfs has no O_DIRECT) the cargo target directory;
     /// if neither does, the test is skipped (`kiln_tests::skip`: a panic
     /// under CI=true).
-    fn direct_dir() -> Option<PathBuf> {
+    pub(crate) fn direct_dir() -> Option<PathBuf> {
         let scratch = kiln_tests::target_dir().join("kiln-tests");
         std::fs::create_dir_all(&scratch).unwrap();
         let mut refused = Vec::new();

@@ -1,0 +1,590 @@
+//! Serving one virtio-blk queue with many requests in flight.
+//!
+//! A [`QueueServer`] pops descriptor chains, parses each with
+//! [`request::parse`] (the one parser), and starts reads, writes and flushes
+//! on the queue's [`IoEngine`] without waiting for them; the worker calls
+//! [`QueueServer::reap`] when the engine's eventfd fires, and each finished
+//! request is put in the used ring then, in whatever order it finished. The
+//! guest's buffers are handed to the engine directly (iovecs into guest
+//! memory, from vm-memory's checked slices), except where the backend cannot
+//! take them: with `O_DIRECT`, buffers, lengths or offsets not aligned to
+//! the backend's block go through the synchronous bounce path
+//! ([`Disk::execute`]), as do GET_ID, DISCARD and WRITE_ZEROES and every
+//! request of a backend without a file descriptor.
+//!
+//! Bounds and ordering:
+//! - At most `depth` (the queue size) requests are in flight; when all slots
+//!   are taken the server stops popping until one finishes.
+//! - A FLUSH waits on the ring until every request in flight has finished,
+//!   then syncs: it covers every write acknowledged before it (virtio's
+//!   promise), and every write started before it.
+//! - A request over the rate limit goes back on the ring; completions of
+//!   requests already started are still reaped and signalled meanwhile.
+//! - Short transfers are continued from where they stopped; a transfer that
+//!   makes no progress, or reports more than asked, fails with IOERR.
+//! - Dropping the server (device reset, VMM exit) first waits for every op
+//!   in flight: the kernel may be writing into guest memory until then.
+//!   Their results are dropped: after a reset the rings are not the
+//!   device's to write.
+
+use std::io;
+
+use tracing::{error, warn};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::backend::AsyncIo;
+use super::engine::{self, EngineSlot, IoDone, IoEngine, IoKind, IoOp};
+use super::io::Disk;
+use super::request::{self, Rejected, Request, RequestLimits, RequestType, SECTOR_SHIFT};
+use crate::rate_limiter::RateLimiter;
+use crate::virtio::queue::add_used;
+use crate::virtio::worker::GuestErrorLog;
+
+/// Most iovecs one op may carry (`IOV_MAX`).
+const MAX_IOVECS: usize = 1024;
+
+/// A request whose I/O is in flight.
+struct Pending {
+    head: u16,
+    status: GuestAddress,
+    kind: IoKind,
+    /// Where the rest of the transfer goes.
+    offset: u64,
+    /// Bytes still to move.
+    remaining: u64,
+    /// Bytes the request moves in all.
+    total: u64,
+    iovecs: Vec<libc::iovec>,
+    /// The first iovec not fully moved yet.
+    first: usize,
+}
+
+// SAFETY: the iovecs point into guest memory that the owning QueueServer
+// keeps mapped (it holds `mem` and drains every op before dropping it); the
+// server moves to its worker thread whole, pointers and memory together.
+unsafe impl Send for Pending {}
+
+/// What became of a popped request.
+enum Step {
+    /// Finished already: put it in the used ring with this length.
+    Done(u32),
+    /// Handed to the engine.
+    Started,
+    /// Not now (rate limit, or a flush waiting for I/O in flight): back on
+    /// the ring.
+    Later,
+}
+
+/// How the requests of a [`QueueServer`] were carried out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Reads, writes and flushes handed to the engine.
+    pub started: u64,
+    /// Requests run synchronously (bounce path, or not engine work).
+    pub synchronous: u64,
+}
+
+/// Serves one queue of a virtio-blk device (see the module doc).
+pub struct QueueServer {
+    stats: ServerStats,
+    mem: GuestMemoryMmap,
+    disk: Disk,
+    limits: RequestLimits,
+    /// The engine and where it goes back to; `None` serves every request
+    /// synchronously.
+    engine: Option<(Box<dyn IoEngine>, EngineSlot)>,
+    /// How the backend's file takes asynchronous I/O.
+    target: Option<AsyncIo>,
+    slots: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    /// Stopped popping (slots full, or a flush waiting): run the queue again
+    /// once something finishes.
+    stalled: bool,
+    bounce: Vec<u8>,
+    reaped: Vec<IoDone>,
+    bad_requests: GuestErrorLog,
+    io_errors: GuestErrorLog,
+}
+
+impl QueueServer {
+    /// A server for one queue over `mem`. With `engine`, the engine is
+    /// taken out of its slot for the server's lifetime (and put back on
+    /// drop); without one, or if the slot is empty or the backend has no
+    /// file descriptor, every request runs synchronously.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        disk: Disk,
+        limits: RequestLimits,
+        engine: Option<&EngineSlot>,
+    ) -> Self {
+        let target = disk.backend.async_io();
+        let engine = match (engine, target) {
+            (Some(slot), Some(_)) => engine::take(slot).map(|e| (e, slot.clone())),
+            _ => None,
+        };
+        let depth = engine.as_ref().map_or(0, |(e, _)| e.depth());
+        Self {
+            stats: ServerStats::default(),
+            mem,
+            disk,
+            limits,
+            engine,
+            target,
+            slots: (0..depth).map(|_| None).collect(),
+            free: (0..depth).rev().collect(),
+            stalled: false,
+            bounce: Vec::new(),
+            reaped: Vec::new(),
+            bad_requests: GuestErrorLog::default(),
+            io_errors: GuestErrorLog::default(),
+        }
+    }
+
+    /// The guest memory the server works in.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The engine's eventfd, for the worker to poll.
+    pub fn notifier(&self) -> Option<&vmm_sys_util::eventfd::EventFd> {
+        self.engine.as_ref().map(|(e, _)| e.notifier())
+    }
+
+    /// Requests whose I/O is in flight.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// How requests were carried out so far.
+    pub fn stats(&self) -> ServerStats {
+        self.stats
+    }
+
+    /// Whether the server stopped popping until a request finishes.
+    pub fn is_stalled(&self) -> bool {
+        self.stalled
+    }
+
+    /// Pops, parses and starts every available request (as far as the depth,
+    /// the rate limiter and flush ordering allow); returns how many it put
+    /// in the used ring (rejected and synchronous ones). The caller
+    /// interrupts the guest if that is not 0.
+    pub fn process_queue(
+        &mut self,
+        queue: &mut Queue,
+        mut limiter: Option<&mut RateLimiter>,
+    ) -> usize {
+        let mut used = 0;
+        self.stalled = false;
+        loop {
+            if let Err(e) = queue.disable_notification(&self.mem) {
+                warn!("virtio-blk: cannot disable queue notifications: {e}");
+            }
+            let mut popped = 0usize;
+            let mut held = false;
+            loop {
+                if self.engine.is_some() && self.free.is_empty() {
+                    self.stalled = true;
+                    held = true;
+                    break;
+                }
+                let Some(chain) = queue.pop_descriptor_chain(&self.mem) else {
+                    break;
+                };
+                popped += 1;
+                let head = chain.head_index();
+                let parsed = request::parse(&self.mem, chain, &self.limits);
+                match self.start(head, parsed, limiter.as_deref_mut()) {
+                    Step::Done(len) => {
+                        add_used(queue, &self.mem, head, len);
+                        used += 1;
+                    }
+                    Step::Started => {}
+                    Step::Later => {
+                        queue.go_to_previous_position();
+                        held = true;
+                        break;
+                    }
+                }
+            }
+            self.submit();
+            if held {
+                // Notifications stay off: a completion or the rate
+                // limiter's timer brings the worker back.
+                break;
+            }
+            match queue.enable_notification(&self.mem) {
+                // More requests arrived while notifications were off. Unless
+                // the ring is corrupt (nothing could be popped), go again.
+                Ok(true) if popped > 0 => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    warn!("virtio-blk: cannot enable queue notifications: {e}");
+                    break;
+                }
+            }
+        }
+        used
+    }
+
+    /// Collects finished I/O and puts the requests it completes in the used
+    /// ring; returns how many. When the server had stalled, the caller runs
+    /// [`QueueServer::process_queue`] next.
+    pub fn reap(&mut self, queue: &mut Queue) -> usize {
+        let Some((engine, _)) = self.engine.as_mut() else {
+            return 0;
+        };
+        engine.reap(&mut self.reaped);
+        let mut used = 0;
+        let mut reaped = std::mem::take(&mut self.reaped);
+        for done in reaped.drain(..) {
+            if let Some((head, len)) = self.finish(done, true) {
+                add_used(queue, &self.mem, head, len);
+                used += 1;
+            }
+        }
+        self.reaped = reaped;
+        self.submit();
+        used
+    }
+
+    /// Parses `parsed`'s request and starts or runs it.
+    fn start(
+        &mut self,
+        head: u16,
+        parsed: Result<Request, Rejected>,
+        limiter: Option<&mut RateLimiter>,
+    ) -> Step {
+        let req = match parsed {
+            Ok(req) => req,
+            Err(Rejected { error, status }) => {
+                if let Some(n) = self.bad_requests.hit() {
+                    warn!(head, occurrences = n, "virtio-blk: bad request: {error}");
+                }
+                return Step::Done(match status {
+                    Some(addr) => complete(&self.mem, addr, error.status(), 0),
+                    // Nowhere to put a status: hand the chain back empty.
+                    None => 0,
+                });
+            }
+        };
+        if req.request_type == RequestType::Flush && self.in_flight() > 0 {
+            // Drained first: the flush then covers everything before it.
+            self.stalled = true;
+            return Step::Later;
+        }
+        if let Some(limiter) = limiter {
+            match limiter.admit(req.data_len) {
+                Ok(true) => {}
+                Ok(false) => return Step::Later,
+                // Without a working timer, throttling could stall the disk
+                // forever: let the request through.
+                Err(e) => warn!("virtio-blk: rate limiter timer failed: {e}"),
+            }
+        }
+        if let Some(pending) = self.async_op(head, &req) {
+            let Some(slot) = self.free.pop() else {
+                // The caller checked for a free slot before popping.
+                return self.run_sync(head, &req);
+            };
+            let op = op(slot, &pending);
+            self.slots[slot] = Some(pending);
+            let pushed = match self.engine.as_mut() {
+                Some((engine, _)) => engine.push(op),
+                None => Err(io::Error::other("no engine")),
+            };
+            return match pushed {
+                Ok(()) => {
+                    self.stats.started += 1;
+                    Step::Started
+                }
+                Err(e) => {
+                    error!("virtio-blk: cannot queue I/O, running it synchronously: {e}");
+                    self.slots[slot] = None;
+                    self.free.push(slot);
+                    self.run_sync(head, &req)
+                }
+            };
+        }
+        self.run_sync(head, &req)
+    }
+
+    /// The in-flight form of `req`, when the engine can take it: reads,
+    /// writes (not on a read-only disk) and flushes, with guest buffers the
+    /// backend can use as they are.
+    fn async_op(&self, head: u16, req: &Request) -> Option<Pending> {
+        let target = self.target?;
+        self.engine.as_ref()?;
+        let kind = match req.request_type {
+            RequestType::In => IoKind::Read,
+            RequestType::Out if !self.disk.read_only => IoKind::Write,
+            RequestType::Flush if !self.disk.read_only => IoKind::Sync,
+            _ => return None,
+        };
+        let offset = req.sector.checked_mul(1 << SECTOR_SHIFT)?;
+        let iovecs = if kind == IoKind::Sync {
+            Vec::new()
+        } else {
+            let v = guest_iovecs(&self.mem, req, kind == IoKind::Read)?;
+            let align = target.align.max(1);
+            let aligned = offset.is_multiple_of(align)
+                && v.iter().all(|i| {
+                    (i.iov_base as u64).is_multiple_of(align)
+                        && (i.iov_len as u64).is_multiple_of(align)
+                });
+            if !aligned {
+                return None;
+            }
+            v
+        };
+        Some(Pending {
+            head,
+            status: req.status,
+            kind,
+            offset,
+            remaining: req.data_len,
+            total: req.data_len,
+            iovecs,
+            first: 0,
+        })
+    }
+
+    /// Runs `req` on this thread through the bounce buffer.
+    fn run_sync(&mut self, head: u16, req: &Request) -> Step {
+        self.stats.synchronous += 1;
+        Step::Done(match self.disk.execute(&self.mem, req, &mut self.bounce) {
+            Ok(written) => complete(&self.mem, req.status, VIRTIO_BLK_S_OK as u8, written),
+            Err(e) => {
+                if let Some(n) = self.io_errors.hit() {
+                    warn!(
+                        head,
+                        occurrences = n,
+                        "virtio-blk: {:?} request failed: {e}",
+                        req.request_type
+                    );
+                }
+                complete(&self.mem, req.status, VIRTIO_BLK_S_IOERR as u8, 0)
+            }
+        })
+    }
+
+    /// Accounts for a finished op: continues a short transfer, or frees the
+    /// slot and (with `report`) writes the status, returning the chain's
+    /// head and used length.
+    fn finish(&mut self, done: IoDone, report: bool) -> Option<(u16, u32)> {
+        let slot = usize::try_from(done.token).ok()?;
+        let Some(p) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+            error!(
+                token = done.token,
+                "virtio-blk: completion for no request in flight"
+            );
+            return None;
+        };
+        let ok = match (p.kind, u64::try_from(done.result)) {
+            (IoKind::Sync, Ok(_)) => true,
+            (_, Ok(n)) if n == p.remaining => true,
+            (_, Ok(n)) if n > 0 && n < p.remaining && report => {
+                // Short: continue from there.
+                p.remaining -= n;
+                p.offset += n;
+                advance(&mut p.iovecs, &mut p.first, n);
+                let op = op(slot, p);
+                let pushed = match self.engine.as_mut() {
+                    Some((engine, _)) => engine.push(op),
+                    None => Err(io::Error::other("no engine")),
+                };
+                match pushed {
+                    Ok(()) => return None,
+                    Err(e) => {
+                        error!("virtio-blk: cannot continue a short transfer: {e}");
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        let p = self.slots[slot].take()?;
+        self.free.push(slot);
+        if !report {
+            return None;
+        }
+        let (status, written) = if ok {
+            match p.kind {
+                IoKind::Read => self.disk.counters.read(p.total),
+                IoKind::Write => self.disk.counters.wrote(p.total),
+                IoKind::Sync => {}
+            }
+            let written = match p.kind {
+                IoKind::Read => u32::try_from(p.total).unwrap_or(u32::MAX),
+                _ => 0,
+            };
+            (VIRTIO_BLK_S_OK as u8, written)
+        } else {
+            if let Some(n) = self.io_errors.hit() {
+                let e = match done.result {
+                    r if r < 0 => io::Error::from_raw_os_error((-r) as i32).to_string(),
+                    r => format!("moved {r} of {} bytes", p.remaining),
+                };
+                warn!(
+                    head = p.head,
+                    occurrences = n,
+                    "virtio-blk: {:?} request failed: {e}",
+                    p.kind
+                );
+            }
+            (VIRTIO_BLK_S_IOERR as u8, 0)
+        };
+        Some((p.head, complete(&self.mem, p.status, status, written)))
+    }
+
+    fn submit(&mut self) {
+        if let Some((engine, _)) = self.engine.as_mut() {
+            if let Err(e) = engine.submit() {
+                error!(
+                    "virtio-blk: cannot submit I/O to the {}: {e}",
+                    engine.name()
+                );
+            }
+        }
+    }
+
+    /// Waits for every op in flight, dropping the results.
+    fn drain(&mut self) {
+        while self.in_flight() > 0 {
+            let Some((engine, _)) = self.engine.as_mut() else {
+                return;
+            };
+            if let Err(e) = engine.wait() {
+                error!(
+                    "virtio-blk: cannot wait for I/O in flight ({e}); keeping guest memory mapped"
+                );
+                // The kernel may still write into guest memory: never unmap it.
+                std::mem::forget(self.mem.clone());
+                return;
+            }
+            engine.reap(&mut self.reaped);
+            let mut reaped = std::mem::take(&mut self.reaped);
+            for done in reaped.drain(..) {
+                self.finish(done, false);
+            }
+            self.reaped = reaped;
+        }
+    }
+}
+
+impl Drop for QueueServer {
+    fn drop(&mut self) {
+        self.drain();
+        if let Some((engine, slot)) = self.engine.take() {
+            engine::put_back(&slot, engine);
+        }
+    }
+}
+
+/// The op for the rest of `p`'s transfer, under token `slot`.
+fn op(slot: usize, p: &Pending) -> IoOp {
+    let rest = p.iovecs.get(p.first..).unwrap_or(&[]);
+    IoOp {
+        token: slot as u64,
+        kind: p.kind,
+        offset: p.offset,
+        iovecs: rest.as_ptr(),
+        iovcnt: rest.len() as u32,
+    }
+}
+
+/// The request's data segments as iovecs into guest memory (split where a
+/// segment crosses guest memory regions), or `None` if they cannot be (a
+/// segment vm-memory does not map, too many pieces, lengths that do not add
+/// up).
+fn guest_iovecs(
+    mem: &GuestMemoryMmap,
+    req: &Request,
+    device_writes: bool,
+) -> Option<Vec<libc::iovec>> {
+    let mut v = Vec::with_capacity(req.data.len());
+    let mut total = 0u64;
+    for seg in &req.data {
+        for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
+            let slice = slice.ok()?;
+            let base = if device_writes {
+                slice.ptr_guard_mut().as_ptr()
+            } else {
+                slice.ptr_guard().as_ptr().cast_mut()
+            };
+            v.push(libc::iovec {
+                iov_base: base.cast(),
+                iov_len: slice.len(),
+            });
+            total += slice.len() as u64;
+        }
+    }
+    (total == req.data_len && !v.is_empty() && v.len() <= MAX_IOVECS).then_some(v)
+}
+
+/// Moves the start of `iovecs[*first..]` on by `n` bytes.
+fn advance(iovecs: &mut [libc::iovec], first: &mut usize, mut n: u64) {
+    while n > 0 {
+        let Some(v) = iovecs.get_mut(*first) else {
+            return;
+        };
+        let len = v.iov_len as u64;
+        if n >= len {
+            n -= len;
+            *first += 1;
+        } else {
+            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n as usize).cast();
+            v.iov_len -= n as usize;
+            n = 0;
+        }
+    }
+}
+
+/// Writes the status byte; returns the used length.
+pub(crate) fn complete(
+    mem: &GuestMemoryMmap,
+    status_addr: GuestAddress,
+    status: u8,
+    written: u32,
+) -> u32 {
+    match mem.write_obj(status, status_addr) {
+        Ok(()) => written.saturating_add(1),
+        Err(e) => {
+            warn!("virtio-blk: cannot write the status byte: {e}");
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_moves_across_iovecs() {
+        let mut buf = [0u8; 64];
+        let base = buf.as_mut_ptr();
+        let mut v = vec![
+            libc::iovec {
+                iov_base: base.cast(),
+                iov_len: 16,
+            },
+            libc::iovec {
+                iov_base: base.wrapping_add(32).cast(),
+                iov_len: 32,
+            },
+        ];
+        let mut first = 0;
+        advance(&mut v, &mut first, 20);
+        assert_eq!(first, 1);
+        assert_eq!(v[1].iov_base, base.wrapping_add(36).cast());
+        assert_eq!(v[1].iov_len, 28);
+        advance(&mut v, &mut first, 28);
+        assert_eq!(first, 2);
+        // Past the end: nothing happens.
+        advance(&mut v, &mut first, 5);
+        assert_eq!(first, 2);
+    }
+}

@@ -1,0 +1,188 @@
+//! A disk with two queues: a worker thread each, both serving at once.
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+use super::*;
+use crate::rate_limiter::RateLimit;
+use crate::virtio::block::device::{Block, BlockConfig, Error as BlockError};
+use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice};
+use crate::virtio::worker::tests::threads_named;
+
+fn two_queue_disk(img: &TempFile) -> Block {
+    Block::new(BlockConfig {
+        path: img.as_path().to_path_buf(),
+        read_only: false,
+        direct: false,
+        id: None,
+        rate_limit: RateLimit::default(),
+        queues: 2,
+    })
+    .unwrap()
+}
+
+/// Puts a one-sector write of `byte` at `sector` in queue `mq` (its
+/// header, data and status at `base`), kicks it, and waits for the used
+/// entry.
+fn write_through(
+    m: &GuestMemoryMmap,
+    mq: &MockSplitQueue<GuestMemoryMmap>,
+    kick: &EventFd,
+    base: u64,
+    sector: u64,
+    byte: u8,
+) {
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    h[8..].copy_from_slice(&sector.to_le_bytes());
+    m.write_slice(&h, GuestAddress(base)).unwrap();
+    m.write_slice(&[byte; 512], GuestAddress(base + 0x1000))
+        .unwrap();
+    m.write_obj(0xaau8, GuestAddress(base + 0x2000)).unwrap();
+    mq.add_desc_chains(
+        &[
+            RawDescriptor::from(Descriptor::new(base, 16, VRING_DESC_F_NEXT as u16, 1)),
+            RawDescriptor::from(Descriptor::new(
+                base + 0x1000,
+                512,
+                VRING_DESC_F_NEXT as u16,
+                2,
+            )),
+            RawDescriptor::from(Descriptor::new(base + 0x2000, 1, W, 0)),
+        ],
+        0,
+    )
+    .unwrap();
+    kick.write(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mq.used().idx().load() != mq.avail().idx().load() {
+        assert!(Instant::now() < deadline, "no used entry");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        m.read_obj::<u8>(GuestAddress(base + 0x2000)).unwrap(),
+        VIRTIO_BLK_S_OK as u8
+    );
+}
+
+#[test]
+fn two_queues_are_served_by_two_workers() {
+    let img = TempFile::new().unwrap();
+    img.as_file().set_len(1 << 20).unwrap();
+    let mut b = two_queue_disk(&img);
+    assert_ne!(b.avail_features() & (1 << VIRTIO_BLK_F_MQ), 0);
+    let mut nq = [0u8; 2];
+    b.read_config(34, &mut nq);
+    assert_eq!(u16::from_le_bytes(nq), 2);
+    let hooks = Arc::new(AtomicUsize::new(0));
+    let h = hooks.clone();
+    b.spawn_worker(Arc::new(move || {
+        h.fetch_add(1, Ordering::SeqCst);
+    }))
+    .unwrap();
+    let name = b.name().to_string();
+    let q1 = format!("{name}q1");
+    assert_eq!(threads_named(&name).len(), 1);
+    assert_eq!(threads_named(&q1).len(), 1);
+    let pool = b
+        .engine_names()
+        .iter()
+        .filter(|&&n| n == "thread pool")
+        .count()
+        * super::super::engine::pool::THREADS;
+    assert_eq!(
+        hooks.load(Ordering::SeqCst),
+        2 + pool,
+        "every thread hooked"
+    );
+
+    let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+    let kicks = [
+        Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+    ];
+    let mqs = [
+        MockSplitQueue::create(&m, GuestAddress(0), 16),
+        MockSplitQueue::create(&m, GuestAddress(0x1_0000), 16),
+    ];
+    b.activate(ActivateContext {
+        mem: m.clone(),
+        queues: mqs.iter().map(|q| q.create_queue().unwrap()).collect(),
+        queue_events: kicks.to_vec(),
+        interrupt: interrupt.clone(),
+        acked_features: (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_MQ),
+    })
+    .unwrap();
+    write_through(&m, &mqs[0], &kicks[0], 0x10_0000, 0, 0x11);
+    write_through(&m, &mqs[1], &kicks[1], 0x20_0000, 8, 0x22);
+    let mut on_disk = [0u8; 512];
+    img.as_file().read_exact_at(&mut on_disk, 0).unwrap();
+    assert!(on_disk.iter().all(|&x| x == 0x11));
+    img.as_file().read_exact_at(&mut on_disk, 8 * 512).unwrap();
+    assert!(on_disk.iter().all(|&x| x == 0x22));
+    b.reset();
+
+    // A driver with one CPU uses one queue: the other stays idle.
+    let mq = MockSplitQueue::create(&m, GuestAddress(0x2_0000), 16);
+    b.activate(ActivateContext {
+        mem: m.clone(),
+        queues: vec![mq.create_queue().unwrap()],
+        queue_events: vec![kicks[0].clone()],
+        interrupt: interrupt.clone(),
+        acked_features: 1 << VIRTIO_F_VERSION_1,
+    })
+    .unwrap();
+    write_through(&m, &mq, &kicks[0], 0x10_0000, 16, 0x33);
+    b.reset();
+
+    // More queues than the device has.
+    let r = b.activate(ActivateContext {
+        mem: m.clone(),
+        queues: (0..3).map(|_| mq.create_queue().unwrap()).collect(),
+        queue_events: vec![kicks[0].clone(), kicks[1].clone(), kicks[0].clone()],
+        interrupt,
+        acked_features: 1 << VIRTIO_F_VERSION_1,
+    });
+    assert!(matches!(
+        r,
+        Err(ActivateError::QueueCount {
+            expected: 2,
+            got: 3
+        })
+    ));
+    drop(b);
+    assert!(threads_named(&name).is_empty());
+    assert!(threads_named(&q1).is_empty());
+}
+
+#[test]
+fn queue_counts_are_checked() {
+    let img = TempFile::new().unwrap();
+    img.as_file().set_len(1 << 20).unwrap();
+    for n in [0u16, 65] {
+        let r = Block::new(BlockConfig {
+            path: img.as_path().to_path_buf(),
+            read_only: false,
+            direct: false,
+            id: None,
+            rate_limit: RateLimit::default(),
+            queues: n,
+        });
+        assert!(matches!(r, Err(BlockError::QueueCount(q)) if q == n));
+    }
+    let one = Block::new(BlockConfig {
+        path: img.as_path().to_path_buf(),
+        read_only: false,
+        direct: false,
+        id: None,
+        rate_limit: RateLimit::default(),
+        queues: 1,
+    })
+    .unwrap();
+    assert_eq!(one.avail_features() & (1 << VIRTIO_BLK_F_MQ), 0);
+    assert_eq!(one.queues(), 1);
+}
