@@ -27,6 +27,8 @@ use crate::vstate::{memory, vm};
 pub enum Error {
     #[error(transparent)]
     Kvm(#[from] kvm::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
     #[error("--cpus {requested} is more than this host's KVM allows ({max})")]
     TooManyCpus { requested: u8, max: usize },
     #[error(transparent)]
@@ -136,6 +138,7 @@ fn serial_output(mode: &SerialMode) -> Result<SerialOutput, Error> {
 /// Checks what can be checked without KVM, so a bad kernel or an initrd
 /// that cannot fit fails before any KVM object exists.
 pub fn precheck(cfg: &VmConfig) -> Result<(), Error> {
+    crate::config::check_disk_queues(&cfg.disks, cfg.vcpus)?;
     loader::detect_format(&cfg.kernel)?;
     if let Some(path) = &cfg.initrd {
         let size = std::fs::metadata(path)
@@ -306,6 +309,7 @@ fn build_disk(disk: &DiskConfig, hooks: &WorkerHooks) -> Result<BuiltDisk, Error
                 direct: *direct,
                 id: disk.id.clone(),
                 rate_limit: disk.rate_limit,
+                queues: disk.queues,
             })
             .map_err(|source| Error::Disk {
                 path: path.clone(),

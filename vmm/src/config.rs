@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use kiln_devices::rate_limiter::RateLimit;
+use kiln_devices::virtio::block::device::MAX_QUEUES;
 use kiln_devices::virtio::parse_mac;
 
 use crate::loader::BzImageMode;
@@ -31,6 +32,12 @@ pub enum Error {
     Option(#[from] options::Error),
     #[error("two devices have the id {0:?}")]
     DuplicateId(String),
+    #[error("--disk {disk}: queues={queues} is more than the VM's {vcpus} vCPUs (a disk has 1 queue per vCPU at most)")]
+    TooManyQueues {
+        disk: String,
+        queues: u16,
+        vcpus: u8,
+    },
     #[error("{what} {}: {reason}", path.display())]
     BadFile {
         what: &'static str,
@@ -83,6 +90,8 @@ pub struct DiskConfig {
     pub backend: DiskBackend,
     pub id: Option<String>,
     pub rate_limit: RateLimit,
+    /// Request queues (`queues=`, 1 to the VM's vCPU count; default 1).
+    pub queues: u16,
 }
 
 /// Where a disk's requests are served.
@@ -118,8 +127,9 @@ impl DiskConfig {
 
 impl std::str::FromStr for DiskConfig {
     type Err = Error;
-    /// `path=IMG[,ro=on][,direct=on][,id=NAME][,bw=BYTES][,ops=N]`,
-    /// `vhost-user=SOCKET[,id=NAME]` or `volume=NAME[,store=SOCKET][,id=NAME]`
+    /// `path=IMG[,ro=on][,direct=on][,id=NAME][,bw=BYTES][,ops=N][,queues=N]`,
+    /// `vhost-user=SOCKET[,id=NAME][,queues=N]` or
+    /// `volume=NAME[,store=SOCKET][,id=NAME][,queues=N]`
     fn from_str(s: &str) -> Result<Self, Error> {
         let o = Options::parse(
             "--disk",
@@ -134,10 +144,24 @@ impl std::str::FromStr for DiskConfig {
                 "id",
                 "bw",
                 "ops",
+                "queues",
             ],
         )?;
         let id = o.get("id").map(String::from);
         let rate_limit = rate_limit(&o)?;
+        let queues = match o.get("queues") {
+            None => 1,
+            Some(v) => match v.parse::<u16>() {
+                Ok(n) if (1..=MAX_QUEUES).contains(&n) => n,
+                _ => {
+                    return Err(o
+                        .err(format!(
+                            "queues={v:?} is not a queue count from 1 to {MAX_QUEUES}"
+                        ))
+                        .into())
+                }
+            },
+        };
         if let Some(id) = &id {
             // virtio-blk serials are 20 bytes.
             if id.len() > 20 {
@@ -207,6 +231,7 @@ impl std::str::FromStr for DiskConfig {
             backend,
             id,
             rate_limit,
+            queues,
         })
     }
 }
@@ -289,6 +314,26 @@ fn parse_rate(s: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(1 << shift)
+}
+
+/// A disk has at most one queue per vCPU: the guest maps each CPU to one
+/// queue, and more queues than CPUs only cost threads and memory.
+pub fn check_disk_queues(disks: &[DiskConfig], vcpus: u8) -> Result<(), Error> {
+    for d in disks {
+        if d.queues > u16::from(vcpus) {
+            let disk = match &d.backend {
+                DiskBackend::File { path, .. } => format!("path={}", path.display()),
+                DiskBackend::VhostUser { socket } => format!("vhost-user={}", socket.display()),
+                DiskBackend::Volume { name, .. } => format!("volume={name}"),
+            };
+            return Err(Error::TooManyQueues {
+                disk,
+                queues: d.queues,
+                vcpus,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Device ids must be unique across disks and interfaces.
@@ -480,7 +525,23 @@ mod tests {
             }
         );
         assert_eq!(d.id.as_deref(), Some("data"));
+        assert_eq!(d.queues, 1, "one queue unless asked");
         assert!("path=/nonexistent.img".parse::<DiskConfig>().is_err());
+        let q: DiskConfig = format!("path={},queues=4", img.display()).parse().unwrap();
+        assert_eq!(q.queues, 4);
+        for bad in ["0", "65", "two", "-1"] {
+            let e = format!("path={},queues={bad}", img.display())
+                .parse::<DiskConfig>()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("queue count from 1 to 64"), "{e}");
+        }
+        assert_eq!(check_disk_queues(std::slice::from_ref(&q), 4), Ok(()));
+        let e = check_disk_queues(&[d.clone(), q], 2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("queues=4 is more than the VM's 2 vCPUs"), "{e}");
+        assert!(e.contains(&img.display().to_string()), "{e}");
         assert!(
             format!("path={},id=abcdefghijklmnopqrstuvwxyz", img.display())
                 .parse::<DiskConfig>()
@@ -522,6 +583,12 @@ mod tests {
             }
         );
         assert_eq!(d.id.as_deref(), Some("vol0"));
+        let q: DiskConfig = format!("vhost-user={},queues=2", sock.display())
+            .parse()
+            .unwrap();
+        assert_eq!(q.queues, 2);
+        let e = check_disk_queues(&[q], 1).unwrap_err().to_string();
+        assert!(e.contains("vhost-user="), "{e}");
 
         let err = |s: String| s.parse::<DiskConfig>().unwrap_err().to_string();
         let s = sock.display();

@@ -119,10 +119,12 @@ impl Cli {
             .map(|n| n.parse())
             .collect::<Result<Vec<config::NetConfig>, _>>()?;
         config::check_unique_ids(&disks, &nets)?;
+        let vcpus = config::check_vcpus(self.cpus)?;
+        config::check_disk_queues(&disks, vcpus)?;
         Ok(VmConfig {
             disks,
             nets,
-            vcpus: config::check_vcpus(self.cpus)?,
+            vcpus,
             memory,
             serial: self.serial.parse::<SerialMode>()?,
             kernel: self.kernel,

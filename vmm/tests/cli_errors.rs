@@ -252,3 +252,27 @@ fn vhost_user_disk_without_a_usable_backend() {
         "exactly one of",
     );
 }
+
+#[test]
+fn more_disk_queues_than_cpus() {
+    let dir = Scratch::new("queues");
+    let k = dir.file("vmlinux", &tiny_elf(&[0xf4]));
+    let img = dir.file("disk.img", &[0u8; 4096]);
+    let disk = format!("path={},queues=3", img.display());
+    fails_with(
+        &[
+            os("--kernel"),
+            k.as_os_str(),
+            os("--cpus"),
+            os("2"),
+            os("--disk"),
+            os(&disk),
+        ],
+        "queues=3 is more than the VM's 2 vCPUs",
+    );
+    let disk = format!("path={},queues=0", img.display());
+    fails_with(
+        &[os("--kernel"), k.as_os_str(), os("--disk"), os(&disk)],
+        "not a queue count from 1 to 64",
+    );
+}
