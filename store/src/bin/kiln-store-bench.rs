@@ -12,6 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,6 +74,11 @@ struct Args {
     /// Seed of the random offsets.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Writes in flight at once (writer threads, each with its own share
+    /// of the writes), comma-separated to run each target at several
+    /// depths: `--iodepth 1,32`.
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    iodepth: Vec<u64>,
 }
 
 /// XTS-AES-256 throughput of this CPU, one core, 4 KiB blocks in place.
@@ -234,47 +240,88 @@ fn settle() {
 
 /// Sequential pass over `[base, base + seq_mib)`, then random 4 KiB writes
 /// inside it, a flush after every `flush_every` writes and at the end.
-fn workload(name: &str, io: &dyn VolumeIo, base: u64, a: &Args) -> Result<Row> {
+/// `depth` threads share the writes (each takes the next sequential chunk,
+/// or does its share of the random writes), so that many are in flight.
+fn workload(name: &str, io: &dyn VolumeIo, base: u64, a: &Args, depth: u64) -> Result<Row> {
     settle();
-    let mut rng = Xorshift(a.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let span = a.seq_mib * MIB;
     let chunk = a.seq_kib * 1024;
-    let mut buf = vec![0u8; chunk as usize];
-    fill(&mut buf, &mut rng);
-    let t0 = Instant::now();
-    let mut n = 0u64;
-    let mut off = 0;
-    while off < span {
-        let len = chunk.min(span - off) as usize;
-        // Vary the data a little so no layer can dedupe it.
-        buf[..8].copy_from_slice(&off.to_le_bytes());
-        io.write_at(&buf[..len], base + off)
-            .with_context(|| format!("{name}: sequential write at {off}"))?;
-        off += len as u64;
-        n += 1;
-        if n % a.flush_every == 0 {
+    let chunks = span.div_ceil(chunk);
+    let next = AtomicU64::new(0);
+    let writes = AtomicU64::new(0);
+    // A flush after every `flush_every` writes, counted over all threads.
+    let after_write = || -> Result<()> {
+        if (writes.fetch_add(1, Ordering::Relaxed) + 1) % a.flush_every == 0 {
             io.flush().with_context(|| format!("{name}: flush"))?;
         }
-    }
+        Ok(())
+    };
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = (0..depth)
+            .map(|t| {
+                let (next, after_write) = (&next, &after_write);
+                s.spawn(move || -> Result<()> {
+                    let mut rng = Xorshift((a.seed + t).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+                    let mut buf = vec![0u8; chunk as usize];
+                    fill(&mut buf, &mut rng);
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= chunks {
+                            return Ok(());
+                        }
+                        let off = i * chunk;
+                        let len = chunk.min(span - off) as usize;
+                        // Vary the data a little so no layer can dedupe it.
+                        buf[..8].copy_from_slice(&off.to_le_bytes());
+                        io.write_at(&buf[..len], base + off)
+                            .with_context(|| format!("{name}: sequential write at {off}"))?;
+                        after_write()?;
+                    }
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .try_for_each(|j| j.join().expect("bench thread panicked"))
+    })?;
     io.flush()?;
     let seq = span as f64 / MIB as f64 / t0.elapsed().as_secs_f64();
 
     let blocks = span / 4096;
-    let mut blk = vec![0u8; 4096];
-    fill(&mut blk, &mut rng);
-    let mut lat = Vec::with_capacity(a.random_ops as usize);
+    let done = AtomicU64::new(0);
     let t0 = Instant::now();
-    for i in 1..=a.random_ops {
-        let off = rng.next() % blocks * 4096;
-        blk[..8].copy_from_slice(&i.to_le_bytes());
-        let t = Instant::now();
-        io.write_at(&blk, base + off)
-            .with_context(|| format!("{name}: random write at {off}"))?;
-        lat.push(t.elapsed());
-        if i % a.flush_every == 0 {
-            io.flush().with_context(|| format!("{name}: flush"))?;
+    let mut lat: Vec<Duration> = std::thread::scope(|s| {
+        let jobs: Vec<_> = (0..depth)
+            .map(|t| {
+                let (done, after_write) = (&done, &after_write);
+                s.spawn(move || -> Result<Vec<Duration>> {
+                    let mut rng =
+                        Xorshift((a.seed + 1000 + t).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+                    let mut blk = vec![0u8; 4096];
+                    fill(&mut blk, &mut rng);
+                    let mut lat = Vec::new();
+                    loop {
+                        let i = done.fetch_add(1, Ordering::Relaxed) + 1;
+                        if i > a.random_ops {
+                            return Ok(lat);
+                        }
+                        let off = rng.next() % blocks * 4096;
+                        blk[..8].copy_from_slice(&i.to_le_bytes());
+                        let t = Instant::now();
+                        io.write_at(&blk, base + off)
+                            .with_context(|| format!("{name}: random write at {off}"))?;
+                        lat.push(t.elapsed());
+                        after_write()?;
+                    }
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for j in jobs {
+            all.extend(j.join().expect("bench thread panicked")?);
         }
-    }
+        Ok::<_, anyhow::Error>(all)
+    })?;
     io.flush()?;
     let iops = a.random_ops as f64 / t0.elapsed().as_secs_f64();
     lat.sort();
@@ -286,7 +333,7 @@ fn workload(name: &str, io: &dyn VolumeIo, base: u64, a: &Args) -> Result<Row> {
         p99_us: percentile(&lat, 0.99),
     };
     eprintln!(
-        "kiln-store-bench: {name}: {seq:.0} MiB/s sequential, {iops:.0} IOPS (p50 {:.0} us, p99 {:.0} us)",
+        "kiln-store-bench: {name}, depth {depth}: {seq:.0} MiB/s sequential, {iops:.0} IOPS (p50 {:.0} us, p99 {:.0} us)",
         row.p50_us, row.p99_us
     );
     Ok(row)
@@ -335,14 +382,18 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&a.dir)?;
     let dir = a.dir.canonicalize()?;
     let span = a.seq_mib * MIB;
-    let vol_size = span.max(a.resync_mib * MIB) * 2 + 64 * MIB;
+    if a.iodepth.is_empty() || a.iodepth.iter().any(|d| *d == 0 || *d > 256) {
+        bail!("--iodepth takes depths from 1 to 256");
+    }
+    // Each depth writes its own span (fresh space); the resync test after.
+    let depths = a.iodepth.len() as u64;
+    let vol_size = span * depths + span.max(a.resync_mib * MIB) + 64 * MIB;
     eprintln!(
         "kiln-store-bench: data in {} ({})",
         dir.display(),
         fs_note(&dir)
     );
 
-    let mut rows = Vec::new();
     let raw_file = |name: &str| -> Result<(PathBuf, RawFile)> {
         let path = dir.join(name);
         let f = OpenOptions::new()
@@ -354,42 +405,50 @@ fn main() -> Result<()> {
         f.set_len(span)?;
         Ok((path, RawFile(f, span)))
     };
-    // (a) raw file
-    {
-        let (path, f) = raw_file("raw.img")?;
-        rows.push(workload("raw file", &f, 0, &a)?);
-        std::fs::remove_file(&path)?;
-    }
     let want = |c: &str| a.cases.iter().any(|x| x == c);
-    // (a') three raw files at once: each stream's mean rate.
-    if want("raw3") {
-        let files = (1..=3)
-            .map(|i| raw_file(&format!("raw{i}.img")))
-            .collect::<Result<Vec<_>>>()?;
-        let args = &a;
-        let per = std::thread::scope(|s| {
-            let jobs: Vec<_> = files
-                .iter()
-                .enumerate()
-                .map(|(i, (_, f))| {
-                    s.spawn(move || workload(&format!("raw file #{}", i + 1), f, 0, args))
-                })
-                .collect();
-            jobs.into_iter()
-                .map(|j| j.join().expect("raw3 thread panicked"))
-                .collect::<Result<Vec<_>>>()
-        })?;
-        let mean = |f: fn(&Row) -> f64| per.iter().map(f).sum::<f64>() / per.len() as f64;
-        rows.push(Row {
-            name: "3 raw files at once (per file)".into(),
-            seq_mib_s: mean(|r| r.seq_mib_s),
-            iops: mean(|r| r.iops),
-            p50_us: mean(|r| r.p50_us),
-            p99_us: mean(|r| r.p99_us),
-        });
-        for (path, _) in files {
-            std::fs::remove_file(path)?;
+    // Rows per queue depth, in the order of `--iodepth`.
+    let mut tables: Vec<(u64, Vec<Row>)> = Vec::new();
+    for &depth in &a.iodepth {
+        let mut rows = Vec::new();
+        // (a) raw file
+        {
+            let (path, f) = raw_file("raw.img")?;
+            rows.push(workload("raw file", &f, 0, &a, depth)?);
+            std::fs::remove_file(&path)?;
         }
+        // (a') three raw files at once: each stream's mean rate.
+        if want("raw3") {
+            let files = (1..=3)
+                .map(|i| raw_file(&format!("raw{i}.img")))
+                .collect::<Result<Vec<_>>>()?;
+            let args = &a;
+            let per = std::thread::scope(|s| {
+                let jobs: Vec<_> = files
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, f))| {
+                        s.spawn(move || {
+                            workload(&format!("raw file #{}", i + 1), f, 0, args, depth)
+                        })
+                    })
+                    .collect();
+                jobs.into_iter()
+                    .map(|j| j.join().expect("raw3 thread panicked"))
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            let mean = |f: fn(&Row) -> f64| per.iter().map(f).sum::<f64>() / per.len() as f64;
+            rows.push(Row {
+                name: "3 raw files at once (per file)".into(),
+                seq_mib_s: mean(|r| r.seq_mib_s),
+                iops: mean(|r| r.iops),
+                p50_us: mean(|r| r.p50_us),
+                p99_us: mean(|r| r.p99_us),
+            });
+            for (path, _) in files {
+                std::fs::remove_file(path)?;
+            }
+        }
+        tables.push((depth, rows));
     }
 
     // Nodes: n1 in process (the writer), n2 and n3 as processes, all
@@ -454,34 +513,56 @@ fn main() -> Result<()> {
     };
     let create = |name: &str, replicas: Vec<ReplicaAddr>| create_with(name, replicas, None);
 
-    // (b) 1 replica, (c) 3 replicas, in-process VolumeIo.
+    // (b) 1 replica, (c) 3 replicas, in-process VolumeIo; each depth on
+    // its own fresh span of the same volumes.
     if want("r1") {
         create("r1", vec![n1.clone()])?;
-        rows.push(workload(
-            "1 replica (in-process)",
-            daemon.volume_io("r1")?.as_ref(),
-            0,
-            &a,
-        )?);
     }
     create("r3", all.clone())?;
     let r3 = daemon.volume_io("r3")?;
-    if want("r3") {
-        rows.push(workload("3 replicas (in-process)", r3.as_ref(), 0, &a)?);
-    }
     if want("r3enc") {
         create_with("r3enc", all.clone(), Some(VolumeKey::random()?))?;
-        rows.push(workload(
-            "3 replicas, encrypted (in-process)",
-            daemon.volume_io("r3enc")?.as_ref(),
-            0,
-            &a,
-        )?);
     }
-    if a.socket_row && want("socket") {
+    let sock = if a.socket_row && want("socket") {
         create("r3sock", all.clone())?;
-        let c = VolumeClient::open(&dir.join("n1.sock"), "r3sock")?;
-        rows.push(workload("3 replicas (unix socket)", &c, 0, &a)?);
+        Some(VolumeClient::open(&dir.join("n1.sock"), "r3sock")?)
+    } else {
+        None
+    };
+    for (k, (depth, rows)) in tables.iter_mut().enumerate() {
+        let (base, depth) = (k as u64 * span, *depth);
+        if want("r1") {
+            let io = daemon.volume_io("r1")?;
+            rows.push(workload(
+                "1 replica (in-process)",
+                io.as_ref(),
+                base,
+                &a,
+                depth,
+            )?);
+        }
+        if want("r3") {
+            rows.push(workload(
+                "3 replicas (in-process)",
+                r3.as_ref(),
+                base,
+                &a,
+                depth,
+            )?);
+        }
+        if want("r3enc") {
+            let io = daemon.volume_io("r3enc")?;
+            rows.push(workload(
+                "3 replicas, encrypted (in-process)",
+                io.as_ref(),
+                base,
+                &a,
+                depth,
+            )?);
+        }
+        if let Some(c) = &sock {
+            rows.push(workload("3 replicas (unix socket)", c, base, &a, depth)?);
+        }
     }
 
     // Resync: n3 down while resync_mib is written, then back.
@@ -489,7 +570,7 @@ fn main() -> Result<()> {
     if a.resync_mib > 0 {
         nodes[1].kill();
         let chunk = vec![0xa5u8; MIB as usize];
-        let base = span; // fresh space past the workload's span
+        let base = span * depths; // fresh space past the workloads' spans
         let t0 = Instant::now();
         for i in 0..a.resync_mib {
             r3.write_at(&chunk, base + i * MIB)?;
@@ -523,7 +604,6 @@ fn main() -> Result<()> {
     }
 
     // Report.
-    let raw = rows[0].clone();
     println!(
         "Data on {} ({}); flush every {} writes; sequential: {} MiB in {} KiB writes on fresh space; random: {} × 4 KiB inside that span.",
         dir.display(),
@@ -533,11 +613,6 @@ fn main() -> Result<()> {
         a.seq_kib,
         a.random_ops
     );
-    println!();
-    println!(
-        "| target | seq write MiB/s | × raw | 4 KiB rand write IOPS | × raw | p50 µs | p99 µs |"
-    );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     let ratio = |x: f64, of: f64| {
         if of > 0.0 {
             format!("{:.2}", x / of)
@@ -545,36 +620,46 @@ fn main() -> Result<()> {
             "-".into()
         }
     };
-    for r in &rows {
-        println!(
-            "| {} | {:.0} | {} | {:.0} | {} | {:.0} | {:.0} |",
-            r.name,
-            r.seq_mib_s,
-            ratio(r.seq_mib_s, raw.seq_mib_s),
-            r.iops,
-            ratio(r.iops, raw.iops),
-            r.p50_us,
-            r.p99_us
-        );
-    }
-    let find = |prefix: &str| rows.iter().find(|r| r.name.starts_with(prefix));
-    if let (Some(r3), Some(raw3)) = (find("3 replicas (in"), find("3 raw files")) {
+    for (depth, rows) in &tables {
+        let raw = rows[0].clone();
+        println!();
+        println!("Queue depth {depth} ({depth} writes in flight):");
         println!();
         println!(
-            "3 replicas against three raw files written at once on the same disk: sequential {}×, random {}×.",
-            ratio(r3.seq_mib_s, raw3.seq_mib_s),
-            ratio(r3.iops, raw3.iops)
+            "| target | seq write MiB/s | × raw | 4 KiB rand write IOPS | × raw | p50 µs | p99 µs |"
         );
-    }
-    if let (Some(e), Some(p)) = (find("3 replicas, encrypted"), find("3 replicas (in")) {
-        println!();
-        println!(
-            "Encrypted (XTS-AES-256 on the writer) against plaintext, 3 replicas, same run: \
-             sequential **{}×**, random **{}×**; the cipher alone runs at {:.0} MiB/s on one core here.",
-            ratio(e.seq_mib_s, p.seq_mib_s),
-            ratio(e.iops, p.iops),
-            cipher_mib_s()?
-        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for r in rows {
+            println!(
+                "| {} | {:.0} | {} | {:.0} | {} | {:.0} | {:.0} |",
+                r.name,
+                r.seq_mib_s,
+                ratio(r.seq_mib_s, raw.seq_mib_s),
+                r.iops,
+                ratio(r.iops, raw.iops),
+                r.p50_us,
+                r.p99_us
+            );
+        }
+        let find = |prefix: &str| rows.iter().find(|r| r.name.starts_with(prefix));
+        if let (Some(r3), Some(raw3)) = (find("3 replicas (in"), find("3 raw files")) {
+            println!();
+            println!(
+                "Depth {depth}: 3 replicas against three raw files written at once on the same disk: sequential {}×, random {}×.",
+                ratio(r3.seq_mib_s, raw3.seq_mib_s),
+                ratio(r3.iops, raw3.iops)
+            );
+        }
+        if let (Some(e), Some(p)) = (find("3 replicas, encrypted"), find("3 replicas (in")) {
+            println!();
+            println!(
+                "Depth {depth}: encrypted (XTS-AES-256 on the writer) against plaintext, 3 replicas, same run: \
+                 sequential **{}×**, random **{}×**; the cipher alone runs at {:.0} MiB/s on one core here.",
+                ratio(e.seq_mib_s, p.seq_mib_s),
+                ratio(e.iops, p.iops),
+                cipher_mib_s()?
+            );
+        }
     }
     if let Some((secs, bytes, dirty, degraded)) = resync {
         println!();
