@@ -121,12 +121,12 @@ pub type EngineSlot = Arc<Mutex<Option<Box<dyn IoEngine>>>>;
 
 /// Takes the engine out of `slot` (a poisoned lock is fine: the engine is
 /// either there or not).
-pub(crate) fn take(slot: &EngineSlot) -> Option<Box<dyn IoEngine>> {
+pub fn take(slot: &EngineSlot) -> Option<Box<dyn IoEngine>> {
     slot.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
 /// Puts `engine` back into `slot`.
-pub(crate) fn put_back(slot: &EngineSlot, engine: Box<dyn IoEngine>) {
+pub fn put_back(slot: &EngineSlot, engine: Box<dyn IoEngine>) {
     *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(engine);
 }
 
