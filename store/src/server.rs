@@ -384,6 +384,18 @@ impl Daemon {
             }
             Request::VolResize { name, size } => {
                 self.writer(&name)?.resize(size)?;
+                // A VM using the volume learns its new capacity now.
+                if let Some(e) = self.vhost_exports.lock().expect(crate::POISONED).get(&name) {
+                    match e.config_changed() {
+                        Ok(true) => {
+                            tracing::info!(volume = %name, size, "told the vhost-user frontend of the new size")
+                        }
+                        Ok(false) => {}
+                        Err(err) => {
+                            tracing::warn!(volume = %name, error = %err, "cannot tell the vhost-user frontend of the new size")
+                        }
+                    }
+                }
                 Ok(Response::Ok)
             }
             Request::VolSnapshot { name, snap } => {

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandlerMut,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -101,12 +103,14 @@ impl Guest {
             & offered;
         frontend.set_features(features).unwrap();
         let proto = frontend.get_protocol_features().unwrap();
+        assert!(proto.contains(VhostUserProtocolFeatures::BACKEND_REQ));
         frontend
             .set_protocol_features(
                 proto
                     & (VhostUserProtocolFeatures::CONFIG
                         | VhostUserProtocolFeatures::MQ
-                        | VhostUserProtocolFeatures::REPLY_ACK),
+                        | VhostUserProtocolFeatures::REPLY_ACK
+                        | VhostUserProtocolFeatures::BACKEND_REQ),
             )
             .unwrap();
         assert!(frontend.get_queue_num().unwrap() >= u64::from(nq));
@@ -370,4 +374,43 @@ fn a_read_only_export_refuses_writes() {
         n1.replica_read("mq", 0, 4096).data == before,
         "the volume changed"
     );
+}
+
+/// The frontend's side of the backend-request channel: counts config
+/// changes.
+struct ConfigWatch(std::sync::mpsc::Sender<()>);
+
+impl VhostUserFrontendReqHandlerMut for ConfigWatch {
+    fn handle_config_change(&mut self) -> vhost::vhost_user::HandlerResult<u64> {
+        let _ = self.0.send(());
+        Ok(0)
+    }
+}
+
+#[test]
+fn a_resize_sends_the_config_change_message() {
+    let t = tempfile::tempdir().unwrap();
+    let (n1, _n2, sock) = setup(t.path(), &["--queues", "1"]);
+    let mut g = Guest::connect(&sock, 1);
+    let cap = |g: &mut Guest| u64::from_le_bytes(g.config()[0..8].try_into().unwrap());
+    assert_eq!(cap(&mut g), (8 << 20) / 512);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut handler =
+        FrontendReqHandler::new(std::sync::Arc::new(std::sync::Mutex::new(ConfigWatch(tx))))
+            .unwrap();
+    g.frontend
+        .set_backend_request_fd(&handler.get_tx_raw_fd())
+        .unwrap();
+    // The frontend's thread serving the channel, as a VMM's would.
+    std::thread::spawn(move || while handler.handle_request().is_ok() {});
+    n1.cli_ok(&["resize", "mq", "--size", "16M"]);
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("no config-change message after the resize");
+    assert_eq!(cap(&mut g), (16 << 20) / 512);
+    // I/O goes on, now past the old end.
+    g.mem
+        .write_slice(&pattern(9, 4096), GuestAddress(data_addr(0, 0)))
+        .unwrap();
+    let st = g.run(&[vec![Req(T_OUT, (12 << 20) / 512, false)]]);
+    assert_eq!(st[0][0], S_OK);
 }

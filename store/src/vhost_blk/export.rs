@@ -2,9 +2,14 @@
 //! time connects. When the frontend goes away (the VM exited or crashed),
 //! the export forgets that connection's state (memory, rings) and waits for
 //! the next one (a VM restart); it ends only when stopped.
+//!
+//! The export accepts the frontend itself and relays its connection to the
+//! vhost-user library on a private socket beside it (`SOCK.lib`), keeping
+//! the backend-request channel so that a resize reaches the frontend as
+//! `CONFIG_CHANGE_MSG` ([`super::relay`]).
 
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +22,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::backend::BlkBackend;
 use super::config::ExportOptions;
+use super::relay::{self, BackendChannel};
 use super::{VhostBlkError, VolumeSource};
 
 /// A running export; [`Export::stop`] (or drop) ends it and removes the socket.
@@ -30,6 +36,27 @@ struct Shared {
     stop: AtomicBool,
     /// The live connection, to cut it when stopping.
     connection: Mutex<Option<ShutdownHandle>>,
+    /// Its backend-request channel, if the frontend gave one.
+    channel: Arc<BackendChannel>,
+}
+
+/// Where the library listens for the relayed connection.
+fn library_path(socket: &Path) -> PathBuf {
+    let mut p = socket.as_os_str().to_owned();
+    p.push(".lib");
+    PathBuf::from(p)
+}
+
+fn bind(path: &Path) -> Result<UnixListener, VhostBlkError> {
+    check_socket_path(path)?;
+    let listen = |e: std::io::Error| VhostBlkError::Listen {
+        path: path.display().to_string(),
+        source: vhost::vhost_user::Error::SocketError(e),
+    };
+    if std::fs::symlink_metadata(path).is_ok() {
+        std::fs::remove_file(path).map_err(listen)?;
+    }
+    UnixListener::bind(path).map_err(listen)
 }
 
 impl Export {
@@ -43,20 +70,26 @@ impl Export {
     ) -> Result<Export, VhostBlkError> {
         opts.validate()
             .map_err(|e| VhostBlkError::Options(e.to_string()))?;
-        check_socket_path(socket)?;
-        let listener = Listener::new(socket, true).map_err(|e| VhostBlkError::Listen {
-            path: socket.display().to_string(),
-            source: e,
-        })?;
+        let public = bind(socket)?;
+        let lib_path = library_path(socket);
+        let library = Listener::from(bind(&lib_path)?);
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             connection: Mutex::new(None),
+            channel: Arc::new(BackendChannel::default()),
         });
         let backend = BlkBackend::new(name, source, opts)?;
         let (n, s, p) = (name.to_string(), shared.clone(), socket.to_path_buf());
         let thread = std::thread::Builder::new()
             .name(format!("vhost-{name}"))
-            .spawn(move || serve(&n, &p, listener, backend, &s))?;
+            .spawn(move || {
+                let sockets = Sockets {
+                    public,
+                    library,
+                    lib_path,
+                };
+                serve(&n, &p, sockets, backend, &s)
+            })?;
         tracing::info!(volume = name, socket = %socket.display(), "vhost-user-blk export listening");
         Ok(Export {
             socket: socket.to_path_buf(),
@@ -67,6 +100,13 @@ impl Export {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Tells the connected frontend that the config space changed (a
+    /// resize: the capacity). `Ok(false)` when no frontend is connected or
+    /// it gave no backend-request channel.
+    pub fn config_changed(&self) -> std::io::Result<bool> {
+        self.shared.channel.config_changed()
     }
 
     /// Disconnects the frontend, if any, stops listening and removes the
@@ -86,8 +126,10 @@ impl Export {
         // Wakes the thread if it is waiting in accept().
         let _ = UnixStream::connect(&self.socket);
         let _ = thread.join();
-        if std::fs::symlink_metadata(&self.socket).is_ok_and(|m| m.file_type().is_socket()) {
-            let _ = std::fs::remove_file(&self.socket);
+        for p in [self.socket.clone(), library_path(&self.socket)] {
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(&p);
+            }
         }
     }
 }
@@ -109,9 +151,28 @@ pub fn check_socket_path(socket: &Path) -> Result<(), VhostBlkError> {
     }
 }
 
+struct Sockets {
+    /// Where frontends connect.
+    public: UnixListener,
+    /// Where the library accepts the relayed connection.
+    library: Listener,
+    lib_path: PathBuf,
+}
+
 /// Accepts frontends one after another until stopped.
-fn serve(name: &str, socket: &Path, mut listener: Listener, backend: BlkBackend, shared: &Shared) {
+fn serve(name: &str, socket: &Path, mut sockets: Sockets, backend: BlkBackend, shared: &Shared) {
     while !shared.stop.load(Ordering::SeqCst) {
+        let frontend = match sockets.public.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(volume = name, error = %e, "vhost-user-blk: accept failed");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
         // A fresh daemon per connection: vrings, memory table and acked
         // features start from scratch, as a new VM expects.
         let mut daemon = match VhostUserDaemon::new(
@@ -126,7 +187,16 @@ fn serve(name: &str, socket: &Path, mut listener: Listener, backend: BlkBackend,
                 continue;
             }
         };
-        if let Err(e) = daemon.start(&mut listener) {
+        let library = match UnixStream::connect(&sockets.lib_path) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(volume = name, error = %e, "vhost-user-blk: cannot reach the library's socket");
+                stop_workers(&daemon);
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        if let Err(e) = daemon.start(&mut sockets.library) {
             if !shared.stop.load(Ordering::SeqCst) {
                 tracing::warn!(volume = name, error = %e, "vhost-user-blk: accept failed");
                 std::thread::sleep(Duration::from_millis(100));
@@ -134,6 +204,14 @@ fn serve(name: &str, socket: &Path, mut listener: Listener, backend: BlkBackend,
             stop_workers(&daemon);
             continue;
         }
+        let relays = match relay::start(frontend, library, shared.channel.clone()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(volume = name, error = %e, "vhost-user-blk: cannot relay the connection");
+                daemon.request_shutdown();
+                None
+            }
+        };
         *shared.connection.lock().expect(crate::POISONED) = daemon.shutdown_handle();
         if shared.stop.load(Ordering::SeqCst) {
             daemon.request_shutdown();
@@ -143,6 +221,12 @@ fn serve(name: &str, socket: &Path, mut listener: Listener, backend: BlkBackend,
         let result = daemon.wait();
         shared.connection.lock().expect(crate::POISONED).take();
         stop_workers(&daemon);
+        // The library's end is closed: the relay ends (and closes the
+        // frontend's connection).
+        if let Some((up, down)) = relays {
+            let _ = up.join();
+            let _ = down.join();
+        }
         // Requests of the old connection still being served land in its
         // used rings before anyone else connects.
         backend.drain();

@@ -8,10 +8,13 @@
 //! - [`backend`]: the `VhostUserBackend` (queue processing, EVENT_IDX).
 //! - [`workers`]: the threads that serve requests of all queues at once.
 //! - [`export`]: the listening socket and its accept / serve / reconnect loop.
+//! - [`relay`]: the frontend's connection relayed to the library, keeping
+//!   the backend-request channel (config-change messages).
 
 pub mod backend;
 pub mod config;
 pub mod export;
+pub mod relay;
 pub mod request;
 pub mod workers;
 
