@@ -55,6 +55,8 @@ pub const ACTIVITY_LOG_LIMIT: usize = 1024;
 const EAGER_WRITEBACK_MIN: u64 = 128 << 10;
 /// Regions logged ahead of a sequential run (see `Engine::log_ahead`).
 const LOG_AHEAD: u64 = 64;
+/// How far past a logged run a write may start and still extend it.
+const LOG_BEHIND: u64 = 8;
 
 /// Counters of the engine, reported by `volume show --json` and metrics.
 #[derive(Debug, Default)]
@@ -755,15 +757,37 @@ impl Engine {
     /// I/O), so that the run costs one durable commit per
     /// [`LOG_AHEAD`] regions instead of one per region. Logging a region
     /// that is not written only means it is compared after a crash.
+    ///
+    /// With several sequential writes in flight at once the run's regions
+    /// arrive a little out of order, so a write that starts up to
+    /// [`LOG_BEHIND`] regions past the run's logged end extends it too (the
+    /// gap is logged with it).
     fn log_ahead(rec: &VolumeRec, epoch: u64, first: u64, last: u64) -> Vec<u64> {
         let Some(log) = rec.activity.get(&epoch) else {
             return Vec::new();
         };
-        if first == 0 || !log.contains(&(first - 1)) || log.contains(&last) {
+        if log.contains(&last) {
             return Vec::new();
         }
+        let Some(back) = (1..=LOG_BEHIND).find(|k| first >= *k && log.contains(&(first - k)))
+        else {
+            return Vec::new();
+        };
         let end = (last + LOG_AHEAD).min(ext_count(rec.size).saturating_sub(1));
-        (last + 1..=end).collect()
+        (first + 1 - back..=end)
+            .filter(|r| *r < first || *r > last)
+            .collect()
+    }
+
+    /// Would [`Engine::note_regions`] change `rec`?
+    fn notes_missing(rec: &VolumeRec, epoch: u64, regions: &[u64], stale: &[String]) -> bool {
+        let logged = rec.activity.get(&epoch);
+        regions.iter().any(|r| {
+            !logged.is_some_and(|l| l.contains(r))
+                || stale
+                    .iter()
+                    .any(|p| !rec.stale.get(p).is_some_and(|s| s.contains(r)))
+        })
     }
 
     /// Writes `data` at `offset` (both multiples of 4 KiB) under `epoch`.
@@ -782,19 +806,22 @@ impl Engine {
             validate_name(s)?;
         }
         let mut st = self.lock();
-        let mut rec = Self::vol(&st, name)?.clone();
-        Self::check_epoch(&rec, epoch)?;
+        // The record is only looked at here; it is cloned (activity log,
+        // dirty maps and all) only when this write changes it.
+        let rec = Self::vol(&st, name)?;
+        Self::check_epoch(rec, epoch)?;
         Self::check_range(rec.size, offset, data.len() as u64, MAX_IO)?;
         if data.is_empty() {
             return Ok(());
         }
+        let map = rec.map;
         let first = offset / EXTENT_SIZE;
         let last = (offset + data.len() as u64 - 1) / EXTENT_SIZE;
         let regions: Vec<u64> = (first..=last).collect();
         let mut batch = Batch::default();
         let mut ids = Vec::new();
         for &idx in &regions {
-            ids.push(self.prepare_extent(&mut st, &mut batch, rec.map, idx)?);
+            ids.push(self.prepare_extent(&mut st, &mut batch, map, idx)?);
         }
         st.recent
             .entry(name.to_string())
@@ -804,10 +831,13 @@ impl Engine {
             .iter()
             .map(|id| self.locate(&mut st, *id))
             .collect::<Result<Vec<_>>>()?;
-        let ahead = Self::log_ahead(&rec, epoch, first, last);
-        let changed = Self::note_regions(&mut rec, epoch, &regions, stale)
-            | Self::note_regions(&mut rec, epoch, &ahead, &[]);
+        let rec = Self::vol(&st, name)?;
+        let changed = Self::notes_missing(rec, epoch, &regions, stale);
         let wait = if changed {
+            let ahead = Self::log_ahead(rec, epoch, first, last);
+            let mut rec = rec.clone();
+            Self::note_regions(&mut rec, epoch, &regions, stale);
+            Self::note_regions(&mut rec, epoch, &ahead, &[]);
             // The activity log must be durable before the data lands (the
             // regions may differ between replicas after a power loss). The
             // node-wide lock is let go meanwhile: other volumes, and this

@@ -339,3 +339,66 @@ fn activity_and_stale_maps_track_regions() {
         .unwrap();
     assert_eq!(e.info("v").unwrap().allocated_bytes, 0);
 }
+
+fn rec_with_log(size: u64, epoch: u64, logged: &[u64]) -> VolumeRec {
+    VolumeRec {
+        id: 1,
+        size,
+        map: 1,
+        epoch,
+        replicas: Vec::new(),
+        snapshots: BTreeMap::new(),
+        activity: [(epoch, logged.iter().copied().collect())].into(),
+        stale: BTreeMap::new(),
+        crypt: None,
+    }
+}
+
+#[test]
+fn a_run_written_a_little_out_of_order_is_still_logged_ahead() {
+    let rec = rec_with_log(1 << 30, 3, &[10]);
+    // Right after the run: the next LOG_AHEAD regions.
+    let a = Engine::log_ahead(&rec, 3, 11, 11);
+    assert_eq!(a.first(), Some(&12));
+    assert_eq!(a.len() as u64, LOG_AHEAD);
+    // A few regions past its end (a concurrent write took the one
+    // between): the gap is logged too.
+    let b = Engine::log_ahead(&rec, 3, 13, 13);
+    assert!(b.contains(&11) && b.contains(&12) && !b.contains(&13) && b.contains(&14));
+    // Far from any logged run, or already logged: nothing ahead.
+    assert!(Engine::log_ahead(&rec, 3, 10 + LOG_BEHIND + 1, 10 + LOG_BEHIND + 1).is_empty());
+    assert!(Engine::log_ahead(&rec, 3, 10, 10).is_empty());
+    assert!(Engine::log_ahead(&rec, 4, 11, 11).is_empty());
+}
+
+#[test]
+fn a_write_changes_the_record_only_when_something_is_new() {
+    let mut rec = rec_with_log(1 << 30, 3, &[1, 2]);
+    rec.stale.insert("n2".into(), [1].into());
+    assert!(!Engine::notes_missing(&rec, 3, &[1, 2], &[]));
+    assert!(!Engine::notes_missing(&rec, 3, &[1], &["n2".to_string()]));
+    assert!(Engine::notes_missing(&rec, 3, &[2], &["n2".to_string()]));
+    assert!(Engine::notes_missing(&rec, 3, &[3], &[]));
+    assert!(Engine::notes_missing(&rec, 4, &[1], &[]));
+}
+
+#[test]
+fn a_flush_keeps_regions_whose_writes_are_in_flight() {
+    let d = tempfile::tempdir().unwrap();
+    let e = engine(&[d.path().to_path_buf()]);
+    e.create_volume("v", 2048 << 20, vec![], 1, None).unwrap();
+    // More hot regions than the log keeps, so the flush prunes.
+    let limit = ACTIVITY_LOG_LIMIT as u64;
+    for r in 0..=limit {
+        e.write("v", 1, r * EXTENT_SIZE, &[1u8; 4096], &[]).unwrap();
+    }
+    // A write of region 3 "in flight" across the flush.
+    e.lock().writing.entry("v".into()).or_default().insert(3, 1);
+    e.flush_keep_hot("v", 1).unwrap();
+    e.flush_keep_hot("v", 1).unwrap();
+    let log = e.info("v").unwrap().activity;
+    assert!(log.get(&1).is_some_and(|l| l.contains(&3)), "{log:?}");
+    assert!(log.get(&1).is_none_or(|l| !l.contains(&4)), "{log:?}");
+    e.lock().end_writing("v", &[3]);
+    assert!(e.lock().writing.is_empty());
+}
