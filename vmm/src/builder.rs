@@ -322,6 +322,7 @@ fn build_disk(disk: &DiskConfig, hooks: &WorkerHooks) -> Result<BuiltDisk, Error
             let socket = crate::store::export_volume(name, store.as_deref())?;
             let block = VhostUserBlock::connect(VhostUserBlockConfig {
                 socket: socket.clone(),
+                queues: disk.queues,
             })
             .map_err(|source| Error::VhostUserDisk { socket, source })?;
             (Box::new(block), hooks.vhost_user.clone(), None)
@@ -329,6 +330,7 @@ fn build_disk(disk: &DiskConfig, hooks: &WorkerHooks) -> Result<BuiltDisk, Error
         DiskBackend::VhostUser { socket } => {
             let block = VhostUserBlock::connect(VhostUserBlockConfig {
                 socket: socket.clone(),
+                queues: disk.queues,
             })
             .map_err(|source| Error::VhostUserDisk {
                 socket: socket.clone(),

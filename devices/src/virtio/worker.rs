@@ -187,6 +187,35 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// [`Worker::stop`], but if the body has not returned within `deadline`,
+    /// runs `unstick` (which must make the body return: the vhost-user
+    /// device hangs up on a backend that does not answer) and then waits.
+    /// Syscalls: those of `stop`, futex waits with a timeout, `unstick`'s.
+    pub(crate) fn stop_within(&mut self, deadline: std::time::Duration, unstick: impl FnOnce()) {
+        if !self.busy {
+            return;
+        }
+        if let Err(e) = self.stop.write(1) {
+            error!(worker = %self.name, "cannot signal the worker to stop: {e}");
+            return;
+        }
+        self.busy = false;
+        let done = match self.done.recv_timeout(deadline) {
+            Ok(()) => Ok(()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                unstick();
+                self.done.recv().map_err(|_| ())
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
+        };
+        if done.is_err() {
+            error!(worker = %self.name, "the device worker thread died");
+        }
+        drain_eventfd(&self.stop);
+    }
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
         self.stop();

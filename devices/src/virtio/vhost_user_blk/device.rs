@@ -4,12 +4,12 @@
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 
-use tracing::debug;
+use tracing::{debug, error};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 
-use super::handshake::{Negotiated, QUEUE_COUNT};
+use super::handshake::{self, hang_up, BackendRequests, Negotiated, VCPU_DEADLINE};
 use super::session::Session;
 use crate::virtio::block::device::QUEUE_SIZE;
 use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice, WorkerHook};
@@ -24,6 +24,8 @@ static NEXT_INDEX: AtomicU32 = AtomicU32::new(0);
 pub struct VhostUserBlockConfig {
     /// The backend's listening Unix socket.
     pub socket: PathBuf,
+    /// Request queues to set up (the backend must serve at least as many).
+    pub queues: u16,
 }
 
 /// A virtio-blk device served by a vhost-user backend.
@@ -31,7 +33,9 @@ pub struct VhostUserBlock {
     name: String,
     socket: PathBuf,
     backend: Negotiated,
-    queue_sizes: [u16; QUEUE_COUNT],
+    queue_sizes: Vec<u16>,
+    /// The backend's request channel, lent to each activation's session.
+    requests: Arc<Mutex<Option<BackendRequests>>>,
     /// Spawned by [`VirtioDevice::spawn_worker`] (or the first activation);
     /// it talks to the backend during activations and watches its socket.
     worker: Option<Worker>,
@@ -41,13 +45,15 @@ impl VhostUserBlock {
     /// Connects to the backend and negotiates (see [`Negotiated::connect`]).
     /// Run it before any seccomp filter is installed.
     pub fn connect(cfg: VhostUserBlockConfig) -> Result<Self, Error> {
-        let backend = Negotiated::connect(&cfg.socket)?;
+        let mut backend = Negotiated::connect(&cfg.socket, cfg.queues)?;
         let index = NEXT_INDEX.fetch_add(1, Ordering::Relaxed);
+        let requests = Arc::new(Mutex::new(backend.backend_requests.take()));
         let dev = Self {
             name: format!("kiln-vublk{index}"),
             socket: cfg.socket,
+            queue_sizes: vec![QUEUE_SIZE; usize::from(backend.queues)],
             backend,
-            queue_sizes: [QUEUE_SIZE],
+            requests,
             worker: None,
         };
         debug!(
@@ -85,7 +91,8 @@ impl VirtioDevice for VhostUserBlock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        crate::virtio::device::read_config_bytes(&self.backend.config, offset, data);
+        let config = handshake::config_bytes(&self.backend.config);
+        crate::virtio::device::read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -106,15 +113,19 @@ impl VirtioDevice for VhostUserBlock {
     }
 
     /// Runs on a vCPU thread: hands the handshake to the worker thread and
-    /// waits for its outcome (a few round trips to a local backend).
+    /// waits for its outcome (a few round trips to a local backend), at most
+    /// [`VCPU_DEADLINE`]: a backend that does not answer by then is hung up
+    /// on, and the device fails (NEEDS_RESET) rather than the vCPU hang. A
+    /// driver may set up fewer queues than offered (one per CPU it has).
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         if self.worker.as_ref().is_some_and(Worker::is_busy) {
             return Err(ActivateError::AlreadyActive);
         }
-        if ctx.queues.len() != QUEUE_COUNT || ctx.queue_events.len() != QUEUE_COUNT {
+        let got = ctx.queues.len();
+        if got == 0 || got > self.queue_sizes.len() || ctx.queue_events.len() != got {
             return Err(ActivateError::QueueCount {
-                expected: QUEUE_COUNT,
-                got: ctx.queues.len(),
+                expected: self.queue_sizes.len(),
+                got,
             });
         }
         let worker =
@@ -130,14 +141,29 @@ impl VirtioDevice for VhostUserBlock {
             kicks: ctx.queue_events,
             interrupt: ctx.interrupt,
             poller: worker.poller(),
+            config: self.backend.config.clone(),
+            config_changed: self.backend.config_changed.clone(),
+            queue_count: self.backend.queues,
+            requests: self.requests.clone(),
         };
         let (started_tx, started) = mpsc::sync_channel(1);
         worker
             .submit(move || session.run(started_tx))
             .map_err(ActivateError::Worker)?;
-        let outcome = match started.recv() {
+        let outcome = match started.recv_timeout(VCPU_DEADLINE) {
             Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err("the device worker stopped without reporting".to_string()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // The worker waits for a reply: make its wait fail.
+                hang_up(self.backend.socket_fd);
+                Err(format!(
+                    "the backend at {} did not answer within {} s (hung up on it)",
+                    self.socket.display(),
+                    VCPU_DEADLINE.as_secs()
+                ))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err("the device worker stopped without reporting".to_string())
+            }
         };
         if let Err(e) = outcome {
             // The body has returned (or is about to): collect it so that the
@@ -148,9 +174,20 @@ impl VirtioDevice for VhostUserBlock {
         Ok(())
     }
 
+    /// Takes the rings back; a backend that does not answer within
+    /// [`VCPU_DEADLINE`] is hung up on instead of holding the vCPU.
     fn reset(&mut self) {
+        let (fd, name, socket) = (self.backend.socket_fd, &self.name, &self.socket);
         if let Some(w) = &mut self.worker {
-            w.stop();
+            w.stop_within(VCPU_DEADLINE, || {
+                error!(
+                    device = %name,
+                    socket = %socket.display(),
+                    "the vhost-user backend did not answer within {} s while the device was reset; hung up on it",
+                    VCPU_DEADLINE.as_secs()
+                );
+                hang_up(fd);
+            });
         }
     }
 }

@@ -15,14 +15,23 @@
 //! A backend that goes away while the guest runs is logged as an error; the
 //! guest's I/O on that disk then hangs (its requests are never completed)
 //! until the VM is restarted with a backend, and a later activation of the
-//! device fails (NEEDS_RESET). The backend is trusted to answer: one that
-//! accepts the connection but never replies blocks kiln-vmm's start (the
-//! handshake runs on the main thread) or the vCPU that activates the device
-//! (which waits for the worker's handshake), because the vhost crate retries
-//! a timed-out receive forever. Not supported yet: several queues
-//! (`VIRTIO_BLK_F_MQ`), config-change notifications from the backend (they
-//! need `VHOST_USER_PROTOCOL_F_BACKEND_REQ`), reconnecting to a restarted
-//! backend.
+//! device fails (NEEDS_RESET). A backend that accepts the connection but
+//! never answers gets a deadline: the handshake at start has 10 s
+//! (`handshake::START_DEADLINE`), a vCPU activating or resetting the device
+//! waits 5 s (`handshake::VCPU_DEADLINE`); then kiln-vmm shuts the socket
+//! down (the vhost crate would otherwise retry its receive forever) and
+//! reports an error naming the socket, or fails the device.
+//!
+//! Several queues (`VIRTIO_BLK_F_MQ`): with `queues=N`, kiln-vmm negotiates
+//! `VHOST_USER_PROTOCOL_F_MQ`, checks GET_QUEUE_NUM >= N, shows the guest
+//! `num_queues` = N and hands over the rings the driver set up. Config
+//! changes: when the backend offers `VHOST_USER_PROTOCOL_F_BACKEND_REQ`,
+//! kiln-vmm gives it a request channel (SET_BACKEND_REQ_FD); on
+//! `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` the worker rereads the config
+//! space (GET_CONFIG) and raises the config-change interrupt, so a resized
+//! volume shows its new size to the guest. The channel is served while the
+//! device is active; a message sent before that waits in the socket. Not
+//! supported yet: reconnecting to a restarted backend.
 
 pub mod device;
 pub mod handshake;

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::mpsc::SyncSender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tracing::{debug, error, info, warn};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
@@ -15,12 +15,16 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::handshake::Error as HandshakeError;
+use super::handshake::{
+    self, BackendRequests, ConfigChanged, Error as HandshakeError, SharedConfig,
+};
 use crate::virtio::interrupt::Interrupt;
 use crate::virtio::worker::{EventSetPoller, TOKEN_STOP};
 
 /// The epoll token of the backend's socket.
 const TOKEN_BACKEND: u64 = 1;
+/// The epoll token of the backend's request channel.
+const TOKEN_REQUESTS: u64 = 2;
 
 /// Why the backend could not take the rings.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +58,13 @@ pub(super) struct Session {
     pub kicks: Vec<Arc<EventFd>>,
     pub interrupt: Arc<Interrupt>,
     pub poller: Arc<EventSetPoller>,
+    /// The guest-visible config space, refreshed on a config change.
+    pub config: SharedConfig,
+    pub config_changed: Arc<ConfigChanged>,
+    /// The device's queue count (`num_queues` in the config space).
+    pub queue_count: u16,
+    /// The backend's request channel, taken for the session and put back.
+    pub requests: Arc<Mutex<Option<BackendRequests>>>,
 }
 
 impl Session {
@@ -67,7 +78,13 @@ impl Session {
             return;
         }
         info!(device = %self.name, socket = %self.socket.display(), "vhost-user backend serves the queues");
-        let connected = self.watch_until_stopped();
+        let mut requests = self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let connected = self.watch_until_stopped(&mut requests);
+        *self.requests.lock().unwrap_or_else(|e| e.into_inner()) = requests;
         if connected {
             self.stop_rings();
         }
@@ -143,12 +160,23 @@ impl Session {
     }
 
     /// Waits for the stop eventfd, logging (once) if the backend hangs up
-    /// meanwhile. Returns whether the backend is still connected.
-    fn watch_until_stopped(&self) -> bool {
-        let socket = &self.frontend;
+    /// meanwhile, and serves the backend's requests (config changes).
+    /// Returns whether the backend is still connected.
+    fn watch_until_stopped(&mut self, requests: &mut Option<BackendRequests>) -> bool {
+        let socket = self.frontend.clone();
+        let socket = &socket;
         let mut connected = true;
         if let Err(e) = self.poller.add(socket, TOKEN_BACKEND) {
             warn!(device = %self.name, "cannot watch the vhost-user socket: {e}");
+        }
+        let mut watching_requests = false;
+        if let Some(r) = requests.as_ref() {
+            match self.poller.add(r, TOKEN_REQUESTS) {
+                Ok(()) => watching_requests = true,
+                Err(e) => {
+                    warn!(device = %self.name, "cannot watch the backend's request channel: {e}")
+                }
+            }
         }
         let mut events = [EpollEvent::default(); 4];
         'wait: loop {
@@ -183,6 +211,14 @@ impl Session {
                         }
                         let _ = self.poller.remove(socket);
                     }
+                    TOKEN_REQUESTS => {
+                        if let Some(r) = requests.as_mut() {
+                            if !self.serve_request(r) {
+                                let _ = self.poller.remove(&*r);
+                                watching_requests = false;
+                            }
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -190,7 +226,37 @@ impl Session {
         if connected {
             let _ = self.poller.remove(socket);
         }
+        if watching_requests {
+            if let Some(r) = requests.as_ref() {
+                let _ = self.poller.remove(r);
+            }
+        }
         connected
+    }
+
+    /// Handles one message on the backend's request channel; on a config
+    /// change, rereads the config space (GET_CONFIG) and raises the guest's
+    /// config-change interrupt. Returns false when the channel is gone.
+    fn serve_request(&mut self, requests: &mut BackendRequests) -> bool {
+        if let Err(e) = requests.handle_request() {
+            warn!(device = %self.name, "the backend's request channel failed, no longer watching it: {e}");
+            return false;
+        }
+        if !self.config_changed.take() {
+            return true;
+        }
+        match handshake::read_config(&mut self.frontend, self.queue_count) {
+            Ok(config) => {
+                let sectors = handshake::capacity_sectors(&config);
+                *self.config.lock().unwrap_or_else(|e| e.into_inner()) = config;
+                info!(device = %self.name, sectors, "the backend's config changed; telling the guest");
+                if let Err(e) = self.interrupt.signal_config_change() {
+                    error!(device = %self.name, "cannot raise the config-change interrupt: {e}");
+                }
+            }
+            Err(e) => warn!(device = %self.name, "cannot reread the backend's config: {e}"),
+        }
+        true
     }
 
     /// Device reset: the backend stops processing the rings and returns

@@ -27,6 +27,9 @@ use super::{Error, VhostUserBlock, VhostUserBlockConfig};
 use crate::bus::BusDevice;
 use crate::virtio::mmio::MmioTransport;
 
+mod config_change;
+mod features;
+
 const DISK_SECTORS: u64 = 16 << 11; // 16 MiB
 const QSIZE: u16 = 16;
 const DESC: u64 = 0x1000;
@@ -47,6 +50,11 @@ struct Daemon {
 
 impl Daemon {
     fn start() -> Self {
+        Self::start_with(1)
+    }
+
+    /// A daemon whose export has `queues` queues (`num-queues=`).
+    fn start_with(queues: u16) -> Self {
         let dir = TempDir::new_with_prefix("/tmp/kiln-vublk-").unwrap();
         let image = dir.as_path().join("disk.img");
         let socket = dir.as_path().join("vhost.sock");
@@ -64,7 +72,7 @@ impl Daemon {
             .arg("driver=raw,node-name=disk0,file=file0")
             .arg("--export")
             .arg(format!(
-                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
+                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
                 socket.display()
             ))
             .stdin(Stdio::null())
@@ -231,6 +239,7 @@ fn negotiates_with_qemu_storage_daemon_and_serves_io_through_shared_memory() {
     let mut daemon = Daemon::start();
     let dev = VhostUserBlock::connect(VhostUserBlockConfig {
         socket: daemon.socket.clone(),
+        queues: 1,
     })
     .unwrap();
     assert_eq!(dev.capacity_sectors(), DISK_SECTORS);
@@ -319,6 +328,7 @@ fn connection_errors_are_clear() {
     drop(UnixListener::bind(&sock).unwrap());
     let err = VhostUserBlock::connect(VhostUserBlockConfig {
         socket: sock.clone(),
+        queues: 1,
     })
     .err()
     .unwrap();
@@ -334,6 +344,7 @@ fn connection_errors_are_clear() {
     let rude = std::thread::spawn(move || drop(listener.accept().unwrap()));
     let err = VhostUserBlock::connect(VhostUserBlockConfig {
         socket: dir.as_path().join("mute.sock"),
+        queues: 1,
     })
     .err()
     .unwrap();
