@@ -319,7 +319,7 @@ fn build_disk(disk: &DiskConfig, hooks: &WorkerHooks) -> Result<BuiltDisk, Error
             (Box::new(block), hooks.io.clone(), Some(counters))
         }
         DiskBackend::Volume { name, store } => {
-            let socket = crate::store::export_volume(name, store.as_deref())?;
+            let socket = crate::store::export_volume(name, store.as_deref(), disk.queues)?;
             let block = VhostUserBlock::connect(VhostUserBlockConfig {
                 socket: socket.clone(),
                 queues: disk.queues,

@@ -65,8 +65,10 @@ struct Cli {
     /// memory shared with it; ro/direct/limits are its business), or
     /// volume=NAME[,store=SOCKET][,id=NAME] for a kiln-store volume, which
     /// the store daemon behind SOCKET (default: kiln-store's own,
-    /// /run/kiln/store.sock) attaches and serves over vhost-user. The guest
-    /// sees /dev/vda, /dev/vdb, ... in the order given. Repeatable.
+    /// /run/kiln/store.sock) attaches and serves over vhost-user. Any of them
+    /// takes queues=N: N request queues (1 to --cpus; default 1), which the
+    /// guest spreads its CPUs over. The guest sees /dev/vda, /dev/vdb, ... in
+    /// the order given. Repeatable.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<String>,
 

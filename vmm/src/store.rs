@@ -36,12 +36,15 @@ fn program() -> PathBuf {
 }
 
 /// Has the store daemon at `store` (None: kiln-store's default) attach
-/// volume `name` and export it over vhost-user; returns the socket to
-/// connect to.
-pub fn export_volume(name: &str, store: Option<&Path>) -> Result<PathBuf, Error> {
+/// volume `name` and export it over vhost-user with at least `queues`
+/// queues; returns the socket to connect to.
+pub fn export_volume(name: &str, store: Option<&Path>, queues: u16) -> Result<PathBuf, Error> {
     let program = program();
     let mut cmd = Command::new(&program);
     cmd.args(["volume", "attach", name, "--vhost-user", "--json"]);
+    if queues > 1 {
+        cmd.arg("--queues").arg(queues.to_string());
+    }
     if let Some(store) = store {
         cmd.arg("--socket").arg(store);
     }
