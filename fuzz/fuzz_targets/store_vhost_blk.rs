@@ -64,6 +64,9 @@ fuzz_target!(|data: &[u8]| {
         name: "fuzz",
         volume: &volume,
         log: &log,
+        // Both modes: a read-only export refuses writes before touching the
+        // volume.
+        read_only: data.first().is_some_and(|b| b & 1 == 1),
     };
     for _ in 0..common::QUEUE_SIZE {
         let Some(chain) = queue.pop_descriptor_chain(&mem) else {

@@ -45,7 +45,7 @@ pub fn run(w: Arc<Writer>) {
     }
 }
 
-fn info(link: &mut Link, name: &str) -> Result<crate::engine::VolumeInfo> {
+fn info(link: &mut Link, name: &str) -> Result<crate::types::VolumeInfo> {
     match link.call(&Request::ReplicaInfo {
         name: name.to_string(),
     })? {
@@ -60,7 +60,7 @@ fn info(link: &mut Link, name: &str) -> Result<crate::engine::VolumeInfo> {
 /// this writer recorded its regions in the survivors' dirty map for the
 /// replica before acknowledging it. (Data-path flushes keep hot regions in
 /// the log, so including them would resync regions that did not change.)
-fn earlier_activity(info: &crate::engine::VolumeInfo, epoch: u64) -> BTreeSet<u64> {
+fn earlier_activity(info: &crate::types::VolumeInfo, epoch: u64) -> BTreeSet<u64> {
     info.activity
         .iter()
         .filter(|(e, _)| **e != epoch)

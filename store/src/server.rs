@@ -530,7 +530,7 @@ impl Daemon {
                 let w = self.writer(&name)?;
                 let mut buf = vec![0u8; len as usize];
                 w.read_at(&mut buf, offset)?;
-                Ok(Response::Read(crate::engine::ReadOut {
+                Ok(Response::Read(crate::types::ReadOut {
                     data: buf,
                     bad_blocks: Vec::new(),
                 }))

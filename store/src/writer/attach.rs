@@ -7,11 +7,12 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use super::order::RangeLock;
 use super::{keys, Inner, Keys, Peer, PeerState, VolumeCrypt, Writer, WriterStats};
-use crate::engine::{Engine, VolumeInfo};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::meta::ReplicaAddr;
 use crate::proto::{Request, Response};
 use crate::transport::Connector;
+use crate::types::VolumeInfo;
 
 impl Writer {
     /// Becomes the writer of `name`: raises the epoch on every reachable

@@ -17,10 +17,10 @@
 use std::sync::atomic::Ordering;
 
 use super::{Inner, PeerState, Writer};
-use crate::engine::ReadOut;
 use crate::error::{Error, Result};
 use crate::io::VolumeIo;
 use crate::proto::{Request, Response};
+use crate::types::ReadOut;
 use crate::{replica, BLOCK_SIZE, MAX_IO};
 
 impl Writer {
