@@ -1,10 +1,11 @@
 //! kiln-vmm's virtio devices with Debian's kernel inside the test host (real
-//! nested KVM): virtio-blk (data integrity, read-only disks, ext4, a root
-//! disk) and virtio-net (TCP both ways over a TAP).
+//! nested KVM): virtio-blk (data integrity, read-only disks, a disk with two
+//! queues, ext4, a root disk) and virtio-net (TCP both ways over a TAP).
 //!
 //! All cases share one test-host boot (they run one after another inside
 //! it); each #[test] checks its own case's output. Guests have 512 MiB and
-//! one vCPU; they run shell scripts stored on raw disks (`kiln.script=`).
+//! one vCPU (two in the multi-queue case); they run shell scripts stored on
+//! raw disks (`kiln.script=`).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -74,7 +75,8 @@ tap_monitor() {
         fi
     done
 }
-# vm_run NAME ARGS...: kiln-vmm with the guest kernel, initramfs, 512 MiB, 1 vCPU.
+# vm_run NAME ARGS...: kiln-vmm with the guest kernel, initramfs, 512 MiB,
+# $CPUS vCPUs (1 unless set).
 vm_run() {
     name=$1; shift
     echo "CASE-START $name t=$(up)"
@@ -84,7 +86,7 @@ vm_run() {
     watchdog "$name" &
     dog_pid=$!
     timeout -k 10 $LIMIT kiln-vmm --kernel /images/vmlinux --initrd /images/guest.cpio.gz \
-        --memory 512M --cpus 1 "$@" </dev/null 2>"/tmp/$name.err" | sed "s/^/[$name] /"
+        --memory 512M --cpus "${CPUS:-1}" "$@" </dev/null 2>"/tmp/$name.err" | sed "s/^/[$name] /"
     rc=$?
     kill "$dog_pid"
     wait "$err_pid"
@@ -138,6 +140,31 @@ vm_run disk --disk path=/tmp/data.img --disk path=/tmp/ro.img,ro=on \
 echo "DISK-HOST-MD5 $(head -c 67108864 /tmp/data.img | md5)"
 echo "DISK-RO-IMG-AFTER $(md5 </tmp/ro.img)"
 rm -f /tmp/data.img
+
+# ---- multi-queue: a disk with two queues on two vCPUs (blk-mq maps each CPU
+# to its queue): each half written from one CPU, read back from the other.
+dd if=/dev/zero of=/tmp/mqdata.img bs=1M count=0 seek=32 2>/dev/null
+cat >/tmp/mq.sh <<'S'
+echo "MQ-CPUS $(nproc)"
+echo "MQ-QUEUES $(ls /sys/block/vda/mq | sort -n | tr '\n' ' ')"
+for q in /sys/block/vda/mq/*; do echo "MQ-MAP ${q##*/} cpus=$(cat "$q/cpu_list")"; done
+dd if=/dev/urandom of=/tmp/a.bin bs=1M count=8 iflag=fullblock 2>/dev/null
+dd if=/dev/urandom of=/tmp/b.bin bs=1M count=8 iflag=fullblock 2>/dev/null
+taskset -c 0 dd if=/tmp/a.bin of=/dev/vda bs=64k oflag=direct conv=fsync 2>/tmp/wa.err &
+taskset -c 1 dd if=/tmp/b.bin of=/dev/vda bs=64k seek=128 oflag=direct conv=fsync 2>/tmp/wb.err &
+wait
+echo "MQ-WRITTEN a=$(md5sum </tmp/a.bin | cut -d' ' -f1) b=$(md5sum </tmp/b.bin | cut -d' ' -f1)"
+a=$(taskset -c 1 dd if=/dev/vda bs=64k count=128 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+b=$(taskset -c 0 dd if=/dev/vda bs=64k skip=128 count=128 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+echo "MQ-READ a=$a b=$b"
+S
+script_disk mq
+CPUS=2
+vm_run mq --disk path=/tmp/mqdata.img,queues=2 --disk path=/tmp/mq.img,ro=on \
+    --cmdline "$Q kiln.script=/dev/vdb"
+CPUS=1
+echo "MQ-HOST a=$(head -c 8388608 /tmp/mqdata.img | md5) b=$(dd if=/tmp/mqdata.img bs=64k skip=128 count=128 2>/dev/null | md5)"
+rm -f /tmp/mqdata.img
 
 # ---- ext4: a file written in one VM, read back in the next.
 cat >/tmp/ext4w.sh <<'S'
@@ -507,6 +534,24 @@ fn disk_pattern_written_by_the_guest_is_in_the_backing_file() {
         "guest read back nothing: {guest}\n{c:?}"
     );
     assert_eq!(guest, host, "guest read back vs backing file:\n{c:?}");
+}
+
+/// A disk with `queues=2` on two vCPUs: the guest's blk-mq has a hardware
+/// queue per CPU, and what each CPU wrote reads back through the other's
+/// queue and is what the backing file holds.
+#[test]
+fn a_two_queue_disk_serves_both_queues() {
+    let Some(c) = case("mq") else { return };
+    assert_clean_run(&c);
+    assert_eq!(c.value("MQ-CPUS"), Some("2"), "{c:?}");
+    assert_eq!(c.value("MQ-QUEUES"), Some("0 1"), "guest queues:\n{c:?}");
+    let written = c.value("MQ-WRITTEN").unwrap_or_default();
+    let a = field(written, "a").unwrap_or_default();
+    let b = field(written, "b").unwrap_or_default();
+    assert!(is_md5(a) && is_md5(b) && a != b, "{c:?}");
+    assert_eq!(c.value("MQ-READ"), Some(written), "read back:\n{c:?}");
+    let host = host_value("MQ-HOST").unwrap_or_default();
+    assert_eq!(host, written, "backing file:\n{c:?}");
 }
 
 #[test]
