@@ -520,3 +520,89 @@ fn hostile_chains_among_requests_in_flight() {
         assert_eq!(ring.status(n), status, "request {n}");
     }
 }
+
+/// Not a test: 4 KiB random O_DIRECT reads at depth 32 from a 256 MiB file
+/// on the target directory's file system, synchronously and with each
+/// engine; prints requests per second. Run it by hand:
+/// `cargo test -p kiln-devices --lib random_read_depth_32 -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn random_read_depth_32() {
+    let Some(dir) = super::super::raw::tests::direct_dir() else {
+        return;
+    };
+    const FILE: u64 = 256 << 20;
+    const BATCHES: u64 = 400;
+    let img = TempFile::new_in(&dir).unwrap();
+    img.as_file().set_len(FILE).unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    for i in 0..(FILE >> 20) {
+        img.as_file().write_all_at(&chunk, i << 20).unwrap();
+    }
+    img.as_file().sync_all().unwrap();
+    for kind in [None, Some(EngineKind::Uring), Some(EngineKind::Pool)] {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80_0000)]).unwrap();
+        let disk = Disk {
+            backend: Arc::new(RawFile::open(img.as_path(), false, true).unwrap()),
+            read_only: false,
+            serial: [0; 20],
+            counters: Arc::default(),
+        };
+        let slot = slot_with(kind, img.as_file().as_raw_fd(), usize::from(QSIZE));
+        let s = Setup {
+            m,
+            img: TempFile::new().unwrap(),
+            slot,
+            irq: EventFd::new(EFD_NONBLOCK).unwrap(),
+        };
+        let (mut ring, queue) = Ring::new(&s.m);
+        let queue_evt = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let ctx = QueueContext {
+            mem: s.m.clone(),
+            interrupt: Arc::new(Interrupt::new(s.irq.try_clone().unwrap())),
+            limits: RequestLimits {
+                capacity_sectors: FILE / 512,
+                seg_max: 16,
+                max_range_sectors: 1024,
+                max_ranges: 4,
+            },
+            disk,
+            limiter: None,
+            all_queue_events: vec![queue_evt.clone()],
+        };
+        let mut w = BlockWorker::new(
+            &ctx,
+            queue,
+            queue_evt,
+            Some(&s.slot),
+            Arc::new(EventSetPoller::new().unwrap()),
+            Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        );
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let start = std::time::Instant::now();
+        for _ in 0..BATCHES {
+            for n in 0..32u64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let sector = (x % (FILE / 4096)) * 8;
+                ring.request(
+                    n,
+                    VIRTIO_BLK_T_IN,
+                    sector,
+                    &[(BUFS + n * 0x1000, 0x1000, W)],
+                );
+            }
+            w.process_queue();
+            while w.server.in_flight() > 0 || w.server.is_stalled() {
+                w.reap();
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "{kind:?}: {:.0} reads/s (4 KiB random, O_DIRECT, depth 32, {} reads in {secs:.2} s)",
+            (BATCHES * 32) as f64 / secs,
+            BATCHES * 32
+        );
+    }
+}
