@@ -38,6 +38,8 @@ mod keys;
 mod links;
 pub mod order;
 mod rekey;
+#[cfg(test)]
+mod tests;
 
 pub use keys::Keys;
 use keys::VolumeCrypt;
