@@ -8,7 +8,11 @@
 //! daemons in the test host hold a 2-replica volume; kiln-vmm, given
 //! `--disk volume=NAME,store=SOCKET`, has the writer attach it and export it
 //! over vhost-user; a guest writes to it, and after the guest powers off
-//! each replica, read on its own node, holds what the guest wrote.
+//! each replica, read on its own node, holds what the guest wrote. And a
+//! volume with two queues on a two-vCPU guest is resized while the guest
+//! runs (`kiln-store volume resize`): the guest sees the new size (the
+//! store's config-change message, relayed by kiln-vmm as a config
+//! interrupt) and uses the new space.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -22,6 +26,8 @@ use kiln_tests::{
 const DISK_MIB: u64 = 64;
 /// How much of it the guest writes and reads back.
 const PATTERN_MIB: u64 = 32;
+/// The resized volume's new size.
+const RESIZED_MIB: u64 = 2 * DISK_MIB;
 
 /// Runs in the guest (from the script disk, /dev/vdb): the vhost-user disk
 /// is /dev/vda.
@@ -47,6 +53,22 @@ echo 3 >/proc/sys/vm/drop_caches
 (dd if=/dev/vda of=/dev/null bs=4k count=1 skip=8192 2>/dev/null && echo VU2-READ-DONE) &
 sleep 15
 echo VU2-GIVING-UP
+"#;
+
+/// The resize guest: prints its size and queues, waits for the size to
+/// change, then writes and reads back a block past the old end.
+const RESIZE_SCRIPT: &str = r#"before=$(cat /sys/block/vda/size)
+echo "RS-BEFORE sectors=$before queues=$(ls /sys/block/vda/mq | wc -l)"
+echo RS-WAITING
+i=0
+while [ "$(cat /sys/block/vda/size)" = "$before" ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+echo "RS-AFTER sectors=$(cat /sys/block/vda/size)"
+dd if=/dev/urandom of=/run/blk bs=64k count=1 2>/dev/null
+set -- $(md5sum /run/blk); w=$1
+at=$((before / 128 + 1))
+dd if=/run/blk of=/dev/vda bs=64k seek=$at count=1 oflag=direct 2>/dev/null && echo RS-WROTE-PAST-OLD-END
+set -- $(dd if=/dev/vda bs=64k skip=$at count=1 iflag=direct 2>/dev/null | md5sum)
+[ "$1" = "$w" ] && echo RS-READBACK-SAME
 "#;
 
 /// Runs on the test host.
@@ -137,6 +159,25 @@ ks n2 export vol1 --to /tmp/ks-n2.img >/dev/null && \
 ks n2 scrub vol1 >/dev/null && echo "KS-SCRUB ok" || echo "KS-SCRUB failed"
 ks n2 --json show vol1 | tr -d '\n' | sed 's/^/KS-SHOW /'
 echo
+
+# A 2-queue volume on a 2-vCPU guest, resized while the guest runs.
+ks n1 create vol2 --size {DISK_MIB}M --replica n1=127.0.0.1:7101 --replica n2=127.0.0.1:7102 \
+    || echo "RS-CREATE-FAILED"
+kiln-vmm --kernel /images/vmlinux --initrd /images/guest.cpio.gz --memory 256M --cpus 2 \
+    --disk volume=vol2,store=/run/ks-n1.sock,queues=2 --disk path=/images/vhost-user-resize.img,ro=on \
+    --serial file:/tmp/rs.console --cmdline "console=ttyS0 panic=-1 quiet kiln.script=/dev/vdb" \
+    </dev/null 2>/tmp/rs.err &
+vmm=$!
+i=0
+while ! grep -q RS-WAITING /tmp/rs.console 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+ks n1 resize vol2 --size {RESIZED_MIB}M >/dev/null && echo RS-RESIZED || echo RS-RESIZE-FAILED
+i=0
+while kill -0 $vmm 2>/dev/null && [ $i -lt 1800 ]; do sleep 0.1; i=$((i + 1)); done
+kill -0 $vmm 2>/dev/null && {{ echo RS-VMM-HUNG; kill -9 $vmm; }}
+wait $vmm
+echo "RS-VMM-EXIT rc=$?"
+sed 's/^/[rs-console] /' /tmp/rs.console
+sed 's/^/[rs-err] /' /tmp/rs.err
 sed 's/^/[ks-n1] /' /tmp/ks-n1.log
 sed 's/^/[ks-n2] /' /tmp/ks-n2.log
 "#
@@ -154,12 +195,15 @@ fn session() -> Option<&'static HostRun> {
         write_script_disk(&script_disk, &guest_script(), 4096).unwrap();
         let kill_disk = target_dir().join("kiln-tests/vhost-user-kill.img");
         write_script_disk(&kill_disk, KILLED_BACKEND_SCRIPT, 4096).unwrap();
+        let resize_disk = target_dir().join("kiln-tests/vhost-user-resize.img");
+        write_script_disk(&resize_disk, RESIZE_SCRIPT, 4096).unwrap();
         let run = TestHost::run(
             &host_script(),
             &[profile_binary("kiln-vmm"), profile_binary("kiln-store")],
             &[
                 (script_disk, "/images/vhost-user-script.img".into()),
                 (kill_disk, "/images/vhost-user-kill.img".into()),
+                (resize_disk, "/images/vhost-user-resize.img".into()),
             ],
             Duration::from_secs(900),
         )
@@ -289,4 +333,35 @@ fn a_guest_writes_to_a_two_replica_kiln_store_volume_and_both_replicas_hold_it()
     assert_eq!(value(run, "KS-N1", "md5"), wrote, "replica on n1:\n{out}");
     assert_eq!(value(run, "KS-N2", "md5"), wrote, "replica on n2:\n{out}");
     assert!(run.line_with("KS-SCRUB ok").is_some(), "{out}");
+}
+
+/// `kiln-store volume resize` under a running guest whose volume disk has
+/// two queues: the guest had two hardware queues, saw the new size without
+/// a restart, and wrote and read back a block past the old end.
+#[test]
+fn a_resized_volume_shows_its_new_size_to_the_running_guest() {
+    let Some(run) = session() else { return };
+    let out = &run.output;
+    for failure in ["RS-CREATE-FAILED", "RS-RESIZE-FAILED", "RS-VMM-HUNG"] {
+        assert!(run.line_with(failure).is_none(), "{failure}:\n{out}");
+    }
+    assert!(run.line_with("RS-RESIZED").is_some(), "{out}");
+    assert_eq!(value(run, "RS-VMM-EXIT", "rc"), "0", "{out}");
+    let before = value(run, "[rs-console] RS-BEFORE", "sectors");
+    assert_eq!(before, (DISK_MIB << 11).to_string(), "{out}");
+    assert_eq!(value(run, "[rs-console] RS-BEFORE", "queues"), "2", "{out}");
+    assert_eq!(
+        value(run, "[rs-console] RS-AFTER", "sectors"),
+        (RESIZED_MIB << 11).to_string(),
+        "the guest never saw the new size:\n{out}"
+    );
+    assert!(
+        run.line_with("[rs-console] RS-WROTE-PAST-OLD-END")
+            .is_some(),
+        "{out}"
+    );
+    assert!(
+        run.line_with("[rs-console] RS-READBACK-SAME").is_some(),
+        "{out}"
+    );
 }
