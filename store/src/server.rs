@@ -27,8 +27,10 @@ pub enum Security {
     InsecureLoopback,
 }
 
-/// At most this many connections from peers at once; more are refused.
-pub const MAX_PEER_CONNECTIONS: usize = 256;
+/// At most this many connections from peers at once; more are refused. A
+/// writer opens up to [`crate::writer::links::MAX_LINKS`] per volume to each
+/// replica, to have that many requests in flight.
+pub const MAX_PEER_CONNECTIONS: usize = 512;
 
 pub struct Config {
     pub node_id: String,

@@ -35,7 +35,7 @@ mod attach;
 mod control;
 mod data;
 mod keys;
-mod links;
+pub mod links;
 pub mod order;
 mod rekey;
 #[cfg(test)]

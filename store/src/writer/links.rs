@@ -14,9 +14,12 @@ use crate::proto::{Request, Response};
 use crate::transport::{Connector, Link};
 
 /// Most connections one writer keeps open to one replica of one volume at
-/// once; further requests wait for one to come back. (A daemon accepts
-/// [`crate::server::MAX_PEER_CONNECTIONS`] in all.)
-pub const MAX_LINKS: usize = 48;
+/// once (a vhost-user-blk export serves 32 requests at a time); further
+/// requests wait for one to come back. A daemon accepts
+/// [`crate::server::MAX_PEER_CONNECTIONS`] in all: when it refuses one,
+/// a request waits for a link of the pool instead of failing, as long as
+/// the pool has one in use.
+pub const MAX_LINKS: usize = 32;
 
 /// The pool of links to one replica.
 pub(crate) struct PeerLinks {
@@ -68,19 +71,25 @@ impl PeerLinks {
                 pool.open -= 1;
             }
             if pool.open < MAX_LINKS {
-                break;
+                pool.open += 1;
+                let generation = pool.generation;
+                drop(pool);
+                let e = match connector.connect(&self.node, &self.addr) {
+                    Ok(c) => return Ok((Link::peer(c), generation)),
+                    Err(e) => e,
+                };
+                pool = self.pool();
+                if generation == pool.generation {
+                    pool.open -= 1;
+                }
+                // Refused (the replica's connection limit, say) while other
+                // links to it work: wait for one of those. None in use: the
+                // replica is unreachable.
+                if pool.open == 0 || generation != pool.generation {
+                    return Err(e);
+                }
             }
             pool = self.freed.wait(pool).expect(crate::POISONED);
-        }
-        pool.open += 1;
-        let generation = pool.generation;
-        drop(pool);
-        match connector.connect(&self.node, &self.addr) {
-            Ok(c) => Ok((Link::peer(c), generation)),
-            Err(e) => {
-                self.release(None, generation);
-                Err(e)
-            }
         }
     }
 
@@ -208,6 +217,40 @@ mod tests {
         p.clear();
         assert!(matches!(p.call(&c, &req()), Ok(Response::Ok)));
         assert_eq!(c.connects.load(Ordering::SeqCst), 3);
+    }
+
+    /// Refuses every connection after the first `n`.
+    struct Limited {
+        inner: Echo,
+        n: usize,
+    }
+
+    impl Connector for Limited {
+        fn connect(&self, node: &str, addr: &str) -> Result<Box<dyn Conn>> {
+            if self.inner.connects.load(Ordering::SeqCst) >= self.n {
+                return Err(Error::Unavailable("too many connections".into()));
+            }
+            self.inner.connect(node, addr)
+        }
+    }
+
+    #[test]
+    fn a_refused_connection_waits_for_a_link_in_use() {
+        let c = Arc::new(Limited {
+            inner: Echo {
+                connects: AtomicUsize::new(0),
+            },
+            n: 1,
+        });
+        let p = Arc::new(PeerLinks::new("n", "a"));
+        let held = p.start(c.as_ref(), &req()).unwrap();
+        let (p2, c2) = (p.clone(), c.clone());
+        let waiter = std::thread::spawn(move || p2.call(c2.as_ref(), &req()).is_ok());
+        p.finish(held).unwrap();
+        assert!(waiter.join().unwrap());
+        // With no link in use, a refusal is an error.
+        p.clear();
+        assert!(p.call(c.as_ref(), &req()).is_err());
     }
 
     #[test]
