@@ -18,6 +18,8 @@ use crate::transport::{Connector, Link, PlainServer, ServerTransport, TcpConnect
 use crate::writer::{Keys, Writer};
 use crate::{replica, resync, validate_name, MAX_IO};
 
+mod scrub;
+
 /// How the replication port is protected.
 #[derive(Debug, Clone)]
 pub enum Security {
@@ -667,7 +669,7 @@ pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
         let (d, rate, pause) = (Arc::downgrade(&daemon), cfg.scrub_rate, cfg.scrub_interval);
         std::thread::Builder::new()
             .name("scrub".into())
-            .spawn(move || background_scrub(d, rate, pause))?;
+            .spawn(move || scrub::background_scrub(d, rate, pause))?;
     }
     let d = daemon.clone();
     let peer_idle = cfg.peer_idle_timeout;
@@ -767,58 +769,6 @@ pub fn serve(cfg: Config) -> Result<()> {
     let _daemon = start(cfg)?;
     loop {
         std::thread::park();
-    }
-}
-
-/// Scrubs every local replica forever at about `rate` bytes per second.
-/// Where this node is a volume's writer, its replicas are then compared
-/// with each other at the same rate.
-fn background_scrub(daemon: Weak<Daemon>, rate: u64, pause: Duration) {
-    loop {
-        std::thread::sleep(pause);
-        let Some(d) = daemon.upgrade() else { return };
-        for v in d.engine.list() {
-            let start = Instant::now();
-            let mut done_bytes = 0u64;
-            let mut pace = |bytes: u64| {
-                done_bytes += bytes;
-                let due = Duration::from_secs_f64(done_bytes as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(start.elapsed()) {
-                    std::thread::sleep(wait);
-                }
-            };
-            let r =
-                replica::scrub_and_repair(&d.engine, d.connector.as_ref(), &v.name, &mut |_, _| {
-                    pace(crate::EXTENT_SIZE)
-                });
-            if let Ok(w) = d.writer(&v.name) {
-                let mut last = 0;
-                match crate::verify::compare_replicas(&w, &mut |done, _| {
-                    pace((done - last) * crate::EXTENT_SIZE);
-                    last = done;
-                }) {
-                    Ok(c) if c.diverged > 0 => tracing::warn!(
-                        volume = %v.name,
-                        regions = c.diverged,
-                        "background scrub found replicas that differed and copied the writer's regions over them"
-                    ),
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::debug!(volume = %v.name, error = %e, "replica comparison skipped")
-                    }
-                }
-            }
-            match r {
-                Ok(rep) if !rep.bad_blocks.is_empty() => tracing::warn!(
-                    volume = %v.name,
-                    bad = rep.bad_blocks.len(),
-                    repaired = rep.repaired,
-                    "background scrub found bad blocks"
-                ),
-                Ok(_) => {}
-                Err(e) => tracing::debug!(volume = %v.name, error = %e, "background scrub skipped"),
-            }
-        }
     }
 }
 
