@@ -840,11 +840,11 @@ impl Engine {
     /// The data-path flush: the same durability barrier as [`Engine::flush`],
     /// but the activity log of `name` keeps its current-epoch regions while
     /// it holds at most [`ACTIVITY_LOG_LIMIT`] of them; past that, only the
-    /// regions written since the previous flush stay. Every write before
-    /// the barrier is on every in-sync replica (the writer serializes writes
-    /// and flushes), so dropping any region is safe and keeping one only
-    /// means it is compared after a crash; keeping the hot ones spares the
-    /// durable commit that the next write to them would need.
+    /// regions written since the previous flush stay. Every write
+    /// acknowledged before the barrier is on every in-sync replica, so
+    /// dropping a region no write is still changing is safe, and keeping
+    /// one only means it is compared after a crash; keeping the hot ones
+    /// spares the durable commit that the next write to them would need.
     ///
     /// Writes of this volume may run during the flush (the writer pipelines
     /// them), so a region is dropped from the log only if every write to

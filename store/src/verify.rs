@@ -15,7 +15,7 @@ use crate::proto::{RegionDigest, Request, Response, MAX_DIGEST_REGIONS};
 use crate::writer::{PeerState, Writer};
 use crate::EXTENT_SIZE;
 
-/// Regions compared per turn of the writer's lock: at most this many MiB
+/// Regions compared per turn of the writer's I/O gate: at most this many MiB
 /// are read on each replica while guest I/O waits.
 const BATCH: u64 = 4;
 

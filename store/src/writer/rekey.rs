@@ -1,7 +1,8 @@
 //! Online rekey: re-encrypting an attached volume with a new key while it
 //! serves I/O.
 //!
-//! Region by region, under the writer's lock (so no guest write races it):
+//! Region by region, with the writer's I/O gate held exclusively (so no
+//! guest write is in flight, and none races it):
 //! read the region's ciphertext, record on every replica the watermark and
 //! a fingerprint of each block's old ciphertext (the "hot" region, durably),
 //! re-encrypt every block that is not a hole (old key → new key), write it
