@@ -456,6 +456,20 @@ impl QueueServer {
             let Some((engine, _)) = self.engine.as_mut() else {
                 return;
             };
+            if engine.in_flight() == 0 {
+                // Nothing left that could complete: never wait forever.
+                error!(
+                    "virtio-blk: {} requests in flight but none in the {}",
+                    self.slots.len() - self.free.len(),
+                    engine.name()
+                );
+                for (i, slot) in self.slots.iter_mut().enumerate() {
+                    if slot.take().is_some() {
+                        self.free.push(i);
+                    }
+                }
+                return;
+            }
             if let Err(e) = engine.wait() {
                 error!(
                     "virtio-blk: cannot wait for I/O in flight ({e}); keeping guest memory mapped"

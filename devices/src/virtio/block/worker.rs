@@ -172,21 +172,26 @@ impl BlockWorker {
                         self.process_queue();
                     }
                     TOKEN_ENGINE => self.reap(),
-                    TOKEN_RATE_LIMIT => {
-                        if let Some(l) = &self.limiter {
-                            lock(l).timer_expired();
-                        }
-                        for q in &self.siblings {
-                            if let Err(e) = q.write(1) {
-                                error!("virtio-blk worker: cannot kick a sibling queue: {e}");
-                            }
-                        }
-                        self.process_queue();
-                    }
+                    TOKEN_RATE_LIMIT => self.rate_limit_timer_fired(),
                     _ => {}
                 }
             }
         }
+    }
+
+    /// The shared rate limiter's timer fired: requests may go again, on
+    /// this queue and on the others, which this worker kicks (the worker
+    /// that reads the timer clears it for all of them).
+    pub(super) fn rate_limit_timer_fired(&mut self) {
+        if let Some(l) = &self.limiter {
+            lock(l).timer_expired();
+        }
+        for q in &self.siblings {
+            if let Err(e) = q.write(1) {
+                error!("virtio-blk worker: cannot kick a sibling queue: {e}");
+            }
+        }
+        self.process_queue();
     }
 
     /// Starts every available request, then interrupts the guest if it
