@@ -90,6 +90,12 @@ fn kill(pid: u32) {
     }
 }
 
+/// Queues of each virtio disk of a VM with `vcpus` vCPUs: one per vCPU,
+/// within what kiln-store exports (1 to 64).
+fn disk_queue_count(vcpus: u32) -> u16 {
+    u16::try_from(vcpus.clamp(1, 64)).unwrap_or(64)
+}
+
 /// The last non-empty lines of kiln-vmm's log, for a failure's reason.
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -245,6 +251,10 @@ impl Supervisor {
 
         let mut nics: Vec<NicStatus> = Vec::new();
         let mut disks: Vec<String> = Vec::new();
+        // One virtio queue per vCPU, so that every vCPU submits on its own
+        // queue and kiln-store serves each on its own thread (kiln-vmm
+        // allows 1..=vCPUs; kiln-store 1..=64).
+        let disk_queues = disk_queue_count(vm.spec.vcpus);
         let result = async {
             for (i, (name, attach)) in volumes.iter().zip(attach).enumerate() {
                 let sock = dir.join(format!("disk{i}.sock"));
@@ -252,9 +262,11 @@ impl Supervisor {
                 let s2 = sock.display().to_string();
                 tokio::task::spawn_blocking(move || {
                     store.call(&attach)?;
-                    store.call(&kiln_store::proto::Request::VolExportVhost {
+                    store.call(&kiln_store::proto::Request::VolExport {
                         name: name2,
                         socket: s2,
+                        queues: disk_queues,
+                        read_only: false,
                     })
                 })
                 .await
@@ -307,7 +319,7 @@ impl Supervisor {
                 .arg("restart");
             for (i, d) in disks.iter().enumerate() {
                 cmd.arg("--disk").arg(format!(
-                    "vhost-user={},id={d}",
+                    "vhost-user={},id={d},queues={disk_queues}",
                     dir.join(format!("disk{i}.sock")).display()
                 ));
             }
@@ -749,5 +761,19 @@ impl Supervisor {
         let _ = std::fs::remove_dir_all(self.run_dir(id));
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.remove(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::disk_queue_count;
+
+    #[test]
+    fn a_disk_gets_a_queue_per_vcpu_within_the_stores_limit() {
+        assert_eq!(disk_queue_count(0), 1);
+        assert_eq!(disk_queue_count(1), 1);
+        assert_eq!(disk_queue_count(4), 4);
+        assert_eq!(disk_queue_count(64), 64);
+        assert_eq!(disk_queue_count(200), 64);
     }
 }
