@@ -7,6 +7,7 @@ mod common;
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -329,7 +330,14 @@ fn export(n: &Node, vol: &str, dir: &Path) -> PathBuf {
     let sock = dir.join(format!("{vol}.vhost.sock"));
     let out = n.cli_ok(&["attach", vol, "--vhost-user", sock.to_str().unwrap()]);
     assert!(out.contains("vhost-user-blk"), "{out}");
-    assert!(sock.exists());
+    // The guest's disk and its library relay: the owner's only.
+    for p in [
+        sock.clone(),
+        PathBuf::from(format!("{}.lib", sock.display())),
+    ] {
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} has mode {mode:o}", p.display());
+    }
     sock
 }
 

@@ -8,7 +8,7 @@
 //! the backend-request channel so that a resize reaches the frontend as
 //! `CONFIG_CHANGE_MSG` ([`super::relay`]).
 
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,7 +56,10 @@ fn bind(path: &Path) -> Result<UnixListener, VhostBlkError> {
     if std::fs::symlink_metadata(path).is_ok() {
         std::fs::remove_file(path).map_err(listen)?;
     }
-    UnixListener::bind(path).map_err(listen)
+    let listener = UnixListener::bind(path).map_err(listen)?;
+    // Only this user (the agent, root) may connect: a guest's disk.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen)?;
+    Ok(listener)
 }
 
 impl Export {
