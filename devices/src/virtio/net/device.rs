@@ -9,6 +9,8 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+use super::announce::Announcer;
+use super::ctrl::CtrlQueue;
 use super::mac::{MacAddr, MacError};
 use super::tap::{Tap, TapError};
 use super::worker::{NetLimiters, NetWorker};
@@ -22,6 +24,10 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: usize = 0;
 /// Transmit queue index.
 pub const TX_QUEUE: usize = 1;
+/// Control queue index (`VIRTIO_NET_F_CTRL_VQ`).
+pub const CTRL_QUEUE: usize = 2;
+/// Size of the control queue: Linux keeps one command in flight.
+pub const CTRL_QUEUE_SIZE: u16 = 64;
 
 /// `mac[6]` then `status: u16`.
 const CONFIG_LEN: usize = 8;
@@ -56,8 +62,9 @@ pub struct Net {
     tap: Arc<Tap>,
     mac: MacAddr,
     avail_features: u64,
-    config: [u8; CONFIG_LEN],
-    queue_sizes: [u16; 2],
+    /// The config space's `status` field, and the announcement trigger.
+    announcer: Arc<Announcer>,
+    queue_sizes: [u16; 3],
     /// Spawned by [`VirtioDevice::spawn_worker`] (or the first activation)
     /// and kept until the device is dropped.
     worker: Option<Worker>,
@@ -91,14 +98,13 @@ impl Net {
             VIRTIO_NET_F_HOST_UFO,
             VIRTIO_NET_F_MAC,
             VIRTIO_NET_F_STATUS,
+            VIRTIO_NET_F_CTRL_VQ,
+            VIRTIO_NET_F_GUEST_ANNOUNCE,
             VIRTIO_RING_F_EVENT_IDX,
             VIRTIO_RING_F_INDIRECT_DESC,
         ]
         .iter()
         .fold(0u64, |f, &bit| f | (1u64 << bit));
-        let mut config = [0u8; CONFIG_LEN];
-        config[..6].copy_from_slice(&mac.0);
-        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         let index = NEXT_INDEX.fetch_add(1, Ordering::Relaxed);
         info!(tap = %cfg.tap, %mac, "virtio-net device created");
         Ok(Self {
@@ -106,8 +112,8 @@ impl Net {
             tap: Arc::new(tap),
             mac,
             avail_features: features,
-            config,
-            queue_sizes: [QUEUE_SIZE; 2],
+            announcer: Arc::new(Announcer::default()),
+            queue_sizes: [QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE],
             worker: None,
             limiters,
         })
@@ -126,6 +132,26 @@ impl Net {
     /// The worker thread's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The announcement trigger, to keep before the device is boxed into
+    /// its transport: after a restore or a migration,
+    /// [`Announcer::announce`] asks the guest to announce itself.
+    pub fn announcer(&self) -> Arc<Announcer> {
+        self.announcer.clone()
+    }
+
+    /// Asks the guest to announce itself (see [`Announcer::announce`]).
+    pub fn announce(&self) -> io::Result<bool> {
+        self.announcer.announce()
+    }
+
+    /// The config space: `mac[6]` then `status: u16`.
+    fn config(&self) -> [u8; CONFIG_LEN] {
+        let mut config = [0u8; CONFIG_LEN];
+        config[..6].copy_from_slice(&self.mac.0);
+        config[6..8].copy_from_slice(&self.announcer.config_status().to_le_bytes());
+        config
     }
 }
 
@@ -163,7 +189,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        crate::virtio::device::read_config_bytes(&self.config, offset, data);
+        crate::virtio::device::read_config_bytes(&self.config(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -183,28 +209,40 @@ impl VirtioDevice for Net {
         if self.worker.as_ref().is_some_and(Worker::is_busy) {
             return Err(ActivateError::AlreadyActive);
         }
+        let acked = |bit: u32| ctx.acked_features & (1u64 << bit) != 0;
+        let has_ctrl = acked(VIRTIO_NET_F_CTRL_VQ);
+        let expected = if has_ctrl { 3 } else { 2 };
         let got = ctx.queues.len();
-        if got != 2 || ctx.queue_events.len() != 2 {
-            return Err(ActivateError::QueueCount { expected: 2, got });
+        if got != expected || ctx.queue_events.len() != expected {
+            return Err(ActivateError::QueueCount { expected, got });
         }
         let mut queues = ctx.queues.into_iter();
         let mut events = ctx.queue_events.into_iter();
         let (Some(rx), Some(tx), Some(rx_evt), Some(tx_evt)) =
             (queues.next(), queues.next(), events.next(), events.next())
         else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
+            return Err(ActivateError::QueueCount { expected, got });
         };
+        let ctrl = match (queues.next(), events.next()) {
+            (Some(q), Some(evt)) => Some(CtrlQueue::new(q, evt, self.announcer.clone())),
+            _ => None,
+        };
+        // GUEST_ANNOUNCE without a control queue to ack it on is invalid
+        // (the driver refuses it); never announce to such a driver.
+        let announces = has_ctrl && acked(VIRTIO_NET_F_GUEST_ANNOUNCE);
         let worker =
             Worker::get_or_spawn(&mut self.worker, &self.name).map_err(ActivateError::Spawn)?;
         let offload = tap_offload_flags(ctx.acked_features);
         let tap = self.tap.clone();
+        let interrupt = ctx.interrupt.clone();
         let body = NetWorker::new(
             ctx.mem,
             rx,
             tx,
             rx_evt,
             tx_evt,
-            ctx.interrupt,
+            ctrl,
+            ctx.interrupt.clone(),
             self.tap.clone(),
             worker.poller(),
             worker.stop_eventfd(),
@@ -220,10 +258,13 @@ impl VirtioDevice for Net {
                 }
                 body.run()
             })
-            .map_err(ActivateError::Worker)
+            .map_err(ActivateError::Worker)?;
+        self.announcer.activated(announces.then_some(interrupt));
+        Ok(())
     }
 
     fn reset(&mut self) {
+        self.announcer.reset();
         if let Some(w) = &mut self.worker {
             w.stop();
         }
@@ -237,7 +278,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
@@ -300,7 +342,10 @@ mod tests {
         .unwrap();
         assert_eq!(n.mac(), mac);
         assert_eq!(n.device_type(), VIRTIO_ID_NET);
-        assert_eq!(n.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
+        assert_eq!(
+            n.queue_max_sizes(),
+            &[QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE]
+        );
         assert!(n.name().starts_with("kiln-net"));
         let mut c = [0u8; 10];
         n.read_config(0, &mut c);
@@ -310,10 +355,27 @@ mod tests {
             VIRTIO_NET_S_LINK_UP as u16
         );
         assert_eq!(&c[8..], &[0, 0]);
-        for bit in [VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_CSUM] {
+        for bit in [
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_STATUS,
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_CTRL_VQ,
+            VIRTIO_NET_F_GUEST_ANNOUNCE,
+        ] {
             assert_ne!(n.avail_features() & (1 << bit), 0);
         }
-        assert_eq!(n.avail_features() & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
+        // Nothing that makes Linux send control commands the device does
+        // not serve.
+        for bit in [
+            VIRTIO_NET_F_MRG_RXBUF,
+            VIRTIO_NET_F_CTRL_RX,
+            VIRTIO_NET_F_CTRL_VLAN,
+            VIRTIO_NET_F_CTRL_MAC_ADDR,
+            VIRTIO_NET_F_MQ,
+            VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
+        ] {
+            assert_eq!(n.avail_features() & (1 << bit), 0, "feature {bit}");
+        }
         // Random MACs when none is given.
         drop(n);
         let n = Net::new(NetConfig {
@@ -323,6 +385,110 @@ mod tests {
         })
         .unwrap();
         assert_eq!(&n.mac()[..3], &[0x52, 0x54, 0x00]);
+    }
+
+    /// A driver with a control queue and GUEST_ANNOUNCE: `announce()` sets
+    /// the status bit and raises a config interrupt, the driver's
+    /// ANNOUNCE_ACK on the control queue (served by the worker) clears it.
+    #[test]
+    fn announces_through_the_config_space_and_the_control_queue() {
+        let Some(t) = TestTap::create("kt3") else {
+            return;
+        };
+        let mut n = Net::new(NetConfig {
+            tap: t.0.clone(),
+            mac: None,
+            rate_limit: RateLimit::default(),
+        })
+        .unwrap();
+        let announcer = n.announcer();
+        // Not active yet: nothing to ask.
+        assert!(!n.announce().unwrap());
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let mocks: Vec<_> = (0..3u64)
+            .map(|i| MockSplitQueue::create(&mem, GuestAddress(i * 0x4000), 16))
+            .collect();
+        let queues = |n: usize| -> Vec<Queue> {
+            (0..n)
+                .map(|i| {
+                    let mut q: Queue = mocks[i].create_queue().unwrap();
+                    q.set_used_ring_address(Some(0x2_0000 + 0x1000 * i as u32), Some(0));
+                    q
+                })
+                .collect()
+        };
+        let kicks: Vec<_> = (0..3)
+            .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
+            .collect();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+        let acked = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_NET_F_STATUS)
+            | (1u64 << VIRTIO_NET_F_CTRL_VQ)
+            | (1u64 << VIRTIO_NET_F_GUEST_ANNOUNCE);
+        let ctx = |queues: Vec<Queue>| ActivateContext {
+            mem: mem.clone(),
+            queue_events: kicks[..queues.len()].to_vec(),
+            queues,
+            interrupt: interrupt.clone(),
+            acked_features: acked,
+        };
+        // CTRL_VQ negotiated: the control queue must be there.
+        assert!(matches!(
+            n.activate(ctx(queues(2))),
+            Err(ActivateError::QueueCount {
+                expected: 3,
+                got: 2
+            })
+        ));
+        n.activate(ctx(queues(3))).unwrap();
+
+        let status = |n: &Net| {
+            let mut c = [0u8; 2];
+            n.read_config(6, &mut c);
+            u16::from_le_bytes(c)
+        };
+        let link_up = VIRTIO_NET_S_LINK_UP as u16;
+        let announce = VIRTIO_NET_S_ANNOUNCE as u16;
+        assert_eq!(status(&n), link_up);
+        let generation = interrupt.config_generation();
+        assert!(n.announce().unwrap());
+        assert_eq!(status(&n), link_up | announce);
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_ne!(interrupt.status() & VIRTIO_MMIO_INT_CONFIG, 0);
+        assert_eq!(interrupt.config_generation(), generation.wrapping_add(1));
+
+        // The driver acks on the control queue.
+        mem.write_slice(&[3, 0], GuestAddress(0x10_0000)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(0x10_1000)).unwrap();
+        mocks[CTRL_QUEUE]
+            .add_desc_chains(
+                &[
+                    RawDescriptor::from(Descriptor::new(0x10_0000, 2, VRING_DESC_F_NEXT as u16, 1)),
+                    RawDescriptor::from(Descriptor::new(
+                        0x10_1000,
+                        1,
+                        VRING_DESC_F_WRITE as u16,
+                        0,
+                    )),
+                ],
+                0,
+            )
+            .unwrap();
+        kicks[CTRL_QUEUE].write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while announcer.pending() {
+            assert!(Instant::now() < deadline, "the worker never served the ack");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(status(&n), link_up);
+        let ack: u8 = mem.read_obj(GuestAddress(0x10_1000)).unwrap();
+        assert_eq!(ack, VIRTIO_NET_OK as u8);
+
+        // After a reset nothing is announced until a driver comes back.
+        n.reset();
+        assert!(!announcer.announce().unwrap());
+        assert_eq!(status(&n), link_up);
     }
 
     /// A network namespace for one test, deleted (with what is in it)

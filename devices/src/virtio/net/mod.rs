@@ -3,7 +3,11 @@
 //! `tx` and `rx` move frames between descriptor chains and a buffer (pure,
 //! fuzzable), `worker` is the thread shuttling frames between the queues and
 //! the TAP, `device` the model the transport sees, `tap` the TAP itself.
+//! `ctrl` answers the control queue, `announce` asks the guest to announce
+//! itself after a restore or a migration.
 
+pub mod announce;
+pub mod ctrl;
 pub mod device;
 pub mod mac;
 pub mod rx;
@@ -14,6 +18,7 @@ mod worker;
 use std::io;
 use std::os::fd::AsRawFd;
 
+pub use announce::Announcer;
 pub use device::{Error, Net, NetConfig};
 pub use mac::{parse_mac, MacAddr, MacError};
 pub use tap::{Tap, TapError};

@@ -16,6 +16,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::ctrl::CtrlQueue;
 use super::rx::write_rx_frame;
 use super::tap::VNET_HDR_LEN;
 use super::tx::read_tx_frame;
@@ -30,6 +31,7 @@ const TOKEN_TX_QUEUE: u64 = 2;
 const TOKEN_TAP: u64 = 3;
 const TOKEN_RX_LIMIT: u64 = 4;
 const TOKEN_TX_LIMIT: u64 = 5;
+const TOKEN_CTRL_QUEUE: u64 = 6;
 
 /// The device's rate limiters, one per direction, kept by the device across
 /// activations.
@@ -50,6 +52,8 @@ pub(super) struct NetWorker<T: FrameIo> {
     tx: Queue,
     rx_evt: Arc<EventFd>,
     tx_evt: Arc<EventFd>,
+    /// The control queue, when the driver negotiated one.
+    ctrl: Option<CtrlQueue>,
     interrupt: Arc<Interrupt>,
     tap: Arc<T>,
     /// The worker thread's stop eventfd, already in `poller`.
@@ -85,6 +89,7 @@ impl<T: FrameIo + 'static> NetWorker<T> {
         tx: Queue,
         rx_evt: Arc<EventFd>,
         tx_evt: Arc<EventFd>,
+        ctrl: Option<CtrlQueue>,
         interrupt: Arc<Interrupt>,
         tap: Arc<T>,
         poller: Arc<EventSetPoller>,
@@ -97,6 +102,7 @@ impl<T: FrameIo + 'static> NetWorker<T> {
             tx,
             rx_evt,
             tx_evt,
+            ctrl,
             interrupt,
             tap,
             stop,
@@ -132,6 +138,9 @@ impl<T: FrameIo + 'static> NetWorker<T> {
         self.poller.add(&*self.rx_evt, TOKEN_RX_QUEUE)?;
         self.poller.add(&*self.tx_evt, TOKEN_TX_QUEUE)?;
         self.poller.add(&*self.tap, TOKEN_TAP)?;
+        if let Some(c) = &self.ctrl {
+            self.poller.add(&**c.evt(), TOKEN_CTRL_QUEUE)?;
+        }
         if let Some(l) = &self.limiters.rx {
             self.poller.add(&*lock(l), TOKEN_RX_LIMIT)?;
         }
@@ -148,6 +157,10 @@ impl<T: FrameIo + 'static> NetWorker<T> {
             ("RX queue eventfd", Some(self.rx_evt.as_raw_fd())),
             ("TX queue eventfd", Some(self.tx_evt.as_raw_fd())),
             ("TAP", Some(self.tap.as_raw_fd())),
+            (
+                "control queue eventfd",
+                self.ctrl.as_ref().map(|c| c.evt().as_raw_fd()),
+            ),
             ("RX rate limiter", limiter_fd(&self.limiters.rx)),
             ("TX rate limiter", limiter_fd(&self.limiters.tx)),
         ];
@@ -164,6 +177,7 @@ impl<T: FrameIo + 'static> NetWorker<T> {
 
     fn serve(&mut self) {
         self.process_tx();
+        self.process_ctrl();
         let mut events = [EpollEvent::default(); 8];
         loop {
             let n = match self.poller.wait(&mut events) {
@@ -196,6 +210,12 @@ impl<T: FrameIo + 'static> NetWorker<T> {
                 drain_eventfd(&self.tx_evt);
                 self.process_tx();
             }
+            TOKEN_CTRL_QUEUE => {
+                if let Some(c) = &self.ctrl {
+                    drain_eventfd(c.evt());
+                }
+                self.process_ctrl();
+            }
             TOKEN_RX_LIMIT => {
                 if let Some(l) = &self.limiters.rx {
                     lock(l).timer_expired();
@@ -220,6 +240,13 @@ impl<T: FrameIo + 'static> NetWorker<T> {
             _ => {}
         }
         true
+    }
+
+    /// Answers the control commands the driver queued.
+    fn process_ctrl(&mut self) {
+        if let Some(c) = &mut self.ctrl {
+            c.process(&self.mem, &self.interrupt);
+        }
     }
 
     fn drop_tap(&mut self) {
@@ -475,6 +502,7 @@ mod tests {
             tx,
             Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
             Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            None,
             Arc::new(Interrupt::new(irq.try_clone().unwrap())),
             Arc::new(tap),
             Arc::new(EventSetPoller::new().unwrap()),
