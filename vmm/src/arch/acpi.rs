@@ -12,6 +12,11 @@
 //! guest run `_EVT`, which reads the event register kiln-vmm latched and
 //! sends `Notify (PWRB, 0x80)` for a press. Linux's `button` driver turns
 //! that into a KEY_POWER input event.
+//!
+//! The VM generation id (`\_SB_.VGEN`, `_CID "VM_Gen_Counter"`) is a device
+//! whose `ADDR` method returns where its 16 bytes live
+//! ([`VMGENID_START`], written by `kiln_devices::legacy::vmgenid`); the same
+//! GED notifies it (`Notify (VGEN, 0x80)`) when a restore changed the id.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -37,6 +42,8 @@ const IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 
 /// The GED register's power-button bit (kiln_devices' `EVENT_POWER_BUTTON`).
 pub const GED_EVENT_POWER_BUTTON: u8 = kiln_devices::legacy::ged::EVENT_POWER_BUTTON;
+/// The GED register's VM-generation-id bit (kiln_devices' `EVENT_VMGENID`).
+pub const GED_EVENT_VMGENID: u8 = kiln_devices::legacy::vmgenid::EVENT_VMGENID;
 
 /// SLP_TYP value for S5 that the DSDT's `_S5_` announces.
 pub const S5_SLEEP_TYPE: u8 = 5;
@@ -51,13 +58,14 @@ pub struct MmioDeviceInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the ACPI tables ({0} bytes) do not fit in the BIOS area")]
+    #[error("the ACPI tables ({0} bytes) do not fit in the BIOS area below the VM generation id")]
     TooLarge(usize),
     #[error("cannot write the ACPI tables into guest memory: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
 
-/// Places tables one after another, 16-byte aligned, from ACPI_START.
+/// Places tables one after another, 16-byte aligned, from ACPI_START to
+/// VMGENID_START.
 struct Writer<'a> {
     mem: &'a GuestMemoryMmap,
     next: u64,
@@ -67,7 +75,7 @@ impl Writer<'_> {
     fn put(&mut self, bytes: &[u8]) -> Result<u64, Error> {
         let addr = self.next;
         let end = addr + bytes.len() as u64;
-        if end > ACPI_END {
+        if end > VMGENID_START {
             return Err(Error::TooLarge((end - ACPI_START) as usize));
         }
         self.mem.write_slice(bytes, GuestAddress(addr))?;
@@ -104,6 +112,7 @@ fn dsdt_body(devices: &[MmioDeviceInfo]) -> Vec<u8> {
         vec![&com1_io, &com1_irq],
     );
 
+    vm_generation_id(&mut body);
     power_button(&mut body);
 
     for (i, dev) in devices.iter().enumerate() {
@@ -120,6 +129,22 @@ fn dsdt_body(devices: &[MmioDeviceInfo]) -> Vec<u8> {
         );
     }
     body
+}
+
+/// The VM generation id (Microsoft's "Virtual Machine Generation ID"
+/// interface, as QEMU and Firecracker describe it). Linux's vmgenid driver
+/// matches the `_CID` (ACPICA upper-cases it to `VM_GEN_COUNTER`) and
+/// evaluates `ADDR`: a package of the address's low and high 32 bits.
+fn vm_generation_id(body: &mut Vec<u8>) {
+    let hid = aml::Name::new("_HID".into(), &"QEMUVGID");
+    let cid = aml::Name::new("_CID".into(), &"VM_Gen_Counter");
+    let ddn = aml::Name::new("_DDN".into(), &"VM_Gen_Counter");
+    let low = VMGENID_START as u32;
+    let high = (VMGENID_START >> 32) as u32;
+    let addr = aml::Package::new(vec![&low, &high]);
+    let ret = aml::Return::new(&addr);
+    let method = aml::Method::new("ADDR".into(), 0, false, vec![&ret]);
+    aml::Device::new("_SB_.VGEN".into(), vec![&hid, &cid, &ddn, &method]).to_aml_bytes(body);
 }
 
 /// The power button and the Generic Event Device that presses it.
@@ -150,8 +175,10 @@ fn power_button(body: &mut Vec<u8>) {
         aml::FieldUpdateRule::WriteAsZeroes,
         vec![aml::FieldEntry::Named(*b"GDAT", 8)],
     );
-    // _EVT (Arg0 = the GSI): Local0 = GDAT (reading clears the latch);
-    // if its power-button bit is set, Notify (\_SB_.PWRB, 0x80).
+    // _EVT (Arg0 = the GSI): Local0 = GDAT (reading clears the latch,
+    // every event at once); if its power-button bit is set,
+    // Notify (\_SB_.PWRB, 0x80); if its generation-id bit is set,
+    // Notify (\_SB_.VGEN, 0x80).
     let gdat = aml::Path::new("GDAT");
     let read = aml::Store::new(&aml::Local(0), &gdat);
     let button = GED_EVENT_POWER_BUTTON;
@@ -160,7 +187,18 @@ fn power_button(body: &mut Vec<u8>) {
     let notify = aml::Notify::new(&pwrb, &0x80u8);
     let pressed = aml::Equal::new(&aml::Local(1), &button);
     let when = aml::If::new(&pressed, vec![&notify]);
-    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &bit, &when]);
+    let genid = GED_EVENT_VMGENID;
+    let genid_bit = aml::And::new(&aml::Local(2), &aml::Local(0), &genid);
+    let vgen = aml::Path::new("\\_SB_.VGEN");
+    let notify_vgen = aml::Notify::new(&vgen, &0x80u8);
+    let changed = aml::Equal::new(&aml::Local(2), &genid);
+    let when_changed = aml::If::new(&changed, vec![&notify_vgen]);
+    let evt = aml::Method::new(
+        "_EVT".into(),
+        1,
+        true,
+        vec![&read, &bit, &when, &genid_bit, &when_changed],
+    );
     aml::Device::new(
         "_SB_.GED_".into(),
         vec![&hid, &uid, &crs, &region, &field, &evt],
@@ -307,9 +345,49 @@ mod tests {
         assert!(has(b"ACPI0013"));
         assert!(has(b"_EVT"));
         assert!(has(b"PWRB"));
+        // The VM generation id: its names, and ADDR returning
+        // Package (2) { DWordConst (VMGENID_START), Zero }: ReturnOp,
+        // PackageOp, PkgLength (itself included), NumElements, the elements.
+        assert!(has(b"VGEN"));
+        assert!(has(b"QEMUVGID\0"));
+        assert!(has(b"_CID\x0dVM_Gen_Counter\0"));
+        assert!(has(b"_DDN\x0dVM_Gen_Counter\0"));
+        let addr = VMGENID_START as u32;
+        let mut ret = vec![0xa4, 0x12, 0x08, 0x02, 0x0c];
+        ret.extend_from_slice(&addr.to_le_bytes());
+        ret.push(0x00);
+        let method = dsdt
+            .windows(4)
+            .position(|w| w == b"ADDR")
+            .expect("no ADDR method");
+        assert_eq!(dsdt[method - 2], 0x14, "ADDR is not a method");
+        assert_eq!(&dsdt[method + 5..method + 5 + ret.len()], &ret[..]);
+        // _EVT notifies it: NotifyOp \_SB_.VGEN 0x80.
+        assert!(has(b"\x86\\\x2e_SB_VGEN\x0a\x80"));
+        assert!(has(b"\x86\\\x2e_SB_PWRB\x0a\x80"));
         let madt = read_table(entries[1]);
         assert_eq!(&madt[..4], b"APIC");
         // Header (44 bytes) + two local APICs (8 each) + one IOAPIC (12).
         assert_eq!(madt.len(), 44 + 2 * 8 + 12);
+    }
+
+    #[test]
+    fn the_tables_leave_the_generation_id_alone() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let genid =
+            kiln_devices::legacy::vmgenid::VmGenId::new(&mem, GuestAddress(VMGENID_START)).unwrap();
+        create_tables(&mem, 1, &[]).unwrap();
+        let mut id = [0u8; 16];
+        mem.read_slice(&mut id, GuestAddress(VMGENID_START))
+            .unwrap();
+        assert_eq!(id, genid.id());
+        assert!((ACPI_START..ACPI_END).contains(&VMGENID_START));
+        assert_eq!(VMGENID_START % 4096, 0);
+    }
+
+    #[test]
+    fn the_ged_events_are_distinct() {
+        assert_ne!(GED_EVENT_VMGENID, 0);
+        assert_eq!(GED_EVENT_VMGENID & GED_EVENT_POWER_BUTTON, 0);
     }
 }

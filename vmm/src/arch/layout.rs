@@ -5,6 +5,7 @@
 //! 0x0000_7000  boot_params        0x0000_8ff0  boot stack (grows down)
 //! 0x0000_9000  PML4, PDPT, PD     0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA .. 1 MiB: not RAM; ACPI tables at 0x000e_0000,
+//!              the VM generation id at 0x000e_f000,
 //!              a reset stub at the reset vector 0x000f_fff0
 //! 0x0010_0000  RAM: kernel, initrd at the top of low RAM
 //! 0xc000_0000  MMIO gap (1 GiB): virtio-mmio windows, IOAPIC, LAPIC
@@ -31,6 +32,10 @@ pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables live in the BIOS area, where the kernel scans for the RSDP.
 pub const ACPI_START: u64 = 0xe0000;
 pub const ACPI_END: u64 = 0xf0000;
+/// The VM generation id's 16 bytes, in the last page of the ACPI area
+/// (reserved in the e820 map: the guest maps it, never allocates it); the
+/// tables end before it.
+pub const VMGENID_START: u64 = 0xef000;
 /// The real-mode reset vector (F000:FFF0), where a "BIOS" reboot jumps.
 pub const RESET_VECTOR: u64 = 0xffff0;
 /// Start of high RAM; the kernel is loaded at or above it.
