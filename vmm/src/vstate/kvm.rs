@@ -3,6 +3,7 @@
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Cap;
 
+use super::vcpu_state;
 use crate::arch::cpuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -17,12 +18,16 @@ pub enum Error {
     MissingCap(&'static str),
     #[error("cannot read the CPUID KVM supports: {0}")]
     Cpuid(kvm_ioctls::Error),
+    #[error("cannot read the list of MSRs KVM saves: {0}")]
+    MsrList(kvm_ioctls::Error),
 }
 
 pub struct Kvm {
     pub fd: kvm_ioctls::Kvm,
     pub max_vcpus: usize,
     pub supported_cpuid: CpuId,
+    /// The MSRs a vCPU snapshot holds, in restore order.
+    pub msrs_to_save: Vec<u32>,
 }
 
 const REQUIRED_CAPS: &[(Cap, &str)] = &[
@@ -53,7 +58,10 @@ impl Kvm {
         if fd.check_extension(Cap::TscDeadlineTimer) {
             cpuid::add_tsc_deadline(&mut supported_cpuid);
         }
+        let msr_list = fd.get_msr_index_list().map_err(Error::MsrList)?;
+        let msrs_to_save = vcpu_state::msrs_to_save(msr_list.as_slice());
         Ok(Self {
+            msrs_to_save,
             max_vcpus: fd.get_max_vcpus(),
             fd,
             supported_cpuid,

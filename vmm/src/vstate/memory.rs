@@ -61,24 +61,50 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
 /// process, which runs one VM (a guest reboot with `--on-reboot restart`
 /// is a new process).
 pub fn create(size: u64, backing: Backing) -> Result<GuestMemoryMmap, Error> {
-    let file = match backing {
-        Backing::Anonymous => None,
-        Backing::SharedMemfd => Some(Arc::new(
-            memfd(size).map_err(|source| Error::Memfd { size, source })?,
-        )),
-    };
-    // The ranges are consecutive in the file: the second starts where the
-    // first ends.
-    let mut offset = 0u64;
+    match backing {
+        Backing::Anonymous => map_ranges(size, None, Mapping::Anonymous),
+        Backing::SharedMemfd => {
+            let file = memfd(size).map_err(|source| Error::Memfd { size, source })?;
+            map_ranges(size, Some((Arc::new(file), 0)), Mapping::Shared)
+        }
+    }
+}
+
+/// Maps `size` bytes of guest RAM from `file`, starting at `offset`,
+/// `MAP_PRIVATE`: pages are read from the file as the guest touches them,
+/// and what the guest writes stays in this process (copy on write). A
+/// snapshot's memory file is restored this way. The file must not change
+/// while the VM runs: pages the guest has not written yet would see it.
+pub fn map_file_private(file: Arc<File>, offset: u64, size: u64) -> Result<GuestMemoryMmap, Error> {
+    map_ranges(size, Some((file, offset)), Mapping::PrivateFile)
+}
+
+/// How a range of guest RAM is mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mapping {
+    Anonymous,
+    Shared,
+    PrivateFile,
+}
+
+/// Maps the RAM ranges for `size` bytes; with a file, the ranges are
+/// consecutive in it from `offset` (the second starts where the first
+/// ends).
+fn map_ranges(
+    size: u64,
+    file: Option<(Arc<File>, u64)>,
+    mapping: Mapping,
+) -> Result<GuestMemoryMmap, Error> {
+    let mut offset = file.as_ref().map_or(0, |(_, o)| *o);
     let mut regions = Vec::new();
     for (addr, len) in ram_ranges(size) {
         let file_offset = file
             .as_ref()
-            .map(|f| FileOffset::from_arc(f.clone(), offset));
+            .map(|(f, _)| FileOffset::from_arc(f.clone(), offset));
         offset += len as u64;
-        let ptr =
-            map_aligned(len, file_offset.as_ref()).map_err(|source| Error::Map { size, source })?;
-        let (prot, flags) = prot_flags(file_offset.is_some());
+        let ptr = map_aligned(len, file_offset.as_ref(), mapping)
+            .map_err(|source| Error::Map { size, source })?;
+        let (prot, flags) = prot_flags(mapping);
         let mut builder = MmapRegionBuilder::new(len)
             .with_mmap_prot(prot)
             .with_mmap_flags(flags);
@@ -109,11 +135,11 @@ pub fn create(size: u64, backing: Backing) -> Result<GuestMemoryMmap, Error> {
 const HUGE_PAGE: usize = 2 << 20;
 
 /// Protection and flags of guest RAM mappings (those vm-memory would use).
-fn prot_flags(shared: bool) -> (i32, i32) {
-    let kind = if shared {
-        libc::MAP_SHARED
-    } else {
-        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
+fn prot_flags(mapping: Mapping) -> (i32, i32) {
+    let kind = match mapping {
+        Mapping::Anonymous => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        Mapping::Shared => libc::MAP_SHARED,
+        Mapping::PrivateFile => libc::MAP_PRIVATE,
     };
     (
         libc::PROT_READ | libc::PROT_WRITE,
@@ -121,11 +147,12 @@ fn prot_flags(shared: bool) -> (i32, i32) {
     )
 }
 
-/// Maps `len` bytes (anonymous, or of `file` from its offset) read-write at
+/// Maps `len` bytes (anonymous, or of `file` from its offset, shared or
+/// private as `mapping` says) read-write at
 /// a 2 MiB-aligned address, and asks for transparent huge pages there
 /// (they also need the host's THP setting to allow them; with
 /// `always` they come without asking, with `never` not at all).
-fn map_aligned(len: usize, file: Option<&FileOffset>) -> io::Result<*mut u8> {
+fn map_aligned(len: usize, file: Option<&FileOffset>, mapping: Mapping) -> io::Result<*mut u8> {
     let failed = |p| p == libc::MAP_FAILED;
     // Reserve room for an aligned start, then map over it.
     let reserve = len + HUGE_PAGE;
@@ -144,7 +171,7 @@ fn map_aligned(len: usize, file: Option<&FileOffset>) -> io::Result<*mut u8> {
         return Err(io::Error::last_os_error());
     }
     let start = (base as usize).next_multiple_of(HUGE_PAGE);
-    let (prot, flags) = prot_flags(file.is_some());
+    let (prot, flags) = prot_flags(mapping);
     let (fd, off) = file.map_or((-1, 0), |f| (f.file().as_raw_fd(), f.start()));
     // SAFETY: MAP_FIXED replaces pages of the reservation made above, which
     // nothing else uses: [start, start + len) lies inside it.

@@ -12,6 +12,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use super::vcpu_state::{StateError, VcpuState};
 use super::vm::Vm;
 use crate::arch::{cpuid, msr, regs};
 
@@ -32,6 +33,20 @@ pub enum Error {
     LongMode(#[from] regs::Error),
     #[error("cannot start the vCPU thread: {0}")]
     Spawn(std::io::Error),
+    #[error("cannot save the vCPUs: the VM is not paused")]
+    NotPaused,
+    #[error("cannot save the vCPUs: {stopped} of {threads} vCPU threads have stopped for good")]
+    Stopped { stopped: usize, threads: usize },
+    #[error(
+        "cannot save the vCPUs: only {saved} of {threads} saved their state within {timeout:?}"
+    )]
+    SaveTimeout {
+        saved: usize,
+        threads: usize,
+        timeout: Duration,
+    },
+    #[error("cannot save the vCPUs: {0}")]
+    Save(#[from] StateError),
 }
 
 const APIC_LVT0: usize = 0x350;
@@ -40,8 +55,12 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
 pub struct Vcpu {
-    index: u8,
-    fd: VcpuFd,
+    pub(super) index: u8,
+    pub(super) fd: VcpuFd,
+    /// The MSRs a snapshot saves (see [`super::vcpu_state::msrs_to_save`]).
+    pub(super) msr_list: Arc<[u32]>,
+    /// The size of the XSAVE area KVM_GET_XSAVE2 fills (4096 without it).
+    pub(super) xsave_size: usize,
 }
 
 /// What the vCPU threads share: the buses and where to report an exit.
@@ -88,6 +107,13 @@ struct PauseState {
     parked: usize,
     /// vCPU threads that will never enter the guest again.
     finished: usize,
+    /// How many vCPU threads the last [`PauseGate::pause`] waited for.
+    threads: usize,
+    /// Bumped by each [`PauseGate::save_states`]: a parked vCPU thread that
+    /// sees a new round saves its state once and hands it in.
+    save_round: u64,
+    /// What the vCPU threads handed in for the current round.
+    saved: Vec<Result<VcpuState, StateError>>,
 }
 
 /// Pauses and resumes the vCPUs: each checks the gate before every
@@ -107,19 +133,49 @@ impl PauseGate {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A gate that is paused from the start, for `threads` vCPU threads:
+    /// they park before their first KVM_RUN (a restored VM that must not
+    /// run until `resume`, or whose state is to be checked first).
+    pub fn new_paused(threads: usize) -> Self {
+        Self {
+            state: Mutex::new(PauseState {
+                paused: true,
+                threads,
+                ..Default::default()
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
     pub fn is_paused(&self) -> bool {
         self.lock().paused
     }
 
-    /// On a vCPU thread: waits here while the VM is paused.
-    fn wait_while_paused(&self) {
+    /// On a vCPU thread: waits here while the VM is paused, and runs
+    /// `save` (on this thread, as KVM wants for vCPU ioctls) each time
+    /// [`PauseGate::save_states`] asks for the vCPUs' state.
+    fn wait_while_paused(&self, save: &mut dyn FnMut() -> Result<VcpuState, StateError>) {
         let mut s = self.lock();
         if !s.paused {
             return;
         }
         s.parked += 1;
+        let mut round = s.save_round;
         self.changed.notify_all();
         while s.paused {
+            if s.save_round != round {
+                round = s.save_round;
+                drop(s);
+                let state = save();
+                s = self.lock();
+                // A round that timed out has been left: its late answers
+                // go nowhere.
+                if s.save_round == round {
+                    s.saved.push(state);
+                    self.changed.notify_all();
+                }
+                continue;
+            }
             s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
         }
         s.parked -= 1;
@@ -140,6 +196,7 @@ impl PauseGate {
         let deadline = Instant::now() + timeout;
         let mut s = self.lock();
         s.paused = true;
+        s.threads = threads;
         loop {
             if s.parked + s.finished >= threads {
                 return Ok(());
@@ -165,6 +222,67 @@ impl PauseGate {
         }
     }
 
+    /// With the VM paused, has every vCPU thread save its state (on its own
+    /// thread: it first lets KVM finish an I/O instruction it stopped in,
+    /// then reads regs, sregs, XSAVE, XCRs, debug registers, LAPIC, MSRs,
+    /// CPUID, TSC frequency, MP state and events), and returns the states
+    /// in vCPU index order. The VM stays paused. Fails if the VM is not
+    /// paused, if a vCPU thread has stopped for good (the VM is ending),
+    /// if a vCPU's state cannot be read, or if they are not all saved
+    /// within `timeout` (a save takes well under a millisecond).
+    pub fn save_states(&self, timeout: Duration) -> Result<Vec<VcpuState>, Error> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        if !s.paused {
+            return Err(Error::NotPaused);
+        }
+        if s.finished > 0 {
+            return Err(Error::Stopped {
+                stopped: s.finished,
+                threads: s.threads,
+            });
+        }
+        // A gate made paused (`new_paused`) may still wait for its threads.
+        while s.parked < s.threads {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::SaveTimeout {
+                    saved: 0,
+                    threads: s.threads,
+                    timeout,
+                });
+            }
+            s = self
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        s.save_round += 1;
+        s.saved.clear();
+        self.changed.notify_all();
+        while s.saved.len() < s.threads {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::SaveTimeout {
+                    saved: s.saved.len(),
+                    threads: s.threads,
+                    timeout,
+                });
+            }
+            s = self
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let mut states = std::mem::take(&mut s.saved)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        states.sort_by_key(|v| v.index);
+        Ok(states)
+    }
+
     /// Lets the vCPUs run again.
     pub fn resume(&self) {
         self.lock().paused = false;
@@ -178,7 +296,12 @@ impl Vcpu {
             .fd
             .create_vcpu(u64::from(index))
             .map_err(|source| Error::Create { index, source })?;
-        Ok(Self { index, fd })
+        Ok(Self {
+            index,
+            fd,
+            msr_list: vm.msr_list.clone(),
+            xsave_size: vm.xsave_size,
+        })
     }
 
     fn configure_err(&self, what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error + '_ {
@@ -243,7 +366,7 @@ impl Vcpu {
         let exit = match (ctx.on_start)() {
             Err(e) => VmExit::Error(format!("vCPU {}: {e}", self.index)),
             Ok(()) => loop {
-                ctx.pause.wait_while_paused();
+                ctx.pause.wait_while_paused(&mut || self.save_state());
                 match self.run_once(&ctx) {
                     // A device (the ACPI sleep or reset register, the
                     // i8042) may have just ended the VM: stop here rather
@@ -361,7 +484,7 @@ mod tests {
                 let (gate, runs) = (gate.clone(), runs.clone());
                 std::thread::spawn(move || {
                     while runs.load(std::sync::atomic::Ordering::SeqCst) < 100_000 {
-                        gate.wait_while_paused();
+                        gate.wait_while_paused(&mut || unreachable!("no save asked"));
                         runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         std::thread::yield_now();
                     }

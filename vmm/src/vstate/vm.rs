@@ -1,8 +1,10 @@
 //! The KVM VM: guest memory slots, the in-kernel irqchip and PIT, irqfds
 //! and ioeventfds.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, VmFd};
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, kvm_xsave, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, IoEventAddress, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -27,6 +29,13 @@ pub enum Error {
 
 pub struct Vm {
     pub fd: VmFd,
+    /// Guest RAM's memory slots, as registered (slot = index), in guest
+    /// address order. Dirty logging re-registers them with a flag.
+    pub(super) slots: Vec<kvm_userspace_memory_region>,
+    /// The MSRs a vCPU snapshot holds (from [`Kvm::msrs_to_save`]).
+    pub(super) msr_list: Arc<[u32]>,
+    /// The XSAVE area's size in bytes (KVM_CAP_XSAVE2; 4096 without it).
+    pub(super) xsave_size: usize,
 }
 
 impl Vm {
@@ -43,10 +52,18 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(setup("PIT"))?;
 
+        let xsave_size = usize::try_from(fd.check_extension_int(Cap::Xsave2))
+            .unwrap_or(0)
+            .max(std::mem::size_of::<kvm_xsave>());
+        let mut vm = Self {
+            fd,
+            slots: Vec::new(),
+            msr_list: kvm.msrs_to_save.clone().into(),
+            xsave_size,
+        };
         for (slot, region) in mem.iter().enumerate() {
-            let slot = slot as u32;
             let r = kvm_userspace_memory_region {
-                slot,
+                slot: slot as u32,
                 flags: 0,
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
@@ -54,10 +71,22 @@ impl Vm {
             };
             // SAFETY: the region is a live mapping owned by `mem`, which the
             // VMM keeps alive for as long as the VM exists.
-            unsafe { fd.set_user_memory_region(r) }
-                .map_err(|source| Error::MemorySlot { slot, source })?;
+            unsafe { vm.set_slot(r) }?;
+            vm.slots.push(r);
         }
-        Ok(Self { fd })
+        Ok(vm)
+    }
+
+    /// Registers (or re-registers, with other flags) a memory slot.
+    ///
+    /// # Safety
+    /// `r` must describe a live mapping of guest RAM that outlives the VM.
+    pub(super) unsafe fn set_slot(&self, r: kvm_userspace_memory_region) -> Result<(), Error> {
+        // SAFETY: the caller's promise.
+        unsafe { self.fd.set_user_memory_region(r) }.map_err(|source| Error::MemorySlot {
+            slot: r.slot,
+            source,
+        })
     }
 
     /// Makes a write to `evt` raise interrupt line `gsi`.

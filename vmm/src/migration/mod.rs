@@ -1,0 +1,125 @@
+//! Live migration: a running VM's RAM and state sent to another kiln-vmm,
+//! pre-copy, over a unix socket or TCP.
+//!
+//! - [`transport`]: addresses, who may connect, checksummed frames;
+//! - [`protocol`]: the messages and their layout;
+//! - [`send`]: the source's pre-copy driver, over [`send::MigrationSource`];
+//! - [`receive`]: the destination, over [`receive::MigrationTarget`].
+//!
+//! The VMM implements the two traits (guest memory, the KVM dirty log,
+//! pause/save, restore/run); this module knows nothing of KVM. No thread is
+//! started here: both sides block the calling thread, with a timeout on
+//! every read and write.
+
+use std::fmt;
+use std::io;
+
+pub mod protocol;
+pub mod receive;
+pub mod send;
+pub mod transport;
+
+#[cfg(test)]
+mod tests;
+
+pub use protocol::{DeviceId, Machine};
+pub use receive::{receive, receive_on, MigrationTarget, ReceiveConfig, ReceiveReport};
+pub use send::{
+    migrate, migrate_over, MigrationReport, MigrationSource, Phase, Progress, ProgressSnapshot,
+    RoundStats, SendConfig, SwitchReason,
+};
+pub use transport::{Address, Listener, Secret, TransportConfig};
+
+/// Where a migration was when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Source: connecting and authenticating.
+    Connect,
+    /// Either side: the Hello / Accept exchange.
+    Hello,
+    /// Source: pre-copy round `n` (0: all RAM); destination: receiving RAM.
+    Memory { round: u32 },
+    /// Source: pausing the VM and saving its state.
+    Pause,
+    /// Source: the pages dirtied last, the VM paused.
+    FinalMemory,
+    /// Either side: the machine state.
+    State,
+    /// Source: waiting for the destination to say the VM runs there.
+    AwaitResumed,
+    /// Destination: waiting for the source to connect.
+    Accept,
+    /// Destination: restoring and starting the VM.
+    Restore,
+    /// Destination: telling the source the VM runs here.
+    Confirm,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stage::Connect => f.write_str("while connecting"),
+            Stage::Hello => f.write_str("while exchanging Hello"),
+            Stage::Memory { round: 0 } => f.write_str("while copying RAM (round 0, all pages)"),
+            Stage::Memory { round } => write!(f, "while copying RAM (round {round}, dirty pages)"),
+            Stage::Pause => f.write_str("while pausing the VM and saving its state"),
+            Stage::FinalMemory => f.write_str("while copying the last dirty pages (VM paused)"),
+            Stage::State => f.write_str("while transferring the machine state"),
+            Stage::AwaitResumed => {
+                f.write_str("while waiting for the destination to resume the VM")
+            }
+            Stage::Accept => f.write_str("while waiting for a source to connect"),
+            Stage::Restore => f.write_str("while restoring the VM"),
+            Stage::Confirm => f.write_str("while telling the source the VM runs here"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ErrorKind {
+    #[error(transparent)]
+    Protocol(#[from] protocol::ProtocolError),
+    #[error("the destination refused: {0}")]
+    Refused(String),
+    #[error("the peer aborted: {0}")]
+    Aborted(String),
+    #[error("unexpected {got} message (expected {expected})")]
+    Unexpected {
+        got: &'static str,
+        expected: &'static str,
+    },
+    #[error("the VM: {0}")]
+    Vm(io::Error),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<transport::TransportError> for ErrorKind {
+    fn from(e: transport::TransportError) -> Self {
+        ErrorKind::Protocol(e.into())
+    }
+}
+
+/// A failed migration: where, and why. On the source, the VM runs on.
+#[derive(Debug, thiserror::Error)]
+#[error("migration failed {stage}: {kind}")]
+pub struct MigrationError {
+    pub stage: Stage,
+    pub kind: ErrorKind,
+}
+
+impl MigrationError {
+    pub fn new(stage: Stage, kind: impl Into<ErrorKind>) -> Self {
+        MigrationError {
+            stage,
+            kind: kind.into(),
+        }
+    }
+}
+
+/// The reason string sent in an Abort for an error.
+fn abort_reason(e: &MigrationError) -> String {
+    e.to_string()
+}
