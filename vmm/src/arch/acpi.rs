@@ -135,6 +135,9 @@ fn dsdt_body(devices: &[MmioDeviceInfo]) -> Vec<u8> {
 /// interface, as QEMU and Firecracker describe it). Linux's vmgenid driver
 /// matches the `_CID` (ACPICA upper-cases it to `VM_GEN_COUNTER`) and
 /// evaluates `ADDR`: a package of the address's low and high 32 bits.
+/// `QEMUVGID` is QEMU's `_HID` for the device, which guests have long seen
+/// (iasl would refuse it as ASL source, its suffix not being hex digits;
+/// no guest checks that, and drivers match the `_CID`).
 fn vm_generation_id(body: &mut Vec<u8>) {
     let hid = aml::Name::new("_HID".into(), &"QEMUVGID");
     let cid = aml::Name::new("_CID".into(), &"VM_Gen_Counter");
