@@ -14,6 +14,7 @@
 use std::fmt;
 use std::io;
 
+pub mod auth;
 pub mod protocol;
 pub mod receive;
 pub mod send;
