@@ -1,0 +1,295 @@
+//! Migrations that fail: the source VM runs on, the destination restores nothing.
+
+use super::*;
+
+/// What a scripted destination does after the handshake.
+#[derive(Clone, Copy, Debug)]
+enum Misbehave {
+    /// Reads Hello and closes.
+    CloseInHello,
+    /// Accepts, reads a few RAM frames and closes.
+    CloseMidRam,
+    /// Reads everything up to Complete and closes.
+    CloseBeforeResumed,
+    /// Reads everything up to Complete and answers Abort.
+    AbortBeforeResumed,
+    /// Reads everything up to Complete and never answers.
+    SilentBeforeResumed,
+}
+
+fn scripted_destination(listener: Listener, how: Misbehave) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut c = listener.accept(Duration::from_secs(20)).unwrap();
+        assert!(matches!(protocol::recv(&mut c).unwrap(), Message::Hello(_)));
+        if let Misbehave::CloseInHello = how {
+            return;
+        }
+        protocol::send(&mut c, &Message::Accept).unwrap();
+        if let Misbehave::CloseMidRam = how {
+            for _ in 0..3 {
+                protocol::recv(&mut c).unwrap();
+            }
+            return;
+        }
+        while protocol::recv(&mut c).unwrap() != Message::Complete {}
+        match how {
+            Misbehave::AbortBeforeResumed => protocol::send(
+                &mut c,
+                &Message::Abort {
+                    reason: "out of memory here".into(),
+                },
+            )
+            .unwrap(),
+            Misbehave::SilentBeforeResumed => {
+                // Wait for the source to give up (it closes).
+                let _ = protocol::recv(&mut c);
+            }
+            _ => {}
+        }
+    })
+}
+
+#[test]
+fn a_destination_failing_at_each_stage_leaves_the_source_running() {
+    let size = 16 * MIB;
+    for how in [
+        Misbehave::CloseInHello,
+        Misbehave::CloseMidRam,
+        Misbehave::CloseBeforeResumed,
+        Misbehave::AbortBeforeResumed,
+        Misbehave::SilentBeforeResumed,
+    ] {
+        let dir = TempDir::new("fail");
+        let listener = Listener::bind(&unix_addr(&dir), &quick_transport()).unwrap();
+        let addr = listener.local_address();
+        let dest = scripted_destination(listener, how);
+        let ram = SharedRam::new(size);
+        fill(&ram, 1); // all data: round 0 is big
+        let mut source = FakeSource::new(ram, size);
+        let cfg = SendConfig {
+            resumed_timeout: Duration::from_millis(300),
+            ..send_cfg()
+        };
+        let progress = Progress::default();
+        let e = migrate(&mut source, &addr, &cfg, &progress).unwrap_err();
+        dest.join().unwrap();
+        let msg = e.to_string();
+        let paused = source.calls.pause;
+        match how {
+            Misbehave::CloseInHello => {
+                assert_eq!(e.stage, Stage::Hello, "{msg}");
+                assert!(msg.contains("closed"), "{msg}");
+                assert_eq!(source.calls.start_log, 0);
+            }
+            Misbehave::CloseMidRam => {
+                assert_eq!(e.stage, Stage::Memory { round: 0 }, "{msg}");
+                assert!(msg.contains("round 0"), "{msg}");
+                assert_eq!(paused, 0);
+            }
+            Misbehave::CloseBeforeResumed => {
+                assert_eq!(e.stage, Stage::AwaitResumed, "{msg}");
+                assert!(msg.contains("closed"), "{msg}");
+            }
+            Misbehave::AbortBeforeResumed => {
+                assert_eq!(e.stage, Stage::AwaitResumed, "{msg}");
+                assert!(msg.contains("out of memory here"), "{msg}");
+            }
+            Misbehave::SilentBeforeResumed => {
+                assert_eq!(e.stage, Stage::AwaitResumed, "{msg}");
+                assert!(msg.contains("no answer within"), "{msg}");
+            }
+        }
+        if matches!(how, Misbehave::CloseInHello | Misbehave::CloseMidRam) {
+            assert_eq!(paused, 0, "{how:?}");
+        } else {
+            assert_eq!(paused, 1, "{how:?}");
+        }
+        // resume() exactly once for each pause, never without one.
+        assert_eq!(source.calls.resume, paused, "{how:?}: {msg}");
+        assert_eq!(source.calls.stop_log, source.calls.start_log, "{how:?}");
+        assert!(source.running(), "{how:?}: the source VM must run on");
+        assert_eq!(progress.snapshot().phase, Phase::Failed);
+    }
+}
+
+#[test]
+fn a_refusing_destination_says_why() {
+    let dir = TempDir::new("refuse");
+    let (addr, dest) = spawn_receiver(
+        &unix_addr(&dir),
+        quick_transport(),
+        FakeTarget::new(8 * MIB),
+    );
+    let ram = SharedRam::new(4 * MIB);
+    let mut source = FakeSource::new(ram, 4 * MIB);
+    let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
+    assert_eq!(e.stage, Stage::Hello);
+    assert!(matches!(e.kind, ErrorKind::Refused(_)), "{e}");
+    assert!(e.to_string().contains("RAM size differs"), "{e}");
+    assert_eq!(source.calls, Calls::default());
+    let (target, r) = dest.join().unwrap();
+    let de = r.unwrap_err();
+    assert_eq!(de.stage, Stage::Hello);
+    assert!(target.restored.is_none());
+
+    // Devices: same kinds, different ids.
+    let mut other = FakeTarget::new(4 * MIB);
+    other.machine.devices[1].id = "eth1".into();
+    let dir2 = TempDir::new("refuse2");
+    let (addr, dest) = spawn_receiver(&unix_addr(&dir2), quick_transport(), other);
+    let mut source = FakeSource::new(SharedRam::new(4 * MIB), 4 * MIB);
+    let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
+    assert!(e.to_string().contains("devices differ"), "{e}");
+    dest.join().unwrap().1.unwrap_err();
+}
+
+#[test]
+fn a_failed_restore_resumes_the_source() {
+    let size = 4 * MIB;
+    let mut target = FakeTarget::new(size);
+    target.fail_restore = true;
+    let dir = TempDir::new("restore");
+    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), target);
+    let mut source = FakeSource::new(SharedRam::new(size), size);
+    let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
+    assert_eq!(e.stage, Stage::AwaitResumed);
+    assert!(e.to_string().contains("no such disk"), "{e}");
+    assert_eq!(source.calls.resume, 1);
+    assert!(source.running());
+    let de = dest.join().unwrap().1.unwrap_err();
+    assert_eq!(de.stage, Stage::Restore);
+}
+
+/// Forwards `src` to `dst` until `limit` bytes, then cuts both.
+fn cut_after(mut src: TcpStream, mut dst: TcpStream, limit: usize) {
+    let mut buf = [0u8; 8192];
+    let mut total = 0;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n.min(limit - total),
+        };
+        if dst.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        total += n;
+        if total >= limit {
+            break;
+        }
+    }
+    let _ = src.shutdown(Shutdown::Both);
+    let _ = dst.shutdown(Shutdown::Both);
+}
+
+#[test]
+fn a_connection_cut_mid_ram_fails_both_ends_cleanly() {
+    let size = 16 * MIB;
+    let (dest_addr, dest) = spawn_receiver(
+        &"tcp:127.0.0.1:0".parse().unwrap(),
+        quick_transport(),
+        FakeTarget::new(size),
+    );
+    let Address::Tcp { host, port } = dest_addr else {
+        unreachable!()
+    };
+    // A proxy that passes the handshake, Hello and about 1 MiB, then cuts
+    // both ways in the middle of a frame.
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_port = proxy.local_addr().unwrap().port();
+    let proxy_thread = thread::spawn(move || {
+        let (from_src, _) = proxy.accept().unwrap();
+        let to_dst = TcpStream::connect((host.as_str(), port)).unwrap();
+        let back = thread::spawn({
+            let (a, b) = (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
+            move || cut_after(a, b, usize::MAX)
+        });
+        cut_after(from_src, to_dst, (MIB + 1234) as usize);
+        back.join().unwrap();
+    });
+    let ram = SharedRam::new(size);
+    fill(&ram, 1);
+    let mut source = FakeSource::new(ram, size);
+    let addr: Address = format!("tcp:127.0.0.1:{proxy_port}").parse().unwrap();
+    let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
+    proxy_thread.join().unwrap();
+    assert_eq!(e.stage, Stage::Memory { round: 0 }, "{e}");
+    assert!(source.running());
+    assert_eq!(source.calls.resume, 0);
+    assert_eq!(source.calls.stop_log, 1);
+    let (target, r) = dest.join().unwrap();
+    let de = r.unwrap_err();
+    assert_eq!(de.stage, Stage::Memory { round: 0 }, "{de}");
+    assert!(de.to_string().contains("closed"), "{de}");
+    assert!(target.restored.is_none());
+}
+
+#[test]
+fn a_source_vanishing_mid_ram_leaves_the_destination_untouched() {
+    let size = 4 * MIB;
+    let dir = TempDir::new("vanish");
+    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
+    let mut c = transport::connect(&addr, &quick_transport()).unwrap();
+    protocol::send(
+        &mut c,
+        &Message::Hello(protocol::Hello {
+            format_version: protocol::FORMAT_VERSION,
+            vmm_version: "test".into(),
+            machine: machine(size),
+        }),
+    )
+    .unwrap();
+    assert_eq!(protocol::recv(&mut c).unwrap(), Message::Accept);
+    protocol::send(
+        &mut c,
+        &Message::Pages {
+            runs: vec![protocol::Run {
+                first_page: 5,
+                count: 1,
+            }],
+            data: vec![9; PAGE_SIZE],
+        },
+    )
+    .unwrap();
+    drop(c);
+    let (target, r) = dest.join().unwrap();
+    let e = r.unwrap_err();
+    assert_eq!(e.stage, Stage::Memory { round: 0 }, "{e}");
+    assert!(e.to_string().contains("closed"), "{e}");
+    assert!(target.restored.is_none());
+    assert_eq!(target.written_pages, 1);
+}
+
+#[test]
+fn a_source_sending_pages_past_ram_is_refused() {
+    let size = 4 * MIB;
+    let dir = TempDir::new("past");
+    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
+    let mut c = transport::connect(&addr, &quick_transport()).unwrap();
+    protocol::send(
+        &mut c,
+        &Message::Hello(protocol::Hello {
+            format_version: protocol::FORMAT_VERSION,
+            vmm_version: "test".into(),
+            machine: machine(size),
+        }),
+    )
+    .unwrap();
+    assert_eq!(protocol::recv(&mut c).unwrap(), Message::Accept);
+    protocol::send(
+        &mut c,
+        &Message::ZeroPages {
+            runs: vec![protocol::Run {
+                first_page: 1023,
+                count: 2,
+            }],
+        },
+    )
+    .unwrap();
+    // The destination says why before closing.
+    match protocol::recv(&mut c).unwrap() {
+        Message::Abort { reason } => assert!(reason.contains("past the end of RAM"), "{reason}"),
+        m => panic!("{m:?}"),
+    }
+    let e = dest.join().unwrap().1.unwrap_err();
+    assert!(matches!(e.kind, ErrorKind::Invalid(_)), "{e}");
+}
