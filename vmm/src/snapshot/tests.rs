@@ -62,7 +62,11 @@ impl Running {
             pio: Arc::new(Bus::new()),
             mmio: Arc::new(Bus::new()),
             exit: Arc::new(ExitSignal::new().unwrap()),
-            on_start: Arc::new(|| Ok(())),
+            // The real vCPU filter: saving must not step outside it.
+            on_start: crate::seccomp::Filters::load()
+                .unwrap()
+                .hook(crate::seccomp::VCPU)
+                .unwrap(),
             pause: gate.clone(),
         };
         let thread = vcpu.start(ctx).unwrap().as_pthread_t();

@@ -380,7 +380,59 @@ impl Vcpu {
 
 #[cfg(test)]
 mod tests {
+    use kvm_bindings::{kvm_cpuid2, kvm_msrs, KVMIO};
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
+
     use super::*;
+
+    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+    ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+    ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
+    ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+    ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+    ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+    ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+
+    /// Every ioctl `save_state` makes is allowed on a vCPU thread (which
+    /// its seccomp filter would otherwise kill, and the whole VMM with it).
+    #[test]
+    fn the_vcpu_filter_allows_every_save_ioctl() {
+        let json: serde_json::Value =
+            serde_json::from_str(include_str!("../seccomp/x86_64.json")).unwrap();
+        let allowed: Vec<u64> = json["vcpu"]["filter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["syscall"] == "ioctl")
+            .map(|f| f["args"][0]["val"].as_u64().unwrap())
+            .collect();
+        for (name, nr) in [
+            ("KVM_RUN", KVM_RUN()),
+            ("KVM_GET_MP_STATE", KVM_GET_MP_STATE()),
+            ("KVM_GET_REGS", KVM_GET_REGS()),
+            ("KVM_GET_SREGS", KVM_GET_SREGS()),
+            ("KVM_GET_XSAVE", KVM_GET_XSAVE()),
+            ("KVM_GET_XSAVE2", KVM_GET_XSAVE2()),
+            ("KVM_GET_XCRS", KVM_GET_XCRS()),
+            ("KVM_GET_DEBUGREGS", KVM_GET_DEBUGREGS()),
+            ("KVM_GET_LAPIC", KVM_GET_LAPIC()),
+            ("KVM_GET_TSC_KHZ", KVM_GET_TSC_KHZ()),
+            ("KVM_GET_CPUID2", KVM_GET_CPUID2()),
+            ("KVM_GET_MSRS", KVM_GET_MSRS()),
+            ("KVM_GET_VCPU_EVENTS", KVM_GET_VCPU_EVENTS()),
+        ] {
+            assert!(
+                allowed.contains(&(nr as u64)),
+                "{name} ({nr}) is not allowed"
+            );
+        }
+    }
 
     #[test]
     fn tsc_goes_first_and_the_deadline_last_without_x2apic_registers() {
