@@ -313,6 +313,15 @@ impl Sender<'_> {
         source: &mut S,
     ) -> Result<MigrationReport, MigrationError> {
         let machine = source.machine();
+        if !machine.ram_size.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(MigrationError::new(
+                Stage::Hello,
+                ErrorKind::Invalid(format!(
+                    "RAM size {} is not a whole number of pages",
+                    machine.ram_size
+                )),
+            ));
+        }
         let ram_pages = machine.ram_size / PAGE_SIZE as u64;
         self.progress
             .ram_bytes

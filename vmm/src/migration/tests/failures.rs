@@ -293,3 +293,65 @@ fn a_source_sending_pages_past_ram_is_refused() {
     let e = dest.join().unwrap().1.unwrap_err();
     assert!(matches!(e.kind, ErrorKind::Invalid(_)), "{e}");
 }
+
+#[test]
+fn a_cancelled_migration_leaves_the_vm_running() {
+    let size = 8 * MIB;
+    let dir = TempDir::new("cancel");
+    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
+    let mut source = FakeSource::new(SharedRam::new(size), size);
+    let progress = Progress::default();
+    progress.cancel();
+    let e = migrate(&mut source, &addr, &send_cfg(), &progress).unwrap_err();
+    assert!(matches!(e.kind, ErrorKind::Cancelled), "{e}");
+    assert_eq!(e.stage, Stage::Memory { round: 0 });
+    assert_eq!(source.calls.pause, 0);
+    assert_eq!(source.calls.stop_log, 1);
+    assert!(source.running());
+    let (target, r) = dest.join().unwrap();
+    let de = r.unwrap_err();
+    assert!(matches!(de.kind, ErrorKind::Aborted(_)), "{de}");
+    assert!(de.to_string().contains("cancelled"), "{de}");
+    assert!(target.restored.is_none());
+}
+
+#[test]
+fn a_failed_pause_resumes_the_source_and_aborts_the_destination() {
+    let size = 4 * MIB;
+    let dir = TempDir::new("pause");
+    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
+    let mut source = FakeSource::new(SharedRam::new(size), size);
+    source.fail_pause = true;
+    let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
+    assert_eq!(e.stage, Stage::Pause, "{e}");
+    assert!(e.to_string().contains("would not quiesce"), "{e}");
+    assert_eq!((source.calls.pause, source.calls.resume), (1, 1));
+    assert!(source.running());
+    let (target, r) = dest.join().unwrap();
+    let de = r.unwrap_err();
+    assert!(de.to_string().contains("would not quiesce"), "{de}");
+    assert!(target.restored.is_none());
+}
+
+#[test]
+fn another_format_version_is_refused() {
+    let size = 4 * MIB;
+    let dir = TempDir::new("version");
+    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
+    let mut c = transport::connect(&addr, &quick_transport()).unwrap();
+    protocol::send(
+        &mut c,
+        &Message::Hello(protocol::Hello {
+            format_version: 99,
+            vmm_version: "9.9.9".into(),
+            machine: machine(size),
+        }),
+    )
+    .unwrap();
+    match protocol::recv(&mut c).unwrap() {
+        Message::Refuse { reason } => assert!(reason.contains("format 99"), "{reason}"),
+        m => panic!("{m:?}"),
+    }
+    let e = dest.join().unwrap().1.unwrap_err();
+    assert_eq!(e.stage, Stage::Hello);
+}

@@ -186,3 +186,28 @@ fn a_stray_peer_does_not_end_the_wait_for_the_source() {
     assert_eq!(target.restored.as_deref(), Some(&[][..]));
     assert!(target.ram == *source.at_pause.as_ref().unwrap());
 }
+
+#[test]
+fn a_dirty_set_that_never_shrinks_switches_over_anyway() {
+    let size = 8 * MIB;
+    let dir = TempDir::new("churn");
+    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
+    let ram = SharedRam::new(size);
+    fill(&ram, 7);
+    let mut source = FakeSource::new(ram, size);
+    source.churn = 300;
+    let cfg = SendConfig {
+        downtime: Duration::from_micros(1),
+        stall_rounds: 2,
+        ..send_cfg()
+    };
+    let report = migrate(&mut source, &addr, &cfg, &Progress::default()).unwrap();
+    let (target, r) = dest.join().unwrap();
+    r.unwrap();
+    assert_eq!(report.switch_reason, SwitchReason::NotConverging);
+    // Round 0, rounds 1 and 2 (300 pages each), then the paused one.
+    let pages: Vec<u64> = report.rounds.iter().map(|r| r.pages).collect();
+    assert_eq!(pages, vec![size / PAGE_SIZE as u64, 300, 300, 300]);
+    assert!(report.estimated_downtime > cfg.downtime);
+    assert!(target.ram == *source.at_pause.as_ref().unwrap());
+}

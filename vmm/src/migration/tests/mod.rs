@@ -113,6 +113,11 @@ struct FakeSource {
     calls: Calls,
     /// RAM as it was at pause.
     at_pause: Option<Vec<u8>>,
+    /// Pages 0..churn rewritten before each fetch of the dirty log (a
+    /// guest that never lets the dirty set shrink).
+    churn: u64,
+    /// pause_and_save pauses, then fails.
+    fail_pause: bool,
 }
 
 impl FakeSource {
@@ -123,6 +128,8 @@ impl FakeSource {
             state: (0..100_000u32).map(|i| (i % 251) as u8).collect(),
             calls: Calls::default(),
             at_pause: None,
+            churn: 0,
+            fail_pause: false,
         }
     }
     /// Paused now and never resumed, or running now.
@@ -151,6 +158,9 @@ impl MigrationSource for FakeSource {
         Ok(())
     }
     fn fetch_dirty(&mut self) -> io::Result<Vec<u64>> {
+        for p in 0..self.churn {
+            self.ram.write_page(p, (self.calls.start_log as u8) ^ 0x5a);
+        }
         let mut g = self.ram.0.lock().unwrap();
         let n = g.dirty.len();
         Ok(std::mem::replace(&mut g.dirty, vec![0; n]))
@@ -163,6 +173,9 @@ impl MigrationSource for FakeSource {
         self.calls.pause += 1;
         let mut g = self.ram.0.lock().unwrap();
         g.paused = true;
+        if self.fail_pause {
+            return Err(io::Error::other("a device would not quiesce"));
+        }
         self.at_pause = Some(g.bytes.clone());
         Ok(self.state.clone())
     }
