@@ -19,6 +19,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::timerfd::TimerFd;
 
 /// How much of its rate a bucket can save up: 100 ms worth.
@@ -95,6 +96,41 @@ impl TokenBucket {
     pub fn take(&mut self, cost: u64) {
         self.tokens -= i128::from(cost);
     }
+
+    /// The budget held at `now`.
+    fn snapshot(&mut self, now: Instant) -> BucketSnapshot {
+        self.refill(now);
+        BucketSnapshot {
+            rate: self.rate,
+            tokens: self
+                .tokens
+                .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64,
+        }
+    }
+
+    /// Holds `saved`'s budget from `now` on (at most a full bucket).
+    fn restore(&mut self, saved: &BucketSnapshot, now: Instant) {
+        self.tokens = i128::from(saved.tokens).min(i128::from(self.capacity));
+        self.last = now;
+    }
+}
+
+/// A bucket's budget: tokens held (negative: a debt), saved as a count;
+/// the time they were earned is not kept, a restored bucket refills from
+/// the moment it is restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketSnapshot {
+    /// The bucket's rate when saved (informative: the rate in force is the
+    /// restoring VMM's).
+    pub rate: u64,
+    pub tokens: i64,
+}
+
+/// The budgets of a device's [`RateLimiter`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimiterSnapshot {
+    pub bytes: Option<BucketSnapshot>,
+    pub ops: Option<BucketSnapshot>,
 }
 
 /// The limits of one device, as configured.
@@ -166,6 +202,30 @@ impl RateLimiter {
             .map_err(io::Error::from)?;
         self.blocked = true;
         Ok(false)
+    }
+
+    /// The budgets held now.
+    pub fn snapshot(&mut self) -> RateLimiterSnapshot {
+        let now = Instant::now();
+        RateLimiterSnapshot {
+            bytes: self.bytes.as_mut().map(|b| b.snapshot(now)),
+            ops: self.ops.as_mut().map(|b| b.snapshot(now)),
+        }
+    }
+
+    /// Takes over saved budgets, for the buckets both have (a limit the
+    /// restoring VMM does not set is not restored; one the snapshot lacks
+    /// starts full). Budgets above the bucket's capacity are capped. Any
+    /// wait in progress ends: the next request re-arms the timer.
+    pub fn restore(&mut self, saved: &RateLimiterSnapshot) {
+        let now = Instant::now();
+        if let (Some(b), Some(s)) = (self.bytes.as_mut(), saved.bytes.as_ref()) {
+            b.restore(s, now);
+        }
+        if let (Some(b), Some(s)) = (self.ops.as_mut(), saved.ops.as_ref()) {
+            b.restore(s, now);
+        }
+        self.blocked = false;
     }
 
     /// Whether requests are waiting for the timer.
@@ -307,6 +367,51 @@ mod tests {
             assert!(l.admit(0).unwrap());
         }
         assert!(!l.admit(0).unwrap());
+    }
+
+    #[test]
+    fn budgets_survive_a_snapshot_as_counts() {
+        let limit = RateLimit {
+            bytes_per_sec: Some(100_000), // 10 000-byte bucket
+            ops_per_sec: Some(1_000),     // 100-op bucket
+        };
+        let mut l = RateLimiter::new(limit).unwrap();
+        assert!(l.admit(30_000).unwrap()); // 20 000 in debt
+        let saved = l.snapshot();
+        let bytes = saved.bytes.unwrap();
+        assert_eq!(bytes.rate, 100_000);
+        // Refilled a little since the admit, but still deep in debt.
+        assert!(
+            (-20_000..-19_000).contains(&bytes.tokens),
+            "{}",
+            bytes.tokens
+        );
+        assert_eq!(saved.ops.unwrap().tokens, 99);
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: RateLimiterSnapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+
+        // A new limiter starts full; restored, it carries the debt.
+        let mut fresh = RateLimiter::new(limit).unwrap();
+        fresh.restore(&back);
+        assert!(!fresh.admit(1).unwrap(), "the debt was carried over");
+        assert!(fresh.is_blocked());
+        let again = fresh.snapshot();
+        assert!(again.bytes.unwrap().tokens <= bytes.tokens + 1_000);
+
+        // A budget above the capacity is capped; a bucket absent from the
+        // snapshot stays full.
+        let mut capped = RateLimiter::new(limit).unwrap();
+        capped.restore(&RateLimiterSnapshot {
+            bytes: Some(BucketSnapshot {
+                rate: 1,
+                tokens: i64::MAX,
+            }),
+            ops: None,
+        });
+        let s = capped.snapshot();
+        assert_eq!(s.bytes.unwrap().tokens, 10_000);
+        assert_eq!(s.ops.unwrap().tokens, 100);
     }
 
     #[test]

@@ -8,6 +8,6 @@ pub mod power;
 pub mod serial;
 pub mod vmgenid;
 
-pub use ged::GedDevice;
+pub use ged::{GedDevice, GedSnapshot};
 pub use power::{AcpiPowerDevice, I8042ResetDevice};
-pub use serial::{EventFdTrigger, SerialDevice};
+pub use serial::{EventFdTrigger, SerialDevice, SerialRestoreError, SerialSnapshot};

@@ -5,19 +5,22 @@
 //! `input_ready` eventfd fires so the loop can resume reading its source.
 
 use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
 
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::BusDevice;
 
 /// Raises an interrupt by writing to an eventfd registered as a KVM irqfd.
-pub struct EventFdTrigger(EventFd);
+pub struct EventFdTrigger(Arc<EventFd>);
 
 impl EventFdTrigger {
     pub fn new(evt: EventFd) -> Self {
-        Self(evt)
+        Self(Arc::new(evt))
     }
 }
 
@@ -29,7 +32,7 @@ impl Trigger for EventFdTrigger {
 }
 
 /// Signals the event loop when the receive FIFO has room again.
-pub struct InputReady(EventFd);
+pub struct InputReady(Arc<EventFd>);
 
 impl SerialEvents for InputReady {
     fn buffer_read(&self) {}
@@ -42,21 +45,120 @@ impl SerialEvents for InputReady {
     }
 }
 
-type Uart = Serial<EventFdTrigger, InputReady, Box<dyn Write + Send>>;
+/// The device's output, shared with its UART so that a UART rebuilt from a
+/// saved state writes to it too.
+#[derive(Clone)]
+pub struct SharedOutput(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for SharedOutput {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(b)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
+type Uart = Serial<EventFdTrigger, InputReady, SharedOutput>;
 
 pub struct SerialDevice {
     uart: Uart,
     output_failed: bool,
+    /// The UART's interrupt and input-room eventfds, kept to rebuild it
+    /// from a saved state.
+    irq: Arc<EventFd>,
+    ready: Arc<EventFd>,
+    out: SharedOutput,
+}
+
+/// The UART's registers and receive FIFO (vm-superio's `SerialState`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// Bytes the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
+/// A saved UART state the device cannot take.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialRestoreError {
+    #[error("the saved serial port holds {0} unread bytes, more than its FIFO")]
+    FifoOverflow(usize),
+    #[error("cannot raise the restored serial port's interrupt: {0}")]
+    Interrupt(#[source] io::Error),
 }
 
 impl SerialDevice {
     /// `irq` is the eventfd registered as the port's irqfd; output goes to `out`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> io::Result<Self> {
-        let ready = EventFd::new(EFD_NONBLOCK)?;
+        let irq = Arc::new(irq);
+        let ready = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let out = SharedOutput(Arc::new(Mutex::new(out)));
         Ok(Self {
-            uart: Serial::with_events(EventFdTrigger::new(irq), InputReady(ready), out),
+            uart: Serial::with_events(
+                EventFdTrigger(irq.clone()),
+                InputReady(ready.clone()),
+                out.clone(),
+            ),
             output_failed: false,
+            irq,
+            ready,
+            out,
         })
+    }
+
+    /// The UART's registers and unread input, for a snapshot.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Takes over a saved UART state, keeping this device's output, input
+    /// wiring and interrupt; raises the interrupt if the state has one
+    /// pending. Creates no file descriptor.
+    pub fn restore(&mut self, saved: &SerialSnapshot) -> Result<(), SerialRestoreError> {
+        let state = SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let trigger = EventFdTrigger(self.irq.clone());
+        let ready = InputReady(self.ready.clone());
+        match Serial::from_state(&state, trigger, ready, self.out.clone()) {
+            Ok(uart) => {
+                self.uart = uart;
+                Ok(())
+            }
+            Err(vm_superio::serial::Error::Trigger(e)) => Err(SerialRestoreError::Interrupt(e)),
+            Err(_) => Err(SerialRestoreError::FifoOverflow(saved.in_buffer.len())),
+        }
     }
 
     /// The eventfd that fires when the guest has emptied the receive FIFO.
@@ -145,6 +247,60 @@ mod tests {
         dev.read(0, &mut b);
         assert_eq!(b[0], b'k');
         assert!(dev.input_ready_eventfd().read().unwrap() >= 1);
+    }
+
+    /// A UART with settings and unread input is saved, and restored into a
+    /// new device that keeps its own output and interrupt: the guest reads
+    /// its input on, with the interrupt raised again, and writes on.
+    #[test]
+    fn state_round_trips_into_a_new_device() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(io::sink())).unwrap();
+        dev.write(3, &[0x80]); // DLAB
+        dev.write(0, &[0x0c]); // 9600 baud
+        dev.write(3, &[0x03]); // 8N1
+        dev.write(7, &[0x5a]); // scratch
+        dev.write(1, &[0x01]); // receive interrupt
+        assert_eq!(dev.push_input(b"xyz"), 3);
+        let saved = dev.snapshot();
+        assert_eq!(saved.in_buffer, b"xyz");
+        assert_eq!(saved.baud_divisor_low, 0x0c);
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: SerialSnapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+
+        let irq2 = EventFd::new(EFD_NONBLOCK).unwrap();
+        let sink = Sink::default();
+        let mut new = SerialDevice::new(irq2.try_clone().unwrap(), Box::new(sink.clone())).unwrap();
+        new.restore(&back).unwrap();
+        assert_eq!(new.snapshot(), saved);
+        assert!(
+            irq2.read().unwrap() >= 1,
+            "pending input raises the interrupt"
+        );
+        assert_eq!(new.input_room(), 64 - 3);
+        let mut b = [0u8];
+        new.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        new.read(0, &mut b);
+        assert_eq!(b[0], b'x');
+        new.read(0, &mut b);
+        assert_eq!(b[0], b'y');
+        new.read(0, &mut b);
+        assert_eq!(b[0], b'z');
+        assert!(new.input_ready_eventfd().read().unwrap() >= 1);
+        new.write(0, b"!");
+        assert_eq!(&*sink.0.lock().unwrap(), b"!");
+
+        // More unread input than a FIFO holds is refused, the device kept.
+        let mut bad = saved.clone();
+        bad.in_buffer = vec![0; 65];
+        assert!(matches!(
+            new.restore(&bad),
+            Err(SerialRestoreError::FifoOverflow(65))
+        ));
+        new.write(0, b"?");
+        assert_eq!(&*sink.0.lock().unwrap(), b"!?");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::interrupt::Interrupt;
+use super::state::{DeviceSnapshot, RestoreError, SnapshotError};
 
 /// Code a device's worker thread runs once, before anything else (the VMM
 /// uses it to install the I/O-worker seccomp filter).
@@ -45,6 +46,10 @@ pub enum ActivateError {
     Backend(#[source] io::Error),
     #[error("vhost-user backend: {0}")]
     VhostUser(String),
+    #[error("the device cannot be quiesced")]
+    QuiesceUnsupported,
+    #[error("the worker of queue {0} did not hand its queue back")]
+    QueueLost(usize),
 }
 
 /// A virtio device model behind the virtio-mmio transport.
@@ -100,6 +105,39 @@ pub trait VirtioDevice: Send {
     /// activated again. Blocks until the worker's body has returned; the
     /// worker thread stays for the next activation.
     fn reset(&mut self);
+
+    /// Stops serving the queues of an active device after completing every
+    /// request in flight (used ring written, interrupt raised as usual),
+    /// and hands the queues back in their current state, in index order,
+    /// for [`VirtioDevice::activate`] to serve again (resume) or for a
+    /// snapshot. The worker thread stays. Runs on the VMM's main thread
+    /// while the vCPUs are paused; creates no thread and no fd.
+    ///
+    /// On an error the device is stopped and its queues are lost: the
+    /// transport fails the device (NEEDS_RESET).
+    fn quiesce(&mut self) -> Result<Vec<Queue>, ActivateError> {
+        self.reset();
+        Err(ActivateError::QuiesceUnsupported)
+    }
+
+    /// The device model's own state (features offered, config space as the
+    /// guest sees it, budgets), for a snapshot.
+    fn snapshot(&self) -> Result<DeviceSnapshot, SnapshotError> {
+        Err(SnapshotError::Unsupported {
+            device_type: self.device_type(),
+        })
+    }
+
+    /// Takes over `state`, saved by [`VirtioDevice::snapshot`] of a device
+    /// of the same kind, on a device freshly built (not active) on the new
+    /// backend; refuses a state this device cannot honour (another kind of
+    /// device, another disk size, another queue count).
+    fn restore(&mut self, state: &DeviceSnapshot) -> Result<(), RestoreError> {
+        let _ = state;
+        Err(RestoreError::Unsupported {
+            device_type: self.device_type(),
+        })
+    }
 }
 
 /// Copies `data.len()` bytes of a device's config space from `offset`;

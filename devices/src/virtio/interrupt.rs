@@ -67,6 +67,29 @@ impl Interrupt {
         self.config_generation.load(Ordering::Acquire)
     }
 
+    /// The pending causes and the config generation, for a snapshot.
+    pub fn snapshot(&self) -> super::state::InterruptSnapshot {
+        super::state::InterruptSnapshot {
+            status: self.status(),
+            config_generation: self.config_generation(),
+        }
+    }
+
+    /// Takes over saved causes and config generation. Unknown cause bits
+    /// are dropped. With causes pending, pulses the irqfd once: the edge
+    /// the guest would otherwise wait for may have been lost with the old
+    /// VM (a spurious interrupt is harmless, a lost one hangs the driver).
+    pub(crate) fn restore(&self, saved: &super::state::InterruptSnapshot) -> io::Result<()> {
+        let status = saved.status & (VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
+        self.config_generation
+            .store(saved.config_generation, Ordering::Release);
+        self.status.store(status, Ordering::Release);
+        if status != 0 {
+            self.irq.write(1)?;
+        }
+        Ok(())
+    }
+
     /// Clears every pending cause (device reset).
     pub(crate) fn reset(&self) {
         self.status.store(0, Ordering::Release);

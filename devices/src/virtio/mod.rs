@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod mmio;
 pub mod net;
 mod queue;
+pub mod state;
 pub mod vhost_user_blk;
 mod worker;
 
@@ -21,4 +22,8 @@ pub use interrupt::Interrupt;
 pub use metrics::{BlockCounters, NetCounters};
 pub use mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 pub use net::{parse_mac, Net, NetConfig};
+pub use state::{
+    BlockSnapshot, DeviceSnapshot, InterruptSnapshot, NetSnapshot, QueueSnapshot, RestoreError,
+    SnapshotError, TransportSnapshot, VhostUserBlockSnapshot,
+};
 pub use vhost_user_blk::{VhostUserBlock, VhostUserBlockConfig};

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use tracing::debug;
@@ -13,16 +13,18 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::Queue;
 
 use super::backend::BlockBackend;
 use super::engine::{self, EngineKind, EngineSlot};
 use super::io::{Disk, SERIAL_LEN};
 use super::raw::{RawFile, RawFileError};
 use super::request::{RequestLimits, SECTOR_SHIFT, SECTOR_SIZE};
-use super::worker::{BlockWorker, QueueContext};
+use super::worker::{BlockWorker, QueueContext, QueueHandback};
 use crate::rate_limiter::{self, RateLimit, SharedRateLimiter};
 use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice, WorkerHook};
 use crate::virtio::metrics::BlockCounters;
+use crate::virtio::state::{DeviceSnapshot, RestoreError, SnapshotError};
 use crate::virtio::worker::Worker;
 
 /// Size of each request queue, and the most requests a queue keeps in
@@ -100,6 +102,14 @@ pub struct Block {
     config: [u8; CONFIG_LEN],
     queue_sizes: Vec<u16>,
     limiter: Option<SharedRateLimiter>,
+    /// The disk in messages: its path, or its id.
+    label: String,
+    /// Set while [`VirtioDevice::quiesce`] stops the workers.
+    quiescing: Arc<AtomicBool>,
+    /// One per queue: where its worker leaves the queue when it stops.
+    handbacks: Vec<QueueHandback>,
+    /// Queues the current activation serves (0: not active).
+    active_queues: usize,
 }
 
 impl Block {
@@ -111,6 +121,7 @@ impl Block {
         }
         let backend = RawFile::open(&cfg.path, cfg.read_only, cfg.direct)?;
         let mut block = Self::build(Arc::new(backend), cfg.read_only, serial, cfg.queues)?;
+        block.label = cfg.path.display().to_string();
         block.set_rate_limit(cfg.rate_limit)?;
         Ok(block)
     }
@@ -180,7 +191,11 @@ impl Block {
         read_only: bool,
         id: Option<&str>,
     ) -> Result<Self, Error> {
-        Self::build(backend, read_only, serial(id)?, 1)
+        let mut block = Self::build(backend, read_only, serial(id)?, 1)?;
+        if let Some(id) = id {
+            block.label = id.to_string();
+        }
+        Ok(block)
     }
 
     fn build(
@@ -213,8 +228,13 @@ impl Block {
         }
         let index = NEXT_INDEX.fetch_add(1, Ordering::Relaxed);
         let n = usize::from(queues);
+        let name = format!("kiln-blk{index}");
         Ok(Self {
-            name: format!("kiln-blk{index}"),
+            label: name.clone(),
+            quiescing: Arc::default(),
+            handbacks: (0..n).map(|_| QueueHandback::default()).collect(),
+            active_queues: 0,
+            name,
             workers: (0..n).map(|_| None).collect(),
             engines: (0..n).map(|_| EngineSlot::default()).collect(),
             engine_kind: EngineKind::default(),
@@ -355,7 +375,9 @@ impl VirtioDevice for Block {
             limits: self.limits(),
             limiter: self.limiter.clone(),
             all_queue_events: ctx.queue_events.clone(),
+            quiescing: self.quiescing.clone(),
         };
+        self.take_handbacks(self.handbacks.len());
         let queues = ctx.queues.into_iter().zip(ctx.queue_events);
         for (i, (queue, queue_evt)) in queues.enumerate() {
             let name = queue_thread_name(&self.name, i);
@@ -374,12 +396,14 @@ impl VirtioDevice for Block {
                 self.engines.get(i),
                 worker.poller(),
                 worker.stop_eventfd(),
+                self.handbacks[i].clone(),
             );
             if let Err(e) = worker.submit(move || body.run()) {
                 self.reset();
                 return Err(ActivateError::Worker(e));
             }
         }
+        self.active_queues = got;
         Ok(())
     }
 
@@ -388,8 +412,38 @@ impl VirtioDevice for Block {
         for w in self.workers.iter_mut().flatten() {
             w.stop();
         }
+        self.take_handbacks(self.handbacks.len());
+        self.active_queues = 0;
+    }
+
+    /// Stops every queue's worker; each completes its I/O in flight in the
+    /// used ring (interrupting the guest as usual) and hands its queue back.
+    fn quiesce(&mut self) -> Result<Vec<Queue>, ActivateError> {
+        let n = self.active_queues;
+        self.quiescing.store(true, Ordering::Release);
+        for w in self.workers.iter_mut().flatten() {
+            w.stop();
+        }
+        self.quiescing.store(false, Ordering::Release);
+        self.active_queues = 0;
+        let queues = self.take_handbacks(n);
+        let got = queues.iter().take_while(|q| q.is_some()).count();
+        if got < n {
+            return Err(ActivateError::QueueLost(got));
+        }
+        Ok(queues.into_iter().flatten().collect())
+    }
+
+    fn snapshot(&self) -> Result<DeviceSnapshot, SnapshotError> {
+        Ok(DeviceSnapshot::Block(self.state()))
+    }
+
+    fn restore(&mut self, state: &DeviceSnapshot) -> Result<(), RestoreError> {
+        self.restore_state(state)
     }
 }
+
+mod snapshot;
 
 #[cfg(test)]
 mod tests {

@@ -25,7 +25,9 @@
 //! - Dropping the server (device reset, VMM exit) first waits for every op
 //!   in flight: the kernel may be writing into guest memory until then.
 //!   Their results are dropped: after a reset the rings are not the
-//!   device's to write.
+//!   device's to write. Quiescing the device (a snapshot, a migration)
+//!   instead completes them ([`QueueServer::drain_and_complete`]): the
+//!   guest must find them finished when the VM goes on.
 
 use std::io;
 
@@ -450,11 +452,23 @@ impl QueueServer {
         }
     }
 
-    /// Waits for every op in flight, dropping the results.
-    fn drain(&mut self) {
+    /// Waits for every op in flight and completes the requests they belong
+    /// to, as [`QueueServer::reap`] would (status written, chain put in the
+    /// used ring), without starting new ones: the device is being quiesced
+    /// and the guest must see every request it handed over finished.
+    /// Returns how many chains went to the used ring; the caller interrupts
+    /// the guest if that is not 0.
+    pub fn drain_and_complete(&mut self, queue: &mut Queue) -> usize {
+        self.drain(Some(queue))
+    }
+
+    /// Waits for every op in flight; with `queue`, completes their requests
+    /// in it, else (device reset) drops the results.
+    fn drain(&mut self, mut queue: Option<&mut Queue>) -> usize {
+        let mut used = 0;
         while self.in_flight() > 0 {
             let Some((engine, _)) = self.engine.as_mut() else {
-                return;
+                return used;
             };
             if engine.in_flight() == 0 {
                 // Nothing left that could complete: never wait forever.
@@ -468,7 +482,7 @@ impl QueueServer {
                         self.free.push(i);
                     }
                 }
-                return;
+                return used;
             }
             if let Err(e) = engine.wait() {
                 error!(
@@ -476,21 +490,28 @@ impl QueueServer {
                 );
                 // The kernel may still write into guest memory: never unmap it.
                 std::mem::forget(self.mem.clone());
-                return;
+                return used;
             }
             engine.reap(&mut self.reaped);
             let mut reaped = std::mem::take(&mut self.reaped);
             for done in reaped.drain(..) {
-                self.finish(done, false);
+                let finished = self.finish(done, queue.is_some());
+                if let (Some((head, len)), Some(q)) = (finished, queue.as_deref_mut()) {
+                    add_used(q, &self.mem, head, len);
+                    used += 1;
+                }
             }
             self.reaped = reaped;
+            // The rest of short transfers, pushed by `finish`.
+            self.submit();
         }
+        used
     }
 }
 
 impl Drop for QueueServer {
     fn drop(&mut self) {
-        self.drain();
+        self.drain(None);
         if let Some((engine, slot)) = self.engine.take() {
             engine::put_back(&slot, engine);
         }

@@ -93,6 +93,7 @@ fn rig(m: &GuestMemoryMmap, read_only: bool, event_idx: bool, kind: Option<Engin
         },
         limiter: None,
         all_queue_events: vec![queue_evt.clone()],
+        quiescing: Default::default(),
     };
     let worker = BlockWorker::new(
         &ctx,
@@ -101,6 +102,7 @@ fn rig(m: &GuestMemoryMmap, read_only: bool, event_idx: bool, kind: Option<Engin
         Some(&slot),
         Arc::new(EventSetPoller::new().unwrap()),
         Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        Default::default(),
     );
     Rig {
         mq,

@@ -9,7 +9,8 @@
 //! never waits for I/O: it starts requests, goes back to epoll, and
 //! completes them as the engine's eventfd fires.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tracing::error;
 use virtio_queue::Queue;
@@ -42,7 +43,13 @@ pub(super) struct QueueContext {
     /// shared rate limiter's timer kicks the others, which may be holding
     /// requests back too.
     pub all_queue_events: Vec<Arc<EventFd>>,
+    /// Set while the device is quiesced: a stopping worker completes its
+    /// requests in flight instead of dropping them.
+    pub quiescing: Arc<AtomicBool>,
 }
+
+/// Where a queue's worker leaves its queue when its body returns.
+pub(super) type QueueHandback = Arc<Mutex<Option<Queue>>>;
 
 /// Serves one request queue of a block device: the body an activation hands
 /// to that queue's worker thread.
@@ -57,6 +64,8 @@ pub(super) struct BlockWorker {
     pub(super) server: QueueServer,
     pub(super) limiter: Option<SharedRateLimiter>,
     siblings: Vec<Arc<EventFd>>,
+    quiescing: Arc<AtomicBool>,
+    handback: QueueHandback,
 }
 
 impl BlockWorker {
@@ -68,6 +77,7 @@ impl BlockWorker {
         engine: Option<&EngineSlot>,
         poller: Arc<EventSetPoller>,
         stop: Arc<EventFd>,
+        handback: QueueHandback,
     ) -> Self {
         let siblings = ctx
             .all_queue_events
@@ -84,13 +94,18 @@ impl BlockWorker {
             poller,
             limiter: ctx.limiter.clone(),
             siblings,
+            quiescing: ctx.quiescing.clone(),
+            handback,
         }
     }
 
     /// The thread body: registers the queue's eventfd, the engine's and the
     /// rate limiter's timer in the worker's epoll set, serves the queue
     /// until told to stop, waits for the I/O in flight, and unregisters
-    /// them (the epoll set outlives this activation).
+    /// them (the epoll set outlives this activation). When the device is
+    /// quiesced, the I/O in flight is completed in the used ring (and the
+    /// guest interrupted) rather than dropped. Either way the queue is left
+    /// in the handback slot.
     pub(super) fn run(mut self) {
         let mut registered: Vec<&str> = Vec::new();
         let mut ok = true;
@@ -123,10 +138,18 @@ impl BlockWorker {
         if ok {
             self.serve();
         }
+        if self.quiescing.load(Ordering::Acquire) {
+            let used = self.server.drain_and_complete(&mut self.queue);
+            if used > 0 {
+                notify_if_needed(&mut self.queue, self.server.mem(), &self.interrupt);
+            }
+        }
         let Self {
             server,
             poller,
             queue_evt,
+            queue,
+            handback,
             ..
         } = self;
         for what in registered {
@@ -147,6 +170,7 @@ impl BlockWorker {
         }
         // Waits for the I/O in flight before guest memory may go.
         drop(server);
+        *handback.lock().unwrap_or_else(|e| e.into_inner()) = Some(queue);
     }
 
     fn serve(&mut self) {

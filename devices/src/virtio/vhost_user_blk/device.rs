@@ -8,11 +8,13 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use tracing::{debug, error};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::Queue;
 
 use super::handshake::{self, hang_up, BackendRequests, Negotiated, VCPU_DEADLINE};
-use super::session::Session;
+use super::session::{QueueHandback, Session};
 use crate::virtio::block::device::QUEUE_SIZE;
 use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice, WorkerHook};
+use crate::virtio::state::{DeviceSnapshot, RestoreError, SnapshotError, VhostUserBlockSnapshot};
 use crate::virtio::worker::Worker;
 
 pub use super::handshake::Error;
@@ -39,6 +41,8 @@ pub struct VhostUserBlock {
     /// Spawned by [`VirtioDevice::spawn_worker`] (or the first activation);
     /// it talks to the backend during activations and watches its socket.
     worker: Option<Worker>,
+    /// Where the last activation's session left its queues.
+    handback: QueueHandback,
 }
 
 impl VhostUserBlock {
@@ -55,6 +59,7 @@ impl VhostUserBlock {
             backend,
             requests,
             worker: None,
+            handback: QueueHandback::default(),
         };
         debug!(
             device = %dev.name,
@@ -145,7 +150,12 @@ impl VirtioDevice for VhostUserBlock {
             config_changed: self.backend.config_changed.clone(),
             queue_count: self.backend.queues,
             requests: self.requests.clone(),
+            handback: self.handback.clone(),
         };
+        self.handback
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let (started_tx, started) = mpsc::sync_channel(1);
         worker
             .submit(move || session.run(started_tx))
@@ -177,6 +187,73 @@ impl VirtioDevice for VhostUserBlock {
     /// Takes the rings back; a backend that does not answer within
     /// [`VCPU_DEADLINE`] is hung up on instead of holding the vCPU.
     fn reset(&mut self) {
+        self.stop();
+        self.take_queues();
+    }
+
+    /// Takes the rings back as a reset does: the backend completes the
+    /// requests it took (kiln-store drains them before answering
+    /// GET_VRING_BASE) and returns each ring's next available index; the
+    /// queues come back with it and with the used ring's index.
+    fn quiesce(&mut self) -> Result<Vec<Queue>, ActivateError> {
+        self.stop();
+        self.take_queues().ok_or_else(|| {
+            ActivateError::VhostUser(format!(
+                "the backend at {} did not return the rings' state",
+                self.socket.display()
+            ))
+        })
+    }
+
+    fn snapshot(&self) -> Result<DeviceSnapshot, SnapshotError> {
+        Ok(DeviceSnapshot::VhostUserBlock(VhostUserBlockSnapshot {
+            avail_features: self.backend.guest_features(),
+            backend_features: self.backend.backend_features,
+            protocol_features: self.backend.protocol_features.bits(),
+            config: handshake::config_bytes(&self.backend.config).to_vec(),
+            queues: self.backend.queues,
+        }))
+    }
+
+    /// Refuses a backend whose disk has another size than the guest saw,
+    /// or another queue count. Features: the transport checks that those
+    /// the driver acked are still offered.
+    fn restore(&mut self, state: &DeviceSnapshot) -> Result<(), RestoreError> {
+        let DeviceSnapshot::VhostUserBlock(saved) = state else {
+            return Err(RestoreError::WrongKind {
+                saved: state.kind(),
+                here: "vhost-user-blk",
+            });
+        };
+        if self.worker.as_ref().is_some_and(Worker::is_busy) {
+            return Err(RestoreError::InUse);
+        }
+        if saved.queues != self.backend.queues {
+            return Err(RestoreError::QueueCount {
+                saved: usize::from(saved.queues),
+                here: usize::from(self.backend.queues),
+            });
+        }
+        let saved_sectors = saved
+            .config
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+            .ok_or_else(|| RestoreError::Invalid("a config space of under 8 bytes".into()))?;
+        if saved_sectors != self.capacity_sectors() {
+            return Err(RestoreError::Capacity {
+                disk: self.socket.display().to_string(),
+                saved: saved_sectors,
+                here: self.capacity_sectors(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBlock {
+    /// Stops the worker's session; see [`VirtioDevice::reset`].
+    fn stop(&mut self) {
         let (fd, name, socket) = (self.backend.socket_fd, &self.name, &self.socket);
         if let Some(w) = &mut self.worker {
             w.stop_within(VCPU_DEADLINE, || {
@@ -189,5 +266,13 @@ impl VirtioDevice for VhostUserBlock {
                 hang_up(fd);
             });
         }
+    }
+
+    /// Empties the handback slot, returning what it held.
+    fn take_queues(&self) -> Option<Vec<Queue>> {
+        self.handback
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 }

@@ -4,6 +4,7 @@
 //! back.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 
@@ -65,7 +66,13 @@ pub(super) struct Session {
     pub queue_count: u16,
     /// The backend's request channel, taken for the session and put back.
     pub requests: Arc<Mutex<Option<BackendRequests>>>,
+    /// Where the queues go, with the positions the backend left them at,
+    /// once it has stopped every ring (not if it went away).
+    pub handback: QueueHandback,
 }
+
+/// Where a session leaves its queues when the backend stopped the rings.
+pub(super) type QueueHandback = Arc<Mutex<Option<Vec<Queue>>>>;
 
 impl Session {
     /// The worker's body: starts the rings, reports the outcome on `started`
@@ -85,8 +92,9 @@ impl Session {
             .take();
         let connected = self.watch_until_stopped(&mut requests);
         *self.requests.lock().unwrap_or_else(|e| e.into_inner()) = requests;
-        if connected {
-            self.stop_rings();
+        if connected && self.stop_rings() {
+            let queues = std::mem::take(&mut self.queues);
+            *self.handback.lock().unwrap_or_else(|e| e.into_inner()) = Some(queues);
         }
     }
 
@@ -259,17 +267,35 @@ impl Session {
         true
     }
 
-    /// Device reset: the backend stops processing the rings and returns
-    /// their state (GET_VRING_BASE).
-    fn stop_rings(&mut self) {
-        for i in 0..self.queues.len() {
+    /// Device reset or quiesce: the backend stops processing the rings,
+    /// completing the requests it took from them, and returns their state
+    /// (GET_VRING_BASE: the next available index). The next used index is
+    /// the used ring's, in guest memory. Returns whether every ring's state
+    /// came back (the queues then hold it).
+    fn stop_rings(&mut self) -> bool {
+        let mut all = true;
+        for (i, q) in self.queues.iter_mut().enumerate() {
             if let Err(e) = self.frontend.set_vring_enable(i, false) {
                 warn!(device = %self.name, "vhost-user SET_VRING_ENABLE {i} off failed: {e}");
             }
             match self.frontend.get_vring_base(i) {
-                Ok(base) => debug!(device = %self.name, queue = i, base, "vhost-user ring stopped"),
-                Err(e) => warn!(device = %self.name, "vhost-user GET_VRING_BASE {i} failed: {e}"),
+                Ok(base) => {
+                    debug!(device = %self.name, queue = i, base, "vhost-user ring stopped");
+                    q.set_next_avail(base as u16);
+                    match q.used_idx(&self.mem, Ordering::Acquire) {
+                        Ok(used) => q.set_next_used(used.0),
+                        Err(e) => {
+                            warn!(device = %self.name, "cannot read the used index of queue {i}: {e}");
+                            all = false;
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(device = %self.name, "vhost-user GET_VRING_BASE {i} failed: {e}");
+                    all = false;
+                }
             }
         }
+        all
     }
 }

@@ -223,6 +223,7 @@ fn worker(s: &Setup, disk: Disk, queue: Queue) -> BlockWorker {
         disk,
         limiter: None,
         all_queue_events: vec![queue_evt.clone()],
+        quiescing: Default::default(),
     };
     BlockWorker::new(
         &ctx,
@@ -231,6 +232,7 @@ fn worker(s: &Setup, disk: Disk, queue: Queue) -> BlockWorker {
         Some(&s.slot),
         Arc::new(EventSetPoller::new().unwrap()),
         Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        Default::default(),
     )
 }
 
@@ -569,6 +571,7 @@ fn random_read_depth_32() {
             disk,
             limiter: None,
             all_queue_events: vec![queue_evt.clone()],
+            quiescing: Default::default(),
         };
         let mut w = BlockWorker::new(
             &ctx,
@@ -577,6 +580,7 @@ fn random_read_depth_32() {
             Some(&s.slot),
             Arc::new(EventSetPoller::new().unwrap()),
             Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            Default::default(),
         );
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let start = std::time::Instant::now();

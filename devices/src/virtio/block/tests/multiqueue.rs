@@ -222,6 +222,7 @@ fn the_rate_limiter_timer_wakes_every_queue() {
         },
         limiter,
         all_queue_events: events.clone(),
+        quiescing: Default::default(),
     };
     // Over the limit: the timer is armed (its read waits for it to fire).
     {
@@ -237,6 +238,7 @@ fn the_rate_limiter_timer_wakes_every_queue() {
         None,
         Arc::new(EventSetPoller::new().unwrap()),
         Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        Default::default(),
     );
     w.rate_limit_timer_fired();
     assert_eq!(events[0].read().unwrap(), 1);
