@@ -139,10 +139,7 @@ impl BlockWorker {
             self.serve();
         }
         if self.quiescing.load(Ordering::Acquire) {
-            let used = self.server.drain_and_complete(&mut self.queue);
-            if used > 0 {
-                notify_if_needed(&mut self.queue, self.server.mem(), &self.interrupt);
-            }
+            self.complete_in_flight();
         }
         let Self {
             server,
@@ -200,6 +197,16 @@ impl BlockWorker {
                     _ => {}
                 }
             }
+        }
+    }
+
+    /// Waits for the I/O in flight and completes its requests in the used
+    /// ring, interrupting the guest if it wants to hear of them; starts no
+    /// new request (the device is being quiesced).
+    pub(super) fn complete_in_flight(&mut self) {
+        let used = self.server.drain_and_complete(&mut self.queue);
+        if used > 0 {
+            notify_if_needed(&mut self.queue, self.server.mem(), &self.interrupt);
         }
     }
 

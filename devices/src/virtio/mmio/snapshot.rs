@@ -225,3 +225,6 @@ fn kind_name(device_type: u32) -> &'static str {
         _ => "virtio",
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -107,17 +107,17 @@ fn harness_with(sizes: Vec<u16>, fail_activation: bool, bypass: bool) -> Harness
     }
 }
 
-fn r32(t: &mut MmioTransport, off: u32) -> u32 {
+pub(super) fn r32(t: &mut MmioTransport, off: u32) -> u32 {
     let mut b = [0u8; 4];
     t.read(u64::from(off), &mut b);
     u32::from_le_bytes(b)
 }
 
-fn w32(t: &mut MmioTransport, off: u32, v: u32) {
+pub(super) fn w32(t: &mut MmioTransport, off: u32, v: u32) {
     t.write(u64::from(off), &v.to_le_bytes());
 }
 
-fn negotiate(t: &mut MmioTransport, low: u32, high: u32) {
+pub(super) fn negotiate(t: &mut MmioTransport, low: u32, high: u32) {
     w32(t, VIRTIO_MMIO_STATUS, STATUS_ACK);
     w32(t, VIRTIO_MMIO_STATUS, STATUS_DRIVER);
     w32(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
