@@ -56,10 +56,14 @@ struct Running {
 impl Running {
     /// Starts the vCPU thread, paused before its first instruction.
     fn start(vm: Vm, mem: GuestMemoryMmap, vcpu: Vcpu) -> Self {
+        Self::start_with(vm, mem, vcpu, Bus::new())
+    }
+
+    fn start_with(vm: Vm, mem: GuestMemoryMmap, vcpu: Vcpu, pio: Bus) -> Self {
         vcpu::install_kick_handler().unwrap();
         let gate = Arc::new(PauseGate::new_paused(1));
         let ctx = VcpuContext {
-            pio: Arc::new(Bus::new()),
+            pio: Arc::new(pio),
             mmio: Arc::new(Bus::new()),
             exit: Arc::new(ExitSignal::new().unwrap()),
             // The real vCPU filter: saving must not step outside it.
@@ -115,13 +119,17 @@ impl Running {
 
 /// A new VM running the counting loop from boot.
 fn boot(kvm: &Kvm) -> Running {
+    boot_with(kvm, LOOP, Bus::new())
+}
+
+fn boot_with(kvm: &Kvm, code: &[u8], pio: Bus) -> Running {
     let mem = guest_memory::create(MEM, guest_memory::Backing::Anonymous).unwrap();
-    mem.write_slice(LOOP, GuestAddress(CODE)).unwrap();
+    mem.write_slice(code, GuestAddress(CODE)).unwrap();
     let vm = Vm::new(kvm, &mem).unwrap();
     let vcpu = Vcpu::new(&vm, 0).unwrap();
     vcpu.configure(&kvm.supported_cpuid, 1).unwrap();
     vcpu.configure_boot(&mem, GuestAddress(CODE)).unwrap();
-    let r = Running::start(vm, mem, vcpu);
+    let r = Running::start_with(vm, mem, vcpu, pio);
     r.run_for(Duration::from_millis(30));
     r
 }
@@ -194,6 +202,52 @@ fn a_restored_guest_counts_on_from_where_it_was_twice() {
     r.run_for(Duration::from_millis(20));
     assert!(r.count() > at);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A port that counts its reads and answers each with the count.
+struct Counter(Arc<std::sync::atomic::AtomicU32>);
+
+impl kiln_devices::BusDevice for Counter {
+    fn read(&mut self, _: u64, data: &mut [u8]) {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let len = data.len().min(4);
+        data[..len].copy_from_slice(&n.to_le_bytes()[..len]);
+    }
+    fn write(&mut self, _: u64, _: &[u8]) {}
+}
+
+/// A vCPU paused right after the VMM answered its port read has not
+/// taken the answer yet: the save first lets KVM finish the instruction,
+/// so the saved RAX holds the last value the device gave.
+#[test]
+fn a_save_completes_the_io_the_device_answered() {
+    let Some(kvm) = kvm() else { return };
+    // mov dx, 0x510; in eax, dx; mov [0x200000], eax; inc rbx; jmp to in.
+    let code = [
+        0x66, 0xba, 0x10, 0x05, //
+        0xed, //
+        0x89, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00, //
+        0x48, 0xff, 0xc3, //
+        0xeb, 0xf3,
+    ];
+    let reads = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut pio = Bus::new();
+    pio.insert(
+        Arc::new(std::sync::Mutex::new(Counter(reads.clone()))),
+        0x510,
+        4,
+    )
+    .unwrap();
+    let r = boot_with(&kvm, &code, pio);
+    for _ in 0..3 {
+        let answered = reads.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(answered > 100, "the guest read the port: {answered}");
+        let s = r.gate.save_states(Duration::from_secs(1)).unwrap();
+        assert_eq!(s[0].regs.rax as u32, answered);
+        // The store after it has not run yet.
+        assert_eq!(r.count() as u32, answered - 1);
+        r.run_for(Duration::from_millis(10));
+    }
 }
 
 #[test]

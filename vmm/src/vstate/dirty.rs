@@ -85,6 +85,24 @@ impl DirtyBitmap {
         }
     }
 
+    /// Marks the pages of guest addresses `[addr, addr + len)` (a buffer a
+    /// device wrote), in RAM page numbers; parts outside RAM are ignored.
+    pub fn mark_guest_range(&mut self, mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) {
+        let mut offset = 0u64;
+        let end = addr.raw_value().saturating_add(len);
+        for r in mem.iter() {
+            let (start, stop) = (
+                r.start_addr().raw_value(),
+                r.start_addr().raw_value() + r.len(),
+            );
+            let (from, to) = (addr.raw_value().max(start), end.min(stop));
+            if from < to {
+                self.mark_range(offset + (from - start), to - from);
+            }
+            offset += r.len();
+        }
+    }
+
     /// How many pages are dirty.
     pub fn count(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
@@ -251,5 +269,29 @@ mod tests {
         c.union(&b);
         assert_eq!(c.count(), 6);
         assert_eq!(DirtyBitmap::all(130).count(), 130);
+    }
+
+    #[test]
+    fn guest_addresses_become_ram_pages_across_the_mmio_gap() {
+        use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
+        let mem = crate::vstate::memory::create(
+            MMIO_GAP_START + (8 << 20),
+            crate::vstate::memory::Backing::Anonymous,
+        )
+        .unwrap();
+        let mut b = DirtyBitmap::new(ram_pages(&mem));
+        // The last low page, the gap (ignored), the first high page.
+        b.mark_guest_range(
+            &mem,
+            GuestAddress(MMIO_GAP_START - 4096),
+            MMIO_GAP_END - MMIO_GAP_START + 4097,
+        );
+        let low_pages = (MMIO_GAP_START / PAGE_SIZE) as usize;
+        assert_eq!(b.iter().collect::<Vec<_>>(), vec![low_pages - 1, low_pages]);
+        assert_eq!(
+            page_address(&mem, low_pages),
+            Some(GuestAddress(MMIO_GAP_END))
+        );
+        assert_eq!(page_address(&mem, ram_pages(&mem)), None);
     }
 }

@@ -366,18 +366,19 @@ impl Vcpu {
         let exit = match (ctx.on_start)() {
             Err(e) => VmExit::Error(format!("vCPU {}: {e}", self.index)),
             Ok(()) => loop {
-                ctx.pause.wait_while_paused(&mut || self.save_state());
+                ctx.pause
+                    .wait_while_paused(&mut || self.save_state_paused(&ctx));
                 match self.run_once(&ctx) {
                     // A device (the ACPI sleep or reset register, the
                     // i8042) may have just ended the VM: stop here rather
                     // than run the guest on while the VMM winds down. (A
                     // Linux guest polls the sleep status register after
                     // its power-off write: 180 exits in one boot.)
-                    Ok(None) if ctx.exit.has_ended() => {
+                    Ok(Step::Interrupted | Step::Handled) if ctx.exit.has_ended() => {
                         break ctx.exit.reason().unwrap_or(VmExit::PowerOff)
                     }
-                    Ok(None) => continue,
-                    Ok(Some(exit)) => break exit,
+                    Ok(Step::Interrupted | Step::Handled) => continue,
+                    Ok(Step::Exit(exit)) => break exit,
                     Err(msg) => break VmExit::Error(format!("vCPU {}: {msg}", self.index)),
                 }
             },
@@ -391,8 +392,8 @@ impl Vcpu {
         }
     }
 
-    /// One KVM_RUN; returns the VM's end when this exit means one.
-    fn run_once(&mut self, ctx: &VcpuContext) -> Result<Option<VmExit>, String> {
+    /// One KVM_RUN and the handling of its exit.
+    fn run_once(&mut self, ctx: &VcpuContext) -> Result<Step, String> {
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !ctx.pio.read(u64::from(port), data) {
@@ -421,14 +422,14 @@ impl Vcpu {
                     self.index,
                     triple_fault_site(regs.as_ref(), sregs.as_ref())
                 );
-                return Ok(Some(VmExit::Reset));
+                return Ok(Step::Exit(VmExit::Reset));
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 return match kind {
-                    KVM_SYSTEM_EVENT_SHUTDOWN => Ok(Some(VmExit::PowerOff)),
+                    KVM_SYSTEM_EVENT_SHUTDOWN => Ok(Step::Exit(VmExit::PowerOff)),
                     KVM_SYSTEM_EVENT_RESET => {
                         tracing::info!("vCPU {}: KVM system event: reset", self.index);
-                        Ok(Some(VmExit::Reset))
+                        Ok(Step::Exit(VmExit::Reset))
                     }
                     KVM_SYSTEM_EVENT_CRASH => Err("the guest crashed".into()),
                     other => Err(format!("unexpected system event {other}")),
@@ -436,7 +437,7 @@ impl Vcpu {
             }
             // With an in-kernel LAPIC, HLT only exits when the guest halts
             // with interrupts off: it can never wake up again.
-            Ok(VcpuExit::Hlt) => return Ok(Some(VmExit::PowerOff)),
+            Ok(VcpuExit::Hlt) => return Ok(Step::Exit(VmExit::PowerOff)),
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 return Err(format!(
                     "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
@@ -446,10 +447,62 @@ impl Vcpu {
                 return Err("KVM internal error (emulation failure)".into())
             }
             Ok(other) => return Err(format!("unexpected exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Ok(Step::Interrupted)
+            }
             Err(e) => return Err(format!("KVM_RUN failed: {e}")),
         }
-        Ok(None)
+        Ok(Step::Handled)
+    }
+}
+
+/// What one KVM_RUN came to.
+enum Step {
+    /// KVM_RUN returned without an exit (a kick, or `immediate_exit`).
+    Interrupted,
+    /// An exit the devices handled; the guest goes on.
+    Handled,
+    /// The VM ends.
+    Exit(VmExit),
+}
+
+/// The most exits that finishing one instruction's I/O may take (a
+/// string I/O instruction exits once per iteration KVM cannot batch).
+const MAX_COMPLETION_EXITS: usize = 1024;
+
+impl Vcpu {
+    /// On the vCPU thread, paused: lets KVM finish the instruction whose
+    /// I/O the devices answered last (`immediate_exit` + KVM_RUN, which
+    /// returns EINTR without entering the guest; a string I/O instruction
+    /// may exit again first, and that exit goes to the devices as usual),
+    /// then reads the state.
+    fn save_state_paused(&mut self, ctx: &VcpuContext) -> Result<VcpuState, StateError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let mut done = Err("it kept exiting".to_string());
+        for _ in 0..MAX_COMPLETION_EXITS {
+            match self.run_once(ctx) {
+                Ok(Step::Interrupted) => {
+                    done = Ok(());
+                    break;
+                }
+                Ok(Step::Handled) => continue,
+                Ok(Step::Exit(exit)) => {
+                    done = Err(format!("the VM ended ({exit:?})"));
+                    break;
+                }
+                Err(msg) => {
+                    done = Err(msg);
+                    break;
+                }
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        done.map_err(|detail| StateError::Malformed {
+            index: self.index,
+            what: "pending I/O completion",
+            detail,
+        })?;
+        self.read_state()
     }
 }
 

@@ -150,25 +150,30 @@ impl Vcpu {
         let outcome = match result {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
             Err(e) => Err(self.get_err("pending I/O completion (KVM_RUN)")(e)),
-            // KVM returns EINTR whenever immediate_exit is set; any exit is
-            // a kernel that does not know the flag (before 4.14).
-            Ok(_) => Err(StateError::Malformed {
+            // A string I/O instruction exits again (once per iteration):
+            // that needs the devices, which only the vCPU thread has.
+            Ok(exit) => Err(StateError::Malformed {
                 index: self.index,
                 what: "pending I/O completion",
-                detail: "KVM_RUN ran the guest despite immediate_exit (kernel older than 4.14?)"
-                    .into(),
+                detail: format!("KVM_RUN exited again ({exit:?}): save on the vCPU thread"),
             }),
         };
         self.fd.set_kvm_immediate_exit(0);
         outcome
     }
 
-    /// Reads the vCPU's whole state. Runs on the vCPU's own thread, with
-    /// the VM paused: KVM's vCPU ioctls are meant for the thread that runs
-    /// the vCPU (some, like the MP state, take the vCPU's lock and would
-    /// wait for KVM_RUN).
+    /// Finishes pending I/O ([`Vcpu::complete_pending_io`]) and reads the
+    /// vCPU's whole state. For a vCPU that is not running on its thread
+    /// (a running VM's vCPUs save through [`super::vcpu::PauseGate::save_states`],
+    /// on their own threads, where a string I/O instruction's further
+    /// exits can reach the devices).
     pub fn save_state(&mut self) -> Result<VcpuState, StateError> {
         self.complete_pending_io()?;
+        self.read_state()
+    }
+
+    /// Reads the vCPU's whole state, nothing pending.
+    pub(super) fn read_state(&mut self) -> Result<VcpuState, StateError> {
         let mp_state = self.fd.get_mp_state().map_err(self.get_err("MP state"))?;
         let regs = self.fd.get_regs().map_err(self.get_err("registers"))?;
         let sregs = self.fd.get_sregs().map_err(self.get_err("sregs"))?;
