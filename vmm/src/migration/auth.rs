@@ -13,7 +13,7 @@
 //! [`super::transport`]).
 
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::RawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -49,33 +49,24 @@ impl Secret {
             path: path.to_owned(),
             reason,
         };
-        let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+        let mut file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+        let meta = file.metadata().map_err(|e| err(e.to_string()))?;
         if meta.mode() & 0o077 != 0 {
             return Err(err(format!(
                 "group or others may access it (mode {:o}); make it 0600",
                 meta.mode() & 0o777
             )));
         }
-        if meta.len() > 1024 {
-            return Err(err("too large for a 256-bit secret".into()));
-        }
-        let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let mut key = [0u8; 32];
-        if data.len() == 32 {
-            key.copy_from_slice(&data);
-            return Ok(Secret(key));
-        }
-        let text = data.strip_suffix(b"\n").unwrap_or(&data);
-        if text.len() == 64 && text.iter().all(u8::is_ascii_hexdigit) {
-            for (i, pair) in text.chunks(2).enumerate() {
-                let s = std::str::from_utf8(pair).map_err(|_| err("not hex".into()))?;
-                key[i] = u8::from_str_radix(s, 16).map_err(|_| err("not hex".into()))?;
-            }
-            return Ok(Secret(key));
-        }
-        Err(err(
-            "expected 32 raw bytes or 64 hex digits (a 256-bit secret)".into(),
-        ))
+        let mut data = Vec::with_capacity(128);
+        (&mut file)
+            .take(129)
+            .read_to_end(&mut data)
+            .map_err(|e| err(e.to_string()))?;
+        let parsed = parse_key(&data);
+        wipe(&mut data);
+        parsed
+            .map(Secret)
+            .ok_or_else(|| err("expected 32 raw bytes or 64 hex digits (a 256-bit secret)".into()))
     }
 
     fn mac(&self, label: &[u8], nonce_src: &[u8], nonce_dst: &[u8]) -> Hmac<Sha256> {
@@ -87,6 +78,32 @@ impl Secret {
     }
 }
 
+/// 32 raw bytes, or 64 hex digits and an optional newline.
+fn parse_key(data: &[u8]) -> Option<[u8; 32]> {
+    let mut key = [0u8; 32];
+    if data.len() == 32 {
+        key.copy_from_slice(data);
+        return Some(key);
+    }
+    let text = data.strip_suffix(b"\n").unwrap_or(data);
+    if text.len() != 64 {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    for (k, pair) in key.iter_mut().zip(text.chunks_exact(2)) {
+        *k = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(key)
+}
+
+fn wipe(bytes: &mut [u8]) {
+    for b in bytes.iter_mut() {
+        // SAFETY: `b` is a valid, aligned, exclusive reference; the
+        // volatile write only keeps the compiler from eliding the wipe.
+        unsafe { std::ptr::write_volatile(b, 0) };
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(..)")
@@ -95,11 +112,7 @@ impl fmt::Debug for Secret {
 
 impl Drop for Secret {
     fn drop(&mut self) {
-        for b in self.0.iter_mut() {
-            // SAFETY: `b` is a valid, aligned, exclusive reference; the
-            // volatile write only keeps the compiler from eliding the wipe.
-            unsafe { std::ptr::write_volatile(b, 0) };
-        }
+        wipe(&mut self.0);
     }
 }
 

@@ -46,14 +46,19 @@ pub enum Stage {
     FinalMemory,
     /// Either side: the machine state.
     State,
-    /// Source: waiting for the destination to say the VM runs there.
+    /// Source: waiting for the destination to restore the machine.
+    AwaitRestored,
+    /// Source: committed, waiting for the destination to say the VM runs
+    /// there.
     AwaitResumed,
     /// Destination: waiting for the source to connect.
     Accept,
-    /// Destination: restoring and starting the VM.
+    /// Destination: restoring the machine (not running it yet).
     Restore,
-    /// Destination: telling the source the VM runs here.
-    Confirm,
+    /// Destination: restored, waiting for the source to commit.
+    AwaitCommit,
+    /// Destination: starting the restored VM.
+    Run,
 }
 
 impl fmt::Display for Stage {
@@ -66,12 +71,16 @@ impl fmt::Display for Stage {
             Stage::Pause => f.write_str("while pausing the VM and saving its state"),
             Stage::FinalMemory => f.write_str("while copying the last dirty pages (VM paused)"),
             Stage::State => f.write_str("while transferring the machine state"),
+            Stage::AwaitRestored => {
+                f.write_str("while waiting for the destination to restore the VM")
+            }
             Stage::AwaitResumed => {
-                f.write_str("while waiting for the destination to resume the VM")
+                f.write_str("after committing, while waiting for the destination to run the VM")
             }
             Stage::Accept => f.write_str("while waiting for a source to connect"),
             Stage::Restore => f.write_str("while restoring the VM"),
-            Stage::Confirm => f.write_str("while telling the source the VM runs here"),
+            Stage::AwaitCommit => f.write_str("while waiting for the source to commit"),
+            Stage::Run => f.write_str("while starting the restored VM"),
         }
     }
 }
@@ -103,19 +112,29 @@ impl From<transport::TransportError> for ErrorKind {
     }
 }
 
-/// A failed migration: where, and why. On the source, the VM runs on.
+/// A failed migration: where, and why. On the source, the VM runs on,
+/// unless `in_doubt`.
 #[derive(Debug, thiserror::Error)]
-#[error("migration failed {stage}: {kind}")]
+#[error("migration failed {stage}: {kind}{}", if *.in_doubt { IN_DOUBT } else { "" })]
 pub struct MigrationError {
     pub stage: Stage,
     pub kind: ErrorKind,
+    /// Source only: the source had committed (sent Commit) and then lost
+    /// the destination before hearing Resumed or Abort. The VM stays
+    /// paused here and may be running on the destination: resuming it here
+    /// without checking there could run it twice.
+    pub in_doubt: bool,
 }
+
+const IN_DOUBT: &str =
+    "; the source stays paused: the VM may be running on the destination (check it before resuming here)";
 
 impl MigrationError {
     pub fn new(stage: Stage, kind: impl Into<ErrorKind>) -> Self {
         MigrationError {
             stage,
             kind: kind.into(),
+            in_doubt: false,
         }
     }
 }

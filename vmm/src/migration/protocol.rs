@@ -9,9 +9,21 @@
 //!   ...
 //!   Round{n}, Pages / ZeroPages ...  (the VM is paused: the rest)
 //!   State{bytes}... Complete              ->
+//!                                         <- Restored | Abort{reason}
+//!   Commit                                ->
 //!                                         <- Resumed | Abort{reason}
 //! ```
 //! Either side may send `Abort{reason}` at any time and close.
+//!
+//! The commit step keeps the VM from ever running twice. The destination
+//! restores the machine without running it and says `Restored`; until the
+//! source sends `Commit`, any failure leaves the VM running on the source
+//! only (the destination discards what it restored). Once the source has
+//! sent `Commit` it never resumes on its own: the destination runs the VM
+//! and says `Resumed`, or says `Abort` (it did not run it: the source may
+//! resume). A link lost between `Commit` and `Resumed` leaves the VM
+//! paused on the source and running on the destination or nowhere; that
+//! needs a look from outside (see [`super::MigrationError::in_doubt`]).
 //!
 //! A page is 4 KiB; page numbers count RAM pages, not guest addresses:
 //! page `i` is byte `i * 4096` of guest RAM taken as its ranges laid end
@@ -37,8 +49,10 @@ pub mod ty {
     pub const ROUND: u8 = 6;
     pub const STATE: u8 = 7;
     pub const COMPLETE: u8 = 8;
-    pub const RESUMED: u8 = 9;
-    pub const ABORT: u8 = 10;
+    pub const RESTORED: u8 = 9;
+    pub const COMMIT: u8 = 10;
+    pub const RESUMED: u8 = 11;
+    pub const ABORT: u8 = 12;
 }
 
 fn known_type(t: u8) -> bool {
@@ -101,6 +115,11 @@ pub enum Message {
     /// `Complete`.
     State(Vec<u8>),
     Complete,
+    /// Destination: the machine is restored, not running.
+    Restored,
+    /// Source: run it; I will not resume.
+    Commit,
+    /// Destination: it runs here.
     Resumed,
     Abort {
         reason: String,
@@ -119,6 +138,8 @@ impl Message {
             Message::Round { .. } => "Round",
             Message::State(_) => "State",
             Message::Complete => "Complete",
+            Message::Restored => "Restored",
+            Message::Commit => "Commit",
             Message::Resumed => "Resumed",
             Message::Abort { .. } => "Abort",
         }
@@ -264,6 +285,8 @@ pub fn encode(msg: &Message) -> (u8, Vec<u8>) {
             ty::STATE
         }
         Message::Complete => ty::COMPLETE,
+        Message::Restored => ty::RESTORED,
+        Message::Commit => ty::COMMIT,
         Message::Resumed => ty::RESUMED,
         Message::Abort { reason } => {
             put_string(&mut p, reason);
@@ -283,13 +306,15 @@ pub fn decode(t: u8, payload: Vec<u8>) -> Result<Message, ProtocolError> {
         ty::ROUND => "Round",
         ty::ABORT => "Abort",
         ty::STATE => return Ok(Message::State(payload)),
-        ty::ACCEPT | ty::COMPLETE | ty::RESUMED => {
+        ty::ACCEPT | ty::COMPLETE | ty::RESTORED | ty::COMMIT | ty::RESUMED => {
             if !payload.is_empty() {
                 return Err(malformed("empty", "unexpected payload"));
             }
             return Ok(match t {
                 ty::ACCEPT => Message::Accept,
                 ty::COMPLETE => Message::Complete,
+                ty::RESTORED => Message::Restored,
+                ty::COMMIT => Message::Commit,
                 _ => Message::Resumed,
             });
         }
@@ -422,6 +447,8 @@ mod tests {
             Message::Round { n: 5 },
             Message::State(b"{}".to_vec()),
             Message::Complete,
+            Message::Restored,
+            Message::Commit,
             Message::Resumed,
             Message::Abort {
                 reason: "bye".into(),

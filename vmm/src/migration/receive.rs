@@ -1,8 +1,10 @@
 //! The destination: one source, checked, its pages written into our
-//! guest memory, then the state restored and the VM started.
+//! guest memory, then the state restored, and the VM started once the
+//! source has committed.
 //!
 //! Nothing outside the target is touched: a source that vanishes, lies or
-//! aborts leaves an error (which stage, why) and a VM that never ran.
+//! aborts before committing leaves an error (which stage, why) and a VM
+//! that never ran.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -24,8 +26,13 @@ pub trait MigrationTarget {
     fn write_pages(&mut self, first_page: u64, data: &[u8]) -> io::Result<()>;
     /// Makes `count` pages at `first_page` read as zero.
     fn zero_pages(&mut self, first_page: u64, count: u64) -> io::Result<()>;
-    /// Restores the machine from the state bytes and starts the VM.
-    fn restore_and_run(&mut self, state: &[u8]) -> io::Result<()>;
+    /// Restores the machine from the state bytes, ready to run but not
+    /// running (the source still may resume it there).
+    fn restore(&mut self, state: &[u8]) -> io::Result<()>;
+    /// Starts the restored VM: the source has committed and will not
+    /// resume it. An error must mean the VM did not start (the source then
+    /// resumes it).
+    fn run(&mut self) -> io::Result<()>;
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +63,10 @@ pub struct ReceiveReport {
     pub zero_pages: u64,
     pub state_bytes: u64,
     pub total_time: Duration,
+    /// The source heard Resumed (false: the VM runs here, the source
+    /// committed, but sending Resumed failed; the source stays paused
+    /// and reports the migration in doubt).
+    pub source_told: bool,
 }
 
 /// Waits up to [`ReceiveConfig::accept_timeout`] for one source on
@@ -100,6 +111,7 @@ pub fn receive_on<T: MigrationTarget>(
             zero_pages: 0,
             state_bytes: 0,
             total_time: Duration::ZERO,
+            source_told: false,
         },
     };
     let start = Instant::now();
@@ -265,10 +277,32 @@ impl Receiver<'_> {
         }
         self.report.state_bytes = state.len() as u64;
         target
-            .restore_and_run(&state)
+            .restore(&state)
             .map_err(|e| MigrationError::new(Stage::Restore, ErrorKind::Vm(e)))?;
-        protocol::send(self.conn, &Message::Resumed)
-            .map_err(|e| MigrationError::new(Stage::Confirm, e))
+        drop(state);
+        protocol::send(self.conn, &Message::Restored)
+            .map_err(|e| MigrationError::new(Stage::AwaitCommit, e))?;
+        match self.recv(Stage::AwaitCommit)? {
+            Message::Commit => {}
+            Message::Abort { reason } => {
+                return Err(MigrationError::new(
+                    Stage::AwaitCommit,
+                    ErrorKind::Aborted(reason),
+                ))
+            }
+            m => return Err(unexpected(Stage::AwaitCommit, &m, "Commit")),
+        }
+        target
+            .run()
+            .map_err(|e| MigrationError::new(Stage::Run, ErrorKind::Vm(e)))?;
+        // The VM runs here now, whether or not the source hears it.
+        match protocol::send(self.conn, &Message::Resumed) {
+            Ok(()) => self.report.source_told = true,
+            Err(e) => tracing::warn!(
+                "incoming migration: the VM runs here, but the source was not told ({e}); it stays paused there"
+            ),
+        }
+        Ok(())
     }
 
     fn check_runs(&self, stage: Stage, runs: &[Run]) -> Result<(), MigrationError> {

@@ -8,18 +8,16 @@
 //!    downtime target, or rounds stop converging (max rounds, the
 //!    pre-copy timeout, or no progress for a few rounds).
 //! 4. Pause and save; the last dirty pages, the state, Complete.
-//! 5. Wait for Resumed: the VM runs on the destination; the source stays
-//!    paused and may exit.
+//! 5. Wait for Restored (the destination restored the machine, not running
+//!    it), send Commit, wait for Resumed: the VM runs on the destination;
+//!    the source stays paused and may exit.
 //!
-//! Any failure before Resumed: the source resumes its VM (if it paused
+//! Any failure before Commit: the source resumes its VM (if it paused
 //! it), stops the dirty log, tells the destination (Abort, best effort)
-//! and returns the error. The source VM is unharmed.
-//!
-//! A known limit of any two-party protocol: if the destination resumed but
-//! its Resumed never arrived (the link died in that instant), the source
-//! resumes too after [`SendConfig::resumed_timeout`]. The destination then
-//! sees its confirmation fail ([`super::Stage::Confirm`]) only if the
-//! connection was already closed.
+//! and returns the error. The source VM is unharmed. After Commit, an
+//! Abort from the destination (it did not run the VM) also resumes it; a
+//! lost destination does not: the error is [`MigrationError::in_doubt`]
+//! and the VM stays paused (see [`super::protocol`] for why).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -72,8 +70,9 @@ pub struct SendConfig {
     /// Rounds without a new smallest dirty set before giving up
     /// converging (switching over).
     pub stall_rounds: u32,
-    /// How long to wait for Resumed after Complete.
-    pub resumed_timeout: Duration,
+    /// How long the destination may take to restore (Complete to
+    /// Restored) and to start the VM (Commit to Resumed).
+    pub restore_timeout: Duration,
     /// Page data per Pages message (bytes; at most half of the frame limit).
     pub batch_bytes: usize,
 }
@@ -86,7 +85,7 @@ impl Default for SendConfig {
             max_rounds: 30,
             precopy_timeout: Duration::from_secs(600),
             stall_rounds: 5,
-            resumed_timeout: Duration::from_secs(60),
+            restore_timeout: Duration::from_secs(60),
             batch_bytes: 4 << 20,
         }
     }
@@ -232,9 +231,10 @@ pub fn migrate_over<S: MigrationSource>(
         bytes: 0,
         dirty_log: false,
         paused: false,
+        committed: false,
     };
     let result = s.run(source);
-    let (dirty_log, paused) = (s.dirty_log, s.paused);
+    let (dirty_log, paused, committed) = (s.dirty_log, s.paused, s.committed);
     match result {
         Ok(report) => {
             if dirty_log {
@@ -242,6 +242,16 @@ pub fn migrate_over<S: MigrationSource>(
             }
             progress.set_phase(Phase::Done);
             Ok(report)
+        }
+        Err(mut e) if committed => {
+            // The destination may run the VM: never resume here.
+            e.in_doubt = true;
+            if dirty_log {
+                source.stop_dirty_log();
+            }
+            progress.set_phase(Phase::Failed);
+            conn.shutdown();
+            Err(e)
         }
         Err(e) => {
             if paused {
@@ -274,6 +284,8 @@ struct Sender<'a> {
     bytes: u64,
     dirty_log: bool,
     paused: bool,
+    /// Commit may have reached the destination.
+    committed: bool,
 }
 
 /// Frame overhead: header and CRC.
@@ -435,15 +447,30 @@ impl Sender<'_> {
 
         self.progress.set_phase(Phase::AwaitResumed);
         self.conn
-            .set_io_timeout(self.cfg.resumed_timeout)
-            .map_err(|e| MigrationError::new(Stage::AwaitResumed, e))?;
+            .set_io_timeout(self.cfg.restore_timeout)
+            .map_err(|e| MigrationError::new(Stage::AwaitRestored, e))?;
+        match self.recv(Stage::AwaitRestored)? {
+            Message::Restored => {}
+            Message::Abort { reason } => {
+                return Err(MigrationError::new(
+                    Stage::AwaitRestored,
+                    ErrorKind::Aborted(reason),
+                ))
+            }
+            m => return Err(unexpected(Stage::AwaitRestored, &m, "Restored")),
+        }
+        // From here on the VM may run on the destination.
+        self.committed = true;
+        self.send(Stage::AwaitResumed, &Message::Commit)?;
         match self.recv(Stage::AwaitResumed)? {
             Message::Resumed => {}
             Message::Abort { reason } => {
+                // The destination did not run it: resuming here is safe.
+                self.committed = false;
                 return Err(MigrationError::new(
                     Stage::AwaitResumed,
                     ErrorKind::Aborted(reason),
-                ))
+                ));
             }
             m => return Err(unexpected(Stage::AwaitResumed, &m, "Resumed")),
         }

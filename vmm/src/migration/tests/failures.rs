@@ -10,11 +10,15 @@ enum Misbehave {
     /// Accepts, reads a few RAM frames and closes.
     CloseMidRam,
     /// Reads everything up to Complete and closes.
-    CloseBeforeResumed,
+    CloseBeforeRestored,
     /// Reads everything up to Complete and answers Abort.
-    AbortBeforeResumed,
+    AbortBeforeRestored,
     /// Reads everything up to Complete and never answers.
-    SilentBeforeResumed,
+    SilentBeforeRestored,
+    /// Says Restored, reads Commit and answers Abort (did not run it).
+    AbortAfterCommit,
+    /// Says Restored, reads Commit and closes (ran it, or not).
+    CloseAfterCommit,
 }
 
 fn scripted_destination(listener: Listener, how: Misbehave) -> thread::JoinHandle<()> {
@@ -32,15 +36,19 @@ fn scripted_destination(listener: Listener, how: Misbehave) -> thread::JoinHandl
             return;
         }
         while protocol::recv(&mut c).unwrap() != Message::Complete {}
+        if let Misbehave::AbortAfterCommit | Misbehave::CloseAfterCommit = how {
+            protocol::send(&mut c, &Message::Restored).unwrap();
+            assert_eq!(protocol::recv(&mut c).unwrap(), Message::Commit);
+        }
         match how {
-            Misbehave::AbortBeforeResumed => protocol::send(
+            Misbehave::AbortBeforeRestored | Misbehave::AbortAfterCommit => protocol::send(
                 &mut c,
                 &Message::Abort {
                     reason: "out of memory here".into(),
                 },
             )
             .unwrap(),
-            Misbehave::SilentBeforeResumed => {
+            Misbehave::SilentBeforeRestored => {
                 // Wait for the source to give up (it closes).
                 let _ = protocol::recv(&mut c);
             }
@@ -55,9 +63,10 @@ fn a_destination_failing_at_each_stage_leaves_the_source_running() {
     for how in [
         Misbehave::CloseInHello,
         Misbehave::CloseMidRam,
-        Misbehave::CloseBeforeResumed,
-        Misbehave::AbortBeforeResumed,
-        Misbehave::SilentBeforeResumed,
+        Misbehave::CloseBeforeRestored,
+        Misbehave::AbortBeforeRestored,
+        Misbehave::SilentBeforeRestored,
+        Misbehave::AbortAfterCommit,
     ] {
         let dir = TempDir::new("fail");
         let listener = Listener::bind(&unix_addr(&dir), &quick_transport()).unwrap();
@@ -67,7 +76,7 @@ fn a_destination_failing_at_each_stage_leaves_the_source_running() {
         fill(&ram, 1); // all data: round 0 is big
         let mut source = FakeSource::new(ram, size);
         let cfg = SendConfig {
-            resumed_timeout: Duration::from_millis(300),
+            restore_timeout: Duration::from_millis(300),
             ..send_cfg()
         };
         let progress = Progress::default();
@@ -86,19 +95,25 @@ fn a_destination_failing_at_each_stage_leaves_the_source_running() {
                 assert!(msg.contains("round 0"), "{msg}");
                 assert_eq!(paused, 0);
             }
-            Misbehave::CloseBeforeResumed => {
-                assert_eq!(e.stage, Stage::AwaitResumed, "{msg}");
+            Misbehave::CloseBeforeRestored => {
+                assert_eq!(e.stage, Stage::AwaitRestored, "{msg}");
                 assert!(msg.contains("closed"), "{msg}");
             }
-            Misbehave::AbortBeforeResumed => {
+            Misbehave::AbortBeforeRestored => {
+                assert_eq!(e.stage, Stage::AwaitRestored, "{msg}");
+                assert!(msg.contains("out of memory here"), "{msg}");
+            }
+            Misbehave::SilentBeforeRestored => {
+                assert_eq!(e.stage, Stage::AwaitRestored, "{msg}");
+                assert!(msg.contains("no answer within"), "{msg}");
+            }
+            Misbehave::AbortAfterCommit => {
                 assert_eq!(e.stage, Stage::AwaitResumed, "{msg}");
                 assert!(msg.contains("out of memory here"), "{msg}");
             }
-            Misbehave::SilentBeforeResumed => {
-                assert_eq!(e.stage, Stage::AwaitResumed, "{msg}");
-                assert!(msg.contains("no answer within"), "{msg}");
-            }
+            Misbehave::CloseAfterCommit => unreachable!(),
         }
+        assert!(!e.in_doubt, "{how:?}: {msg}");
         if matches!(how, Misbehave::CloseInHello | Misbehave::CloseMidRam) {
             assert_eq!(paused, 0, "{how:?}");
         } else {
@@ -110,6 +125,76 @@ fn a_destination_failing_at_each_stage_leaves_the_source_running() {
         assert!(source.running(), "{how:?}: the source VM must run on");
         assert_eq!(progress.snapshot().phase, Phase::Failed);
     }
+}
+
+#[test]
+fn a_destination_lost_after_commit_leaves_the_source_paused_in_doubt() {
+    let size = 4 * MIB;
+    let dir = TempDir::new("doubt");
+    let listener = Listener::bind(&unix_addr(&dir), &quick_transport()).unwrap();
+    let addr = listener.local_address();
+    let dest = scripted_destination(listener, Misbehave::CloseAfterCommit);
+    let mut source = FakeSource::new(SharedRam::new(size), size);
+    let progress = Progress::default();
+    let e = migrate(&mut source, &addr, &send_cfg(), &progress).unwrap_err();
+    dest.join().unwrap();
+    assert_eq!(e.stage, Stage::AwaitResumed, "{e}");
+    assert!(e.in_doubt, "{e}");
+    assert!(
+        e.to_string().contains("may be running on the destination"),
+        "{e}"
+    );
+    // Never resumed: the VM may run there.
+    assert_eq!((source.calls.pause, source.calls.resume), (1, 0));
+    assert!(!source.running());
+    assert_eq!(source.calls.stop_log, 1);
+    assert_eq!(progress.snapshot().phase, Phase::Failed);
+}
+
+#[test]
+fn a_destination_that_cannot_start_the_vm_lets_the_source_resume() {
+    let size = 4 * MIB;
+    let mut target = FakeTarget::new(size);
+    target.fail_run = true;
+    let dir = TempDir::new("run");
+    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), target);
+    let mut source = FakeSource::new(SharedRam::new(size), size);
+    let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
+    assert_eq!(e.stage, Stage::AwaitResumed, "{e}");
+    assert!(!e.in_doubt);
+    assert!(e.to_string().contains("would not start"), "{e}");
+    assert_eq!(source.calls.resume, 1);
+    assert!(source.running());
+    let (target, r) = dest.join().unwrap();
+    assert_eq!(r.unwrap_err().stage, Stage::Run);
+    assert!(!target.running);
+}
+
+#[test]
+fn a_source_lost_before_commit_leaves_the_destination_not_running() {
+    let size = 4 * MIB;
+    let dir = TempDir::new("nocommit");
+    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
+    let mut c = transport::connect(&addr, &quick_transport()).unwrap();
+    protocol::send(
+        &mut c,
+        &Message::Hello(protocol::Hello {
+            format_version: protocol::FORMAT_VERSION,
+            vmm_version: "test".into(),
+            machine: machine(size),
+        }),
+    )
+    .unwrap();
+    assert_eq!(protocol::recv(&mut c).unwrap(), Message::Accept);
+    protocol::send(&mut c, &Message::State(b"state".to_vec())).unwrap();
+    protocol::send(&mut c, &Message::Complete).unwrap();
+    assert_eq!(protocol::recv(&mut c).unwrap(), Message::Restored);
+    drop(c);
+    let (target, r) = dest.join().unwrap();
+    let e = r.unwrap_err();
+    assert_eq!(e.stage, Stage::AwaitCommit, "{e}");
+    assert_eq!(target.restored.as_deref(), Some(&b"state"[..]));
+    assert!(!target.running, "no Commit, no run");
 }
 
 #[test]
@@ -152,7 +237,7 @@ fn a_failed_restore_resumes_the_source() {
     let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), target);
     let mut source = FakeSource::new(SharedRam::new(size), size);
     let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
-    assert_eq!(e.stage, Stage::AwaitResumed);
+    assert_eq!(e.stage, Stage::AwaitRestored);
     assert!(e.to_string().contains("no such disk"), "{e}");
     assert_eq!(source.calls.resume, 1);
     assert!(source.running());

@@ -72,6 +72,8 @@ fn a_busy_guest_migrates_byte_for_byte() {
         "destination RAM differs from the source's at pause"
     );
     assert_eq!(target.restored.as_deref(), Some(&source.state[..]));
+    assert!(target.running);
+    assert!(received.source_told);
     assert!(report.rounds.len() >= 3, "{:?}", report.rounds);
     assert!(report.rounds[1].pages > 0, "round 1 sent no dirty pages");
     assert!(report.rounds.last().unwrap().paused);

@@ -189,9 +189,11 @@ struct FakeTarget {
     machine: Machine,
     ram: Vec<u8>,
     restored: Option<Vec<u8>>,
+    running: bool,
     written_pages: u64,
     zeroed_pages: u64,
     fail_restore: bool,
+    fail_run: bool,
 }
 
 impl FakeTarget {
@@ -200,9 +202,11 @@ impl FakeTarget {
             machine: machine(size),
             ram: vec![0; size as usize],
             restored: None,
+            running: false,
             written_pages: 0,
             zeroed_pages: 0,
             fail_restore: false,
+            fail_run: false,
         }
     }
 }
@@ -223,11 +227,19 @@ impl MigrationTarget for FakeTarget {
         self.zeroed_pages += count;
         Ok(())
     }
-    fn restore_and_run(&mut self, state: &[u8]) -> io::Result<()> {
+    fn restore(&mut self, state: &[u8]) -> io::Result<()> {
         if self.fail_restore {
             return Err(io::Error::other("no such disk"));
         }
         self.restored = Some(state.to_vec());
+        Ok(())
+    }
+    fn run(&mut self) -> io::Result<()> {
+        assert!(self.restored.is_some() && !self.running);
+        if self.fail_run {
+            return Err(io::Error::other("vCPU thread would not start"));
+        }
+        self.running = true;
         Ok(())
     }
 }
@@ -242,7 +254,7 @@ fn quick_transport() -> TransportConfig {
 fn send_cfg() -> SendConfig {
     SendConfig {
         transport: quick_transport(),
-        resumed_timeout: Duration::from_secs(20),
+        restore_timeout: Duration::from_secs(20),
         ..SendConfig::default()
     }
 }
