@@ -60,6 +60,16 @@ impl DirtyBitmap {
         self.pages
     }
 
+    /// The bits: page `i` is bit `i % 64` of word `i / 64` (KVM's layout;
+    /// what `migration::send` takes).
+    pub fn as_words(&self) -> &[u64] {
+        &self.words
+    }
+
+    pub fn into_words(self) -> Vec<u64> {
+        self.words
+    }
+
     pub fn is_dirty(&self, page: usize) -> bool {
         page < self.pages && self.words[page / 64] & (1 << (page % 64)) != 0
     }
@@ -269,6 +279,10 @@ mod tests {
         c.union(&b);
         assert_eq!(c.count(), 6);
         assert_eq!(DirtyBitmap::all(130).count(), 130);
+        assert_eq!(
+            DirtyBitmap::all(130).as_words(),
+            &[u64::MAX, u64::MAX, 0b11]
+        );
     }
 
     #[test]
