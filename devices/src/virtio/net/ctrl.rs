@@ -210,6 +210,11 @@ impl CtrlQueue {
         }
     }
 
+    /// The queue, handed back when the device is quiesced.
+    pub(super) fn into_queue(self) -> Queue {
+        self.queue
+    }
+
     /// The queue's notification eventfd.
     pub(super) fn evt(&self) -> &Arc<EventFd> {
         &self.evt

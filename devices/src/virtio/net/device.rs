@@ -2,12 +2,13 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::Queue;
 
 use super::announce::Announcer;
 use super::ctrl::CtrlQueue;
@@ -16,6 +17,7 @@ use super::tap::{Tap, TapError};
 use super::worker::{NetLimiters, NetWorker};
 use crate::rate_limiter::{self, RateLimit};
 use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice, WorkerHook};
+use crate::virtio::state::{DeviceSnapshot, NetSnapshot, RestoreError, SnapshotError};
 use crate::virtio::worker::Worker;
 
 /// Size of each queue.
@@ -69,6 +71,8 @@ pub struct Net {
     /// and kept until the device is dropped.
     worker: Option<Worker>,
     limiters: NetLimiters,
+    /// Where the worker leaves the queues when its body returns.
+    handback: Arc<Mutex<Option<Vec<Queue>>>>,
 }
 
 impl Net {
@@ -116,6 +120,7 @@ impl Net {
             queue_sizes: [QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE],
             worker: None,
             limiters,
+            handback: Arc::default(),
         })
     }
 
@@ -235,6 +240,8 @@ impl VirtioDevice for Net {
         let offload = tap_offload_flags(ctx.acked_features);
         let tap = self.tap.clone();
         let interrupt = ctx.interrupt.clone();
+        let handback = self.handback.clone();
+        *lock_handback(&handback) = None;
         let body = NetWorker::new(
             ctx.mem,
             rx,
@@ -252,11 +259,14 @@ impl VirtioDevice for Net {
             .submit(move || {
                 // TUNSETOFFLOAD runs here, on the worker: the activating
                 // vCPU thread's seccomp filter allows only KVM_RUN.
-                if let Err(e) = tap.set_offload(offload) {
-                    tracing::error!("virtio-net: cannot set the TAP's offloads, stopping: {e}");
-                    return;
-                }
-                body.run()
+                let queues = match tap.set_offload(offload) {
+                    Ok(()) => body.run(),
+                    Err(e) => {
+                        tracing::error!("virtio-net: cannot set the TAP's offloads, stopping: {e}");
+                        body.into_queues()
+                    }
+                };
+                *lock_handback(&handback) = Some(queues);
             })
             .map_err(ActivateError::Worker)?;
         self.announcer.activated(announces.then_some(interrupt));
@@ -268,7 +278,60 @@ impl VirtioDevice for Net {
         if let Some(w) = &mut self.worker {
             w.stop();
         }
+        *lock_handback(&self.handback) = None;
     }
+
+    /// Stops the worker (no frame is half moved between two of its events)
+    /// and takes the queues back. A pending announcement stays.
+    fn quiesce(&mut self) -> Result<Vec<Queue>, ActivateError> {
+        if let Some(w) = &mut self.worker {
+            w.stop();
+        }
+        lock_handback(&self.handback)
+            .take()
+            .ok_or(ActivateError::QueueLost(0))
+    }
+
+    fn snapshot(&self) -> Result<DeviceSnapshot, SnapshotError> {
+        Ok(DeviceSnapshot::Net(NetSnapshot {
+            avail_features: self.avail_features,
+            mac: self.mac.0,
+        }))
+    }
+
+    /// Takes the MAC the guest knew (a device built without `mac=` got a
+    /// random one); features: the transport checks those acked are offered.
+    fn restore(&mut self, state: &DeviceSnapshot) -> Result<(), RestoreError> {
+        let DeviceSnapshot::Net(saved) = state else {
+            return Err(RestoreError::WrongKind {
+                saved: state.kind(),
+                here: "virtio-net",
+            });
+        };
+        if self.worker.as_ref().is_some_and(Worker::is_busy) {
+            return Err(RestoreError::InUse);
+        }
+        if saved.mac[0] & 1 != 0 || saved.mac == [0; 6] {
+            return Err(RestoreError::Invalid(format!(
+                "MAC {} is not a unicast address",
+                MacAddr(saved.mac)
+            )));
+        }
+        if saved.mac != self.mac.0 {
+            warn!(
+                device = %self.name,
+                "the restored guest keeps its MAC {} (this device was given {})",
+                MacAddr(saved.mac),
+                self.mac
+            );
+            self.mac = MacAddr(saved.mac);
+        }
+        Ok(())
+    }
+}
+
+fn lock_handback(h: &Mutex<Option<Vec<Queue>>>) -> std::sync::MutexGuard<'_, Option<Vec<Queue>>> {
+    h.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

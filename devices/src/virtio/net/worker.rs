@@ -122,8 +122,10 @@ impl<T: FrameIo + 'static> NetWorker<T> {
 
     /// The thread body: registers the queue eventfds and the TAP in the
     /// worker's epoll set, serves the queues until told to stop, and
-    /// unregisters them (the epoll set outlives this activation).
-    pub(super) fn run(mut self) {
+    /// unregisters them (the epoll set outlives this activation). Returns
+    /// the queues (RX, TX, control if any) as it left them: nothing is in
+    /// flight between two events.
+    pub(super) fn run(mut self) -> Vec<Queue> {
         match self.register() {
             Ok(()) => self.serve(),
             Err(e) => {
@@ -131,6 +133,14 @@ impl<T: FrameIo + 'static> NetWorker<T> {
             }
         }
         self.unregister();
+        self.into_queues()
+    }
+
+    /// The queues: RX, TX, then the control queue if there is one.
+    pub(super) fn into_queues(self) -> Vec<Queue> {
+        let mut queues = vec![self.rx, self.tx];
+        queues.extend(self.ctrl.map(CtrlQueue::into_queue));
+        queues
     }
 
     /// Adds this activation's fds to the worker's epoll set.

@@ -94,24 +94,31 @@ fn post_write(m: &GuestMemoryMmap, n: u64) {
     m.write_slice(&vec![n as u8 + 1; LEN as usize], GuestAddress(buf))
         .unwrap();
     m.write_obj(0xaau8, GuestAddress(status)).unwrap();
-    let first = (n % 21) as u16 * 3;
     let descs = [
         (hdr, 16, VRING_DESC_F_NEXT as u16),
         (buf, LEN, VRING_DESC_F_NEXT as u16),
         (status, 1, VRING_DESC_F_WRITE as u16),
     ];
-    for (i, (addr, len, flags)) in descs.into_iter().enumerate() {
-        let at = GuestAddress(DESC + 16 * u64::from(first + i as u16));
+    post_chain(m, (DESC, AVAIL, QSIZE), (n % 21) as u16 * 3, &descs);
+}
+
+/// Lays out `descs` (addr, len, flags; NEXT is the caller's) from
+/// descriptor `first` of the ring at (desc, avail, size) and makes the
+/// chain available.
+fn post_chain(m: &GuestMemoryMmap, ring: (u64, u64, u16), first: u16, descs: &[(u64, u32, u16)]) {
+    let (desc, avail, size) = ring;
+    for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+        let at = GuestAddress(desc + 16 * u64::from(first + i as u16));
         m.write_obj(addr, at).unwrap();
         m.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
         m.write_obj(flags, GuestAddress(at.0 + 12)).unwrap();
         m.write_obj(first + i as u16 + 1, GuestAddress(at.0 + 14))
             .unwrap();
     }
-    let idx: u16 = m.read_obj(GuestAddress(AVAIL + 2)).unwrap();
-    m.write_obj(first, GuestAddress(AVAIL + 4 + 2 * u64::from(idx % QSIZE)))
+    let idx: u16 = m.read_obj(GuestAddress(avail + 2)).unwrap();
+    m.write_obj(first, GuestAddress(avail + 4 + 2 * u64::from(idx % size)))
         .unwrap();
-    m.write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
+    m.write_obj(idx.wrapping_add(1), GuestAddress(avail + 2))
         .unwrap();
 }
 
@@ -399,4 +406,137 @@ fn interrupt_state_is_restored_and_raised_again() {
     assert_eq!(r32(&mut t2, VIRTIO_MMIO_INTERRUPT_STATUS), 3);
     assert_eq!(r32(&mut t2, VIRTIO_MMIO_CONFIG_GENERATION), 1);
     assert_eq!(irq2.read().unwrap(), 1);
+}
+
+/// The network device's ring `i`: (desc, avail, used) at 0x4_0000 + 16 KiB i.
+fn net_ring(i: u64) -> (u64, u64, u64) {
+    let base = 0x4_0000 + 0x4000 * i;
+    (base, base + 0x1000, base + 0x2000)
+}
+
+/// An ANNOUNCE_ACK command on the control queue, the `n`th (its header at
+/// 0x8_0000 + 16n, its ack byte at 0x9_0000 + n), made available.
+fn post_announce_ack(m: &GuestMemoryMmap, n: u64) {
+    let (desc, avail, _) = net_ring(2);
+    m.write_slice(&[3, 0], GuestAddress(0x8_0000 + 16 * n))
+        .unwrap();
+    m.write_obj(0xffu8, GuestAddress(0x9_0000 + n)).unwrap();
+    let chain = [
+        (0x8_0000 + 16 * n, 2, VRING_DESC_F_NEXT as u16),
+        (0x9_0000 + n, 1, VRING_DESC_F_WRITE as u16),
+    ];
+    post_chain(m, (desc, avail, 16), (n % 8) as u16 * 2, &chain);
+}
+
+fn net_used_idx(m: &GuestMemoryMmap, i: u64) -> u16 {
+    m.read_obj(GuestAddress(net_ring(i).2 + 2)).unwrap()
+}
+
+fn wait_net_used(m: &GuestMemoryMmap, i: u64, n: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net_used_idx(m, i) != n {
+        assert!(
+            Instant::now() < deadline,
+            "used index {} != {n}",
+            net_used_idx(m, i)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn net_device(tap: &str, mac: Option<[u8; 6]>) -> crate::virtio::net::Net {
+    crate::virtio::net::Net::new(crate::virtio::net::NetConfig {
+        tap: tap.into(),
+        mac,
+        rate_limit: RateLimit::default(),
+    })
+    .unwrap()
+}
+
+/// A virtio-net device with its control queue, on a real TAP: a command is
+/// served, the device paused (its worker stops, the queues come back with
+/// their indexes), resumed (another command served), paused and saved;
+/// a new device on the same TAP, with another MAC, restores it: the guest
+/// keeps its MAC and the control queue goes on from there.
+#[test]
+fn a_network_device_pauses_resumes_and_restores() {
+    use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE};
+    let Some(tap) = crate::virtio::net::tap::tests::TestTap::create("kt-snap") else {
+        return;
+    };
+    let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    let mut t = MmioTransport::new(m.clone(), Box::new(net_device(&tap.0, Some(mac))), irq)
+        .unwrap()
+        .try_with_worker_hook(Arc::new(|| {}))
+        .unwrap();
+    let features = (1u32 << VIRTIO_NET_F_CTRL_VQ) | (1 << VIRTIO_NET_F_GUEST_ANNOUNCE);
+    negotiate(&mut t, features, 1);
+    for i in 0..3u64 {
+        let (desc, avail, used) = net_ring(i);
+        w32(&mut t, VIRTIO_MMIO_QUEUE_SEL, i as u32);
+        w32(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
+        w32(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, desc as u32);
+        w32(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, avail as u32);
+        w32(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, used as u32);
+        w32(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+    w32(&mut t, VIRTIO_MMIO_STATUS, FULL_DRIVER);
+    assert!(t.is_active());
+    post_announce_ack(&m, 0);
+    w32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 2);
+    wait_net_used(&m, 2, 1);
+
+    t.pause().unwrap();
+    let first = t.snapshot().unwrap();
+    assert_eq!(first.queues[2].next_avail, 1);
+    assert_eq!(first.queues[2].next_used, 1);
+    t.resume().unwrap();
+    post_announce_ack(&m, 1);
+    w32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 2);
+    wait_net_used(&m, 2, 2);
+
+    t.pause().unwrap();
+    let snap: TransportSnapshot =
+        serde_json::from_str(&serde_json::to_string(&t.snapshot().unwrap()).unwrap()).unwrap();
+    assert_eq!(snap.queues[2].next_avail, 2);
+    let DeviceSnapshot::Net(saved) = &snap.device else {
+        panic!("{:?}", snap.device)
+    };
+    assert_eq!(saved.mac, mac);
+    let m2 = copy_memory(&m);
+    drop(t);
+
+    let irq2 = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut t2 = MmioTransport::new(m2.clone(), Box::new(net_device(&tap.0, None)), irq2)
+        .unwrap()
+        .try_with_worker_hook(Arc::new(|| {}))
+        .unwrap();
+    t2.restore(&snap).unwrap();
+    assert!(t2.is_active());
+    let mut got = [0u8; 6];
+    crate::bus::BusDevice::read(&mut t2, 0x100, &mut got);
+    assert_eq!(got, mac, "the guest keeps its MAC");
+    post_announce_ack(&m2, 2);
+    w32(&mut t2, VIRTIO_MMIO_QUEUE_NOTIFY, 2);
+    wait_net_used(&m2, 2, 3);
+    let ack: u8 = m2.read_obj(GuestAddress(0x9_0000 + 2)).unwrap();
+    assert_eq!(ack, 0, "VIRTIO_NET_OK");
+    // A block device's state does not fit.
+    drop(t2);
+    let irq3 = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut t3 = MmioTransport::new(m2.clone(), Box::new(net_device(&tap.0, None)), irq3).unwrap();
+    let mut wrong = snap.clone();
+    wrong.device = DeviceSnapshot::Block(crate::virtio::state::BlockSnapshot {
+        avail_features: 0,
+        read_only: false,
+        capacity_sectors: 8,
+        queues: 1,
+        rate_limiter: None,
+    });
+    assert!(matches!(
+        t3.restore(&wrong),
+        Err(RestoreError::WrongKind { .. })
+    ));
 }
