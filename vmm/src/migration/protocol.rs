@@ -385,13 +385,6 @@ pub fn send(conn: &mut Connection, msg: &Message) -> Result<(), ProtocolError> {
     Ok(())
 }
 
-/// Sends a Pages message whose payload was built in place (run table,
-/// then the bytes), avoiding a copy of the page data.
-pub fn send_raw(conn: &mut Connection, t: u8, payload: &[u8]) -> Result<(), ProtocolError> {
-    conn.send_frame(t, payload)?;
-    Ok(())
-}
-
 /// Receives and decodes one message.
 pub fn recv(conn: &mut Connection) -> Result<Message, ProtocolError> {
     let f = conn.recv_frame(known_type)?;
