@@ -102,6 +102,35 @@ pub fn spin_on_memory() -> Vec<u8> {
     c
 }
 
+/// Machine code: count forever in a 64-bit word in guest memory (after the
+/// code) and print, after each increment, `A` + the count's low 4 bits on
+/// COM1: ABCD...OPAB..., with a busy delay of `delay` iterations between
+/// letters. The letter sequence shows where a restored guest resumed: its
+/// first letter follows the last one printed before the snapshot.
+pub fn count_forever(delay: u32) -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    let top = c.len();
+    c.extend_from_slice(&[0x48, 0xff, 0x05, 0, 0, 0, 0]); // inc qword [rip + count]
+    let after_inc = c.len();
+    c.extend_from_slice(&[0x48, 0x8b, 0x05, 0, 0, 0, 0]); // mov rax, [rip + count]
+    let after_mov = c.len();
+    c.extend_from_slice(&[0x24, 0x0f, 0x04, b'A', 0xee]); // and al, 15; add al, 'A'; out dx, al
+    c.push(0xb9); // mov ecx, delay
+    c.extend_from_slice(&delay.max(1).to_le_bytes());
+    c.extend_from_slice(&[0xff, 0xc9, 0x75, 0xfc]); // dec ecx; jnz -4
+    c.extend_from_slice(&[0xeb, rel8(c.len() + 2, top)]); // jmp top
+    let count = c.len();
+    c[after_inc - 4..after_inc].copy_from_slice(&((count - after_inc) as i32).to_le_bytes());
+    c[after_mov - 4..after_mov].copy_from_slice(&((count - after_mov) as i32).to_le_bytes());
+    c.extend_from_slice(&[0; 8]); // count
+    c
+}
+
+/// The letter [`count_forever`] prints after `letter`.
+pub fn next_count_letter(letter: u8) -> u8 {
+    b'A' + ((letter.wrapping_sub(b'A') + 1) & 0x0f)
+}
+
 /// The 8-bit displacement of a jump whose next instruction is at `next`.
 fn rel8(next: usize, target: usize) -> u8 {
     let d = target as isize - next as isize;
@@ -142,6 +171,23 @@ mod tests {
         assert_eq!(i32::from_le_bytes(c[4..8].try_into().unwrap()), 7);
         assert_eq!(&c[15..], &[0, 0, 0, 0]);
         assert_eq!((c[10], lands(&c, 10)), (0x74, 0));
+    }
+
+    #[test]
+    fn the_counting_guest_addresses_its_counter_after_the_code() {
+        let c = count_forever(9);
+        assert_eq!(&c[4..7], &[0x48, 0xff, 0x05]);
+        let len = c.len();
+        assert_eq!(&c[len - 8..], &[0; 8]);
+        // Both RIP-relative operands land on the counter.
+        let disp = |at: usize| i32::from_le_bytes(c[at..at + 4].try_into().unwrap()) as usize;
+        assert_eq!(11 + disp(7), len - 8);
+        assert_eq!(18 + disp(14), len - 8);
+        // The loop jumps back to the increment.
+        let jmp = len - 10;
+        assert_eq!((c[jmp], lands(&c, jmp)), (0xeb, 4));
+        assert_eq!(next_count_letter(b'A'), b'B');
+        assert_eq!(next_count_letter(b'P'), b'A');
     }
 
     #[test]

@@ -5,13 +5,15 @@ use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
 
+use kiln_devices::legacy::vmgenid::VmGenId;
 use kiln_devices::legacy::{AcpiPowerDevice, GedDevice, I8042ResetDevice, SerialDevice};
+use kiln_devices::virtio::net::announce::Announcer;
 use kiln_devices::virtio::{
     self, Block, BlockConfig, BlockCounters, MmioTransport, Net, VhostUserBlock,
     VhostUserBlockConfig, VirtioDevice, WorkerHook, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
 use kiln_devices::{Bus, BusError, ExitSignal};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::acpi::{self, MmioDeviceInfo, S5_SLEEP_TYPE};
@@ -72,6 +74,10 @@ pub enum Error {
     Socket(#[from] crate::socket::Error),
     #[error("--serial socket: cannot make the socket non-blocking: {0}")]
     SerialSocket(std::io::Error),
+    #[error("the VM generation id: {0}")]
+    VmGenId(kiln_devices::legacy::vmgenid::Error),
+    #[error(transparent)]
+    Restore(#[from] crate::persist::Error),
     #[error("cannot open the serial output file {path}: {source}")]
     SerialFile {
         path: String,
@@ -95,10 +101,17 @@ pub struct Machine {
     pub devices: Vec<crate::control::DeviceStats>,
     /// How the kernel was booted (ELF, extracted bzImage, ...).
     pub kernel_description: String,
+    /// The virtio transports, disks then interfaces, in `--disk`, `--net`
+    /// order (snapshots pause and save them).
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Each interface's announcer (after a restore or a migration).
+    pub announcers: Vec<Arc<Announcer>>,
+    /// What a snapshot records of the configuration.
+    pub saved_config: crate::persist::SavedConfig,
     // Kept alive for as long as the vCPUs run: KVM maps this memory and
     // the VM fd owns the irqchip.
     pub mem: GuestMemoryMmap,
-    pub vm: vm::Vm,
+    pub vm: Arc<vm::Vm>,
     _kvm: Kvm,
 }
 
@@ -257,7 +270,7 @@ fn add_virtio(
     alloc: &mut MmioAllocator,
     device: Box<dyn VirtioDevice>,
     hook: &WorkerHook,
-) -> Result<(), Error> {
+) -> Result<Arc<Mutex<MmioTransport>>, Error> {
     let slot = alloc.next()?;
     let irq = eventfd()?;
     vm.register_irqfd(&irq, slot.irq)?;
@@ -265,8 +278,9 @@ fn add_virtio(
     for (index, evt) in transport.queue_eventfds().map_err(Error::EventFd)? {
         vm.register_mmio_ioeventfd(&evt, slot.base + QUEUE_NOTIFY_OFFSET, index)?;
     }
-    mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)?;
-    Ok(())
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(transport.clone(), slot.base, slot.len)?;
+    Ok(transport)
 }
 
 /// `GET /vm`'s entry for a device: its id, kind and counters (none for a
@@ -341,8 +355,50 @@ fn build_disk(disk: &DiskConfig, hooks: &WorkerHooks) -> Result<BuiltDisk, Error
     })
 }
 
+/// What was put in guest RAM before the devices were built.
+enum Loaded<'a> {
+    Kernel {
+        kernel: loader::LoadedKernel,
+        initrd: Option<(GuestAddress, u64)>,
+    },
+    Saved(&'a crate::snapshot::VmSnapshot),
+}
+
+/// How the VM starts: a kernel booted from scratch, or a saved machine
+/// (a snapshot, a migration) whose guest RAM is already in place.
+pub enum Start<'a> {
+    Boot,
+    Restore {
+        snapshot: &'a crate::snapshot::VmSnapshot,
+        mem: GuestMemoryMmap,
+    },
+}
+
+/// Guest RAM's backing for `cfg`: a vhost-user backend maps guest RAM
+/// itself, which needs a memfd; other guests keep private memory
+/// (transparent huge pages and KSM work on it, and nothing else can map
+/// it).
+pub fn memory_backing(cfg: &VmConfig) -> memory::Backing {
+    if cfg.disks.iter().any(DiskConfig::is_vhost_user) {
+        memory::Backing::SharedMemfd
+    } else {
+        memory::Backing::Anonymous
+    }
+}
+
 pub fn build(cfg: &VmConfig, hooks: &WorkerHooks) -> Result<Machine, Error> {
-    precheck(cfg)?;
+    build_with(cfg, hooks, Start::Boot)
+}
+
+/// Builds the VM of `cfg`, booting its kernel or restoring a saved machine.
+pub fn build_with(cfg: &VmConfig, hooks: &WorkerHooks, start: Start) -> Result<Machine, Error> {
+    match &start {
+        Start::Boot => precheck(cfg)?,
+        Start::Restore { snapshot, .. } => {
+            crate::config::check_disk_queues(&cfg.disks, cfg.vcpus)?;
+            crate::persist::check_devices(snapshot, cfg)?;
+        }
+    }
     let disks = cfg
         .disks
         .iter()
@@ -355,22 +411,25 @@ pub fn build(cfg: &VmConfig, hooks: &WorkerHooks) -> Result<Machine, Error> {
             max: kvm.max_vcpus,
         });
     }
-    // A vhost-user backend maps guest RAM itself, which needs a memfd; other
-    // guests keep private anonymous memory (transparent huge pages and KSM
-    // work on it, and nothing else can map it).
-    let backing = if cfg.disks.iter().any(DiskConfig::is_vhost_user) {
-        memory::Backing::SharedMemfd
-    } else {
-        memory::Backing::Anonymous
+    let (mem, saved) = match start {
+        Start::Boot => (memory::create(cfg.memory, memory_backing(cfg))?, None),
+        Start::Restore { snapshot, mem } => (mem, Some(snapshot)),
     };
-    let mem = memory::create(cfg.memory, backing)?;
     let vm = vm::Vm::new(&kvm, &mem)?;
 
-    let kernel = loader::load_kernel(&mem, &cfg.kernel, cfg.bzimage)?;
-    tracing::info!("kernel: {}", kernel.description);
-    let initrd = match &cfg.initrd {
-        Some(path) => Some(loader::load_initrd(&mem, path, kernel.end, &kernel.header)?),
-        None => None,
+    // What goes into guest RAM before the devices: a kernel and its
+    // initrd, or nothing (a saved machine's RAM already holds everything).
+    let loaded = match saved {
+        None => {
+            let kernel = loader::load_kernel(&mem, &cfg.kernel, cfg.bzimage)?;
+            tracing::info!("kernel: {}", kernel.description);
+            let initrd = match &cfg.initrd {
+                Some(path) => Some(loader::load_initrd(&mem, path, kernel.end, &kernel.header)?),
+                None => None,
+            };
+            Loaded::Kernel { kernel, initrd }
+        }
+        Some(snapshot) => Loaded::Saved(snapshot),
     };
 
     let exit = Arc::new(ExitSignal::new().map_err(Error::EventFd)?);
@@ -409,8 +468,9 @@ pub fn build(cfg: &VmConfig, hooks: &WorkerHooks) -> Result<Machine, Error> {
         devices: Vec::new(),
     };
     let mut devices = Vec::new();
+    let mut transports = Vec::new();
     for (i, ((device, hook, counters), disk)) in disks.into_iter().zip(&cfg.disks).enumerate() {
-        add_virtio(&vm, &mem, &mut mmio, &mut alloc, device, &hook)?;
+        transports.push(add_virtio(&vm, &mem, &mut mmio, &mut alloc, device, &hook)?);
         let id = crate::control::device_id(disk.id.as_deref(), "disk", i);
         devices.push(device_stats(id, "block", move || {
             counters
@@ -419,6 +479,7 @@ pub fn build(cfg: &VmConfig, hooks: &WorkerHooks) -> Result<Machine, Error> {
                 .unwrap_or_default()
         }));
     }
+    let mut announcers = Vec::new();
     for (i, nic) in cfg.nets.iter().enumerate() {
         let net = Net::new(virtio::NetConfig {
             tap: nic.tap.clone(),
@@ -430,36 +491,62 @@ pub fn build(cfg: &VmConfig, hooks: &WorkerHooks) -> Result<Machine, Error> {
             source,
         })?;
         let counters = net.counters();
-        add_virtio(&vm, &mem, &mut mmio, &mut alloc, Box::new(net), &hooks.io)?;
+        announcers.push(net.announcer());
+        transports.push(add_virtio(
+            &vm,
+            &mem,
+            &mut mmio,
+            &mut alloc,
+            Box::new(net),
+            &hooks.io,
+        )?);
         let id = crate::control::device_id(nic.id.as_deref(), "net", i);
         devices.push(device_stats(id, "net", move || counters.values().to_vec()));
     }
-    let cmdline = guest_cmdline(&cfg.cmdline, alloc.cmdline());
-    let cmdline_len = loader::load_command_line(&mem, &cmdline)?;
-
-    crate::arch::regs::write_reset_stub(&mem)?;
-    let rsdp = acpi::create_tables(&mem, cfg.vcpus, &alloc.devices)?;
-    let e820 = loader::e820_map(&mem);
-    loader::write_zero_page(
-        &mem,
-        &BootInfo {
-            header: kernel.header,
-            cmdline_len,
-            initrd,
-            rsdp,
-            e820: &e820,
-        },
-    )?;
 
     let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
     for index in 0..cfg.vcpus {
         let vcpu = Vcpu::new(&vm, index)?;
         vcpu.configure(&kvm.supported_cpuid, cfg.vcpus)?;
-        if index == 0 {
-            vcpu.configure_boot(&mem, kernel.entry)?;
-        }
         vcpus.push(vcpu);
     }
+    let kernel_description = match loaded {
+        Loaded::Kernel { kernel, initrd } => {
+            let cmdline = guest_cmdline(&cfg.cmdline, alloc.cmdline());
+            let cmdline_len = loader::load_command_line(&mem, &cmdline)?;
+            crate::arch::regs::write_reset_stub(&mem)?;
+            let rsdp = acpi::create_tables(&mem, cfg.vcpus, &alloc.devices)?;
+            VmGenId::new(&mem, GuestAddress(VMGENID_START)).map_err(Error::VmGenId)?;
+            let e820 = loader::e820_map(&mem);
+            loader::write_zero_page(
+                &mem,
+                &BootInfo {
+                    header: kernel.header,
+                    cmdline_len,
+                    initrd,
+                    rsdp,
+                    e820: &e820,
+                },
+            )?;
+            vcpus[0].configure_boot(&mem, kernel.entry)?;
+            kernel.description
+        }
+        Loaded::Saved(snapshot) => {
+            crate::persist::restore_machine(
+                snapshot,
+                &crate::persist::RestoreParts {
+                    mem: &mem,
+                    vm: &vm,
+                    vcpus: &vcpus,
+                    transports: &transports,
+                    serial: &serial,
+                    ged: &ged,
+                    announcers: &announcers,
+                },
+            )?;
+            "restored from a snapshot".to_string()
+        }
+    };
 
     Ok(Machine {
         vcpus,
@@ -470,9 +557,12 @@ pub fn build(cfg: &VmConfig, hooks: &WorkerHooks) -> Result<Machine, Error> {
         console,
         ged,
         devices,
-        kernel_description: kernel.description,
+        kernel_description,
+        transports,
+        announcers,
+        saved_config: crate::persist::SavedConfig::of(cfg),
         mem,
-        vm,
+        vm: Arc::new(vm),
         _kvm: kvm,
     })
 }

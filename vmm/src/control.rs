@@ -27,6 +27,8 @@ pub struct VmControl {
     /// their CPU time.
     pub vcpus: Vec<libc::pthread_t>,
     pub devices: Vec<DeviceStats>,
+    /// What snapshots and migrations save.
+    pub live: crate::persist::LiveMachine,
 }
 
 impl VmControl {
@@ -78,6 +80,28 @@ impl VmControl {
             VmAction::Reboot => {
                 tracing::info!("API: resetting the VM");
                 self.exit.signal(VmExit::Reset);
+            }
+            VmAction::Snapshot(_) if !paused => {
+                return Err(ApiError::conflict(
+                    "the VM is running: pause it (PUT /vm/pause) before taking a snapshot",
+                ))
+            }
+            VmAction::Snapshot(p) => {
+                let report = self
+                    .live
+                    .snapshot_to(&p.destination_dir)
+                    .map_err(|e| ApiError::internal(format!("snapshot failed: {e}")))?;
+                tracing::info!(
+                    "API: snapshot written to {} in {:?} ({} MiB of guest RAM written)",
+                    p.destination_dir.display(),
+                    report.elapsed,
+                    report.memory_bytes_written >> 20
+                );
+            }
+            VmAction::Migrate(_) => {
+                return Err(ApiError::conflict(
+                    "live migration is not wired into this kiln-vmm yet",
+                ));
             }
         }
         Ok(ApiReply::Done)

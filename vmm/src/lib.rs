@@ -13,6 +13,7 @@ pub mod control;
 pub mod loader;
 pub mod migration;
 pub mod options;
+pub mod persist;
 pub mod runtime;
 pub mod seccomp;
 pub mod snapshot;

@@ -8,7 +8,8 @@ use clap::Parser;
 use kiln_devices::VmExit;
 use kiln_vmm::config::{self, OnReboot, SerialMode, VmConfig};
 use kiln_vmm::loader::BzImageMode;
-use kiln_vmm::{builder, runtime};
+use kiln_vmm::persist::{self, SavedConfig};
+use kiln_vmm::{builder, runtime, snapshot};
 
 /// Boot a Linux kernel in a KVM virtual machine.
 ///
@@ -22,8 +23,40 @@ use kiln_vmm::{builder, runtime};
 #[command(name = "kiln-vmm", version, about, long_about)]
 struct Cli {
     /// Kernel image: ELF vmlinux or bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["restore", "incoming"])]
+    kernel: Option<PathBuf>,
+
+    /// Restore the VM saved in DIR by `PUT /vm/snapshot` instead of booting
+    /// a kernel: the guest continues where it stopped. Its vCPUs, memory
+    /// and kernel are the snapshot's; give the same --disk and --net
+    /// devices, in the same order and with the same id= (their paths,
+    /// TAPs and sockets may be new). The disks must hold what they held
+    /// when the snapshot was taken: kiln-vmm does not copy them.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "bzimage", "incoming", "on_reboot"]
+    )]
+    restore: Option<PathBuf>,
+
+    /// Wait for a VM migrated by another kiln-vmm (`PUT /vm/migrate`) on
+    /// unix:PATH or tcp:HOST:PORT and run it. vCPUs and memory come with
+    /// it; give its --disk and --net devices (same kinds, order and id=,
+    /// local paths). TCP needs --migration-secret unless both ends are on
+    /// loopback.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "bzimage", "on_reboot"]
+    )]
+    incoming: Option<String>,
+
+    /// For a migration over TCP: a file holding the secret (32 bytes or
+    /// more) both kiln-vmm processes share; they prove it to each other
+    /// before anything else is sent. The traffic itself is not encrypted
+    /// (mutual TLS comes with the cluster's certificates).
+    #[arg(long, value_name = "FILE", requires = "incoming")]
+    migration_secret: Option<PathBuf>,
 
     /// Initial ramdisk (cpio archive, optionally compressed).
     #[arg(long, value_name = "PATH")]
@@ -103,13 +136,44 @@ struct Cli {
 const REBOOT_STATUS: u8 = 100;
 
 impl Cli {
+    /// The configuration to boot: everything from the command line.
     fn into_config(self) -> Result<VmConfig> {
-        config::check_file("kernel", &self.kernel)?;
-        if let Some(initrd) = &self.initrd {
-            config::check_file("initrd", initrd)?;
-        }
-        let memory =
-            config::check_memory(config::parse_memory(&self.memory)?, config::host_memory())?;
+        self.into_config_with(None)
+    }
+
+    /// With `saved` (a restore, a migration), vCPUs, memory, kernel and
+    /// command line are the saved machine's; the devices, console and the
+    /// rest come from the command line.
+    fn into_config_with(self, saved: Option<&SavedConfig>) -> Result<VmConfig> {
+        let (kernel, initrd, cmdline, vcpus, memory) = match saved {
+            None => {
+                let kernel = self
+                    .kernel
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("--kernel is needed to boot a VM"))?;
+                config::check_file("kernel", &kernel)?;
+                if let Some(initrd) = &self.initrd {
+                    config::check_file("initrd", initrd)?;
+                }
+                let memory = config::check_memory(
+                    config::parse_memory(&self.memory)?,
+                    config::host_memory(),
+                )?;
+                let vcpus = config::check_vcpus(self.cpus)?;
+                (kernel, self.initrd, self.cmdline, vcpus, memory)
+            }
+            Some(s) => {
+                let memory = config::check_memory(s.memory, config::host_memory())?;
+                let vcpus = config::check_vcpus(u32::from(s.vcpus))?;
+                (
+                    s.kernel.clone(),
+                    s.initrd.clone(),
+                    s.cmdline.clone(),
+                    vcpus,
+                    memory,
+                )
+            }
+        };
         let disks = self
             .disk
             .iter()
@@ -121,7 +185,6 @@ impl Cli {
             .map(|n| n.parse())
             .collect::<Result<Vec<config::NetConfig>, _>>()?;
         config::check_unique_ids(&disks, &nets)?;
-        let vcpus = config::check_vcpus(self.cpus)?;
         config::check_disk_queues(&disks, vcpus)?;
         Ok(VmConfig {
             disks,
@@ -129,9 +192,9 @@ impl Cli {
             vcpus,
             memory,
             serial: self.serial.parse::<SerialMode>()?,
-            kernel: self.kernel,
-            initrd: self.initrd,
-            cmdline: self.cmdline,
+            kernel,
+            initrd,
+            cmdline,
             on_reboot: self.on_reboot,
             bzimage: self.bzimage,
             seccomp: !self.no_seccomp,
@@ -200,17 +263,48 @@ fn exit_unless_confined(install: runtime::ThreadHook) -> kiln_devices::virtio::W
 fn run(cli: Cli, started: std::time::Instant) -> Result<VmExit> {
     let violate = cli.debug_seccomp_violation;
     let api_socket = cli.api_socket.clone();
-    let cfg = cli.into_config()?;
+    let restore = cli.restore.clone();
+    // A snapshot is read and checked before anything else is set up.
+    let (cfg, saved) = match &restore {
+        Some(dir) => {
+            let snap = snapshot::load(dir)
+                .map_err(|e| anyhow::anyhow!("cannot restore {}: {e}", dir.display()))?;
+            let saved = persist::saved_config(&snap)?;
+            (cli.into_config_with(Some(&saved))?, Some((dir, snap)))
+        }
+        None => (cli.into_config()?, None),
+    };
     let confine = confinement(cfg.seccomp, violate)?;
     let hooks = builder::WorkerHooks {
         io: exit_unless_confined(confine.io.clone()),
         vhost_user: exit_unless_confined(confine.vhost_user.clone()),
     };
     let building = std::time::Instant::now();
-    let mut machine = builder::build(&cfg, &hooks)?;
+    let mut machine = match &saved {
+        None => builder::build(&cfg, &hooks)?,
+        Some((dir, snap)) => {
+            // Devices are checked before guest RAM is mapped.
+            persist::check_devices(snap, &cfg)?;
+            let mem = snapshot::restore_memory(dir, snap, builder::memory_backing(&cfg))
+                .map_err(|e| anyhow::anyhow!("cannot restore {}: {e}", dir.display()))?;
+            builder::build_with(
+                &cfg,
+                &hooks,
+                builder::Start::Restore {
+                    snapshot: snap,
+                    mem,
+                },
+            )?
+        }
+    };
     tracing::debug!("VM built in {:?}", building.elapsed());
     tracing::info!(
-        "booting {} ({}), {} vCPU(s), {} MiB",
+        "{} {} ({}), {} vCPU(s), {} MiB",
+        if saved.is_some() {
+            "running"
+        } else {
+            "booting"
+        },
         cfg.kernel.display(),
         machine.kernel_description,
         cfg.vcpus,

@@ -167,9 +167,10 @@ impl MutEventSubscriber for ApiHandler {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.api.evt.read();
         while let Ok(req) = self.api.rx.try_recv() {
+            let ends_vm = req.action.ends_vm();
             let result = self.control.handle(req.action);
             let mut written = None;
-            if req.action.ends_vm() && result.is_ok() {
+            if ends_vm && result.is_ok() {
                 let (tx, rx) = mpsc::sync_channel(1);
                 written = Some(tx);
                 self.written
@@ -260,6 +261,15 @@ fn run_inner(
         threads.push(vcpu.start(ctx.clone())?);
     }
 
+    let live = crate::persist::LiveMachine {
+        mem: machine.mem.clone(),
+        vm: machine.vm.clone(),
+        pause: pause.clone(),
+        transports: machine.transports.clone(),
+        serial: machine.serial.clone(),
+        ged: machine.ged.clone(),
+        config: machine.saved_config.clone(),
+    };
     let written = Arc::new(Mutex::new(Vec::new()));
     if let Some(setup) = api {
         let (sender, receiver) = api::channel().map_err(Error::ApiChannel)?;
@@ -273,6 +283,7 @@ fn run_inner(
                 pause,
                 vcpus: threads.iter().map(|t| t.as_pthread_t()).collect(),
                 devices: setup.devices,
+                live,
             },
             written: written.clone(),
         }));

@@ -144,6 +144,11 @@ impl<S: Input> Connection<S> {
                             Some(("application/json", v.to_string().as_bytes())),
                             req.close,
                         ),
+                        Ok(ApiReply::Accepted(v)) => response(
+                            202,
+                            Some(("application/json", v.to_string().as_bytes())),
+                            req.close,
+                        ),
                         Err(e) => error_response(&e, None, req.close),
                     };
                     (bytes, r.written)
@@ -297,12 +302,15 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, usize)>, ReadError> 
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        202 => "Accepted",
         204 => "No Content",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
         413 => "Content Too Large",
+        502 => "Bad Gateway",
+        504 => "Gateway Timeout",
         _ => "Internal Server Error",
     }
 }
@@ -341,7 +349,7 @@ fn response_with(
 /// `{"error": "..."}` with the error's status.
 fn error_response(e: &ApiError, allow: Option<&str>, close: bool) -> Vec<u8> {
     let status = match e.status {
-        400 | 404 | 405 | 409 | 413 | 500 => e.status,
+        400 | 404 | 405 | 409 | 413 | 500 | 502 | 504 => e.status,
         _ => 500,
     };
     let body = serde_json::json!({ "error": e.message }).to_string();

@@ -23,8 +23,41 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+/// `PUT /vm/snapshot`'s arguments.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotParams {
+    /// Where `state` and `memory` go: an existing, empty directory or one
+    /// to create.
+    pub destination_dir: std::path::PathBuf,
+}
+
+/// `PUT /vm/migrate`'s arguments.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateParams {
+    /// `unix:/path` or `tcp:HOST:PORT` of a `kiln-vmm --incoming`.
+    pub destination: String,
+    /// The pause the guest may see, in milliseconds (default 300).
+    #[serde(default = "default_downtime_ms")]
+    pub downtime_ms: u64,
+    /// The whole migration's limit, in seconds (default 600).
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: u64,
+    /// For `tcp:`: a file holding the 32-byte secret both ends share.
+    #[serde(default)]
+    pub secret_file: Option<std::path::PathBuf>,
+}
+
+fn default_downtime_ms() -> u64 {
+    300
+}
+fn default_timeout_s() -> u64 {
+    600
+}
+
 /// What a client can ask of the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmAction {
     /// `GET /vm`: state, configuration, counters.
     Info,
@@ -39,11 +72,15 @@ pub enum VmAction {
     /// `PUT /vm/reboot`: reset the VM, as a guest reboot does (what happens
     /// next is `--on-reboot`'s choice).
     Reboot,
+    /// `PUT /vm/snapshot`: write the paused VM to a directory.
+    Snapshot(SnapshotParams),
+    /// `PUT /vm/migrate`: move the running VM to another kiln-vmm.
+    Migrate(MigrateParams),
 }
 
 impl VmAction {
     /// Whether the VM ends once the action is done.
-    pub fn ends_vm(self) -> bool {
+    pub fn ends_vm(&self) -> bool {
         matches!(self, Self::PowerOff | Self::Reboot)
     }
 }
@@ -55,6 +92,8 @@ pub enum ApiReply {
     Info(serde_json::Value),
     /// Done, nothing to say (204).
     Done,
+    /// Started; `GET /vm` follows it (202, with this document).
+    Accepted(serde_json::Value),
 }
 
 /// Why an action failed; `status` is the HTTP status it maps to.
@@ -166,8 +205,18 @@ mod tests {
     fn a_call_reaches_the_receiver_and_gets_its_reply() {
         let (tx, rx) = channel().unwrap();
         let server = std::thread::spawn(move || {
-            assert_eq!(rx.evt.read().unwrap(), 1);
             let req = rx.rx.recv().unwrap();
+            // The caller writes the (non-blocking) eventfd right after
+            // queueing the request.
+            let woken = loop {
+                match rx.evt.read() {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(std::time::Duration::from_millis(1))
+                    }
+                    r => break r.unwrap(),
+                }
+            };
+            assert_eq!(woken, 1);
             assert_eq!(req.action, VmAction::Pause);
             req.reply
                 .send(ApiResponse {
