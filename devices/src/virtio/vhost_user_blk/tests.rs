@@ -29,6 +29,7 @@ use crate::virtio::mmio::MmioTransport;
 
 mod config_change;
 mod features;
+mod snapshot;
 
 const DISK_SECTORS: u64 = 16 << 11; // 16 MiB
 const QSIZE: u16 = 16;

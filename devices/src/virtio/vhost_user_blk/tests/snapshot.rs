@@ -1,0 +1,93 @@
+//! Pause, resume and restore against qemu-storage-daemon: the backend
+//! gives the rings back (GET_VRING_BASE) with their positions, and takes
+//! them again where they were (SET_VRING_BASE; the used index it reads
+//! from the ring), on the same connection or a new one.
+
+use super::*;
+use crate::virtio::state::{DeviceSnapshot, RestoreError, TransportSnapshot};
+
+fn device(daemon: &Daemon) -> VhostUserBlock {
+    VhostUserBlock::connect(VhostUserBlockConfig {
+        socket: daemon.socket.clone(),
+        queues: 1,
+    })
+    .unwrap()
+}
+
+fn transport(dev: VhostUserBlock, mem: &GuestMemoryMmap) -> (MmioTransport, EventFd, EventFd) {
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let t = MmioTransport::new(mem.clone(), Box::new(dev), irq.try_clone().unwrap())
+        .unwrap()
+        .try_with_worker_hook(Arc::new(|| {}))
+        .unwrap();
+    let kick = t.queue_eventfds().unwrap().remove(0).1;
+    (t, kick, irq)
+}
+
+#[test]
+fn the_backend_hands_the_rings_back_and_takes_them_again() {
+    let daemon = Daemon::start();
+    let mem = shared_mem();
+    let (mut t, kick, irq) = transport(device(&daemon), &mem);
+    bring_up(&mut t, &mem);
+    assert!(t.is_active());
+    let ok = VIRTIO_BLK_S_OK as u8;
+    mem.write_slice(&[0x11; 4096], GuestAddress(DATA)).unwrap();
+    assert_eq!(request(&mem, &kick, &irq, 0, VIRTIO_BLK_T_OUT, 8, 4096), ok);
+    assert_eq!(request(&mem, &kick, &irq, 1, VIRTIO_BLK_T_IN, 8, 4096), ok);
+
+    t.pause().unwrap();
+    let snap = t.snapshot().unwrap();
+    assert_eq!(snap.queues[0].next_avail, 2, "GET_VRING_BASE");
+    assert_eq!(snap.queues[0].next_used, 2, "the used ring's index");
+    let DeviceSnapshot::VhostUserBlock(d) = &snap.device else {
+        panic!("{:?}", snap.device)
+    };
+    assert_eq!(d.queues, 1);
+    assert_eq!(d.config[..8], DISK_SECTORS.to_le_bytes());
+
+    // The source goes on: the backend takes the ring where it was.
+    t.resume().unwrap();
+    mem.write_slice(&[0x22; 4096], GuestAddress(DATA)).unwrap();
+    assert_eq!(
+        request(&mem, &kick, &irq, 2, VIRTIO_BLK_T_OUT, 16, 4096),
+        ok
+    );
+    assert_eq!(image_bytes(&daemon.image, 16 * 512, 4096), vec![0x22; 4096]);
+
+    t.pause().unwrap();
+    let snap: TransportSnapshot =
+        serde_json::from_str(&serde_json::to_string(&t.snapshot().unwrap()).unwrap()).unwrap();
+    assert_eq!(snap.queues[0].next_avail, 3);
+    // The restored VM connects anew (the daemon serves one frontend).
+    drop(t);
+
+    let (mut t2, kick2, irq2) = transport(device(&daemon), &mem);
+    // A disk of another size is refused, naming the socket.
+    let mut other = snap.clone();
+    if let DeviceSnapshot::VhostUserBlock(d) = &mut other.device {
+        d.config[..8].copy_from_slice(&(DISK_SECTORS * 2).to_le_bytes());
+    }
+    let e = t2.restore(&other).unwrap_err();
+    assert!(matches!(e, RestoreError::Capacity { .. }), "{e}");
+    assert!(
+        e.to_string().contains(&daemon.socket.display().to_string()),
+        "{e}"
+    );
+    assert!(!t2.is_active());
+
+    t2.restore(&snap).unwrap();
+    assert!(t2.is_active(), "status {:#x}", t2.status());
+    assert_eq!(
+        request(&mem, &kick2, &irq2, 3, VIRTIO_BLK_T_IN, 8, 4096),
+        ok
+    );
+    let mut back = vec![0u8; 4096];
+    mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert_eq!(back, vec![0x11; 4096]);
+    let used: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used, 4, "the used index went on");
+    // And a reset still takes the rings back.
+    w32(&mut t2, VIRTIO_MMIO_STATUS, 0);
+    assert!(!t2.is_active());
+}
