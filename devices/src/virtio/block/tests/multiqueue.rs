@@ -11,6 +11,7 @@ use crate::virtio::block::device::{Block, BlockConfig, Error as BlockError};
 use crate::virtio::block::raw::RawFile;
 use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice};
 use crate::virtio::worker::tests::threads_named;
+use virtio_queue::QueueT;
 
 fn two_queue_disk(img: &TempFile) -> Block {
     Block::new(BlockConfig {
@@ -158,6 +159,67 @@ fn two_queues_are_served_by_two_workers() {
     drop(b);
     assert!(threads_named(&name).is_empty());
     assert!(threads_named(&q1).is_empty());
+}
+
+/// Quiescing a two-queue disk hands both queues back with their positions
+/// (in index order), and activating it with them serves on from there;
+/// the device's state refuses a disk of another queue count.
+#[test]
+fn both_queues_come_back_from_quiesce_and_serve_on() {
+    use crate::virtio::state::{DeviceSnapshot, RestoreError};
+    let img = TempFile::new().unwrap();
+    img.as_file().set_len(1 << 20).unwrap();
+    let mut b = two_queue_disk(&img);
+    let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    let kicks = [
+        Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+    ];
+    let mqs = [
+        MockSplitQueue::create(&m, GuestAddress(0), 16),
+        MockSplitQueue::create(&m, GuestAddress(0x1_0000), 16),
+    ];
+    let ctx = |queues| ActivateContext {
+        mem: m.clone(),
+        queues,
+        queue_events: kicks.to_vec(),
+        interrupt: interrupt.clone(),
+        acked_features: (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_MQ),
+    };
+    b.activate(ctx(mqs.iter().map(|q| q.create_queue().unwrap()).collect()))
+        .unwrap();
+    write_through(&m, &mqs[0], &kicks[0], 0x10_0000, 0, 0x11);
+    write_through(&m, &mqs[1], &kicks[1], 0x20_0000, 8, 0x22);
+    write_through(&m, &mqs[1], &kicks[1], 0x20_0000, 9, 0x23);
+    let queues = b.quiesce().unwrap();
+    assert_eq!(
+        queues.iter().map(|q| q.next_avail()).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert_eq!(
+        queues.iter().map(|q| q.next_used()).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert_eq!(queues[1].desc_table(), 0x1_0000);
+    b.activate(ctx(queues)).unwrap();
+    write_through(&m, &mqs[0], &kicks[0], 0x10_0000, 16, 0x33);
+    write_through(&m, &mqs[1], &kicks[1], 0x20_0000, 17, 0x44);
+    assert_eq!(mqs[0].used().idx().load(), 2);
+    assert_eq!(mqs[1].used().idx().load(), 3);
+    let state = b.snapshot().unwrap();
+    b.reset();
+    assert!(b.quiesce().unwrap().is_empty(), "nothing to hand back");
+
+    let DeviceSnapshot::Block(mut s) = state else {
+        panic!("{state:?}")
+    };
+    assert_eq!(s.queues, 2);
+    s.queues = 1;
+    assert!(matches!(
+        b.restore(&DeviceSnapshot::Block(s)),
+        Err(RestoreError::QueueCount { saved: 1, here: 2 })
+    ));
 }
 
 #[test]
