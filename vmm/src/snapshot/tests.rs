@@ -97,10 +97,17 @@ impl Running {
         self.mem.read_obj(GuestAddress(COUNTER)).unwrap()
     }
 
-    /// Runs the guest for a while and pauses it again.
+    /// Runs the guest for at least `d`, and until it has counted 2000 more
+    /// (the host may be busy: 2 cores, nested KVM), and pauses it again.
     fn run_for(&self, d: Duration) {
+        let from = self.count();
+        let deadline = Instant::now() + Duration::from_secs(20);
         self.gate.resume();
         std::thread::sleep(d);
+        while self.count() < from + 2000 {
+            assert!(Instant::now() < deadline, "the guest does not run");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         self.pause();
     }
 
@@ -239,13 +246,19 @@ fn a_save_completes_the_io_the_device_answered() {
     )
     .unwrap();
     let r = boot_with(&kvm, &code, pio);
-    for _ in 0..3 {
+    // Most pauses catch the vCPU between an answered read and its
+    // completion (the guest spends its time in port exits); a kick that
+    // lands in the guest finds the read completed anyway. Either way the
+    // saved RAX is the last answer (without the completion it is the one
+    // before).
+    for _ in 0..5 {
         let answered = reads.load(std::sync::atomic::Ordering::SeqCst);
         assert!(answered > 100, "the guest read the port: {answered}");
         let s = r.gate.save_states(Duration::from_secs(1)).unwrap();
         assert_eq!(s[0].regs.rax as u32, answered);
-        // The store after it has not run yet.
-        assert_eq!(r.count() as u32, answered - 1);
+        // The store after the read may or may not have run.
+        let stored = r.count() as u32;
+        assert!(stored == answered || stored == answered - 1, "{stored}");
         r.run_for(Duration::from_millis(10));
     }
 }
