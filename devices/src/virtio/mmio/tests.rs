@@ -529,3 +529,24 @@ fn misaligned_or_narrow_register_accesses_are_ignored() {
     w32(&mut h.t, VIRTIO_MMIO_MAGIC_VALUE, 0);
     assert_eq!(r32(&mut h.t, VIRTIO_MMIO_MAGIC_VALUE), MMIO_MAGIC);
 }
+
+/// A device that cannot be quiesced fails the pause: it is stopped and the
+/// driver told to reset it (NEEDS_RESET); its state cannot be saved.
+#[test]
+fn a_device_that_cannot_quiesce_fails_the_pause_and_needs_reset() {
+    let mut h = harness(vec![16], false);
+    assert!(h.t.pause().is_ok(), "nothing to pause before activation");
+    bring_up(&mut h);
+    assert!(matches!(
+        h.t.pause(),
+        Err(ActivateError::QuiesceUnsupported)
+    ));
+    assert!(!h.t.is_active() && !h.t.is_paused());
+    assert_eq!(h.record.lock().unwrap().resets, 1);
+    assert_ne!(h.t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    assert!(h.t.resume().is_ok(), "nothing to resume");
+    assert!(matches!(
+        h.t.snapshot(),
+        Err(crate::virtio::state::SnapshotError::Unsupported { device_type: 42 })
+    ));
+}
