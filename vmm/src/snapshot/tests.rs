@@ -393,3 +393,40 @@ fn memory_file_write_rate() {
     assert_eq!(v, 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Shared (memfd) RAM is saved by its data ranges only (reading its holes
+/// would allocate them), and copied back into a memfd that keeps the
+/// memory file's holes.
+#[test]
+fn shared_memory_is_saved_and_restored_by_its_data() {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let dir = scratch("shared");
+    std::fs::create_dir_all(&dir).unwrap();
+    let size = 256 << 20;
+    let mem = guest_memory::create(size, guest_memory::Backing::SharedMemfd).unwrap();
+    let pages = [0u64, 1, 4095, 40_000, size / 4096 - 1];
+    for p in pages {
+        mem.write_obj(p + 1, GuestAddress(p * 4096 + 16)).unwrap();
+    }
+    // A page the guest touched but left zero is not written either.
+    mem.write_obj(0u64, GuestAddress(12_345 * 4096)).unwrap();
+    let path = dir.join(MEMORY_FILE);
+    let stats = memory::write(&path, &mem, 42).unwrap();
+    assert_eq!(stats.written_bytes, pages.len() as u64 * 4096);
+    let blocks = |m: &GuestMemoryMmap| {
+        let r = m.iter().next().unwrap();
+        r.file_offset().unwrap().file().metadata().unwrap().blocks() * 512
+    };
+    assert!(
+        blocks(&mem) < 4 << 20,
+        "saving filled the memfd: {}",
+        blocks(&mem)
+    );
+    let back = memory::copy_into_memfd(&path, 42, size).unwrap();
+    for p in pages {
+        let v: u64 = back.read_obj(GuestAddress(p * 4096 + 16)).unwrap();
+        assert_eq!(v, p + 1);
+    }
+    assert!(blocks(&back) < 4 << 20, "the memfd holds {}", blocks(&back));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
