@@ -45,23 +45,23 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// A VM and its one vCPU, running on its thread.
+/// A VM and its vCPUs, each running on its thread.
 struct Running {
     vm: Vm,
     mem: GuestMemoryMmap,
     gate: Arc<PauseGate>,
-    thread: libc::pthread_t,
+    threads: Vec<libc::pthread_t>,
 }
 
 impl Running {
-    /// Starts the vCPU thread, paused before its first instruction.
-    fn start(vm: Vm, mem: GuestMemoryMmap, vcpu: Vcpu) -> Self {
-        Self::start_with(vm, mem, vcpu, Bus::new())
+    /// Starts the vCPU threads, paused before their first instruction.
+    fn start(vm: Vm, mem: GuestMemoryMmap, vcpus: Vec<Vcpu>) -> Self {
+        Self::start_with(vm, mem, vcpus, Bus::new())
     }
 
-    fn start_with(vm: Vm, mem: GuestMemoryMmap, vcpu: Vcpu, pio: Bus) -> Self {
+    fn start_with(vm: Vm, mem: GuestMemoryMmap, vcpus: Vec<Vcpu>, pio: Bus) -> Self {
         vcpu::install_kick_handler().unwrap();
-        let gate = Arc::new(PauseGate::new_paused(1));
+        let gate = Arc::new(PauseGate::new_paused(vcpus.len()));
         let ctx = VcpuContext {
             pio: Arc::new(pio),
             mmio: Arc::new(Bus::new()),
@@ -73,22 +73,26 @@ impl Running {
                 .unwrap(),
             pause: gate.clone(),
         };
-        let thread = vcpu.start(ctx).unwrap().as_pthread_t();
+        let threads = vcpus
+            .into_iter()
+            .map(|v| v.start(ctx.clone()).unwrap().as_pthread_t())
+            .collect();
         Self {
             vm,
             mem,
             gate,
-            thread,
+            threads,
         }
     }
 
     fn pause(&self) {
-        let t = self.thread;
         self.gate
-            .pause(1, vcpu::PAUSE_TIMEOUT, || {
-                // SAFETY: the vCPU thread parks instead of exiting, so the
-                // id stays valid.
-                unsafe { libc::pthread_kill(t, vcpu::kick_signal()) };
+            .pause(self.threads.len(), vcpu::PAUSE_TIMEOUT, || {
+                for t in &self.threads {
+                    // SAFETY: the vCPU threads park instead of exiting, so
+                    // the ids stay valid.
+                    unsafe { libc::pthread_kill(*t, vcpu::kick_signal()) };
+                }
             })
             .unwrap();
     }
@@ -130,13 +134,23 @@ fn boot(kvm: &Kvm) -> Running {
 }
 
 fn boot_with(kvm: &Kvm, code: &[u8], pio: Bus) -> Running {
+    boot_n(kvm, code, pio, 1)
+}
+
+/// `count` vCPUs: the first runs `code`, the others wait for a SIPI.
+fn boot_n(kvm: &Kvm, code: &[u8], pio: Bus, count: u8) -> Running {
     let mem = guest_memory::create(MEM, guest_memory::Backing::Anonymous).unwrap();
     mem.write_slice(code, GuestAddress(CODE)).unwrap();
     let vm = Vm::new(kvm, &mem).unwrap();
-    let vcpu = Vcpu::new(&vm, 0).unwrap();
-    vcpu.configure(&kvm.supported_cpuid, 1).unwrap();
-    vcpu.configure_boot(&mem, GuestAddress(CODE)).unwrap();
-    let r = Running::start_with(vm, mem, vcpu, pio);
+    let vcpus: Vec<Vcpu> = (0..count)
+        .map(|i| {
+            let vcpu = Vcpu::new(&vm, i).unwrap();
+            vcpu.configure(&kvm.supported_cpuid, count).unwrap();
+            vcpu
+        })
+        .collect();
+    vcpus[0].configure_boot(&mem, GuestAddress(CODE)).unwrap();
+    let r = Running::start_with(vm, mem, vcpus, pio);
     r.run_for(Duration::from_millis(30));
     r
 }
@@ -148,17 +162,22 @@ fn restore(kvm: &Kvm, dir: &Path, backing: guest_memory::Backing) -> (Running, V
     let mem = restore_memory(dir, &snap, backing).unwrap();
     let vm = Vm::new(kvm, &mem).unwrap();
     vm.restore_state(&snap.vm).unwrap();
-    let mut vcpu = Vcpu::new(&vm, 0).unwrap();
-    vcpu.restore_state(&snap.vcpus[0]).unwrap();
-    // What KVM now holds is what was saved.
-    let back = vcpu.save_state().unwrap();
-    let saved = &snap.vcpus[0];
-    assert_eq!(json(&back.regs), json(&saved.regs));
-    assert_eq!(json(&back.sregs), json(&saved.sregs));
-    assert_eq!(back.xsave, saved.xsave);
-    assert_eq!(json(&back.xcrs), json(&saved.xcrs));
-    assert_eq!(json(&back.cpuid), json(&saved.cpuid));
-    (Running::start(vm, mem, vcpu), snap)
+    let mut vcpus = Vec::new();
+    for (i, saved) in snap.vcpus.iter().enumerate() {
+        let mut vcpu = Vcpu::new(&vm, i as u8).unwrap();
+        vcpu.restore_state(saved).unwrap();
+        // What KVM now holds is what was saved.
+        let back = vcpu.save_state().unwrap();
+        assert_eq!(back.index, saved.index);
+        assert_eq!(json(&back.mp_state), json(&saved.mp_state));
+        assert_eq!(json(&back.regs), json(&saved.regs));
+        assert_eq!(json(&back.sregs), json(&saved.sregs));
+        assert_eq!(back.xsave, saved.xsave);
+        assert_eq!(json(&back.xcrs), json(&saved.xcrs));
+        assert_eq!(json(&back.cpuid), json(&saved.cpuid));
+        vcpus.push(vcpu);
+    }
+    (Running::start(vm, mem, vcpus), snap)
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {
@@ -261,6 +280,40 @@ fn a_save_completes_the_io_the_device_answered() {
         assert!(stored == answered || stored == answered - 1, "{stored}");
         r.run_for(Duration::from_millis(10));
     }
+}
+
+/// Two vCPUs, the second never started (waiting for its SIPI): both are
+/// saved, in index order, and the second stays waiting after a restore
+/// while the first counts on.
+#[test]
+fn a_waiting_second_vcpu_is_saved_and_restored_waiting() {
+    let Some(kvm) = kvm() else { return };
+    let dir = scratch("two-vcpus");
+    let source = boot_n(&kvm, LOOP, Bus::new(), 2);
+    let snap = source.snapshot();
+    assert_eq!(
+        snap.vcpus.iter().map(|v| v.index).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    assert_eq!(
+        snap.vcpus[0].mp_state.mp_state,
+        kvm_bindings::KVM_MP_STATE_RUNNABLE
+    );
+    assert_ne!(
+        snap.vcpus[1].mp_state.mp_state,
+        kvm_bindings::KVM_MP_STATE_RUNNABLE
+    );
+    // The APs' APIC ids follow their index.
+    let apic_id = |v: &crate::vstate::vcpu_state::VcpuState| v.lapic.regs[0x23] as u8;
+    assert_eq!((apic_id(&snap.vcpus[0]), apic_id(&snap.vcpus[1])), (0, 1));
+    save(&dir, &snap, &source.mem).unwrap();
+    let at = source.count();
+    let (r, _) = restore(&kvm, &dir, guest_memory::Backing::Anonymous);
+    r.run_for(Duration::from_millis(10));
+    assert!(r.count() > at);
+    let states = r.gate.save_states(Duration::from_secs(1)).unwrap();
+    assert_eq!(json(&states[1].mp_state), json(&snap.vcpus[1].mp_state));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
