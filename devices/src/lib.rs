@@ -7,6 +7,7 @@
 //! and a bad request gets an error status, never a panic.
 
 pub mod bus;
+pub mod dirty;
 pub mod exit;
 pub mod legacy;
 pub mod rate_limiter;
