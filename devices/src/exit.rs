@@ -15,6 +15,8 @@ pub enum VmExit {
     Reset,
     /// A vCPU or KVM failed; the VM cannot go on.
     Error(String),
+    /// The VM was migrated: it runs in another kiln-vmm now.
+    Migrated,
 }
 
 pub struct ExitSignal {

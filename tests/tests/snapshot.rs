@@ -153,6 +153,184 @@ refuse refuse-short-memory --restore /tmp/other $DEVS
 refuse refuse-devices --restore /tmp/snapdir --disk path=/tmp/snapdata.img,id=data \
     --net tap=kt5,id=eth
 refuse refuse-kernel-arg --restore /tmp/snapdir $K $DEVS
+
+# ---- live migration. The guest: the pattern and checks as above, a loop
+# that rewrites 16 MiB of tmpfs again and again (dirty memory), a TCP
+# stream of numbered lines to the test host, and a heartbeat every 0.1 s.
+# Consoles go through stamp, which prefixes each heartbeat with the test
+# host's uptime: the pause as the outside world sees it.
+stamp() { while IFS= read -r l; do case $l in *MIG-HB*) echo "$(up) $l" ;; *) echo "$l" ;; esac; done; }
+/usr/sbin/ip link add br7 type bridge
+/usr/sbin/ip addr add 10.207.0.1/24 dev br7
+/usr/sbin/ip link set br7 up
+for t in kt7a kt7b; do
+    /usr/sbin/ip tuntap add $t mode tap
+    /usr/sbin/ip link set $t master br7
+    /usr/sbin/ip link set $t up
+done
+cat >/tmp/mig.sh <<'S'
+up() { cut -d' ' -f1 /proc/uptime; }
+ip link set eth0 up
+ip addr add 10.207.0.2/24 dev eth0
+mkdir -p /pat
+mount -t tmpfs -o size=48m tmpfs /pat
+dd if=/dev/urandom of=/pat/pattern bs=1M count=16 iflag=fullblock 2>/dev/null
+echo "MIG-PATTERN md5=$(md5sum </pat/pattern | cut -d' ' -f1)"
+( while :; do dd if=/dev/urandom of=/pat/scratch bs=1M count=16 2>/dev/null; done ) &
+( n=0; while :; do n=$((n + 1)); echo "line $n"; sleep 0.02; done | nc 10.207.0.1 5010 ) &
+i=0
+while :; do
+    i=$((i + 1))
+    echo "MIG-HB n=$i up=$(up)"
+    if [ $((i % 20)) = 0 ]; then
+        md5=$(md5sum </pat/pattern | cut -d' ' -f1)
+        ping -c 1 -W 5 10.207.0.1 >/dev/null 2>&1 && ping=ok || ping=failed
+        echo "MIG-CHECK n=$i md5=$md5 ping=$ping"
+    fi
+    sleep 0.1
+done
+S
+dd if=/tmp/mig.sh of=/tmp/mig.img bs=4096 conv=sync 2>/dev/null
+dd if=/dev/zero of=/tmp/migdata.img bs=1M count=0 seek=16 2>/dev/null
+mdevs() { echo "--disk path=/tmp/migdata.img,id=data --disk path=/tmp/mig.img,ro=on,id=script --net tap=$1,mac=52:54:00:12:34:58,id=eth"; }
+mkdir -m 700 /run/kmig
+# mstatus SOCK: the source's migration status, one line.
+mstatus() { kiln-api-call "$1" GET /vm | grep -o '"migration":.*' ; }
+# wait_migration SOCK PID: until the source process ends or its
+# migration failed (at most 600 s); prints the last status.
+wait_migration() {
+    i=0
+    while kill -0 "$2" 2>/dev/null; do
+        st=$(mstatus "$1")
+        case $st in *'"state":"failed"'* | *'"state":"in-doubt"'*) break ;; esac
+        i=$((i + 1)); [ $i -le 3000 ] || break
+        sleep 0.2
+    done
+    say "MIG-STATUS $st"
+}
+
+# ---- mig-src: the source boots; three migrations fail (the destination
+# refuses, is killed mid-copy, is not there) and the guest runs on after
+# each; the fourth, to a different build of kiln-vmm on a unix socket,
+# succeeds (an upgrade under a running VM).
+CASE=mig-src
+echo "CASE-START $CASE t=$(up)"
+nc -l -p 5010 >/tmp/stream.txt &
+nc_pid=$!
+( KILN_LOG=info kiln-vmm $K --memory 256M --api-socket /tmp/ms.sock $(mdevs kt7a) \
+    --cmdline "$Q kiln.script=/dev/vdb" </dev/null 2>/tmp/ms.err; echo "rc=$?" >/tmp/ms.rc ) \
+    | stamp >/tmp/ms.log &
+i=0; while [ ! -S /tmp/ms.sock ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
+src=$(for p in /proc/[0-9]*; do read -r c <"$p/comm" 2>/dev/null && [ "$c" = kiln-vmm ] && echo "${p#/proc/}"; done | head -n 1)
+if wait_for /tmp/ms.log MIG-CHECK 2 400; then
+    # The destination refuses: another memory size.
+    kiln-vmm-v2 --incoming unix:/run/kmig/m.sock --memory 128M --serial none $(mdevs kt7b) \
+        2>/tmp/md0.err &
+    dst=$!
+    i=0; while [ ! -S /run/kmig/m.sock ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
+    api /tmp/ms.sock PUT /vm/migrate '{"destination":"unix:/run/kmig/m.sock"}'
+    wait_migration /tmp/ms.sock "$src"
+    wait $dst
+    say "MIG-REFUSED-DST rc=$?"
+    tagged $CASE-dst0:err /tmp/md0.err
+    n0=$(grep -c MIG-HB /tmp/ms.log)
+    wait_for /tmp/ms.log MIG-HB $((n0 + 5)) 120 && say "MIG-RUNS-ON after-refusal"
+
+    # The destination dies while RAM is being copied.
+    kiln-vmm-v2 --incoming unix:/run/kmig/m.sock --memory 256M --serial none $(mdevs kt7b) \
+        2>/tmp/md1.err &
+    dst=$!
+    i=0; while [ ! -S /run/kmig/m.sock ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
+    api /tmp/ms.sock PUT /vm/migrate '{"destination":"unix:/run/kmig/m.sock"}'
+    i=0
+    until mstatus /tmp/ms.sock | grep -q '"phase":"precopy"'; do
+        i=$((i + 1)); [ $i -le 600 ] || break
+        sleep 0.05
+    done
+    kill -KILL $dst
+    wait $dst
+    wait_migration /tmp/ms.sock "$src"
+    n0=$(grep -c MIG-HB /tmp/ms.log)
+    wait_for /tmp/ms.log MIG-HB $((n0 + 5)) 120 && say "MIG-RUNS-ON after-kill"
+
+    # Nobody listens.
+    api /tmp/ms.sock PUT /vm/migrate '{"destination":"unix:/run/kmig/nobody.sock"}'
+    wait_migration /tmp/ms.sock "$src"
+    n0=$(grep -c MIG-HB /tmp/ms.log)
+    wait_for /tmp/ms.log MIG-HB $((n0 + 5)) 120 && say "MIG-RUNS-ON after-no-listener"
+
+    # The upgrade: to kiln-vmm-v2, another build, over a unix socket.
+    rm -f /tmp/md.sock
+    ( KILN_LOG=info kiln-vmm-v2 --incoming unix:/run/kmig/m.sock --memory 256M \
+        --api-socket /tmp/md.sock $(mdevs kt7b) </dev/null 2>/tmp/md.err; echo "rc=$?" >/tmp/md.rc ) \
+        | stamp >/tmp/md.log &
+    i=0; while [ ! -S /run/kmig/m.sock ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
+    say "MIG-SWITCH-BEFORE $(grep MIG-HB /tmp/ms.log | tail -n 1)"
+    say "MIG-STREAM-AT-SWITCH lines=$(wc -l </tmp/stream.txt)"
+    api /tmp/ms.sock PUT /vm/migrate '{"destination":"unix:/run/kmig/m.sock","downtime_ms":300}'
+    wait_migration /tmp/ms.sock "$src"
+else
+    say "MIG-SRC-NO-CHECKS"
+    kill $src
+fi
+i=0; while [ ! -f /tmp/ms.rc ] && [ $i -lt 600 ]; do i=$((i + 1)); sleep 0.1; done
+tagged $CASE /tmp/ms.log
+tagged $CASE:err /tmp/ms.err
+echo "CASE-END $CASE $(cat /tmp/ms.rc 2>/dev/null || echo rc=124) t=$(up)"
+
+# ---- mig-dst: the upgraded VM runs on; then it moves once more, over TCP
+# with a shared secret, to a kiln-vmm in another network namespace.
+CASE=mig-dst
+echo "CASE-START $CASE t=$(up)"
+if [ -S /tmp/md.sock ]; then
+    n0=$(grep -c MIG-CHECK /tmp/md.log)
+    wait_for /tmp/md.log MIG-CHECK $((n0 + 2)) 300 || say "MIG-DST-NO-CHECKS"
+    api /tmp/md.sock GET /vm
+    /usr/sbin/ip netns add kmig
+    /usr/sbin/ip link add kv0 type veth peer name kv1
+    /usr/sbin/ip link set kv1 netns kmig
+    /usr/sbin/ip addr add 10.208.0.1/24 dev kv0
+    /usr/sbin/ip link set kv0 up
+    /usr/sbin/ip netns exec kmig /usr/sbin/ip addr add 10.208.0.2/24 dev kv1
+    /usr/sbin/ip netns exec kmig /usr/sbin/ip link set kv1 up
+    /usr/sbin/ip netns exec kmig /usr/sbin/ip link set lo up
+    /usr/sbin/ip netns exec kmig /usr/sbin/ip tuntap add kt8 mode tap
+    /usr/sbin/ip netns exec kmig /usr/sbin/ip link set kt8 up
+    head -c 32 /dev/urandom >/tmp/mig.secret
+    chmod 600 /tmp/mig.secret
+    ( KILN_LOG=info /usr/sbin/ip netns exec kmig kiln-vmm --incoming tcp:10.208.0.2:7000 \
+        --migration-secret /tmp/mig.secret --memory 256M --api-socket /tmp/mt.sock $(mdevs kt8) \
+        </dev/null 2>/tmp/mt.err; echo "rc=$?" >/tmp/mt.rc ) | stamp >/tmp/mt.log &
+    sleep 2
+    dpid=$(for p in /proc/[0-9]*; do read -r c <"$p/comm" 2>/dev/null && [ "$c" = kiln-vmm-v2 ] && echo "${p#/proc/}"; done | head -n 1)
+    say "MIG-SWITCH-BEFORE $(grep MIG-HB /tmp/md.log | tail -n 1)"
+    say "MIG-STREAM-AT-TCP lines=$(wc -l </tmp/stream.txt)"
+    api /tmp/md.sock PUT /vm/migrate '{"destination":"tcp:10.208.0.2:7000","secret_file":"/tmp/mig.secret"}'
+    wait_migration /tmp/md.sock "$dpid"
+else
+    say "MIG-DST-NO-SOCKET"
+fi
+i=0; while [ ! -f /tmp/md.rc ] && [ $i -lt 600 ]; do i=$((i + 1)); sleep 0.1; done
+kill $nc_pid 2>/dev/null
+tagged $CASE /tmp/md.log
+tagged $CASE:err /tmp/md.err
+echo "CASE-END $CASE $(cat /tmp/md.rc 2>/dev/null || echo rc=124) t=$(up)"
+
+# ---- mig-tcp: the VM that came over TCP runs on; then it is powered off.
+CASE=mig-tcp
+echo "CASE-START $CASE t=$(up)"
+if [ -S /tmp/mt.sock ]; then
+    n0=$(grep -c MIG-HB /tmp/mt.log)
+    wait_for /tmp/mt.log MIG-HB $((n0 + 30)) 300 || say "MIG-TCP-NO-BEATS"
+    api /tmp/mt.sock PUT /vm/power-off
+else
+    say "MIG-TCP-NO-SOCKET"
+fi
+i=0; while [ ! -f /tmp/mt.rc ] && [ $i -lt 600 ]; do i=$((i + 1)); sleep 0.1; done
+awk '{ n = $2 + 0; if (NR > 1 && n != last + 1) gaps++; last = n } END { printf "MIG-STREAM lines=%d last=%d gaps=%d\n", NR, last, gaps + 0 }' /tmp/stream.txt | sed "s/^/[$CASE] /"
+tagged $CASE /tmp/mt.log
+tagged $CASE:err /tmp/mt.err
+echo "CASE-END $CASE $(cat /tmp/mt.rc 2>/dev/null || echo rc=124) t=$(up)"
 exit 0
 "#;
 
@@ -163,8 +341,12 @@ fn session() -> Option<&'static HostRun> {
             return None;
         }
         let vmm = profile_binary("kiln-vmm");
+        let v2 = match other_build() {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
         let api_call = std::path::PathBuf::from(env!("CARGO_BIN_EXE_kiln-api-call"));
-        let run = TestHost::run(SCRIPT, &[vmm, api_call], &[], Duration::from_secs(1800));
+        let run = TestHost::run(SCRIPT, &[vmm, v2, api_call], &[], Duration::from_secs(2400));
         if let Ok(run) = &run {
             eprintln!("{}", run.output);
             eprintln!("test host: {:.1} s wall", run.elapsed.as_secs_f64());
@@ -177,6 +359,33 @@ fn session() -> Option<&'static HostRun> {
         run.assert_success();
         run
     })
+}
+
+/// kiln-vmm built again with the `upgrade-test` profile (unoptimised, no
+/// debug information): a different build for the migration to move the
+/// VM to. Returned as `kiln-vmm-v2`.
+fn other_build() -> Result<std::path::PathBuf, String> {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--profile",
+            "upgrade-test",
+            "-p",
+            "kiln-vmm",
+            "--bin",
+            "kiln-vmm",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .map_err(|e| format!("cargo: {e}"))?;
+    if !status.success() {
+        return Err("building the upgrade-test kiln-vmm failed".into());
+    }
+    let v2 = kiln_tests::target_dir().join("kiln-tests/kiln-vmm-v2");
+    std::fs::create_dir_all(v2.parent().unwrap()).map_err(|e| e.to_string())?;
+    std::fs::copy(kiln_tests::target_dir().join("upgrade-test/kiln-vmm"), &v2)
+        .map_err(|e| format!("{}: {e}", v2.display()))?;
+    Ok(v2)
 }
 
 fn case(name: &str) -> Option<CaseOutput> {
@@ -360,4 +569,152 @@ fn broken_snapshots_and_mismatched_devices_are_refused_before_the_guest_runs() {
             "{name}: the guest ran: {c:?}"
         );
     }
+}
+
+/// A heartbeat of the migration guest, with the test host's uptime when
+/// its line came out of kiln-vmm.
+#[derive(Debug, Clone, Copy)]
+struct HostBeat {
+    host: f64,
+    n: u64,
+}
+
+fn host_beats(c: &CaseOutput) -> Vec<HostBeat> {
+    c.out
+        .iter()
+        .filter(|l| l.contains("MIG-HB "))
+        .filter_map(|l| {
+            Some(HostBeat {
+                host: l.split_whitespace().next()?.parse().ok()?,
+                n: field(l, "n")?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+fn said<'a>(c: &'a CaseOutput, marker: &str) -> Vec<&'a str> {
+    c.out
+        .iter()
+        .filter_map(|l| l.find(marker).map(|i| &l[i..]))
+        .collect()
+}
+
+fn mig_checks(c: &CaseOutput) -> Vec<(String, String)> {
+    said(c, "MIG-CHECK ")
+        .iter()
+        .filter_map(|l| Some((field(l, "md5")?.to_string(), field(l, "ping")?.to_string())))
+        .collect()
+}
+
+/// The longest gap between consecutive heartbeats across a switch from
+/// `from` to `to`, as the test host saw them, and whether the count went
+/// on without a hole.
+fn switch_gap(from: &CaseOutput, to: &CaseOutput) -> (f64, bool) {
+    let a = host_beats(from);
+    let b = host_beats(to);
+    let (Some(last), Some(first)) = (a.last(), b.first()) else {
+        panic!("no heartbeats around the switch:\n{from:?}\n{to:?}");
+    };
+    (
+        first.host - last.host,
+        first.n == last.n + 1 || first.n == last.n,
+    )
+}
+
+#[test]
+fn failed_migrations_leave_the_source_running() {
+    let Some(c) = case("mig-src") else { return };
+    let statuses = said(&c, "MIG-STATUS ");
+    assert!(statuses.len() >= 4, "{c:?}");
+    // Refused by the destination, with its reason.
+    assert!(
+        statuses[0].contains("\"state\":\"failed\""),
+        "{}",
+        statuses[0]
+    );
+    assert!(statuses[0].contains("RAM size differs"), "{}", statuses[0]);
+    // The destination died mid-copy; nobody listened.
+    assert!(
+        statuses[1].contains("\"state\":\"failed\""),
+        "{}",
+        statuses[1]
+    );
+    assert!(
+        statuses[2].contains("\"state\":\"failed\""),
+        "{}",
+        statuses[2]
+    );
+    for after in ["after-refusal", "after-kill", "after-no-listener"] {
+        assert!(
+            said(&c, "MIG-RUNS-ON ").iter().any(|l| l.contains(after)),
+            "the guest stopped {after}: {c:?}"
+        );
+    }
+    assert!(
+        said(&c, "MIG-REFUSED-DST ")
+            .iter()
+            .any(|l| !l.ends_with("rc=0")),
+        "a refusing destination exits with an error: {c:?}"
+    );
+    // The heartbeat never skipped a number on the source.
+    let b = host_beats(&c);
+    assert!(b.windows(2).all(|w| w[1].n == w[0].n + 1), "{b:?}");
+}
+
+#[test]
+fn a_running_vm_moves_to_another_kiln_vmm_build_and_its_tcp_stream_survives() {
+    let Some(src) = case("mig-src") else { return };
+    let dst = case("mig-dst").unwrap();
+    assert_eq!(src.rc, 0, "the source exits 0 after handing over: {src:?}");
+    assert!(
+        src.err.iter().any(|l| l.contains("migrated")),
+        "the source says it migrated: {src:?}"
+    );
+    let (gap, continuous) = switch_gap(&src, &dst);
+    eprintln!("unix-socket migration: the guest's heartbeat paused {gap:.3} s (test host clock)");
+    assert!(continuous, "the heartbeat skipped across the switch");
+    let pattern = said(&src, "MIG-PATTERN ")
+        .first()
+        .and_then(|l| field(l, "md5"))
+        .unwrap_or_else(|| panic!("{src:?}"))
+        .to_string();
+    let checks = mig_checks(&dst);
+    assert!(checks.len() >= 2, "{dst:?}");
+    for (md5, ping) in &checks[..2] {
+        assert_eq!(md5, &pattern, "memory pattern after migration");
+        assert_eq!(ping, "ok", "network after migration");
+    }
+    let at = |c: &CaseOutput, m: &str| -> u64 {
+        said(c, m)
+            .first()
+            .and_then(|l| field(l, "lines"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {m}: {c:?}"))
+    };
+    let at_switch = at(&src, "MIG-STREAM-AT-SWITCH ");
+    let at_tcp = at(&dst, "MIG-STREAM-AT-TCP ");
+    assert!(
+        at_tcp > at_switch,
+        "the TCP stream stopped at the switch ({at_switch} lines, then {at_tcp})"
+    );
+    let tcp = case("mig-tcp").unwrap();
+    let stream = said(&tcp, "MIG-STREAM ");
+    assert!(
+        stream
+            .first()
+            .is_some_and(|l| field(l, "gaps") == Some("0")),
+        "the stream lost or repeated lines: {stream:?}"
+    );
+}
+
+#[test]
+fn a_vm_moves_over_tcp_with_a_shared_secret_into_another_network_namespace() {
+    let Some(dst) = case("mig-dst") else { return };
+    let tcp = case("mig-tcp").unwrap();
+    assert_eq!(dst.rc, 0, "{dst:?}");
+    assert_eq!(tcp.rc, 0, "powered off through the API: {tcp:?}");
+    let (gap, continuous) = switch_gap(&dst, &tcp);
+    eprintln!("TCP migration: the guest's heartbeat paused {gap:.3} s (test host clock)");
+    assert!(continuous, "the heartbeat skipped across the switch");
+    assert!(host_beats(&tcp).len() >= 30, "{tcp:?}");
 }

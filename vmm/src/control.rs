@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::api::{ApiError, ApiReply, ApiResult, VmAction};
 use crate::config::{DiskBackend, VmConfig};
-use crate::vstate::vcpu::{self, PauseGate};
+use crate::vstate::vcpu::PauseGate;
 
 /// A device's counters, as `GET /vm` reports them.
 pub type DeviceStats = Box<dyn Fn() -> Value + Send>;
@@ -29,6 +29,8 @@ pub struct VmControl {
     pub devices: Vec<DeviceStats>,
     /// What snapshots and migrations save.
     pub live: crate::persist::LiveMachine,
+    /// Runs `PUT /vm/migrate`.
+    pub migration: crate::migrate::MigrationWorker,
 }
 
 impl VmControl {
@@ -46,16 +48,8 @@ impl VmControl {
                 ))
             }
             VmAction::Pause => {
-                let vcpus = self.vcpus.clone();
-                self.pause
-                    .pause(vcpus.len(), vcpu::PAUSE_TIMEOUT, || {
-                        for t in &vcpus {
-                            // SAFETY: the thread ids come from the vCPU
-                            // threads' JoinHandles; those threads never
-                            // exit while the VMM runs (they park instead).
-                            unsafe { libc::pthread_kill(*t, vcpu::kick_signal()) };
-                        }
-                    })
+                self.live
+                    .pause_vcpus()
                     .map_err(|e| ApiError::internal(format!("cannot pause: {e}")))?;
                 tracing::info!("API: VM paused");
             }
@@ -98,10 +92,13 @@ impl VmControl {
                     report.memory_bytes_written >> 20
                 );
             }
-            VmAction::Migrate(_) => {
-                return Err(ApiError::conflict(
-                    "live migration is not wired into this kiln-vmm yet",
-                ));
+            VmAction::Migrate(p) => {
+                let destination = p.destination.clone();
+                let doc = self
+                    .migration
+                    .submit(p, crate::migrate::VmSource::new(self.live.clone()))?;
+                tracing::info!("API: migrating the VM to {destination}");
+                return Ok(ApiReply::Accepted(doc));
             }
         }
         Ok(ApiReply::Done)
@@ -120,6 +117,7 @@ impl VmControl {
             "config": self.config,
             "vcpu_time_ns": self.vcpus.iter().map(|t| thread_cpu_ns(*t)).sum::<u64>(),
             "devices": self.devices.iter().map(|d| d()).collect::<Vec<_>>(),
+            "migration": self.migration.status_json(),
         })
     }
 }

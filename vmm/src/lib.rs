@@ -11,6 +11,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod loader;
+pub mod migrate;
 pub mod migration;
 pub mod options;
 pub mod persist;

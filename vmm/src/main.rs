@@ -9,7 +9,7 @@ use kiln_devices::VmExit;
 use kiln_vmm::config::{self, OnReboot, SerialMode, VmConfig};
 use kiln_vmm::loader::BzImageMode;
 use kiln_vmm::persist::{self, SavedConfig};
-use kiln_vmm::{builder, runtime, snapshot};
+use kiln_vmm::{builder, migration, runtime, snapshot};
 
 /// Boot a Linux kernel in a KVM virtual machine.
 ///
@@ -40,14 +40,15 @@ struct Cli {
     restore: Option<PathBuf>,
 
     /// Wait for a VM migrated by another kiln-vmm (`PUT /vm/migrate`) on
-    /// unix:PATH or tcp:HOST:PORT and run it. vCPUs and memory come with
-    /// it; give its --disk and --net devices (same kinds, order and id=,
-    /// local paths). TCP needs --migration-secret unless both ends are on
-    /// loopback.
+    /// unix:PATH or tcp:HOST:PORT and run it. Give the same --cpus and
+    /// --memory as the source, and its --disk and --net devices (same
+    /// kinds, order and id=; local paths, TAPs and sockets); a volume or
+    /// vhost-user disk is connected only once the source has paused. TCP
+    /// needs --migration-secret unless both ends are on loopback.
     #[arg(
         long,
         value_name = "ADDR",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "bzimage", "on_reboot"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "bzimage", "on_reboot"]
     )]
     incoming: Option<String>,
 
@@ -146,6 +147,16 @@ impl Cli {
     /// rest come from the command line.
     fn into_config_with(self, saved: Option<&SavedConfig>) -> Result<VmConfig> {
         let (kernel, initrd, cmdline, vcpus, memory) = match saved {
+            // An incoming VM brings its kernel (in its RAM); the
+            // configuration's kernel and command line are set from its
+            // state when it arrives.
+            None if self.incoming.is_some() => (
+                PathBuf::from("(incoming)"),
+                None,
+                String::new(),
+                config::check_vcpus(self.cpus)?,
+                config::check_memory(config::parse_memory(&self.memory)?, config::host_memory())?,
+            ),
             None => {
                 let kernel = self
                     .kernel
@@ -260,7 +271,68 @@ fn exit_unless_confined(install: runtime::ThreadHook) -> kiln_devices::virtio::W
     })
 }
 
+/// `--incoming`: waits for the VM, then runs it.
+fn run_incoming(cli: Cli, address: &str, started: std::time::Instant) -> Result<VmExit> {
+    let address: migration::Address = address
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--incoming {address}: {e}"))?;
+    let secret = match &cli.migration_secret {
+        Some(p) => Some(migration::Secret::from_file(p).map_err(|e| anyhow::anyhow!("{e}"))?),
+        None => None,
+    };
+    let violate = cli.debug_seccomp_violation;
+    let api_socket = cli.api_socket.clone();
+    let cfg = cli.into_config_with(None)?;
+    let confine = confinement(cfg.seccomp, violate)?;
+    let hooks = builder::WorkerHooks {
+        io: exit_unless_confined(confine.io.clone()),
+        vhost_user: exit_unless_confined(confine.vhost_user.clone()),
+    };
+    let transport = migration::TransportConfig {
+        secret,
+        ..migration::TransportConfig::default()
+    };
+    let listener = migration::Listener::bind(&address, &transport)
+        .map_err(|e| anyhow::anyhow!("--incoming {address}: {e}"))?;
+    let api = match api_socket {
+        Some(path) => Some(runtime::ApiSetup {
+            listener: kiln_vmm::api::http::bind(&path)?,
+            started,
+            config: kiln_vmm::control::config_json(&cfg),
+            devices: Vec::new(),
+        }),
+        None => None,
+    };
+    tracing::info!(
+        "waiting for a migrated VM on {} ({} vCPU(s), {} MiB)",
+        listener.local_address(),
+        cfg.vcpus,
+        cfg.memory >> 20
+    );
+    let console = cfg.serial == SerialMode::Stdio;
+    let mut target = kiln_vmm::migrate::VmTarget::new(cfg, &hooks, console, confine, api)?;
+    let report = migration::receive(&listener, &mut target, &migration::ReceiveConfig::default())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(
+        "migrated VM from {} (kiln-vmm {}) runs here: {} data pages, {} zero pages, {} KiB of state, {:?}",
+        report.peer,
+        report.source_version,
+        report.data_pages,
+        report.zero_pages,
+        report.state_bytes >> 10,
+        report.total_time
+    );
+    drop(listener);
+    let running = target
+        .into_running()
+        .ok_or_else(|| anyhow::anyhow!("the migration ended without a VM to run"))?;
+    Ok(running.wait()?)
+}
+
 fn run(cli: Cli, started: std::time::Instant) -> Result<VmExit> {
+    if let Some(address) = cli.incoming.clone() {
+        return run_incoming(cli, &address, started);
+    }
     let violate = cli.debug_seccomp_violation;
     let api_socket = cli.api_socket.clone();
     let restore = cli.restore.clone();
@@ -366,6 +438,10 @@ fn main() -> ExitCode {
             eprintln!(
                 "kiln-vmm: the guest rebooted; exiting (--on-reboot restart starts it again)"
             );
+            ExitCode::SUCCESS
+        }
+        Ok(VmExit::Migrated) => {
+            eprintln!("kiln-vmm: the VM was migrated and runs at its destination now");
             ExitCode::SUCCESS
         }
         Ok(VmExit::Error(e)) => {

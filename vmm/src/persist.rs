@@ -28,7 +28,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use crate::arch::layout::VMGENID_START;
 use crate::config::{DiskBackend, VmConfig};
 use crate::snapshot::{self, VmSnapshot};
-use crate::vstate::vcpu::{PauseGate, Vcpu};
+use crate::vstate::vcpu::{self, PauseGate, Vcpu};
 use crate::vstate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -305,6 +305,8 @@ pub struct LiveMachine {
     pub mem: GuestMemoryMmap,
     pub vm: Arc<Vm>,
     pub pause: Arc<PauseGate>,
+    /// The vCPU threads, kicked out of the guest to pause them.
+    pub vcpus: Vec<libc::pthread_t>,
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub ged: Arc<Mutex<GedDevice>>,
@@ -315,6 +317,19 @@ pub struct LiveMachine {
 const SAVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl LiveMachine {
+    /// Stops the vCPUs (they wait in the pause gate).
+    pub fn pause_vcpus(&self) -> Result<(), String> {
+        let vcpus = &self.vcpus;
+        self.pause.pause(vcpus.len(), vcpu::PAUSE_TIMEOUT, || {
+            for t in vcpus {
+                // SAFETY: the thread ids come from the vCPU threads'
+                // JoinHandles; those threads never exit while the VMM runs
+                // (they park instead).
+                unsafe { libc::pthread_kill(*t, vcpu::kick_signal()) };
+            }
+        })
+    }
+
     /// Quiesces every virtio device; on a failure the ones already paused
     /// are resumed and the error returned.
     pub fn pause_devices(&self) -> Result<(), Error> {

@@ -35,6 +35,8 @@ pub enum Error {
     Api(#[from] api::http::Error),
     #[error("control API: cannot create its channel: {0}")]
     ApiChannel(std::io::Error),
+    #[error("cannot start the migration thread: {0}")]
+    MigrationThread(std::io::Error),
 }
 
 /// A per-thread-kind hook run before the thread touches the guest.
@@ -49,6 +51,8 @@ pub struct Confinement {
     pub vhost_user: ThreadHook,
     /// The control API's HTTP thread.
     pub api: ThreadHook,
+    /// The thread that runs an outgoing live migration.
+    pub migration: ThreadHook,
 }
 
 impl Confinement {
@@ -59,7 +63,8 @@ impl Confinement {
             vcpu: nothing.clone(),
             io: nothing.clone(),
             vhost_user: nothing.clone(),
-            api: nothing,
+            api: nothing.clone(),
+            migration: nothing,
         }
     }
 }
@@ -201,25 +206,74 @@ pub fn run(
     confine: Confinement,
     api: Option<ApiSetup>,
 ) -> Result<VmExit, Error> {
+    start(machine, console_input, confine, api)?.wait()
+}
+
+/// A machine whose vCPUs run: [`Running::wait`] serves its event loop
+/// until it stops.
+pub struct Running {
+    em: EventManager<Box<dyn MutEventSubscriber + Send>>,
+    done: Arc<AtomicBool>,
+    /// For each action that ended the VM: fires once its response is out.
+    written: Arc<Mutex<Vec<mpsc::Receiver<()>>>>,
+    main_hook: ThreadHook,
+    terminal: Option<RawTerminal>,
+    /// Guest memory, the VM and the devices stay alive with it.
+    machine: Machine,
+}
+
+/// Starts the vCPUs and the control API of `machine`; the main thread's
+/// seccomp filter is installed later, by [`Running::wait`], so that the
+/// caller can still finish what the filter forbids (an incoming
+/// migration's last message).
+pub fn start(
+    mut machine: Machine,
+    console_input: bool,
+    confine: Confinement,
+    api: Option<ApiSetup>,
+) -> Result<Running, Error> {
     let terminal = if console_input {
         RawTerminal::enter(libc::STDIN_FILENO)
     } else {
         None
     };
-    let result = run_inner(machine, console_input, confine, api);
-    if let Some(t) = terminal {
-        t.restore();
+    let restore_terminal = |t: Option<RawTerminal>| {
+        if let Some(t) = t {
+            t.restore();
+        }
+    };
+    let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> = match EventManager::new() {
+        Ok(em) => em,
+        Err(e) => {
+            restore_terminal(terminal);
+            return Err(e.into());
+        }
+    };
+    match start_inner(&mut em, &mut machine, console_input, &confine, api) {
+        Ok((done, written)) => Ok(Running {
+            em,
+            done,
+            written,
+            main_hook: confine.main.clone(),
+            terminal,
+            machine,
+        }),
+        Err(e) => {
+            restore_terminal(terminal);
+            Err(e)
+        }
     }
-    result
 }
 
-fn run_inner(
-    machine: Machine,
+type Started = (Arc<AtomicBool>, Arc<Mutex<Vec<mpsc::Receiver<()>>>>);
+
+fn start_inner(
+    em: &mut EventManager<Box<dyn MutEventSubscriber + Send>>,
+    machine: &mut Machine,
     console_input: bool,
-    confine: Confinement,
+    confine: &Confinement,
     api: Option<ApiSetup>,
-) -> Result<VmExit, Error> {
-    let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()?;
+) -> Result<Started, Error> {
     let done = Arc::new(AtomicBool::new(false));
     em.add_subscriber(Box::new(ExitWatcher {
         exit: machine.exit.clone(),
@@ -240,7 +294,7 @@ fn run_inner(
         }));
     }
 
-    if let Some((listener, hub)) = machine.console {
+    if let Some((listener, hub)) = machine.console.take() {
         em.add_subscriber(Box::new(ConsoleSocket::new(
             listener,
             hub,
@@ -257,7 +311,7 @@ fn run_inner(
         pause: pause.clone(),
     };
     let mut threads = Vec::new();
-    for vcpu in machine.vcpus {
+    for vcpu in std::mem::take(&mut machine.vcpus) {
         threads.push(vcpu.start(ctx.clone())?);
     }
 
@@ -265,6 +319,7 @@ fn run_inner(
         mem: machine.mem.clone(),
         vm: machine.vm.clone(),
         pause: pause.clone(),
+        vcpus: threads.iter().map(|t| t.as_pthread_t()).collect(),
         transports: machine.transports.clone(),
         serial: machine.serial.clone(),
         ged: machine.ged.clone(),
@@ -272,6 +327,9 @@ fn run_inner(
     };
     let written = Arc::new(Mutex::new(Vec::new()));
     if let Some(setup) = api {
+        let migration =
+            crate::migrate::MigrationWorker::spawn(confine.migration.clone(), machine.exit.clone())
+                .map_err(Error::MigrationThread)?;
         let (sender, receiver) = api::channel().map_err(Error::ApiChannel)?;
         em.add_subscriber(Box::new(ApiHandler {
             api: receiver,
@@ -284,6 +342,7 @@ fn run_inner(
                 vcpus: threads.iter().map(|t| t.as_pthread_t()).collect(),
                 devices: setup.devices,
                 live,
+                migration,
             },
             written: written.clone(),
         }));
@@ -294,19 +353,40 @@ fn run_inner(
             machine.exit.clone(),
         )?;
     }
-    (confine.main)().map_err(Error::Seccomp)?;
+    Ok((done, written))
+}
 
-    while !done.load(Ordering::SeqCst) {
-        em.run()?;
+impl Running {
+    /// Confines the calling (main) thread and serves the event loop until
+    /// the guest powers off, resets or fails.
+    pub fn wait(mut self) -> Result<VmExit, Error> {
+        let result = self.serve();
+        if let Some(t) = self.terminal.take() {
+            t.restore();
+        }
+        result
     }
-    // An API client that ended the VM gets its response before we go.
-    for w in written.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-        let _ = w.recv_timeout(api::WRITE_GRACE);
+
+    fn serve(&mut self) -> Result<VmExit, Error> {
+        (self.main_hook)().map_err(Error::Seccomp)?;
+        while !self.done.load(Ordering::SeqCst) {
+            self.em.run()?;
+        }
+        // An API client that ended the VM gets its response before we go.
+        for w in self
+            .written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = w.recv_timeout(api::WRITE_GRACE);
+        }
+        // The vCPU threads are left running in the guest: the caller ends
+        // the process (or re-executes it) next, which stops them.
+        Ok(self
+            .machine
+            .exit
+            .reason()
+            .unwrap_or_else(|| VmExit::Error("the VM stopped without a reason".into())))
     }
-    // The vCPU threads are left running in the guest: the caller ends the
-    // process (or re-executes it) next, which stops them.
-    Ok(machine
-        .exit
-        .reason()
-        .unwrap_or_else(|| VmExit::Error("the VM stopped without a reason".into())))
 }

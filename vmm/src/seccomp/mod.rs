@@ -17,9 +17,10 @@ pub const VCPU: &str = "vcpu";
 pub const IO: &str = "io";
 pub const VHOST_USER: &str = "vhost_user";
 pub const API: &str = "api";
+pub const MIGRATION: &str = "migration";
 
 /// Each thread kind's BPF program, as build.rs compiled it.
-const PROGRAMS: [(&str, &[u8]); 5] = [
+const PROGRAMS: [(&str, &[u8]); 6] = [
     (
         MAIN,
         include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-main.bpf")),
@@ -39,6 +40,10 @@ const PROGRAMS: [(&str, &[u8]); 5] = [
     (
         API,
         include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-api.bpf")),
+    ),
+    (
+        MIGRATION,
+        include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-migration.bpf")),
     ),
 ];
 
@@ -79,6 +84,7 @@ impl Filters {
             io: self.hook(IO)?,
             vhost_user: self.hook(VHOST_USER)?,
             api: self.hook(API)?,
+            migration: self.hook(MIGRATION)?,
         })
     }
 }
@@ -120,7 +126,7 @@ mod tests {
     #[test]
     fn every_thread_kind_has_a_filter() {
         let f = Filters::load().unwrap();
-        for name in [MAIN, VCPU, IO, VHOST_USER, API] {
+        for name in [MAIN, VCPU, IO, VHOST_USER, API, MIGRATION] {
             assert!(!f.0[name].is_empty(), "{name}");
         }
     }

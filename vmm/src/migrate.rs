@@ -1,0 +1,503 @@
+//! kiln-vmm's side of live migration: the running machine behind
+//! `migration`'s two traits, and the thread that runs an outgoing
+//! migration.
+//!
+//! - [`VmSource`]: guest RAM, the dirty pages (KVM's log for the guest's
+//!   writes, `kiln_devices::dirty` for the devices'), and pause/save and
+//!   resume of the running VM.
+//! - [`VmTarget`]: an `--incoming` kiln-vmm: pages written into fresh
+//!   guest RAM, then the machine built on its own devices and restored
+//!   from the state (a volume is attached only then, when the source is
+//!   paused and has flushed), then started once the source commits.
+//! - [`MigrationWorker`]: a thread made when the VMM starts (the main
+//!   thread's seccomp filter forbids making one later), under its own
+//!   filter, that runs `PUT /vm/migrate` while the event loop goes on
+//!   serving the API (`GET /vm` shows the progress).
+
+use std::io;
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_devices::{ExitSignal, VmExit};
+use serde_json::{json, Value};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::api::{ApiError, MigrateParams};
+use crate::builder::{self, Machine, Start, WorkerHooks};
+use crate::config::VmConfig;
+use crate::migration::{
+    self, protocol, Address, MigrationSource, MigrationTarget, Progress, Secret, SendConfig,
+    TransportConfig,
+};
+use crate::persist::{self, LiveMachine, SavedConfig};
+use crate::runtime::{self, ApiSetup, Confinement, Running, ThreadHook};
+use crate::snapshot::{self, VmSnapshot};
+use crate::vstate::dirty::{self, DirtyLog};
+
+/// The machine as the migration protocol compares it.
+fn protocol_machine(c: &SavedConfig) -> protocol::Machine {
+    protocol::Machine {
+        ram_size: c.memory,
+        vcpus: u32::from(c.vcpus),
+        devices: c
+            .disks
+            .iter()
+            .chain(&c.nets)
+            .map(|d| protocol::DeviceId {
+                kind: d.kind.clone(),
+                id: d.id.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn other(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// Copies between a byte buffer and guest RAM pages `first_page..`,
+/// crossing RAM ranges (pages are numbered across them, in order).
+fn for_each_page_run(
+    mem: &GuestMemoryMmap,
+    first_page: u64,
+    len: usize,
+    mut f: impl FnMut(vm_memory::GuestAddress, std::ops::Range<usize>) -> io::Result<()>,
+) -> io::Result<()> {
+    let page = dirty::PAGE_SIZE as usize;
+    let mut done = 0;
+    while done < len {
+        let p = first_page
+            .checked_add((done / page) as u64)
+            .and_then(|p| usize::try_from(p).ok())
+            .ok_or_else(|| other("page number overflows"))?;
+        let addr = dirty::page_address(mem, p)
+            .ok_or_else(|| other(format!("page {p} is past the end of guest RAM")))?;
+        // Up to the end of this RAM range.
+        let in_range = mem
+            .iter()
+            .find(|r| r.start_addr() <= addr && addr.0 < r.start_addr().0 + r.len())
+            .map(|r| (r.start_addr().0 + r.len() - addr.0) as usize)
+            .unwrap_or(page);
+        let n = (len - done).min(in_range);
+        f(addr, done..done + n)?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// The running VM as a migration source.
+pub struct VmSource {
+    live: LiveMachine,
+    log: Option<DirtyLog>,
+    /// Whether `pause_and_save` paused the vCPUs (a VM paused before the
+    /// migration stays paused if it fails).
+    paused_vcpus: bool,
+    paused_devices: bool,
+}
+
+impl VmSource {
+    pub fn new(live: LiveMachine) -> Self {
+        Self {
+            live,
+            log: None,
+            paused_vcpus: false,
+            paused_devices: false,
+        }
+    }
+
+    fn ram_ranges(&self) -> Vec<(vm_memory::GuestAddress, u64)> {
+        self.live
+            .mem
+            .iter()
+            .map(|r| (r.start_addr(), r.len()))
+            .collect()
+    }
+}
+
+impl MigrationSource for VmSource {
+    fn machine(&self) -> protocol::Machine {
+        protocol_machine(&self.live.config)
+    }
+
+    fn read_pages(&self, first_page: u64, buf: &mut [u8]) -> io::Result<()> {
+        let len = buf.len();
+        for_each_page_run(&self.live.mem, first_page, len, |addr, r| {
+            self.live.mem.read_slice(&mut buf[r], addr).map_err(other)
+        })
+    }
+
+    fn start_dirty_log(&mut self) -> io::Result<()> {
+        kiln_devices::dirty::start(&self.ram_ranges());
+        match DirtyLog::start(&self.live.vm) {
+            Ok(log) => {
+                self.log = Some(log);
+                Ok(())
+            }
+            Err(e) => {
+                kiln_devices::dirty::stop();
+                Err(other(e))
+            }
+        }
+    }
+
+    fn fetch_dirty(&mut self) -> io::Result<Vec<u64>> {
+        let log = self
+            .log
+            .as_mut()
+            .ok_or_else(|| other("dirty logging is off"))?;
+        let guest = log.fetch(&self.live.vm).map_err(other)?;
+        let mut words = kiln_devices::dirty::take();
+        let pages = guest.pages();
+        words.resize(pages.div_ceil(64).max(words.len()), 0);
+        for p in guest.iter() {
+            words[p / 64] |= 1 << (p % 64);
+        }
+        Ok(words)
+    }
+
+    fn stop_dirty_log(&mut self) {
+        if let Some(log) = self.log.take() {
+            if let Err(e) = log.stop(&self.live.vm) {
+                tracing::warn!("cannot switch KVM's dirty log off: {e}");
+            }
+        }
+        kiln_devices::dirty::stop();
+    }
+
+    fn pause_and_save(&mut self) -> io::Result<Vec<u8>> {
+        if !self.live.pause.is_paused() {
+            self.live.pause_vcpus().map_err(other)?;
+            self.paused_vcpus = true;
+        }
+        self.live.pause_devices().map_err(other)?;
+        self.paused_devices = true;
+        // The rings the devices wrote last: their used entries.
+        let snap = self.live.capture().map_err(other)?;
+        snapshot::format::encode(&snap).map_err(other)
+    }
+
+    fn resume(&mut self) {
+        if self.paused_devices {
+            self.live.resume_devices();
+            self.paused_devices = false;
+        }
+        if self.paused_vcpus {
+            self.live.pause.resume();
+            self.paused_vcpus = false;
+        }
+        tracing::info!("migration: the VM runs on here");
+    }
+}
+
+/// What `GET /vm` says of migrations.
+#[derive(Debug, Clone)]
+enum Status {
+    None,
+    Running {
+        destination: String,
+        progress: Arc<Progress>,
+    },
+    Failed {
+        destination: String,
+        error: String,
+        in_doubt: bool,
+    },
+    Done {
+        destination: String,
+        report: Value,
+    },
+}
+
+type Job = (MigrateParams, Option<Secret>, VmSource);
+
+/// The outgoing-migration thread and what it is doing.
+pub struct MigrationWorker {
+    jobs: mpsc::Sender<Job>,
+    status: Arc<Mutex<Status>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl MigrationWorker {
+    /// Starts the thread: it runs `hook` (its seccomp filter), then one
+    /// migration at a time. A migration that succeeds ends the VM here
+    /// (`exit`: [`VmExit::Migrated`]).
+    pub fn spawn(hook: ThreadHook, exit: Arc<ExitSignal>) -> io::Result<Self> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let status = Arc::new(Mutex::new(Status::None));
+        let st = status.clone();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || {
+                if let Err(e) = hook() {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                while let Ok((params, secret, mut source)) = rx.recv() {
+                    run_job(&params, secret, &mut source, &st, &exit);
+                }
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self { jobs, status }),
+            Ok(Err(e)) => Err(io::Error::other(e)),
+            Err(_) => Err(io::Error::other("the migration thread died at start")),
+        }
+    }
+
+    /// Starts migrating to `params.destination`; refuses a second one.
+    pub fn submit(&self, params: MigrateParams, source: VmSource) -> Result<Value, ApiError> {
+        let address: Address = params
+            .destination
+            .parse()
+            .map_err(|e| ApiError::bad_request(format!("destination: {e}")))?;
+        let secret = match &params.secret_file {
+            Some(p) => Some(
+                Secret::from_file(p)
+                    .map_err(|e| ApiError::bad_request(format!("secret_file: {e}")))?,
+            ),
+            None => None,
+        };
+        let mut status = lock(&self.status);
+        if matches!(*status, Status::Running { .. }) {
+            return Err(ApiError::conflict("a migration is already running"));
+        }
+        if let Status::Failed { in_doubt: true, .. } = &*status {
+            return Err(ApiError::conflict(
+                "the last migration is in doubt: the VM may run at its destination; \
+                 check there before anything else",
+            ));
+        }
+        let progress = Arc::new(Progress::default());
+        *status = Status::Running {
+            destination: address.to_string(),
+            progress,
+        };
+        drop(status);
+        self.jobs
+            .send((params, secret, source))
+            .map_err(|_| ApiError::internal("the migration thread has stopped"))?;
+        Ok(json!({ "migration": self.status_json() }))
+    }
+
+    /// `GET /vm`'s `migration`.
+    pub fn status_json(&self) -> Value {
+        match &*lock(&self.status) {
+            Status::None => Value::Null,
+            Status::Running {
+                destination,
+                progress,
+            } => {
+                let p = progress.snapshot();
+                json!({
+                    "state": "running",
+                    "destination": destination,
+                    "phase": format!("{:?}", p.phase).to_lowercase(),
+                    "round": p.round,
+                    "bytes_sent": p.bytes_sent,
+                    "ram_bytes": p.ram_bytes,
+                    "dirty_pages": p.dirty_pages,
+                })
+            }
+            Status::Failed {
+                destination,
+                error,
+                in_doubt,
+            } => json!({
+                "state": if *in_doubt { "in-doubt" } else { "failed" },
+                "destination": destination,
+                "error": error,
+            }),
+            Status::Done {
+                destination,
+                report,
+            } => json!({
+                "state": "done",
+                "destination": destination,
+                "report": report,
+            }),
+        }
+    }
+}
+
+fn run_job(
+    params: &MigrateParams,
+    secret: Option<Secret>,
+    source: &mut VmSource,
+    status: &Mutex<Status>,
+    exit: &ExitSignal,
+) {
+    let progress = match &*lock(status) {
+        Status::Running { progress, .. } => progress.clone(),
+        _ => Arc::new(Progress::default()),
+    };
+    let destination = params.destination.clone();
+    let result = params
+        .destination
+        .parse::<Address>()
+        .map_err(|e| e.to_string())
+        .and_then(|address| {
+            let cfg = SendConfig {
+                transport: TransportConfig {
+                    secret,
+                    ..TransportConfig::default()
+                },
+                downtime: Duration::from_millis(params.downtime_ms),
+                precopy_timeout: Duration::from_secs(params.timeout_s),
+                ..SendConfig::default()
+            };
+            tracing::info!("migration to {address} started");
+            migration::migrate(source, &address, &cfg, &progress).map_err(|e| {
+                if e.in_doubt {
+                    format!("{e} (IN DOUBT)")
+                } else {
+                    e.to_string()
+                }
+            })
+        });
+    match result {
+        Ok(report) => {
+            let rounds: Vec<Value> = report
+                .rounds
+                .iter()
+                .map(|r| {
+                    json!({
+                        "round": r.round,
+                        "pages": r.pages,
+                        "bytes": r.bytes,
+                        "ms": r.time.as_millis() as u64,
+                        "paused": r.paused,
+                    })
+                })
+                .collect();
+            let summary = json!({
+                "downtime_ms": report.downtime.as_millis() as u64,
+                "total_ms": report.total_time.as_millis() as u64,
+                "bytes_sent": report.bytes_sent,
+                "state_bytes": report.state_bytes,
+                "switch_reason": format!("{:?}", report.switch_reason),
+                "rounds": rounds,
+            });
+            tracing::info!(
+                "migration to {destination} done: downtime {:?}, total {:?}, {} rounds, {} MiB sent",
+                report.downtime,
+                report.total_time,
+                report.rounds.len(),
+                report.bytes_sent >> 20
+            );
+            *lock(status) = Status::Done {
+                destination,
+                report: summary,
+            };
+            exit.signal(VmExit::Migrated);
+        }
+        Err(error) => {
+            let in_doubt = error.ends_with("(IN DOUBT)");
+            tracing::error!("{error}");
+            *lock(status) = Status::Failed {
+                destination,
+                error,
+                in_doubt,
+            };
+        }
+    }
+}
+
+/// An `--incoming` kiln-vmm: receives the VM, builds it on its own
+/// devices, runs it when the source commits.
+pub struct VmTarget<'a> {
+    cfg: VmConfig,
+    hooks: &'a WorkerHooks,
+    mem: GuestMemoryMmap,
+    machine: Option<Machine>,
+    /// What starting the VM needs, taken by `run`.
+    start: Option<(bool, Confinement, Option<ApiSetup>)>,
+    running: Option<Running>,
+}
+
+impl<'a> VmTarget<'a> {
+    /// Fresh guest RAM for `cfg` (zero, as the protocol needs).
+    pub fn new(
+        cfg: VmConfig,
+        hooks: &'a WorkerHooks,
+        console_input: bool,
+        confine: Confinement,
+        api: Option<ApiSetup>,
+    ) -> Result<Self, builder::Error> {
+        let mem = crate::vstate::memory::create(cfg.memory, builder::memory_backing(&cfg))?;
+        Ok(Self {
+            cfg,
+            hooks,
+            mem,
+            machine: None,
+            start: Some((console_input, confine, api)),
+            running: None,
+        })
+    }
+
+    /// The running VM, once the migration has completed.
+    pub fn into_running(self) -> Option<Running> {
+        self.running
+    }
+}
+
+impl MigrationTarget for VmTarget<'_> {
+    fn machine(&self) -> protocol::Machine {
+        protocol_machine(&SavedConfig::of(&self.cfg))
+    }
+
+    fn write_pages(&mut self, first_page: u64, data: &[u8]) -> io::Result<()> {
+        let mem = &self.mem;
+        for_each_page_run(mem, first_page, data.len(), |addr, r| {
+            mem.write_slice(&data[r], addr).map_err(other)
+        })
+    }
+
+    fn zero_pages(&mut self, first_page: u64, count: u64) -> io::Result<()> {
+        let zeros = vec![0u8; dirty::PAGE_SIZE as usize];
+        for p in 0..count {
+            self.write_pages(first_page.saturating_add(p), &zeros)?;
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, state: &[u8]) -> io::Result<()> {
+        let (_, snap): (u32, VmSnapshot) =
+            snapshot::format::decode(Path::new("the migrated state"), state).map_err(other)?;
+        let saved = persist::saved_config(&snap).map_err(other)?;
+        // What the source ran, for GET /vm and a later snapshot.
+        self.cfg.kernel = saved.kernel.clone();
+        self.cfg.initrd = saved.initrd.clone();
+        self.cfg.cmdline = saved.cmdline.clone();
+        let machine = builder::build_with(
+            &self.cfg,
+            self.hooks,
+            Start::Restore {
+                snapshot: &snap,
+                mem: self.mem.clone(),
+            },
+        )
+        .map_err(other)?;
+        self.machine = Some(machine);
+        Ok(())
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        let machine = self
+            .machine
+            .take()
+            .ok_or_else(|| other("no restored machine to run"))?;
+        let (console_input, confine, api) = self
+            .start
+            .take()
+            .ok_or_else(|| other("the VM was started already"))?;
+        let running = runtime::start(machine, console_input, confine, api).map_err(other)?;
+        self.running = Some(running);
+        Ok(())
+    }
+}

@@ -1,0 +1,260 @@
+//! Live migration (`PUT /vm/migrate`, `--incoming`) between two kiln-vmm
+//! processes on this machine's own /dev/kvm, with the real seccomp
+//! filters, over a real unix socket: a tiny guest counting in memory moves
+//! and goes on counting where it was; a destination that refuses leaves
+//! the source running. (The test host's tests move Debian guests with
+//! disks and a network, locally and over TCP: tests/tests/snapshot.rs.)
+
+mod common;
+use common::*;
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_tests::tiny::{count_forever, next_count_letter};
+
+struct Vmm(Child);
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn log_bytes(log: &Path) -> Vec<u8> {
+    std::fs::read(log).unwrap_or_default()
+}
+
+fn stderr_of(vmm: &mut Vmm) -> String {
+    use std::io::Read;
+    let mut err = String::new();
+    if let Some(mut e) = vmm.0.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    err
+}
+
+/// Waits until the console log has more than `n` bytes.
+fn wait_bytes(log: &Path, n: usize, vmm: &mut Vmm) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let b = log_bytes(log);
+        if b.len() > n {
+            return b;
+        }
+        if let Ok(Some(st)) = vmm.0.try_wait() {
+            panic!("kiln-vmm exited ({st}) before printing: {}", stderr_of(vmm));
+        }
+        assert!(Instant::now() < deadline, "the guest printed nothing new");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_socket(path: &Path, vmm: &mut Vmm) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        if let Ok(Some(st)) = vmm.0.try_wait() {
+            panic!("kiln-vmm exited ({st}): {}", stderr_of(vmm));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Setup {
+    dir: Scratch,
+    kernel: std::path::PathBuf,
+    disk: std::path::PathBuf,
+    /// 0700, as the migration socket's directory must be.
+    sockets: std::path::PathBuf,
+}
+
+fn setup(tag: &str) -> Setup {
+    let dir = Scratch::new(tag);
+    let kernel = dir.file("count.elf", &tiny_elf(&count_forever(20000)));
+    let disk = dir.file("disk.img", &[0u8; 8192]);
+    let sockets = dir.path().join("mig");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&sockets)
+        .unwrap();
+    Setup {
+        dir,
+        kernel,
+        disk,
+        sockets,
+    }
+}
+
+fn source(s: &Setup, log: &Path, api: &Path) -> Vmm {
+    let mut vmm = Vmm(kiln_vmm()
+        .arg("--kernel")
+        .arg(&s.kernel)
+        .args(["--memory", "64M", "--cpus", "2", "--disk"])
+        .arg(format!("path={},id=scratch", s.disk.display()))
+        .arg("--serial")
+        .arg(format!("file:{}", log.display()))
+        .arg("--api-socket")
+        .arg(api)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap());
+    wait_for_path(api, &mut vmm.0);
+    vmm
+}
+
+fn destination(s: &Setup, memory: &str, log: &Path, api: &Path, listen: &Path) -> Vmm {
+    let mut vmm = Vmm(kiln_vmm()
+        .arg("--incoming")
+        .arg(format!("unix:{}", listen.display()))
+        .args(["--memory", memory, "--cpus", "2", "--disk"])
+        .arg(format!("path={},id=scratch", s.disk.display()))
+        .arg("--serial")
+        .arg(format!("file:{}", log.display()))
+        .arg("--api-socket")
+        .arg(api)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap());
+    wait_socket(listen, &mut vmm);
+    vmm
+}
+
+/// Polls the source's `GET /vm` until its migration is no longer running
+/// (or the process ends); returns the last body.
+fn wait_migration(api: &Path, vmm: &mut Vmm) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    loop {
+        if let Ok(Some(_)) = vmm.0.try_wait() {
+            return last;
+        }
+        let (status, body) = http(api, "GET", "/vm", "");
+        if status == 200 {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let state = v["migration"]["state"].as_str().unwrap_or("none");
+            if state != "running" {
+                return v["migration"].to_string();
+            }
+            last = body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration never ended: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_running_vm_moves_to_another_process_and_goes_on_counting() {
+    if !local_kvm() {
+        return;
+    }
+    let s = setup("migrate");
+    let (src_log, src_api) = (s.dir.path().join("src.log"), s.dir.path().join("src.sock"));
+    let (dst_log, dst_api) = (s.dir.path().join("dst.log"), s.dir.path().join("dst.sock"));
+    let listen = s.sockets.join("m.sock");
+    let mut src = source(&s, &src_log, &src_api);
+    wait_bytes(&src_log, 20, &mut src);
+    let mut dst = destination(&s, "64M", &dst_log, &dst_api, &listen);
+
+    let (status, body) = http(
+        &src_api,
+        "PUT",
+        "/vm/migrate",
+        &format!("{{\"destination\":\"unix:{}\"}}", listen.display()),
+    );
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains("\"migration\""), "{body}");
+    // The source hands over and exits 0.
+    let st = src.0.wait().unwrap();
+    let err = stderr_of(&mut src);
+    assert!(st.success(), "{st:?}: {err}");
+    assert!(err.contains("migrated"), "{err}");
+    let before = log_bytes(&src_log);
+    let last = *before.last().unwrap();
+
+    let out = wait_bytes(&dst_log, 16, &mut dst);
+    assert_eq!(
+        out[0],
+        next_count_letter(last),
+        "resumed at {:?} after {:?}",
+        out[0] as char,
+        last as char
+    );
+    assert!(
+        out.windows(2).all(|w| w[1] == next_count_letter(w[0])),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    wait_socket(&dst_api, &mut dst);
+    let (status, body) = http(&dst_api, "GET", "/vm", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"state\":\"running\""), "{body}");
+    assert_eq!(http(&dst_api, "PUT", "/vm/power-off", "").0, 204);
+    let st = dst.0.wait().unwrap();
+    assert!(st.success(), "{st:?}: {}", stderr_of(&mut dst));
+}
+
+#[test]
+fn a_refused_or_unreachable_destination_leaves_the_source_running() {
+    if !local_kvm() {
+        return;
+    }
+    let s = setup("migrate-refused");
+    let (src_log, src_api) = (s.dir.path().join("src.log"), s.dir.path().join("src.sock"));
+    let (dst_log, dst_api) = (s.dir.path().join("dst.log"), s.dir.path().join("dst.sock"));
+    let listen = s.sockets.join("m.sock");
+    let mut src = source(&s, &src_log, &src_api);
+    wait_bytes(&src_log, 4, &mut src);
+
+    // Another memory size: the destination refuses and exits with an error.
+    let mut dst = destination(&s, "32M", &dst_log, &dst_api, &listen);
+    let body = format!("{{\"destination\":\"unix:{}\"}}", listen.display());
+    assert_eq!(http(&src_api, "PUT", "/vm/migrate", &body).0, 202);
+    let status = wait_migration(&src_api, &mut src);
+    assert!(status.contains("\"state\":\"failed\""), "{status}");
+    assert!(status.contains("RAM size differs"), "{status}");
+    let st = dst.0.wait().unwrap();
+    assert!(
+        !st.success(),
+        "the refusing destination exits with an error"
+    );
+    assert_eq!(log_bytes(&dst_log).len(), 0, "the destination's guest ran");
+    // The source's guest goes on.
+    let n = log_bytes(&src_log).len();
+    wait_bytes(&src_log, n, &mut src);
+
+    // Nobody there.
+    let nobody = format!(
+        "{{\"destination\":\"unix:{}\"}}",
+        s.sockets.join("nobody.sock").display()
+    );
+    assert_eq!(http(&src_api, "PUT", "/vm/migrate", &nobody).0, 202);
+    let status = wait_migration(&src_api, &mut src);
+    assert!(status.contains("\"state\":\"failed\""), "{status}");
+    let n = log_bytes(&src_log).len();
+    wait_bytes(&src_log, n, &mut src);
+
+    // Bad requests are refused at once.
+    let (code, body) = http(
+        &src_api,
+        "PUT",
+        "/vm/migrate",
+        "{\"destination\":\"ftp:x\"}",
+    );
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(http(&src_api, "PUT", "/vm/power-off", "").0, 204);
+    let st = src.0.wait().unwrap();
+    assert!(st.success(), "{st:?}: {}", stderr_of(&mut src));
+}
