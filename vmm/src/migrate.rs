@@ -107,6 +107,14 @@ impl VmSource {
         }
     }
 
+    fn has_vhost_user_disk(&self) -> bool {
+        self.live
+            .config
+            .disks
+            .iter()
+            .any(|d| d.kind == "vhost-user" || d.kind == "volume")
+    }
+
     fn ram_ranges(&self) -> Vec<(vm_memory::GuestAddress, u64)> {
         self.live
             .mem
@@ -148,8 +156,17 @@ impl MigrationSource for VmSource {
             .as_mut()
             .ok_or_else(|| other("dirty logging is off"))?;
         let guest = log.fetch(&self.live.vm).map_err(other)?;
-        let mut words = kiln_devices::dirty::take();
         let pages = guest.pages();
+        if self.paused_devices && self.has_vhost_user_disk() {
+            // A vhost-user backend (another process) writes guest RAM
+            // without telling us: with the VM paused, every page goes
+            // again (zero pages cost a few bytes each). Correct, at the
+            // price of a longer pause.
+            tracing::info!("migration: a vhost-user disk: resending all guest RAM while paused");
+            let _ = kiln_devices::dirty::take();
+            return Ok(vec![u64::MAX; pages.div_ceil(64)]);
+        }
+        let mut words = kiln_devices::dirty::take();
         words.resize(pages.div_ceil(64).max(words.len()), 0);
         for p in guest.iter() {
             words[p / 64] |= 1 << (p % 64);
