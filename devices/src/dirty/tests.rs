@@ -133,7 +133,10 @@ fn the_global_tracker_is_off_until_started() {
     assert!(take().is_empty(), "off: nothing to take");
     start(&[(GuestAddress(BASE), MIB)]);
     assert!(is_tracking());
-    assert!(pages(&take()).is_empty(), "writes before start are not marked");
+    assert!(
+        pages(&take()).is_empty(),
+        "writes before start are not marked"
+    );
     mark(GuestAddress(BASE + 3 * PAGE_SIZE), 1);
     assert_eq!(pages(&take()), vec![3]);
     // A new start replaces the bitmap, cleared.

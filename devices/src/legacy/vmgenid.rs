@@ -66,6 +66,7 @@ impl VmGenId {
                 addr: self.addr.0,
                 source,
             })?;
+        crate::dirty::mark(self.addr, id.len() as u64);
         self.id = id;
         Ok(())
     }

@@ -40,8 +40,9 @@ use super::backend::AsyncIo;
 use super::engine::{self, EngineSlot, IoDone, IoEngine, IoKind, IoOp};
 use super::io::Disk;
 use super::request::{self, Rejected, Request, RequestLimits, RequestType, SECTOR_SHIFT};
+use crate::dirty;
 use crate::rate_limiter::RateLimiter;
-use crate::virtio::queue::add_used;
+use crate::virtio::queue::{add_used, disable_notification, enable_notification};
 use crate::virtio::worker::GuestErrorLog;
 
 /// Most iovecs one op may carry (`IOV_MAX`).
@@ -61,6 +62,9 @@ struct Pending {
     iovecs: Vec<libc::iovec>,
     /// The first iovec not fully moved yet.
     first: usize,
+    /// A read's data buffers (guest address, length): what the kernel
+    /// writes, marked dirty ([`crate::dirty`]) when the op is over.
+    dirties: Vec<(GuestAddress, u32)>,
 }
 
 // SAFETY: the iovecs point into guest memory that the owning QueueServer
@@ -181,7 +185,7 @@ impl QueueServer {
         let mut used = 0;
         self.stalled = false;
         loop {
-            if let Err(e) = queue.disable_notification(&self.mem) {
+            if let Err(e) = disable_notification(queue, &self.mem) {
                 warn!("virtio-blk: cannot disable queue notifications: {e}");
             }
             let mut popped = 0usize;
@@ -217,7 +221,7 @@ impl QueueServer {
                 // limiter's timer brings the worker back.
                 break;
             }
-            match queue.enable_notification(&self.mem) {
+            match enable_notification(queue, &self.mem) {
                 // More requests arrived while notifications were off. Unless
                 // the ring is corrupt (nothing could be popped), go again.
                 Ok(true) if popped > 0 => continue,
@@ -326,6 +330,10 @@ impl QueueServer {
             _ => return None,
         };
         let offset = req.sector.checked_mul(1 << SECTOR_SHIFT)?;
+        let dirties = match kind {
+            IoKind::Read => req.data.iter().map(|s| (s.addr, s.len)).collect(),
+            _ => Vec::new(),
+        };
         let iovecs = if kind == IoKind::Sync {
             Vec::new()
         } else {
@@ -350,6 +358,7 @@ impl QueueServer {
             total: req.data_len,
             iovecs,
             first: 0,
+            dirties,
         })
     }
 
@@ -409,6 +418,9 @@ impl QueueServer {
         };
         let p = self.slots[slot].take()?;
         self.free.push(slot);
+        // The kernel is done writing the buffers (all of them, or a part:
+        // mark them all either way, results dropped or not).
+        mark_dirties(&p);
         if !report {
             return None;
         }
@@ -478,7 +490,9 @@ impl QueueServer {
                     engine.name()
                 );
                 for (i, slot) in self.slots.iter_mut().enumerate() {
-                    if slot.take().is_some() {
+                    if let Some(p) = slot.take() {
+                        // Parts may have been moved already.
+                        mark_dirties(&p);
                         self.free.push(i);
                     }
                 }
@@ -559,6 +573,13 @@ fn guest_iovecs(
     (total == req.data_len && !v.is_empty() && v.len() <= MAX_IOVECS).then_some(v)
 }
 
+/// Marks a finished op's guest buffers dirty (a read's; nothing for others).
+fn mark_dirties(p: &Pending) {
+    for &(addr, len) in &p.dirties {
+        dirty::mark(addr, u64::from(len));
+    }
+}
+
 /// Moves the start of `iovecs[*first..]` on by `n` bytes.
 fn advance(iovecs: &mut [libc::iovec], first: &mut usize, mut n: u64) {
     while n > 0 {
@@ -577,7 +598,8 @@ fn advance(iovecs: &mut [libc::iovec], first: &mut usize, mut n: u64) {
     }
 }
 
-/// Writes the status byte; returns the used length.
+/// Writes the status byte (marked dirty, [`crate::dirty`]); returns the
+/// used length.
 pub(crate) fn complete(
     mem: &GuestMemoryMmap,
     status_addr: GuestAddress,
@@ -585,7 +607,10 @@ pub(crate) fn complete(
     written: u32,
 ) -> u32 {
     match mem.write_obj(status, status_addr) {
-        Ok(()) => written.saturating_add(1),
+        Ok(()) => {
+            dirty::mark(status_addr, 1);
+            written.saturating_add(1)
+        }
         Err(e) => {
             warn!("virtio-blk: cannot write the status byte: {e}");
             0

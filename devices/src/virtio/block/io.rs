@@ -7,6 +7,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::backend::BlockBackend;
 use super::request::{Request, RequestType, SECTOR_SHIFT};
+use crate::dirty;
 use crate::virtio::metrics::BlockCounters;
 
 /// Data moves between guest memory and the backend in pieces of at most
@@ -117,6 +118,7 @@ impl Disk {
             while pos < n {
                 let (addr, len) = segs.next_piece(n - pos)?;
                 mem.write_slice(&buf[pos..pos + len], addr)?;
+                dirty::mark(addr, len as u64);
                 pos += len;
             }
             offset += n as u64;
@@ -161,6 +163,7 @@ impl Disk {
             }
             let n = id.len().min(seg.len as usize);
             mem.write_slice(&id[..n], seg.addr)?;
+            dirty::mark(seg.addr, n as u64);
             id = &id[n..];
             written += n as u32;
         }

@@ -24,6 +24,7 @@ use super::worker::{BlockWorker, QueueContext};
 use crate::virtio::interrupt::Interrupt;
 use crate::virtio::worker::EventSetPoller;
 
+mod dirty;
 mod engines;
 mod multiqueue;
 

@@ -27,7 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::announce::Announcer;
 use crate::virtio::interrupt::Interrupt;
-use crate::virtio::queue::{add_used, notify_if_needed};
+use crate::virtio::queue::{add_used, disable_notification, enable_notification, notify_if_needed};
 use crate::virtio::worker::GuestErrorLog;
 
 /// `class` and `command`.
@@ -224,7 +224,7 @@ impl CtrlQueue {
     pub(super) fn process(&mut self, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
         let mut total = 0usize;
         loop {
-            if let Err(e) = self.queue.disable_notification(mem) {
+            if let Err(e) = disable_notification(&mut self.queue, mem) {
                 warn!("virtio-net: cannot disable control queue notifications: {e}");
             }
             let mut handled = 0usize;
@@ -236,7 +236,7 @@ impl CtrlQueue {
                 handled += 1;
             }
             total += handled;
-            match self.queue.enable_notification(mem) {
+            match enable_notification(&mut self.queue, mem) {
                 Ok(true) if handled > 0 => continue,
                 Ok(_) => break,
                 Err(e) => {
@@ -284,7 +284,10 @@ impl CtrlQueue {
             }
         };
         match mem.write_obj(ack, at) {
-            Ok(()) => 1,
+            Ok(()) => {
+                crate::dirty::mark(at, 1);
+                1
+            }
             Err(e) => {
                 warn!("virtio-net: cannot write a control command's ack: {e}");
                 0
@@ -327,10 +330,16 @@ mod tests {
     }
 
     fn rig(m: &GuestMemoryMmap) -> Rig<'_> {
-        let q = MockSplitQueue::create(m, GuestAddress(0), 16);
+        rig_at(m, 0)
+    }
+
+    /// The rig with its ring at `base` (the used ring at `base + USED`).
+    fn rig_at(m: &GuestMemoryMmap, base: u64) -> Rig<'_> {
+        let q = MockSplitQueue::create(m, GuestAddress(base), 16);
         let mut queue: Queue = q.create_queue().unwrap();
         // The mock's used ring overlaps the avail ring's used_event field.
-        queue.set_used_ring_address(Some(USED as u32), Some(0));
+        let used = base + USED;
+        queue.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
         let announcer = Arc::new(Announcer::default());
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         Rig {
@@ -416,6 +425,29 @@ mod tests {
         assert_eq!((r.ctrl.malformed, r.ctrl.refused), (0, 0));
         // Used buffers were signalled (on the rig's own interrupt).
         assert_ne!(r.interrupt.status(), 0);
+    }
+
+    /// The ack and the used ring are marked for live migration
+    /// ([`crate::dirty`]), not the command the device only reads. The
+    /// tracker's RAM is far above what other tests use.
+    #[test]
+    fn answers_mark_the_ack_and_the_used_ring() {
+        use crate::dirty::{self, PAGE_SIZE};
+        const BASE: u64 = 0x7400_0000_0000;
+        let _g = dirty::test_lock();
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(BASE), MEM as usize)]).unwrap();
+        let mut r = rig_at(&m, BASE);
+        m.write_slice(&[0x7f, 0], GuestAddress(BASE + HDR)).unwrap();
+        queue_chain(&r.q, &[d(BASE + HDR, 2, 0), d(BASE + ACK, 1, W)], 0);
+        dirty::start(&[(GuestAddress(BASE), MEM)]);
+        r.ctrl.process(&m, &r.interrupt);
+        let words = dirty::take();
+        dirty::stop();
+        assert_eq!(ack(&m, BASE + ACK), ACK_ERR);
+        let marked: Vec<u64> = (0..words.len() as u64 * 64)
+            .filter(|&p| words[(p / 64) as usize] & (1 << (p % 64)) != 0)
+            .collect();
+        assert_eq!(marked, vec![USED / PAGE_SIZE, ACK / PAGE_SIZE]);
     }
 
     #[test]

@@ -65,6 +65,7 @@ pub fn write_rx_frame<M: GuestMemory>(
         let n = rest.len().min(len as usize);
         mem.write_slice(&rest[..n], addr)
             .map_err(|_| RxError::OutsideGuestMemory { addr: addr.0, len })?;
+        crate::dirty::mark(addr, n as u64);
         rest = &rest[n..];
     }
     // A frame is at most MAX_BUFFER_LEN bytes.

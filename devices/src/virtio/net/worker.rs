@@ -23,7 +23,7 @@ use super::tx::read_tx_frame;
 use super::{FrameIo, MAX_BUFFER_LEN};
 use crate::rate_limiter::{lock, SharedRateLimiter};
 use crate::virtio::interrupt::Interrupt;
-use crate::virtio::queue::{add_used, notify_if_needed};
+use crate::virtio::queue::{add_used, disable_notification, enable_notification, notify_if_needed};
 use crate::virtio::worker::{drain_eventfd, EventSetPoller, GuestErrorLog, TOKEN_STOP};
 
 const TOKEN_RX_QUEUE: u64 = 1;
@@ -373,7 +373,7 @@ impl<T: FrameIo + 'static> NetWorker<T> {
     pub(super) fn process_tx(&mut self) {
         let mut total = 0usize;
         loop {
-            if let Err(e) = self.tx.disable_notification(&self.mem) {
+            if let Err(e) = disable_notification(&mut self.tx, &self.mem) {
                 warn!("virtio-net: cannot disable TX notifications: {e}");
             }
             let mut handled = 0usize;
@@ -403,7 +403,7 @@ impl<T: FrameIo + 'static> NetWorker<T> {
             if throttled {
                 break;
             }
-            match self.tx.enable_notification(&self.mem) {
+            match enable_notification(&mut self.tx, &self.mem) {
                 Ok(true) if handled > 0 => continue,
                 Ok(_) => break,
                 Err(e) => {
@@ -455,7 +455,7 @@ fn next_rx_chain<'m>(
     if let Some(chain) = rx.pop_descriptor_chain(mem) {
         return Some(chain);
     }
-    match rx.enable_notification(mem) {
+    match enable_notification(rx, mem) {
         Ok(true) => rx.pop_descriptor_chain(mem),
         Ok(false) => None,
         Err(e) => {
@@ -495,13 +495,19 @@ mod tests {
     }
 
     fn rig(m: &GuestMemoryMmap) -> Rig<'_> {
-        let rxq = MockSplitQueue::create(m, GuestAddress(0), 16);
-        let txq = MockSplitQueue::create(m, GuestAddress(0x4000), 16);
+        rig_at(m, 0)
+    }
+
+    /// The rig with its rings at `base` + the usual addresses.
+    fn rig_at(m: &GuestMemoryMmap, base: u64) -> Rig<'_> {
+        let rxq = MockSplitQueue::create(m, GuestAddress(base), 16);
+        let txq = MockSplitQueue::create(m, GuestAddress(base + 0x4000), 16);
         let mut rx: Queue = rxq.create_queue().unwrap();
         let mut tx: Queue = txq.create_queue().unwrap();
         // The mock's used rings overlap the avail rings' used_event fields.
-        rx.set_used_ring_address(Some(RX_USED as u32), Some(0));
-        tx.set_used_ring_address(Some(TX_USED as u32), Some(0));
+        let (rx_used, tx_used) = (base + RX_USED, base + TX_USED);
+        rx.set_used_ring_address(Some(rx_used as u32), Some((rx_used >> 32) as u32));
+        tx.set_used_ring_address(Some(tx_used as u32), Some((tx_used >> 32) as u32));
         let (tap, peer) = UnixDatagram::pair().unwrap();
         tap.set_nonblocking(true).unwrap();
         peer.set_nonblocking(true).unwrap();
@@ -747,6 +753,38 @@ mod tests {
             m.read_obj::<u8>(GuestAddress(BUF + 0x1_0000 + 50)).unwrap(),
             4
         );
+    }
+
+    /// A received frame marks the buffers it was written to and the used
+    /// ring for live migration ([`crate::dirty`]), not the buffer it did not
+    /// need nor the rings the device only reads. The tracker's RAM is far
+    /// above what other tests use (they run meanwhile).
+    #[test]
+    fn received_frames_mark_their_buffers_and_the_used_ring() {
+        use crate::dirty::{self, PAGE_SIZE};
+        const BASE: u64 = 0x7300_0000_0000;
+        let _g = dirty::test_lock();
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(BASE), 0x40_0000)]).unwrap();
+        let mut r = rig_at(&m, BASE);
+        // 512 bytes at the end of page 256, 4 KiB across pages 512-513,
+        // 4 KiB on page 768 (the frame does not reach it).
+        let b1 = BASE + 257 * PAGE_SIZE - 0x200;
+        let b2 = BASE + 513 * PAGE_SIZE - 0x10;
+        let b3 = BASE + 768 * PAGE_SIZE;
+        r.rxq
+            .build_desc_chain(&[d(b1, 0x200, W), d(b2, 0x1000, W), d(b3, 0x1000, W)])
+            .unwrap();
+        dirty::start(&[(GuestAddress(BASE), 0x40_0000)]);
+        r.peer.send(&frame(0x5a, 0x300)).unwrap();
+        r.worker.process_rx();
+        let words = dirty::take();
+        dirty::stop();
+        assert_eq!(used(&m, BASE + RX_USED), vec![(0, 0x300)]);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(b2 + 0xff)).unwrap(), 0x5a);
+        let marked: Vec<u64> = (0..words.len() as u64 * 64)
+            .filter(|&p| words[(p / 64) as usize] & (1 << (p % 64)) != 0)
+            .collect();
+        assert_eq!(marked, vec![8, 256, 512, 513]);
     }
 
     #[test]
