@@ -554,6 +554,90 @@ mod tests {
         assert_eq!(status(&n), link_up);
     }
 
+    /// Frames arriving on a real TAP mark the receive buffers they land in
+    /// and the used ring for live migration ([`crate::dirty`]), and nothing
+    /// else: every marked page is a used ring's or one a used buffer's
+    /// bytes are on, and each of those is marked. The host side ARPs for
+    /// the guest from a namespace of its own. The tracker's RAM is far above
+    /// what other tests use (they run meanwhile).
+    #[test]
+    fn received_frames_on_a_real_tap_mark_their_buffers() {
+        use crate::dirty::{self, PAGE_SIZE};
+        const BASE: u64 = 0x7500_0000_0000;
+        const RAM: u64 = 0x100_0000;
+        let Some(t) = TestTap::create("kt5") else {
+            return;
+        };
+        let _g = dirty::test_lock();
+        let mut n = Net::new(NetConfig {
+            tap: t.0.clone(),
+            mac: None,
+            rate_limit: RateLimit::default(),
+        })
+        .unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(BASE), RAM as usize)]).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(BASE), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(BASE + 0x4000), 16);
+        let (rx_used, tx_used) = (BASE + 0x8000, BASE + 0x9000);
+        let mut rx: Queue = rxq.create_queue().unwrap();
+        let mut tx: Queue = txq.create_queue().unwrap();
+        rx.set_used_ring_address(Some(rx_used as u32), Some((rx_used >> 32) as u32));
+        tx.set_used_ring_address(Some(tx_used as u32), Some((tx_used >> 32) as u32));
+        // Buffers of 6 KiB, 0x1_0000 apart, each starting 0x800 into a
+        // page: a frame of more than 2 KiB lands on two pages.
+        let buf = |head: u64| BASE + 0x10_0000 + head * 0x1_0000 + 0x800;
+        let w = VRING_DESC_F_WRITE as u16;
+        let bufs: Vec<_> = (0..8u64)
+            .map(|i| RawDescriptor::from(Descriptor::new(buf(i), 0x1800, w, 0)))
+            .collect();
+        rxq.add_desc_chains(&bufs, 0).unwrap();
+        dirty::start(&[(GuestAddress(BASE), RAM)]);
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        n.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![rx, tx],
+            queue_events: vec![
+                Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+                Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            ],
+            interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+            acked_features: 1u64 << VIRTIO_F_VERSION_1,
+        })
+        .unwrap();
+        let ns = TestNetns::create("kiln-kt5");
+        run(&["ip", "link", "set", "kt5", "netns", ns.0]);
+        ns.exec(&["ip", "addr", "add", "10.213.9.1/24", "dev", "kt5"]);
+        ns.exec(&["ip", "link", "set", "kt5", "up"]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mem.read_obj::<u16>(GuestAddress(rx_used + 2)).unwrap() == 0 {
+            assert!(Instant::now() < deadline, "no frame reached the guest");
+            ns.exec(&["bash", "-c", "echo hi > /dev/udp/10.213.9.2/9 || true"]);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The worker stops: every mark it made is in.
+        n.reset();
+        let words = dirty::take();
+        dirty::stop();
+        let marked: Vec<u64> = (0..words.len() as u64 * 64)
+            .filter(|&p| words[(p / 64) as usize] & (1 << (p % 64)) != 0)
+            .collect();
+        let page = |addr: u64| (addr - BASE) / PAGE_SIZE;
+        // The TX used ring too: the worker sets its notification flags
+        // when it starts.
+        let mut expected = vec![page(rx_used), page(tx_used)];
+        let used_idx: u16 = mem.read_obj(GuestAddress(rx_used + 2)).unwrap();
+        for i in 0..u64::from(used_idx.min(8)) {
+            let head: u32 = mem.read_obj(GuestAddress(rx_used + 4 + 8 * i)).unwrap();
+            let len: u32 = mem.read_obj(GuestAddress(rx_used + 8 + 8 * i)).unwrap();
+            assert!(len > 12, "frame {i}: {len} bytes");
+            let at = buf(u64::from(head));
+            expected.extend(page(at)..=page(at + u64::from(len) - 1));
+        }
+        expected.sort_unstable();
+        expected.dedup();
+        assert_eq!(marked, expected);
+    }
+
     /// A network namespace for one test, deleted (with what is in it)
     /// afterwards.
     struct TestNetns(&'static str);
