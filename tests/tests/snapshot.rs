@@ -30,7 +30,9 @@ K="--kernel /images/vmlinux --initrd /images/guest.cpio.gz"
 # PATTERN; 1 on timeout.
 wait_for() {
     i=0
-    while [ "$(grep -c "$2" "$1" 2>/dev/null)" -lt "$3" ]; do
+    while :; do
+        c=$(grep -c "$2" "$1" 2>/dev/null)
+        [ "${c:-0}" -ge "$3" ] && return 0
         i=$((i + 1)); [ $i -le $(($4 * 2)) ] || return 1
         sleep 0.5
     done
