@@ -158,7 +158,8 @@ pub fn saved_config(snap: &VmSnapshot) -> Result<SavedConfig, Error> {
     })
 }
 
-fn saved_devices(snap: &VmSnapshot) -> Result<SavedDevices, Error> {
+/// The snapshot's device state.
+pub fn saved_devices(snap: &VmSnapshot) -> Result<SavedDevices, Error> {
     serde_json::from_value(snap.devices.clone()).map_err(|e| Error::Corrupt {
         what: "device state",
         reason: e.to_string(),
