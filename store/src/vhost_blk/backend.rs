@@ -1,7 +1,10 @@
 //! The `VhostUserBackend` of one exported volume: feature negotiation,
 //! config space, and processing of the request queues on kicks: one thread
 //! per queue pops requests, a pool of workers ([`super::workers`]) serves
-//! them concurrently and completes each as it finishes.
+//! them concurrently and completes each as it finishes. Each queue's
+//! [`Gate`] makes `GET_VRING_BASE` wait until every request popped from it
+//! is on its used ring, and keeps the ring untouched until it is started
+//! again (snapshots and live migration read the used index then).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +20,7 @@ use vmm_sys_util::event::{
 };
 
 use super::config::{self, ExportOptions};
+use super::gate::Gate;
 use super::request::{self, Device, LogLimiter};
 use super::workers::Workers;
 use super::VolumeSource;
@@ -37,6 +41,8 @@ struct Inner {
     mem: RwLock<Option<GuestMem>>,
     log: LogLimiter,
     workers: Workers,
+    /// One per queue: what `stop_vring` closes.
+    gates: Vec<Gate>,
 }
 
 impl BlkBackend {
@@ -49,6 +55,7 @@ impl BlkBackend {
             mem: RwLock::new(None),
             log: LogLimiter::default(),
             workers: Workers::new(name, config::WORKERS)?,
+            gates: (0..opts.queues).map(|_| Gate::default()).collect(),
         })))
     }
 
@@ -60,8 +67,9 @@ impl BlkBackend {
 
     /// Pops every available request and hands each to a worker, which
     /// serves it and puts it on the used ring when done; returns once the
-    /// queue is empty.
-    fn process_queue(&self, vring: &VringRwLock<GuestMem>) {
+    /// queue is empty or stopped. Each request holds a pass of the queue's
+    /// gate from before it is popped until its completion is signalled.
+    fn process_queue(&self, vring: &VringRwLock<GuestMem>, gate: &Gate) {
         let Some(atomic) = self.0.mem.read().expect(crate::POISONED).clone() else {
             return;
         };
@@ -75,10 +83,19 @@ impl BlkBackend {
             }
         };
         loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(atomic.memory());
+            // Taken before the pop: a stop either sees this request in
+            // flight or finds it still on the avail ring (not popped).
+            let Some(pass) = gate.enter(|| false) else {
+                return;
+            };
+            let chain = {
+                let mut state = vring.get_mut();
+                // A stopping ring (not ready) has nothing more to give.
+                if !state.get_queue().ready() {
+                    return;
+                }
+                state.get_queue_mut().pop_descriptor_chain(atomic.memory())
+            };
             let Some(chain) = chain else { return };
             let (me, vring, volume) = (self.0.clone(), vring.clone(), volume.clone());
             self.0.workers.submit(move || {
@@ -104,6 +121,8 @@ impl BlkBackend {
                     }
                     Ok(false) => {}
                 }
+                // Only now may the ring stop (its call fd go away).
+                drop(pass);
             });
         }
     }
@@ -150,9 +169,14 @@ impl VhostUserBackend for BlkBackend {
     }
 
     /// Before a ring's state goes back to the frontend, every request
-    /// taken from it is completed.
-    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
-        self.drain();
+    /// taken from it is on its used ring and signalled, and nothing touches
+    /// the ring any more until the frontend starts it again. (The library
+    /// has marked the queue not ready before this, so no more pops.)
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        match self.0.gates.get(queue_index as usize) {
+            Some(gate) => gate.stop(),
+            None => self.drain(),
+        }
         Ok(())
     }
 
@@ -199,7 +223,7 @@ impl VhostUserBackend for BlkBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock<GuestMem>],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         // Errors returned from here end the queue's worker thread, so
         // nothing the guest does may produce one: problems are logged.
@@ -209,6 +233,17 @@ impl VhostUserBackend for BlkBackend {
         let Some(vring) = vrings.get(device_event as usize) else {
             return Ok(());
         };
+        // One queue per thread (`queues_per_thread`): thread i serves queue i.
+        let Some(gate) = self.0.gates.get(thread_id) else {
+            return Ok(());
+        };
+        let ready = || vring.get_ref().get_queue().ready();
+        // A stopped queue opens again once the frontend has set it up anew
+        // (the library marks it ready on SET_VRING_KICK after the stop).
+        // The pass covers the notification-suppression writes below.
+        let Some(_pass) = gate.enter(ready) else {
+            return Ok(());
+        };
         if self.0.event_idx.load(Ordering::Acquire) {
             // Serve until the queue stays empty with notifications on, so a
             // request made available while they were off is not missed.
@@ -216,14 +251,18 @@ impl VhostUserBackend for BlkBackend {
                 if vring.disable_notification().is_err() {
                     return Ok(());
                 }
-                self.process_queue(vring);
+                self.process_queue(vring, gate);
+                // A stopping ring is left alone (the stop waits for us).
+                if gate.is_stopped() || !ready() {
+                    break;
+                }
                 match vring.enable_notification() {
                     Ok(true) => continue,
                     _ => break,
                 }
             }
         } else {
-            self.process_queue(vring);
+            self.process_queue(vring, gate);
         }
         Ok(())
     }

@@ -7,6 +7,7 @@
 //!   (all guest input validated; a bad request gets an error status).
 //! - [`backend`]: the `VhostUserBackend` (queue processing, EVENT_IDX).
 //! - [`workers`]: the threads that serve requests of all queues at once.
+//! - [`gate`]: what makes a stopped ring (GET_VRING_BASE) settled.
 //! - [`export`]: the listening socket and its accept / serve / reconnect loop.
 //! - [`relay`]: the frontend's connection relayed to the library, keeping
 //!   the backend-request channel (config-change messages).
@@ -14,6 +15,7 @@
 pub mod backend;
 pub mod config;
 pub mod export;
+pub mod gate;
 pub mod relay;
 pub mod request;
 pub mod workers;
