@@ -266,6 +266,8 @@ fn quiesce_rounds(event_idx: bool) {
         assert!(done <= N, "round {round}: base {base} from {u0}");
         let ring = used_ring(&g.mem);
         let st = statuses(&g.mem);
+        // Signals of the completions before the stop.
+        let _ = g.call.read();
         poster.join().unwrap();
         g.avail_idx = u0.wrapping_add(N);
         // Give a late completion (or notification write) every chance to
@@ -279,6 +281,10 @@ fn quiesce_rounds(event_idx: bool) {
             statuses(&g.mem),
             st,
             "round {round}: a request was served after GET_VRING_BASE"
+        );
+        assert!(
+            g.call.read().is_err(),
+            "round {round}: the guest was signalled after GET_VRING_BASE"
         );
         // Exactly the first `done` requests were served, each once.
         for (k, s) in st.iter().enumerate() {
