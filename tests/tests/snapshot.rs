@@ -217,7 +217,9 @@ wait_migration() {
 # succeeds (an upgrade under a running VM).
 CASE=mig-src
 echo "CASE-START $CASE t=$(up)"
-nc -l -p 5010 >/tmp/stream.txt &
+printf '#!/bin/sh\ncat >/tmp/stream.txt\n' >/tmp/stream-recv.sh
+chmod +x /tmp/stream-recv.sh
+nc -l -p 5010 -e /tmp/stream-recv.sh &
 nc_pid=$!
 ( KILN_LOG=info kiln-vmm $K --memory 256M --api-socket /tmp/ms.sock $(mdevs kt7a) \
     --cmdline "$Q kiln.script=/dev/vdb" </dev/null 2>/tmp/ms.err; echo "rc=$?" >/tmp/ms.rc ) \
@@ -226,6 +228,7 @@ i=0; while [ ! -S /tmp/ms.sock ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; 
 src=$(for p in /proc/[0-9]*; do read -r c <"$p/comm" 2>/dev/null && [ "$c" = kiln-vmm ] && echo "${p#/proc/}"; done | head -n 1)
 if wait_for /tmp/ms.log MIG-CHECK 2 400; then
     # The destination refuses: another memory size.
+    rm -f /run/kmig/m.sock
     kiln-vmm-v2 --incoming unix:/run/kmig/m.sock --memory 128M --serial none $(mdevs kt7b) \
         2>/tmp/md0.err &
     dst=$!
@@ -239,6 +242,7 @@ if wait_for /tmp/ms.log MIG-CHECK 2 400; then
     wait_for /tmp/ms.log MIG-HB $((n0 + 5)) 120 && say "MIG-RUNS-ON after-refusal"
 
     # The destination dies while RAM is being copied.
+    rm -f /run/kmig/m.sock
     kiln-vmm-v2 --incoming unix:/run/kmig/m.sock --memory 256M --serial none $(mdevs kt7b) \
         2>/tmp/md1.err &
     dst=$!
@@ -262,7 +266,7 @@ if wait_for /tmp/ms.log MIG-CHECK 2 400; then
     wait_for /tmp/ms.log MIG-HB $((n0 + 5)) 120 && say "MIG-RUNS-ON after-no-listener"
 
     # The upgrade: to kiln-vmm-v2, another build, over a unix socket.
-    rm -f /tmp/md.sock
+    rm -f /tmp/md.sock /run/kmig/m.sock
     ( KILN_LOG=info kiln-vmm-v2 --incoming unix:/run/kmig/m.sock --memory 256M \
         --api-socket /tmp/md.sock $(mdevs kt7b) </dev/null 2>/tmp/md.err; echo "rc=$?" >/tmp/md.rc ) \
         | stamp >/tmp/md.log &

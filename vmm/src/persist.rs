@@ -34,8 +34,8 @@ use crate::vstate::vm::Vm;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "the snapshot has {saved} {what} but {given} were given: give the same --{what} \
-         devices, in the same order, as the VM had"
+        "the snapshot has {saved} --{what} device(s) but {given} were given: give the VM's \
+         --{what} devices, in the same order"
     )]
     DeviceCount {
         what: &'static str,

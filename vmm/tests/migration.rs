@@ -68,6 +68,25 @@ fn wait_socket(path: &Path, vmm: &mut Vmm) {
     }
 }
 
+/// The shared secret of a TCP migration: 32 random bytes, 0600.
+fn secret(s: &Setup) -> std::path::PathBuf {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = s.sockets.join("secret");
+    if !path.exists() {
+        let mut bytes = [0u8; 32];
+        let mut f = std::fs::File::open("/dev/urandom").unwrap();
+        std::io::Read::read_exact(&mut f, &mut bytes).unwrap();
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut out, &bytes).unwrap();
+    }
+    path
+}
+
 struct Setup {
     dir: Scratch,
     kernel: std::path::PathBuf,
@@ -112,9 +131,19 @@ fn source(s: &Setup, log: &Path, api: &Path) -> Vmm {
 }
 
 fn destination(s: &Setup, memory: &str, log: &Path, api: &Path, listen: &Path) -> Vmm {
-    let mut vmm = Vmm(kiln_vmm()
+    let mut vmm = destination_at(s, memory, log, api, &format!("unix:{}", listen.display()));
+    wait_socket(listen, &mut vmm);
+    vmm
+}
+
+fn destination_at(s: &Setup, memory: &str, log: &Path, api: &Path, address: &str) -> Vmm {
+    let mut cmd = kiln_vmm();
+    if address.starts_with("tcp:") {
+        cmd.arg("--migration-secret").arg(secret(s));
+    }
+    Vmm(cmd
         .arg("--incoming")
-        .arg(format!("unix:{}", listen.display()))
+        .arg(address)
         .args(["--memory", memory, "--cpus", "2", "--disk"])
         .arg(format!("path={},id=scratch", s.disk.display()))
         .arg("--serial")
@@ -124,9 +153,7 @@ fn destination(s: &Setup, memory: &str, log: &Path, api: &Path, listen: &Path) -
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap());
-    wait_socket(listen, &mut vmm);
-    vmm
+        .unwrap())
 }
 
 /// Polls the source's `GET /vm` until its migration is no longer running
@@ -257,4 +284,45 @@ fn a_refused_or_unreachable_destination_leaves_the_source_running() {
     assert_eq!(http(&src_api, "PUT", "/vm/power-off", "").0, 204);
     let st = src.0.wait().unwrap();
     assert!(st.success(), "{st:?}: {}", stderr_of(&mut src));
+}
+
+#[test]
+fn a_vm_moves_over_tcp_after_both_ends_prove_the_shared_secret() {
+    if !local_kvm() {
+        return;
+    }
+    let s = setup("migrate-tcp");
+    let (src_log, src_api) = (s.dir.path().join("src.log"), s.dir.path().join("src.sock"));
+    let (dst_log, dst_api) = (s.dir.path().join("dst.log"), s.dir.path().join("dst.sock"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("tcp:127.0.0.1:{port}");
+    let mut src = source(&s, &src_log, &src_api);
+    wait_bytes(&src_log, 4, &mut src);
+    let mut dst = destination_at(&s, "64M", &dst_log, &dst_api, &address);
+    // Until the destination listens.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the destination never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The secret both ends prove (HMAC challenges) before anything else.
+    let body = format!(
+        "{{\"destination\":\"{address}\",\"secret_file\":\"{}\"}}",
+        secret(&s).display()
+    );
+    assert_eq!(http(&src_api, "PUT", "/vm/migrate", &body).0, 202);
+    let st = src.0.wait().unwrap();
+    let err = stderr_of(&mut src);
+    assert!(st.success(), "{st:?}: {err}");
+    let last = *log_bytes(&src_log).last().unwrap();
+    let out = wait_bytes(&dst_log, 4, &mut dst);
+    assert_eq!(out[0], next_count_letter(last));
+    wait_socket(&dst_api, &mut dst);
+    assert_eq!(http(&dst_api, "PUT", "/vm/power-off", "").0, 204);
+    let st = dst.0.wait().unwrap();
+    assert!(st.success(), "{st:?}: {}", stderr_of(&mut dst));
 }
