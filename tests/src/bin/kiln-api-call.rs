@@ -32,9 +32,7 @@ fn main() -> ExitCode {
              Content-Length: {}\r\n\r\n{body}",
             body.len()
         )?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
+        read_response(&mut s)
     })();
     let response = match response {
         Ok(r) => r,
@@ -58,4 +56,34 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// The response: read to its end as its Content-Length says (or to the
+/// end of the stream without one), since a server may keep the connection
+/// open despite `Connection: close` (Firecracker's does).
+fn read_response(s: &mut UnixStream) -> std::io::Result<String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+            let no_body = head
+                .split(' ')
+                .nth(1)
+                .is_some_and(|c| c == "204" || c == "304");
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .or(no_body.then_some(0));
+            if length.is_some_and(|n| out.len() >= end + 4 + n) {
+                break;
+            }
+        }
+        match s.read(&mut buf)? {
+            0 => break,
+            n => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
