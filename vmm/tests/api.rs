@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 fn serial_len(log: &std::path::Path) -> u64 {
@@ -23,15 +23,6 @@ fn grows(log: &std::path::Path, than: u64) -> u64 {
         }
         assert!(Instant::now() < deadline, "the guest printed nothing new");
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-struct Vmm(Child);
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

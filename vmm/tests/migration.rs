@@ -10,54 +10,16 @@ use common::*;
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use kiln_tests::tiny::{count_forever, next_count_letter};
-
-struct Vmm(Child);
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn log_bytes(log: &Path) -> Vec<u8> {
-    std::fs::read(log).unwrap_or_default()
-}
-
-fn stderr_of(vmm: &mut Vmm) -> String {
-    use std::io::Read;
-    let mut err = String::new();
-    if let Some(mut e) = vmm.0.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
-    err
-}
-
-/// Waits until the console log has more than `n` bytes.
-fn wait_bytes(log: &Path, n: usize, vmm: &mut Vmm) -> Vec<u8> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let b = log_bytes(log);
-        if b.len() > n {
-            return b;
-        }
-        if let Ok(Some(st)) = vmm.0.try_wait() {
-            panic!("kiln-vmm exited ({st}) before printing: {}", stderr_of(vmm));
-        }
-        assert!(Instant::now() < deadline, "the guest printed nothing new");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn wait_socket(path: &Path, vmm: &mut Vmm) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !path.exists() {
         if let Ok(Some(st)) = vmm.0.try_wait() {
-            panic!("kiln-vmm exited ({st}): {}", stderr_of(vmm));
+            panic!("kiln-vmm exited ({st}): {}", vmm.stderr());
         }
         assert!(
             Instant::now() < deadline,
@@ -113,21 +75,7 @@ fn setup(tag: &str) -> Setup {
 }
 
 fn source(s: &Setup, log: &Path, api: &Path) -> Vmm {
-    let mut vmm = Vmm(kiln_vmm()
-        .arg("--kernel")
-        .arg(&s.kernel)
-        .args(["--memory", "64M", "--cpus", "2", "--disk"])
-        .arg(format!("path={},id=scratch", s.disk.display()))
-        .arg("--serial")
-        .arg(format!("file:{}", log.display()))
-        .arg("--api-socket")
-        .arg(api)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap());
-    wait_for_path(api, &mut vmm.0);
-    vmm
+    tiny_vm(&s.kernel, "64M", 2, &s.disk, log, api)
 }
 
 fn destination(s: &Setup, memory: &str, log: &Path, api: &Path, listen: &Path) -> Vmm {
@@ -205,7 +153,7 @@ fn a_running_vm_moves_to_another_process_and_goes_on_counting() {
     assert!(body.contains("\"migration\""), "{body}");
     // The source hands over and exits 0.
     let st = src.0.wait().unwrap();
-    let err = stderr_of(&mut src);
+    let err = src.stderr();
     assert!(st.success(), "{st:?}: {err}");
     assert!(err.contains("migrated"), "{err}");
     let before = log_bytes(&src_log);
@@ -230,7 +178,7 @@ fn a_running_vm_moves_to_another_process_and_goes_on_counting() {
     assert!(body.contains("\"state\":\"running\""), "{body}");
     assert_eq!(http(&dst_api, "PUT", "/vm/power-off", "").0, 204);
     let st = dst.0.wait().unwrap();
-    assert!(st.success(), "{st:?}: {}", stderr_of(&mut dst));
+    assert!(st.success(), "{st:?}: {}", dst.stderr());
 }
 
 #[test]
@@ -283,7 +231,7 @@ fn a_refused_or_unreachable_destination_leaves_the_source_running() {
     assert_eq!(code, 400, "{body}");
     assert_eq!(http(&src_api, "PUT", "/vm/power-off", "").0, 204);
     let st = src.0.wait().unwrap();
-    assert!(st.success(), "{st:?}: {}", stderr_of(&mut src));
+    assert!(st.success(), "{st:?}: {}", src.stderr());
 }
 
 #[test]
@@ -316,7 +264,7 @@ fn a_vm_moves_over_tcp_after_both_ends_prove_the_shared_secret() {
     );
     assert_eq!(http(&src_api, "PUT", "/vm/migrate", &body).0, 202);
     let st = src.0.wait().unwrap();
-    let err = stderr_of(&mut src);
+    let err = src.stderr();
     assert!(st.success(), "{st:?}: {err}");
     let last = *log_bytes(&src_log).last().unwrap();
     let out = wait_bytes(&dst_log, 4, &mut dst);
@@ -324,5 +272,5 @@ fn a_vm_moves_over_tcp_after_both_ends_prove_the_shared_secret() {
     wait_socket(&dst_api, &mut dst);
     assert_eq!(http(&dst_api, "PUT", "/vm/power-off", "").0, 204);
     let st = dst.0.wait().unwrap();
-    assert!(st.success(), "{st:?}: {}", stderr_of(&mut dst));
+    assert!(st.success(), "{st:?}: {}", dst.stderr());
 }

@@ -11,48 +11,10 @@ mod common;
 use common::*;
 
 use std::path::Path;
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use kiln_tests::tiny::{count_forever, next_count_letter};
-
-struct Vmm(Child);
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn log_bytes(log: &Path) -> Vec<u8> {
-    std::fs::read(log).unwrap_or_default()
-}
-
-/// Waits until the console log has more than `n` bytes.
-fn wait_bytes(log: &Path, n: usize, vmm: &mut Vmm) -> Vec<u8> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let b = log_bytes(log);
-        if b.len() > n {
-            return b;
-        }
-        if let Ok(Some(st)) = vmm.0.try_wait() {
-            panic!("kiln-vmm exited ({st}) before printing: {}", stderr_of(vmm));
-        }
-        assert!(Instant::now() < deadline, "the guest printed nothing new");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn stderr_of(vmm: &mut Vmm) -> String {
-    use std::io::Read;
-    let mut err = String::new();
-    if let Some(mut e) = vmm.0.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
-    err
-}
 
 fn restore(dir: &Scratch, snap: &Path, log: &Path, sock: &Path) -> Vmm {
     let disk = dir.path().join("disk.img");
@@ -76,7 +38,7 @@ fn restore(dir: &Scratch, snap: &Path, log: &Path, sock: &Path) -> Vmm {
 fn power_off(sock: &Path, mut vmm: Vmm) {
     assert_eq!(http(sock, "PUT", "/vm/power-off", "").0, 204);
     let status = vmm.0.wait().unwrap();
-    let err = stderr_of(&mut vmm);
+    let err = vmm.stderr();
     assert!(status.success(), "{status:?}, stderr: {err}");
 }
 
@@ -91,20 +53,7 @@ fn a_snapshot_restores_twice_into_new_processes_that_continue_the_guest() {
     let log = dir.path().join("serial.log");
     let sock = dir.path().join("api.sock");
     let snap = dir.path().join("snap");
-    let mut vmm = Vmm(kiln_vmm()
-        .arg("--kernel")
-        .arg(&kernel)
-        .args(["--memory", "64M", "--cpus", "2", "--disk"])
-        .arg(format!("path={},id=scratch", disk.display()))
-        .arg("--serial")
-        .arg(format!("file:{}", log.display()))
-        .arg("--api-socket")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap());
-    wait_for_path(&sock, &mut vmm.0);
+    let mut vmm = tiny_vm(&kernel, "64M", 2, &disk, &log, &sock);
     wait_bytes(&log, 20, &mut vmm);
 
     // Only a paused VM is saved.
@@ -211,20 +160,7 @@ fn broken_snapshots_and_other_devices_are_refused_before_the_guest_runs() {
     let log = dir.path().join("serial.log");
     let sock = dir.path().join("api.sock");
     let snap = dir.path().join("snap");
-    let mut vmm = Vmm(kiln_vmm()
-        .arg("--kernel")
-        .arg(&kernel)
-        .args(["--memory", "32M", "--disk"])
-        .arg(format!("path={},id=scratch", disk.display()))
-        .arg("--serial")
-        .arg(format!("file:{}", log.display()))
-        .arg("--api-socket")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap());
-    wait_for_path(&sock, &mut vmm.0);
+    let mut vmm = tiny_vm(&kernel, "32M", 1, &disk, &log, &sock);
     wait_bytes(&log, 4, &mut vmm);
     assert_eq!(http(&sock, "PUT", "/vm/pause", "").0, 204);
     let body = format!("{{\"destination_dir\":\"{}\"}}", snap.display());

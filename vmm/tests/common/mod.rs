@@ -147,3 +147,86 @@ pub fn wait_for_path(path: &Path, child: &mut std::process::Child) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// A kiln-vmm process, killed on drop.
+pub struct Vmm(pub std::process::Child);
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Vmm {
+    /// Spawns `cmd` (stdin closed, stderr piped).
+    pub fn spawn(cmd: &mut Command) -> Self {
+        Self(
+            cmd.stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("kiln-vmm starts"),
+        )
+    }
+
+    /// What it wrote on stderr (once it has exited, all of it).
+    pub fn stderr(&mut self) -> String {
+        use std::io::Read;
+        let mut err = String::new();
+        if let Some(mut e) = self.0.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        err
+    }
+
+    /// Waits for it to exit 0, or panics with its stderr.
+    pub fn exits_ok(mut self) {
+        let status = self.0.wait().unwrap();
+        let err = self.stderr();
+        assert!(status.success(), "{status:?}, stderr: {err}");
+    }
+}
+
+/// A console log file's bytes (none yet: empty).
+pub fn log_bytes(log: &Path) -> Vec<u8> {
+    std::fs::read(log).unwrap_or_default()
+}
+
+/// Waits until the console log has more than `n` bytes, or panics (also
+/// when kiln-vmm exits first).
+pub fn wait_bytes(log: &Path, n: usize, vmm: &mut Vmm) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let b = log_bytes(log);
+        if b.len() > n {
+            return b;
+        }
+        if let Ok(Some(st)) = vmm.0.try_wait() {
+            panic!("kiln-vmm exited ({st}) before printing: {}", vmm.stderr());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest printed nothing new"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// kiln-vmm booting `kernel` (a tiny guest) with a raw disk `id=scratch`,
+/// its console in the file `log` and its API on `api`; returns once the API
+/// socket exists.
+pub fn tiny_vm(kernel: &Path, memory: &str, cpus: u8, disk: &Path, log: &Path, api: &Path) -> Vmm {
+    let mut vmm = Vmm::spawn(
+        kiln_vmm()
+            .arg("--kernel")
+            .arg(kernel)
+            .args(["--memory", memory, "--cpus", &cpus.to_string(), "--disk"])
+            .arg(format!("path={},id=scratch", disk.display()))
+            .arg("--serial")
+            .arg(format!("file:{}", log.display()))
+            .arg("--api-socket")
+            .arg(api),
+    );
+    wait_for_path(api, &mut vmm.0);
+    vmm
+}
