@@ -156,8 +156,7 @@ fn a_destination_that_cannot_start_the_vm_lets_the_source_resume() {
     let size = 4 * MIB;
     let mut target = FakeTarget::new(size);
     target.fail_run = true;
-    let dir = TempDir::new("run");
-    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), target);
+    let (_dir, addr, dest) = spawn_unix_receiver("run", target);
     let mut source = FakeSource::new(SharedRam::new(size), size);
     let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
     assert_eq!(e.stage, Stage::AwaitResumed, "{e}");
@@ -173,19 +172,8 @@ fn a_destination_that_cannot_start_the_vm_lets_the_source_resume() {
 #[test]
 fn a_source_lost_before_commit_leaves_the_destination_not_running() {
     let size = 4 * MIB;
-    let dir = TempDir::new("nocommit");
-    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
-    let mut c = transport::connect(&addr, &quick_transport()).unwrap();
-    protocol::send(
-        &mut c,
-        &Message::Hello(protocol::Hello {
-            format_version: protocol::FORMAT_VERSION,
-            vmm_version: "test".into(),
-            machine: machine(size),
-        }),
-    )
-    .unwrap();
-    assert_eq!(protocol::recv(&mut c).unwrap(), Message::Accept);
+    let (_dir, addr, dest) = spawn_unix_receiver("nocommit", FakeTarget::new(size));
+    let mut c = connect_accepted(&addr, size);
     protocol::send(&mut c, &Message::State(b"state".to_vec())).unwrap();
     protocol::send(&mut c, &Message::Complete).unwrap();
     assert_eq!(protocol::recv(&mut c).unwrap(), Message::Restored);
@@ -199,12 +187,7 @@ fn a_source_lost_before_commit_leaves_the_destination_not_running() {
 
 #[test]
 fn a_refusing_destination_says_why() {
-    let dir = TempDir::new("refuse");
-    let (addr, dest) = spawn_receiver(
-        &unix_addr(&dir),
-        quick_transport(),
-        FakeTarget::new(8 * MIB),
-    );
+    let (_dir, addr, dest) = spawn_unix_receiver("refuse", FakeTarget::new(8 * MIB));
     let ram = SharedRam::new(4 * MIB);
     let mut source = FakeSource::new(ram, 4 * MIB);
     let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
@@ -220,8 +203,7 @@ fn a_refusing_destination_says_why() {
     // Devices: same kinds, different ids.
     let mut other = FakeTarget::new(4 * MIB);
     other.machine.devices[1].id = "eth1".into();
-    let dir2 = TempDir::new("refuse2");
-    let (addr, dest) = spawn_receiver(&unix_addr(&dir2), quick_transport(), other);
+    let (_dir2, addr, dest) = spawn_unix_receiver("refuse2", other);
     let mut source = FakeSource::new(SharedRam::new(4 * MIB), 4 * MIB);
     let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
     assert!(e.to_string().contains("devices differ"), "{e}");
@@ -233,8 +215,7 @@ fn a_failed_restore_resumes_the_source() {
     let size = 4 * MIB;
     let mut target = FakeTarget::new(size);
     target.fail_restore = true;
-    let dir = TempDir::new("restore");
-    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), target);
+    let (_dir, addr, dest) = spawn_unix_receiver("restore", target);
     let mut source = FakeSource::new(SharedRam::new(size), size);
     let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
     assert_eq!(e.stage, Stage::AwaitRestored);
@@ -311,30 +292,13 @@ fn a_connection_cut_mid_ram_fails_both_ends_cleanly() {
 #[test]
 fn a_source_vanishing_mid_ram_leaves_the_destination_untouched() {
     let size = 4 * MIB;
-    let dir = TempDir::new("vanish");
-    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
-    let mut c = transport::connect(&addr, &quick_transport()).unwrap();
-    protocol::send(
-        &mut c,
-        &Message::Hello(protocol::Hello {
-            format_version: protocol::FORMAT_VERSION,
-            vmm_version: "test".into(),
-            machine: machine(size),
-        }),
-    )
-    .unwrap();
-    assert_eq!(protocol::recv(&mut c).unwrap(), Message::Accept);
-    protocol::send(
-        &mut c,
-        &Message::Pages {
-            runs: vec![protocol::Run {
-                first_page: 5,
-                count: 1,
-            }],
-            data: vec![9; PAGE_SIZE],
-        },
-    )
-    .unwrap();
+    let (_dir, addr, dest) = spawn_unix_receiver("vanish", FakeTarget::new(size));
+    let mut c = connect_accepted(&addr, size);
+    let pages = Message::Pages {
+        runs: one_run(5, 1),
+        data: vec![9; PAGE_SIZE],
+    };
+    protocol::send(&mut c, &pages).unwrap();
     drop(c);
     let (target, r) = dest.join().unwrap();
     let e = r.unwrap_err();
@@ -347,29 +311,12 @@ fn a_source_vanishing_mid_ram_leaves_the_destination_untouched() {
 #[test]
 fn a_source_sending_pages_past_ram_is_refused() {
     let size = 4 * MIB;
-    let dir = TempDir::new("past");
-    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
-    let mut c = transport::connect(&addr, &quick_transport()).unwrap();
-    protocol::send(
-        &mut c,
-        &Message::Hello(protocol::Hello {
-            format_version: protocol::FORMAT_VERSION,
-            vmm_version: "test".into(),
-            machine: machine(size),
-        }),
-    )
-    .unwrap();
-    assert_eq!(protocol::recv(&mut c).unwrap(), Message::Accept);
-    protocol::send(
-        &mut c,
-        &Message::ZeroPages {
-            runs: vec![protocol::Run {
-                first_page: 1023,
-                count: 2,
-            }],
-        },
-    )
-    .unwrap();
+    let (_dir, addr, dest) = spawn_unix_receiver("past", FakeTarget::new(size));
+    let mut c = connect_accepted(&addr, size);
+    let past_end = Message::ZeroPages {
+        runs: one_run(1023, 2),
+    };
+    protocol::send(&mut c, &past_end).unwrap();
     // The destination says why before closing.
     match protocol::recv(&mut c).unwrap() {
         Message::Abort { reason } => assert!(reason.contains("past the end of RAM"), "{reason}"),
@@ -382,8 +329,7 @@ fn a_source_sending_pages_past_ram_is_refused() {
 #[test]
 fn a_cancelled_migration_leaves_the_vm_running() {
     let size = 8 * MIB;
-    let dir = TempDir::new("cancel");
-    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
+    let (_dir, addr, dest) = spawn_unix_receiver("cancel", FakeTarget::new(size));
     let mut source = FakeSource::new(SharedRam::new(size), size);
     let progress = Progress::default();
     progress.cancel();
@@ -403,8 +349,7 @@ fn a_cancelled_migration_leaves_the_vm_running() {
 #[test]
 fn a_failed_pause_resumes_the_source_and_aborts_the_destination() {
     let size = 4 * MIB;
-    let dir = TempDir::new("pause");
-    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
+    let (_dir, addr, dest) = spawn_unix_receiver("pause", FakeTarget::new(size));
     let mut source = FakeSource::new(SharedRam::new(size), size);
     source.fail_pause = true;
     let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
@@ -421,18 +366,9 @@ fn a_failed_pause_resumes_the_source_and_aborts_the_destination() {
 #[test]
 fn another_format_version_is_refused() {
     let size = 4 * MIB;
-    let dir = TempDir::new("version");
-    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
+    let (_dir, addr, dest) = spawn_unix_receiver("version", FakeTarget::new(size));
     let mut c = transport::connect(&addr, &quick_transport()).unwrap();
-    protocol::send(
-        &mut c,
-        &Message::Hello(protocol::Hello {
-            format_version: 99,
-            vmm_version: "9.9.9".into(),
-            machine: machine(size),
-        }),
-    )
-    .unwrap();
+    protocol::send(&mut c, &hello(99, "9.9.9", size)).unwrap();
     match protocol::recv(&mut c).unwrap() {
         Message::Refuse { reason } => assert!(reason.contains("format 99"), "{reason}"),
         m => panic!("{m:?}"),

@@ -6,8 +6,7 @@ use super::*;
 fn a_busy_guest_migrates_byte_for_byte() {
     let size = 64 * MIB;
     let pages = size / PAGE_SIZE as u64;
-    let dir = TempDir::new("busy");
-    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
+    let (_dir, addr, dest) = spawn_unix_receiver("busy", FakeTarget::new(size));
     // The listener made its directory private and its socket 0600.
     let Address::Unix(sock) = &addr else {
         unreachable!()
@@ -102,8 +101,7 @@ fn a_busy_guest_migrates_byte_for_byte() {
 fn an_idle_guest_converges_at_once_and_zero_pages_cost_no_data() {
     let size = 64 * MIB;
     let pages = size / PAGE_SIZE as u64;
-    let dir = TempDir::new("idle");
-    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
+    let (_dir, addr, dest) = spawn_unix_receiver("idle", FakeTarget::new(size));
     let ram = SharedRam::new(size);
     fill(&ram, 64); // 256 pages of data, the rest zero
     let data_pages = pages / 64;
@@ -192,8 +190,7 @@ fn a_stray_peer_does_not_end_the_wait_for_the_source() {
 #[test]
 fn a_dirty_set_that_never_shrinks_switches_over_anyway() {
     let size = 8 * MIB;
-    let dir = TempDir::new("churn");
-    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), FakeTarget::new(size));
+    let (_dir, addr, dest) = spawn_unix_receiver("churn", FakeTarget::new(size));
     let ram = SharedRam::new(size);
     fill(&ram, 7);
     let mut source = FakeSource::new(ram, size);

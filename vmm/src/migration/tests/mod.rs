@@ -287,6 +287,38 @@ fn unix_addr(dir: &TempDir) -> Address {
     Address::Unix(dir.path().join("sub").join("mig.sock"))
 }
 
+/// Runs a real receiver for `target` on a Unix socket in a fresh private
+/// directory named after `name`; the directory lives as long as the
+/// returned `TempDir`.
+fn spawn_unix_receiver(name: &str, target: FakeTarget) -> (TempDir, Address, Destination) {
+    let dir = TempDir::new(name);
+    let (addr, dest) = spawn_receiver(&unix_addr(&dir), quick_transport(), target);
+    (dir, addr, dest)
+}
+
+/// A source's Hello for a machine of `size` bytes of RAM.
+fn hello(format_version: u32, vmm_version: &str, size: u64) -> Message {
+    Message::Hello(protocol::Hello {
+        format_version,
+        vmm_version: vmm_version.into(),
+        machine: machine(size),
+    })
+}
+
+/// Connects to `addr` as a hand-driven source, says Hello for a machine of
+/// `size` bytes in this format version and expects Accept.
+fn connect_accepted(addr: &Address, size: u64) -> Connection {
+    let mut c = transport::connect(addr, &quick_transport()).unwrap();
+    protocol::send(&mut c, &hello(protocol::FORMAT_VERSION, "test", size)).unwrap();
+    assert_eq!(protocol::recv(&mut c).unwrap(), Message::Accept);
+    c
+}
+
+/// One run of `count` pages from `first_page`.
+fn one_run(first_page: u64, count: u32) -> Vec<protocol::Run> {
+    vec![protocol::Run { first_page, count }]
+}
+
 /// Fills every `every`th page with a non-zero pattern.
 fn fill(ram: &SharedRam, every: u64) {
     let mut g = ram.0.lock().unwrap();
