@@ -23,6 +23,7 @@ pub mod transport;
 #[cfg(test)]
 mod tests;
 
+use protocol::Message;
 pub use protocol::{DeviceId, Machine};
 pub use receive::{receive, receive_on, MigrationTarget, ReceiveConfig, ReceiveReport};
 pub use send::{
@@ -139,7 +140,39 @@ impl MigrationError {
     }
 }
 
-/// The reason string sent in an Abort for an error.
-fn abort_reason(e: &MigrationError) -> String {
-    e.to_string()
+/// Receives the next message on `conn`, failing at `stage`.
+fn recv_at(conn: &mut transport::Connection, stage: Stage) -> Result<Message, MigrationError> {
+    protocol::recv(conn).map_err(|e| MigrationError::new(stage, e))
+}
+
+/// The error for a message other than `expected` at `stage`: the peer's
+/// Abort with its reason, or an unexpected message.
+fn unwanted(stage: Stage, got: Message, expected: &'static str) -> MigrationError {
+    match got {
+        Message::Abort { reason } => MigrationError::new(stage, ErrorKind::Aborted(reason)),
+        m => MigrationError::new(
+            stage,
+            ErrorKind::Unexpected {
+                got: m.name(),
+                expected,
+            },
+        ),
+    }
+}
+
+/// Ends the connection of a failed migration, either side: unless the
+/// peer ended it (Refuse or Abort), tells it why with an Abort (best
+/// effort, within a second); then shuts the connection down. Returns `e`.
+fn fail_connection(conn: &mut transport::Connection, e: MigrationError) -> MigrationError {
+    if !matches!(e.kind, ErrorKind::Refused(_) | ErrorKind::Aborted(_)) {
+        let _ = conn.set_io_timeout(std::time::Duration::from_secs(1));
+        let _ = protocol::send(
+            conn,
+            &Message::Abort {
+                reason: e.to_string(),
+            },
+        );
+    }
+    conn.shutdown();
+    e
 }

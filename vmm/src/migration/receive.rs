@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::protocol::{self, Machine, Message, Run, FORMAT_VERSION, PAGE_SIZE};
 use super::transport::{Connection, Listener};
-use super::{abort_reason, ErrorKind, MigrationError, Stage};
+use super::{fail_connection, recv_at, unwanted, ErrorKind, MigrationError, Stage};
 
 /// What the destination VMM provides.
 ///
@@ -121,19 +121,7 @@ pub fn receive_on<T: MigrationTarget>(
             report.total_time = start.elapsed();
             Ok(report)
         }
-        Err(e) => {
-            if !matches!(e.kind, ErrorKind::Aborted(_) | ErrorKind::Refused(_)) {
-                let _ = conn.set_io_timeout(Duration::from_secs(1));
-                let _ = protocol::send(
-                    &mut conn,
-                    &Message::Abort {
-                        reason: abort_reason(&e),
-                    },
-                );
-            }
-            conn.shutdown();
-            Err(e)
-        }
+        Err(e) => Err(fail_connection(&mut conn, e)),
     }
 }
 
@@ -180,20 +168,14 @@ pub fn incompatibility(ours: &Machine, theirs: &Machine) -> Option<String> {
 
 impl Receiver<'_> {
     fn recv(&mut self, stage: Stage) -> Result<Message, MigrationError> {
-        protocol::recv(self.conn).map_err(|e| MigrationError::new(stage, e))
+        recv_at(self.conn, stage)
     }
 
     fn run<T: MigrationTarget>(&mut self, target: &mut T) -> Result<(), MigrationError> {
         self.report.peer = self.conn.peer().to_owned();
         let hello = match self.recv(Stage::Hello)? {
             Message::Hello(h) => h,
-            Message::Abort { reason } => {
-                return Err(MigrationError::new(
-                    Stage::Hello,
-                    ErrorKind::Aborted(reason),
-                ))
-            }
-            m => return Err(unexpected(Stage::Hello, &m, "Hello")),
+            m => return Err(unwanted(Stage::Hello, m, "Hello")),
         };
         self.report.source_version = hello.vmm_version.clone();
         let ours = target.machine();
@@ -262,16 +244,13 @@ impl Receiver<'_> {
                     state.extend_from_slice(&bytes);
                 }
                 Message::Complete if in_state => break,
-                Message::Abort { reason } => {
-                    return Err(MigrationError::new(stage, ErrorKind::Aborted(reason)))
-                }
                 m => {
                     let expected = if !in_state {
                         "Pages, ZeroPages, Round or State"
                     } else {
                         "State or Complete"
                     };
-                    return Err(unexpected(stage, &m, expected));
+                    return Err(unwanted(stage, m, expected));
                 }
             }
         }
@@ -284,13 +263,7 @@ impl Receiver<'_> {
             .map_err(|e| MigrationError::new(Stage::AwaitCommit, e))?;
         match self.recv(Stage::AwaitCommit)? {
             Message::Commit => {}
-            Message::Abort { reason } => {
-                return Err(MigrationError::new(
-                    Stage::AwaitCommit,
-                    ErrorKind::Aborted(reason),
-                ))
-            }
-            m => return Err(unexpected(Stage::AwaitCommit, &m, "Commit")),
+            m => return Err(unwanted(Stage::AwaitCommit, m, "Commit")),
         }
         target
             .run()
@@ -379,14 +352,4 @@ impl Receiver<'_> {
 
 fn is_set(bits: &[u64], p: u64) -> bool {
     bits[(p / 64) as usize] & (1 << (p % 64)) != 0
-}
-
-fn unexpected(stage: Stage, got: &Message, expected: &'static str) -> MigrationError {
-    MigrationError::new(
-        stage,
-        ErrorKind::Unexpected {
-            got: got.name(),
-            expected,
-        },
-    )
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use super::protocol::{self, ty, Machine, Message, Run, FORMAT_VERSION, PAGE_SIZE};
 use super::transport::{self, Address, Connection, TransportConfig};
-use super::{abort_reason, ErrorKind, MigrationError, Stage};
+use super::{fail_connection, recv_at, unwanted, ErrorKind, MigrationError, Stage};
 
 /// What the source VMM provides.
 ///
@@ -261,17 +261,7 @@ pub fn migrate_over<S: MigrationSource>(
                 source.stop_dirty_log();
             }
             progress.set_phase(Phase::Failed);
-            if !matches!(e.kind, ErrorKind::Refused(_) | ErrorKind::Aborted(_)) {
-                let _ = conn.set_io_timeout(Duration::from_secs(1));
-                let _ = protocol::send(
-                    &mut conn,
-                    &Message::Abort {
-                        reason: abort_reason(&e),
-                    },
-                );
-            }
-            conn.shutdown();
-            Err(e)
+            Err(fail_connection(&mut conn, e))
         }
     }
 }
@@ -310,7 +300,7 @@ impl Sender<'_> {
     }
 
     fn recv(&mut self, stage: Stage) -> Result<Message, MigrationError> {
-        protocol::recv(self.conn).map_err(|e| MigrationError::new(stage, e))
+        recv_at(self.conn, stage)
     }
 
     fn check_cancel(&self, stage: Stage) -> Result<(), MigrationError> {
@@ -357,13 +347,7 @@ impl Sender<'_> {
                     ErrorKind::Refused(reason),
                 ))
             }
-            Message::Abort { reason } => {
-                return Err(MigrationError::new(
-                    Stage::Hello,
-                    ErrorKind::Aborted(reason),
-                ))
-            }
-            m => return Err(unexpected(Stage::Hello, &m, "Accept")),
+            m => return Err(unwanted(Stage::Hello, m, "Accept")),
         }
 
         // Round 0: all RAM.
@@ -451,13 +435,7 @@ impl Sender<'_> {
             .map_err(|e| MigrationError::new(Stage::AwaitRestored, e))?;
         match self.recv(Stage::AwaitRestored)? {
             Message::Restored => {}
-            Message::Abort { reason } => {
-                return Err(MigrationError::new(
-                    Stage::AwaitRestored,
-                    ErrorKind::Aborted(reason),
-                ))
-            }
-            m => return Err(unexpected(Stage::AwaitRestored, &m, "Restored")),
+            m => return Err(unwanted(Stage::AwaitRestored, m, "Restored")),
         }
         // From here on the VM may run on the destination.
         self.committed = true;
@@ -472,7 +450,7 @@ impl Sender<'_> {
                     ErrorKind::Aborted(reason),
                 ));
             }
-            m => return Err(unexpected(Stage::AwaitResumed, &m, "Resumed")),
+            m => return Err(unwanted(Stage::AwaitResumed, m, "Resumed")),
         }
         Ok(MigrationReport {
             rounds,
@@ -586,16 +564,6 @@ struct PageBatch {
     runs: Vec<Run>,
     data: Vec<u8>,
     zero_runs: Vec<Run>,
-}
-
-fn unexpected(stage: Stage, got: &Message, expected: &'static str) -> MigrationError {
-    MigrationError::new(
-        stage,
-        ErrorKind::Unexpected {
-            got: got.name(),
-            expected,
-        },
-    )
 }
 
 /// Appends a page to a run list, extending the last run when adjacent.
