@@ -5,19 +5,18 @@
 
 mod common;
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::vhost_guest::*;
 use common::*;
 use kiln_store::proto::{Request, Response};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vhost::VhostBackend;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 const MIB: u64 = 1 << 20;
 const VOL_SIZE: u64 = 8 * MIB;
@@ -25,38 +24,31 @@ const MEM_SIZE: usize = 8 << 20;
 const QSIZE: u16 = 16;
 
 // Guest-physical layout of the test's queue and buffers.
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
+const RING: Ring = Ring {
+    size: QSIZE,
+    desc: 0x0,
+    avail: 0x1000,
+    used: 0x2000,
+};
 const HDR: u64 = 0x3000;
 const STATUS: u64 = 0x3100;
 const SEGS: u64 = 0x3200;
 const DATA: u64 = 0x10_0000;
 
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const F_FLUSH: u64 = 1 << 9;
 const F_DISCARD: u64 = 1 << 13;
 const F_WRITE_ZEROES: u64 = 1 << 14;
 const F_BLK_SIZE: u64 = 1 << 6;
 const F_SEG_MAX: u64 = 1 << 2;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 const T_DISCARD: u32 = 11;
 const T_WRITE_ZEROES: u32 = 13;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 /// Written into the status byte before each request, to see whether the
 /// device wrote it.
 const UNTOUCHED: u8 = 0xAA;
 
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 
 /// A descriptor as the test lays it out: guest address, length, device-writable.
@@ -76,42 +68,11 @@ struct Guest {
     features: u64,
 }
 
-fn memfd_memory() -> GuestMemoryMmap {
-    // SAFETY: memfd_create with a valid NUL-terminated name; the returned fd
-    // is checked and then owned by the File.
-    let fd = unsafe { libc::memfd_create(c"kiln-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create failed");
-    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).unwrap();
-    GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM_SIZE,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .unwrap()
-}
-
 impl Guest {
     /// Connects and sets the device up as a VMM does at boot.
     fn connect(sock: &Path, event_idx: bool) -> Guest {
-        let mem = memfd_memory();
-        let mut frontend = Frontend::connect(sock, 1).unwrap();
-        frontend.set_owner().unwrap();
-        let offered = frontend.get_features().unwrap();
-        for f in [
-            VIRTIO_F_VERSION_1,
-            VHOST_USER_F_PROTOCOL_FEATURES,
-            VIRTIO_RING_F_EVENT_IDX,
-            F_FLUSH,
-            F_DISCARD,
-            F_WRITE_ZEROES,
-            F_BLK_SIZE,
-            F_SEG_MAX,
-        ] {
-            assert!(offered & f != 0, "feature {f:#x} not offered: {offered:#x}");
-        }
-        let mut features = VIRTIO_F_VERSION_1
+        let mem = memfd_memory(MEM_SIZE);
+        let mut required = VIRTIO_F_VERSION_1
             | VHOST_USER_F_PROTOCOL_FEATURES
             | F_FLUSH
             | F_DISCARD
@@ -119,58 +80,38 @@ impl Guest {
             | F_BLK_SIZE
             | F_SEG_MAX;
         if event_idx {
-            features |= VIRTIO_RING_F_EVENT_IDX;
+            required |= VIRTIO_RING_F_EVENT_IDX;
         }
-        frontend.set_features(features).unwrap();
-        let proto = frontend.get_protocol_features().unwrap();
-        assert!(
-            proto.contains(VhostUserProtocolFeatures::CONFIG),
-            "{proto:?}"
+        let mut n = connect_frontend(
+            sock,
+            1,
+            required,
+            0,
+            VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK,
+            &mem,
         );
-        frontend
-            .set_protocol_features(
-                proto
-                    & (VhostUserProtocolFeatures::CONFIG
-                        | VhostUserProtocolFeatures::MQ
-                        | VhostUserProtocolFeatures::REPLY_ACK),
-            )
-            .unwrap();
-        assert!(frontend.get_queue_num().unwrap() >= 1);
-
-        let region = mem.find_region(GuestAddress(0)).unwrap();
-        let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
-        frontend.set_mem_table(&[info]).unwrap();
-        let host = region.as_ptr() as u64;
-        frontend.set_vring_num(0, QSIZE).unwrap();
-        frontend
-            .set_vring_addr(
-                0,
-                &VringConfigData {
-                    queue_max_size: QSIZE,
-                    queue_size: QSIZE,
-                    flags: 0,
-                    desc_table_addr: host + DESC,
-                    used_ring_addr: host + USED,
-                    avail_ring_addr: host + AVAIL,
-                    log_addr: None,
-                },
-            )
-            .unwrap();
-        frontend.set_vring_base(0, 0).unwrap();
-        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-        let call = EventFd::new(EFD_NONBLOCK).unwrap();
-        frontend.set_vring_call(0, &call).unwrap();
-        frontend.set_vring_kick(0, &kick).unwrap();
-        frontend.set_vring_enable(0, true).unwrap();
+        assert!(
+            n.offered & VIRTIO_RING_F_EVENT_IDX != 0,
+            "EVENT_IDX not offered: {:#x}",
+            n.offered
+        );
+        assert!(
+            n.protocol.contains(VhostUserProtocolFeatures::CONFIG),
+            "{:?}",
+            n.protocol
+        );
+        let Vring { kick, call, .. } = Vring::setup(&mut n.frontend, &mem, 0, RING);
         Guest {
             mem,
-            frontend,
+            frontend: n.frontend,
             kick,
             call,
             avail_idx: 0,
             used_idx: 0,
             event_idx,
-            features,
+            features: n.features,
         }
     }
 
@@ -197,41 +138,23 @@ impl Guest {
     }
 
     fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = GuestAddress(DESC + 16 * u64::from(i));
-        self.mem.write_obj(addr, at).unwrap();
-        self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
-        self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
-        self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
+        RING.write_desc(&self.mem, i, addr, len, flags, next);
     }
 
     /// Puts `head` on the avail ring, kicks, waits for the used entry.
     fn publish(&mut self, head: u16) -> u32 {
-        let slot = u64::from(self.avail_idx % QSIZE);
-        self.mem
-            .write_obj(head, GuestAddress(AVAIL + 4 + 2 * slot))
-            .unwrap();
+        RING.put_avail(&self.mem, self.avail_idx, head);
         if self.event_idx {
             // used_event: interrupt me once this request is used.
-            self.mem
-                .write_obj(
-                    self.used_idx,
-                    GuestAddress(AVAIL + 4 + 2 * u64::from(QSIZE)),
-                )
-                .unwrap();
+            RING.set_used_event(&self.mem, self.used_idx);
         }
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
-            .unwrap();
+        RING.publish(&self.mem, self.avail_idx);
         self.kick.write(1).unwrap();
         let t = Instant::now();
         loop {
-            if self.call.read().is_ok() {
-                let used: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
-                if used != self.used_idx {
-                    break;
-                }
+            if self.call.read().is_ok() && RING.used_idx(&self.mem) != self.used_idx {
+                break;
             }
             assert!(
                 t.elapsed() < Duration::from_secs(20),
@@ -240,30 +163,20 @@ impl Guest {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        let used: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        let used = RING.used_idx(&self.mem);
         assert_eq!(
             used,
             self.used_idx.wrapping_add(1),
             "one request, one used entry"
         );
-        let slot = u64::from(self.used_idx % QSIZE);
-        let id: u32 = self
-            .mem
-            .read_obj(GuestAddress(USED + 4 + 8 * slot))
-            .unwrap();
-        let len: u32 = self
-            .mem
-            .read_obj(GuestAddress(USED + 8 + 8 * slot))
-            .unwrap();
+        let (id, len) = RING.used_elem(&self.mem, self.used_idx);
         assert_eq!(id, u32::from(head));
         self.used_idx = used;
         len
     }
 
     fn header(&self, kind: u32, sector: u64) {
-        self.mem.write_obj(kind, GuestAddress(HDR)).unwrap();
-        self.mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
-        self.mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+        write_header(&self.mem, HDR, kind, sector);
         self.mem.write_obj(UNTOUCHED, GuestAddress(STATUS)).unwrap();
     }
 

@@ -5,19 +5,16 @@
 
 mod common;
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::vhost_guest::*;
 use common::*;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandlerMut,
 };
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MEM_SIZE: usize = 8 << 20;
 const QSIZE: u16 = 128;
@@ -25,26 +22,26 @@ const QSIZE: u16 = 128;
 const DEPTH: u16 = 32;
 const DATA: u64 = 0x40_0000;
 
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const F_FLUSH: u64 = 1 << 9;
 const F_BLK_SIZE: u64 = 1 << 6;
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_MQ: u64 = 1 << 12;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-
 /// Where queue `q`'s rings and request headers live.
 fn qbase(q: u16) -> u64 {
     u64::from(q) * 0x1_0000
+}
+
+/// Queue `q`'s descriptor table, avail and used rings.
+fn ring(q: u16) -> Ring {
+    let b = qbase(q);
+    Ring {
+        size: QSIZE,
+        desc: b,
+        avail: b + 0x1000,
+        used: b + 0x2000,
+    }
 }
 
 /// The data buffer of request slot `i` of queue `q` (one 4 KiB block).
@@ -52,25 +49,8 @@ fn data_addr(q: u16, i: u16) -> u64 {
     DATA + (u64::from(q) * u64::from(QSIZE) + u64::from(i)) * 4096
 }
 
-fn memfd_memory() -> GuestMemoryMmap {
-    // SAFETY: memfd_create with a valid NUL-terminated name; the returned fd
-    // is checked and then owned by the File.
-    let fd = unsafe { libc::memfd_create(c"kiln-test-mq".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create failed");
-    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).unwrap();
-    GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM_SIZE,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .unwrap()
-}
-
 struct Queue {
-    kick: EventFd,
-    call: EventFd,
+    vring: Vring,
     avail_idx: u16,
     used_idx: u16,
 }
@@ -89,72 +69,37 @@ struct Req(u32, u64, bool);
 
 impl Guest {
     fn connect(sock: &Path, nq: u16) -> Guest {
-        let mem = memfd_memory();
-        let mut frontend = Frontend::connect(sock, u64::from(nq)).unwrap();
-        frontend.set_owner().unwrap();
-        let offered = frontend.get_features().unwrap();
-        let features = (VIRTIO_F_VERSION_1
-            | VHOST_USER_F_PROTOCOL_FEATURES
-            | F_FLUSH
-            | F_BLK_SIZE
-            | F_SEG_MAX
-            | F_RO
-            | F_MQ)
-            & offered;
-        frontend.set_features(features).unwrap();
-        let proto = frontend.get_protocol_features().unwrap();
-        assert!(proto.contains(VhostUserProtocolFeatures::BACKEND_REQ));
-        frontend
-            .set_protocol_features(
-                proto
-                    & (VhostUserProtocolFeatures::CONFIG
-                        | VhostUserProtocolFeatures::MQ
-                        | VhostUserProtocolFeatures::REPLY_ACK
-                        | VhostUserProtocolFeatures::BACKEND_REQ),
-            )
-            .unwrap();
-        assert!(frontend.get_queue_num().unwrap() >= u64::from(nq));
-        let region = mem.find_region(GuestAddress(0)).unwrap();
-        let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
-        frontend.set_mem_table(&[info]).unwrap();
-        let host = region.as_ptr() as u64;
-        let mut queues = Vec::new();
-        for q in 0..nq {
-            let b = qbase(q);
-            let qi = usize::from(q);
-            frontend.set_vring_num(qi, QSIZE).unwrap();
-            frontend
-                .set_vring_addr(
-                    qi,
-                    &VringConfigData {
-                        queue_max_size: QSIZE,
-                        queue_size: QSIZE,
-                        flags: 0,
-                        desc_table_addr: host + b,
-                        avail_ring_addr: host + b + 0x1000,
-                        used_ring_addr: host + b + 0x2000,
-                        log_addr: None,
-                    },
-                )
-                .unwrap();
-            frontend.set_vring_base(qi, 0).unwrap();
-            let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-            let call = EventFd::new(EFD_NONBLOCK).unwrap();
-            frontend.set_vring_call(qi, &call).unwrap();
-            frontend.set_vring_kick(qi, &kick).unwrap();
-            frontend.set_vring_enable(qi, true).unwrap();
-            queues.push(Queue {
-                kick,
-                call,
+        let mem = memfd_memory(MEM_SIZE);
+        let mut n = connect_frontend(
+            sock,
+            u64::from(nq),
+            0,
+            VIRTIO_F_VERSION_1
+                | VHOST_USER_F_PROTOCOL_FEATURES
+                | F_FLUSH
+                | F_BLK_SIZE
+                | F_SEG_MAX
+                | F_RO
+                | F_MQ,
+            VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::BACKEND_REQ,
+            &mem,
+        );
+        assert!(n.protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ));
+        let queues = (0..nq)
+            .map(|q| Queue {
+                vring: Vring::setup(&mut n.frontend, &mem, usize::from(q), ring(q)),
                 avail_idx: 0,
                 used_idx: 0,
-            });
-        }
+            })
+            .collect();
         Guest {
             mem,
-            frontend,
+            frontend: n.frontend,
             queues,
-            features,
+            features: n.features,
         }
     }
 
@@ -167,11 +112,7 @@ impl Guest {
     }
 
     fn write_desc(&self, q: u16, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = GuestAddress(qbase(q) + 16 * u64::from(i));
-        self.mem.write_obj(addr, at).unwrap();
-        self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
-        self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
-        self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
+        ring(q).write_desc(&self.mem, i, addr, len, flags, next);
     }
 
     /// Lays out request `k` of queue `q` in descriptors 3k..3k+2 (header,
@@ -180,9 +121,7 @@ impl Guest {
         let b = qbase(q);
         let hdr = b + 0x3000 + 16 * u64::from(k);
         let status = b + 0x4000 + u64::from(k);
-        self.mem.write_obj(r.0, GuestAddress(hdr)).unwrap();
-        self.mem.write_obj(0u32, GuestAddress(hdr + 4)).unwrap();
-        self.mem.write_obj(r.1, GuestAddress(hdr + 8)).unwrap();
+        write_header(&self.mem, hdr, r.0, r.1);
         self.mem.write_obj(0xAAu8, GuestAddress(status)).unwrap();
         let d = 3 * k;
         if r.0 == T_FLUSH {
@@ -194,15 +133,9 @@ impl Guest {
         }
         self.write_desc(q, d + 2, status, 1, F_WRITE, 0);
         let qu = &mut self.queues[usize::from(q)];
-        let slot = u64::from(qu.avail_idx % QSIZE);
-        self.mem
-            .write_obj(d, GuestAddress(b + 0x1000 + 4 + 2 * slot))
-            .unwrap();
+        ring(q).put_avail(&self.mem, qu.avail_idx, d);
         qu.avail_idx = qu.avail_idx.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem
-            .write_obj(qu.avail_idx, GuestAddress(b + 0x1000 + 2))
-            .unwrap();
+        ring(q).publish(&self.mem, qu.avail_idx);
     }
 
     fn status(&self, q: u16, k: u16) -> u8 {
@@ -220,17 +153,14 @@ impl Guest {
             }
         }
         for qu in &self.queues {
-            qu.kick.write(1).unwrap();
+            qu.vring.kick.write(1).unwrap();
         }
         let t = Instant::now();
         for (q, rs) in reqs.iter().enumerate() {
             let want = self.queues[q].used_idx.wrapping_add(rs.len() as u16);
             loop {
-                let _ = self.queues[q].call.read();
-                let used: u16 = self
-                    .mem
-                    .read_obj(GuestAddress(qbase(q as u16) + 0x2000 + 2))
-                    .unwrap();
+                let _ = self.queues[q].vring.call.read();
+                let used = ring(q as u16).used_idx(&self.mem);
                 if used == want {
                     break;
                 }

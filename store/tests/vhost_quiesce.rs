@@ -8,18 +8,17 @@
 
 mod common;
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::vhost_guest::*;
 use common::*;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vhost::vhost_user::Frontend;
+use vhost::VhostBackend;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 4 << 20;
 const QSIZE: u16 = 256;
@@ -30,39 +29,20 @@ const ROUNDS: u64 = 120;
 const REGIONS: u64 = 40;
 /// Requests made available at once (the backend pops them in a row).
 const BURST: u16 = 4;
-const DESC: u64 = 0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
+const RING: Ring = Ring {
+    size: QSIZE,
+    desc: 0,
+    avail: 0x1000,
+    used: 0x2000,
+};
+const USED: u64 = RING.used;
 /// The used ring with its trailing avail_event.
 const USED_LEN: usize = 4 + 8 * QSIZE as usize + 2;
 const HDR: u64 = 0x3000;
 const STATUS: u64 = 0x4000;
 const DATA: u64 = 0x10_0000;
 
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-const T_OUT: u32 = 1;
-const S_OK: u8 = 0;
 const UNSERVED: u8 = 0xAA;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-
-fn memfd_memory() -> GuestMemoryMmap {
-    // SAFETY: memfd_create with a valid NUL-terminated name; the returned fd
-    // is checked and then owned by the File.
-    let fd = unsafe { libc::memfd_create(c"kiln-test-quiesce".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create failed");
-    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).unwrap();
-    GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM_SIZE,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .unwrap()
-}
 
 fn data_addr(k: u16) -> u64 {
     DATA + u64::from(k) * 4096
@@ -72,16 +52,8 @@ fn block_data(round: u64, k: u16) -> Vec<u8> {
     pattern(round << 16 | u64::from(k), 4096)
 }
 
-fn write_desc(mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-    let at = DESC + 16 * u64::from(i);
-    mem.write_obj(addr, GuestAddress(at)).unwrap();
-    mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-    mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-    mem.write_obj(next, GuestAddress(at + 14)).unwrap();
-}
-
 fn used_idx(mem: &GuestMemoryMmap) -> u16 {
-    mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    RING.used_idx(mem)
 }
 
 fn used_ring(mem: &GuestMemoryMmap) -> Vec<u8> {
@@ -101,8 +73,7 @@ fn used_heads(mem: &GuestMemoryMmap, from: u16, to: u16) -> Vec<u32> {
     let mut heads = Vec::new();
     let mut i = from;
     while i != to {
-        let slot = u64::from(i % QSIZE);
-        heads.push(mem.read_obj(GuestAddress(USED + 4 + 8 * slot)).unwrap());
+        heads.push(RING.used_elem(mem, i).0);
         i = i.wrapping_add(1);
     }
     heads
@@ -111,61 +82,30 @@ fn used_heads(mem: &GuestMemoryMmap, from: u16, to: u16) -> Vec<u32> {
 struct Guest {
     mem: GuestMemoryMmap,
     frontend: Frontend,
-    kick: EventFd,
-    call: EventFd,
-    ring: VringConfigData,
+    vring: Vring,
     avail_idx: u16,
 }
 
 impl Guest {
     fn connect(sock: &std::path::Path, event_idx: bool) -> Guest {
-        let mem = memfd_memory();
-        let mut frontend = Frontend::connect(sock, 1).unwrap();
-        frontend.set_owner().unwrap();
-        let offered = frontend.get_features().unwrap();
+        let mem = memfd_memory(MEM_SIZE);
         let mut want = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES;
         if event_idx {
             want |= VIRTIO_RING_F_EVENT_IDX;
         }
-        assert_eq!(offered & want, want, "features not offered");
-        frontend.set_features(want).unwrap();
-        let proto = frontend.get_protocol_features().unwrap();
-        frontend
-            .set_protocol_features(proto & VhostUserProtocolFeatures::REPLY_ACK)
-            .unwrap();
-        let region = mem.find_region(GuestAddress(0)).unwrap();
-        let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
-        frontend.set_mem_table(&[info]).unwrap();
-        let host = region.as_ptr() as u64;
-        let ring = VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: host + DESC,
-            avail_ring_addr: host + AVAIL,
-            used_ring_addr: host + USED,
-            log_addr: None,
-        };
-        let mut g = Guest {
-            kick: EventFd::new(EFD_NONBLOCK).unwrap(),
-            call: EventFd::new(EFD_NONBLOCK).unwrap(),
+        let mut n = connect_frontend(sock, 1, want, 0, VhostUserProtocolFeatures::REPLY_ACK, &mem);
+        let vring = Vring::setup(&mut n.frontend, &mem, 0, RING);
+        Guest {
             mem,
-            frontend,
-            ring,
+            frontend: n.frontend,
+            vring,
             avail_idx: 0,
-        };
-        g.frontend.set_vring_num(0, QSIZE).unwrap();
-        g.start(0);
-        g.frontend.set_vring_enable(0, true).unwrap();
-        g
+        }
     }
 
     /// (Re)starts the ring as a restoring VMM does.
     fn start(&self, base: u16) {
-        self.frontend.set_vring_base(0, base).unwrap();
-        self.frontend.set_vring_addr(0, &self.ring).unwrap();
-        self.frontend.set_vring_call(0, &self.call).unwrap();
-        self.frontend.set_vring_kick(0, &self.kick).unwrap();
+        self.vring.start(&self.frontend, base);
     }
 
     /// Waits until the used index reaches `want` (60 s at most: a ring
@@ -173,7 +113,7 @@ impl Guest {
     fn wait_used(&self, want: u16) {
         let t = Instant::now();
         while used_idx(&self.mem) != want {
-            let _ = self.call.read();
+            let _ = self.vring.call.read();
             assert!(
                 t.elapsed() < Duration::from_secs(60),
                 "used index {} never reached {want}",
@@ -197,28 +137,21 @@ fn post_round(
     for k in 0..N {
         let hdr = HDR + 16 * u64::from(k);
         let sector = ((round % REGIONS) * u64::from(N) + u64::from(k)) * 8;
-        mem.write_obj(T_OUT, GuestAddress(hdr)).unwrap();
-        mem.write_obj(0u32, GuestAddress(hdr + 4)).unwrap();
-        mem.write_obj(sector, GuestAddress(hdr + 8)).unwrap();
+        write_header(&mem, hdr, T_OUT, sector);
         mem.write_slice(&block_data(round, k), GuestAddress(data_addr(k)))
             .unwrap();
         let d = 3 * k;
-        write_desc(&mem, d, hdr, 16, F_NEXT, d + 1);
-        write_desc(&mem, d + 1, data_addr(k), 4096, F_NEXT, d + 2);
-        write_desc(&mem, d + 2, STATUS + u64::from(k), 1, F_WRITE, 0);
-        let slot = u64::from(avail % QSIZE);
-        mem.write_obj(d, GuestAddress(AVAIL + 4 + 2 * slot))
-            .unwrap();
+        RING.write_desc(&mem, d, hdr, 16, F_NEXT, d + 1);
+        RING.write_desc(&mem, d + 1, data_addr(k), 4096, F_NEXT, d + 2);
+        RING.write_desc(&mem, d + 2, STATUS + u64::from(k), 1, F_WRITE, 0);
+        RING.put_avail(&mem, avail, d);
         if event_idx {
             // used_event: interrupt on every completion.
-            let used = used_idx(&mem);
-            mem.write_obj(used, GuestAddress(AVAIL + 4 + 2 * u64::from(QSIZE)))
-                .unwrap();
+            RING.set_used_event(&mem, used_idx(&mem));
         }
         avail = avail.wrapping_add(1);
         if (k + 1) % BURST == 0 || k + 1 == N {
-            std::sync::atomic::fence(Ordering::SeqCst);
-            mem.write_obj(avail, GuestAddress(AVAIL + 2)).unwrap();
+            RING.publish(&mem, avail);
             kick.write(1).unwrap();
             posted.store(usize::from(k + 1), Ordering::SeqCst);
         }
@@ -248,7 +181,11 @@ fn quiesce_rounds(event_idx: bool) {
             .unwrap();
         let posted = Arc::new(AtomicUsize::new(0));
         let poster = {
-            let (mem, kick, posted) = (g.mem.clone(), g.kick.try_clone().unwrap(), posted.clone());
+            let (mem, kick, posted) = (
+                g.mem.clone(),
+                g.vring.kick.try_clone().unwrap(),
+                posted.clone(),
+            );
             std::thread::spawn(move || post_round(mem, kick, u0, round, posted, event_idx))
         };
         // Stop at a different point of each round (some before the first
@@ -267,7 +204,7 @@ fn quiesce_rounds(event_idx: bool) {
         let ring = used_ring(&g.mem);
         let st = statuses(&g.mem);
         // Signals of the completions before the stop.
-        let _ = g.call.read();
+        let _ = g.vring.call.read();
         poster.join().unwrap();
         g.avail_idx = u0.wrapping_add(N);
         // Give a late completion (or notification write) every chance to
@@ -283,7 +220,7 @@ fn quiesce_rounds(event_idx: bool) {
             "round {round}: a request was served after GET_VRING_BASE"
         );
         assert!(
-            g.call.read().is_err(),
+            g.vring.call.read().is_err(),
             "round {round}: the guest was signalled after GET_VRING_BASE"
         );
         // Exactly the first `done` requests were served, each once.
@@ -308,7 +245,7 @@ fn quiesce_rounds(event_idx: bool) {
 
         // Restart where it stopped; the rest are served, each once.
         g.start(base);
-        g.kick.write(1).unwrap();
+        g.vring.kick.write(1).unwrap();
         g.wait_used(g.avail_idx);
         assert!(
             statuses(&g.mem).iter().all(|s| *s == S_OK),

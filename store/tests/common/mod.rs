@@ -4,6 +4,8 @@
 //! init` (one CA per test's base directory).
 #![allow(dead_code)]
 
+pub mod vhost_guest;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
