@@ -151,21 +151,46 @@ fn a_destination_lost_after_commit_leaves_the_source_paused_in_doubt() {
     assert_eq!(progress.snapshot().phase, Phase::Failed);
 }
 
+/// What a migration that fails at both ends leaves: the source's error,
+/// the destination's target and error.
+struct Failed {
+    e: MigrationError,
+    target: FakeTarget,
+    de: MigrationError,
+}
+
+/// Migrates `source` to a real receiver for `target` on a Unix socket (a
+/// fresh directory named after `name`); both ends must fail.
+fn migrate_failing(
+    name: &str,
+    source: &mut FakeSource,
+    target: FakeTarget,
+    progress: &Progress,
+) -> Failed {
+    let (_dir, addr, dest) = spawn_unix_receiver(name, target);
+    let e = migrate(source, &addr, &send_cfg(), progress).unwrap_err();
+    let (target, r) = dest.join().unwrap();
+    Failed {
+        e,
+        target,
+        de: r.unwrap_err(),
+    }
+}
+
 #[test]
 fn a_destination_that_cannot_start_the_vm_lets_the_source_resume() {
     let size = 4 * MIB;
     let mut target = FakeTarget::new(size);
     target.fail_run = true;
-    let (_dir, addr, dest) = spawn_unix_receiver("run", target);
     let mut source = FakeSource::new(SharedRam::new(size), size);
-    let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
+    let Failed { e, target, de } =
+        migrate_failing("run", &mut source, target, &Progress::default());
     assert_eq!(e.stage, Stage::AwaitResumed, "{e}");
     assert!(!e.in_doubt);
     assert!(e.to_string().contains("would not start"), "{e}");
     assert_eq!(source.calls.resume, 1);
     assert!(source.running());
-    let (target, r) = dest.join().unwrap();
-    assert_eq!(r.unwrap_err().stage, Stage::Run);
+    assert_eq!(de.stage, Stage::Run);
     assert!(!target.running);
 }
 
@@ -187,27 +212,23 @@ fn a_source_lost_before_commit_leaves_the_destination_not_running() {
 
 #[test]
 fn a_refusing_destination_says_why() {
-    let (_dir, addr, dest) = spawn_unix_receiver("refuse", FakeTarget::new(8 * MIB));
-    let ram = SharedRam::new(4 * MIB);
-    let mut source = FakeSource::new(ram, 4 * MIB);
-    let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
+    let mut source = FakeSource::new(SharedRam::new(4 * MIB), 4 * MIB);
+    let target = FakeTarget::new(8 * MIB);
+    let Failed { e, target, de } =
+        migrate_failing("refuse", &mut source, target, &Progress::default());
     assert_eq!(e.stage, Stage::Hello);
     assert!(matches!(e.kind, ErrorKind::Refused(_)), "{e}");
     assert!(e.to_string().contains("RAM size differs"), "{e}");
     assert_eq!(source.calls, Calls::default());
-    let (target, r) = dest.join().unwrap();
-    let de = r.unwrap_err();
     assert_eq!(de.stage, Stage::Hello);
     assert!(target.restored.is_none());
 
     // Devices: same kinds, different ids.
     let mut other = FakeTarget::new(4 * MIB);
     other.machine.devices[1].id = "eth1".into();
-    let (_dir2, addr, dest) = spawn_unix_receiver("refuse2", other);
     let mut source = FakeSource::new(SharedRam::new(4 * MIB), 4 * MIB);
-    let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
-    assert!(e.to_string().contains("devices differ"), "{e}");
-    dest.join().unwrap().1.unwrap_err();
+    let f = migrate_failing("refuse2", &mut source, other, &Progress::default());
+    assert!(f.e.to_string().contains("devices differ"), "{}", f.e);
 }
 
 #[test]
@@ -215,14 +236,13 @@ fn a_failed_restore_resumes_the_source() {
     let size = 4 * MIB;
     let mut target = FakeTarget::new(size);
     target.fail_restore = true;
-    let (_dir, addr, dest) = spawn_unix_receiver("restore", target);
     let mut source = FakeSource::new(SharedRam::new(size), size);
-    let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
+    let Failed { e, de, .. } =
+        migrate_failing("restore", &mut source, target, &Progress::default());
     assert_eq!(e.stage, Stage::AwaitRestored);
     assert!(e.to_string().contains("no such disk"), "{e}");
     assert_eq!(source.calls.resume, 1);
     assert!(source.running());
-    let de = dest.join().unwrap().1.unwrap_err();
     assert_eq!(de.stage, Stage::Restore);
 }
 
@@ -329,18 +349,16 @@ fn a_source_sending_pages_past_ram_is_refused() {
 #[test]
 fn a_cancelled_migration_leaves_the_vm_running() {
     let size = 8 * MIB;
-    let (_dir, addr, dest) = spawn_unix_receiver("cancel", FakeTarget::new(size));
     let mut source = FakeSource::new(SharedRam::new(size), size);
     let progress = Progress::default();
     progress.cancel();
-    let e = migrate(&mut source, &addr, &send_cfg(), &progress).unwrap_err();
+    let Failed { e, target, de } =
+        migrate_failing("cancel", &mut source, FakeTarget::new(size), &progress);
     assert!(matches!(e.kind, ErrorKind::Cancelled), "{e}");
     assert_eq!(e.stage, Stage::Memory { round: 0 });
     assert_eq!(source.calls.pause, 0);
     assert_eq!(source.calls.stop_log, 1);
     assert!(source.running());
-    let (target, r) = dest.join().unwrap();
-    let de = r.unwrap_err();
     assert!(matches!(de.kind, ErrorKind::Aborted(_)), "{de}");
     assert!(de.to_string().contains("cancelled"), "{de}");
     assert!(target.restored.is_none());
@@ -349,16 +367,18 @@ fn a_cancelled_migration_leaves_the_vm_running() {
 #[test]
 fn a_failed_pause_resumes_the_source_and_aborts_the_destination() {
     let size = 4 * MIB;
-    let (_dir, addr, dest) = spawn_unix_receiver("pause", FakeTarget::new(size));
     let mut source = FakeSource::new(SharedRam::new(size), size);
     source.fail_pause = true;
-    let e = migrate(&mut source, &addr, &send_cfg(), &Progress::default()).unwrap_err();
+    let Failed { e, target, de } = migrate_failing(
+        "pause",
+        &mut source,
+        FakeTarget::new(size),
+        &Progress::default(),
+    );
     assert_eq!(e.stage, Stage::Pause, "{e}");
     assert!(e.to_string().contains("would not quiesce"), "{e}");
     assert_eq!((source.calls.pause, source.calls.resume), (1, 1));
     assert!(source.running());
-    let (target, r) = dest.join().unwrap();
-    let de = r.unwrap_err();
     assert!(de.to_string().contains("would not quiesce"), "{de}");
     assert!(target.restored.is_none());
 }
