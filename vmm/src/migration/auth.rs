@@ -183,42 +183,56 @@ fn hs_write(conn: &mut Connection, buf: &[u8], step: &str) -> Result<(), Transpo
         .map_err(|e| io_error(format!("{} during the handshake ({step})", conn.peer), e, t))
 }
 
+/// Our greeting, `magic | mode | nonce` (a fresh random nonce with a
+/// secret, zeros without), with its mode and nonce.
+fn greeting(secret: Option<&Secret>) -> Result<(u8, [u8; NONCE_LEN], Vec<u8>), TransportError> {
+    let (mode, nonce) = match secret {
+        Some(_) => (MODE_SECRET, nonce()?),
+        None => (MODE_OPEN, [0; NONCE_LEN]),
+    };
+    let mut g = Vec::with_capacity(8 + 1 + NONCE_LEN + MAC_LEN);
+    g.extend_from_slice(MAGIC);
+    g.push(mode);
+    g.extend_from_slice(&nonce);
+    Ok((mode, nonce, g))
+}
+
+/// Checks that the peer's greeting (`them`: "source" or "destination")
+/// starts with our magic.
+fn check_magic(conn: &Connection, theirs: &[u8], them: &str) -> Result<(), TransportError> {
+    if &theirs[..8] != MAGIC {
+        return Err(TransportError::Auth(format!(
+            "{} is not a kiln-vmm migration {them} (or a different handshake version)",
+            conn.peer
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that the peer (`them`) uses our mode (`us`: what we are).
+fn check_mode(theirs: u8, ours: u8, them: &str, us: &str) -> Result<(), TransportError> {
+    if theirs != ours {
+        return Err(TransportError::Auth(format!(
+            "the {them} uses {}, this {us} {}",
+            mode_name(theirs),
+            mode_name(ours)
+        )));
+    }
+    Ok(())
+}
+
 /// Source side: `magic | mode | nonce_s` → `magic | mode | nonce_d |
 /// proof_d` → `proof_s` → `ok`.
 pub(super) fn client_handshake(
     conn: &mut Connection,
     secret: Option<&Secret>,
 ) -> Result<(), TransportError> {
-    let mode = if secret.is_some() {
-        MODE_SECRET
-    } else {
-        MODE_OPEN
-    };
-    let nonce_s = if secret.is_some() {
-        nonce()?
-    } else {
-        [0; NONCE_LEN]
-    };
-    let mut hello = Vec::with_capacity(8 + 1 + NONCE_LEN);
-    hello.extend_from_slice(MAGIC);
-    hello.push(mode);
-    hello.extend_from_slice(&nonce_s);
+    let (mode, nonce_s, hello) = greeting(secret)?;
     hs_write(conn, &hello, "greeting")?;
     let mut answer = [0u8; 8 + 1 + NONCE_LEN + MAC_LEN];
     hs_read(conn, &mut answer, "waiting for the destination's greeting")?;
-    if &answer[..8] != MAGIC {
-        return Err(TransportError::Auth(format!(
-            "{} is not a kiln-vmm migration destination (or a different handshake version)",
-            conn.peer
-        )));
-    }
-    if answer[8] != mode {
-        return Err(TransportError::Auth(format!(
-            "the destination uses {}, this source {}",
-            mode_name(answer[8]),
-            mode_name(mode)
-        )));
-    }
+    check_magic(conn, &answer, "destination")?;
+    check_mode(answer[8], mode, "destination", "source")?;
     let Some(secret) = secret else {
         return Ok(());
     };
@@ -259,29 +273,11 @@ pub(super) fn server_handshake(
     conn: &mut Connection,
     secret: Option<&Secret>,
 ) -> Result<(), TransportError> {
-    let mode = if secret.is_some() {
-        MODE_SECRET
-    } else {
-        MODE_OPEN
-    };
     let mut hello = [0u8; 8 + 1 + NONCE_LEN];
     hs_read(conn, &mut hello, "waiting for the source's greeting")?;
-    if &hello[..8] != MAGIC {
-        return Err(TransportError::Auth(format!(
-            "{} is not a kiln-vmm migration source (or a different handshake version)",
-            conn.peer
-        )));
-    }
+    check_magic(conn, &hello, "source")?;
     let nonce_s = &hello[9..];
-    let nonce_d = if secret.is_some() {
-        nonce()?
-    } else {
-        [0; NONCE_LEN]
-    };
-    let mut answer = Vec::with_capacity(8 + 1 + NONCE_LEN + MAC_LEN);
-    answer.extend_from_slice(MAGIC);
-    answer.push(mode);
-    answer.extend_from_slice(&nonce_d);
+    let (mode, nonce_d, mut answer) = greeting(secret)?;
     match (secret, hello[8] == mode) {
         (Some(secret), true) => {
             let proof = secret.mac(LABEL_DESTINATION, nonce_s, &nonce_d).finalize();
@@ -290,13 +286,7 @@ pub(super) fn server_handshake(
         _ => answer.extend_from_slice(&[0; MAC_LEN]),
     }
     hs_write(conn, &answer, "greeting")?;
-    if hello[8] != mode {
-        return Err(TransportError::Auth(format!(
-            "the source uses {}, this destination {}",
-            mode_name(hello[8]),
-            mode_name(mode)
-        )));
-    }
+    check_mode(hello[8], mode, "source", "destination")?;
     let Some(secret) = secret else {
         return Ok(());
     };
