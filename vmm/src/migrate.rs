@@ -357,7 +357,7 @@ fn run_job(
     let result = params
         .destination
         .parse::<Address>()
-        .map_err(|e| e.to_string())
+        .map_err(|e| (e.to_string(), false))
         .and_then(|address| {
             let cfg = SendConfig {
                 transport: TransportConfig {
@@ -369,13 +369,8 @@ fn run_job(
                 ..SendConfig::default()
             };
             tracing::info!("migration to {address} started");
-            migration::migrate(source, &address, &cfg, &progress).map_err(|e| {
-                if e.in_doubt {
-                    format!("{e} (IN DOUBT)")
-                } else {
-                    e.to_string()
-                }
-            })
+            migration::migrate(source, &address, &cfg, &progress)
+                .map_err(|e| (e.to_string(), e.in_doubt))
         });
     match result {
         Ok(report) => {
@@ -413,8 +408,7 @@ fn run_job(
             };
             exit.signal(VmExit::Migrated);
         }
-        Err(error) => {
-            let in_doubt = error.ends_with("(IN DOUBT)");
+        Err((error, in_doubt)) => {
             tracing::error!("{error}");
             *lock(status) = Status::Failed {
                 destination,
