@@ -95,7 +95,8 @@ impl Daemon {
     /// Serves `name` (attached here) as a vhost-user-blk backend on the unix
     /// socket `socket`, for a VMM such as `kiln-vmm --disk vhost-user=SOCK`.
     /// One frontend at a time; when it disconnects the export waits for the
-    /// next. Replaces an earlier export of the same volume.
+    /// next. Replaces an earlier export of the same volume, unless that one
+    /// is on the same socket with the same options: then it is kept.
     pub fn export_vhost(&self, name: &str, socket: &Path) -> Result<()> {
         self.export_vhost_with(name, socket, crate::vhost_blk::ExportOptions::default())
     }
@@ -112,15 +113,26 @@ impl Daemon {
         self.writer(name)?;
         crate::vhost_blk::export::check_socket_path(socket)
             .map_err(|e| Error::Invalid(e.to_string()))?;
-        // Re-exporting on the socket it already serves replaces it; any
-        // other live socket (another export, a daemon) is refused before
-        // the current export is touched.
-        let same = self
+        // Exporting again as it is already exported keeps the export and
+        // its frontend: a kiln-vmm taking the VM over on this node (a live
+        // migration) asks while the one it replaces is still connected.
+        // Another socket or other options replace it; any other live
+        // socket (another export, a daemon) is refused before the current
+        // export is touched.
+        let (same, unchanged) = self
             .vhost_exports
             .lock()
             .expect(crate::POISONED)
             .get(name)
-            .is_some_and(|e| e.socket() == socket);
+            .map_or((false, false), |e| {
+                (
+                    e.socket() == socket,
+                    e.socket() == socket && e.options() == opts,
+                )
+            });
+        if unchanged {
+            return Ok(());
+        }
         if !same && socket_in_use(socket) {
             return Err(Error::Invalid(format!(
                 "{} is in use by another server",

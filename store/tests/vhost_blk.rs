@@ -511,7 +511,7 @@ fn export_needs_an_attached_volume_and_a_free_socket() {
     assert!(e.is_err());
     assert!(n1.status("vmdisk").attached, "control socket broken");
     // A refused re-export leaves the running export alone; exporting again
-    // on the same socket replaces it.
+    // on the same socket, as it is, keeps it.
     let sock = export(&n1, "vmdisk", t.path());
     let e = n1.call(Request::VolExportVhost {
         name: "vmdisk".into(),
@@ -524,6 +524,12 @@ fn export_needs_an_attached_volume_and_a_free_socket() {
     let sock2 = export(&n1, "vmdisk", t.path());
     assert_eq!(sock, sock2);
     let mut g = Guest::connect(&sock, false);
+    assert_eq!(g.request(T_FLUSH, 0, &[]).0, S_OK);
+    // With a frontend connected (a kiln-vmm whose VM another kiln-vmm on
+    // this node is taking over), exporting again as it is leaves that
+    // frontend's connection alone.
+    let sock3 = export(&n1, "vmdisk", t.path());
+    assert_eq!(sock, sock3);
     assert_eq!(g.request(T_FLUSH, 0, &[]).0, S_OK);
 }
 

@@ -2,7 +2,8 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use kiln_devices::legacy::vmgenid::VmGenId;
@@ -108,6 +109,9 @@ pub struct Machine {
     pub announcers: Vec<Arc<Announcer>>,
     /// What a snapshot records of the configuration.
     pub saved_config: crate::persist::SavedConfig,
+    /// Restored from a saved machine (its devices are paused until it
+    /// starts, see `persist::start_restored`).
+    pub restored: bool,
     // Kept alive for as long as the vCPUs run: KVM maps this memory and
     // the VM fd owns the irqchip.
     pub mem: GuestMemoryMmap,
@@ -310,7 +314,40 @@ type BuiltDisk = (
 /// A disk's device and the kind of worker it needs. A vhost-user backend
 /// is connected and negotiated with here, so that a missing or unsuitable
 /// backend fails the build before any KVM object exists.
-fn build_disk(disk: &DiskConfig, hooks: &WorkerHooks) -> Result<BuiltDisk, Error> {
+fn build_disk(
+    disk: &DiskConfig,
+    index: usize,
+    hooks: &WorkerHooks,
+    handed: &mut HandedDisks,
+) -> Result<BuiltDisk, Error> {
+    let id = crate::control::device_id(disk.id.as_deref(), "disk", index);
+    let vhost_user = |socket: PathBuf, handed: &mut HandedDisks| -> Result<BuiltDisk, Error> {
+        let cfg = VhostUserBlockConfig {
+            socket: socket.clone(),
+            queues: disk.queues,
+        };
+        let block = match handed.remove(&id) {
+            Some((from, connection)) if from == socket => {
+                tracing::info!(
+                    "disk {id}: taking over the source's connection to {}",
+                    socket.display()
+                );
+                VhostUserBlock::adopt(cfg, connection)
+            }
+            other => {
+                if let Some((from, _)) = other {
+                    tracing::info!(
+                        "disk {id}: the source's backend was {}, this VM's is {}: connecting to it",
+                        from.display(),
+                        socket.display()
+                    );
+                }
+                VhostUserBlock::connect(cfg)
+                    .map_err(|source| Error::VhostUserDisk { socket, source })?
+            }
+        };
+        Ok((Box::new(block), hooks.vhost_user.clone(), None))
+    };
     Ok(match &disk.backend {
         DiskBackend::File {
             path,
@@ -334,24 +371,9 @@ fn build_disk(disk: &DiskConfig, hooks: &WorkerHooks) -> Result<BuiltDisk, Error
         }
         DiskBackend::Volume { name, store } => {
             let socket = crate::store::export_volume(name, store.as_deref(), disk.queues)?;
-            let block = VhostUserBlock::connect(VhostUserBlockConfig {
-                socket: socket.clone(),
-                queues: disk.queues,
-            })
-            .map_err(|source| Error::VhostUserDisk { socket, source })?;
-            (Box::new(block), hooks.vhost_user.clone(), None)
+            vhost_user(socket, handed)?
         }
-        DiskBackend::VhostUser { socket } => {
-            let block = VhostUserBlock::connect(VhostUserBlockConfig {
-                socket: socket.clone(),
-                queues: disk.queues,
-            })
-            .map_err(|source| Error::VhostUserDisk {
-                socket: socket.clone(),
-                source,
-            })?;
-            (Box::new(block), hooks.vhost_user.clone(), None)
-        }
+        DiskBackend::VhostUser { socket } => vhost_user(socket.clone(), handed)?,
     })
 }
 
@@ -371,8 +393,16 @@ pub enum Start<'a> {
     Restore {
         snapshot: &'a crate::snapshot::VmSnapshot,
         mem: GuestMemoryMmap,
+        /// vhost-user connections handed over by a migration's source.
+        handed: HandedDisks,
     },
 }
+
+/// Connections to vhost-user backends handed over by a migration's source
+/// on this host, by disk id: the backend's socket and the connection. A
+/// disk whose backend is at the same socket here takes the connection
+/// over instead of connecting (the backend serves one frontend at a time).
+pub type HandedDisks = std::collections::HashMap<String, (PathBuf, UnixStream)>;
 
 /// Guest RAM's backing for `cfg`: a vhost-user backend maps guest RAM
 /// itself, which needs a memfd; other guests keep private memory
@@ -391,19 +421,32 @@ pub fn build(cfg: &VmConfig, hooks: &WorkerHooks) -> Result<Machine, Error> {
 }
 
 /// Builds the VM of `cfg`, booting its kernel or restoring a saved machine.
-pub fn build_with(cfg: &VmConfig, hooks: &WorkerHooks, start: Start) -> Result<Machine, Error> {
-    match &start {
+pub fn build_with(cfg: &VmConfig, hooks: &WorkerHooks, mut start: Start) -> Result<Machine, Error> {
+    let mut handed = HandedDisks::new();
+    match &mut start {
         Start::Boot => precheck(cfg)?,
-        Start::Restore { snapshot, .. } => {
+        Start::Restore {
+            snapshot,
+            handed: h,
+            ..
+        } => {
             crate::config::check_disk_queues(&cfg.disks, cfg.vcpus)?;
             crate::persist::check_devices(snapshot, cfg)?;
+            handed = std::mem::take(h);
         }
     }
     let disks = cfg
         .disks
         .iter()
-        .map(|d| build_disk(d, hooks))
+        .enumerate()
+        .map(|(i, d)| build_disk(d, i, hooks, &mut handed))
         .collect::<Result<Vec<_>, _>>()?;
+    for (id, (socket, _)) in handed {
+        tracing::warn!(
+            "a vhost-user connection to {} was handed over for disk {id}, which this VM does not have: closed",
+            socket.display()
+        );
+    }
     let kvm = Kvm::open()?;
     if usize::from(cfg.vcpus) > kvm.max_vcpus {
         return Err(Error::TooManyCpus {
@@ -413,7 +456,7 @@ pub fn build_with(cfg: &VmConfig, hooks: &WorkerHooks, start: Start) -> Result<M
     }
     let (mem, saved) = match start {
         Start::Boot => (memory::create(cfg.memory, memory_backing(cfg))?, None),
-        Start::Restore { snapshot, mem } => (mem, Some(snapshot)),
+        Start::Restore { snapshot, mem, .. } => (mem, Some(snapshot)),
     };
     let vm = vm::Vm::new(&kvm, &mem)?;
 
@@ -510,6 +553,7 @@ pub fn build_with(cfg: &VmConfig, hooks: &WorkerHooks, start: Start) -> Result<M
         vcpu.configure(&kvm.supported_cpuid, cfg.vcpus)?;
         vcpus.push(vcpu);
     }
+    let restored = matches!(loaded, Loaded::Saved(_));
     let kernel_description = match loaded {
         Loaded::Kernel { kernel, initrd } => {
             let cmdline = guest_cmdline(&cfg.cmdline, alloc.cmdline());
@@ -535,13 +579,11 @@ pub fn build_with(cfg: &VmConfig, hooks: &WorkerHooks, start: Start) -> Result<M
             crate::persist::restore_machine(
                 snapshot,
                 &crate::persist::RestoreParts {
-                    mem: &mem,
                     vm: &vm,
                     vcpus: &vcpus,
                     transports: &transports,
                     serial: &serial,
                     ged: &ged,
-                    announcers: &announcers,
                 },
             )?;
             "restored from a snapshot".to_string()
@@ -561,6 +603,7 @@ pub fn build_with(cfg: &VmConfig, hooks: &WorkerHooks, start: Start) -> Result<M
         transports,
         announcers,
         saved_config: crate::persist::SavedConfig::of(cfg),
+        restored,
         mem,
         vm: Arc::new(vm),
         _kvm: kvm,

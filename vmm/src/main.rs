@@ -365,6 +365,7 @@ fn run(cli: Cli, started: std::time::Instant) -> Result<VmExit> {
                 builder::Start::Restore {
                     snapshot: snap,
                     mem,
+                    handed: builder::HandedDisks::new(),
                 },
             )?
         }

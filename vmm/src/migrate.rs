@@ -15,7 +15,9 @@
 //!   serving the API (`GET /vm` shows the progress).
 
 use std::io;
-use std::path::Path;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,8 +30,8 @@ use crate::api::{ApiError, MigrateParams};
 use crate::builder::{self, Machine, Start, WorkerHooks};
 use crate::config::VmConfig;
 use crate::migration::{
-    self, protocol, Address, MigrationSource, MigrationTarget, Progress, Secret, SendConfig,
-    TransportConfig,
+    self, protocol, Address, Handed, Handover, MigrationSource, MigrationTarget, Progress, Secret,
+    SendConfig, TransportConfig,
 };
 use crate::persist::{self, LiveMachine, SavedConfig};
 use crate::runtime::{self, ApiSetup, Confinement, Running, ThreadHook};
@@ -193,6 +195,32 @@ impl MigrationSource for VmSource {
         // The rings the devices wrote last: their used entries.
         let snap = self.live.capture().map_err(other)?;
         snapshot::format::encode(&snap).map_err(other)
+    }
+
+    /// Guest RAM's memfd, if RAM is one shared memfd (a VM with a
+    /// vhost-user disk), and every vhost-user disk's backend connection.
+    fn handover(&self) -> io::Result<Handover> {
+        let shared_memfd = self
+            .live
+            .mem
+            .iter()
+            .all(|r| r.flags() & libc::MAP_SHARED != 0 && r.file_offset().is_some());
+        let memory = match self.live.mem.iter().next().and_then(|r| r.file_offset()) {
+            Some(f) if shared_memfd && f.start() == 0 => Some(OwnedFd::from(f.file().try_clone()?)),
+            _ => None,
+        };
+        let mut vhost_user = Vec::new();
+        for (disk, t) in self.live.config.disks.iter().zip(&self.live.transports) {
+            let t = lock(t);
+            if let Some((socket, fd)) = t.backend_connection() {
+                vhost_user.push((
+                    disk.id.clone(),
+                    socket.display().to_string(),
+                    fd.try_clone_to_owned()?,
+                ));
+            }
+        }
+        Ok(Handover { memory, vhost_user })
     }
 
     fn resume(&mut self) {
@@ -396,11 +424,12 @@ fn run_job(
                 "rounds": rounds,
             });
             tracing::info!(
-                "migration to {destination} done: downtime {:?}, total {:?}, {} rounds, {} MiB sent",
+                "migration to {destination} done: downtime {:?}, total {:?}, {} rounds, {} MiB sent (switched over: {:?})",
                 report.downtime,
                 report.total_time,
                 report.rounds.len(),
-                report.bytes_sent >> 20
+                report.bytes_sent >> 20,
+                report.switch_reason
             );
             *lock(status) = Status::Done {
                 destination,
@@ -426,6 +455,8 @@ pub struct VmTarget<'a> {
     hooks: &'a WorkerHooks,
     mem: GuestMemoryMmap,
     machine: Option<Machine>,
+    /// vhost-user connections the source handed over, for `restore`.
+    handed: builder::HandedDisks,
     /// What starting the VM needs, taken by `run`.
     start: Option<(bool, Confinement, Option<ApiSetup>)>,
     running: Option<Running>,
@@ -446,6 +477,7 @@ impl<'a> VmTarget<'a> {
             hooks,
             mem,
             machine: None,
+            handed: builder::HandedDisks::new(),
             start: Some((console_input, confine, api)),
             running: None,
         })
@@ -491,10 +523,39 @@ impl MigrationTarget for VmTarget<'_> {
             Start::Restore {
                 snapshot: &snap,
                 mem: self.mem.clone(),
+                handed: std::mem::take(&mut self.handed),
             },
         )
         .map_err(other)?;
         self.machine = Some(machine);
+        Ok(())
+    }
+
+    /// Guest RAM: the source's memfd, mapped shared in place of ours
+    /// (which was never touched). vhost-user connections: kept for
+    /// `restore`, where disks with the same backend take them over.
+    fn adopt(&mut self, handed: Vec<(Handed, OwnedFd)>) -> io::Result<()> {
+        for (item, fd) in handed {
+            match item {
+                Handed::Memory => {
+                    let file = std::fs::File::from(fd);
+                    let len = file.metadata()?.len();
+                    if len < self.cfg.memory {
+                        return Err(other(format!(
+                            "the handed-over guest RAM holds {len} bytes, not {}",
+                            self.cfg.memory
+                        )));
+                    }
+                    self.mem = crate::vstate::memory::map_memfd_shared(file, self.cfg.memory)
+                        .map_err(other)?;
+                    tracing::info!("incoming migration: guest RAM handed over (not copied)");
+                }
+                Handed::VhostUser { id, socket } => {
+                    self.handed
+                        .insert(id, (PathBuf::from(socket), UnixStream::from(fd)));
+                }
+            }
+        }
         Ok(())
     }
 

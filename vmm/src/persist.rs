@@ -9,10 +9,14 @@
 //!   afterwards whatever happened;
 //! - restoring, on a freshly built machine before any vCPU runs: the VM
 //!   state first (the irqchip would otherwise swallow what the devices
-//!   raise), then the vCPUs, the virtio transports (active devices start
-//!   serving their saved queues), the serial port and the GED; then the
-//!   guest is told it was restored: a new VM generation id (its RNG
-//!   reseeds) and, on each interface, a request to announce itself.
+//!   raise), then the vCPUs, the virtio transports (active devices are
+//!   left paused on their saved queues), the serial port and the GED;
+//!   nothing is written to guest RAM or sent to a backend yet;
+//! - starting the restored machine ([`start_restored`], when it is to
+//!   run: at once for a snapshot, after the source's commit for a
+//!   migration): the devices serve their queues, and the guest is told it
+//!   was restored: a new VM generation id (its RNG reseeds) and, on each
+//!   interface, a request to announce itself.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -200,13 +204,11 @@ pub fn check_devices(snap: &VmSnapshot, cfg: &VmConfig) -> Result<(), Error> {
 
 /// A freshly built machine's parts that a restore gives state to.
 pub struct RestoreParts<'a> {
-    pub mem: &'a GuestMemoryMmap,
     pub vm: &'a Vm,
     pub vcpus: &'a [Vcpu],
     pub transports: &'a [Arc<Mutex<MmioTransport>>],
     pub serial: &'a Arc<Mutex<SerialDevice>>,
     pub ged: &'a Arc<Mutex<GedDevice>>,
-    pub announcers: &'a [Arc<Announcer>],
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -225,6 +227,48 @@ fn device_name(config: &SavedConfig, index: usize) -> String {
 
 /// Gives `snap` to a machine built for it (see the module's doc for the
 /// order). Nothing runs yet: the vCPU threads start afterwards.
+/// What starting a restored machine touches.
+pub struct RestartParts<'a> {
+    pub mem: &'a GuestMemoryMmap,
+    pub transports: &'a [Arc<Mutex<MmioTransport>>],
+    pub ged: &'a Mutex<GedDevice>,
+    pub announcers: &'a [Arc<Announcer>],
+    pub config: &'a SavedConfig,
+}
+
+/// Starts a restored machine, before its vCPUs run: the devices serve
+/// their queues again (a backend hears from this process only now, and
+/// guest RAM is written only now: a migration's destination does this
+/// once the source has committed), then the guest is told it was
+/// restored: a new VM generation id, and each interface asked to announce
+/// itself.
+pub fn start_restored(parts: &RestartParts) -> Result<(), Error> {
+    for (index, t) in parts.transports.iter().enumerate() {
+        lock(t).resume().map_err(|e| Error::Device {
+            id: device_name(parts.config, index),
+            reason: format!("cannot start it again: {e}"),
+        })?;
+    }
+    // A restored guest is a fork of the one saved: a new generation id
+    // makes it reseed its RNG (Linux's vmgenid driver).
+    VmGenId::new(parts.mem, GuestAddress(VMGENID_START))
+        .map_err(|e| Error::VmGenId(e.to_string()))?;
+    lock(parts.ged)
+        .notify(vmgenid::EVENT_VMGENID)
+        .map_err(|e| Error::VmGenId(e.to_string()))?;
+    // Switches learn where the guest now is from its announcements.
+    for (i, a) in parts.announcers.iter().enumerate() {
+        match a.announce() {
+            Ok(true) => tracing::debug!("net{i}: the guest was asked to announce itself"),
+            Ok(false) => tracing::info!(
+                "net{i}: the guest's driver does not announce itself (no GUEST_ANNOUNCE)"
+            ),
+            Err(e) => tracing::warn!("net{i}: cannot ask the guest to announce itself: {e}"),
+        }
+    }
+    Ok(())
+}
+
 pub fn restore_machine(snap: &VmSnapshot, parts: &RestoreParts) -> Result<(), Error> {
     let config = saved_config(snap)?;
     let devices = saved_devices(snap)?;
@@ -272,23 +316,6 @@ pub fn restore_machine(snap: &VmSnapshot, parts: &RestoreParts) -> Result<(), Er
             id: "the GED".into(),
             reason: e.to_string(),
         })?;
-    // A restored guest is a fork of the one saved: a new generation id
-    // makes it reseed its RNG (Linux's vmgenid driver).
-    VmGenId::new(parts.mem, GuestAddress(VMGENID_START))
-        .map_err(|e| Error::VmGenId(e.to_string()))?;
-    lock(parts.ged)
-        .notify(vmgenid::EVENT_VMGENID)
-        .map_err(|e| Error::VmGenId(e.to_string()))?;
-    // Switches learn where the guest now is from its announcements.
-    for (i, a) in parts.announcers.iter().enumerate() {
-        match a.announce() {
-            Ok(true) => tracing::debug!("net{i}: the guest was asked to announce itself"),
-            Ok(false) => tracing::info!(
-                "net{i}: the guest's driver does not announce itself (no GUEST_ANNOUNCE)"
-            ),
-            Err(e) => tracing::warn!("net{i}: cannot ask the guest to announce itself: {e}"),
-        }
-    }
     tracing::info!(
         "restored {} vCPU(s), {} MiB, {} virtio device(s), saved by kiln-vmm {}",
         snap.vcpus.len(),

@@ -37,6 +37,8 @@ pub enum Error {
     ApiChannel(std::io::Error),
     #[error("cannot start the migration thread: {0}")]
     MigrationThread(std::io::Error),
+    #[error(transparent)]
+    Restored(#[from] crate::persist::Error),
 }
 
 /// A per-thread-kind hook run before the thread touches the guest.
@@ -300,6 +302,17 @@ fn start_inner(
             hub,
             machine.serial.clone(),
         )));
+    }
+    // A restored machine's devices start serving (they were restored
+    // paused), and its guest hears that it was restored.
+    if machine.restored {
+        crate::persist::start_restored(&crate::persist::RestartParts {
+            mem: &machine.mem,
+            transports: &machine.transports,
+            ged: &machine.ged,
+            announcers: &machine.announcers,
+            config: &machine.saved_config,
+        })?;
     }
     vcpu::install_kick_handler().map_err(Error::KickSignal)?;
     let pause = Arc::new(PauseGate::default());

@@ -274,3 +274,81 @@ fn a_vm_moves_over_tcp_after_both_ends_prove_the_shared_secret() {
     let st = dst.0.wait().unwrap();
     assert!(st.success(), "{st:?}: {}", dst.stderr());
 }
+
+/// A local migration of a VM with a vhost-user disk: guest RAM (a shared
+/// memfd) and the backend's connection are handed over instead of copied
+/// or connected to anew: qemu-storage-daemon serves one frontend at a
+/// time, so a destination that connected would wait for a source that
+/// waits for it. The guest counts on where it was.
+#[test]
+fn a_local_migration_hands_over_guest_ram_and_the_vhost_user_connection() {
+    if !local_kvm() {
+        return;
+    }
+    let s = setup("migrate-handover");
+    let image = s.dir.path().join("vu.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let backend = s.dir.path().join("vu.sock");
+    let _daemon = StorageDaemon::start(&image, &backend);
+    let (src_log, src_api) = (s.dir.path().join("src.log"), s.dir.path().join("src.sock"));
+    let (dst_log, dst_api) = (s.dir.path().join("dst.log"), s.dir.path().join("dst.sock"));
+    let listen = s.sockets.join("m.sock");
+    let vm = |cmd: &mut std::process::Command, log: &Path, api: &Path| {
+        cmd.args(["--memory", "64M", "--cpus", "2", "--disk"])
+            .arg(format!("vhost-user={},id=vol0", backend.display()))
+            .arg("--serial")
+            .arg(format!("file:{}", log.display()))
+            .arg("--api-socket")
+            .arg(api)
+            .env("KILN_LOG", "info");
+    };
+    let mut cmd = kiln_vmm();
+    cmd.arg("--kernel").arg(&s.kernel);
+    vm(&mut cmd, &src_log, &src_api);
+    let mut src = Vmm::spawn(&mut cmd);
+    wait_for_path(&src_api, &mut src.0);
+    wait_bytes(&src_log, 20, &mut src);
+    let mut cmd = kiln_vmm();
+    cmd.arg("--incoming")
+        .arg(format!("unix:{}", listen.display()));
+    vm(&mut cmd, &dst_log, &dst_api);
+    let mut dst = Vmm::spawn(&mut cmd);
+    wait_socket(&listen, &mut dst);
+
+    let (status, body) = http(
+        &src_api,
+        "PUT",
+        "/vm/migrate",
+        &format!("{{\"destination\":\"unix:{}\"}}", listen.display()),
+    );
+    assert_eq!(status, 202, "{body}");
+    let st = src.0.wait().unwrap();
+    let err = src.stderr();
+    assert!(st.success(), "{st:?}: {err}");
+    assert!(
+        err.contains("handed over guest RAM, disk vol0's vhost-user connection"),
+        "{err}"
+    );
+    assert!(err.contains("MemoryHandedOver"), "{err}");
+    let last = *log_bytes(&src_log).last().unwrap();
+    let out = wait_bytes(&dst_log, 16, &mut dst);
+    assert_eq!(out[0], next_count_letter(last), "{out:?} after {last:?}");
+    assert!(
+        out.windows(2).all(|w| w[1] == next_count_letter(w[0])),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(http(&dst_api, "PUT", "/vm/power-off", "").0, 204);
+    let st = dst.0.wait().unwrap();
+    let err = dst.stderr();
+    assert!(st.success(), "{st:?}: {err}");
+    assert!(err.contains("guest RAM handed over (not copied)"), "{err}");
+    assert!(
+        err.contains("disk vol0: taking over the source's connection"),
+        "{err}"
+    );
+    assert!(err.contains(": 0 data pages, 0 zero pages"), "{err}");
+}

@@ -138,6 +138,15 @@ pub trait VirtioDevice: Send {
             device_type: self.device_type(),
         })
     }
+
+    /// The connection to another process that serves this device (a
+    /// vhost-user backend), with the socket it was made on: what a
+    /// migration to a kiln-vmm on the same host hands over, since such a
+    /// backend serves one frontend at a time. None for a device served in
+    /// this process.
+    fn backend_connection(&self) -> Option<(&std::path::Path, std::os::fd::BorrowedFd<'_>)> {
+        None
+    }
 }
 
 /// Copies `data.len()` bytes of a device's config space from `offset`;

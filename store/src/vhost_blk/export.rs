@@ -28,6 +28,7 @@ use super::{VhostBlkError, VolumeSource};
 /// A running export; [`Export::stop`] (or drop) ends it and removes the socket.
 pub struct Export {
     socket: PathBuf,
+    opts: ExportOptions,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
@@ -96,6 +97,7 @@ impl Export {
         tracing::info!(volume = name, socket = %socket.display(), "vhost-user-blk export listening");
         Ok(Export {
             socket: socket.to_path_buf(),
+            opts,
             shared,
             thread: Some(thread),
         })
@@ -103,6 +105,11 @@ impl Export {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// How it serves the volume.
+    pub fn options(&self) -> ExportOptions {
+        self.opts
     }
 
     /// Tells the connected frontend that the config space changed (a

@@ -24,11 +24,11 @@ pub mod transport;
 mod tests;
 
 use protocol::Message;
-pub use protocol::{DeviceId, Machine};
+pub use protocol::{DeviceId, Handed, Machine};
 pub use receive::{receive, receive_on, MigrationTarget, ReceiveConfig, ReceiveReport};
 pub use send::{
-    migrate, migrate_over, MigrationReport, MigrationSource, Phase, Progress, ProgressSnapshot,
-    RoundStats, SendConfig, SwitchReason,
+    migrate, migrate_over, Handover, MigrationReport, MigrationSource, Phase, Progress,
+    ProgressSnapshot, RoundStats, SendConfig, SwitchReason,
 };
 pub use transport::{Address, Listener, Secret, TransportConfig};
 

@@ -8,6 +8,7 @@
 //!   Round{1}, Pages / ZeroPages ...  (pages dirtied meanwhile)
 //!   ...
 //!   Round{n}, Pages / ZeroPages ...  (the VM is paused: the rest)
+//!   [Handover{items} + descriptors]       (unix socket only)
 //!   State{bytes}... Complete              ->
 //!                                         <- Restored | Abort{reason}
 //!   Commit                                ->
@@ -25,6 +26,14 @@
 //! paused on the source and running on the destination or nowhere; that
 //! needs a look from outside (see [`super::MigrationError::in_doubt`]).
 //!
+//! Over a unix socket (both processes on one host: a kiln-vmm upgrade) the
+//! source may hand over instead of copy: `Handover` lists descriptors sent
+//! with it (`SCM_RIGHTS`): guest RAM's memfd, which the destination maps
+//! as its own RAM (then no pages are sent at all), and the connections to
+//! vhost-user backends, which serve one frontend at a time and so cannot
+//! be connected to anew while the source holds them. The destination
+//! uses neither before `Commit`: until then the source may resume.
+//!
 //! A page is 4 KiB; page numbers count RAM pages, not guest addresses:
 //! page `i` is byte `i * 4096` of guest RAM taken as its ranges laid end
 //! to end in guest-address order (as in the snapshot memory file).
@@ -32,7 +41,7 @@
 use super::transport::{Connection, TransportError, MAX_FRAME_LEN};
 
 /// The message layout this kiln-vmm speaks; a destination refuses another.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Bytes per page.
 pub const PAGE_SIZE: usize = 4096;
 /// The longest string field (reasons, names).
@@ -53,10 +62,24 @@ pub mod ty {
     pub const COMMIT: u8 = 10;
     pub const RESUMED: u8 = 11;
     pub const ABORT: u8 = 12;
+    pub const HANDOVER: u8 = 13;
 }
 
 fn known_type(t: u8) -> bool {
-    (ty::HELLO..=ty::ABORT).contains(&t)
+    (ty::HELLO..=ty::HANDOVER).contains(&t)
+}
+
+/// The most items one Handover may list (each comes with a descriptor).
+pub const MAX_HANDOVER_ITEMS: usize = 16;
+
+/// What a handed-over descriptor is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handed {
+    /// Guest RAM: a memfd holding all of it, the ranges end to end.
+    Memory,
+    /// The connection to the vhost-user backend of disk `id`, listening
+    /// at `socket`.
+    VhostUser { id: String, socket: String },
 }
 
 /// One device, as the other side must have it too.
@@ -124,6 +147,8 @@ pub enum Message {
     Abort {
         reason: String,
     },
+    /// Descriptors sent with this message, one per item, in order.
+    Handover(Vec<Handed>),
 }
 
 impl Message {
@@ -142,6 +167,7 @@ impl Message {
             Message::Commit => "Commit",
             Message::Resumed => "Resumed",
             Message::Abort { .. } => "Abort",
+            Message::Handover(_) => "Handover",
         }
     }
 }
@@ -292,6 +318,21 @@ pub fn encode(msg: &Message) -> (u8, Vec<u8>) {
             put_string(&mut p, reason);
             ty::ABORT
         }
+        Message::Handover(items) => {
+            let n = items.len().min(MAX_HANDOVER_ITEMS);
+            p.push(n as u8);
+            for item in &items[..n] {
+                match item {
+                    Handed::Memory => p.push(0),
+                    Handed::VhostUser { id, socket } => {
+                        p.push(1);
+                        put_string(&mut p, id);
+                        put_string(&mut p, socket);
+                    }
+                }
+            }
+            ty::HANDOVER
+        }
     };
     (t, p)
 }
@@ -305,6 +346,7 @@ pub fn decode(t: u8, payload: Vec<u8>) -> Result<Message, ProtocolError> {
         ty::ZERO_PAGES => "ZeroPages",
         ty::ROUND => "Round",
         ty::ABORT => "Abort",
+        ty::HANDOVER => "Handover",
         ty::STATE => return Ok(Message::State(payload)),
         ty::ACCEPT | ty::COMPLETE | ty::RESTORED | ty::COMMIT | ty::RESUMED => {
             if !payload.is_empty() {
@@ -357,6 +399,24 @@ pub fn decode(t: u8, payload: Vec<u8>) -> Result<Message, ProtocolError> {
             reason: r.string()?,
         },
         ty::ROUND => Message::Round { n: r.u32()? },
+        ty::HANDOVER => {
+            let n = usize::from(r.take(1)?[0]);
+            if n > MAX_HANDOVER_ITEMS {
+                return Err(malformed(name, "too many items"));
+            }
+            let mut items = Vec::with_capacity(n);
+            for _ in 0..n {
+                items.push(match r.take(1)?[0] {
+                    0 => Handed::Memory,
+                    1 => Handed::VhostUser {
+                        id: r.string()?,
+                        socket: r.string()?,
+                    },
+                    k => return Err(malformed(name, format!("unknown item kind {k}"))),
+                });
+            }
+            Message::Handover(items)
+        }
         ty::ZERO_PAGES => Message::ZeroPages { runs: r.runs()? },
         ty::PAGES => {
             let runs = r.runs()?;
@@ -382,6 +442,17 @@ pub fn decode(t: u8, payload: Vec<u8>) -> Result<Message, ProtocolError> {
 pub fn send(conn: &mut Connection, msg: &Message) -> Result<(), ProtocolError> {
     let (t, p) = encode(msg);
     conn.send_frame(t, &p)?;
+    Ok(())
+}
+
+/// Sends a Handover with its descriptors (one per item).
+pub fn send_handover(
+    conn: &mut Connection,
+    items: &[Handed],
+    fds: &[std::os::fd::RawFd],
+) -> Result<(), ProtocolError> {
+    let (t, p) = encode(&Message::Handover(items.to_vec()));
+    conn.send_frame_with_fds(t, &p, fds)?;
     Ok(())
 }
 
@@ -446,11 +517,30 @@ mod tests {
             Message::Abort {
                 reason: "bye".into(),
             },
+            Message::Handover(vec![
+                Handed::Memory,
+                Handed::VhostUser {
+                    id: "root".into(),
+                    socket: "/run/kiln/vol.sock".into(),
+                },
+            ]),
+            Message::Handover(Vec::new()),
         ];
         for m in msgs {
             let (t, p) = encode(&m);
             assert_eq!(decode(t, p).unwrap(), m);
         }
+    }
+
+    #[test]
+    fn a_handover_listing_too_much_or_unknown_items_is_refused() {
+        let mut p = vec![MAX_HANDOVER_ITEMS as u8 + 1];
+        p.extend(std::iter::repeat_n(0u8, MAX_HANDOVER_ITEMS + 1));
+        assert!(decode(ty::HANDOVER, p).is_err());
+        assert!(decode(ty::HANDOVER, vec![1, 7]).is_err());
+        assert!(decode(ty::HANDOVER, vec![1, 1, 5, 0]).is_err());
+        assert!(decode(ty::HANDOVER, vec![2, 0]).is_err());
+        assert!(decode(ty::HANDOVER, vec![1, 0, 0]).is_err());
     }
 
     #[test]

@@ -7,9 +7,10 @@
 //! that never ran.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use super::protocol::{self, Machine, Message, Run, FORMAT_VERSION, PAGE_SIZE};
+use super::protocol::{self, Handed, Machine, Message, Run, FORMAT_VERSION, PAGE_SIZE};
 use super::transport::{Connection, Listener};
 use super::{fail_connection, recv_at, unwanted, ErrorKind, MigrationError, Stage};
 
@@ -33,6 +34,15 @@ pub trait MigrationTarget {
     /// resume it. An error must mean the VM did not start (the source then
     /// resumes it).
     fn run(&mut self) -> io::Result<()>;
+    /// Takes descriptors the source handed over (same host, see
+    /// [`super::protocol::Handed`]), before `restore`. Guest RAM handed
+    /// over replaces this target's; nothing may write it before `run`.
+    fn adopt(&mut self, handed: Vec<(Handed, OwnedFd)>) -> io::Result<()> {
+        drop(handed);
+        Err(io::Error::other(
+            "this destination cannot take handed-over descriptors",
+        ))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -209,6 +219,7 @@ impl Receiver<'_> {
         let mut round = 0;
         let mut state = Vec::new();
         let mut in_state = false;
+        let mut handed_over = false;
         loop {
             let stage = if !in_state {
                 Stage::Memory { round }
@@ -220,6 +231,23 @@ impl Receiver<'_> {
                     self.pages(target, stage, &runs, &data)?
                 }
                 Message::ZeroPages { runs } if !in_state => self.zero(target, stage, &runs)?,
+                Message::Handover(items) if !in_state && !handed_over => {
+                    handed_over = true;
+                    let fds = self.conn.take_fds();
+                    if fds.len() != items.len() {
+                        return Err(MigrationError::new(
+                            stage,
+                            ErrorKind::Invalid(format!(
+                                "a handover of {} items came with {} descriptors",
+                                items.len(),
+                                fds.len()
+                            )),
+                        ));
+                    }
+                    target
+                        .adopt(items.into_iter().zip(fds).collect())
+                        .map_err(|e| MigrationError::new(stage, ErrorKind::Vm(e)))?;
+                }
                 Message::Round { n } if !in_state => {
                     if n != round + 1 {
                         return Err(MigrationError::new(
@@ -246,7 +274,7 @@ impl Receiver<'_> {
                 Message::Complete if in_state => break,
                 m => {
                     let expected = if !in_state {
-                        "Pages, ZeroPages, Round or State"
+                        "Pages, ZeroPages, Round, Handover or State"
                     } else {
                         "State or Complete"
                     };

@@ -20,10 +20,11 @@
 //! and the VM stays paused (see [`super::protocol`] for why).
 
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use super::protocol::{self, ty, Machine, Message, Run, FORMAT_VERSION, PAGE_SIZE};
+use super::protocol::{self, ty, Handed, Machine, Message, Run, FORMAT_VERSION, PAGE_SIZE};
 use super::transport::{self, Address, Connection, TransportConfig};
 use super::{fail_connection, recv_at, unwanted, ErrorKind, MigrationError, Stage};
 
@@ -54,6 +55,24 @@ pub trait MigrationSource {
     fn pause_and_save(&mut self) -> io::Result<Vec<u8>>;
     /// Undoes `pause_and_save`: the VM runs on here.
     fn resume(&mut self);
+    /// What may be handed over instead of copied when the destination is
+    /// on this host (a unix socket): see [`Handover`]. Called before
+    /// pre-copy; the descriptors go once the VM is paused.
+    fn handover(&self) -> io::Result<Handover> {
+        Ok(Handover::default())
+    }
+}
+
+/// Descriptors a source hands to a destination on the same host.
+#[derive(Debug, Default)]
+pub struct Handover {
+    /// Guest RAM's memfd: the destination maps the same pages, and no page
+    /// is copied.
+    pub memory: Option<OwnedFd>,
+    /// Connections to vhost-user backends: (disk id, backend socket, the
+    /// connection). A backend serves one frontend at a time, and the
+    /// destination takes over this one.
+    pub vhost_user: Vec<(String, String, OwnedFd)>,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +119,8 @@ pub enum SwitchReason {
     Timeout,
     /// The dirty set stopped shrinking.
     NotConverging,
+    /// Guest RAM was handed over (same host): nothing to copy.
+    MemoryHandedOver,
 }
 
 /// One round: 0 is all RAM; the last is the one sent with the VM paused.
@@ -350,6 +371,17 @@ impl Sender<'_> {
             m => return Err(unwanted(Stage::Hello, m, "Accept")),
         }
 
+        let handover = if self.conn.carries_fds() {
+            source
+                .handover()
+                .map_err(|e| MigrationError::new(Stage::Hello, ErrorKind::Vm(e)))?
+        } else {
+            Handover::default()
+        };
+        if handover.memory.is_some() {
+            return self.hand_over(source, handover);
+        }
+
         // Round 0: all RAM.
         source
             .start_dirty_log()
@@ -421,14 +453,88 @@ impl Sender<'_> {
         self.send(Stage::FinalMemory, &Message::Round { n: round })?;
         rounds.push(self.send_round(source, round, &last, ram_pages, true)?);
 
-        // At least one State message, even for empty state.
+        self.send_handover(handover)?;
+        self.send_state(&state)?;
+        self.switch_over(rounds, reason, estimate, state.len(), paused_at)
+    }
+
+    /// Same host, guest RAM handed over: pause, hand the descriptors over,
+    /// send the state; no page is copied.
+    fn hand_over<S: MigrationSource>(
+        &mut self,
+        source: &mut S,
+        handover: Handover,
+    ) -> Result<MigrationReport, MigrationError> {
+        self.check_cancel(Stage::Pause)?;
+        self.progress.set_phase(Phase::Paused);
+        self.paused = true;
+        let paused_at = Instant::now();
+        let state = source
+            .pause_and_save()
+            .map_err(|e| MigrationError::new(Stage::Pause, ErrorKind::Vm(e)))?;
+        self.send_handover(handover)?;
+        self.send_state(&state)?;
+        self.switch_over(
+            Vec::new(),
+            SwitchReason::MemoryHandedOver,
+            Duration::ZERO,
+            state.len(),
+            paused_at,
+        )
+    }
+
+    /// Sends the descriptors of `handover`, if any (the VM is paused).
+    fn send_handover(&mut self, handover: Handover) -> Result<(), MigrationError> {
+        let mut items = Vec::new();
+        let mut fds = Vec::new();
+        if let Some(m) = handover.memory {
+            items.push(Handed::Memory);
+            fds.push(m);
+        }
+        for (id, socket, fd) in handover.vhost_user {
+            items.push(Handed::VhostUser { id, socket });
+            fds.push(fd);
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+        let raw: Vec<_> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        protocol::send_handover(self.conn, &items, &raw)
+            .map_err(|e| MigrationError::new(Stage::State, e))?;
+        tracing::info!(
+            "migration: handed over {}",
+            items
+                .iter()
+                .map(|i| match i {
+                    Handed::Memory => "guest RAM".to_string(),
+                    Handed::VhostUser { id, .. } => format!("disk {id}'s vhost-user connection"),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(())
+    }
+
+    /// The machine state in pieces (at least one, even when empty), then
+    /// Complete.
+    fn send_state(&mut self, state: &[u8]) -> Result<(), MigrationError> {
         let piece = protocol::MAX_PAGES_PER_MESSAGE * PAGE_SIZE;
         for i in 0..state.len().div_ceil(piece).max(1) {
             let chunk = &state[(i * piece).min(state.len())..((i + 1) * piece).min(state.len())];
             self.send_parts(Stage::State, ty::STATE, &[chunk])?;
         }
-        self.send(Stage::State, &Message::Complete)?;
+        self.send(Stage::State, &Message::Complete)
+    }
 
+    /// Restored, Commit, Resumed.
+    fn switch_over(
+        &mut self,
+        rounds: Vec<RoundStats>,
+        reason: SwitchReason,
+        estimate: Duration,
+        state_bytes: usize,
+        paused_at: Instant,
+    ) -> Result<MigrationReport, MigrationError> {
         self.progress.set_phase(Phase::AwaitResumed);
         self.conn
             .set_io_timeout(self.cfg.restore_timeout)
@@ -456,7 +562,7 @@ impl Sender<'_> {
             rounds,
             switch_reason: reason,
             bytes_sent: self.bytes,
-            state_bytes: state.len() as u64,
+            state_bytes: state_bytes as u64,
             total_time: self.start.elapsed(),
             downtime: paused_at.elapsed(),
             estimated_downtime: estimate,

@@ -23,12 +23,14 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 pub use super::auth::Secret;
 use super::auth::{check_peer_cred, client_handshake, server_handshake};
@@ -158,6 +160,8 @@ pub enum TransportError {
     SocketDir { path: PathBuf, reason: String },
     #[error(transparent)]
     Bind(#[from] crate::socket::Error),
+    #[error("handing over descriptors: {0}")]
+    Fds(String),
 }
 
 impl TransportError {
@@ -195,14 +199,42 @@ pub(super) fn io_error(what: impl Into<String>, e: io::Error, timeout: Duration)
 
 #[derive(Debug)]
 pub(super) enum Stream {
-    Unix(UnixStream),
+    /// A unix socket, with the descriptors that came with what was read
+    /// and are not taken yet ([`Connection::take_fds`]).
+    Unix(UnixStream, Vec<OwnedFd>),
     Tcp(TcpStream),
+}
+
+/// The most descriptors one read takes in (more are closed by the kernel).
+const MAX_FDS_PER_READ: usize = 16;
+/// The most descriptors a connection keeps waiting to be taken.
+const MAX_PENDING_FDS: usize = 64;
+
+/// Reads from a unix socket, keeping the descriptors that come along.
+fn read_unix(s: &UnixStream, fds: &mut Vec<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    let mut raw = [-1 as RawFd; MAX_FDS_PER_READ];
+    // SAFETY: the one iovec points at `buf`, which is ours to fill for
+    // its whole length; `raw` has room for the descriptors asked for.
+    let (n, count) = unsafe { s.recv_with_fds(&mut iov, &mut raw) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    for &fd in &raw[..count.min(MAX_FDS_PER_READ)] {
+        // SAFETY: recvmsg just gave us these descriptors; nothing else owns them.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if fds.len() < MAX_PENDING_FDS {
+            fds.push(fd);
+        }
+    }
+    Ok(n)
 }
 
 impl Stream {
     fn set_timeouts(&self, t: Duration) -> io::Result<()> {
         match self {
-            Stream::Unix(s) => {
+            Stream::Unix(s, _) => {
                 s.set_read_timeout(Some(t))?;
                 s.set_write_timeout(Some(t))
             }
@@ -218,7 +250,7 @@ impl Stream {
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Stream::Unix(s) => s.read(buf),
+            Stream::Unix(s, fds) => read_unix(s, fds, buf),
             Stream::Tcp(s) => s.read(buf),
         }
     }
@@ -227,13 +259,13 @@ impl Read for Stream {
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Stream::Unix(s) => s.write(buf),
+            Stream::Unix(s, _) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         match self {
-            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Unix(s, _) => s.write_vectored(bufs),
             Stream::Tcp(s) => s.write_vectored(bufs),
         }
     }
@@ -272,7 +304,11 @@ impl Connection {
     /// A connection over one end of a connected unix socket pair, with no
     /// handshake (tests, benchmarks).
     pub fn from_unix_stream(stream: UnixStream, timeout: Duration) -> Result<Self, TransportError> {
-        Connection::new(Stream::Unix(stream), timeout, "socketpair".into())
+        Connection::new(
+            Stream::Unix(stream, Vec::new()),
+            timeout,
+            "socketpair".into(),
+        )
     }
 
     /// Who is at the other end (for messages).
@@ -325,6 +361,65 @@ impl Connection {
             .map_err(|e| io_error(format!("sending to {}", self.peer), e, timeout))
     }
 
+    /// Whether descriptors can go over this connection (a unix socket:
+    /// both ends on this host).
+    pub fn carries_fds(&self) -> bool {
+        matches!(self.stream, Stream::Unix(..))
+    }
+
+    /// Sends one frame with `fds` attached (`SCM_RIGHTS`); the peer finds
+    /// them with [`Connection::take_fds`] once it has read the frame.
+    /// Only over a unix socket.
+    pub fn send_frame_with_fds(
+        &mut self,
+        ty: u8,
+        payload: &[u8],
+        fds: &[RawFd],
+    ) -> Result<(), TransportError> {
+        if fds.len() > MAX_FDS_PER_READ {
+            return Err(TransportError::Fds(format!(
+                "{} descriptors in one frame (at most {MAX_FDS_PER_READ})",
+                fds.len()
+            )));
+        }
+        let Stream::Unix(s, _) = &self.stream else {
+            return Err(TransportError::Fds("descriptors cannot go over TCP".into()));
+        };
+        // The header's first byte carries the descriptors; the rest of
+        // the frame follows as usual.
+        let len = u32::try_from(payload.len())
+            .ok()
+            .filter(|&l| l <= MAX_FRAME_LEN)
+            .ok_or(TransportError::Oversize {
+                ty,
+                len: payload.len().min(u32::MAX as usize) as u32,
+            })?;
+        let mut header = [0u8; HEADER_LEN];
+        header[0] = ty;
+        header[1..].copy_from_slice(&len.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&header), payload).to_le_bytes();
+        let timeout = self.timeout;
+        let peer = self.peer.clone();
+        s.send_with_fds(&[&header[..1]], fds).map_err(|e| {
+            io_error(
+                format!("sending to {peer}"),
+                io::Error::from_raw_os_error(e.errno()),
+                timeout,
+            )
+        })?;
+        let mut rest: Vec<&[u8]> = vec![&header[1..], payload, &crc];
+        write_all_vectored(&mut self.stream, &mut rest)
+            .map_err(|e| io_error(format!("sending to {peer}"), e, timeout))
+    }
+
+    /// The descriptors received so far and not taken yet, oldest first.
+    pub fn take_fds(&mut self) -> Vec<OwnedFd> {
+        match &mut self.stream {
+            Stream::Unix(_, fds) => std::mem::take(fds),
+            Stream::Tcp(_) => Vec::new(),
+        }
+    }
+
     /// Receives one frame whose type `known` accepts. An unknown type, an
     /// oversize length or a bad checksum is an error; EOF is
     /// [`TransportError::Closed`].
@@ -374,7 +469,7 @@ impl Connection {
     /// Closes both directions now (the peer sees EOF).
     pub fn shutdown(&self) {
         let _ = match &self.stream {
-            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Unix(s, _) => s.shutdown(std::net::Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
         };
     }
@@ -427,7 +522,7 @@ pub fn connect(addr: &Address, cfg: &TransportConfig) -> Result<Connection, Tran
             let s = UnixStream::connect(path)
                 .map_err(|e| io_error(format!("cannot connect to {addr}"), e, timeout))?;
             check_peer_cred(s.as_raw_fd())?;
-            let mut conn = Connection::new(Stream::Unix(s), timeout, addr.to_string())?;
+            let mut conn = Connection::new(Stream::Unix(s, Vec::new()), timeout, addr.to_string())?;
             client_handshake(&mut conn, None)?;
             Ok(conn)
         }
@@ -569,7 +664,11 @@ impl Listener {
             ListenerInner::Unix(l, _) => {
                 let (s, _) = l.accept().map_err(|e| io_error(what(), e, io_timeout))?;
                 check_peer_cred(s.as_raw_fd())?;
-                Connection::new(Stream::Unix(s), io_timeout, self.addr.to_string())?
+                Connection::new(
+                    Stream::Unix(s, Vec::new()),
+                    io_timeout,
+                    self.addr.to_string(),
+                )?
             }
             ListenerInner::Tcp(l) => {
                 let (s, peer) = l.accept().map_err(|e| io_error(what(), e, io_timeout))?;

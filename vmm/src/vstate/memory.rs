@@ -79,6 +79,14 @@ pub fn map_file_private(file: Arc<File>, offset: u64, size: u64) -> Result<Guest
     map_ranges(size, Some((file, offset)), Mapping::PrivateFile)
 }
 
+/// Maps `size` bytes of guest RAM from `file`, a memfd another kiln-vmm
+/// handed over (a migration on this host), `MAP_SHARED`: the same pages as
+/// the other process's, and, like [`create`]'s memfd, shareable with a
+/// vhost-user backend.
+pub fn map_memfd_shared(file: File, size: u64) -> Result<GuestMemoryMmap, Error> {
+    map_ranges(size, Some((Arc::new(file), 0)), Mapping::Shared)
+}
+
 /// How a range of guest RAM is mapped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mapping {

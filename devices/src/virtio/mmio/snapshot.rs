@@ -50,6 +50,12 @@ impl MmioTransport {
         }
     }
 
+    /// The device's connection to the process that serves it, if another
+    /// process does ([`crate::virtio::VirtioDevice::backend_connection`]).
+    pub fn backend_connection(&self) -> Option<(&std::path::Path, std::os::fd::BorrowedFd<'_>)> {
+        self.device.backend_connection()
+    }
+
     /// Whether the device is paused ([`MmioTransport::pause`]).
     pub fn is_paused(&self) -> bool {
         self.paused.is_some()
@@ -116,14 +122,15 @@ impl MmioTransport {
 
     /// Gives `saved` to this transport, freshly built (never activated) on
     /// a device of the same kind: registers, interrupt state, queues and the
-    /// device's own state; if the device was active, activates it with the
-    /// saved queues and features, as if the driver had just set DRIVER_OK.
+    /// device's own state. A device that was active is left paused with
+    /// its saved queues and features: [`MmioTransport::resume`] starts it,
+    /// as if the driver had just set DRIVER_OK.
     ///
     /// `saved` may come from an edited file: queues are checked against
     /// guest memory as a driver's setup is, and anything that does not fit
     /// this device (another kind, another queue count, features it does not
-    /// offer, a disk of another size) is refused, leaving the transport as
-    /// it was (unless activation itself fails, which leaves it stopped).
+    /// offer, a disk of another size) is refused, leaving the transport's
+    /// registers as they were.
     pub fn restore(&mut self, saved: &TransportSnapshot) -> Result<(), RestoreError> {
         if self.active || self.status != 0 {
             return Err(RestoreError::InUse);
@@ -140,6 +147,9 @@ impl MmioTransport {
                 here: self.queues.len(),
             });
         }
+        // First: a device may learn what it offers from its saved state
+        // (a vhost-user connection handed over by a migration).
+        self.device.restore(&saved.device)?;
         let extra = saved.acked_features & !self.offered_features();
         if extra != 0 {
             return Err(RestoreError::Features { extra });
@@ -168,8 +178,6 @@ impl MmioTransport {
                 )));
             }
         }
-        self.device.restore(&saved.device)?;
-
         self.queues = queues;
         self.device_features_select = saved.device_features_select;
         self.driver_features_select = saved.driver_features_select;
@@ -185,15 +193,16 @@ impl MmioTransport {
         let ctx = self
             .build_activate_context()
             .map_err(RestoreError::Invalid)?;
-        self.device.activate(ctx).map_err(|e| {
-            self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-            RestoreError::Activate(e)
-        })?;
+        // Restored paused: the device starts serving its queues at
+        // [`MmioTransport::resume`], when the machine starts. A migration's
+        // destination must not touch a backend (or guest RAM it may share
+        // with the source) before the source has committed.
+        self.paused = Some(ctx.queues);
         self.active = true;
         info!(
             device_type = self.device.device_type(),
             features = format_args!("{:#x}", self.acked_features),
-            "virtio device restored and active"
+            "virtio device restored (paused until the machine starts)"
         );
         Ok(())
     }

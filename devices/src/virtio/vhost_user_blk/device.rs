@@ -2,8 +2,11 @@
 //! space from the backend, activation handed to the worker thread.
 
 use std::io;
+use std::os::fd::BorrowedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use tracing::{debug, error};
@@ -43,24 +46,20 @@ pub struct VhostUserBlock {
     worker: Option<Worker>,
     /// Where the last activation's session left its queues.
     handback: QueueHandback,
+    /// A connection handed over by a migration, not filled in from the
+    /// saved device yet ([`VirtioDevice::restore`] does).
+    adopted: bool,
+    /// Set for the first activation of an adopted connection (see
+    /// `Session::adopted`).
+    first_start_adopted: Arc<AtomicBool>,
 }
 
 impl VhostUserBlock {
     /// Connects to the backend and negotiates (see [`Negotiated::connect`]).
     /// Run it before any seccomp filter is installed.
     pub fn connect(cfg: VhostUserBlockConfig) -> Result<Self, Error> {
-        let mut backend = Negotiated::connect(&cfg.socket, cfg.queues)?;
-        let index = NEXT_INDEX.fetch_add(1, Ordering::Relaxed);
-        let requests = Arc::new(Mutex::new(backend.backend_requests.take()));
-        let dev = Self {
-            name: format!("kiln-vublk{index}"),
-            socket: cfg.socket,
-            queue_sizes: vec![QUEUE_SIZE; usize::from(backend.queues)],
-            backend,
-            requests,
-            worker: None,
-            handback: QueueHandback::default(),
-        };
+        let backend = Negotiated::connect(&cfg.socket, cfg.queues)?;
+        let dev = Self::with_backend(cfg.socket, backend, false);
         debug!(
             device = %dev.name,
             socket = %dev.socket.display(),
@@ -69,6 +68,38 @@ impl VhostUserBlock {
             "vhost-user-blk backend connected"
         );
         Ok(dev)
+    }
+
+    /// Takes over `connection` to the backend at `cfg.socket`, handed over
+    /// by the kiln-vmm this one migrates from (same host). Nothing is sent
+    /// on it until the device is activated; [`VirtioDevice::restore`] must
+    /// come first, with the state saved on the source, which tells what
+    /// was negotiated.
+    pub fn adopt(cfg: VhostUserBlockConfig, connection: UnixStream) -> Self {
+        let backend = Negotiated::adopted(connection, cfg.queues);
+        let dev = Self::with_backend(cfg.socket, backend, true);
+        debug!(
+            device = %dev.name,
+            socket = %dev.socket.display(),
+            "vhost-user-blk backend connection taken over"
+        );
+        dev
+    }
+
+    fn with_backend(socket: PathBuf, mut backend: Negotiated, adopted: bool) -> Self {
+        let index = NEXT_INDEX.fetch_add(1, Ordering::Relaxed);
+        let requests = Arc::new(Mutex::new(backend.backend_requests.take()));
+        Self {
+            name: format!("kiln-vublk{index}"),
+            socket,
+            queue_sizes: vec![QUEUE_SIZE; usize::from(backend.queues)],
+            backend,
+            requests,
+            worker: None,
+            handback: QueueHandback::default(),
+            adopted,
+            first_start_adopted: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// The disk size in 512-byte sectors, as the backend reported it.
@@ -126,6 +157,11 @@ impl VirtioDevice for VhostUserBlock {
         if self.worker.as_ref().is_some_and(Worker::is_busy) {
             return Err(ActivateError::AlreadyActive);
         }
+        if self.adopted {
+            return Err(ActivateError::VhostUser(
+                "a handed-over backend connection was never restored".into(),
+            ));
+        }
         let got = ctx.queues.len();
         if got == 0 || got > self.queue_sizes.len() || ctx.queue_events.len() != got {
             return Err(ActivateError::QueueCount {
@@ -150,6 +186,7 @@ impl VirtioDevice for VhostUserBlock {
             config_changed: self.backend.config_changed.clone(),
             queue_count: self.backend.queues,
             requests: self.requests.clone(),
+            adopted: self.first_start_adopted.clone(),
             handback: self.handback.clone(),
         };
         self.handback
@@ -228,6 +265,9 @@ impl VirtioDevice for VhostUserBlock {
         if self.worker.as_ref().is_some_and(Worker::is_busy) {
             return Err(RestoreError::InUse);
         }
+        if self.adopted {
+            return self.adopt_saved(saved);
+        }
         if saved.queues != self.backend.queues {
             return Err(RestoreError::QueueCount {
                 saved: usize::from(saved.queues),
@@ -249,9 +289,42 @@ impl VirtioDevice for VhostUserBlock {
         }
         Ok(())
     }
+
+    fn backend_connection(&self) -> Option<(&Path, BorrowedFd<'_>)> {
+        // SAFETY: `socket_fd` is the frontend's socket, owned by
+        // `self.backend` and open for as long as `self` is borrowed.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.backend.socket_fd) };
+        Some((&self.socket, fd))
+    }
 }
 
 impl VhostUserBlock {
+    /// Fills a handed-over connection in with what the source negotiated.
+    fn adopt_saved(&mut self, saved: &VhostUserBlockSnapshot) -> Result<(), RestoreError> {
+        if saved.queues != self.backend.queues {
+            return Err(RestoreError::QueueCount {
+                saved: usize::from(saved.queues),
+                here: usize::from(self.backend.queues),
+            });
+        }
+        let config =
+            <[u8; handshake::CONFIG_LEN]>::try_from(saved.config.as_slice()).map_err(|_| {
+                RestoreError::Invalid(format!(
+                    "a config space of {} bytes (not {})",
+                    saved.config.len(),
+                    handshake::CONFIG_LEN
+                ))
+            })?;
+        self.backend
+            .adopt_saved(saved.backend_features, saved.protocol_features, config)
+            .map_err(|e| RestoreError::Invalid(e.to_string()))?;
+        *self.requests.lock().unwrap_or_else(|e| e.into_inner()) =
+            self.backend.backend_requests.take();
+        self.first_start_adopted.store(true, Ordering::Release);
+        self.adopted = false;
+        Ok(())
+    }
+
     /// Stops the worker's session; see [`VirtioDevice::reset`].
     fn stop(&mut self) {
         let (fd, name, socket) = (self.backend.socket_fd, &self.name, &self.socket);

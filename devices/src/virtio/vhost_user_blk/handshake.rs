@@ -313,6 +313,54 @@ impl Negotiated {
         Ok(negotiated)
     }
 
+    /// Takes over `stream`, a connection another kiln-vmm negotiated and
+    /// handed over (a migration on this host), sending nothing: what was
+    /// negotiated comes from the saved device ([`Negotiated::adopt_saved`])
+    /// and the backend hears from us only when the device is activated.
+    pub fn adopted(stream: UnixStream, queues: u16) -> Self {
+        let socket_fd = stream.as_raw_fd();
+        let queues = queues.max(1);
+        Self {
+            frontend: Frontend::from_stream(stream, u64::from(queues)),
+            socket_fd,
+            backend_features: 0,
+            protocol_features: VhostUserProtocolFeatures::empty(),
+            queues,
+            config: Arc::new(Mutex::new([0u8; CONFIG_LEN])),
+            backend_requests: None,
+            config_changed: Arc::new(ConfigChanged::default()),
+        }
+    }
+
+    /// Fills an adopted connection in with what was negotiated on it.
+    /// With BACKEND_REQ a new request channel is made here, to be given to
+    /// the backend (SET_BACKEND_REQ_FD) at the next activation.
+    pub fn adopt_saved(
+        &mut self,
+        backend_features: u64,
+        protocol_features: u64,
+        config: [u8; CONFIG_LEN],
+    ) -> Result<(), Error> {
+        let protocol_features = VhostUserProtocolFeatures::from_bits_truncate(protocol_features)
+            & WANTED_PROTOCOL_FEATURES;
+        let reply_ack = protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        if reply_ack {
+            self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        if protocol_features.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let mut handler =
+                FrontendReqHandler::new(self.config_changed.clone()).map_err(|e| {
+                    step("the backend request channel")(vhost::Error::VhostUserProtocol(e))
+                })?;
+            handler.set_reply_ack_flag(reply_ack);
+            self.backend_requests = Some(handler);
+        }
+        self.backend_features = backend_features;
+        self.protocol_features = protocol_features;
+        *self.config.lock().unwrap_or_else(|e| e.into_inner()) = config;
+        Ok(())
+    }
+
     /// The features offered to the guest: the backend's, as far as kiln-vmm
     /// supports them.
     pub fn guest_features(&self) -> u64 {

@@ -4,7 +4,7 @@
 //! back.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 
@@ -66,6 +66,10 @@ pub(super) struct Session {
     pub queue_count: u16,
     /// The backend's request channel, taken for the session and put back.
     pub requests: Arc<Mutex<Option<BackendRequests>>>,
+    /// Set on a connection handed over by a migration, until its first
+    /// activation: what was negotiated is learnt again, and the request
+    /// channel (the source's went with it) given, before anything else.
+    pub adopted: Arc<AtomicBool>,
     /// Where the queues go, with the positions the backend left them at,
     /// once it has stopped every ring (not if it went away).
     pub handback: QueueHandback,
@@ -99,6 +103,24 @@ impl Session {
     }
 
     fn start(&mut self) -> Result<(), StartError> {
+        if self.adopted.swap(false, Ordering::AcqRel) {
+            // A connection handed over by a migration: the vhost crate's
+            // frontend learns what was negotiated on it (its checks go by
+            // what it saw), and the backend gets our request channel.
+            self.frontend.get_features().map_err(step("GET_FEATURES"))?;
+            self.frontend
+                .get_protocol_features()
+                .map_err(step("GET_PROTOCOL_FEATURES"))?;
+            self.frontend
+                .set_protocol_features(self.protocol_features)
+                .map_err(step("SET_PROTOCOL_FEATURES"))?;
+            let requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(r) = requests.as_ref() {
+                self.frontend
+                    .set_backend_request_fd(&r.get_tx_raw_fd())
+                    .map_err(step("SET_BACKEND_REQ_FD"))?;
+            }
+        }
         self.frontend
             .set_features(self.features)
             .map_err(step("SET_FEATURES"))?;

@@ -231,6 +231,9 @@ fn a_paused_disk_restores_into_a_new_transport_and_resumes() {
     let m2 = copy_memory(&m);
     let (mut t2, _irq2) = transport(&m2, disk(img2.as_path()));
     t2.restore(&back).unwrap();
+    // Restored paused: nothing is served until the machine starts.
+    assert!(t2.is_active() && t2.is_paused());
+    t2.resume().unwrap();
     assert!(t2.is_active() && !t2.is_paused());
     assert_eq!(r32(&mut t2, VIRTIO_MMIO_STATUS), FULL_DRIVER);
     // What was left on the ring is served without a kick (activation runs
@@ -514,7 +517,8 @@ fn a_network_device_pauses_resumes_and_restores() {
         .try_with_worker_hook(Arc::new(|| {}))
         .unwrap();
     t2.restore(&snap).unwrap();
-    assert!(t2.is_active());
+    assert!(t2.is_active() && t2.is_paused());
+    t2.resume().unwrap();
     let mut got = [0u8; 6];
     crate::bus::BusDevice::read(&mut t2, 0x100, &mut got);
     assert_eq!(got, mac, "the guest keeps its MAC");

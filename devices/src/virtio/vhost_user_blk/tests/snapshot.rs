@@ -78,6 +78,9 @@ fn the_backend_hands_the_rings_back_and_takes_them_again() {
 
     t2.restore(&snap).unwrap();
     assert!(t2.is_active(), "status {:#x}", t2.status());
+    // Restored paused: the backend hears from us when the machine starts.
+    assert!(t2.is_paused());
+    t2.resume().unwrap();
     assert_eq!(
         request(&mem, &kick2, &irq2, 3, VIRTIO_BLK_T_IN, 8, 4096),
         ok
@@ -90,4 +93,53 @@ fn the_backend_hands_the_rings_back_and_takes_them_again() {
     // And a reset still takes the rings back.
     w32(&mut t2, VIRTIO_MMIO_STATUS, 0);
     assert!(!t2.is_active());
+}
+
+/// A migration on the same host: the paused source's connection is handed
+/// to a new device, which negotiates nothing and sends nothing until it is
+/// started; then the backend serves the same rings on it where the source
+/// left them (qemu-storage-daemon serves one frontend: a new connection
+/// would wait for the source's to close).
+#[test]
+fn a_handed_over_connection_serves_the_rings_where_the_source_left_them() {
+    let daemon = Daemon::start();
+    let mem = shared_mem();
+    let (mut t, kick, irq) = transport(device(&daemon), &mem);
+    bring_up(&mut t, &mem);
+    let ok = VIRTIO_BLK_S_OK as u8;
+    mem.write_slice(&[0x33; 4096], GuestAddress(DATA)).unwrap();
+    assert_eq!(request(&mem, &kick, &irq, 0, VIRTIO_BLK_T_OUT, 8, 4096), ok);
+    t.pause().unwrap();
+    let snap = t.snapshot().unwrap();
+    let (socket, fd) = t.backend_connection().unwrap();
+    assert_eq!(socket, daemon.socket.as_path());
+    let handed = std::os::unix::net::UnixStream::from(fd.try_clone_to_owned().unwrap());
+
+    let dev = VhostUserBlock::adopt(
+        VhostUserBlockConfig {
+            socket: daemon.socket.clone(),
+            queues: 1,
+        },
+        handed,
+    );
+    let (mut t2, kick2, irq2) = transport(dev, &mem);
+    // Not filled in from the saved device yet: it cannot start.
+    assert_eq!(
+        t2.device_type(),
+        virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK
+    );
+    t2.restore(&snap).unwrap();
+    assert!(t2.is_active() && t2.is_paused());
+    // The source goes away (its descriptor closes); the connection lives on.
+    drop(t);
+    t2.resume().unwrap();
+    assert_eq!(
+        request(&mem, &kick2, &irq2, 1, VIRTIO_BLK_T_IN, 8, 4096),
+        ok
+    );
+    let mut back = vec![0u8; 4096];
+    mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert_eq!(back, vec![0x33; 4096]);
+    let used: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used, 2, "the used index went on");
 }
