@@ -71,6 +71,18 @@ set -- $(dd if=/dev/vda bs=64k skip=$at count=1 iflag=direct 2>/dev/null | md5su
 [ "$1" = "$w" ] && echo RS-READBACK-SAME
 "#;
 
+/// The volume-migration guest: writes block n (its number in the block)
+/// with O_DIRECT and an fsync, n = 1, 2, ..., and says `VM-ACK n=N` once
+/// the write returned: what it saw acknowledged.
+const VOLUME_WRITER_SCRIPT: &str = r#"i=0
+while [ $i -lt 15000 ]; do
+    i=$((i + 1))
+    printf 'blk-%08d\n' $i | dd of=/dev/vda bs=4096 seek=$i conv=sync,fsync oflag=direct 2>/dev/null \
+        && echo "VM-ACK n=$i" || echo "VM-WRITE-FAILED n=$i"
+    sleep 0.05
+done
+"#;
+
 /// Runs on the test host.
 fn host_script() -> String {
     format!(
@@ -127,25 +139,27 @@ sed 's/^/[vu2-console] /' /tmp/vu2.console
 sed 's/^/[vu2-err] /' /tmp/vu2.err
 
 # kiln-store: a 2-replica volume on two daemons, exported by the writer (n1).
-ks() {{ node=$1; shift; kiln-store volume "$@" --socket /run/ks-$node.sock; }}
+# Each daemon in its own directory, as on its own node: exports go beside
+# the control socket (/run/nN/kiln-vhost-VOLUME.sock).
+ks() {{ node=$1; shift; kiln-store volume "$@" --socket /run/$node/ks.sock; }}
 kiln-store tls init --dir /tmp/ks-pki n1 n2 >/dev/null || echo "KS-TLS-INIT-FAILED"
 for n in 1 2; do
-    mkdir -p /tmp/ks-n$n
+    mkdir -p /tmp/ks-n$n /run/n$n
     kiln-store serve --node-id n$n --data /tmp/ks-n$n --listen 127.0.0.1:710$n \
         --tls-cert /tmp/ks-pki/n$n.crt --tls-key /tmp/ks-pki/n$n.key --tls-ca /tmp/ks-pki/ca.crt \
-        --socket /run/ks-n$n.sock >/tmp/ks-n$n.log 2>&1 &
+        --socket /run/n$n/ks.sock >/tmp/ks-n$n.log 2>&1 &
 done
 i=0
-while {{ [ ! -S /run/ks-n1.sock ] || [ ! -S /run/ks-n2.sock ]; }} && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+while {{ [ ! -S /run/n1/ks.sock ] || [ ! -S /run/n2/ks.sock ]; }} && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 ks n1 create vol1 --size {DISK_MIB}M --replica n1=127.0.0.1:7101 --replica n2=127.0.0.1:7102 \
     || echo "KS-CREATE-FAILED"
 # kiln-vmm asks n1 to attach the volume and serve it over vhost-user.
 kiln-vmm --kernel /images/vmlinux --initrd /images/guest.cpio.gz --memory 256M \
-    --disk volume=vol1,store=/run/ks-n1.sock --disk path=/images/vhost-user-script.img,ro=on \
+    --disk volume=vol1,store=/run/n1/ks.sock --disk path=/images/vhost-user-script.img,ro=on \
     --cmdline "console=ttyS0 panic=-1 quiet kiln.script=/dev/vdb" </dev/null 2>/tmp/ks-vm.err \
     | sed 's/^/[ks-vm] /'
 echo "KS-VMM-EXIT rc=$?"
-[ -S /run/kiln-vhost-vol1.sock ] && echo "KS-EXPORT-SOCKET present"
+[ -S /run/n1/kiln-vhost-vol1.sock ] && echo "KS-EXPORT-SOCKET present"
 sed 's/^/[ks-vm-err] /' /tmp/ks-vm.err
 # n1's replica (the writer reads its own copy), then n2's: n2 takes over
 # the volume (raising its epoch) and reads its own copy.
@@ -164,7 +178,7 @@ echo
 ks n1 create vol2 --size {DISK_MIB}M --replica n1=127.0.0.1:7101 --replica n2=127.0.0.1:7102 \
     || echo "RS-CREATE-FAILED"
 kiln-vmm --kernel /images/vmlinux --initrd /images/guest.cpio.gz --memory 256M --cpus 2 \
-    --disk volume=vol2,store=/run/ks-n1.sock,queues=2 --disk path=/images/vhost-user-resize.img,ro=on \
+    --disk volume=vol2,store=/run/n1/ks.sock,queues=2 --disk path=/images/vhost-user-resize.img,ro=on \
     --serial file:/tmp/rs.console --cmdline "console=ttyS0 panic=-1 quiet kiln.script=/dev/vdb" \
     </dev/null 2>/tmp/rs.err &
 vmm=$!
@@ -178,6 +192,75 @@ wait $vmm
 echo "RS-VMM-EXIT rc=$?"
 sed 's/^/[rs-console] /' /tmp/rs.console
 sed 's/^/[rs-err] /' /tmp/rs.err
+
+# A volume-backed guest migrated while it writes (VOLUME_WRITER_SCRIPT):
+# every write it saw acknowledged must be on the volume afterwards.
+# - SN: to a new kiln-vmm on the same node (an upgrade), over a unix
+#   socket: guest RAM and the store's vhost-user connection are handed
+#   over (the export serves one frontend at a time).
+# - XN: to "another node" over TCP: the destination has n2 attach the
+#   volume (raising its epoch) once the source is paused and its requests
+#   completed; n1 is fenced and may not write after that.
+mkdir -m 700 /run/kvm-mig
+# acks FILE: the writes the guest saw acknowledged so far (0 without FILE).
+acks() {{ c=$(grep -c VM-ACK "$1" 2>/dev/null); echo "${{c:-0}}"; }}
+# migrate TAG VOLUME SOURCE_NODE DESTINATION_NODE ADDRESS
+migrate() {{
+    tag=$1 vol=$2 sn=$3 dn=$4 addr=$5
+    ks $sn create $vol --size {DISK_MIB}M --replica n1=127.0.0.1:7101 --replica n2=127.0.0.1:7102 \
+        || echo "$tag-CREATE-FAILED"
+    script="--disk path=/images/volume-writer.img,ro=on,id=script"
+    KILN_LOG=info kiln-vmm --kernel /images/vmlinux --initrd /images/guest.cpio.gz --memory 128M \
+        --disk volume=$vol,store=/run/$sn/ks.sock,id=vol $script --api-socket /tmp/$tag-s.sock \
+        --serial file:/tmp/$tag-s.console --cmdline "console=ttyS0 panic=-1 quiet kiln.script=/dev/vdb" \
+        </dev/null 2>/tmp/$tag-s.err &
+    src=$!
+    KILN_LOG=info kiln-vmm --incoming $addr --memory 128M \
+        --disk volume=$vol,store=/run/$dn/ks.sock,id=vol $script --api-socket /tmp/$tag-d.sock \
+        --serial file:/tmp/$tag-d.console </dev/null 2>/tmp/$tag-d.err &
+    dst=$!
+    i=0
+    while [ "$(acks /tmp/$tag-s.console)" -lt 20 ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i + 1)); done
+    kiln-api-call /tmp/$tag-s.sock PUT /vm/migrate "{{\"destination\":\"$addr\"}}" | sed "s/^/[$tag] /"
+    i=0
+    while kill -0 $src 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+    kill -0 $src 2>/dev/null && {{ echo "$tag-SOURCE-STILL-RUNNING"; kiln-api-call /tmp/$tag-s.sock GET /vm; kill -9 $src; }}
+    wait $src
+    echo "$tag-SOURCE-EXIT rc=$?"
+    grep -q 'done: downtime' /tmp/$tag-s.err || {{ echo "$tag-NOT-MIGRATED"; kill $dst; }}
+    if [ $sn != $dn ]; then
+        # The source's node may not write the volume any more.
+        head -c 4096 /dev/urandom >/tmp/junk.img
+        if ks $sn import $vol --from /tmp/junk.img >/tmp/$tag-old.out 2>&1; then
+            echo "$tag-OLD-WRITER-WROTE"
+        else
+            echo "$tag-OLD-WRITER-REFUSED $(tr '\n' ' ' </tmp/$tag-old.out)"
+        fi
+    fi
+    i=0
+    while [ "$(acks /tmp/$tag-d.console)" -lt 20 ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+    kiln-api-call /tmp/$tag-d.sock PUT /vm/power-off | sed "s/^/[$tag] /"
+    i=0
+    while kill -0 $dst 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+    kill -0 $dst 2>/dev/null && {{ echo "$tag-DEST-HUNG"; kill -9 $dst; }}
+    wait $dst
+    echo "$tag-DEST-EXIT rc=$?"
+    ks $dn export $vol --to /tmp/$tag.img >/dev/null 2>&1 || echo "$tag-EXPORT-FAILED"
+    lost=0 checked=0
+    for n in $(cat /tmp/$tag-s.console /tmp/$tag-d.console 2>/dev/null | grep -o 'VM-ACK n=[0-9]*' | cut -d= -f2); do
+        got=$(dd if=/tmp/$tag.img bs=4096 skip=$n count=1 2>/dev/null | head -c 12)
+        checked=$((checked + 1))
+        [ "$got" = "$(printf 'blk-%08d' $n)" ] || {{ lost=$((lost + 1)); echo "$tag-LOST n=$n got=$got"; }}
+    done
+    rm -f /tmp/$tag.img
+    failed=$(cat /tmp/$tag-s.console /tmp/$tag-d.console 2>/dev/null | grep -c VM-WRITE-FAILED)
+    echo "$tag-VERIFIED checked=$checked lost=$lost src_acks=$(acks /tmp/$tag-s.console) dst_acks=$(acks /tmp/$tag-d.console) failed=$failed"
+    grep -h 'done: downtime' /tmp/$tag-s.err | sed "s/^/$tag-MIGRATION /"
+    grep -v VM-ACK /tmp/$tag-s.err | sed "s/^/[$tag-s-err] /"
+    sed "s/^/[$tag-d-err] /" /tmp/$tag-d.err
+}}
+migrate SN vol4 n1 n1 unix:/run/kvm-mig/sn.sock
+migrate XN vol3 n1 n2 tcp:127.0.0.1:7300
 sed 's/^/[ks-n1] /' /tmp/ks-n1.log
 sed 's/^/[ks-n2] /' /tmp/ks-n2.log
 "#
@@ -197,15 +280,22 @@ fn session() -> Option<&'static HostRun> {
         write_script_disk(&kill_disk, KILLED_BACKEND_SCRIPT, 4096).unwrap();
         let resize_disk = target_dir().join("kiln-tests/vhost-user-resize.img");
         write_script_disk(&resize_disk, RESIZE_SCRIPT, 4096).unwrap();
+        let writer_disk = target_dir().join("kiln-tests/volume-writer.img");
+        write_script_disk(&writer_disk, VOLUME_WRITER_SCRIPT, 4096).unwrap();
         let run = TestHost::run(
             &host_script(),
-            &[profile_binary("kiln-vmm"), profile_binary("kiln-store")],
+            &[
+                profile_binary("kiln-vmm"),
+                profile_binary("kiln-store"),
+                std::path::PathBuf::from(env!("CARGO_BIN_EXE_kiln-api-call")),
+            ],
             &[
                 (script_disk, "/images/vhost-user-script.img".into()),
                 (kill_disk, "/images/vhost-user-kill.img".into()),
                 (resize_disk, "/images/vhost-user-resize.img".into()),
+                (writer_disk, "/images/volume-writer.img".into()),
             ],
-            Duration::from_secs(900),
+            Duration::from_secs(1200),
         )
         .expect("test host runs");
         eprintln!("{}", run.output);
@@ -364,4 +454,55 @@ fn a_resized_volume_shows_its_new_size_to_the_running_guest() {
         run.line_with("[rs-console] RS-READBACK-SAME").is_some(),
         "{out}"
     );
+}
+
+/// A volume-backed guest migrated while writing (case `tag` of the host
+/// script): both kiln-vmm exit 0, the guest wrote on both sides, and every
+/// write it saw acknowledged is on the volume.
+fn migrated_while_writing(run: &HostRun, tag: &str) {
+    let m = |what: &str| format!("{tag}-{what}");
+    assert_eq!(value(run, &m("SOURCE-EXIT"), "rc"), "0", "{}", run.output);
+    assert_eq!(value(run, &m("DEST-EXIT"), "rc"), "0", "{}", run.output);
+    let acks = |side: &str| -> u32 { value(run, &m("VERIFIED"), side).parse().unwrap() };
+    assert!(
+        acks("src_acks") >= 20 && acks("dst_acks") >= 20,
+        "{}",
+        run.output
+    );
+    assert_eq!(value(run, &m("VERIFIED"), "lost"), "0", "{}", run.output);
+    assert_eq!(value(run, &m("VERIFIED"), "failed"), "0", "{}", run.output);
+    let migration = run
+        .line_with(&m("MIGRATION"))
+        .unwrap_or_else(|| panic!("{}", run.output));
+    eprintln!("{migration}");
+}
+
+#[test]
+fn a_volume_backed_guest_moves_to_a_new_kiln_vmm_on_its_node_keeping_every_acknowledged_write() {
+    let Some(run) = session() else { return };
+    migrated_while_writing(run, "SN");
+    // Guest RAM and the store's connection were handed over, not copied
+    // or connected to anew.
+    assert!(
+        run.line_with("SN-MIGRATION")
+            .is_some_and(|l| l.contains("MemoryHandedOver")),
+        "{}",
+        run.output
+    );
+    assert!(
+        run.output
+            .contains("disk vol: taking over the source's connection"),
+        "{}",
+        run.output
+    );
+}
+
+#[test]
+fn a_volume_backed_guest_moves_to_another_node_which_fences_the_old_writer() {
+    let Some(run) = session() else { return };
+    migrated_while_writing(run, "XN");
+    let refused = run
+        .line_with("XN-OLD-WRITER-REFUSED")
+        .unwrap_or_else(|| panic!("the old writer wrote after the handover:\n{}", run.output));
+    assert!(refused.contains("fenced"), "{refused}");
 }
