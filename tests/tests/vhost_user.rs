@@ -505,4 +505,22 @@ fn a_volume_backed_guest_moves_to_another_node_which_fences_the_old_writer() {
         .line_with("XN-OLD-WRITER-REFUSED")
         .unwrap_or_else(|| panic!("the old writer wrote after the handover:\n{}", run.output));
     assert!(refused.contains("fenced"), "{refused}");
+    // The destination attached the volume (fencing the source) only when
+    // it started the VM, after the source had committed: not while
+    // restoring, when the source could still have resumed.
+    let dest: Vec<&str> = run
+        .output
+        .lines()
+        .filter(|l| l.starts_with("[XN-d-err]"))
+        .collect();
+    let at = |what: &str| {
+        dest.iter()
+            .position(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no {what:?} from the destination:\n{}", run.output))
+    };
+    assert!(
+        at("restored 1 vCPU(s)") < at("kiln-store serves the volume"),
+        "{}",
+        run.output
+    );
 }

@@ -57,6 +57,11 @@ pub enum Error {
     },
     #[error(transparent)]
     Volume(#[from] crate::store::Error),
+    #[error("cannot set up the disk on {what}: {source}")]
+    DeferredDisk {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("vhost-user disk {}: {source}", socket.display())]
     VhostUserDisk {
         socket: std::path::PathBuf,
@@ -314,10 +319,18 @@ type BuiltDisk = (
 /// A disk's device and the kind of worker it needs. A vhost-user backend
 /// is connected and negotiated with here, so that a missing or unsuitable
 /// backend fails the build before any KVM object exists.
+///
+/// A volume of a restored machine (a snapshot, a migration) is attached
+/// only when the machine starts (`persist::start_restored`): attaching
+/// fences its previous writer, which a migration's source stays until it
+/// commits. Unless the source handed its connection over: then the store
+/// is asked here for the volume's socket, on this node, where nothing is
+/// fenced.
 fn build_disk(
     disk: &DiskConfig,
     index: usize,
     hooks: &WorkerHooks,
+    restoring: bool,
     handed: &mut HandedDisks,
 ) -> Result<BuiltDisk, Error> {
     let id = crate::control::device_id(disk.id.as_deref(), "disk", index);
@@ -368,6 +381,17 @@ fn build_disk(
             })?;
             let counters = block.counters();
             (Box::new(block), hooks.io.clone(), Some(counters))
+        }
+        DiskBackend::Volume { name, store } if restoring && !handed.contains_key(&id) => {
+            let (volume, store, queues) = (name.clone(), store.clone(), disk.queues);
+            let find: kiln_devices::virtio::FindBackend = Box::new(move || {
+                crate::store::export_volume(&volume, store.as_deref(), queues)
+                    .map_err(|e| e.to_string())
+            });
+            let what = format!("volume {name}");
+            let block = VhostUserBlock::deferred(&what, disk.queues, find)
+                .map_err(|source| Error::DeferredDisk { what, source })?;
+            (Box::new(block), hooks.vhost_user.clone(), None)
         }
         DiskBackend::Volume { name, store } => {
             let socket = crate::store::export_volume(name, store.as_deref(), disk.queues)?;
@@ -435,11 +459,12 @@ pub fn build_with(cfg: &VmConfig, hooks: &WorkerHooks, mut start: Start) -> Resu
             handed = std::mem::take(h);
         }
     }
+    let restoring = matches!(start, Start::Restore { .. });
     let disks = cfg
         .disks
         .iter()
         .enumerate()
-        .map(|(i, d)| build_disk(d, i, hooks, &mut handed))
+        .map(|(i, d)| build_disk(d, i, hooks, restoring, &mut handed))
         .collect::<Result<Vec<_>, _>>()?;
     for (id, (socket, _)) in handed {
         tracing::warn!(

@@ -236,15 +236,22 @@ pub struct RestartParts<'a> {
     pub config: &'a SavedConfig,
 }
 
-/// Starts a restored machine, before its vCPUs run: the devices serve
-/// their queues again (a backend hears from this process only now, and
+/// Starts a restored machine, before its vCPUs run: devices restored
+/// without their backend connect to it (a kiln-store volume is attached
+/// only now), the devices serve their queues again (a backend hears from
+/// this process only now, and
 /// guest RAM is written only now: a migration's destination does this
 /// once the source has committed), then the guest is told it was
 /// restored: a new VM generation id, and each interface asked to announce
 /// itself.
 pub fn start_restored(parts: &RestartParts) -> Result<(), Error> {
     for (index, t) in parts.transports.iter().enumerate() {
-        lock(t).resume().map_err(|e| Error::Device {
+        let mut t = lock(t);
+        t.connect_backend().map_err(|e| Error::Device {
+            id: device_name(parts.config, index),
+            reason: format!("cannot reach its backend: {e}"),
+        })?;
+        t.resume().map_err(|e| Error::Device {
             id: device_name(parts.config, index),
             reason: format!("cannot start it again: {e}"),
         })?;

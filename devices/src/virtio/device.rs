@@ -139,6 +139,13 @@ pub trait VirtioDevice: Send {
         })
     }
 
+    /// Connects a device restored without its backend (see
+    /// `VhostUserBlock::deferred`); called when a restored machine starts,
+    /// before the device is resumed. Nothing to do for most devices.
+    fn connect_backend(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// The connection to another process that serves this device (a
     /// vhost-user backend), with the socket it was made on: what a
     /// migration to a kiln-vmm on the same host hands over, since such a

@@ -26,4 +26,4 @@ pub use state::{
     BlockSnapshot, DeviceSnapshot, InterruptSnapshot, NetSnapshot, QueueSnapshot, RestoreError,
     SnapshotError, TransportSnapshot, VhostUserBlockSnapshot,
 };
-pub use vhost_user_blk::{VhostUserBlock, VhostUserBlockConfig};
+pub use vhost_user_blk::{FindBackend, VhostUserBlock, VhostUserBlockConfig};

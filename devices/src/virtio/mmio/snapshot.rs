@@ -56,6 +56,12 @@ impl MmioTransport {
         self.device.backend_connection()
     }
 
+    /// Connects a device restored without its backend
+    /// ([`crate::virtio::VirtioDevice::connect_backend`]).
+    pub fn connect_backend(&mut self) -> Result<(), String> {
+        self.device.connect_backend()
+    }
+
     /// Whether the device is paused ([`MmioTransport::pause`]).
     pub fn is_paused(&self) -> bool {
         self.paused.is_some()

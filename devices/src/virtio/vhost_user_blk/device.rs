@@ -46,12 +46,33 @@ pub struct VhostUserBlock {
     worker: Option<Worker>,
     /// Where the last activation's session left its queues.
     handback: QueueHandback,
-    /// A connection handed over by a migration, not filled in from the
-    /// saved device yet ([`VirtioDevice::restore`] does).
-    adopted: bool,
+    /// How the device reaches its backend.
+    link: Link,
     /// Set for the first activation of an adopted connection (see
     /// `Session::adopted`).
     first_start_adopted: Arc<AtomicBool>,
+}
+
+/// Finds a deferred device's backend when the machine starts: its socket,
+/// or why there is none.
+pub type FindBackend = Box<dyn FnOnce() -> Result<PathBuf, String> + Send>;
+
+/// How a [`VhostUserBlock`] reaches its backend.
+enum Link {
+    /// Connected and negotiated.
+    Ready,
+    /// A connection handed over by a migration, not filled in from the
+    /// saved device yet ([`VirtioDevice::restore`] does).
+    Adopted,
+    /// Restored from a saved machine and connected only when the machine
+    /// starts ([`VirtioDevice::connect_backend`]): a kiln-store volume is
+    /// attached (fencing its previous writer) only once a migration's
+    /// source has committed. Until then what the guest sees comes from the
+    /// saved device.
+    Deferred {
+        find: FindBackend,
+        saved: Option<Box<VhostUserBlockSnapshot>>,
+    },
 }
 
 impl VhostUserBlock {
@@ -59,7 +80,7 @@ impl VhostUserBlock {
     /// Run it before any seccomp filter is installed.
     pub fn connect(cfg: VhostUserBlockConfig) -> Result<Self, Error> {
         let backend = Negotiated::connect(&cfg.socket, cfg.queues)?;
-        let dev = Self::with_backend(cfg.socket, backend, false);
+        let dev = Self::with_backend(cfg.socket, backend, Link::Ready);
         debug!(
             device = %dev.name,
             socket = %dev.socket.display(),
@@ -77,7 +98,7 @@ impl VhostUserBlock {
     /// was negotiated.
     pub fn adopt(cfg: VhostUserBlockConfig, connection: UnixStream) -> Self {
         let backend = Negotiated::adopted(connection, cfg.queues);
-        let dev = Self::with_backend(cfg.socket, backend, true);
+        let dev = Self::with_backend(cfg.socket, backend, Link::Adopted);
         debug!(
             device = %dev.name,
             socket = %dev.socket.display(),
@@ -86,7 +107,21 @@ impl VhostUserBlock {
         dev
     }
 
-    fn with_backend(socket: PathBuf, mut backend: Negotiated, adopted: bool) -> Self {
+    /// A device to be restored whose backend is found and connected to
+    /// only when the machine starts ([`VirtioDevice::connect_backend`]).
+    /// `what` names it in messages until then (e.g. "volume vm1").
+    pub fn deferred(what: &str, queues: u16, find: FindBackend) -> io::Result<Self> {
+        // A dead end in place of the connection: nothing is sent on it.
+        let (placeholder, _) = UnixStream::pair()?;
+        let backend = Negotiated::adopted(placeholder, queues);
+        Ok(Self::with_backend(
+            PathBuf::from(what),
+            backend,
+            Link::Deferred { find, saved: None },
+        ))
+    }
+
+    fn with_backend(socket: PathBuf, mut backend: Negotiated, link: Link) -> Self {
         let index = NEXT_INDEX.fetch_add(1, Ordering::Relaxed);
         let requests = Arc::new(Mutex::new(backend.backend_requests.take()));
         Self {
@@ -97,7 +132,7 @@ impl VhostUserBlock {
             requests,
             worker: None,
             handback: QueueHandback::default(),
-            adopted,
+            link,
             first_start_adopted: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -157,10 +192,11 @@ impl VirtioDevice for VhostUserBlock {
         if self.worker.as_ref().is_some_and(Worker::is_busy) {
             return Err(ActivateError::AlreadyActive);
         }
-        if self.adopted {
-            return Err(ActivateError::VhostUser(
-                "a handed-over backend connection was never restored".into(),
-            ));
+        if !matches!(self.link, Link::Ready) {
+            return Err(ActivateError::VhostUser(format!(
+                "{}: the backend was never connected",
+                self.socket.display()
+            )));
         }
         let got = ctx.queues.len();
         if got == 0 || got > self.queue_sizes.len() || ctx.queue_events.len() != got {
@@ -265,8 +301,30 @@ impl VirtioDevice for VhostUserBlock {
         if self.worker.as_ref().is_some_and(Worker::is_busy) {
             return Err(RestoreError::InUse);
         }
-        if self.adopted {
-            return self.adopt_saved(saved);
+        match &mut self.link {
+            Link::Ready => {}
+            Link::Adopted => return self.adopt_saved(saved),
+            Link::Deferred { saved: slot, .. } => {
+                if saved.queues != self.backend.queues {
+                    return Err(RestoreError::QueueCount {
+                        saved: usize::from(saved.queues),
+                        here: usize::from(self.backend.queues),
+                    });
+                }
+                let config = saved_config(saved)?;
+                self.backend.backend_features = saved.backend_features;
+                self.backend.protocol_features =
+                    vhost::vhost_user::VhostUserProtocolFeatures::from_bits_truncate(
+                        saved.protocol_features,
+                    );
+                *self
+                    .backend
+                    .config
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = config;
+                *slot = Some(Box::new(saved.clone()));
+                return Ok(());
+            }
         }
         if saved.queues != self.backend.queues {
             return Err(RestoreError::QueueCount {
@@ -290,12 +348,63 @@ impl VirtioDevice for VhostUserBlock {
         Ok(())
     }
 
+    fn connect_backend(&mut self) -> Result<(), String> {
+        if !matches!(self.link, Link::Deferred { .. }) {
+            return Ok(());
+        }
+        let Link::Deferred { find, saved } = std::mem::replace(&mut self.link, Link::Ready) else {
+            unreachable!("matched above");
+        };
+        let socket = find()?;
+        let mut backend = Negotiated::connect(&socket, self.backend.queues)
+            .map_err(|e| format!("{}: {e}", socket.display()))?;
+        if let Some(saved) = saved {
+            let was =
+                handshake::capacity_sectors(&saved_config(&saved).map_err(|e| e.to_string())?);
+            if backend.capacity_sectors() != was {
+                return Err(format!(
+                    "the disk at {} has {} sectors; the guest saw {was}",
+                    socket.display(),
+                    backend.capacity_sectors()
+                ));
+            }
+            let gone = saved.avail_features & !backend.guest_features();
+            if gone != 0 {
+                return Err(format!(
+                    "the backend at {} no longer offers features {gone:#x}",
+                    socket.display()
+                ));
+            }
+        }
+        *self.requests.lock().unwrap_or_else(|e| e.into_inner()) = backend.backend_requests.take();
+        self.backend = backend;
+        self.socket = socket;
+        debug!(device = %self.name, socket = %self.socket.display(), "vhost-user-blk backend connected at start");
+        Ok(())
+    }
+
     fn backend_connection(&self) -> Option<(&Path, BorrowedFd<'_>)> {
+        if !matches!(self.link, Link::Ready) {
+            return None;
+        }
         // SAFETY: `socket_fd` is the frontend's socket, owned by
         // `self.backend` and open for as long as `self` is borrowed.
         let fd = unsafe { BorrowedFd::borrow_raw(self.backend.socket_fd) };
         Some((&self.socket, fd))
     }
+}
+
+/// The config space of a saved device.
+fn saved_config(
+    saved: &VhostUserBlockSnapshot,
+) -> Result<[u8; handshake::CONFIG_LEN], RestoreError> {
+    <[u8; handshake::CONFIG_LEN]>::try_from(saved.config.as_slice()).map_err(|_| {
+        RestoreError::Invalid(format!(
+            "a config space of {} bytes (not {})",
+            saved.config.len(),
+            handshake::CONFIG_LEN
+        ))
+    })
 }
 
 impl VhostUserBlock {
@@ -307,21 +416,14 @@ impl VhostUserBlock {
                 here: usize::from(self.backend.queues),
             });
         }
-        let config =
-            <[u8; handshake::CONFIG_LEN]>::try_from(saved.config.as_slice()).map_err(|_| {
-                RestoreError::Invalid(format!(
-                    "a config space of {} bytes (not {})",
-                    saved.config.len(),
-                    handshake::CONFIG_LEN
-                ))
-            })?;
+        let config = saved_config(saved)?;
         self.backend
             .adopt_saved(saved.backend_features, saved.protocol_features, config)
             .map_err(|e| RestoreError::Invalid(e.to_string()))?;
         *self.requests.lock().unwrap_or_else(|e| e.into_inner()) =
             self.backend.backend_requests.take();
         self.first_start_adopted.store(true, Ordering::Release);
-        self.adopted = false;
+        self.link = Link::Ready;
         Ok(())
     }
 

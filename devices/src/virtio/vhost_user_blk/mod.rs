@@ -37,7 +37,7 @@ pub mod device;
 pub mod handshake;
 mod session;
 
-pub use device::{Error, VhostUserBlock, VhostUserBlockConfig};
+pub use device::{Error, FindBackend, VhostUserBlock, VhostUserBlockConfig};
 pub use handshake::Negotiated;
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::virtio::state::{DeviceSnapshot, RestoreError, TransportSnapshot};
+use crate::virtio::vhost_user_blk::FindBackend;
 
 fn device(daemon: &Daemon) -> VhostUserBlock {
     VhostUserBlock::connect(VhostUserBlockConfig {
@@ -142,4 +143,60 @@ fn a_handed_over_connection_serves_the_rings_where_the_source_left_them() {
     assert_eq!(back, vec![0x33; 4096]);
     let used: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
     assert_eq!(used, 2, "the used index went on");
+}
+
+/// A restored device whose backend is found only when the machine starts
+/// (a kiln-store volume is attached then, once a migration's source has
+/// committed): restored from the saved device without a connection, it
+/// connects at `connect_backend` and serves the rings where they were; a
+/// backend that cannot be found, or shows another disk, is refused then.
+#[test]
+fn a_deferred_backend_is_connected_when_the_machine_starts() {
+    let daemon = Daemon::start();
+    let mem = shared_mem();
+    let (mut t, kick, irq) = transport(device(&daemon), &mem);
+    bring_up(&mut t, &mem);
+    let ok = VIRTIO_BLK_S_OK as u8;
+    mem.write_slice(&[0x44; 4096], GuestAddress(DATA)).unwrap();
+    assert_eq!(request(&mem, &kick, &irq, 0, VIRTIO_BLK_T_OUT, 8, 4096), ok);
+    t.pause().unwrap();
+    let snap = t.snapshot().unwrap();
+    drop(t);
+
+    let deferred = |find: FindBackend| VhostUserBlock::deferred("volume vm1", 1, find).unwrap();
+    // Not found: the error says why.
+    let (mut t1, _, _) = transport(deferred(Box::new(|| Err("no such volume".into()))), &mem);
+    t1.restore(&snap).unwrap();
+    assert!(t1.backend_connection().is_none());
+    assert_eq!(t1.connect_backend().unwrap_err(), "no such volume");
+    assert!(
+        t1.resume().is_err(),
+        "a device never connected cannot start"
+    );
+
+    // Another disk size than the guest saw.
+    let mut other = snap.clone();
+    if let DeviceSnapshot::VhostUserBlock(d) = &mut other.device {
+        d.config[..8].copy_from_slice(&(DISK_SECTORS * 2).to_le_bytes());
+    }
+    let socket = daemon.socket.clone();
+    let (mut t2, _, _) = transport(deferred(Box::new(move || Ok(socket))), &mem);
+    t2.restore(&other).unwrap();
+    let e = t2.connect_backend().unwrap_err();
+    assert!(e.contains("sectors"), "{e}");
+    drop(t2);
+
+    let socket = daemon.socket.clone();
+    let (mut t3, kick3, irq3) = transport(deferred(Box::new(move || Ok(socket))), &mem);
+    t3.restore(&snap).unwrap();
+    assert!(t3.is_active() && t3.is_paused());
+    t3.connect_backend().unwrap();
+    t3.resume().unwrap();
+    assert_eq!(
+        request(&mem, &kick3, &irq3, 1, VIRTIO_BLK_T_IN, 8, 4096),
+        ok
+    );
+    let mut back = vec![0u8; 4096];
+    mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert_eq!(back, vec![0x44; 4096]);
 }
