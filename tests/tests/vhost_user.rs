@@ -204,19 +204,19 @@ sed 's/^/[rs-err] /' /tmp/rs.err
 mkdir -m 700 /run/kvm-mig
 # acks FILE: the writes the guest saw acknowledged so far (0 without FILE).
 acks() {{ c=$(grep -c VM-ACK "$1" 2>/dev/null); echo "${{c:-0}}"; }}
-# migrate TAG VOLUME SOURCE_NODE DESTINATION_NODE ADDRESS
+# migrate TAG SOURCE_DISK DESTINATION_DISK ADDRESS: the disk options name
+# the disk id=vol; image_TAG FILE writes the disk's bytes to FILE after;
+# after_TAG (optional) runs once the source is gone.
 migrate() {{
-    tag=$1 vol=$2 sn=$3 dn=$4 addr=$5
-    ks $sn create $vol --size {DISK_MIB}M --replica n1=127.0.0.1:7101 --replica n2=127.0.0.1:7102 \
-        || echo "$tag-CREATE-FAILED"
+    tag=$1 sdisk=$2 ddisk=$3 addr=$4
     script="--disk path=/images/volume-writer.img,ro=on,id=script"
     KILN_LOG=info kiln-vmm --kernel /images/vmlinux --initrd /images/guest.cpio.gz --memory 128M \
-        --disk volume=$vol,store=/run/$sn/ks.sock,id=vol $script --api-socket /tmp/$tag-s.sock \
+        --disk $sdisk $script --api-socket /tmp/$tag-s.sock \
         --serial file:/tmp/$tag-s.console --cmdline "console=ttyS0 panic=-1 quiet kiln.script=/dev/vdb" \
         </dev/null 2>/tmp/$tag-s.err &
     src=$!
     KILN_LOG=info kiln-vmm --incoming $addr --memory 128M \
-        --disk volume=$vol,store=/run/$dn/ks.sock,id=vol $script --api-socket /tmp/$tag-d.sock \
+        --disk $ddisk $script --api-socket /tmp/$tag-d.sock \
         --serial file:/tmp/$tag-d.console </dev/null 2>/tmp/$tag-d.err &
     dst=$!
     i=0
@@ -228,15 +228,7 @@ migrate() {{
     wait $src
     echo "$tag-SOURCE-EXIT rc=$?"
     grep -q 'done: downtime' /tmp/$tag-s.err || {{ echo "$tag-NOT-MIGRATED"; kill $dst; }}
-    if [ $sn != $dn ]; then
-        # The source's node may not write the volume any more.
-        head -c 4096 /dev/urandom >/tmp/junk.img
-        if ks $sn import $vol --from /tmp/junk.img >/tmp/$tag-old.out 2>&1; then
-            echo "$tag-OLD-WRITER-WROTE"
-        else
-            echo "$tag-OLD-WRITER-REFUSED $(tr '\n' ' ' </tmp/$tag-old.out)"
-        fi
-    fi
+    command -v after_$tag >/dev/null && after_$tag
     i=0
     while [ "$(acks /tmp/$tag-d.console)" -lt 20 ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
     kiln-api-call /tmp/$tag-d.sock PUT /vm/power-off | sed "s/^/[$tag] /"
@@ -245,7 +237,7 @@ migrate() {{
     kill -0 $dst 2>/dev/null && {{ echo "$tag-DEST-HUNG"; kill -9 $dst; }}
     wait $dst
     echo "$tag-DEST-EXIT rc=$?"
-    ks $dn export $vol --to /tmp/$tag.img >/dev/null 2>&1 || echo "$tag-EXPORT-FAILED"
+    image_$tag /tmp/$tag.img || echo "$tag-IMAGE-FAILED"
     lost=0 checked=0
     for n in $(cat /tmp/$tag-s.console /tmp/$tag-d.console 2>/dev/null | grep -o 'VM-ACK n=[0-9]*' | cut -d= -f2); do
         got=$(dd if=/tmp/$tag.img bs=4096 skip=$n count=1 2>/dev/null | head -c 12)
@@ -259,8 +251,38 @@ migrate() {{
     grep -v VM-ACK /tmp/$tag-s.err | sed "s/^/[$tag-s-err] /"
     sed "s/^/[$tag-d-err] /" /tmp/$tag-d.err
 }}
-migrate SN vol4 n1 n1 unix:/run/kvm-mig/sn.sock
-migrate XN vol3 n1 n2 tcp:127.0.0.1:7300
+volume() {{ ks $1 create $2 --size {DISK_MIB}M --replica n1=127.0.0.1:7101 --replica n2=127.0.0.1:7102 || echo "CREATE-FAILED $2"; }}
+volume n1 vol4
+image_SN() {{ ks n1 export vol4 --to "$1" >/dev/null 2>&1; }}
+migrate SN volume=vol4,store=/run/n1/ks.sock,id=vol volume=vol4,store=/run/n1/ks.sock,id=vol unix:/run/kvm-mig/sn.sock
+volume n1 vol3
+image_XN() {{ ks n2 export vol3 --to "$1" >/dev/null 2>&1; }}
+after_XN() {{
+    # The source's node may not write the volume any more.
+    head -c 4096 /dev/urandom >/tmp/junk.img
+    if ks n1 import vol3 --from /tmp/junk.img >/tmp/XN-old.out 2>&1; then
+        echo "XN-OLD-WRITER-WROTE"
+    else
+        echo "XN-OLD-WRITER-REFUSED $(tr '\n' ' ' </tmp/XN-old.out)"
+    fi
+}}
+migrate XN volume=vol3,store=/run/n1/ks.sock,id=vol volume=vol3,store=/run/n2/ks.sock,id=vol tcp:127.0.0.1:7300
+# qemu-storage-daemon (libvhost-user) on the same host: it knows the rings
+# by their addresses in the frontend's memory, which the destination keeps.
+dd if=/dev/zero of=/tmp/qn-disk.img bs=1M count={DISK_MIB} 2>/dev/null
+rm -f /tmp/qn.sock
+qemu-storage-daemon --blockdev driver=file,node-name=f0,filename=/tmp/qn-disk.img \
+    --blockdev driver=raw,node-name=d0,file=f0 \
+    --export type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path=/tmp/qn.sock,writable=on \
+    >/tmp/qn-qsd.log 2>&1 &
+qsd=$!
+i=0
+while [ ! -S /tmp/qn.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+image_QN() {{ cp /tmp/qn-disk.img "$1"; }}
+migrate QN vhost-user=/tmp/qn.sock,id=vol vhost-user=/tmp/qn.sock,id=vol unix:/run/kvm-mig/qn.sock
+kill $qsd
+wait $qsd
+sed 's/^/[qn-qsd] /' /tmp/qn-qsd.log
 sed 's/^/[ks-n1] /' /tmp/ks-n1.log
 sed 's/^/[ks-n2] /' /tmp/ks-n2.log
 "#
@@ -492,6 +514,18 @@ fn a_volume_backed_guest_moves_to_a_new_kiln_vmm_on_its_node_keeping_every_ackno
     assert!(
         run.output
             .contains("disk vol: taking over the source's connection"),
+        "{}",
+        run.output
+    );
+}
+
+#[test]
+fn a_guest_on_qemu_storage_daemon_moves_to_a_new_kiln_vmm_on_its_host() {
+    let Some(run) = session() else { return };
+    migrated_while_writing(run, "QN");
+    assert!(
+        run.line_with("QN-MIGRATION")
+            .is_some_and(|l| l.contains("MemoryHandedOver")),
         "{}",
         run.output
     );

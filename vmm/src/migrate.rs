@@ -206,7 +206,10 @@ impl MigrationSource for VmSource {
             .iter()
             .all(|r| r.flags() & libc::MAP_SHARED != 0 && r.file_offset().is_some());
         let memory = match self.live.mem.iter().next().and_then(|r| r.file_offset()) {
-            Some(f) if shared_memfd && f.start() == 0 => Some(OwnedFd::from(f.file().try_clone()?)),
+            Some(f) if shared_memfd && f.start() == 0 => Some((
+                OwnedFd::from(f.file().try_clone()?),
+                self.live.mem.iter().map(|r| r.as_ptr() as u64).collect(),
+            )),
             _ => None,
         };
         let mut vhost_user = Vec::new();
@@ -537,7 +540,7 @@ impl MigrationTarget for VmTarget<'_> {
     fn adopt(&mut self, handed: Vec<(Handed, OwnedFd)>) -> io::Result<()> {
         for (item, fd) in handed {
             match item {
-                Handed::Memory => {
+                Handed::Memory { host_addrs } => {
                     let file = std::fs::File::from(fd);
                     let len = file.metadata()?.len();
                     if len < self.cfg.memory {
@@ -546,8 +549,12 @@ impl MigrationTarget for VmTarget<'_> {
                             self.cfg.memory
                         )));
                     }
-                    self.mem = crate::vstate::memory::map_memfd_shared(file, self.cfg.memory)
-                        .map_err(other)?;
+                    self.mem = crate::vstate::memory::map_memfd_shared_at(
+                        file,
+                        self.cfg.memory,
+                        &host_addrs,
+                    )
+                    .map_err(other)?;
                     tracing::info!("incoming migration: guest RAM handed over (not copied)");
                 }
                 Handed::VhostUser { id, socket } => {

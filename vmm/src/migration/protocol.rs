@@ -71,12 +71,16 @@ fn known_type(t: u8) -> bool {
 
 /// The most items one Handover may list (each comes with a descriptor).
 pub const MAX_HANDOVER_ITEMS: usize = 16;
+/// The most RAM ranges a handed-over memory may have.
+const MAX_RAM_RANGES: usize = 8;
 
 /// What a handed-over descriptor is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handed {
-    /// Guest RAM: a memfd holding all of it, the ranges end to end.
-    Memory,
+    /// Guest RAM: a memfd holding all of it, the ranges end to end, and
+    /// where the source maps each range (the destination maps them at
+    /// the same addresses: a vhost-user backend knows the rings by them).
+    Memory { host_addrs: Vec<u64> },
     /// The connection to the vhost-user backend of disk `id`, listening
     /// at `socket`.
     VhostUser { id: String, socket: String },
@@ -323,7 +327,14 @@ pub fn encode(msg: &Message) -> (u8, Vec<u8>) {
             p.push(n as u8);
             for item in &items[..n] {
                 match item {
-                    Handed::Memory => p.push(0),
+                    Handed::Memory { host_addrs } => {
+                        p.push(0);
+                        let n = host_addrs.len().min(MAX_RAM_RANGES);
+                        p.push(n as u8);
+                        for a in &host_addrs[..n] {
+                            p.extend_from_slice(&a.to_le_bytes());
+                        }
+                    }
                     Handed::VhostUser { id, socket } => {
                         p.push(1);
                         put_string(&mut p, id);
@@ -407,7 +418,14 @@ pub fn decode(t: u8, payload: Vec<u8>) -> Result<Message, ProtocolError> {
             let mut items = Vec::with_capacity(n);
             for _ in 0..n {
                 items.push(match r.take(1)?[0] {
-                    0 => Handed::Memory,
+                    0 => {
+                        let n = usize::from(r.take(1)?[0]);
+                        if n > MAX_RAM_RANGES {
+                            return Err(malformed(name, "too many RAM ranges"));
+                        }
+                        let host_addrs = (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?;
+                        Handed::Memory { host_addrs }
+                    }
                     1 => Handed::VhostUser {
                         id: r.string()?,
                         socket: r.string()?,
@@ -518,7 +536,9 @@ mod tests {
                 reason: "bye".into(),
             },
             Message::Handover(vec![
-                Handed::Memory,
+                Handed::Memory {
+                    host_addrs: vec![0x7f00_0000_0000, 0x7f10_0000_0000],
+                },
                 Handed::VhostUser {
                     id: "root".into(),
                     socket: "/run/kiln/vol.sock".into(),
@@ -539,8 +559,9 @@ mod tests {
         assert!(decode(ty::HANDOVER, p).is_err());
         assert!(decode(ty::HANDOVER, vec![1, 7]).is_err());
         assert!(decode(ty::HANDOVER, vec![1, 1, 5, 0]).is_err());
-        assert!(decode(ty::HANDOVER, vec![2, 0]).is_err());
-        assert!(decode(ty::HANDOVER, vec![1, 0, 0]).is_err());
+        assert!(decode(ty::HANDOVER, vec![2, 0, 0]).is_err());
+        assert!(decode(ty::HANDOVER, vec![1, 0, 1, 0]).is_err());
+        assert!(decode(ty::HANDOVER, vec![1, 0, 9]).is_err());
     }
 
     #[test]

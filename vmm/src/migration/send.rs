@@ -66,9 +66,10 @@ pub trait MigrationSource {
 /// Descriptors a source hands to a destination on the same host.
 #[derive(Debug, Default)]
 pub struct Handover {
-    /// Guest RAM's memfd: the destination maps the same pages, and no page
+    /// Guest RAM's memfd and where each RAM range is mapped here: the
+    /// destination maps the same pages at the same addresses, and no page
     /// is copied.
-    pub memory: Option<OwnedFd>,
+    pub memory: Option<(OwnedFd, Vec<u64>)>,
     /// Connections to vhost-user backends: (disk id, backend socket, the
     /// connection). A backend serves one frontend at a time, and the
     /// destination takes over this one.
@@ -487,8 +488,8 @@ impl Sender<'_> {
     fn send_handover(&mut self, handover: Handover) -> Result<(), MigrationError> {
         let mut items = Vec::new();
         let mut fds = Vec::new();
-        if let Some(m) = handover.memory {
-            items.push(Handed::Memory);
+        if let Some((m, host_addrs)) = handover.memory {
+            items.push(Handed::Memory { host_addrs });
             fds.push(m);
         }
         for (id, socket, fd) in handover.vhost_user {
@@ -506,7 +507,7 @@ impl Sender<'_> {
             items
                 .iter()
                 .map(|i| match i {
-                    Handed::Memory => "guest RAM".to_string(),
+                    Handed::Memory { .. } => "guest RAM".to_string(),
                     Handed::VhostUser { id, .. } => format!("disk {id}'s vhost-user connection"),
                 })
                 .collect::<Vec<_>>()

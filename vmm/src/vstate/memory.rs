@@ -29,6 +29,8 @@ pub enum Error {
         size: u64,
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("cannot map guest memory at {addr:#x}, where the migration's source has it: {source}")]
+    MapAt { addr: u64, source: io::Error },
     #[error("cannot create {} MiB of shareable guest memory (memfd): {source}", size >> 20)]
     Memfd { size: u64, source: io::Error },
 }
@@ -82,9 +84,32 @@ pub fn map_file_private(file: Arc<File>, offset: u64, size: u64) -> Result<Guest
 /// Maps `size` bytes of guest RAM from `file`, a memfd another kiln-vmm
 /// handed over (a migration on this host), `MAP_SHARED`: the same pages as
 /// the other process's, and, like [`create`]'s memfd, shareable with a
-/// vhost-user backend.
-pub fn map_memfd_shared(file: File, size: u64) -> Result<GuestMemoryMmap, Error> {
-    map_ranges(size, Some((Arc::new(file), 0)), Mapping::Shared)
+/// vhost-user backend. Each range goes at `host_addrs`, where the other
+/// process has it: a vhost-user backend whose connection was handed over
+/// too knows the rings by those addresses (qemu-storage-daemon remaps
+/// them through each new memory table, and fails if they are not in it).
+/// An address taken here is an error, never a mapping elsewhere.
+pub fn map_memfd_shared_at(
+    file: File,
+    size: u64,
+    host_addrs: &[u64],
+) -> Result<GuestMemoryMmap, Error> {
+    if host_addrs.len() != ram_ranges(size).len() {
+        return Err(Error::MapAt {
+            addr: 0,
+            source: io::Error::other(format!(
+                "{} RAM ranges handed over for {} here",
+                host_addrs.len(),
+                ram_ranges(size).len()
+            )),
+        });
+    }
+    map_ranges_at(
+        size,
+        Some((Arc::new(file), 0)),
+        Mapping::Shared,
+        Some(host_addrs),
+    )
 }
 
 /// How a range of guest RAM is mapped.
@@ -103,15 +128,29 @@ fn map_ranges(
     file: Option<(Arc<File>, u64)>,
     mapping: Mapping,
 ) -> Result<GuestMemoryMmap, Error> {
+    map_ranges_at(size, file, mapping, None)
+}
+
+/// [`map_ranges`], each range at the host address given for it, if any.
+fn map_ranges_at(
+    size: u64,
+    file: Option<(Arc<File>, u64)>,
+    mapping: Mapping,
+    host_addrs: Option<&[u64]>,
+) -> Result<GuestMemoryMmap, Error> {
     let mut offset = file.as_ref().map_or(0, |(_, o)| *o);
     let mut regions = Vec::new();
-    for (addr, len) in ram_ranges(size) {
+    for (i, (addr, len)) in ram_ranges(size).into_iter().enumerate() {
         let file_offset = file
             .as_ref()
             .map(|(f, _)| FileOffset::from_arc(f.clone(), offset));
         offset += len as u64;
-        let ptr = map_aligned(len, file_offset.as_ref(), mapping)
-            .map_err(|source| Error::Map { size, source })?;
+        let ptr = match host_addrs.and_then(|a| a.get(i)) {
+            Some(&at) => map_at(at, len, file_offset.as_ref(), mapping)
+                .map_err(|source| Error::MapAt { addr: at, source })?,
+            None => map_aligned(len, file_offset.as_ref(), mapping)
+                .map_err(|source| Error::Map { size, source })?,
+        };
         let (prot, flags) = prot_flags(mapping);
         let mut builder = MmapRegionBuilder::new(len)
             .with_mmap_prot(prot)
@@ -153,6 +192,45 @@ fn prot_flags(mapping: Mapping) -> (i32, i32) {
         libc::PROT_READ | libc::PROT_WRITE,
         kind | libc::MAP_NORESERVE,
     )
+}
+
+/// Maps `len` bytes of `file` at exactly `addr`, or fails (the address is
+/// taken, or not page-aligned).
+fn map_at(
+    addr: u64,
+    len: usize,
+    file: Option<&FileOffset>,
+    mapping: Mapping,
+) -> io::Result<*mut u8> {
+    if !addr.is_multiple_of(HUGE_PAGE as u64) {
+        return Err(io::Error::other(format!("{addr:#x} is not 2 MiB-aligned")));
+    }
+    let (prot, flags) = prot_flags(mapping);
+    let (fd, off) = file.map_or((-1, 0), |f| (f.file().as_raw_fd(), f.start()));
+    // SAFETY: MAP_FIXED_NOREPLACE maps only where nothing is mapped yet
+    // (EEXIST otherwise): no memory of this process is affected.
+    let ptr = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            prot,
+            flags | libc::MAP_FIXED_NOREPLACE,
+            fd,
+            off as libc::off_t,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    if ptr as u64 != addr {
+        // A kernel that ignores the flag put it elsewhere.
+        // SAFETY: unmapping the mapping just made, which nothing uses.
+        unsafe { libc::munmap(ptr, len) };
+        return Err(io::Error::other("the kernel placed it elsewhere"));
+    }
+    // SAFETY: madvise on the range just mapped (advice only).
+    unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+    Ok(ptr as *mut u8)
 }
 
 /// Maps `len` bytes (anonymous, or of `file` from its offset, shared or
@@ -259,6 +337,30 @@ mod tests {
         assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START as usize));
         assert_eq!(r[1].0, GuestAddress(MMIO_GAP_END));
         assert_eq!(r[0].1 + r[1].1, 4 << 30);
+    }
+
+    /// A handed-over memfd is mapped where the source has it, showing the
+    /// same bytes; an address taken here is refused, not moved.
+    #[test]
+    fn a_handed_over_memfd_maps_at_the_source_addresses_or_not_at_all() {
+        let src = create(8 << 20, Backing::SharedMemfd).unwrap();
+        src.write_obj(0x5eed_u64, GuestAddress(4096)).unwrap();
+        let region = src.iter().next().unwrap();
+        let file = || region.file_offset().unwrap().file().try_clone().unwrap();
+        // Taken here (by the source itself).
+        let taken = region.as_ptr() as u64;
+        let e = map_memfd_shared_at(file(), 8 << 20, &[taken]).unwrap_err();
+        assert!(matches!(e, Error::MapAt { .. }), "{e}");
+        assert!(map_memfd_shared_at(file(), 8 << 20, &[]).is_err());
+        // A free aligned address: found by mapping and unmapping.
+        let probe = create(8 << 20, Backing::Anonymous).unwrap();
+        let free = probe.iter().next().unwrap().as_ptr() as u64;
+        // SAFETY: `probe` is forgotten, never used again; its range is freed.
+        unsafe { libc::munmap(free as *mut libc::c_void, 8 << 20) };
+        std::mem::forget(probe);
+        let dst = map_memfd_shared_at(file(), 8 << 20, &[free]).unwrap();
+        assert_eq!(dst.iter().next().unwrap().as_ptr() as u64, free);
+        assert_eq!(dst.read_obj::<u64>(GuestAddress(4096)).unwrap(), 0x5eed);
     }
 
     #[test]

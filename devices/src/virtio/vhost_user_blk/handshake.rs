@@ -343,10 +343,9 @@ impl Negotiated {
     ) -> Result<(), Error> {
         let protocol_features = VhostUserProtocolFeatures::from_bits_truncate(protocol_features)
             & WANTED_PROTOCOL_FEATURES;
+        // Replies are asked for (NEED_REPLY) only once the first start has
+        // agreed on REPLY_ACK again (`Session::adopted`).
         let reply_ack = protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK);
-        if reply_ack {
-            self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
         if protocol_features.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
             let mut handler =
                 FrontendReqHandler::new(self.config_changed.clone()).map_err(|e| {

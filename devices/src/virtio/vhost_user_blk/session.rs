@@ -105,8 +105,12 @@ impl Session {
     fn start(&mut self) -> Result<(), StartError> {
         if self.adopted.swap(false, Ordering::AcqRel) {
             // A connection handed over by a migration: the vhost crate's
-            // frontend learns what was negotiated on it (its checks go by
-            // what it saw), and the backend gets our request channel.
+            // frontend learns what was negotiated on it (it goes by what it
+            // saw), replies being asked for only once REPLY_ACK is agreed
+            // again, and the backend gets our request channel. (The backend
+            // still knows the source's rings by their addresses in the
+            // source's memory map, which guest RAM keeps here: see
+            // `vstate::memory::map_memfd_shared_at`.)
             self.frontend.get_features().map_err(step("GET_FEATURES"))?;
             self.frontend
                 .get_protocol_features()
@@ -114,6 +118,13 @@ impl Session {
             self.frontend
                 .set_protocol_features(self.protocol_features)
                 .map_err(step("SET_PROTOCOL_FEATURES"))?;
+            if self
+                .protocol_features
+                .contains(VhostUserProtocolFeatures::REPLY_ACK)
+            {
+                self.frontend
+                    .set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+            }
             let requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(r) = requests.as_ref() {
                 self.frontend

@@ -123,6 +123,9 @@ fn a_handed_over_connection_serves_the_rings_where_the_source_left_them() {
         },
         handed,
     );
+    // Same guest RAM at the same addresses, as a destination maps a
+    // handed-over memfd (qemu-storage-daemon knows the rings by their
+    // addresses: see vstate::memory::map_memfd_shared_at in kiln-vmm).
     let (mut t2, kick2, irq2) = transport(dev, &mem);
     // Not filled in from the saved device yet: it cannot start.
     assert_eq!(
