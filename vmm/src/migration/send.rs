@@ -438,13 +438,7 @@ impl Sender<'_> {
         };
 
         // Switch-over.
-        self.check_cancel(Stage::Pause)?;
-        self.progress.set_phase(Phase::Paused);
-        self.paused = true;
-        let paused_at = Instant::now();
-        let state = source
-            .pause_and_save()
-            .map_err(|e| MigrationError::new(Stage::Pause, ErrorKind::Vm(e)))?;
+        let (state, paused_at) = self.pause(source)?;
         let mut last = source
             .fetch_dirty()
             .map(|w| Bitmap::from_words(w, ram_pages))
@@ -466,13 +460,7 @@ impl Sender<'_> {
         source: &mut S,
         handover: Handover,
     ) -> Result<MigrationReport, MigrationError> {
-        self.check_cancel(Stage::Pause)?;
-        self.progress.set_phase(Phase::Paused);
-        self.paused = true;
-        let paused_at = Instant::now();
-        let state = source
-            .pause_and_save()
-            .map_err(|e| MigrationError::new(Stage::Pause, ErrorKind::Vm(e)))?;
+        let (state, paused_at) = self.pause(source)?;
         self.send_handover(handover)?;
         self.send_state(&state)?;
         self.switch_over(
@@ -482,6 +470,21 @@ impl Sender<'_> {
             state.len(),
             paused_at,
         )
+    }
+
+    /// Pauses the VM and saves its state: the state, and when it paused.
+    fn pause<S: MigrationSource>(
+        &mut self,
+        source: &mut S,
+    ) -> Result<(Vec<u8>, Instant), MigrationError> {
+        self.check_cancel(Stage::Pause)?;
+        self.progress.set_phase(Phase::Paused);
+        self.paused = true;
+        let paused_at = Instant::now();
+        let state = source
+            .pause_and_save()
+            .map_err(|e| MigrationError::new(Stage::Pause, ErrorKind::Vm(e)))?;
+        Ok((state, paused_at))
     }
 
     /// Sends the descriptors of `handover`, if any (the VM is paused).
