@@ -164,18 +164,22 @@ disks = [{ volume = "script" }]
 nics = [{ network = "lan" }]
 TOML
 $K vm update e2e -f /tmp/vm.toml >/dev/null && echo E2E-UPDATED
-$K vm start e2e >/dev/null
+$K vm start e2e >/dev/null || echo E2E-START-FAILED
 pid3=$(show e2e pid)
 kill -9 "$pid3" && echo "E2E-KILLED-VMM pid=$pid3"
-i=0
-while [ $i -lt 600 ]; do
+# A deadline in seconds, not in rounds: each kilnctl call takes a while
+# under emulation.
+end=$(($(date +%s) + 180))
+restarted=
+while [ "$(date +%s)" -lt $end ]; do
     # One snapshot for both fields: the pid and the state must agree.
     snap=$($K --json vm show e2e)
     p=$(echo "$snap" | sed -n 's/.*"pid": \([0-9][0-9]*\),\{0,1\}$/\1/p' | head -1)
     st=$(echo "$snap" | sed -n 's/.*"state": "\([a-z]*\)".*/\1/p' | head -1)
-    [ "$st" = running ] && [ -n "$p" ] && [ "$p" != "$pid3" ] && { echo "E2E-RESTARTED-BY-POLICY pid=$p"; break; }
-    sleep 0.1; i=$((i + 1))
+    [ "$st" = running ] && [ -n "$p" ] && [ "$p" != "$pid3" ] && { echo "E2E-RESTARTED-BY-POLICY pid=$p"; restarted=1; break; }
+    sleep 0.2
 done
+[ -n "$restarted" ] || echo "E2E-NOT-RESTARTED state=$st pid=$p (killed $pid3)"
 $K vm power-off e2e >/dev/null && echo E2E-POWERED-OFF
 $K event list | sed 's/^/[events] /'
 sed 's/^/[console1] /' /tmp/console1.log | grep -v E2E-TICK
