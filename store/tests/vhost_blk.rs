@@ -12,10 +12,13 @@ use std::time::{Duration, Instant};
 use common::vhost_guest::*;
 use common::*;
 use kiln_store::proto::{Request, Response};
+use std::os::fd::AsRawFd;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::VhostBackend;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 const MIB: u64 = 1 << 20;
@@ -71,6 +74,17 @@ struct Guest {
 impl Guest {
     /// Connects and sets the device up as a VMM does at boot.
     fn connect(sock: &Path, event_idx: bool) -> Guest {
+        Self::connect_with(sock, event_idx, 0, VhostUserProtocolFeatures::empty())
+    }
+
+    /// [`Guest::connect`], also requiring the virtio features `extra` and
+    /// asking for the protocol features `protocol`.
+    fn connect_with(
+        sock: &Path,
+        event_idx: bool,
+        extra: u64,
+        protocol: VhostUserProtocolFeatures,
+    ) -> Guest {
         let mem = memfd_memory(MEM_SIZE);
         let mut required = VIRTIO_F_VERSION_1
             | VHOST_USER_F_PROTOCOL_FEATURES
@@ -78,7 +92,8 @@ impl Guest {
             | F_DISCARD
             | F_WRITE_ZEROES
             | F_BLK_SIZE
-            | F_SEG_MAX;
+            | F_SEG_MAX
+            | extra;
         if event_idx {
             required |= VIRTIO_RING_F_EVENT_IDX;
         }
@@ -89,7 +104,8 @@ impl Guest {
             0,
             VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::REPLY_ACK,
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | protocol,
             &mem,
         );
         assert!(
@@ -319,6 +335,52 @@ fn write_read_flush_and_replicas() {
     }
     // The daemon's control socket still answers while the export runs.
     assert!(n1.status("vmdisk").attached);
+}
+
+/// A live migration's dirty log (`VHOST_F_LOG_ALL`, `SET_LOG_BASE` with a
+/// memfd): every guest page the daemon writes is marked, and only those.
+#[test]
+fn a_migrations_dirty_log_gets_every_page_the_daemon_writes() {
+    const LOG_ALL: u64 = 1 << 26;
+    let t = tempfile::tempdir().unwrap();
+    let (n1, _n2) = two_nodes(t.path());
+    let sock = export(&n1, "vmdisk", t.path());
+    let mut g = Guest::connect_with(&sock, false, LOG_ALL, VhostUserProtocolFeatures::LOG_SHMFD);
+    // One bit per 4 KiB page of the 8 MiB of guest RAM: 256 bytes.
+    let log = memfd_memory(4096);
+    let region = log.find_region(GuestAddress(0)).unwrap();
+    let fd = region.file_offset().unwrap().file().as_raw_fd();
+    g.frontend
+        .set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: 4096,
+                mmap_offset: 0,
+                mmap_handle: fd,
+            }),
+        )
+        .unwrap();
+    let take = || {
+        let mut bits = [0u8; 256];
+        log.read_slice(&mut bits, GuestAddress(0)).unwrap();
+        log.write_slice(&[0u8; 256], GuestAddress(0)).unwrap();
+        (0..2048u64)
+            .filter(|p| bits[(p / 8) as usize] & (1 << (p % 8)) != 0)
+            .collect::<Vec<u64>>()
+    };
+    let page = |gpa: u64| gpa / 4096;
+    // A write: the daemon only reads the data; it writes the status byte
+    // and the used ring.
+    let data = pattern(3, 16 << 10);
+    assert_eq!(g.write(8, &data, 2), S_OK);
+    assert_eq!(take(), vec![page(RING.used), page(STATUS)]);
+    // A read: the data lands in the guest's 4 pages.
+    let (st, back) = g.read(8, data.len(), 3);
+    assert_eq!(st, S_OK);
+    assert!(back == data);
+    let mut want = vec![page(RING.used), page(STATUS)];
+    want.extend(page(DATA)..page(DATA) + 4);
+    assert_eq!(take(), want);
 }
 
 #[test]

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -26,8 +27,11 @@ use super::workers::Workers;
 use super::VolumeSource;
 use crate::VolumeIo;
 
-/// Guest memory as the frontend shared it (no dirty-page logging).
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// Guest memory as the frontend shared it. Every write through it marks
+/// the frontend's dirty log while a live migration has one set
+/// (`VHOST_F_LOG_ALL`, `SET_LOG_BASE`): the data read into the guest's
+/// buffers, the status bytes and the used rings.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
 
 /// A vhost-user-blk device serving one volume. Cheap to clone (shared).
 #[derive(Clone)]
@@ -154,7 +158,7 @@ fn unavailable() -> crate::Error {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = VringRwLock<GuestMem>;
 
     fn num_queues(&self) -> usize {

@@ -93,17 +93,20 @@ pub fn features(opts: &ExportOptions) -> u64 {
         | (1 << VIRTIO_RING_F_EVENT_IDX)
         | (1 << VIRTIO_RING_F_INDIRECT_DESC)
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | VhostUserVirtioFeatures::LOG_ALL.bits()
 }
 
 /// vhost-user protocol features offered: CONFIG (the frontend reads the
 /// config space from us), MQ (GET_QUEUE_NUM answers the export's queue
 /// count), REPLY_ACK, BACKEND_REQ (the channel a config change is
-/// announced on).
+/// announced on), LOG_SHMFD (a live migration's dirty log, with
+/// `VHOST_F_LOG_ALL`).
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// The virtio-blk config space (`struct virtio_blk_config`, little endian)
