@@ -192,7 +192,7 @@ fn volumes_are_made_copied_snapshotted_cloned_resized_and_deleted_in_the_store()
     );
     let o = a.kilnctl(&["volume", "create", "bad", "--size", "2Q"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("bad size"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--size: \"2Q\" is not a size"));
     assert!(a
         .kilnctl(&["volume", "snapshot", "cli", "s"])
         .status

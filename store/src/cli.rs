@@ -232,24 +232,10 @@ pub enum VolumeCmd {
     Detach { name: String },
 }
 
-/// Parses sizes like 4096, 64K, 512M, 1G, 2T (binary units; "iB"/"B" allowed).
+/// Parses sizes like 4096, 64K, 512M, 1G, 2T (binary units; "iB"/"B"
+/// allowed; a bare number is bytes): `kiln_units::parse_size`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, mult) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
-        _ => (t, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("bad size {s:?} (use e.g. 4096, 512M, 10G)"))
+    kiln_units::parse_size(s, kiln_units::Bare::Bytes).map_err(|e| e.to_string())
 }
 
 fn parse_replica(s: &str) -> Result<ReplicaAddr, String> {

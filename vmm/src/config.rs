@@ -363,20 +363,10 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
 }
 
-/// Parses "512M", "2G", "1536MiB", "1024" (MiB) into bytes.
+/// Parses "512M", "2G", "1536MiB", "1024" (MiB) into bytes
+/// (`kiln_units::parse_size`).
 pub fn parse_memory(s: &str) -> Result<u64, Error> {
-    let err = || Error::MemorySyntax(s.into());
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits);
-    let n: u64 = num.parse().map_err(|_| err())?;
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "K" | "KB" | "KIB" => 10,
-        _ => return Err(err()),
-    };
-    n.checked_mul(1 << shift).ok_or_else(err)
+    kiln_units::parse_size(s, kiln_units::Bare::MiB).map_err(|_| Error::MemorySyntax(s.into()))
 }
 
 /// The host's RAM, from /proc/meminfo.

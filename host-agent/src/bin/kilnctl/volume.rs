@@ -66,26 +66,9 @@ pub const VOLUME_COLS: &[(&str, &str)] = &[
     ("REASON", "status.reason"),
 ];
 
-/// `10G`, `512M`, `4096`: binary multiples.
+/// `10G`, `512M`, `4096` (bytes): binary multiples (`kiln_units`).
 fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => bail!("bad size {s:?}: use a number with K, M, G or T"),
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| anyhow!("bad size {s:?}: use a number with K, M, G or T"))
+    kiln_units::parse_size(s, kiln_units::Bare::Bytes).map_err(|e| anyhow!("--size: {e}"))
 }
 
 pub async fn run(ctl: &Ctl, c: VolumeCmd) -> Result<()> {
