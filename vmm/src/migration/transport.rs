@@ -231,6 +231,20 @@ fn read_unix(s: &UnixStream, fds: &mut Vec<OwnedFd>, buf: &mut [u8]) -> io::Resu
     Ok(n)
 }
 
+/// What a frame is written to: a stream whose send timeout can be set.
+trait FrameSink: Write {
+    fn set_send_timeout(&self, t: Duration) -> io::Result<()>;
+}
+
+impl FrameSink for Stream {
+    fn set_send_timeout(&self, t: Duration) -> io::Result<()> {
+        match self {
+            Stream::Unix(s, _) => s.set_write_timeout(Some(t)),
+            Stream::Tcp(s) => s.set_write_timeout(Some(t)),
+        }
+    }
+}
+
 impl Stream {
     fn set_timeouts(&self, t: Duration) -> io::Result<()> {
         match self {
@@ -357,7 +371,7 @@ impl Connection {
         all.push(&header);
         all.extend_from_slice(parts);
         all.push(&crc);
-        write_all_vectored(&mut self.stream, &mut all)
+        write_all_vectored(&mut self.stream, &mut all, timeout)
             .map_err(|e| io_error(format!("sending to {}", self.peer), e, timeout))
     }
 
@@ -408,7 +422,7 @@ impl Connection {
             )
         })?;
         let mut rest: Vec<&[u8]> = vec![&header[1..], payload, &crc];
-        write_all_vectored(&mut self.stream, &mut rest)
+        write_all_vectored(&mut self.stream, &mut rest, timeout)
             .map_err(|e| io_error(format!("sending to {peer}"), e, timeout))
     }
 
@@ -475,9 +489,37 @@ impl Connection {
     }
 }
 
-fn write_all_vectored(w: &mut impl Write, parts: &mut [&[u8]]) -> io::Result<()> {
+/// Writes every part, in order, within `timeout` plus a second per MiB.
+/// A send timeout alone bounds each call, but a call that sent a little
+/// before the peer stopped reading (a cut link: no reset, no acks)
+/// returns that little after waiting the whole timeout, and the next call
+/// would wait it again: each call gets only what is left of the frame's
+/// deadline. The socket's send timeout is `timeout` again afterwards.
+fn write_all_vectored(
+    w: &mut impl FrameSink,
+    parts: &mut [&[u8]],
+    timeout: Duration,
+) -> io::Result<()> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let deadline = Instant::now() + timeout + Duration::from_secs((total >> 20) as u64);
+    let result = write_before(w, parts, timeout, deadline);
+    w.set_send_timeout(timeout)?;
+    result
+}
+
+fn write_before(
+    w: &mut impl FrameSink,
+    parts: &mut [&[u8]],
+    timeout: Duration,
+    deadline: Instant,
+) -> io::Result<()> {
     let mut first = 0;
     while first < parts.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left < Duration::from_millis(1) {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        w.set_send_timeout(left.min(timeout))?;
         if parts[first].is_empty() {
             first += 1;
             continue;

@@ -283,3 +283,26 @@ fn transport_throughput_can_be_measured() {
         bps / MIB as f64
     );
 }
+
+/// A peer that stops reading in the middle of a frame (a cut link sends
+/// no reset): the send gives up at the frame's deadline. The first write
+/// fills the socket's buffer and waits out the timeout with part of the
+/// frame sent; a second full wait must not follow.
+#[test]
+fn a_frame_the_peer_stops_reading_fails_at_its_deadline() {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let timeout = Duration::from_millis(800);
+    let mut conn = Connection::from_unix_stream(ours, timeout).unwrap();
+    // Bigger than the socket's buffers, under 1 MiB (no time allowance).
+    let frame = vec![0x5au8; 900 << 10];
+    let start = std::time::Instant::now();
+    let e = conn.send_frame(1, &frame).unwrap_err();
+    let took = start.elapsed();
+    assert!(matches!(e, TransportError::Timeout { .. }), "{e}");
+    assert!(took >= timeout, "gave up after {took:?}");
+    assert!(
+        took < timeout * 2 - Duration::from_millis(200),
+        "waited the timeout twice: {took:?}"
+    );
+    drop(theirs);
+}
