@@ -2,6 +2,7 @@
 //! the ACPI tables that describe the machine to the guest.
 
 pub mod acpi;
+pub mod cpu_compat;
 pub mod cpuid;
 pub mod layout;
 pub mod msr;

@@ -185,12 +185,7 @@ impl Vcpu {
             .map_err(self.get_err("debug registers"))?;
         let lapic = self.fd.get_lapic().map_err(self.get_err("LAPIC"))?;
         let tsc_khz = self.fd.get_tsc_khz().ok();
-        let cpuid = self
-            .fd
-            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-            .map_err(self.get_err("CPUID"))?
-            .as_slice()
-            .to_vec();
+        let cpuid = self.cpuid()?;
         let msrs = self.get_msrs()?;
         let events = self.fd.get_vcpu_events().map_err(self.get_err("events"))?;
         Ok(VcpuState {
@@ -264,6 +259,17 @@ impl Vcpu {
             rest = &rest[consumed..];
         }
         Ok(out)
+    }
+
+    /// The CPUID KVM holds for this vCPU (KVM_GET_CPUID2): what was set,
+    /// with the bits KVM keeps up to date as the guest runs.
+    pub fn cpuid(&self) -> Result<Vec<kvm_cpuid_entry2>, StateError> {
+        Ok(self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(self.get_err("CPUID"))?
+            .as_slice()
+            .to_vec())
     }
 
     /// Puts a saved state into this (new, not yet run) vCPU. Runs before
