@@ -19,10 +19,10 @@
 //! Quiescing the devices before the final round completes every request in
 //! flight, so every write is marked before the last [`take`].
 //!
-//! Not covered: a vhost-user backend (another process) writes guest RAM
-//! through its own mapping of the memfd; its writes are not reported here
-//! (the vhost-user protocol's dirty log, `VHOST_USER_SET_LOG_BASE`, is not
-//! implemented).
+//! Not here: a vhost-user backend (another process) writes guest RAM
+//! through its own mapping of the memfd. It reports its writes in a
+//! [`BackendLog`] (the vhost-user protocol's dirty log), which the
+//! migration drains into this tracker each round.
 //!
 //! Pages are numbered as in the memory file and the migration protocol:
 //! page `n` is byte offset `n * 4096` counting the RAM ranges one after
@@ -38,6 +38,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use vm_memory::GuestAddress;
+
+mod backend_log;
+pub use backend_log::BackendLog;
 
 /// The page size of the dirty bitmap (the migration protocol's page).
 pub const PAGE_SIZE: u64 = 4096;

@@ -22,9 +22,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kiln_devices::dirty::BackendLog;
 use kiln_devices::{ExitSignal, VmExit};
 use serde_json::{json, Value};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::api::{ApiError, MigrateParams};
 use crate::builder::{self, Machine, Start, WorkerHooks};
@@ -97,6 +98,9 @@ pub struct VmSource {
     /// migration stays paused if it fails).
     paused_vcpus: bool,
     paused_devices: bool,
+    /// The dirty log the vhost-user backends write, when every one of them
+    /// can (see [`VmSource::start_backend_log`]).
+    backend_log: Option<Arc<BackendLog>>,
 }
 
 impl VmSource {
@@ -106,6 +110,65 @@ impl VmSource {
             log: None,
             paused_vcpus: false,
             paused_devices: false,
+            backend_log: None,
+        }
+    }
+
+    /// Has every vhost-user backend log the guest pages it writes (they
+    /// write guest RAM from their own process, out of KVM's sight). If one
+    /// cannot, none does, and the pages go again while the VM is paused
+    /// (see `fetch_dirty`).
+    fn start_backend_log(&mut self) {
+        let Some(end) = self
+            .live
+            .mem
+            .iter()
+            .map(|r| r.start_addr().0.saturating_add(r.len()))
+            .max()
+        else {
+            return;
+        };
+        let log = match BackendLog::new(end) {
+            Ok(log) => Arc::new(log),
+            Err(e) => {
+                tracing::warn!("migration: no dirty log for the vhost-user backends ({e}): all guest RAM goes again while paused");
+                return;
+            }
+        };
+        let refused = self
+            .live
+            .transports
+            .iter()
+            .enumerate()
+            .find_map(|(index, t)| {
+                let set = lock(t).log_backend_writes(Some(log.clone()));
+                set.err().map(|e| (index, e))
+            });
+        if let Some((index, e)) = refused {
+            tracing::warn!(
+                "migration: {}: {e}: all guest RAM goes again while paused",
+                persist::device_name(&self.live.config, index)
+            );
+            self.stop_backend_log();
+            return;
+        }
+        tracing::info!(
+            "migration: the vhost-user backends log their writes to guest RAM ({} KiB log)",
+            log.mmap_size() / 1024
+        );
+        self.backend_log = Some(log);
+    }
+
+    /// Has the backends stop logging (at their next activation if paused).
+    fn stop_backend_log(&mut self) {
+        self.backend_log = None;
+        for (index, t) in self.live.transports.iter().enumerate() {
+            if let Err(e) = lock(t).log_backend_writes(None) {
+                tracing::warn!(
+                    "migration: {}: cannot stop the backend's dirty log: {e}",
+                    persist::device_name(&self.live.config, index)
+                );
+            }
         }
     }
 
@@ -143,6 +206,9 @@ impl MigrationSource for VmSource {
         match DirtyLog::start(&self.live.vm) {
             Ok(log) => {
                 self.log = Some(log);
+                if self.has_vhost_user_disk() {
+                    self.start_backend_log();
+                }
                 Ok(())
             }
             Err(e) => {
@@ -159,11 +225,15 @@ impl MigrationSource for VmSource {
             .ok_or_else(|| other("dirty logging is off"))?;
         let guest = log.fetch(&self.live.vm).map_err(other)?;
         let pages = guest.pages();
-        if self.paused_devices && self.has_vhost_user_disk() {
-            // A vhost-user backend (another process) writes guest RAM
-            // without telling us: with the VM paused, every page goes
-            // again (zero pages cost a few bytes each). Correct, at the
-            // price of a longer pause.
+        if let Some(backends) = &self.backend_log {
+            // What the vhost-user backends wrote; once the devices are
+            // quiesced, everything they ever will.
+            backends.drain(|addr, len| kiln_devices::dirty::mark(GuestAddress(addr), len));
+        } else if self.paused_devices && self.has_vhost_user_disk() {
+            // A vhost-user backend (another process) that cannot log
+            // writes guest RAM without telling us: with the VM paused,
+            // every page goes again (zero pages cost a few bytes each).
+            // Correct, at the price of a longer pause.
             tracing::info!("migration: a vhost-user disk: resending all guest RAM while paused");
             let _ = kiln_devices::dirty::take();
             return Ok(vec![u64::MAX; pages.div_ceil(64)]);
@@ -177,6 +247,9 @@ impl MigrationSource for VmSource {
     }
 
     fn stop_dirty_log(&mut self) {
+        if self.backend_log.is_some() {
+            self.stop_backend_log();
+        }
         if let Some(log) = self.log.take() {
             if let Err(e) = log.stop(&self.live.vm) {
                 tracing::warn!("cannot switch KVM's dirty log off: {e}");

@@ -61,6 +61,13 @@ pub enum Error {
     VmState(String),
     #[error("cannot restore vCPU {index}: {reason}")]
     VcpuState { index: usize, reason: String },
+    #[error(
+        "the guest was shown CPU features this host's KVM does not offer (vCPU {index}: {}); \
+         it would fail on its first use of one: restore or migrate it to a host with the same \
+         CPU or a newer one",
+        missing.join(", ")
+    )]
+    CpuFeatures { index: usize, missing: Vec<String> },
     #[error("cannot restore {id}: {reason}")]
     Device { id: String, reason: String },
     #[error("cannot save vCPU state: {0}")]
@@ -205,6 +212,8 @@ pub fn check_devices(snap: &VmSnapshot, cfg: &VmConfig) -> Result<(), Error> {
 /// A freshly built machine's parts that a restore gives state to.
 pub struct RestoreParts<'a> {
     pub vm: &'a Vm,
+    /// Configured as for a new VM (`Vcpu::configure`): their CPUID is what
+    /// this host offers, and a guest shown features outside it is refused.
     pub vcpus: &'a [Vcpu],
     pub transports: &'a [Arc<Mutex<MmioTransport>>],
     pub serial: &'a Arc<Mutex<SerialDevice>>,
@@ -216,7 +225,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The id of the `index`th virtio device (disks first), for messages.
-fn device_name(config: &SavedConfig, index: usize) -> String {
+pub fn device_name(config: &SavedConfig, index: usize) -> String {
     config
         .disks
         .iter()
@@ -294,6 +303,16 @@ pub fn restore_machine(snap: &VmSnapshot, parts: &RestoreParts) -> Result<(), Er
                 parts.transports.len()
             ),
         });
+    }
+    for (index, (vcpu, state)) in parts.vcpus.iter().zip(&snap.vcpus).enumerate() {
+        let offered = vcpu.cpuid().map_err(|e| Error::VcpuState {
+            index,
+            reason: e.to_string(),
+        })?;
+        let missing = crate::arch::cpu_compat::missing_features(&state.cpuid, &offered);
+        if !missing.is_empty() {
+            return Err(Error::CpuFeatures { index, missing });
+        }
     }
     parts
         .vm

@@ -111,7 +111,7 @@ fn a_guest_is_paused_resumed_and_powered_off_through_the_api() {
 
     // Power-off ends kiln-vmm with status 0, after the 204 arrived.
     assert_eq!(http(&sock, "PUT", "/vm/power-off", "").0, 204);
-    let status = vmm.0.wait().unwrap();
+    let status = vmm.wait_within(120);
     let mut err = String::new();
     use std::io::Read;
     vmm.0

@@ -104,6 +104,43 @@ fn destination_at(s: &Setup, memory: &str, log: &Path, api: &Path, address: &str
         .unwrap())
 }
 
+/// The arguments of a 64 MiB, 2-vCPU VM whose disk `vol0` is served by
+/// the vhost-user backend at `backend`.
+fn vhost_user_vm(cmd: &mut std::process::Command, backend: &Path, log: &Path, api: &Path) {
+    cmd.args(["--memory", "64M", "--cpus", "2", "--disk"])
+        .arg(format!("vhost-user={},id=vol0", backend.display()))
+        .arg("--serial")
+        .arg(format!("file:{}", log.display()))
+        .arg("--api-socket")
+        .arg(api)
+        .env("KILN_LOG", "info");
+}
+
+/// A loopback port nobody listens on, and its `tcp:` address.
+fn free_tcp_address() -> (u16, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    (port, format!("tcp:127.0.0.1:{port}"))
+}
+
+/// Once a destination listens on `port`, has the source at `api` migrate
+/// to it with the shared secret.
+fn migrate_over_tcp(s: &Setup, api: &Path, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the destination never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let body = format!(
+        "{{\"destination\":\"tcp:127.0.0.1:{port}\",\"secret_file\":\"{}\"}}",
+        secret(s).display()
+    );
+    assert_eq!(http(api, "PUT", "/vm/migrate", &body).0, 202);
+}
+
 /// Polls the source's `GET /vm` until its migration is no longer running
 /// (or the process ends); returns the last body.
 fn wait_migration(api: &Path, vmm: &mut Vmm) -> String {
@@ -152,7 +189,7 @@ fn a_running_vm_moves_to_another_process_and_goes_on_counting() {
     assert_eq!(status, 202, "{body}");
     assert!(body.contains("\"migration\""), "{body}");
     // The source hands over and exits 0.
-    let st = src.0.wait().unwrap();
+    let st = src.wait_within(120);
     let err = src.stderr();
     assert!(st.success(), "{st:?}: {err}");
     assert!(err.contains("migrated"), "{err}");
@@ -177,7 +214,7 @@ fn a_running_vm_moves_to_another_process_and_goes_on_counting() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"state\":\"running\""), "{body}");
     assert_eq!(http(&dst_api, "PUT", "/vm/power-off", "").0, 204);
-    let st = dst.0.wait().unwrap();
+    let st = dst.wait_within(120);
     assert!(st.success(), "{st:?}: {}", dst.stderr());
 }
 
@@ -200,7 +237,7 @@ fn a_refused_or_unreachable_destination_leaves_the_source_running() {
     let status = wait_migration(&src_api, &mut src);
     assert!(status.contains("\"state\":\"failed\""), "{status}");
     assert!(status.contains("RAM size differs"), "{status}");
-    let st = dst.0.wait().unwrap();
+    let st = dst.wait_within(120);
     assert!(
         !st.success(),
         "the refusing destination exits with an error"
@@ -230,7 +267,7 @@ fn a_refused_or_unreachable_destination_leaves_the_source_running() {
     );
     assert_eq!(code, 400, "{body}");
     assert_eq!(http(&src_api, "PUT", "/vm/power-off", "").0, 204);
-    let st = src.0.wait().unwrap();
+    let st = src.wait_within(120);
     assert!(st.success(), "{st:?}: {}", src.stderr());
 }
 
@@ -242,28 +279,13 @@ fn a_vm_moves_over_tcp_after_both_ends_prove_the_shared_secret() {
     let s = setup("migrate-tcp");
     let (src_log, src_api) = (s.dir.path().join("src.log"), s.dir.path().join("src.sock"));
     let (dst_log, dst_api) = (s.dir.path().join("dst.log"), s.dir.path().join("dst.sock"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let address = format!("tcp:127.0.0.1:{port}");
+    let (port, address) = free_tcp_address();
     let mut src = source(&s, &src_log, &src_api);
     wait_bytes(&src_log, 4, &mut src);
     let mut dst = destination_at(&s, "64M", &dst_log, &dst_api, &address);
-    // Until the destination listens.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the destination never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     // The secret both ends prove (HMAC challenges) before anything else.
-    let body = format!(
-        "{{\"destination\":\"{address}\",\"secret_file\":\"{}\"}}",
-        secret(&s).display()
-    );
-    assert_eq!(http(&src_api, "PUT", "/vm/migrate", &body).0, 202);
-    let st = src.0.wait().unwrap();
+    migrate_over_tcp(&s, &src_api, port);
+    let st = src.wait_within(120);
     let err = src.stderr();
     assert!(st.success(), "{st:?}: {err}");
     let last = *log_bytes(&src_log).last().unwrap();
@@ -271,7 +293,7 @@ fn a_vm_moves_over_tcp_after_both_ends_prove_the_shared_secret() {
     assert_eq!(out[0], next_count_letter(last));
     wait_socket(&dst_api, &mut dst);
     assert_eq!(http(&dst_api, "PUT", "/vm/power-off", "").0, 204);
-    let st = dst.0.wait().unwrap();
+    let st = dst.wait_within(120);
     assert!(st.success(), "{st:?}: {}", dst.stderr());
 }
 
@@ -297,13 +319,7 @@ fn a_local_migration_hands_over_guest_ram_and_the_vhost_user_connection() {
     let (dst_log, dst_api) = (s.dir.path().join("dst.log"), s.dir.path().join("dst.sock"));
     let listen = s.sockets.join("m.sock");
     let vm = |cmd: &mut std::process::Command, log: &Path, api: &Path| {
-        cmd.args(["--memory", "64M", "--cpus", "2", "--disk"])
-            .arg(format!("vhost-user={},id=vol0", backend.display()))
-            .arg("--serial")
-            .arg(format!("file:{}", log.display()))
-            .arg("--api-socket")
-            .arg(api)
-            .env("KILN_LOG", "info");
+        vhost_user_vm(cmd, &backend, log, api)
     };
     let mut cmd = kiln_vmm();
     cmd.arg("--kernel").arg(&s.kernel);
@@ -325,7 +341,7 @@ fn a_local_migration_hands_over_guest_ram_and_the_vhost_user_connection() {
         &format!("{{\"destination\":\"unix:{}\"}}", listen.display()),
     );
     assert_eq!(status, 202, "{body}");
-    let st = src.0.wait().unwrap();
+    let st = src.wait_within(120);
     let err = src.stderr();
     assert!(st.success(), "{st:?}: {err}");
     assert!(
@@ -342,7 +358,7 @@ fn a_local_migration_hands_over_guest_ram_and_the_vhost_user_connection() {
         String::from_utf8_lossy(&out)
     );
     assert_eq!(http(&dst_api, "PUT", "/vm/power-off", "").0, 204);
-    let st = dst.0.wait().unwrap();
+    let st = dst.wait_within(120);
     let err = dst.stderr();
     assert!(st.success(), "{st:?}: {err}");
     assert!(err.contains("guest RAM handed over (not copied)"), "{err}");
@@ -351,4 +367,59 @@ fn a_local_migration_hands_over_guest_ram_and_the_vhost_user_connection() {
         "{err}"
     );
     assert!(err.contains(": 0 data pages, 0 zero pages"), "{err}");
+}
+
+/// A VM with a vhost-user disk moved over TCP (as to another host: each
+/// end has its own backend). The backend writes guest RAM out of KVM's
+/// sight; it is handed a dirty log for the migration instead of all guest
+/// RAM going again while the VM is paused.
+#[test]
+fn a_tcp_migration_has_the_vhost_user_backend_log_its_writes() {
+    if !local_kvm() {
+        return;
+    }
+    let s = setup("migrate-vu-log");
+    let daemon = |name: &str| {
+        let image = s.dir.path().join(format!("{name}.img"));
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let socket = s.dir.path().join(format!("{name}.sock"));
+        (StorageDaemon::start(&image, &socket), socket)
+    };
+    let (_src_daemon, src_backend) = daemon("vu-src");
+    let (_dst_daemon, dst_backend) = daemon("vu-dst");
+    let (src_log, src_api) = (s.dir.path().join("src.log"), s.dir.path().join("src.sock"));
+    let (dst_log, dst_api) = (s.dir.path().join("dst.log"), s.dir.path().join("dst.sock"));
+    let (port, address) = free_tcp_address();
+    let vm = vhost_user_vm;
+    let mut cmd = kiln_vmm();
+    cmd.arg("--kernel").arg(&s.kernel);
+    vm(&mut cmd, &src_backend, &src_log, &src_api);
+    let mut src = Vmm::spawn(&mut cmd);
+    wait_for_path(&src_api, &mut src.0);
+    wait_bytes(&src_log, 8, &mut src);
+    let mut cmd = kiln_vmm();
+    cmd.arg("--incoming")
+        .arg(&address)
+        .arg("--migration-secret")
+        .arg(secret(&s));
+    vm(&mut cmd, &dst_backend, &dst_log, &dst_api);
+    let mut dst = Vmm::spawn(&mut cmd);
+    migrate_over_tcp(&s, &src_api, port);
+    let st = src.wait_within(120);
+    let err = src.stderr();
+    assert!(st.success(), "{st:?}: {err}");
+    assert!(
+        err.contains("the vhost-user backends log their writes to guest RAM"),
+        "{err}"
+    );
+    assert!(!err.contains("resending all guest RAM"), "{err}");
+    let last = *log_bytes(&src_log).last().unwrap();
+    let out = wait_bytes(&dst_log, 8, &mut dst);
+    assert_eq!(out[0], next_count_letter(last), "{out:?} after {last:?}");
+    assert_eq!(http(&dst_api, "PUT", "/vm/power-off", "").0, 204);
+    let st = dst.wait_within(120);
+    assert!(st.success(), "{st:?}: {}", dst.stderr());
 }

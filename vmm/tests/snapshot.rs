@@ -37,7 +37,7 @@ fn restore(dir: &Scratch, snap: &Path, log: &Path, sock: &Path) -> Vmm {
 
 fn power_off(sock: &Path, mut vmm: Vmm) {
     assert_eq!(http(sock, "PUT", "/vm/power-off", "").0, 204);
-    let status = vmm.0.wait().unwrap();
+    let status = vmm.wait_within(120);
     let err = vmm.stderr();
     assert!(status.success(), "{status:?}, stderr: {err}");
 }

@@ -146,6 +146,21 @@ pub trait VirtioDevice: Send {
         Ok(())
     }
 
+    /// Has the process serving this device (a vhost-user backend) record
+    /// every guest page it writes in `log` from the next activation on
+    /// (`None`: no more), for a live migration: KVM's dirty log does not
+    /// see those writes. Called only on a device that is not active (the
+    /// transport pauses an active one around it). Fails if the backend
+    /// cannot log. Nothing to do for a device served in this process (it
+    /// reports its writes to [`crate::dirty`] itself).
+    fn log_backend_writes(
+        &mut self,
+        log: Option<std::sync::Arc<crate::dirty::BackendLog>>,
+    ) -> Result<(), String> {
+        let _ = log;
+        Ok(())
+    }
+
     /// The connection to another process that serves this device (a
     /// vhost-user backend), with the socket it was made on: what a
     /// migration to a kiln-vmm on the same host hands over, since such a

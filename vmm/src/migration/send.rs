@@ -276,11 +276,12 @@ pub fn migrate_over<S: MigrationSource>(
             Err(e)
         }
         Err(e) => {
-            if paused {
-                source.resume();
-            }
+            // Logging off first: the devices resume without it.
             if dirty_log {
                 source.stop_dirty_log();
+            }
+            if paused {
+                source.resume();
             }
             progress.set_phase(Phase::Failed);
             Err(fail_connection(&mut conn, e))

@@ -179,9 +179,29 @@ impl Vmm {
         err
     }
 
+    /// Waits for it to exit, at most `secs` seconds: then it is killed
+    /// and the test fails with its stderr (a test never hangs on it).
+    pub fn wait_within(&mut self, secs: u64) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+                panic!(
+                    "kiln-vmm still ran after {secs} s; stderr: {}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Waits for it to exit 0, or panics with its stderr.
     pub fn exits_ok(mut self) {
-        let status = self.0.wait().unwrap();
+        let status = self.wait_within(120);
         let err = self.stderr();
         assert!(status.success(), "{status:?}, stderr: {err}");
     }

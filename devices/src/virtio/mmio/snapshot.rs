@@ -56,6 +56,30 @@ impl MmioTransport {
         self.device.backend_connection()
     }
 
+    /// Has the device's backend process, if it has one, log the guest
+    /// pages it writes in `log` (`None`: no more); see
+    /// [`crate::virtio::VirtioDevice::log_backend_writes`]. A device that
+    /// runs is paused around it (its backend stops and restarts its rings,
+    /// which the guest sees as a short wait), under this transport's lock,
+    /// so the guest's driver cannot come in between.
+    pub fn log_backend_writes(
+        &mut self,
+        log: Option<std::sync::Arc<crate::dirty::BackendLog>>,
+    ) -> Result<(), String> {
+        if self.device.backend_connection().is_none() {
+            return Ok(());
+        }
+        let running = self.active && self.paused.is_none();
+        if running {
+            self.pause().map_err(|e| e.to_string())?;
+        }
+        let set = self.device.log_backend_writes(log);
+        if running {
+            self.resume().map_err(|e| e.to_string())?;
+        }
+        set
+    }
+
     /// Connects a device restored without its backend
     /// ([`crate::virtio::VirtioDevice::connect_backend`]).
     pub fn connect_backend(&mut self) -> Result<(), String> {

@@ -15,6 +15,7 @@ use virtio_queue::Queue;
 
 use super::handshake::{self, hang_up, BackendRequests, Negotiated, VCPU_DEADLINE};
 use super::session::{QueueHandback, Session};
+use crate::dirty::BackendLog;
 use crate::virtio::block::device::QUEUE_SIZE;
 use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice, WorkerHook};
 use crate::virtio::state::{DeviceSnapshot, RestoreError, SnapshotError, VhostUserBlockSnapshot};
@@ -51,6 +52,8 @@ pub struct VhostUserBlock {
     /// Set for the first activation of an adopted connection (see
     /// `Session::adopted`).
     first_start_adopted: Arc<AtomicBool>,
+    /// The dirty log the backend writes while a migration runs.
+    log: Option<Arc<BackendLog>>,
 }
 
 /// Finds a deferred device's backend when the machine starts: its socket,
@@ -134,6 +137,7 @@ impl VhostUserBlock {
             handback: QueueHandback::default(),
             link,
             first_start_adopted: Arc::new(AtomicBool::new(false)),
+            log: None,
         }
     }
 
@@ -224,6 +228,8 @@ impl VirtioDevice for VhostUserBlock {
             requests: self.requests.clone(),
             adopted: self.first_start_adopted.clone(),
             handback: self.handback.clone(),
+            socket_fd: self.backend.socket_fd,
+            log: self.log.clone(),
         };
         self.handback
             .lock()
@@ -380,6 +386,23 @@ impl VirtioDevice for VhostUserBlock {
         self.backend = backend;
         self.socket = socket;
         debug!(device = %self.name, socket = %self.socket.display(), "vhost-user-blk backend connected at start");
+        Ok(())
+    }
+
+    /// Takes effect at the next activation, which acks `VHOST_F_LOG_ALL`
+    /// and hands the log over (see `Session::start`).
+    fn log_backend_writes(&mut self, log: Option<Arc<BackendLog>>) -> Result<(), String> {
+        if self.worker.as_ref().is_some_and(Worker::is_busy) {
+            return Err("the device is active".into());
+        }
+        if log.is_some() && !self.backend.can_log() {
+            return Err(format!(
+                "the vhost-user backend at {} cannot log its writes to guest memory \
+                 (it offers no VHOST_F_LOG_ALL or VHOST_USER_PROTOCOL_F_LOG_SHMFD)",
+                self.socket.display()
+            ));
+        }
+        self.log = log;
         Ok(())
     }
 

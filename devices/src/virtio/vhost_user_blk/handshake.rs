@@ -67,10 +67,15 @@ pub const SUPPORTED_FEATURES: u64 = (1 << VIRTIO_BLK_F_SIZE_MAX)
 /// refusing one is noticed there rather than later; MQ (required for more
 /// than one queue) tells how many queues the backend has; BACKEND_REQ gives
 /// the backend a channel for config-change messages (a resized volume).
+/// LOG_SHMFD lets a migration hand the backend a dirty log (`log_base`).
 const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::CONFIG
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::MQ)
-    .union(VhostUserProtocolFeatures::BACKEND_REQ);
+    .union(VhostUserProtocolFeatures::BACKEND_REQ)
+    .union(VhostUserProtocolFeatures::LOG_SHMFD);
+
+/// `VHOST_F_LOG_ALL`: the backend logs its writes to guest memory.
+pub const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 
 /// Why a vhost-user-blk backend cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +101,8 @@ pub enum Error {
     },
     #[error("cannot set up the deadline of the handshake: {0}")]
     Deadline(#[source] io::Error),
+    #[error("the backend failed SET_LOG_BASE (the dirty log of a migration): {0}")]
+    LogBase(#[source] io::Error),
 }
 
 fn connect_reason(e: &io::Error) -> String {
@@ -377,6 +384,15 @@ impl Negotiated {
     pub fn backend_ack(&self, driver_features: u64) -> u64 {
         (driver_features & self.guest_features())
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    /// Whether the backend can log the guest pages it writes for a
+    /// migration (`VHOST_F_LOG_ALL` offered, `LOG_SHMFD` acked).
+    pub fn can_log(&self) -> bool {
+        self.backend_features & LOG_ALL != 0
+            && self
+                .protocol_features
+                .contains(VhostUserProtocolFeatures::LOG_SHMFD)
     }
 
     /// The disk size in 512-byte sectors (`capacity`).

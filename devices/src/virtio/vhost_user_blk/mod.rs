@@ -32,9 +32,18 @@
 //! volume shows its new size to the guest. The channel is served while the
 //! device is active; a message sent before that waits in the socket. Not
 //! supported yet: reconnecting to a restarted backend.
+//!
+//! Live migration: when the backend offers `VHOST_F_LOG_ALL` and
+//! `VHOST_USER_PROTOCOL_F_LOG_SHMFD`, a migration has it log every guest
+//! page it writes (`log_base`, [`crate::dirty::BackendLog`]): the device
+//! stops and restarts its rings once with LOG_ALL acked, the log handed
+//! over (SET_LOG_BASE after SET_MEM_TABLE) and each used ring's address as
+//! its log address. Without it the migration sends all guest RAM again
+//! while the VM is paused.
 
 pub mod device;
 pub mod handshake;
+mod log_base;
 mod session;
 
 pub use device::{Error, FindBackend, VhostUserBlock, VhostUserBlockConfig};

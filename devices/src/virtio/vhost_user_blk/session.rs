@@ -9,6 +9,7 @@ use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 
 use tracing::{debug, error, info, warn};
+use vhost::vhost_user::message::VhostUserVringAddrFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
@@ -19,6 +20,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::handshake::{
     self, BackendRequests, ConfigChanged, Error as HandshakeError, SharedConfig,
 };
+use super::log_base;
+use crate::dirty::BackendLog;
 use crate::virtio::interrupt::Interrupt;
 use crate::virtio::worker::{EventSetPoller, TOKEN_STOP};
 
@@ -73,6 +76,10 @@ pub(super) struct Session {
     /// Where the queues go, with the positions the backend left them at,
     /// once it has stopped every ring (not if it went away).
     pub handback: QueueHandback,
+    /// The frontend's socket, for the message sent by hand (`log_base`).
+    pub socket_fd: std::os::fd::RawFd,
+    /// The dirty log the backend is to write (a migration runs).
+    pub log: Option<Arc<BackendLog>>,
 }
 
 /// Where a session leaves its queues when the backend stopped the rings.
@@ -132,8 +139,13 @@ impl Session {
                     .map_err(step("SET_BACKEND_REQ_FD"))?;
             }
         }
+        // While a migration runs the backend logs its writes (LOG_ALL).
+        let features = match self.log {
+            Some(_) => self.features | handshake::LOG_ALL,
+            None => self.features,
+        };
         self.frontend
-            .set_features(self.features)
+            .set_features(features)
             .map_err(step("SET_FEATURES"))?;
         let regions = self
             .mem
@@ -146,6 +158,12 @@ impl Session {
         self.frontend
             .set_mem_table(&regions)
             .map_err(step("SET_MEM_TABLE"))?;
+        // After the memory table: a backend attaches the log to the
+        // regions it has mapped (rust-vmm's vhost-user-backend does).
+        if let Some(log) = &self.log {
+            log_base::set_log_base(self.socket_fd, log)
+                .map_err(|e| StartError::Backend(HandshakeError::LogBase(e)))?;
+        }
         for (i, q) in self.queues.iter().enumerate() {
             let size = q.size();
             let host = |what: &'static str, addr: u64| {
@@ -160,14 +178,21 @@ impl Session {
             };
             // vhost-user ring addresses are in the frontend's address space;
             // the backend translates them through the memory table.
+            // Logging: the used ring's writes are logged at its guest
+            // address (libvhost-user goes by it; vhost-user-backend logs
+            // every write it makes through guest memory anyway).
             let rings = VringConfigData {
                 queue_max_size: q.max_size(),
                 queue_size: size,
-                flags: 0,
+                flags: if self.log.is_some() {
+                    VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits()
+                } else {
+                    0
+                },
                 desc_table_addr: host("descriptor table", q.desc_table())?,
                 used_ring_addr: host("used ring", q.used_ring())?,
                 avail_ring_addr: host("available ring", q.avail_ring())?,
-                log_addr: None,
+                log_addr: self.log.as_ref().map(|_| q.used_ring()),
             };
             self.frontend
                 .set_vring_num(i, size)

@@ -28,6 +28,7 @@ use crate::bus::BusDevice;
 use crate::virtio::mmio::MmioTransport;
 
 mod config_change;
+mod dirty_log;
 mod features;
 mod snapshot;
 

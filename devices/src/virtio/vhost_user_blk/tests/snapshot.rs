@@ -7,7 +7,7 @@ use super::*;
 use crate::virtio::state::{DeviceSnapshot, RestoreError, TransportSnapshot};
 use crate::virtio::vhost_user_blk::FindBackend;
 
-fn device(daemon: &Daemon) -> VhostUserBlock {
+pub(super) fn device(daemon: &Daemon) -> VhostUserBlock {
     VhostUserBlock::connect(VhostUserBlockConfig {
         socket: daemon.socket.clone(),
         queues: 1,
@@ -15,7 +15,10 @@ fn device(daemon: &Daemon) -> VhostUserBlock {
     .unwrap()
 }
 
-fn transport(dev: VhostUserBlock, mem: &GuestMemoryMmap) -> (MmioTransport, EventFd, EventFd) {
+pub(super) fn transport(
+    dev: VhostUserBlock,
+    mem: &GuestMemoryMmap,
+) -> (MmioTransport, EventFd, EventFd) {
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     let t = MmioTransport::new(mem.clone(), Box::new(dev), irq.try_clone().unwrap())
         .unwrap()
@@ -25,16 +28,28 @@ fn transport(dev: VhostUserBlock, mem: &GuestMemoryMmap) -> (MmioTransport, Even
     (t, kick, irq)
 }
 
+/// A device on `daemon`, brought up by the driver, that has written one
+/// block of `fill` at sector 8 (request 0): guest memory, the transport,
+/// its kick and its interrupt.
+pub(super) fn written_once(
+    daemon: &Daemon,
+    fill: u8,
+) -> (GuestMemoryMmap, MmioTransport, EventFd, EventFd) {
+    let mem = shared_mem();
+    let (mut t, kick, irq) = transport(device(daemon), &mem);
+    bring_up(&mut t, &mem);
+    mem.write_slice(&[fill; 4096], GuestAddress(DATA)).unwrap();
+    let status = request(&mem, &kick, &irq, 0, VIRTIO_BLK_T_OUT, 8, 4096);
+    assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+    (mem, t, kick, irq)
+}
+
 #[test]
 fn the_backend_hands_the_rings_back_and_takes_them_again() {
     let daemon = Daemon::start();
-    let mem = shared_mem();
-    let (mut t, kick, irq) = transport(device(&daemon), &mem);
-    bring_up(&mut t, &mem);
+    let (mem, mut t, kick, irq) = written_once(&daemon, 0x11);
     assert!(t.is_active());
     let ok = VIRTIO_BLK_S_OK as u8;
-    mem.write_slice(&[0x11; 4096], GuestAddress(DATA)).unwrap();
-    assert_eq!(request(&mem, &kick, &irq, 0, VIRTIO_BLK_T_OUT, 8, 4096), ok);
     assert_eq!(request(&mem, &kick, &irq, 1, VIRTIO_BLK_T_IN, 8, 4096), ok);
 
     t.pause().unwrap();
@@ -104,12 +119,8 @@ fn the_backend_hands_the_rings_back_and_takes_them_again() {
 #[test]
 fn a_handed_over_connection_serves_the_rings_where_the_source_left_them() {
     let daemon = Daemon::start();
-    let mem = shared_mem();
-    let (mut t, kick, irq) = transport(device(&daemon), &mem);
-    bring_up(&mut t, &mem);
+    let (mem, mut t, _kick, _irq) = written_once(&daemon, 0x33);
     let ok = VIRTIO_BLK_S_OK as u8;
-    mem.write_slice(&[0x33; 4096], GuestAddress(DATA)).unwrap();
-    assert_eq!(request(&mem, &kick, &irq, 0, VIRTIO_BLK_T_OUT, 8, 4096), ok);
     t.pause().unwrap();
     let snap = t.snapshot().unwrap();
     let (socket, fd) = t.backend_connection().unwrap();
