@@ -198,6 +198,14 @@ mdevs() { echo "--disk path=/tmp/migdata.img,id=data --disk path=/tmp/mig.img,ro
 mkdir -m 700 /run/kmig
 # mstatus SOCK: the source's migration status, one line.
 mstatus() { kiln-api-call "$1" GET /vm | grep -o '"migration":.*' ; }
+# in_precopy SOCK: waits (30 s at most) until the migration copies RAM.
+in_precopy() {
+    i=0
+    until mstatus "$1" | grep -q '"phase":"precopy"'; do
+        i=$((i + 1)); [ $i -le 600 ] || break
+        sleep 0.05
+    done
+}
 # wait_migration SOCK PID: until the source process ends or its
 # migration failed (at most 600 s); prints the last status.
 wait_migration() {
@@ -248,11 +256,7 @@ if wait_for /tmp/ms.log MIG-CHECK 2 400; then
     dst=$!
     i=0; while [ ! -S /run/kmig/m.sock ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
     api /tmp/ms.sock PUT /vm/migrate '{"destination":"unix:/run/kmig/m.sock"}'
-    i=0
-    until mstatus /tmp/ms.sock | grep -q '"phase":"precopy"'; do
-        i=$((i + 1)); [ $i -le 600 ] || break
-        sleep 0.05
-    done
+    in_precopy /tmp/ms.sock
     kill -KILL $dst
     wait $dst
     wait_migration /tmp/ms.sock "$src"
@@ -304,11 +308,33 @@ if [ -S /tmp/md.sock ]; then
     /usr/sbin/ip netns exec kmig /usr/sbin/ip link set kt8 up
     head -c 32 /dev/urandom >/tmp/mig.secret
     chmod 600 /tmp/mig.secret
+    dpid=$(for p in /proc/[0-9]*; do read -r c <"$p/comm" 2>/dev/null && [ "$c" = kiln-vmm-v2 ] && echo "${p#/proc/}"; done | head -n 1)
+    # The connection is cut while RAM is copied (the destination's end of
+    # the link goes down, so nothing answers, not even a reset): the
+    # source gives up when a write has waited its I/O timeout (30 s) and
+    # the guest runs on.
+    /usr/sbin/ip netns exec kmig kiln-vmm --incoming tcp:10.208.0.2:7001 \
+        --migration-secret /tmp/mig.secret --memory 256M --serial none $(mdevs kt8) \
+        </dev/null 2>/tmp/mc.err &
+    cut_dst=$!
+    sleep 2
+    api /tmp/md.sock PUT /vm/migrate '{"destination":"tcp:10.208.0.2:7001","secret_file":"/tmp/mig.secret"}'
+    in_precopy /tmp/md.sock
+    /usr/sbin/ip netns exec kmig /usr/sbin/ip link set kv1 down
+    say "MIG-CUT t=$(up)"
+    wait_migration /tmp/md.sock "$dpid"
+    say "MIG-CUT-GAVE-UP t=$(up)"
+    /usr/sbin/ip netns exec kmig /usr/sbin/ip link set kv1 up
+    # The cut-off destination times out too, and exits (releasing kt8).
+    wait $cut_dst
+    say "MIG-CUT-DST rc=$?"
+    tagged $CASE-cut:err /tmp/mc.err
+    n0=$(grep -c MIG-HB /tmp/md.log)
+    wait_for /tmp/md.log MIG-HB $((n0 + 5)) 120 && say "MIG-RUNS-ON after-cut"
     ( KILN_LOG=info /usr/sbin/ip netns exec kmig kiln-vmm --incoming tcp:10.208.0.2:7000 \
         --migration-secret /tmp/mig.secret --memory 256M --api-socket /tmp/mt.sock $(mdevs kt8) \
         </dev/null 2>/tmp/mt.err; echo "rc=$?" >/tmp/mt.rc ) | stamp >/tmp/mt.log &
     sleep 2
-    dpid=$(for p in /proc/[0-9]*; do read -r c <"$p/comm" 2>/dev/null && [ "$c" = kiln-vmm-v2 ] && echo "${p#/proc/}"; done | head -n 1)
     say "MIG-SWITCH-BEFORE $(grep MIG-HB /tmp/md.log | tail -n 1)"
     say "MIG-STREAM-AT-TCP lines=$(wc -l </tmp/stream.txt)"
     api /tmp/md.sock PUT /vm/migrate '{"destination":"tcp:10.208.0.2:7000","secret_file":"/tmp/mig.secret"}'
@@ -710,6 +736,37 @@ fn a_running_vm_moves_to_another_kiln_vmm_build_and_its_tcp_stream_survives() {
             .first()
             .is_some_and(|l| field(l, "gaps") == Some("0")),
         "the stream lost or repeated lines: {stream:?}"
+    );
+}
+
+/// The connection cut while RAM is copied (no reset, nothing answers):
+/// the source gives up after its I/O timeout and the guest runs on; then
+/// the same VM moves over TCP (the test below).
+#[test]
+fn a_migration_whose_connection_is_cut_leaves_the_source_running() {
+    let Some(dst) = case("mig-dst") else { return };
+    assert!(!said(&dst, "MIG-CUT ").is_empty(), "{dst:?}");
+    let status = said(&dst, "MIG-STATUS ");
+    let status = status.first().unwrap_or_else(|| panic!("{dst:?}"));
+    assert!(status.contains("\"state\":\"failed\""), "{status}");
+    assert!(
+        said(&dst, "MIG-RUNS-ON ")
+            .iter()
+            .any(|l| l.contains("after-cut")),
+        "the guest stopped after the cut: {dst:?}"
+    );
+    let t = |m: &str| -> f64 {
+        said(&dst, m)
+            .first()
+            .and_then(|l| field(l, "t"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {m}: {dst:?}"))
+    };
+    let waited = t("MIG-CUT-GAVE-UP ") - t("MIG-CUT ");
+    eprintln!("cut connection: the source gave up after {waited:.1} s");
+    assert!(
+        waited < 200.0,
+        "the source waited {waited:.0} s on a dead connection"
     );
 }
 

@@ -74,11 +74,32 @@ set -- $(dd if=/dev/vda bs=64k skip=$at count=1 iflag=direct 2>/dev/null | md5su
 /// The volume-migration guest: writes block n (its number in the block)
 /// with O_DIRECT and an fsync, n = 1, 2, ..., and says `VM-ACK n=N` once
 /// the write returned: what it saw acknowledged.
-const VOLUME_WRITER_SCRIPT: &str = r#"i=0
+const VOLUME_WRITER_SCRIPT: &str = r#"# A reader goes over the blocks written so far, again and again, through
+# the page cache: the backend writes each block's first read into guest RAM
+# (which a migration must carry: its dirty log), later reads come from that
+# RAM. No readahead, and 8 blocks behind the writer, so that no read races
+# a write of the same block.
+echo 0 > /sys/block/vda/queue/read_ahead_kb
+echo 0 > /tmp/last
+(
+    while :; do
+        last=$(cat /tmp/last)
+        j=1
+        while [ $j -le $((last - 8)) ]; do
+            got=$(dd if=/dev/vda bs=4096 skip=$j count=1 2>/dev/null | head -c 12)
+            [ "$got" = "$(printf 'blk-%08d' $j)" ] || echo "VM-READ-MISMATCH n=$j got=$got"
+            j=$((j + 1))
+        done
+        echo "VM-READ-PASS upto=$((j - 1))"
+        sleep 0.2
+    done
+) &
+i=0
 while [ $i -lt 15000 ]; do
     i=$((i + 1))
     printf 'blk-%08d\n' $i | dd of=/dev/vda bs=4096 seek=$i conv=sync,fsync oflag=direct 2>/dev/null \
         && echo "VM-ACK n=$i" || echo "VM-WRITE-FAILED n=$i"
+    echo $i > /tmp/last
     sleep 0.05
 done
 "#;
@@ -204,6 +225,8 @@ sed 's/^/[rs-err] /' /tmp/rs.err
 mkdir -m 700 /run/kvm-mig
 # acks FILE: the writes the guest saw acknowledged so far (0 without FILE).
 acks() {{ c=$(grep -c VM-ACK "$1" 2>/dev/null); echo "${{c:-0}}"; }}
+# reads FILE: the passes of the guest's reader so far.
+reads() {{ c=$(grep -c VM-READ-PASS "$1" 2>/dev/null); echo "${{c:-0}}"; }}
 # migrate TAG SOURCE_DISK DESTINATION_DISK ADDRESS: the disk options name
 # the disk id=vol; image_TAG FILE writes the disk's bytes to FILE after;
 # after_TAG (optional) runs once the source is gone.
@@ -230,7 +253,8 @@ migrate() {{
     grep -q 'done: downtime' /tmp/$tag-s.err || {{ echo "$tag-NOT-MIGRATED"; kill $dst; }}
     command -v after_$tag >/dev/null && after_$tag
     i=0
-    while [ "$(acks /tmp/$tag-d.console)" -lt 20 ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+    while {{ [ "$(acks /tmp/$tag-d.console)" -lt 20 ] || [ "$(reads /tmp/$tag-d.console)" -lt 2 ]; }} \
+        && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
     kiln-api-call /tmp/$tag-d.sock PUT /vm/power-off | sed "s/^/[$tag] /"
     i=0
     while kill -0 $dst 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
@@ -246,7 +270,9 @@ migrate() {{
     done
     rm -f /tmp/$tag.img
     failed=$(cat /tmp/$tag-s.console /tmp/$tag-d.console 2>/dev/null | grep -c VM-WRITE-FAILED)
-    echo "$tag-VERIFIED checked=$checked lost=$lost src_acks=$(acks /tmp/$tag-s.console) dst_acks=$(acks /tmp/$tag-d.console) failed=$failed"
+    mismatched=$(cat /tmp/$tag-s.console /tmp/$tag-d.console 2>/dev/null | grep -c VM-READ-MISMATCH)
+    cat /tmp/$tag-s.console /tmp/$tag-d.console 2>/dev/null | grep VM-READ-MISMATCH | head -5 | sed "s/^/[$tag] /"
+    echo "$tag-VERIFIED checked=$checked lost=$lost src_acks=$(acks /tmp/$tag-s.console) dst_acks=$(acks /tmp/$tag-d.console) failed=$failed mismatched=$mismatched dst_reads=$(reads /tmp/$tag-d.console)"
     grep -h 'done: downtime' /tmp/$tag-s.err | sed "s/^/$tag-MIGRATION /"
     grep -v VM-ACK /tmp/$tag-s.err | sed "s/^/[$tag-s-err] /"
     sed "s/^/[$tag-d-err] /" /tmp/$tag-d.err
@@ -493,6 +519,16 @@ fn migrated_while_writing(run: &HostRun, tag: &str) {
     );
     assert_eq!(value(run, &m("VERIFIED"), "lost"), "0", "{}", run.output);
     assert_eq!(value(run, &m("VERIFIED"), "failed"), "0", "{}", run.output);
+    // What the guest read before or during the move and reads again from
+    // its page cache afterwards is what it wrote.
+    assert_eq!(
+        value(run, &m("VERIFIED"), "mismatched"),
+        "0",
+        "{}",
+        run.output
+    );
+    let reads: u32 = value(run, &m("VERIFIED"), "dst_reads").parse().unwrap();
+    assert!(reads >= 2, "{}", run.output);
     let migration = run
         .line_with(&m("MIGRATION"))
         .unwrap_or_else(|| panic!("{}", run.output));
@@ -539,6 +575,19 @@ fn a_volume_backed_guest_moves_to_another_node_which_fences_the_old_writer() {
         .line_with("XN-OLD-WRITER-REFUSED")
         .unwrap_or_else(|| panic!("the old writer wrote after the handover:\n{}", run.output));
     assert!(refused.contains("fenced"), "{refused}");
+    // kiln-store logged the pages it wrote into guest RAM (the guest's
+    // reads) during the pre-copy: guest RAM did not go again while paused.
+    assert!(
+        run.output
+            .contains("the vhost-user backends log their writes to guest RAM"),
+        "{}",
+        run.output
+    );
+    assert!(
+        !run.output.contains("resending all guest RAM while paused"),
+        "{}",
+        run.output
+    );
     // The destination attached the volume (fencing the source) only when
     // it started the VM, after the source had committed: not while
     // restoring, when the source could still have resumed.
