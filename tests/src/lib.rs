@@ -290,6 +290,25 @@ impl HostRun {
         }
     }
 
+    /// What the run said last, for a retry's line: scripts/testhost's
+    /// last message (how the test host stopped, a triple fault or a panic
+    /// among them) and the console's last line.
+    pub fn last_words(&self) -> String {
+        let last = |text: &str| {
+            text.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("(nothing)")
+                .trim()
+                .to_string()
+        };
+        format!(
+            "scripts/testhost said: {}; the console's last line: {}",
+            last(&self.stderr),
+            last(&self.output)
+        )
+    }
+
     /// Whether the script cut the test host's power on purpose
     /// ([`POWER_CUT`]) and the test host then stopped without a report.
     pub fn power_cut(&self) -> bool {
@@ -469,7 +488,8 @@ impl TestHost {
             return Ok(first);
         };
         retry(format!(
-            "the test host failed on its own ({why}); booting it once more"
+            "the test host failed on its own ({why}); booting it once more. {}",
+            first.last_words()
         ));
         eprintln!("The failed test-host run's console:\n{}", first.output);
         once()
@@ -651,6 +671,16 @@ mod tests {
         r.status = STATUS_NO_REPORT;
         assert!(!r.power_cut());
         assert!(r.environment_failure().is_some());
+    }
+
+    #[test]
+    fn a_failed_runs_last_words_name_how_it_stopped() {
+        let mut r = run_with("KILN-TESTHOST-READY\n[12.1] kiln-vmm: started\n\n");
+        r.stderr = "testhost: booting the test host (timeout 60s)\ntesthost: test host stopped without reporting the script's status (QEMU status 0; ready after 9.0 s; its CPU triple-faulted)\n".into();
+        let w = r.last_words();
+        assert!(w.contains("its CPU triple-faulted"), "{w}");
+        assert!(w.ends_with("the console's last line: [12.1] kiln-vmm: started"), "{w}");
+        assert!(run_with("").last_words().contains("(nothing)"));
     }
 
     #[test]
