@@ -258,20 +258,15 @@ impl Supervisor {
         let result = async {
             for (i, (name, attach)) in volumes.iter().zip(attach).enumerate() {
                 let sock = dir.join(format!("disk{i}.sock"));
-                let (store, name2) = (self.store.clone(), name.clone());
+                let store = self.store.clone();
                 let s2 = sock.display().to_string();
-                tokio::task::spawn_blocking(move || {
-                    store.call(&attach)?;
-                    store.call(&kiln_store::proto::Request::VolExport {
-                        name: name2,
-                        socket: s2,
-                        queues: disk_queues,
-                        read_only: false,
-                    })
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("volume {name}: {}", e.message))?;
+                // One request: kiln-store undoes its attach if the export
+                // fails.
+                let attach = attach.with_export(s2, disk_queues, false);
+                tokio::task::spawn_blocking(move || store.call(&attach))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("volume {name}: {}", e.message))?;
                 disks.push(name.clone());
             }
             for (i, nic) in vm.spec.nics.iter().enumerate() {

@@ -448,40 +448,37 @@ pub fn volume(a: VolumeArgs) -> Result<()> {
             key_file,
             next_key_file,
         } => {
-            let mut c = connect()?;
-            let r = c.call(&Request::VolAttach {
+            let attach = Request::VolAttach {
                 name: name.clone(),
                 force,
                 key: key_file.as_deref().map(read_key).transpose()?,
                 next_key: next_key_file.as_deref().map(read_key).transpose()?,
-            })?;
-            if let Some(sock) = vhost_user {
-                let sock =
-                    sock.unwrap_or_else(|| kiln_store::vhost_socket_beside(&a.socket, &name));
-                let socket = std::path::absolute(&sock)
-                    .with_context(|| format!("bad socket path {}", sock.display()))?;
-                c.call(&Request::VolExport {
-                    name,
-                    socket: socket.display().to_string(),
-                    queues,
-                    read_only,
-                })
-                .with_context(|| format!("attached, but cannot export on {}", socket.display()))?;
-                if json {
-                    // The volume's status, plus where it is served.
-                    let mut v = match r {
-                        Response::Status(s) => serde_json::to_value(&s)?,
-                        Response::Ok => serde_json::json!({ "ok": true }),
-                        other => return show(other),
-                    };
-                    v["vhost_user"] = serde_json::json!(socket);
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                    return Ok(());
-                }
-                if !json {
-                    println!("vhost-user-blk: {}", socket.display());
-                }
+            };
+            let Some(sock) = vhost_user else {
+                return show(connect()?.call(&attach)?);
+            };
+            let sock = sock.unwrap_or_else(|| kiln_store::vhost_socket_beside(&a.socket, &name));
+            let socket = std::path::absolute(&sock)
+                .with_context(|| format!("bad socket path {}", sock.display()))?;
+            // One request: the daemon checks the export first and undoes
+            // its attach if the export fails.
+            let r = connect()?.call(&attach.with_export(
+                socket.display().to_string(),
+                queues,
+                read_only,
+            ))?;
+            if json {
+                // The volume's status, plus where it is served.
+                let mut v = match r {
+                    Response::Status(s) => serde_json::to_value(&s)?,
+                    Response::Ok => serde_json::json!({ "ok": true }),
+                    other => return show(other),
+                };
+                v["vhost_user"] = serde_json::json!(socket);
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
             }
+            println!("vhost-user-blk: {}", socket.display());
             show(r)
         }
         VolumeCmd::Detach { name } => simple(Request::VolDetach { name }),

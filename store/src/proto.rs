@@ -304,6 +304,19 @@ pub enum Request {
         queues: u16,
         read_only: bool,
     },
+    /// [`Request::VolAttach`] then [`Request::VolExport`] as one step,
+    /// answered as `VolAttach` is. The export is checked before the attach,
+    /// and an export that still fails undoes an attach this request made:
+    /// the volume is never left attached here with nothing serving it.
+    VolAttachExport {
+        name: String,
+        force: bool,
+        key: Option<VolumeKey>,
+        next_key: Option<VolumeKey>,
+        socket: String,
+        queues: u16,
+        read_only: bool,
+    },
 }
 
 impl Request {
@@ -321,12 +334,35 @@ impl Request {
         }
     }
 
+    /// This [`Request::VolAttach`] as a [`Request::VolAttachExport`] that
+    /// also serves the volume on `socket`; any other request as it is.
+    pub fn with_export(self, socket: String, queues: u16, read_only: bool) -> Request {
+        match self {
+            Request::VolAttach {
+                name,
+                force,
+                key,
+                next_key,
+            } => Request::VolAttachExport {
+                name,
+                force,
+                key,
+                next_key,
+                socket,
+                queues,
+                read_only,
+            },
+            other => other,
+        }
+    }
+
     /// Does this request carry key material? (Its encoded frame is wiped
     /// after use; it is never a replica operation.)
     pub fn carries_key(&self) -> bool {
         match self {
             Request::VolCreate { key, .. } => key.is_some(),
-            Request::VolAttach { key, next_key, .. } => key.is_some() || next_key.is_some(),
+            Request::VolAttach { key, next_key, .. }
+            | Request::VolAttachExport { key, next_key, .. } => key.is_some() || next_key.is_some(),
             Request::VolRekey { .. } => true,
             _ => false,
         }

@@ -103,22 +103,28 @@ impl Daemon {
 
     /// [`Daemon::export_vhost`] with a queue count and, optionally,
     /// read-only.
-    pub fn export_vhost_with(
+    /// Whether `name` can be exported on `socket` with `opts`, before
+    /// anything is touched: options in range, a directory to bind in, and
+    /// no other live server (another export, a daemon) or other file on
+    /// the socket's path. [`ExportCheck::Unchanged`] if it is exported
+    /// there so already.
+    fn check_export(
         &self,
         name: &str,
         socket: &Path,
         opts: crate::vhost_blk::ExportOptions,
-    ) -> Result<()> {
+    ) -> Result<ExportCheck> {
         opts.validate()?;
-        self.writer(name)?;
         crate::vhost_blk::export::check_socket_path(socket)
             .map_err(|e| Error::Invalid(e.to_string()))?;
-        // Exporting again as it is already exported keeps the export and
-        // its frontend: a kiln-vmm taking the VM over on this node (a live
-        // migration) asks while the one it replaces is still connected.
-        // Another socket or other options replace it; any other live
-        // socket (another export, a daemon) is refused before the current
-        // export is touched.
+        let dir = socket.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+            return Err(Error::Invalid(format!(
+                "cannot export on {}: no directory {}",
+                socket.display(),
+                dir.display()
+            )));
+        }
         let (same, unchanged) = self
             .vhost_exports
             .lock()
@@ -131,13 +137,64 @@ impl Daemon {
                 )
             });
         if unchanged {
-            return Ok(());
+            return Ok(ExportCheck::Unchanged);
         }
         if !same && socket_in_use(socket) {
             return Err(Error::Invalid(format!(
                 "{} is in use by another server",
                 socket.display()
             )));
+        }
+        Ok(ExportCheck::New)
+    }
+
+    /// Attaches `name` and serves it on `socket` as one step: the export is
+    /// checked first, and an attach made here is undone when the export
+    /// still fails (an attach that was already there stays).
+    fn attach_and_export(
+        &self,
+        name: &str,
+        force: bool,
+        keys: Keys,
+        socket: &Path,
+        opts: crate::vhost_blk::ExportOptions,
+    ) -> Result<Arc<Writer>> {
+        validate_name(name)?;
+        self.check_export(name, socket, opts)?;
+        let before = self.writer(name).ok();
+        let w = self.attach_with_keys(name, None, force, keys)?;
+        if let Err(e) = self.export_vhost_with(name, socket, opts) {
+            if !before.is_some_and(|b| Arc::ptr_eq(&b, &w)) {
+                tracing::warn!(volume = name, error = %e, "export failed: detaching the volume again");
+                self.detach(name);
+            }
+            return Err(e);
+        }
+        Ok(w)
+    }
+
+    /// Stops serving and writing `name` here (nothing if it is not
+    /// attached).
+    fn detach(&self, name: &str) {
+        self.unexport_vhost(name);
+        if let Some(w) = self.writers.lock().expect(crate::POISONED).remove(name) {
+            w.detach();
+        }
+    }
+
+    pub fn export_vhost_with(
+        &self,
+        name: &str,
+        socket: &Path,
+        opts: crate::vhost_blk::ExportOptions,
+    ) -> Result<()> {
+        self.writer(name)?;
+        // Exporting again as it is already exported keeps the export and
+        // its frontend: a kiln-vmm taking the VM over on this node (a live
+        // migration) asks while the one it replaces is still connected.
+        // Another socket or other options replace it.
+        if self.check_export(name, socket, opts)? == ExportCheck::Unchanged {
+            return Ok(());
         }
         self.unexport_vhost(name);
         let (me, vol) = (self.me.clone(), name.to_string());
@@ -531,10 +588,7 @@ impl Daemon {
                 Ok(Response::Status(w.status()))
             }
             Request::VolDetach { name } => {
-                self.unexport_vhost(&name);
-                if let Some(w) = self.writers.lock().expect(crate::POISONED).remove(&name) {
-                    w.detach();
-                }
+                self.detach(&name);
                 Ok(Response::Ok)
             }
             Request::VolRead { name, offset, len } => {
@@ -566,6 +620,20 @@ impl Daemon {
             Request::VolExportVhost { name, socket } => {
                 self.export_vhost(&name, Path::new(&socket))?;
                 Ok(Response::Ok)
+            }
+            Request::VolAttachExport {
+                name,
+                force,
+                key,
+                next_key,
+                socket,
+                queues,
+                read_only,
+            } => {
+                let opts = crate::vhost_blk::ExportOptions { queues, read_only };
+                let keys = Keys { key, next_key };
+                let w = self.attach_and_export(&name, force, keys, Path::new(&socket), opts)?;
+                Ok(Response::Status(w.status()))
             }
             Request::VolExport {
                 name,
@@ -785,6 +853,15 @@ pub fn serve(cfg: Config) -> Result<()> {
 }
 
 /// Does a daemon already listen on this unix socket?
+/// What [`Daemon::check_export`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum ExportCheck {
+    /// Exported on that socket with those options already: keep it.
+    Unchanged,
+    /// A new export (or one that replaces the current one).
+    New,
+}
+
 pub fn socket_in_use(path: &Path) -> bool {
     std::os::unix::net::UnixStream::connect(path).is_ok()
 }

@@ -596,6 +596,67 @@ fn export_needs_an_attached_volume_and_a_free_socket() {
 }
 
 #[test]
+fn an_attach_whose_export_fails_is_undone() {
+    let t = tempfile::tempdir().unwrap();
+    let (n1, _n2) = two_nodes(t.path());
+    n1.cli_ok(&["detach", "vmdisk"]);
+    assert!(!n1.status("vmdisk").attached);
+    // Refused before the attach: no directory for the socket, a socket
+    // another server listens on, a file that is not a socket.
+    let nodir = t.path().join("nosuch/disk.sock");
+    let busy = t.path().join("busy.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&busy).unwrap();
+    let file = t.path().join("precious");
+    std::fs::write(&file, b"keep me").unwrap();
+    for (sock, why) in [
+        (&nodir, "no directory"),
+        (&busy, "in use"),
+        (&file, "not a socket"),
+    ] {
+        let o = n1.cli(&["attach", "vmdisk", "--vhost-user", sock.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{}: {err}", sock.display());
+        assert!(err.contains(why), "{}: {err}", sock.display());
+        assert!(
+            !n1.status("vmdisk").attached,
+            "left attached after {}: {err}",
+            sock.display()
+        );
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    // An export that fails only when it binds (a path too long for a unix
+    // socket) undoes the attach too.
+    let long = t.path().join("l".repeat(120));
+    std::fs::create_dir(&long).unwrap();
+    check_undone(&n1, &long.join("disk.sock"));
+    // An attach that was there before stays when the export is refused.
+    n1.cli_ok(&["attach", "vmdisk"]);
+    let epoch = n1.status("vmdisk").epoch;
+    let o = n1.cli(&["attach", "vmdisk", "--vhost-user", busy.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let st = n1.status("vmdisk");
+    assert!(st.attached && st.epoch == epoch, "{st:?}");
+    // And the same request with a good socket serves the volume.
+    n1.cli_ok(&["detach", "vmdisk"]);
+    let sock = export(&n1, "vmdisk", t.path());
+    let mut g = Guest::connect(&sock, false);
+    assert_eq!(g.capacity(), VOL_SIZE / 512);
+}
+
+/// Attaching with an export on `sock` fails, and leaves the volume detached.
+fn check_undone(n: &Node, sock: &Path) {
+    let o = n.cli(&["attach", "vmdisk", "--vhost-user", sock.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{}: exported", sock.display());
+    assert!(!n.status("vmdisk").attached, "left attached: {err}");
+    assert!(
+        n.log()
+            .contains("export failed: detaching the volume again"),
+        "{err}"
+    );
+}
+
+#[test]
 fn an_encrypted_volume_served_to_a_guest() {
     use std::os::unix::fs::PermissionsExt;
     let t = tempfile::tempdir().unwrap();
