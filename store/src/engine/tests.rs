@@ -1,6 +1,7 @@
 //! Unit tests of the engine.
 
 use super::*;
+use crate::checksum::{block_crc, Entry};
 
 fn engine(dirs: &[PathBuf]) -> Engine {
     Engine::open("n1", dirs).unwrap()

@@ -1,0 +1,135 @@
+//! Blocks in a slab slot: verified reads, writes with their sidecar
+//! checksums, writeback, and freeing a slot.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+use super::{SIDECAR_SIZE, SLOTS_PER_SLAB, SLOT_SIZE};
+use crate::checksum::{block_crc, zero_crc, Entry, ENTRY_SIZE};
+use crate::error::Result;
+use crate::{BLOCK_SIZE, EXTENT_SIZE};
+
+/// Reads blocks starting at block `b0` of the extent slot at byte `base` of
+/// slab `f` into `buf` and verifies them; returns the indexes (relative to
+/// `b0`) that failed, zeroed in `buf`. Never-written blocks read as zeros.
+pub(super) fn read_blocks(f: &File, base: u64, b0: u64, buf: &mut [u8]) -> Result<Vec<u64>> {
+    let n = buf.len() / BLOCK_SIZE as usize;
+    let mut side = vec![0u8; n * ENTRY_SIZE];
+    f.read_exact_at(&mut side, base + EXTENT_SIZE + b0 * ENTRY_SIZE as u64)?;
+    f.read_exact_at(buf, base + b0 * BLOCK_SIZE)?;
+    let mut bad = Vec::new();
+    for i in 0..n {
+        let e = Entry::decode(&side[i * ENTRY_SIZE..]);
+        let blk = &mut buf[i * BLOCK_SIZE as usize..(i + 1) * BLOCK_SIZE as usize];
+        if e.is_unwritten() {
+            blk.fill(0);
+        } else if !e.accepts(block_crc(blk)) {
+            blk.fill(0);
+            bad.push(i as u64);
+        }
+    }
+    Ok(bad)
+}
+
+/// Writes whole blocks starting at block `b0` of the extent slot at byte
+/// `base` of slab `f`, in the three crash-safe steps described in
+/// [`crate::checksum`].
+pub(super) fn write_blocks(f: &File, base: u64, b0: u64, data: &[u8]) -> Result<()> {
+    let n = data.len() / BLOCK_SIZE as usize;
+    let side_off = base + EXTENT_SIZE + b0 * ENTRY_SIZE as u64;
+    let mut side = vec![0u8; n * ENTRY_SIZE];
+    f.read_exact_at(&mut side, side_off)?;
+    let mut crcs = Vec::with_capacity(n);
+    for i in 0..n {
+        let old = Entry::decode(&side[i * ENTRY_SIZE..]);
+        let new = block_crc(&data[i * BLOCK_SIZE as usize..(i + 1) * BLOCK_SIZE as usize]);
+        let on_disk = if old.is_unwritten() {
+            zero_crc()
+        } else if old.current == old.previous {
+            old.current
+        } else {
+            // A previous write was cut short: find out which version the
+            // block holds. If neither verifies, keep `current` so that the
+            // damage stays visible.
+            let mut blk = vec![0u8; BLOCK_SIZE as usize];
+            f.read_exact_at(&mut blk, base + (b0 + i as u64) * BLOCK_SIZE)?;
+            let c = block_crc(&blk);
+            if old.accepts(c) {
+                c
+            } else {
+                old.current
+            }
+        };
+        Entry {
+            current: new,
+            previous: on_disk,
+        }
+        .encode(&mut side[i * ENTRY_SIZE..]);
+        crcs.push(new);
+    }
+    f.write_all_at(&side, side_off)?;
+    f.write_all_at(data, base + b0 * BLOCK_SIZE)?;
+    for (i, c) in crcs.into_iter().enumerate() {
+        Entry {
+            current: c,
+            previous: c,
+        }
+        .encode(&mut side[i * ENTRY_SIZE..]);
+    }
+    f.write_all_at(&side, side_off)?;
+    Ok(())
+}
+
+/// Disk space held by the slabs of data dir `dir`, in bytes (what `du`
+/// would say: holes of free slots do not count).
+pub fn slab_space(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for ent in std::fs::read_dir(dir.join("slabs"))? {
+        total += ent?.metadata()?.blocks() * 512;
+    }
+    Ok(total)
+}
+
+/// Starts writing `[off, off+len)` of `f` to disk without waiting for it.
+/// Large sequential writes would otherwise sit in the page cache until the
+/// next flush, which then waits for all of them at once; started early,
+/// the disk works while the guest keeps writing and the flush finds little
+/// left to do. A failure only loses the head start.
+pub(super) fn start_writeback(f: &File, off: u64, len: u64) {
+    // SAFETY: plain syscall on a valid, owned fd with no pointers involved.
+    unsafe {
+        libc::sync_file_range(
+            f.as_raw_fd(),
+            off as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+/// Makes `slot` of slab `f` read as zeros and gives its space back: a hole
+/// is punched over it, or, where the file system cannot punch holes, its
+/// sidecar is zeroed (which makes every block read as never written).
+pub(super) fn clear_slot(f: &File, slot: u64) -> Result<()> {
+    let base = (slot % SLOTS_PER_SLAB) * SLOT_SIZE;
+    // SAFETY: fallocate on a valid, owned fd with no pointers involved.
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            base as libc::off_t,
+            SLOT_SIZE as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(err.into());
+    }
+    f.write_all_at(&[0u8; SIDECAR_SIZE as usize], base + EXTENT_SIZE)?;
+    Ok(())
+}
