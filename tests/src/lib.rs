@@ -679,7 +679,10 @@ mod tests {
         r.stderr = "testhost: booting the test host (timeout 60s)\ntesthost: test host stopped without reporting the script's status (QEMU status 0; ready after 9.0 s; its CPU triple-faulted)\n".into();
         let w = r.last_words();
         assert!(w.contains("its CPU triple-faulted"), "{w}");
-        assert!(w.ends_with("the console's last line: [12.1] kiln-vmm: started"), "{w}");
+        assert!(
+            w.ends_with("the console's last line: [12.1] kiln-vmm: started"),
+            "{w}"
+        );
         assert!(run_with("").last_words().contains("(nothing)"));
     }
 

@@ -11,8 +11,9 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
-/// Bytes per virtio-blk sector (the unit of `sector` and capacity).
-pub const SECTOR_SIZE: u64 = 512;
+/// Bytes per virtio-blk sector (the unit of `sector` and capacity), and
+/// GET_ID's serial length: virtio-blk's, as the shared parser has them.
+pub use kiln_block::request::{ID_BYTES, SECTOR_SIZE};
 /// Block size advertised to the guest (the store's block, so guests do
 /// aligned I/O and the store never reads-modifies-writes).
 pub const BLK_SIZE: u32 = crate::BLOCK_SIZE as u32;
@@ -38,8 +39,6 @@ pub const MAX_DESCRIPTORS: usize = 1024;
 pub const MAX_DISCARD_SECTORS: u32 = (64 << 20) / SECTOR_SIZE as u32;
 /// Segments per discard / write-zeroes request.
 pub const MAX_DISCARD_SEG: u32 = 32;
-/// Serial length of GET_ID (VIRTIO_BLK_ID_BYTES).
-pub const ID_BYTES: usize = 20;
 
 /// How an export serves its volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -459,9 +459,9 @@ mod tests {
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     use vmm_sys_util::tempfile::TempFile;
 
-    use crate::virtio::block::request::tests::{desc, write_header, DATA, HDR, STATUS, W};
     use crate::virtio::interrupt::Interrupt;
     use crate::virtio::worker::tests::threads_named;
+    use kiln_block::request::test_utils::{desc, write_header, DATA, HDR, STATUS, W};
 
     fn image(len: usize) -> TempFile {
         let f = TempFile::new().unwrap();

@@ -18,11 +18,11 @@ use vmm_sys_util::tempfile::TempFile;
 use super::engine::{self, EngineKind, EngineSlot};
 use super::io::Disk;
 use super::raw::RawFile;
-use super::request::tests::{desc, mem, write_header, DATA, HDR, STATUS, W};
 use super::request::RequestLimits;
 use super::worker::{BlockWorker, QueueContext};
 use crate::virtio::interrupt::Interrupt;
 use crate::virtio::worker::EventSetPoller;
+use kiln_block::request::test_utils::{desc, mem, write_header, DATA, HDR, STATUS, W};
 
 mod dirty;
 mod engines;
@@ -317,8 +317,12 @@ fn hostile_requests_get_error_statuses_with(kind: Option<EngineKind>) {
     // A huge data descriptor (4 GiB - 512) outside memory.
     let chain = io(&m, VIRTIO_BLK_T_OUT, 0, desc(DATA, u32::MAX - 511, 0));
     assert_eq!(r.submit(&m, &chain), (IOERR, 1));
-    // Zero-length data.
+    // A zero-length data descriptor carries nothing: a read of nothing.
     let chain = io(&m, VIRTIO_BLK_T_IN, 0, desc(DATA, 0, W));
+    assert_eq!(r.submit(&m, &chain), (OK, 1));
+    // A readable buffer after the status's writable one.
+    write_header(&m, VIRTIO_BLK_T_IN, 0);
+    let chain = [desc(HDR, 16, 0), desc(STATUS, 1, W), desc(DATA, 512, 0)];
     assert_eq!(r.submit(&m, &chain), (IOERR, 1));
     // The device keeps working.
     let chain = io(&m, VIRTIO_BLK_T_IN, 1, desc(DATA, 512, W));
