@@ -118,6 +118,14 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
 
+    /// Build the VM (or restore it) but keep its vCPUs stopped until
+    /// `PUT /vm/resume` on the --api-socket: a VM restored ahead of time
+    /// that starts the moment it is wanted, or one whose devices are to be
+    /// checked first. Its devices are ready meanwhile; `GET /vm` says
+    /// "paused".
+    #[arg(long, requires = "api_socket", conflicts_with = "incoming")]
+    paused: bool,
+
     /// Do not confine kiln-vmm's threads with seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -300,6 +308,7 @@ fn run_incoming(cli: Cli, address: &str, started: std::time::Instant) -> Result<
             started,
             config: kiln_vmm::control::config_json(&cfg),
             devices: Vec::new(),
+            start_paused: false,
         }),
         None => None,
     };
@@ -335,6 +344,7 @@ fn run(cli: Cli, started: std::time::Instant) -> Result<VmExit> {
     }
     let violate = cli.debug_seccomp_violation;
     let api_socket = cli.api_socket.clone();
+    let paused = cli.paused;
     let restore = cli.restore.clone();
     // A snapshot is read and checked before anything else is set up.
     let (cfg, saved) = match &restore {
@@ -389,6 +399,7 @@ fn run(cli: Cli, started: std::time::Instant) -> Result<VmExit> {
             started,
             config: kiln_vmm::control::config_json(&cfg),
             devices: std::mem::take(&mut machine.devices),
+            start_paused: paused,
         }),
         None => None,
     };

@@ -199,6 +199,8 @@ pub struct ApiSetup {
     pub config: serde_json::Value,
     /// Each device's counters.
     pub devices: Vec<DeviceStats>,
+    /// The vCPUs wait, paused, for `PUT /vm/resume` (`--paused`).
+    pub start_paused: bool,
 }
 
 /// Runs the machine until the guest powers off, resets or fails.
@@ -315,7 +317,14 @@ fn start_inner(
         })?;
     }
     vcpu::install_kick_handler().map_err(Error::KickSignal)?;
-    let pause = Arc::new(PauseGate::default());
+    // With --paused the vCPU threads park before their first KVM_RUN.
+    let pause = Arc::new(match &api {
+        Some(a) if a.start_paused => {
+            tracing::info!("the VM is paused until PUT /vm/resume");
+            PauseGate::new_paused(machine.vcpus.len())
+        }
+        _ => PauseGate::default(),
+    });
     let ctx = VcpuContext {
         pio: machine.pio.clone(),
         mmio: machine.mmio.clone(),

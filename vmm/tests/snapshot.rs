@@ -17,8 +17,13 @@ use std::time::Duration;
 use kiln_tests::tiny::{count_forever, next_count_letter};
 
 fn restore(dir: &Scratch, snap: &Path, log: &Path, sock: &Path) -> Vmm {
+    restore_with(dir, snap, log, sock, &[])
+}
+
+fn restore_with(dir: &Scratch, snap: &Path, log: &Path, sock: &Path, args: &[&str]) -> Vmm {
     let disk = dir.path().join("disk.img");
     let mut vmm = Vmm(kiln_vmm()
+        .args(args)
         .arg("--restore")
         .arg(snap)
         .arg("--disk")
@@ -123,6 +128,21 @@ fn a_snapshot_restores_twice_into_new_processes_that_continue_the_guest() {
         assert!(body.contains("\"id\":\"scratch\""), "{body}");
         power_off(&rsock, r);
     }
+
+    // Restored ahead of time with --paused: nothing runs until resumed,
+    // then the guest goes on from the same place.
+    let rlog = dir.path().join("restored-paused.log");
+    let rsock = dir.path().join("restored-paused.sock");
+    let mut r = restore_with(&dir, &snap, &rlog, &rsock, &["--paused"]);
+    let (status, body) = http(&rsock, "GET", "/vm", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"state\":\"paused\""), "{body}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(log_bytes(&rlog).is_empty(), "the paused VM ran");
+    assert_eq!(http(&rsock, "PUT", "/vm/resume", "").0, 204);
+    let out = wait_bytes(&rlog, 16, &mut r);
+    assert_eq!(out[0], next_count_letter(last), "{:?}", out[0] as char);
+    power_off(&rsock, r);
 }
 
 fn refs(v: &[std::ffi::OsString]) -> Vec<&std::ffi::OsStr> {
@@ -247,4 +267,9 @@ fn broken_snapshots_and_other_devices_are_refused_before_the_guest_runs() {
         &refs(&[os("--restore"), dir.path().join("nowhere").into_os_string()]),
         "nowhere",
     );
+    // A paused VM that nobody could resume (clap names the missing
+    // --api-socket on the next line).
+    let mut paused = with(&snap);
+    paused.push(os("--paused"));
+    refused(&dir, &refs(&paused), "required arguments were not provided");
 }
