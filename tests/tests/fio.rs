@@ -17,7 +17,8 @@
 //!   nothing and finds no region that differs between the replicas.
 //!
 //! No timing is asserted. The test host runs without nested paging
-//! (`--no-npt`): guests boot slower, and the runs stop dying under fio.
+//! (`--no-npt`): guests boot slower, and the runs die far less often
+//! under fio (`scripts/testhost --help`).
 
 use std::sync::OnceLock;
 use std::time::Duration;
