@@ -40,15 +40,22 @@ pub(crate) fn disable_notification(
 /// about (`VIRTIO_RING_F_EVENT_IDX` aware). On a ring access error we
 /// interrupt anyway: a spurious interrupt is harmless, a lost one hangs I/O.
 pub(crate) fn notify_if_needed(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
-    let needed = queue.needs_notification(mem).unwrap_or_else(|e| {
-        warn!("cannot read the used-event index: {e}");
-        true
-    });
-    if needed {
+    if needs_notification(queue, mem) {
         if let Err(e) = interrupt.signal_used_queue() {
             warn!("cannot raise the device interrupt: {e}");
         }
     }
+}
+
+/// Whether the used ring changed in a way the guest asked to hear about
+/// since the last time this was asked (`VIRTIO_RING_F_EVENT_IDX` aware); true
+/// on a ring access error. A device that serves several queues with one
+/// interrupt asks each queue that used entries, then interrupts once.
+pub(crate) fn needs_notification(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    queue.needs_notification(mem).unwrap_or_else(|e| {
+        warn!("cannot read the used-event index: {e}");
+        true
+    })
 }
 
 /// Returns a chain to the guest, logging when the guest made that impossible

@@ -5,7 +5,7 @@
 //! on an `engine` (io_uring, or a thread pool where io_uring is missing)
 //! with iovecs into guest memory and completing them as they finish; `io`
 //! runs the rest (and unaligned direct I/O) synchronously through a bounce
-//! buffer; `worker` is the epoll loop of a queue's thread (one per queue);
+//! buffer; `worker` is the epoll loop of the device's thread (all its queues);
 //! `device` the model the transport sees (`VIRTIO_BLK_F_MQ` with several
 //! queues); `raw` the raw-image backend.
 

@@ -96,15 +96,7 @@ fn rig(m: &GuestMemoryMmap, read_only: bool, event_idx: bool, kind: Option<Engin
         all_queue_events: vec![queue_evt.clone()],
         quiescing: Default::default(),
     };
-    let worker = BlockWorker::new(
-        &ctx,
-        queue,
-        queue_evt,
-        Some(&slot),
-        Arc::new(EventSetPoller::new().unwrap()),
-        Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-        Default::default(),
-    );
+    let worker = BlockWorker::new(&ctx, queue, queue_evt, Some(&slot), Default::default());
     Rig {
         mq,
         worker,

@@ -64,15 +64,7 @@ fn serve_read(m: &GuestMemoryMmap, kind: Option<EngineKind>) -> (ServerStats, u8
         all_queue_events: vec![queue_evt.clone()],
         quiescing: Default::default(),
     };
-    let mut worker = BlockWorker::new(
-        &ctx,
-        queue,
-        queue_evt,
-        Some(&slot),
-        Arc::new(EventSetPoller::new().unwrap()),
-        Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-        Default::default(),
-    );
+    let mut worker = BlockWorker::new(&ctx, queue, queue_evt, Some(&slot), Default::default());
     let mut h = [0u8; 16];
     h[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
     h[8..].copy_from_slice(&3u64.to_le_bytes());

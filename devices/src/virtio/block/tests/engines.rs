@@ -225,15 +225,7 @@ fn worker(s: &Setup, disk: Disk, queue: Queue) -> BlockWorker {
         all_queue_events: vec![queue_evt.clone()],
         quiescing: Default::default(),
     };
-    BlockWorker::new(
-        &ctx,
-        queue,
-        queue_evt,
-        Some(&s.slot),
-        Arc::new(EventSetPoller::new().unwrap()),
-        Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-        Default::default(),
-    )
+    BlockWorker::new(&ctx, queue, queue_evt, Some(&s.slot), Default::default())
 }
 
 const REAL_ENGINES: [EngineKind; 2] = [EngineKind::Uring, EngineKind::Pool];
@@ -612,15 +604,7 @@ fn random_read_depth_32() {
             all_queue_events: vec![queue_evt.clone()],
             quiescing: Default::default(),
         };
-        let mut w = BlockWorker::new(
-            &ctx,
-            queue,
-            queue_evt,
-            Some(&s.slot),
-            Arc::new(EventSetPoller::new().unwrap()),
-            Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-            Default::default(),
-        );
+        let mut w = BlockWorker::new(&ctx, queue, queue_evt, Some(&s.slot), Default::default());
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let start = std::time::Instant::now();
         for _ in 0..BATCHES {
