@@ -160,8 +160,22 @@ refuse refuse-kernel-arg --restore /tmp/snapdir $K $DEVS
 # that rewrites 16 MiB of tmpfs again and again (dirty memory), a TCP
 # stream of numbered lines to the test host, and a heartbeat every 0.1 s.
 # Consoles go through stamp, which prefixes each heartbeat with the test
-# host's uptime: the pause as the outside world sees it.
-stamp() { while IFS= read -r l; do case $l in *MIG-HB*) echo "$(up) $l" ;; *) echo "$l" ;; esac; done; }
+# host's uptime: the pause as the outside world sees it. A migration may
+# pause the guest mid-line, so that a line starts on the source's console
+# and ends on the destination's: the source's unfinished last line is
+# printed as "MIG-TAIL text", and with "stamp incoming" a first line that
+# is not a whole heartbeat as "MIG-HEAD text" (the test joins the two).
+stamp() {
+    head=${1:-} partial=''
+    while IFS= read -r l || { [ -n "$l" ] && partial=1; }; do
+        if [ -n "$partial" ]; then echo "MIG-TAIL $l"; break; fi
+        if [ -n "$head" ]; then
+            head=''
+            case $l in MIG-HB*) ;; *) echo "MIG-HEAD $l"; continue ;; esac
+        fi
+        case $l in *MIG-HB*) echo "$(up) $l" ;; *) echo "$l" ;; esac
+    done
+}
 /usr/sbin/ip link add br7 type bridge
 /usr/sbin/ip addr add 10.207.0.1/24 dev br7
 /usr/sbin/ip link set br7 up
@@ -273,7 +287,7 @@ if wait_for /tmp/ms.log MIG-CHECK 2 400; then
     rm -f /tmp/md.sock /run/kmig/m.sock
     ( KILN_LOG=info kiln-vmm-v2 --incoming unix:/run/kmig/m.sock --memory 256M \
         --api-socket /tmp/md.sock $(mdevs kt7b) </dev/null 2>/tmp/md.err; echo "rc=$?" >/tmp/md.rc ) \
-        | stamp >/tmp/md.log &
+        | stamp incoming >/tmp/md.log &
     i=0; while [ ! -S /run/kmig/m.sock ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
     say "MIG-SWITCH-BEFORE $(grep MIG-HB /tmp/ms.log | tail -n 1)"
     say "MIG-STREAM-AT-SWITCH lines=$(wc -l </tmp/stream.txt)"
@@ -333,7 +347,7 @@ if [ -S /tmp/md.sock ]; then
     wait_for /tmp/md.log MIG-HB $((n0 + 5)) 120 && say "MIG-RUNS-ON after-cut"
     ( KILN_LOG=info /usr/sbin/ip netns exec kmig kiln-vmm --incoming tcp:10.208.0.2:7000 \
         --migration-secret /tmp/mig.secret --memory 256M --api-socket /tmp/mt.sock $(mdevs kt8) \
-        </dev/null 2>/tmp/mt.err; echo "rc=$?" >/tmp/mt.rc ) | stamp >/tmp/mt.log &
+        </dev/null 2>/tmp/mt.err; echo "rc=$?" >/tmp/mt.rc ) | stamp incoming >/tmp/mt.log &
     sleep 2
     say "MIG-SWITCH-BEFORE $(grep MIG-HB /tmp/md.log | tail -n 1)"
     say "MIG-STREAM-AT-TCP lines=$(wc -l </tmp/stream.txt)"
@@ -647,10 +661,32 @@ fn switch_gap(from: &CaseOutput, to: &CaseOutput) -> (f64, bool) {
     let (Some(last), Some(first)) = (a.last(), b.first()) else {
         panic!("no heartbeats around the switch:\n{from:?}\n{to:?}");
     };
+    // A heartbeat the guest was printing when it paused: begun on the
+    // source's console, finished on the destination's.
+    let last_n = match split_beat(from, to) {
+        Some(n) if n == last.n + 1 => n,
+        _ => last.n,
+    };
     (
         first.host - last.host,
-        first.n == last.n + 1 || first.n == last.n,
+        first.n == last_n + 1 || first.n == last_n,
     )
+}
+
+/// The number of the heartbeat split across a switch: the source's
+/// unfinished last line (`MIG-TAIL`) joined to the destination's first
+/// (`MIG-HEAD`, if it has one), when that reads as a whole heartbeat.
+fn split_beat(from: &CaseOutput, to: &CaseOutput) -> Option<u64> {
+    let tail = said(from, "MIG-TAIL ").last()?.strip_prefix("MIG-TAIL ")?;
+    let head = said(to, "MIG-HEAD ")
+        .first()
+        .and_then(|l| l.strip_prefix("MIG-HEAD "))
+        .unwrap_or("");
+    let joined = format!("{tail}{head}");
+    let beat = joined.strip_prefix("MIG-HB ")?;
+    // Whole up to its `up=` field, so the number is not cut short.
+    field(beat, "up")?;
+    field(beat, "n")?.parse().ok()
 }
 
 #[test]
@@ -780,4 +816,35 @@ fn a_vm_moves_over_tcp_with_a_shared_secret_into_another_network_namespace() {
     eprintln!("TCP migration: the guest's heartbeat paused {gap:.3} s (test host clock)");
     assert!(continuous, "the heartbeat skipped across the switch");
     assert!(host_beats(&tcp).len() >= 30, "{tcp:?}");
+}
+
+/// A heartbeat the guest was printing when a migration paused it, begun on
+/// the source's console and finished on the destination's, counts as
+/// printed (no test host needed); a beat missing outright does not.
+#[test]
+fn a_heartbeat_split_across_the_switch_is_joined() {
+    let console = |lines: &[&str]| CaseOutput {
+        out: lines.iter().map(|l| l.to_string()).collect(),
+        err: Vec::new(),
+        rc: 0,
+    };
+    let src = console(&[
+        "10.00 MIG-HB n=41 up=5.00",
+        "10.10 MIG-HB n=42 up=5.10",
+        "MIG-TAIL MIG-HB n=4",
+    ]);
+    let dst = console(&["MIG-HEAD 3 up=5.20", "10.90 MIG-HB n=44 up=5.30"]);
+    let (gap, continuous) = switch_gap(&src, &dst);
+    assert!(continuous);
+    assert!((gap - 0.8).abs() < 1e-9, "{gap}");
+    // The whole line on the source, nothing left for the destination.
+    let src = console(&["10.10 MIG-HB n=42 up=5.10", "MIG-TAIL MIG-HB n=43 up=5.20"]);
+    let dst = console(&["10.90 MIG-HB n=44 up=5.30"]);
+    assert!(switch_gap(&src, &dst).1);
+    // Without the tail, n=43 is missing.
+    let src = console(&["10.10 MIG-HB n=42 up=5.10"]);
+    assert!(!switch_gap(&src, &dst).1);
+    // A tail that does not read as the next heartbeat does not fill the gap.
+    let src = console(&["10.10 MIG-HB n=42 up=5.10", "MIG-TAIL MIG-HB n=4"]);
+    assert!(!switch_gap(&src, &dst).1);
 }
