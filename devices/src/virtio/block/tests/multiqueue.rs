@@ -27,6 +27,36 @@ fn two_queue_disk(img: &TempFile) -> Block {
     .unwrap()
 }
 
+/// A queue context on the image `img` (2048 sectors at most), interrupting
+/// through `irq`, with the queues' eventfds `events`.
+fn context(
+    m: &GuestMemoryMmap,
+    img: &TempFile,
+    irq: &EventFd,
+    limiter: Option<crate::rate_limiter::SharedRateLimiter>,
+    events: &[Arc<EventFd>],
+) -> QueueContext {
+    QueueContext {
+        mem: m.clone(),
+        interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+        disk: Disk {
+            backend: Arc::new(RawFile::open(img.as_path(), false, false).unwrap()),
+            read_only: false,
+            serial: [0; 20],
+            counters: Arc::default(),
+        },
+        limits: RequestLimits {
+            capacity_sectors: 2048,
+            seg_max: 8,
+            max_range_sectors: 64,
+            max_ranges: 4,
+        },
+        limiter,
+        all_queue_events: events.to_vec(),
+        quiescing: Default::default(),
+    }
+}
+
 /// Puts a one-sector write of `byte` at `sector` in queue `mq` (its
 /// header, data and status at `base`).
 fn put_write(
@@ -281,25 +311,8 @@ fn the_rate_limiter_timer_wakes_every_queue() {
     let events: Vec<Arc<EventFd>> = (0..3)
         .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
         .collect();
-    let ctx = QueueContext {
-        mem: m.clone(),
-        interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
-        disk: Disk {
-            backend: Arc::new(RawFile::open(img.as_path(), false, false).unwrap()),
-            read_only: false,
-            serial: [0; 20],
-            counters: Arc::default(),
-        },
-        limits: RequestLimits {
-            capacity_sectors: 2048,
-            seg_max: 8,
-            max_range_sectors: 64,
-            max_ranges: 4,
-        },
-        limiter,
-        all_queue_events: events.clone(),
-        quiescing: Default::default(),
-    };
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let ctx = context(&m, &img, &irq, limiter, &events);
     // Over the limit: the timer is armed (its read waits for it to fire).
     {
         let l = ctx.limiter.as_ref().unwrap();
@@ -335,25 +348,7 @@ fn one_wakeup_with_both_queues_done_interrupts_once() {
         .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
         .collect();
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let ctx = QueueContext {
-        mem: m.clone(),
-        interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
-        disk: Disk {
-            backend: Arc::new(RawFile::open(img.as_path(), false, false).unwrap()),
-            read_only: false,
-            serial: [0; 20],
-            counters: Arc::default(),
-        },
-        limits: RequestLimits {
-            capacity_sectors: 2048,
-            seg_max: 8,
-            max_range_sectors: 64,
-            max_ranges: 4,
-        },
-        limiter: None,
-        all_queue_events: events.clone(),
-        quiescing: Default::default(),
-    };
+    let ctx = context(&m, &img, &irq, None, &events);
     let mqs = [
         MockSplitQueue::create(&m, GuestAddress(0), 16),
         MockSplitQueue::create(&m, GuestAddress(0x1_0000), 16),
