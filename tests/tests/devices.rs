@@ -394,12 +394,7 @@ fn session() -> Option<&'static HostRun> {
             (img.clone(), "/data/ext4.img".to_string()),
             (spin.clone(), "/data/spin.elf".to_string()),
         ];
-        // Without nested paging in the test host, as fio.rs: with it, guests
-        // doing disk I/O die of triple faults now and then (`scripts/testhost
-        // --help`, --no-npt). Each guest boots about 4 s slower.
-        let args = ["--no-npt".to_string()];
-        let run =
-            TestHost::run_with_args(&script, &[vmm], &files, &args, Duration::from_secs(1800));
+        let run = TestHost::run(&script, &[vmm], &files, Duration::from_secs(1800));
         let _ = std::fs::remove_file(&img);
         let _ = std::fs::remove_file(&spin);
         if let Ok(run) = &run {

@@ -176,11 +176,7 @@ fn session() -> Option<&'static HostRun> {
             &HostOptions {
                 disk_image: Some((disk, 1024)),
                 tools: true,
-                // Without nested paging in the test host (its KVM shadows
-                // the guests' page tables): with it, this emulator corrupts
-                // the test host or a guest in about one run of this script
-                // in three (see `scripts/testhost --help`, --no-npt).
-                args: vec!["--no-npt".into()],
+                ..HostOptions::default()
             },
             Duration::from_secs(1200),
         )

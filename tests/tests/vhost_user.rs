@@ -349,10 +349,7 @@ fn session() -> Option<&'static HostRun> {
         write_script_disk(&resize_disk, RESIZE_SCRIPT, 4096).unwrap();
         let writer_disk = target_dir().join("kiln-tests/volume-writer.img");
         write_script_disk(&writer_disk, VOLUME_WRITER_SCRIPT, 4096).unwrap();
-        // Without nested paging in the test host, as fio.rs and devices.rs:
-        // with it, guests writing to their disks die of triple faults now
-        // and then (`scripts/testhost --help`, --no-npt).
-        let run = TestHost::run_with_args(
+        let run = TestHost::run(
             &host_script(),
             &[
                 profile_binary("kiln-vmm"),
@@ -365,7 +362,6 @@ fn session() -> Option<&'static HostRun> {
                 (resize_disk, "/images/vhost-user-resize.img".into()),
                 (writer_disk, "/images/volume-writer.img".into()),
             ],
-            &["--no-npt".to_string()],
             Duration::from_secs(1200),
         )
         .expect("test host runs");
