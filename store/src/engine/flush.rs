@@ -122,6 +122,8 @@ impl Engine {
         synced?;
         {
             let mut st = self.lock();
+            // No read may still be reading a slot about to be reused.
+            let _no_reads = self.reading.write().expect(crate::POISONED);
             for (disk, slot) in cleared {
                 st.free[disk as usize].insert(slot);
             }

@@ -27,7 +27,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::checksum::ENTRY_SIZE;
 use crate::error::{Error, Result};
@@ -124,6 +124,11 @@ pub struct Engine {
     disks: Vec<PathBuf>,
     meta: Meta,
     state: Mutex<State>,
+    /// Held shared by each read while it reads its slots outside the node
+    /// lock, and exclusively (under the node lock) by a flush while it
+    /// returns freed slots to use: so a slot a read located cannot be
+    /// handed to another extent and rewritten under it.
+    reading: RwLock<()>,
     pub metrics: EngineMetrics,
     /// Set when an fdatasync of data failed: Linux may have dropped the
     /// dirty pages and reports the error once, so a retry could succeed
@@ -230,6 +235,7 @@ impl Engine {
                 writing: HashMap::new(),
                 log_pending: HashMap::new(),
             }),
+            reading: RwLock::new(()),
             metrics: EngineMetrics::default(),
             failed: Mutex::new(None),
         })
@@ -739,9 +745,19 @@ impl Engine {
         }
     }
 
-    fn read_map(&self, st: &mut State, map: u64, offset: u64, len: u64) -> Result<ReadOut> {
-        let mut data = vec![0u8; len as usize];
-        let mut bad = Vec::new();
+    /// Reads `[offset, offset+len)` of `map`: where its blocks are is
+    /// looked up under the node lock `st`, which is then let go, so that
+    /// reads (of every volume here) and writes run at once; `reading` keeps
+    /// the slots found from being reused meanwhile.
+    fn read_map(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        map: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<ReadOut> {
+        // (position in the read, its length, extent index, first block, slab, slot base)
+        let mut pieces = Vec::new();
         let mut pos = 0u64;
         while pos < len {
             let abs = offset + pos;
@@ -749,14 +765,20 @@ impl Engine {
             let ext_start = idx * EXTENT_SIZE;
             let n = (len - pos).min(ext_start + EXTENT_SIZE - abs);
             if let Some(id) = st.maps.get(&(map, idx)).copied() {
-                let (f, base, _) = self.locate(st, id)?;
-                let b0 = (abs - ext_start) / BLOCK_SIZE;
-                let buf = &mut data[pos as usize..(pos + n) as usize];
-                for b in read_blocks(&f, base, b0, buf)? {
-                    bad.push(idx * BLOCKS_PER_EXTENT + b0 + b);
-                }
+                let (f, base, _) = self.locate(&mut st, id)?;
+                pieces.push((pos, n, idx, (abs - ext_start) / BLOCK_SIZE, f, base));
             }
             pos += n;
+        }
+        let _reading = self.reading.read().expect(crate::POISONED);
+        drop(st);
+        let mut data = vec![0u8; len as usize];
+        let mut bad = Vec::new();
+        for (pos, n, idx, b0, f, base) in pieces {
+            let buf = &mut data[pos as usize..(pos + n) as usize];
+            for b in read_blocks(&f, base, b0, buf)? {
+                bad.push(idx * BLOCKS_PER_EXTENT + b0 + b);
+            }
         }
         self.metrics
             .checksum_errors
@@ -769,11 +791,11 @@ impl Engine {
 
     /// Reads and verifies `[offset, offset+len)` of the live volume.
     pub fn read(&self, name: &str, offset: u64, len: u64) -> Result<ReadOut> {
-        let mut st = self.lock();
+        let st = self.lock();
         let rec = Self::vol(&st, name)?;
         Self::check_range(rec.size, offset, len, MAX_IO)?;
         let map = rec.map;
-        self.read_map(&mut st, map, offset, len)
+        self.read_map(st, map, offset, len)
     }
 
     /// This node's counters.

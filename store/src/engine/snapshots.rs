@@ -84,7 +84,7 @@ impl Engine {
 
     /// Reads and verifies `[offset, offset+len)` of snapshot `name@snap`.
     pub fn read_snapshot(&self, name: &str, snap: &str, offset: u64, len: u64) -> Result<ReadOut> {
-        let mut st = self.lock();
+        let st = self.lock();
         let rec = Self::vol(&st, name)?;
         let s = rec
             .snapshots
@@ -92,7 +92,7 @@ impl Engine {
             .ok_or_else(|| Error::NotFound(format!("{name}@{snap}")))?;
         let (map, size) = (s.map, s.size);
         Self::check_range(size, offset, len, MAX_IO)?;
-        self.read_map(&mut st, map, offset, len)
+        self.read_map(st, map, offset, len)
     }
 
     /// Deletes snapshot `snap`, freeing extents no one else references.

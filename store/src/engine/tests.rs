@@ -403,3 +403,48 @@ fn a_flush_keeps_regions_whose_writes_are_in_flight() {
     e.lock().end_writing("v", &[3]);
     assert!(e.lock().writing.is_empty());
 }
+
+/// Reads read their slots outside the node lock; a slot freed meanwhile
+/// is not handed out again while a read may still be reading it.
+#[test]
+fn a_freed_slot_is_not_reused_while_a_read_is_in_flight() {
+    let t = tempfile::tempdir().unwrap();
+    let e = engine(&[t.path().to_path_buf()]);
+    e.create_volume("a", 2 * EXTENT_SIZE, vec![], 1, None)
+        .unwrap();
+    e.create_volume("b", 2 * EXTENT_SIZE, vec![], 1, None)
+        .unwrap();
+    e.write("a", 1, 0, &pattern(5, EXTENT_SIZE as usize), &[])
+        .unwrap();
+    e.flush(None).unwrap();
+    e.delete_volume("a").unwrap();
+    let flushed = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // What a read holds while it reads: the node lock is free (other
+        // reads, writes and lookups go on), slot reuse is not.
+        let reading = e.reading.read().unwrap();
+        assert!(e
+            .read("b", 0, EXTENT_SIZE)
+            .unwrap()
+            .data
+            .iter()
+            .all(|b| *b == 0));
+        let flush = s.spawn(|| {
+            e.flush(None).unwrap();
+            flushed.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            !flushed.load(std::sync::atomic::Ordering::SeqCst),
+            "the flush returned the freed slot to use under a read"
+        );
+        drop(reading);
+        flush.join().unwrap();
+        assert!(flushed.load(std::sync::atomic::Ordering::SeqCst));
+    });
+    // Now the slot is reused.
+    e.write("b", 1, 0, &pattern(6, BLOCK_SIZE as usize), &[])
+        .unwrap();
+    let (_, off) = e.block_location("b", 0).unwrap().unwrap();
+    assert_eq!(off, 0, "slot 0 is reused after the flush");
+}
