@@ -286,6 +286,11 @@ impl HostRun {
             STATUS_NO_REPORT if !self.power_cut() => {
                 Some("it stopped without reporting the script's status")
             }
+            // A test host that wedged (CI saw one whose scripts, ~3 minutes
+            // otherwise, never ended) looks like this, and so does a hang in
+            // the code under test: the second run tells them apart, as a
+            // real hang times out again.
+            STATUS_TIMEOUT => Some("it was killed at its timeout"),
             _ => None,
         }
     }
@@ -679,6 +684,10 @@ mod tests {
         r.status = STATUS_NO_REPORT;
         assert!(!r.power_cut());
         assert!(r.environment_failure().is_some());
+        r.status = STATUS_TIMEOUT;
+        assert!(r.environment_failure().is_some());
+        r.status = 1;
+        assert_eq!(r.environment_failure(), None);
     }
 
     #[test]

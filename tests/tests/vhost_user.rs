@@ -334,8 +334,10 @@ sed 's/^/[ks-n2] /' /tmp/ks-n2.log
     )
 }
 
+/// The one test-host run every test reads. A failed run is kept too, so
+/// that each test reports it rather than booting the test host again.
 fn session() -> Option<&'static HostRun> {
-    static RUN: OnceLock<Option<HostRun>> = OnceLock::new();
+    static RUN: OnceLock<Option<Result<HostRun, String>>> = OnceLock::new();
     RUN.get_or_init(|| {
         if !require_testhost() {
             return None;
@@ -362,14 +364,20 @@ fn session() -> Option<&'static HostRun> {
                 (resize_disk, "/images/vhost-user-resize.img".into()),
                 (writer_disk, "/images/volume-writer.img".into()),
             ],
-            Duration::from_secs(1200),
-        )
-        .expect("test host runs");
-        eprintln!("{}", run.output);
-        run.assert_success();
-        Some(run)
+            // The script takes about 3 minutes.
+            Duration::from_secs(600),
+        );
+        if let Ok(run) = &run {
+            eprintln!("{}", run.output);
+        }
+        Some(run.map_err(|e| e.to_string()))
     })
     .as_ref()
+    .map(|r| {
+        let run = r.as_ref().unwrap_or_else(|e| panic!("test host: {e}"));
+        run.assert_success();
+        run
+    })
 }
 
 fn value<'a>(run: &'a HostRun, marker: &str, key: &str) -> &'a str {
