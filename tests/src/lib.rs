@@ -419,8 +419,6 @@ impl TestHost {
     /// (not under /tmp, /run, /dev: those are mounted over). `timeout` bounds
     /// the test host's lifetime, boot included.
     ///
-    /// Test hosts run without nested paging (`scripts/testhost --no-npt`).
-    ///
     /// Test hosts run one at a time: within this process by a mutex, across
     /// processes by `scripts/testhost`'s lock (a test host keeps two CPUs
     /// busy); the timeout starts when this run's test host boots. Returns an
@@ -530,12 +528,6 @@ impl TestHost {
             spec.push(dest);
             cmd.arg("--file").arg(spec);
         }
-        // Every test host runs without nested paging (its KVM shadows the
-        // guests' page tables): TCG's emulated nested paging kills a test
-        // host or a guest now and then, under disk I/O or a migration alike
-        // (`scripts/testhost --help`, --no-npt). Guests boot ~4 s slower;
-        // the benchmarks, which time boots, keep nested paging.
-        cmd.arg("--no-npt");
         cmd.args(testhost_args);
         cmd.arg(&script_path)
             .stdin(Stdio::null())

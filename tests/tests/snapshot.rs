@@ -401,8 +401,12 @@ fn session() -> Option<&'static HostRun> {
         };
         let api_call = std::path::PathBuf::from(env!("CARGO_BIN_EXE_kiln-api-call"));
         let bins = [vmm, v2, api_call];
+        // Without nested paging: with it, CI saw a source guest die of a
+        // triple fault as its migration began (`scripts/testhost --help`,
+        // --no-npt).
+        let args = ["--no-npt".to_string()];
         let boot = || {
-            let run = TestHost::run(SCRIPT, &bins, &[], Duration::from_secs(2400));
+            let run = TestHost::run_with_args(SCRIPT, &bins, &[], &args, Duration::from_secs(2400));
             if let Ok(run) = &run {
                 eprintln!("{}", run.output);
                 eprintln!("test host: {:.1} s wall", run.elapsed.as_secs_f64());

@@ -351,7 +351,9 @@ fn session() -> Option<&'static HostRun> {
         write_script_disk(&resize_disk, RESIZE_SCRIPT, 4096).unwrap();
         let writer_disk = target_dir().join("kiln-tests/volume-writer.img");
         write_script_disk(&writer_disk, VOLUME_WRITER_SCRIPT, 4096).unwrap();
-        let run = TestHost::run(
+        // Without nested paging, as fio.rs and devices.rs (`scripts/testhost
+        // --help`, --no-npt).
+        let run = TestHost::run_with_args(
             &host_script(),
             &[
                 profile_binary("kiln-vmm"),
@@ -364,6 +366,7 @@ fn session() -> Option<&'static HostRun> {
                 (resize_disk, "/images/vhost-user-resize.img".into()),
                 (writer_disk, "/images/volume-writer.img".into()),
             ],
+            &["--no-npt".to_string()],
             // The script takes about 3 minutes.
             Duration::from_secs(600),
         );
