@@ -12,7 +12,7 @@ use crate::BLOCK_SIZE;
 
 /// crc32c of one block.
 pub fn block_crc(data: &[u8]) -> u32 {
-    crc32c::crc32c(data)
+    crate::crc::crc32c(data)
 }
 
 /// crc32c of a block of zeros.

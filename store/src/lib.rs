@@ -8,6 +8,7 @@
 pub mod checksum;
 pub mod client;
 pub mod control_socket;
+pub mod crc;
 pub mod crypt;
 pub mod engine;
 pub mod error;

@@ -233,7 +233,10 @@ impl Meta {
             let len = u32::from_le_bytes(buf[pos..pos + 4].try_into().expect("4 bytes")) as usize;
             let crc = u32::from_le_bytes(buf[pos + 4..pos + 8].try_into().expect("4 bytes"));
             let body = pos + WAL_HEADER;
-            if len < 8 || body + len > buf.len() || crc32c::crc32c(&buf[body..body + len]) != crc {
+            if len < 8
+                || body + len > buf.len()
+                || crate::crc::crc32c(&buf[body..body + len]) != crc
+            {
                 break;
             }
             let s = u64::from_le_bytes(buf[body..body + 8].try_into().expect("8 bytes"));
@@ -410,7 +413,7 @@ impl Meta {
             }
         }
         let len = (rec.len() - WAL_HEADER) as u32;
-        let crc = crc32c::crc32c(&rec[WAL_HEADER..]);
+        let crc = crate::crc::crc32c(&rec[WAL_HEADER..]);
         rec[..4].copy_from_slice(&len.to_le_bytes());
         rec[4..8].copy_from_slice(&crc.to_le_bytes());
         wal.file.write_all_at(&rec, wal.len)?;

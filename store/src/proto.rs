@@ -509,7 +509,7 @@ pub fn write_frame(w: &mut dyn Write, kind: Kind, body: &[u8]) -> Result<()> {
     h[4..6].copy_from_slice(&VERSION.to_le_bytes());
     h[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
     h[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
-    h[12..16].copy_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    h[12..16].copy_from_slice(&crate::crc::crc32c(body).to_le_bytes());
     // Header and body in one vectored write: no copy of the body (up to
     // MAX_IO of data) into a frame buffer, and one segment on the wire.
     let mut parts = [IoSlice::new(&h), IoSlice::new(body)];
@@ -568,7 +568,7 @@ pub fn read_frame(r: &mut dyn Read) -> Result<Option<(Kind, Vec<u8>)>> {
     if body.len() != len as usize {
         return Err(Error::Unavailable("connection closed in a frame".into()));
     }
-    if crc32c::crc32c(&body) != crc {
+    if crate::crc::crc32c(&body) != crc {
         return Err(Error::Protocol("frame checksum mismatch".into()));
     }
     Ok(Some((kind, body)))

@@ -744,7 +744,7 @@ pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
     }
     let unix = crate::control_socket::bind(&cfg.socket)?;
     let tls = matches!(cfg.security, Security::Tls(_));
-    tracing::info!(node = %cfg.node_id, listen = %cfg.listen, tls, socket = %cfg.socket.display(), "kiln-store serving");
+    tracing::info!(node = %cfg.node_id, listen = %cfg.listen, tls, socket = %cfg.socket.display(), crc32c = crate::crc::implementation().name(), "kiln-store serving");
     if cfg.scrub_rate > 0 {
         let (d, rate, pause) = (Arc::downgrade(&daemon), cfg.scrub_rate, cfg.scrub_interval);
         std::thread::Builder::new()

@@ -29,7 +29,7 @@ impl Engine {
         let start = idx * EXTENT_SIZE;
         let out = self.read(name, start, EXTENT_SIZE.min(size - start))?;
         Ok(RegionDigest {
-            crc: crc32c::crc32c(&out.data),
+            crc: crate::crc::crc32c(&out.data),
             bad: !out.bad_blocks.is_empty(),
         })
     }
