@@ -57,7 +57,8 @@ pub const STATUS_NOT_READY: i32 = 125;
 pub const STATUS_NO_REPORT: i32 = 126;
 
 /// Status of a run the harness stopped because the test host's kernel
-/// reported a soft lockup of a VMM thread (the nested environment wedged).
+/// reported a soft lockup of a VMM thread, or of any task for two minutes
+/// (the nested environment wedged).
 pub const STATUS_HOST_LOCKUP: i32 = 127;
 
 /// Extra time allowed beyond a run's timeout (QEMU shutdown) before the
@@ -282,7 +283,9 @@ impl HostRun {
     /// not: the test host wedged or died on its own.
     pub fn environment_failure(&self) -> Option<&'static str> {
         match self.status {
-            STATUS_HOST_LOCKUP => Some("its kernel reported a soft lockup of a VMM thread"),
+            STATUS_HOST_LOCKUP => Some(
+                "its kernel reported a soft lockup (of a VMM thread, or of any task for 2 minutes)",
+            ),
             STATUS_NO_REPORT if !self.power_cut() => {
                 Some("it stopped without reporting the script's status")
             }
@@ -622,11 +625,33 @@ impl TestHost {
 }
 
 /// A test-host kernel line saying one of its VMM threads is stuck in the
-/// kernel (`watchdog: BUG: soft lockup - CPU#0 stuck for 23s! [kiln-vcpu0:138]`).
-/// A nested guest's own lockup names a guest task, and arrives tagged by
-/// the test script, so it does not match.
+/// kernel (`watchdog: BUG: soft lockup - CPU#0 stuck for 23s! [kiln-vcpu0:138]`),
+/// or that any of its tasks has been stuck for two minutes or more (a
+/// kworker of a wedged test host: it does not come back, and waiting for
+/// the timeout only costs CI the rest of it). A nested guest's own lockup
+/// names a guest task and arrives tagged by the test script (`[net] [ 40.1]
+/// ...`), so it does not match: only the test host's own kernel lines start
+/// with their timestamp.
 fn is_host_lockup(line: &str) -> bool {
-    line.contains("BUG: soft lockup") && (line.contains("[kiln-") || line.contains("[qemu-system"))
+    if !line.contains("BUG: soft lockup") {
+        return false;
+    }
+    if line.contains("[kiln-") || line.contains("[qemu-system") {
+        return true;
+    }
+    let own_kernel_line = line
+        .trim_start_matches('\r')
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once(']'))
+        .is_some_and(|(stamp, _)| {
+            let stamp = stamp.trim();
+            !stamp.is_empty() && stamp.chars().all(|c| c.is_ascii_digit() || c == '.')
+        });
+    let stuck_secs = line
+        .split_once("stuck for ")
+        .and_then(|(_, rest)| rest.split_once('s'))
+        .and_then(|(n, _)| n.parse::<u64>().ok());
+    own_kernel_line && stuck_secs.is_some_and(|s| s >= 120)
 }
 
 /// SIGTERM to the process group (scripts/testhost forwards it to QEMU), then
@@ -767,5 +792,19 @@ mod harness_tests {
             "[net] [   40.1] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [swapper/0:0]"
         ));
         assert!(!is_host_lockup("KILN-GUEST-READY uptime=3.1 cpus=1"));
+        // Any task of the test host's own kernel, stuck for two minutes.
+        assert!(is_host_lockup(
+            "[  900.1] watchdog: BUG: soft lockup - CPU#1 stuck for 808s! [kworker/1:2:77]"
+        ));
+        assert!(is_host_lockup(
+            "[ 300.5] watchdog: BUG: soft lockup - CPU#0 stuck for 120s! [kworker/0:1:12]"
+        ));
+        // A short one may pass; a guest's, tagged, never counts.
+        assert!(!is_host_lockup(
+            "[  60.2] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [kworker/1:2:77]"
+        ));
+        assert!(!is_host_lockup(
+            "[net] [ 400.1] watchdog: BUG: soft lockup - CPU#0 stuck for 300s! [kworker/0:1:9]"
+        ));
     }
 }
