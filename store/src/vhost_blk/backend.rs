@@ -23,6 +23,7 @@ use vmm_sys_util::event::{
 use super::config::{self, ExportOptions};
 use super::gate::Gate;
 use super::request::{self, Device, LogLimiter};
+use super::stats::{SessionStats, Summary};
 use super::workers::Workers;
 use super::VolumeSource;
 use crate::VolumeIo;
@@ -47,6 +48,7 @@ struct Inner {
     workers: Workers,
     /// One per queue: what `stop_vring` closes.
     gates: Vec<Gate>,
+    stats: SessionStats,
 }
 
 impl BlkBackend {
@@ -60,6 +62,7 @@ impl BlkBackend {
             log: LogLimiter::default(),
             workers: Workers::new(name, config::WORKERS)?,
             gates: (0..opts.queues).map(|_| Gate::default()).collect(),
+            stats: SessionStats::new(usize::from(opts.queues)),
         })))
     }
 
@@ -69,11 +72,17 @@ impl BlkBackend {
         self.0.workers.drain();
     }
 
+    /// What the connection that just ended asked and how long its requests
+    /// stayed here; the counters start again from zero.
+    pub fn take_stats(&self) -> Summary {
+        self.0.stats.take()
+    }
+
     /// Pops every available request and hands each to a worker, which
     /// serves it and puts it on the used ring when done; returns once the
     /// queue is empty or stopped. Each request holds a pass of the queue's
     /// gate from before it is popped until its completion is signalled.
-    fn process_queue(&self, vring: &VringRwLock<GuestMem>, gate: &Gate) {
+    fn process_queue(&self, vring: &VringRwLock<GuestMem>, queue: usize, gate: &Gate) {
         let Some(atomic) = self.0.mem.read().expect(crate::POISONED).clone() else {
             return;
         };
@@ -101,8 +110,10 @@ impl BlkBackend {
                 state.get_queue_mut().pop_descriptor_chain(atomic.memory())
             };
             let Some(chain) = chain else { return };
+            let mut timing = self.0.stats.popped(queue);
             let (me, vring, volume) = (self.0.clone(), vring.clone(), volume.clone());
             self.0.workers.submit(move || {
+                me.stats.started(&mut timing);
                 let head = chain.head_index();
                 let dev = Device {
                     name: &me.name,
@@ -111,7 +122,9 @@ impl BlkBackend {
                     read_only: me.opts.read_only,
                 };
                 let used = request::handle_chain(chain.memory(), chain.clone(), &dev);
-                if let Err(e) = vring.add_used(head, used) {
+                let added = vring.add_used(head, used);
+                me.stats.completed(timing);
+                if let Err(e) = added {
                     if me.log.allow() {
                         tracing::warn!(volume = %me.name, error = %e, "vhost-user-blk: cannot return a request");
                     }
@@ -119,6 +132,7 @@ impl BlkBackend {
                 }
                 match vring.needs_notification() {
                     Ok(true) | Err(_) => {
+                        me.stats.interrupted();
                         if let Err(e) = vring.signal_used_queue() {
                             tracing::debug!(error = %e, "vhost-user-blk: cannot signal the guest");
                         }
@@ -248,6 +262,7 @@ impl VhostUserBackend for BlkBackend {
         let Some(_pass) = gate.enter(ready) else {
             return Ok(());
         };
+        self.0.stats.kicked(thread_id);
         if self.0.event_idx.load(Ordering::Acquire) {
             // Serve until the queue stays empty with notifications on, so a
             // request made available while they were off is not missed.
@@ -255,7 +270,7 @@ impl VhostUserBackend for BlkBackend {
                 if vring.disable_notification().is_err() {
                     return Ok(());
                 }
-                self.process_queue(vring, gate);
+                self.process_queue(vring, thread_id, gate);
                 // A stopping ring is left alone (the stop waits for us).
                 if gate.is_stopped() || !ready() {
                     break;
@@ -266,7 +281,7 @@ impl VhostUserBackend for BlkBackend {
                 }
             }
         } else {
-            self.process_queue(vring, gate);
+            self.process_queue(vring, thread_id, gate);
         }
         Ok(())
     }

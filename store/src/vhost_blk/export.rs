@@ -240,6 +240,8 @@ fn serve(name: &str, socket: &Path, mut sockets: Sockets, backend: BlkBackend, s
         // Requests of the old connection still being served land in its
         // used rings before anyone else connects.
         backend.drain();
+        let stats = backend.take_stats();
+        tracing::info!(volume = name, "vhost-user-blk session: {stats}");
         if shared.stop.load(Ordering::SeqCst) {
             break;
         }

@@ -7,6 +7,7 @@
 //!   (all guest input validated; a bad request gets an error status).
 //! - [`backend`]: the `VhostUserBackend` (queue processing, EVENT_IDX).
 //! - [`workers`]: the threads that serve requests of all queues at once.
+//! - [`stats`]: counters of a frontend connection, logged when it ends.
 //! - [`gate`]: what makes a stopped ring (GET_VRING_BASE) settled.
 //! - [`export`]: the listening socket and its accept / serve / reconnect loop.
 //! - [`relay`]: the frontend's connection relayed to the library, keeping
@@ -18,6 +19,7 @@ pub mod export;
 pub mod gate;
 pub mod relay;
 pub mod request;
+pub mod stats;
 pub mod workers;
 
 use std::sync::Arc;
