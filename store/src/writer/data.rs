@@ -143,10 +143,11 @@ impl Writer {
     /// and a ticket on the blocks.
     fn write_blocks(&self, offset: u64, data: &[u8]) -> Result<()> {
         let regions = Self::regions_of(offset, data.len() as u64);
+        // Copied before the lock is taken: other writes need it meanwhile.
+        let mut buf = data.to_vec();
         let (targets, req) = {
             let mut inner = self.lock();
             Self::check_range(&inner, offset, data.len() as u64)?;
-            let mut buf = data.to_vec();
             if let Some(c) = &inner.crypt {
                 c.encrypt(&mut buf, offset)?;
             }
