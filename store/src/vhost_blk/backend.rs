@@ -1,7 +1,8 @@
 //! The `VhostUserBackend` of one exported volume: feature negotiation,
 //! config space, and processing of the request queues on kicks: one thread
 //! per queue pops requests, a pool of workers ([`super::workers`]) serves
-//! them concurrently and completes each as it finishes. Each queue's
+//! them concurrently (with the queue threads, between pops) and completes
+//! each as it finishes. Each queue's
 //! [`Gate`] makes `GET_VRING_BASE` wait until every request popped from it
 //! is on its used ring, and keeps the ring untouched until it is started
 //! again (snapshots and live migration read the used index then).
@@ -78,9 +79,11 @@ impl BlkBackend {
         self.0.stats.take()
     }
 
-    /// Pops every available request and hands each to a worker, which
-    /// serves it and puts it on the used ring when done; returns once the
-    /// queue is empty or stopped. Each request holds a pass of the queue's
+    /// Pops every available request and hands each to the workers, which
+    /// serve it and put it on the used ring when done; while the ring is
+    /// empty this thread serves requests not yet taken by a worker itself
+    /// (no wake-up to wait for). Returns once the ring is empty and no
+    /// request waits for a worker, or the queue is stopped. Each request holds a pass of the queue's
     /// gate from before it is popped until its completion is signalled.
     fn process_queue(&self, vring: &VringRwLock<GuestMem>, queue: usize, gate: &Gate) {
         let Some(atomic) = self.0.mem.read().expect(crate::POISONED).clone() else {
@@ -109,7 +112,14 @@ impl BlkBackend {
                 }
                 state.get_queue_mut().pop_descriptor_chain(atomic.memory())
             };
-            let Some(chain) = chain else { return };
+            let Some(chain) = chain else {
+                // The ring is empty: serve a request handed over and not
+                // yet taken by a worker, then look at the ring again.
+                if self.0.workers.run_one() {
+                    continue;
+                }
+                return;
+            };
             let mut timing = self.0.stats.popped(queue);
             let (me, vring, volume) = (self.0.clone(), vring.clone(), volume.clone());
             self.0.workers.submit(move || {
