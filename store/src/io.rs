@@ -20,4 +20,11 @@ pub trait VolumeIo: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.discard(offset, len)
     }
+    /// Whether writes go to this node's disk only (every replica that gets
+    /// them is local): no network round trip, so a small write is quick
+    /// and a caller may serve it on a thread it does not want to block for
+    /// long. A hint; false unless the implementation knows.
+    fn writes_stay_local(&self) -> bool {
+        false
+    }
 }

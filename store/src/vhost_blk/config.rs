@@ -26,6 +26,11 @@ pub const MAX_QUEUES: u16 = 64;
 /// Requests of one export served at once (across its queues), each in
 /// flight into the replicated writer.
 pub const WORKERS: usize = 32;
+/// Writes up to this size, to a volume whose replicas are all on this
+/// node, are served by the queue thread that pops them rather than handed
+/// to a worker: such a write is page-cache work (tens of microseconds on
+/// real hardware), less than a worker's wake-up on a loaded host.
+pub const INLINE_WRITE_MAX: u64 = 64 << 10;
 /// Largest virtqueue size accepted.
 pub const MAX_QUEUE_SIZE: usize = 256;
 /// Data segments per request advertised (`seg_max`): QEMU's value for its

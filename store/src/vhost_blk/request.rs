@@ -6,7 +6,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use kiln_block::request::{self as blk, Request, RequestLimits, RequestType, Segment};
-use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT,
+};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestMemory, GuestMemoryError};
 
@@ -58,6 +60,34 @@ pub struct Device<'a> {
     pub log: &'a LogLimiter,
     /// Exported read-only: requests that change the volume get IOERR.
     pub read_only: bool,
+}
+
+/// Whether the chain is a write (`OUT`) of at most `max` data bytes,
+/// judged from its header's type and its descriptors' lengths only (the
+/// full parse comes when it is served). Anything unreadable or odd says
+/// no, so a hostile chain goes the ordinary way and gets its error there.
+pub fn is_write_of_at_most<M: GuestMemory + ?Sized>(
+    mem: &M,
+    mut descriptors: impl Iterator<Item = Descriptor>,
+    max: u64,
+) -> bool {
+    let Some(first) = descriptors.next() else {
+        return false;
+    };
+    match mem.read_obj::<u32>(first.addr()) {
+        Ok(t) if u32::from_le(t) == VIRTIO_BLK_T_OUT => {}
+        _ => return false,
+    }
+    // Header (16 bytes) and status (1) around the data, however split.
+    let limit = max.saturating_add(u64::from(blk::HEADER_LEN) + 1);
+    let mut total = u64::from(first.len());
+    for (i, d) in descriptors.enumerate() {
+        total += u64::from(d.len());
+        if total > limit || i >= MAX_DESCRIPTORS {
+            return false;
+        }
+    }
+    total <= limit
 }
 
 /// Serves the request in one descriptor chain; returns the used length
@@ -219,4 +249,65 @@ fn for_each_piece(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_IN;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    const MAX: u64 = 64 << 10;
+
+    fn mem(kind: u32) -> GuestMemoryMmap {
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        m.write_obj(kind.to_le(), GuestAddress(0x1000)).unwrap();
+        m
+    }
+
+    /// Header at 0x1000, then data descriptors of `lens`, then the status.
+    fn chain(lens: &[u32]) -> Vec<Descriptor> {
+        let mut d = vec![Descriptor::new(0x1000, 16, 0, 0)];
+        d.extend(lens.iter().map(|l| Descriptor::new(0x2000, *l, 0, 0)));
+        d.push(Descriptor::new(0x3000, 1, 0, 0));
+        d
+    }
+
+    #[test]
+    fn only_small_writes_are_small_writes() {
+        let out = mem(VIRTIO_BLK_T_OUT);
+        assert!(is_write_of_at_most(&out, chain(&[4096]).into_iter(), MAX));
+        assert!(is_write_of_at_most(
+            &out,
+            chain(&[32 << 10, 32 << 10]).into_iter(),
+            MAX
+        ));
+        // One byte over, however it is split.
+        assert!(!is_write_of_at_most(
+            &out,
+            chain(&[32 << 10, (32 << 10) + 1]).into_iter(),
+            MAX
+        ));
+        assert!(!is_write_of_at_most(
+            &out,
+            chain(&[1 << 20]).into_iter(),
+            MAX
+        ));
+        // Header, data and status in one descriptor count the same.
+        let one = vec![Descriptor::new(0x1000, 16 + 4096 + 1, 0, 0)];
+        assert!(is_write_of_at_most(&out, one.into_iter(), MAX));
+        // Reads, an empty chain and a header outside guest memory are not.
+        let read = mem(VIRTIO_BLK_T_IN);
+        assert!(!is_write_of_at_most(&read, chain(&[4096]).into_iter(), MAX));
+        assert!(!is_write_of_at_most(&out, std::iter::empty(), MAX));
+        let outside = vec![Descriptor::new(2 << 20, 16, 0, 0)];
+        assert!(!is_write_of_at_most(&out, outside.into_iter(), MAX));
+        // Lengths past a u32 sum and a limit near u64::MAX do not overflow;
+        // an endless chain ends.
+        let huge = chain(&[u32::MAX, u32::MAX]);
+        assert!(!is_write_of_at_most(&out, huge.clone().into_iter(), MAX));
+        assert!(is_write_of_at_most(&out, huge.into_iter(), u64::MAX));
+        let endless = std::iter::repeat(Descriptor::new(0x1000, 0, 0, 0));
+        assert!(!is_write_of_at_most(&out, endless, MAX));
+    }
 }

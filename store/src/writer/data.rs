@@ -263,6 +263,12 @@ impl VolumeIo for Writer {
         Ok(self.lock().size)
     }
 
+    /// Every replica that gets writes is this node's engine (a 1-replica
+    /// volume, or one whose other replicas are stale).
+    fn writes_stay_local(&self) -> bool {
+        Self::targets(&self.lock()).iter().all(|t| t.local)
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_usable()?;
         let _gate = self.io_gate();

@@ -37,6 +37,8 @@ fn attach_raises_the_epoch_and_io_round_trips() {
     let w = local_writer(d.path(), 4 * EXTENT_SIZE);
     assert_eq!(w.epoch, 2);
     assert_eq!(w.engine.info("v").unwrap().epoch, 2);
+    // Its only replica is this node's engine.
+    assert!(w.writes_stay_local());
     // Unaligned, across blocks: read-modify-write at both ends.
     let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
     w.write_at(&data, 1000).unwrap();
