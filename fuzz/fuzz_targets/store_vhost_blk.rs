@@ -1,13 +1,14 @@
 //! kiln-store's vhost-user-blk request parser and executor
 //! (`vhost_blk::request::handle_chain`) on every request the fuzz input
-//! queues, over an in-memory volume that checks every access is in range.
+//! queues, over an in-memory volume that checks every access is in range;
+//! and the queue thread's look ahead (`is_write_of_at_most`).
 
 #![no_main]
 
 use std::sync::Mutex;
 
 use kiln_store::error::Result;
-use kiln_store::vhost_blk::request::{handle_chain, Device, LogLimiter};
+use kiln_store::vhost_blk::request::{handle_chain, is_write_of_at_most, Device, LogLimiter};
 use kiln_store::VolumeIo;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::QueueT;
@@ -79,7 +80,18 @@ fuzz_target!(|data: &[u8]| {
             .filter(|d| d.is_write_only())
             .map(|d| u64::from(d.len()))
             .sum();
+        // The queue thread's look at a chain before it is parsed (whether
+        // to serve it there) reads guest memory too.
+        let small_write = is_write_of_at_most(&mem, chain.clone(), 64 << 10);
+        let before = volume.0.lock().unwrap().clone();
         let used = handle_chain(&mem, chain, &dev);
+        if small_write {
+            // Only a write changes the volume, and a small one at most
+            // 64 KiB of it.
+            let after = volume.0.lock().unwrap();
+            let changed = before.iter().zip(after.iter()).filter(|(a, b)| a != b).count();
+            assert!(changed <= 64 << 10, "a small write changed {changed} bytes");
+        }
         assert!(u64::from(used) <= writable, "used {used} of {writable} writable bytes");
         let _ = queue.add_used(&mem, head, used);
     }

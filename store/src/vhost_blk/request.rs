@@ -71,7 +71,9 @@ pub fn is_write_of_at_most<M: GuestMemory + ?Sized>(
     mut descriptors: impl Iterator<Item = Descriptor>,
     max: u64,
 ) -> bool {
-    let Some(first) = descriptors.next() else {
+    // The header whole in the first descriptor (as drivers lay it out), so
+    // its type is the one the parser will read.
+    let Some(first) = descriptors.next().filter(|d| d.len() >= blk::HEADER_LEN) else {
         return false;
     };
     match mem.read_obj::<u32>(first.addr()) {
@@ -302,6 +304,13 @@ mod tests {
         assert!(!is_write_of_at_most(&out, std::iter::empty(), MAX));
         let outside = vec![Descriptor::new(2 << 20, 16, 0, 0)];
         assert!(!is_write_of_at_most(&out, outside.into_iter(), MAX));
+        // A header split over descriptors is left to the parser.
+        let split = vec![
+            Descriptor::new(0x1000, 2, 0, 0),
+            Descriptor::new(0x1002, 14, 0, 0),
+            Descriptor::new(0x3000, 1, 0, 0),
+        ];
+        assert!(!is_write_of_at_most(&out, split.into_iter(), MAX));
         // Lengths past a u32 sum and a limit near u64::MAX do not overflow;
         // an endless chain ends.
         let huge = chain(&[u32::MAX, u32::MAX]);
