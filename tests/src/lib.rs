@@ -36,6 +36,9 @@ use std::time::{Duration, Instant};
 pub const TESTHOST_READY: &str = "KILN-TESTHOST-READY";
 /// Console marker: `KILN-TESTHOST-EXIT rc=N`, the script's exit status.
 pub const TESTHOST_EXIT: &str = "KILN-TESTHOST-EXIT";
+/// Console marker: a script still running when the test host's watchdog
+/// fired (`scripts/testhost --watchdog`); every thread's state follows.
+pub const TESTHOST_WATCHDOG: &str = "KILN-TESTHOST-WATCHDOG";
 /// Console marker of the test guest: its /init has started (first line).
 pub const GUEST_INIT: &str = "KILN-GUEST-INIT";
 /// Console marker of the test guest: `KILN-GUEST-READY uptime=S cpus=N`.
@@ -310,10 +313,19 @@ impl HostRun {
                 .trim()
                 .to_string()
         };
+        // The script's own last line, not the end of the report a hang
+        // printed (which the full console, printed with a retry, has).
+        let (script, report) = match self.output.find(TESTHOST_WATCHDOG) {
+            Some(at) => (
+                &self.output[..at],
+                "; the test host's watchdog reported every thread",
+            ),
+            None => (self.output.as_str(), ""),
+        };
         format!(
-            "scripts/testhost said: {}; the console's last line: {}",
+            "scripts/testhost said: {}; the console's last line: {}{report}",
             last(&self.stderr),
-            last(&self.output)
+            last(script)
         )
     }
 
@@ -718,6 +730,13 @@ mod tests {
             "{w}"
         );
         assert!(run_with("").last_words().contains("(nothing)"));
+        // A hang's last line is the script's, not the watchdog report's.
+        let r = run_with("KILN-TESTHOST-READY\nn2 in-sync\nKILN-TESTHOST-WATCHDOG: /kiln/run still runs\n[watchdog] pid=1 init\nKILN-TESTHOST-WATCHDOG: end of the report\n");
+        let w = r.last_words();
+        assert!(
+            w.contains("last line: n2 in-sync; the test host's watchdog reported"),
+            "{w}"
+        );
     }
 
     #[test]
