@@ -1,6 +1,6 @@
 //! The `VhostUserBackend` of one exported volume: feature negotiation,
 //! config space, and processing of the request queues on kicks: one thread
-//! per queue pops requests, a pool of workers ([`super::workers`]) serves
+//! pops the requests of every queue ([`config::QUEUE_THREADS`]), a pool of workers ([`super::workers`]) serves
 //! them concurrently (with the queue threads, between pops) and completes
 //! each as it finishes. Each queue's
 //! [`Gate`] makes `GET_VRING_BASE` wait until every request popped from it
@@ -65,6 +65,12 @@ impl BlkBackend {
             gates: (0..opts.queues).map(|_| Gate::default()).collect(),
             stats: SessionStats::new(usize::from(opts.queues)),
         })))
+    }
+
+    /// How many threads pop the queues (as many masks as
+    /// `queues_per_thread` gives).
+    fn queue_threads(&self) -> u16 {
+        config::QUEUE_THREADS.clamp(1, self.0.opts.queues.clamp(1, config::MAX_QUEUES))
     }
 
     /// Waits until every request taken from a ring is completed (before
@@ -205,11 +211,10 @@ impl VhostUserBackend for BlkBackend {
         usize::from(self.0.opts.queues)
     }
 
-    /// One thread per queue pops requests (the workers serve them).
+    /// [`config::QUEUE_THREADS`] threads pop the queues (the workers and
+    /// they serve the requests).
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.0.opts.queues.min(config::MAX_QUEUES))
-            .map(|q| 1u64 << q)
-            .collect()
+        config::queue_masks(self.0.opts.queues, config::QUEUE_THREADS)
     }
 
     /// Before a ring's state goes back to the frontend, every request
@@ -277,8 +282,10 @@ impl VhostUserBackend for BlkBackend {
         let Some(vring) = vrings.get(device_event as usize) else {
             return Ok(());
         };
-        // One queue per thread (`queues_per_thread`): thread i serves queue i.
-        let Some(gate) = self.0.gates.get(thread_id) else {
+        // `vrings` are this thread's queues (`queues_per_thread`).
+        let threads = self.queue_threads();
+        let queue = config::queue_of(thread_id, device_event, threads);
+        let Some(gate) = self.0.gates.get(queue) else {
             return Ok(());
         };
         let ready = || vring.get_ref().get_queue().ready();
@@ -288,7 +295,7 @@ impl VhostUserBackend for BlkBackend {
         let Some(_pass) = gate.enter(ready) else {
             return Ok(());
         };
-        self.0.stats.kicked(thread_id);
+        self.0.stats.kicked(queue);
         if self.0.event_idx.load(Ordering::Acquire) {
             // Serve until the queue stays empty with notifications on, so a
             // request made available while they were off is not missed.
@@ -296,7 +303,7 @@ impl VhostUserBackend for BlkBackend {
                 if vring.disable_notification().is_err() {
                     return Ok(());
                 }
-                self.process_queue(vring, thread_id, gate);
+                self.process_queue(vring, queue, gate);
                 // A stopping ring is left alone (the stop waits for us).
                 if gate.is_stopped() || !ready() {
                     break;
@@ -307,7 +314,7 @@ impl VhostUserBackend for BlkBackend {
                 }
             }
         } else {
-            self.process_queue(vring, thread_id, gate);
+            self.process_queue(vring, queue, gate);
         }
         Ok(())
     }

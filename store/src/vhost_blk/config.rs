@@ -23,6 +23,11 @@ pub const DEFAULT_QUEUES: u16 = 8;
 /// Most queues an export offers (the backend library's queue masks are
 /// 64 bits wide).
 pub const MAX_QUEUES: u16 = 64;
+/// Threads that pop an export's queues (queue `q` on thread `q % N`).
+/// qemu-storage-daemon pops all of a device's queues on one iothread;
+/// each thread more is one more to wake on CPUs the guest's vCPUs need,
+/// and a thread that pops also serves (see the backend), so one it is.
+pub const QUEUE_THREADS: u16 = 1;
 /// Requests of one export served at once (across its queues), each in
 /// flight into the replicated writer.
 pub const WORKERS: usize = 32;
@@ -144,9 +149,65 @@ pub fn config_window(size: u64, queues: u16, offset: u32, len: u32) -> Vec<u8> {
     out
 }
 
+/// The backend library's queue masks: which of `queues` queues each
+/// popping thread serves (queue `q` on thread `q % threads`), one mask per
+/// thread that has any.
+pub fn queue_masks(queues: u16, threads: u16) -> Vec<u64> {
+    let queues = queues.min(MAX_QUEUES);
+    let threads = threads.clamp(1, queues.max(1));
+    (0..threads)
+        .map(|t| {
+            (t..queues)
+                .step_by(usize::from(threads))
+                .fold(0u64, |m, q| m | 1 << q)
+        })
+        .filter(|m| *m != 0)
+        .collect()
+}
+
+/// The queue behind event `event` of popping thread `thread`: the library
+/// numbers a thread's queues from 0 in the order of its mask's bits.
+pub fn queue_of(thread: usize, event: u16, threads: u16) -> usize {
+    thread + usize::from(event) * usize::from(threads.max(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queues_spread_over_threads_and_map_back() {
+        assert_eq!(queue_masks(1, 1), vec![0b1]);
+        assert_eq!(queue_masks(4, 1), vec![0b1111]);
+        assert_eq!(queue_masks(4, 2), vec![0b0101, 0b1010]);
+        // More threads than queues: one each, none empty.
+        assert_eq!(queue_masks(2, 8), vec![0b01, 0b10]);
+        assert_eq!(queue_masks(MAX_QUEUES, 1), vec![u64::MAX]);
+        assert_eq!(queue_masks(MAX_QUEUES + 5, 64).len(), 64);
+        // Every queue on exactly one thread, and event k of a thread is
+        // the k-th set bit of its mask.
+        for queues in 1..=MAX_QUEUES {
+            for threads in [1u16, 2, 3, 8, 64] {
+                let masks = queue_masks(queues, threads);
+                let n = masks.len() as u16;
+                let mut seen = 0u64;
+                for (t, m) in masks.iter().enumerate() {
+                    assert_eq!(seen & m, 0);
+                    seen |= m;
+                    let bits: Vec<usize> = (0..64).filter(|b| m >> b & 1 == 1).collect();
+                    for (k, q) in bits.iter().enumerate() {
+                        assert_eq!(queue_of(t, k as u16, n), *q);
+                    }
+                }
+                let all = if queues >= 64 {
+                    u64::MAX
+                } else {
+                    (1u64 << queues) - 1
+                };
+                assert_eq!(seen, all, "{queues} queues on {threads} threads");
+            }
+        }
+    }
 
     #[test]
     fn config_space_layout() {
