@@ -1,8 +1,9 @@
 //! The `VhostUserBackend` of one exported volume: feature negotiation,
 //! config space, and processing of the request queues on kicks: one thread
-//! pops the requests of every queue ([`config::QUEUE_THREADS`]), a pool of workers ([`super::workers`]) serves
-//! them concurrently (with the queue threads, between pops) and completes
-//! each as it finishes. Each queue's
+//! pops the requests of every queue ([`config::QUEUE_THREADS`]), a pool of
+//! workers ([`super::workers`]) serves them concurrently (with the popping
+//! thread, between pops) and completes each as it finishes.
+//! Each queue's
 //! [`Gate`] makes `GET_VRING_BASE` wait until every request popped from it
 //! is on its used ring, and keeps the ring untouched until it is started
 //! again (snapshots and live migration read the used index then).
@@ -70,7 +71,7 @@ impl BlkBackend {
     /// How many threads pop the queues (as many masks as
     /// `queues_per_thread` gives).
     fn queue_threads(&self) -> u16 {
-        config::QUEUE_THREADS.clamp(1, self.0.opts.queues.clamp(1, config::MAX_QUEUES))
+        config::popping_threads(self.0.opts.queues, config::QUEUE_THREADS)
     }
 
     /// Waits until every request taken from a ring is completed (before
@@ -89,10 +90,11 @@ impl BlkBackend {
     /// serve it and put it on the used ring when done; while the ring is
     /// empty this thread serves requests not yet taken by a worker itself
     /// (no wake-up to wait for). Small writes to a volume whose replicas
-    /// are all on this node (page-cache work, no round trip) it serves
-    /// at once. Returns once the ring is empty and no
-    /// request waits for a worker, or the queue is stopped. Each request holds a pass of the queue's
-    /// gate from before it is popped until its completion is signalled.
+    /// are all on this node (page-cache work, no round trip) it serves at
+    /// once. Returns once the ring is empty and no request waits for a
+    /// worker, or the queue is stopped. Each request holds a pass of the
+    /// queue's gate from before it is popped until its completion is
+    /// signalled.
     fn process_queue(&self, vring: &VringRwLock<GuestMem>, queue: usize, gate: &Gate) {
         let Some(atomic) = self.0.mem.read().expect(crate::POISONED).clone() else {
             return;

@@ -149,12 +149,18 @@ pub fn config_window(size: u64, queues: u16, offset: u32, len: u32) -> Vec<u8> {
     out
 }
 
+/// How many threads pop `queues` queues when `threads` are asked for: at
+/// least one, and no more than there are queues.
+pub fn popping_threads(queues: u16, threads: u16) -> u16 {
+    threads.clamp(1, queues.clamp(1, MAX_QUEUES))
+}
+
 /// The backend library's queue masks: which of `queues` queues each
 /// popping thread serves (queue `q` on thread `q % threads`), one mask per
-/// thread that has any.
+/// thread ([`popping_threads`] of them).
 pub fn queue_masks(queues: u16, threads: u16) -> Vec<u64> {
+    let threads = popping_threads(queues, threads);
     let queues = queues.min(MAX_QUEUES);
-    let threads = threads.clamp(1, queues.max(1));
     (0..threads)
         .map(|t| {
             (t..queues)
@@ -190,6 +196,8 @@ mod tests {
             for threads in [1u16, 2, 3, 8, 64] {
                 let masks = queue_masks(queues, threads);
                 let n = masks.len() as u16;
+                // The backend counts its threads as the library gets them.
+                assert_eq!(n, popping_threads(queues, threads));
                 let mut seen = 0u64;
                 for (t, m) in masks.iter().enumerate() {
                     assert_eq!(seen & m, 0);
