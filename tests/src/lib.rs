@@ -335,6 +335,17 @@ impl HostRun {
         self.status == STATUS_NO_REPORT && !self.lines_with(POWER_CUT).is_empty()
     }
 
+    /// A kiln-vmm's own report that its guest died of a triple fault (its
+    /// stderr, which scripts print tagged `[NAME:err]`), if one did: the
+    /// nested environment's known death (README, "Tests"). A guest's
+    /// console saying the words is not one.
+    pub fn guest_triple_fault(&self) -> Option<String> {
+        self.output
+            .lines()
+            .find(|l| l.contains(":err] ") && l.contains("triple fault"))
+            .map(str::to_string)
+    }
+
     /// Whether the test host reached `KILN-TESTHOST-READY`.
     pub fn host_ready(&self) -> bool {
         !self.lines_with(TESTHOST_READY).is_empty()
@@ -701,6 +712,21 @@ mod tests {
             stderr: String::new(),
             elapsed: Duration::ZERO,
         }
+    }
+
+    /// Only a kiln-vmm's own report of a guest's triple fault counts: a
+    /// guest's console saying the words does not.
+    #[test]
+    fn only_a_vmm_reporting_a_triple_fault_is_a_guest_death() {
+        let died = "[mig-src:err] 2026-12-05T06:04:02.945168Z  WARN vCPU 0: triple fault (where is unknown); resetting";
+        let r = run_with(&format!(
+            "CASE-START mig-src t=47.1\n[mig-src] MIG-HB n=3\n{died}\n"
+        ));
+        assert_eq!(r.guest_triple_fault().as_deref(), Some(died));
+        let r = run_with(
+            "[mig-src] echo triple fault\n[mig-src:err] INFO migration to unix:/run/kmig/m.sock started\n",
+        );
+        assert_eq!(r.guest_triple_fault(), None);
     }
 
     #[test]
