@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::proto::{self, Kind, Progress, Request, Response};
 
 pub use tcp::{PlainServer, TcpConnector};
-pub use tls::{TlsConnector, TlsFiles, TlsServer};
+pub use tls::{TlsConnector, TlsFiles, TlsServer, TlsStream};
 
 /// A bidirectional byte stream (TLS, or plain TCP on loopback, or the
 /// local unix socket).
@@ -33,18 +33,6 @@ impl Conn for TcpStream {
 impl Conn for UnixStream {
     fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
         UnixStream::set_read_timeout(self, d)
-    }
-}
-
-impl Conn for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
-        self.sock.set_read_timeout(d)
-    }
-}
-
-impl Conn for rustls::StreamOwned<rustls::ServerConnection, TcpStream> {
-    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
-        self.sock.set_read_timeout(d)
     }
 }
 
@@ -69,6 +57,10 @@ pub struct Link {
     /// A link to another node: each request's answer is awaited for
     /// [`Request::deadline`] at most.
     deadlines: bool,
+    /// The read timeout last set on `conn`: most requests share one
+    /// deadline, so the system call is made only when it changes (it was
+    /// one of about 30 per replicated write).
+    timeout: Option<Duration>,
 }
 
 impl Link {
@@ -79,6 +71,7 @@ impl Link {
             conn,
             used: std::time::Instant::now(),
             deadlines: false,
+            timeout: None,
         }
     }
 
@@ -89,6 +82,7 @@ impl Link {
             conn,
             used: std::time::Instant::now(),
             deadlines: true,
+            timeout: None,
         }
     }
 
@@ -113,9 +107,7 @@ impl Link {
     /// Sends `req` without waiting; [`Link::recv`] reads its response. Lets
     /// a caller have one request in flight on each of several links.
     pub fn send(&mut self, req: &Request) -> Result<()> {
-        if self.deadlines {
-            self.conn.set_read_timeout(Some(req.deadline()))?;
-        }
+        self.await_for(req.deadline())?;
         self.used = std::time::Instant::now();
         proto::send_request(&mut self.conn, req).map_err(unavailable)
     }
@@ -123,11 +115,19 @@ impl Link {
     /// Sends a request encoded already (`proto::encode_request`), so that
     /// one encoding of a write goes to every replica.
     pub fn send_encoded(&mut self, body: &[u8], deadline: Duration) -> Result<()> {
-        if self.deadlines {
-            self.conn.set_read_timeout(Some(deadline))?;
-        }
+        self.await_for(deadline)?;
         self.used = std::time::Instant::now();
         proto::write_frame(&mut self.conn, Kind::Request, body).map_err(unavailable)
+    }
+
+    /// On a link to another node, the next answer is awaited for `deadline`
+    /// at most (the timeout is set only if it differs from the last one).
+    fn await_for(&mut self, deadline: Duration) -> Result<()> {
+        if self.deadlines && self.timeout != Some(deadline) {
+            self.conn.set_read_timeout(Some(deadline))?;
+            self.timeout = Some(deadline);
+        }
+        Ok(())
     }
 
     /// Reads the response to the request last sent.
@@ -157,5 +157,65 @@ fn unavailable(e: Error) -> Error {
     match e {
         Error::Io(s) => Error::Unavailable(s),
         e => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A real unix socket that counts the read timeouts set on it.
+    struct Counted(UnixStream, Arc<AtomicUsize>);
+
+    impl Read for Counted {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(b)
+        }
+    }
+    impl Write for Counted {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.0.flush()
+        }
+    }
+    impl Conn for Counted {
+        fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.set_read_timeout(d)
+        }
+    }
+
+    #[test]
+    fn a_peer_link_sets_its_read_timeout_only_when_the_deadline_changes() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let sets = Arc::new(AtomicUsize::new(0));
+        let conn = Counted(a.try_clone().unwrap(), sets.clone());
+        let mut link = Link::peer(Box::new(conn));
+        let io = Duration::from_secs(5);
+        for _ in 0..3 {
+            link.send_encoded(b"x", io).unwrap();
+        }
+        assert_eq!(sets.load(Ordering::Relaxed), 1);
+        assert_eq!(a.read_timeout().unwrap(), Some(io));
+        // Another deadline is set, and so is the first again after it.
+        link.send_encoded(b"x", Duration::from_secs(60)).unwrap();
+        assert_eq!(a.read_timeout().unwrap(), Some(Duration::from_secs(60)));
+        link.send_encoded(b"x", io).unwrap();
+        assert_eq!(sets.load(Ordering::Relaxed), 3);
+        assert_eq!(a.read_timeout().unwrap(), Some(io));
+    }
+
+    #[test]
+    fn a_local_link_never_sets_a_read_timeout() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let sets = Arc::new(AtomicUsize::new(0));
+        let mut link = Link::new(Box::new(Counted(a.try_clone().unwrap(), sets.clone())));
+        link.send_encoded(b"x", Duration::from_secs(5)).unwrap();
+        assert_eq!(sets.load(Ordering::Relaxed), 0);
+        assert_eq!(a.read_timeout().unwrap(), None);
     }
 }

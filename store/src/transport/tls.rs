@@ -5,7 +5,9 @@
 //! node cannot pose as another. The host agent issues these (its node CA
 //! makes them at `kiln-agent init`; in a cluster, the cluster CA).
 
+use std::io::{IoSlice, Read, Write};
 use std::net::TcpStream;
+use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use std::time::Duration;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
-use rustls::{StreamOwned, ALL_VERSIONS};
+use rustls::{ConnectionCommon, SideData, Stream, StreamOwned, ALL_VERSIONS};
 
 use super::tcp::TcpConnector;
 use super::{Conn, Connector, ServerTransport};
@@ -152,7 +154,58 @@ impl Connector for TlsConnector {
         while s.conn.is_handshaking() {
             s.conn.complete_io(&mut s.sock).map_err(|e| failed(&e))?;
         }
-        Ok(Box::new(s))
+        Ok(Box::new(TlsStream::new(s)))
+    }
+}
+
+/// A TLS connection over TCP. rustls's `StreamOwned` has no vectored
+/// write of its own, so a frame's header and body went out as two TLS
+/// records and two system calls; here they are one of each.
+pub struct TlsStream<C>(StreamOwned<C, TcpStream>);
+
+impl<C> TlsStream<C> {
+    /// A connection whose handshake may still be ahead (rustls completes
+    /// it on first use).
+    pub fn new(s: StreamOwned<C, TcpStream>) -> TlsStream<C> {
+        TlsStream(s)
+    }
+}
+
+impl<C, S> Read for TlsStream<C>
+where
+    C: DerefMut + Deref<Target = ConnectionCommon<S>>,
+    S: SideData,
+{
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<C, S> Write for TlsStream<C>
+where
+    C: DerefMut + Deref<Target = ConnectionCommon<S>>,
+    S: SideData,
+{
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        Stream::new(&mut self.0.conn, &mut self.0.sock).write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl<C, S> Conn for TlsStream<C>
+where
+    C: DerefMut + Deref<Target = ConnectionCommon<S>> + Send,
+    S: SideData,
+{
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.0.sock.set_read_timeout(d)
     }
 }
 
@@ -182,6 +235,6 @@ impl ServerTransport for TlsServer {
         }
         // Peers keep links open between requests.
         s.sock.set_read_timeout(None)?;
-        Ok(Box::new(s))
+        Ok(Box::new(TlsStream::new(s)))
     }
 }
