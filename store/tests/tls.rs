@@ -114,7 +114,7 @@ fn only_peers_with_a_certificate_of_the_cluster_are_served() {
     .with_no_client_auth();
     let tcp = TcpConnector::default().dial(&n2.addr()).unwrap();
     let conn = rustls::ClientConnection::new(Arc::new(cfg), "n2".try_into().unwrap()).unwrap();
-    let mut anon = TlsStream::new(rustls::StreamOwned::new(conn, tcp));
+    let mut anon = TlsStream::new(rustls::StreamOwned::new(conn, tcp)).unwrap();
     assert!(
         try_call(&mut anon, &write_req(vec![0x68; 4096], epoch)).is_none(),
         "a client without a certificate was served"

@@ -5,7 +5,7 @@
 //! node cannot pose as another. The host agent issues these (its node CA
 //! makes them at `kiln-agent init`; in a cluster, the cluster CA).
 
-use std::io::{IoSlice, Read, Write};
+use std::io::{BufReader, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::PermissionsExt;
@@ -154,20 +154,80 @@ impl Connector for TlsConnector {
         while s.conn.is_handshaking() {
             s.conn.complete_io(&mut s.sock).map_err(|e| failed(&e))?;
         }
-        Ok(Box::new(TlsStream::new(s)))
+        Ok(Box::new(TlsStream::new(s).map_err(|e| failed(&e))?))
     }
 }
 
 /// A TLS connection over TCP. rustls's `StreamOwned` has no vectored
 /// write of its own, so a frame's header and body went out as two TLS
-/// records and two system calls; here they are one of each.
-pub struct TlsStream<C>(StreamOwned<C, TcpStream>);
+/// records and two system calls; here they are one of each. Reads go
+/// through [`BufferedSocket`].
+pub struct TlsStream<C>(StreamOwned<C, BufferedSocket<TcpStream>>);
 
 impl<C> TlsStream<C> {
     /// A connection whose handshake may still be ahead (rustls completes
     /// it on first use).
-    pub fn new(s: StreamOwned<C, TcpStream>) -> TlsStream<C> {
-        TlsStream(s)
+    pub fn new(s: StreamOwned<C, TcpStream>) -> std::io::Result<TlsStream<C>> {
+        let StreamOwned { conn, sock } = s;
+        let sock = BufferedSocket::new(sock)?;
+        Ok(TlsStream(StreamOwned { conn, sock }))
+    }
+}
+
+/// How much a [`BufferedSocket`] reads from the kernel at once: a few of
+/// the largest TLS records (16 KiB of data each).
+pub const READ_BUFFER: usize = 64 * 1024;
+
+/// The socket under rustls. rustls reads at most 4 KiB past what it holds,
+/// so a 4 KiB write (one record of a little over 4 KiB) took two `recvfrom`
+/// calls; through this buffer it takes one, and a burst of records takes
+/// one too. Writes go straight to the socket. The buffer holds only
+/// ciphertext, and nothing outside rustls reads this socket or polls it.
+pub struct BufferedSocket<S> {
+    rd: BufReader<S>,
+    wr: S,
+}
+
+impl BufferedSocket<TcpStream> {
+    /// Reads and writes on two descriptors of one socket (its options, such
+    /// as the read timeout, are shared).
+    pub fn new(sock: TcpStream) -> std::io::Result<BufferedSocket<TcpStream>> {
+        Ok(BufferedSocket::split(sock.try_clone()?, sock))
+    }
+}
+
+impl<S: Read> BufferedSocket<S> {
+    /// `rd` and `wr` are the same connection.
+    pub fn split(rd: S, wr: S) -> BufferedSocket<S> {
+        BufferedSocket {
+            rd: BufReader::with_capacity(READ_BUFFER, rd),
+            wr,
+        }
+    }
+
+    /// The writing end (where socket options are set).
+    pub fn socket(&self) -> &S {
+        &self.wr
+    }
+}
+
+impl<S: Read> Read for BufferedSocket<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.rd.read(buf)
+    }
+}
+
+impl<S: Write> Write for BufferedSocket<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.wr.write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        self.wr.write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.wr.flush()
     }
 }
 
@@ -205,7 +265,7 @@ where
     S: SideData,
 {
     fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
-        self.0.sock.set_read_timeout(d)
+        self.0.sock.socket().set_read_timeout(d)
     }
 }
 
@@ -235,6 +295,64 @@ impl ServerTransport for TlsServer {
         }
         // Peers keep links open between requests.
         s.sock.set_read_timeout(None)?;
-        Ok(Box::new(TlsStream::new(s)))
+        Ok(Box::new(TlsStream::new(s)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A real unix socket that counts the reads made on it.
+    struct Counted<'a>(UnixStream, &'a AtomicUsize);
+
+    impl Read for Counted<'_> {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.read(b)
+        }
+    }
+
+    impl Write for Counted<'_> {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.write(b)
+        }
+        fn write_vectored(&mut self, b: &[IoSlice<'_>]) -> std::io::Result<usize> {
+            self.0.write_vectored(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn records_of_over_4_kib_read_in_4_kib_pieces_cost_one_read_of_the_socket() {
+        let (a, mut peer) = UnixStream::pair().unwrap();
+        let reads = AtomicUsize::new(0);
+        let mut s =
+            BufferedSocket::split(Counted(a.try_clone().unwrap(), &reads), Counted(a, &reads));
+        // Three records as a 4 KiB replicated write makes them.
+        let sent: Vec<u8> = (0..3 * 4200u32).map(|i| i as u8).collect();
+        peer.write_all(&sent).unwrap();
+        let mut got = Vec::new();
+        let mut piece = [0u8; 4096]; // what rustls asks for at a time
+        while got.len() < sent.len() {
+            let n = s.read(&mut piece).unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&piece[..n]);
+        }
+        assert_eq!(got, sent);
+        assert_eq!(reads.load(Ordering::Relaxed), 1);
+
+        // Writes go straight through, vectored ones whole.
+        let n = s
+            .write_vectored(&[IoSlice::new(b"head"), IoSlice::new(b"body")])
+            .unwrap();
+        assert_eq!(n, 8);
+        let mut back = [0u8; 8];
+        peer.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"headbody");
     }
 }
