@@ -138,38 +138,40 @@ pub fn images_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target/images"))
 }
 
-/// A binary built by cargo for this workspace (`target/{debug,release}/NAME`),
-/// the most recently built one if both exist.
-pub fn workspace_binary(name: &str) -> Option<PathBuf> {
-    let t = target_dir();
-    ["debug", "release"]
-        .iter()
-        .map(|p| t.join(p).join(name))
-        .filter(|p| p.is_file())
-        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
-}
-
-/// A workspace binary from the same cargo profile as this test (`cargo test
-/// --release` uses target/release). `cargo test --workspace` builds every
-/// package's binaries before it runs any test, so it is current.
+/// A workspace binary from the same cargo profile as this test
+/// (`target/<profile>/NAME`, next to the directory this test runs from:
+/// `cargo test --profile ci` uses target/ci). `cargo test --workspace`
+/// builds every package's binaries before it runs any test, so it is
+/// current.
 pub fn profile_binary(name: &str) -> PathBuf {
-    let profile = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
-    let p = target_dir().join(profile).join(name);
+    let dir = profile_dir();
+    let p = dir.join(name);
     assert!(
         p.is_file(),
-        "{} is missing: run the tests with `cargo test --workspace{}`",
+        "{} is missing: run the tests with the README's test command (`cargo test --workspace --profile ci`)",
         p.display(),
-        if profile == "release" {
-            " --release"
-        } else {
-            ""
-        }
     );
     p
+}
+
+/// The cargo profile's output directory of the running test: its
+/// executable is `target/<profile>/deps/NAME-HASH`.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    match exe.parent().and_then(Path::parent) {
+        Some(dir) if exe.parent().and_then(Path::file_name) == Some("deps".as_ref()) => {
+            dir.to_path_buf()
+        }
+        _ => {
+            // Not a cargo test executable: the profile its build settings say.
+            let profile = if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            };
+            target_dir().join(profile)
+        }
+    }
 }
 
 fn on_path(program: &str) -> bool {

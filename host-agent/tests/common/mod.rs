@@ -355,8 +355,6 @@ impl Drop for Agent {
     }
 }
 
-/// kiln-vmm of this test's cargo profile (built by `cargo test --workspace`;
-/// the VM tests check that it is there).
 /// Waits until volume `name` is `ready` (fails on `failed`).
 pub fn volume_ready(a: &Agent, name: &str) -> Value {
     a.wait_for(
@@ -379,23 +377,15 @@ pub fn read_volume(a: &Agent, name: &str, len: usize) -> Vec<u8> {
     buf
 }
 
+/// kiln-vmm of this test's cargo profile (built by `cargo test --workspace`;
+/// the tests that need it check that it is there).
 pub fn vmm_binary() -> PathBuf {
-    let profile = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
-    kiln_tests::target_dir().join(profile).join("kiln-vmm")
+    kiln_tests::profile_dir().join("kiln-vmm")
 }
 
 /// kiln-store of this test's cargo profile.
 pub fn store_binary() -> PathBuf {
-    let profile = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
-    kiln_tests::target_dir().join(profile).join("kiln-store")
+    kiln_tests::profile_dir().join("kiln-store")
 }
 
 /// A short name unique to this test process and call (bridge names have
