@@ -28,12 +28,13 @@ pub mod writer;
 
 pub use client::{Client, VolumeClient};
 
-/// Why a lock cannot be poisoned: kiln-store is crash-only. Release builds
-/// abort on a panic (`panic = "abort"` for the whole workspace), so no
-/// thread ever unwinds with a lock held; on restart, the write-ahead log
-/// and the replicas' epochs and dirty maps put things right. In unwinding
-/// test builds, a poisoned lock means a thread already panicked, and
-/// panicking again is the honest outcome.
+/// Why a lock cannot be poisoned: kiln-store is crash-only. The daemon
+/// aborts on a panic (`kiln_crash::abort_on_panic` in its `main`, and
+/// `panic = "abort"` in release builds), so no thread ever unwinds with a
+/// lock held; on restart, the write-ahead log and the replicas' epochs and
+/// dirty maps put things right. In tests that use the library in-process,
+/// a poisoned lock means a thread already panicked, and panicking again is
+/// the honest outcome.
 pub(crate) const POISONED: &str = "a thread panicked holding a lock (kiln-store is crash-only)";
 pub use engine::Engine;
 pub use error::{Error, Result};

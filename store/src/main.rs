@@ -6,6 +6,7 @@ use clap::error::ErrorKind;
 use clap::Parser;
 
 fn main() {
+    kiln_crash::abort_on_panic();
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e)

@@ -412,6 +412,7 @@ fn run(cli: Cli, started: std::time::Instant) -> Result<VmExit> {
 }
 
 fn main() -> ExitCode {
+    kiln_crash::abort_on_panic();
     let started = std::time::Instant::now();
     // One malloc arena for all threads: no per-thread heaps that glibc
     // would grow with mprotect (outside the seccomp filters), and less

@@ -314,6 +314,7 @@ fn reseal(
 }
 
 fn main() -> ExitCode {
+    kiln_crash::abort_on_panic();
     // libtss2 prints its own WARNING/ERROR lines on stderr for failures the
     // agent expects and reports itself (a policy that no longer matches);
     // its error codes still reach the agent.
