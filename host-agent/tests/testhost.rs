@@ -120,7 +120,7 @@ build() { $K --json node | sed -n 's/.*"build": "\([^"]*\)".*/\1/p' | tr -d ',' 
 build1=$(build)
 
 # SIGKILL the agent under the running VM, then start a different build of
-# it (the upgrade-test cargo profile: unoptimised).
+# it (another binary: `other_build` in this file).
 kill -9 "$(cat /tmp/agent.pid)" && echo E2E-AGENT-KILLED
 sleep 2
 kill -0 "$pid1" && echo E2E-VMM-ALIVE-AFTER-KILL
@@ -202,26 +202,30 @@ sed 's/^/[console2] /' /tmp/console2.log | grep -v E2E-TICK
 sed 's/^/[agent] /' /tmp/agent.log
 "#;
 
-/// The agent built again from the same source with the `upgrade-test`
-/// profile (unoptimised, in its own target directory and lock, so this
-/// works while `cargo test` holds the test profile's): a different build
-/// to upgrade to under a running VM. Returned as `kiln-agent-v2`.
+/// Another build of the agent to upgrade to under a running VM, returned
+/// as `kiln-agent-v2`: this build's binary with one section added
+/// (`objcopy`), so that its file, its hash (what IMA measures and the
+/// attestation names) and its build id (`<profile>, <size>`) all differ, as
+/// a new release's would. A second cargo build (an unoptimised profile) did
+/// the same for 2 min 20 s of the suite's 2-core time; the agent's code
+/// path under test, re-adopting a running VM from its state on disk, is
+/// the same either way.
 fn other_build() -> std::path::PathBuf {
-    let start = std::time::Instant::now();
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--profile", "upgrade-test", "-p", "kiln-agent"])
-        .args(["--bin", "kiln-agent"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    let dir = target_dir().join("kiln-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let note = dir.join("kiln-agent-v2.note");
+    std::fs::write(&note, "kiln-agent, another build for the upgrade test\n").unwrap();
+    let v2 = dir.join("kiln-agent-v2");
+    let status = std::process::Command::new("objcopy")
+        .arg(format!(
+            "--add-section=.kiln-upgrade-test={}",
+            note.display()
+        ))
+        .arg(env!("CARGO_BIN_EXE_kiln-agent"))
+        .arg(&v2)
         .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building the upgrade-test agent failed");
-    eprintln!(
-        "built the upgrade-test kiln-agent in {:.0} s",
-        start.elapsed().as_secs_f64()
-    );
-    let v2 = target_dir().join("kiln-tests/kiln-agent-v2");
-    std::fs::create_dir_all(v2.parent().unwrap()).unwrap();
-    std::fs::copy(target_dir().join("upgrade-test/kiln-agent"), &v2).unwrap();
+        .expect("objcopy runs (binutils)");
+    assert!(status.success(), "objcopy {}", v2.display());
     v2
 }
 
@@ -355,12 +359,12 @@ fn the_vm_outlives_a_killed_agent_and_a_new_binary_re_adopts_it() {
     ] {
         has(run, m);
     }
-    // Another build served after the kill: its profile and size say so.
+    // Another build served after the kill: its size says so.
     let (before, after) = (
         value(run, "E2E-BUILDS", "before"),
         value(run, "E2E-BUILDS", "after"),
     );
-    assert!(after.starts_with("debug_"), "{after}");
+    assert!(after.ends_with("_bytes"), "{after}");
     assert_ne!(before, after);
     let pid = value(run, "E2E-VMM", "pid");
     assert!(!pid.is_empty());
