@@ -45,6 +45,8 @@ pub enum Error {
     #[error(transparent)]
     Acpi(#[from] acpi::Error),
     #[error(transparent)]
+    MpTable(#[from] crate::arch::mptable::Error),
+    #[error(transparent)]
     Regs(#[from] crate::arch::regs::Error),
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
@@ -585,6 +587,7 @@ pub fn build_with(cfg: &VmConfig, hooks: &WorkerHooks, mut start: Start) -> Resu
             let cmdline_len = loader::load_command_line(&mem, &cmdline)?;
             crate::arch::regs::write_reset_stub(&mem)?;
             let rsdp = acpi::create_tables(&mem, cfg.vcpus, &alloc.devices)?;
+            crate::arch::mptable::write(&mem, cfg.vcpus)?;
             VmGenId::new(&mem, GuestAddress(VMGENID_START)).map_err(Error::VmGenId)?;
             let e820 = loader::e820_map(&mem);
             loader::write_zero_page(

@@ -4,7 +4,8 @@
 //! 0x0000_0500  GDT                0x0000_0520  IDT (empty)
 //! 0x0000_7000  boot_params        0x0000_8ff0  boot stack (grows down)
 //! 0x0000_9000  PML4, PDPT, PD     0x0002_0000  kernel command line
-//! 0x0009_fc00  EBDA .. 1 MiB: not RAM; ACPI tables at 0x000e_0000,
+//! 0x0009_fc00  EBDA .. 1 MiB: not RAM; the MP floating pointer at
+//!              0x0009_fc00, its table at 0x000a_0000; ACPI tables at 0x000e_0000,
 //!              the VM generation id at 0x000e_f000,
 //!              a reset stub at the reset vector 0x000f_fff0
 //! 0x0010_0000  RAM: kernel, initrd at the top of low RAM
@@ -27,8 +28,12 @@ pub const PDE_START: u64 = 0xb000;
 /// Kernel command line and its maximum size (x86 COMMAND_LINE_SIZE).
 pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
-/// Start of the Extended BIOS Data Area: RAM below 1 MiB ends here.
+/// Start of the Extended BIOS Data Area: RAM below 1 MiB ends here. The MP
+/// table's floating pointer is its first 16 bytes (`mptable.rs`).
 pub const EBDA_START: u64 = 0x9fc00;
+/// The MP configuration table, in the reserved area below the ACPI tables.
+pub const MPTABLE_CONFIG_START: u64 = 0xa0000;
+pub const MPTABLE_CONFIG_END: u64 = ACPI_START;
 /// ACPI tables live in the BIOS area, where the kernel scans for the RSDP.
 pub const ACPI_START: u64 = 0xe0000;
 pub const ACPI_END: u64 = 0xf0000;

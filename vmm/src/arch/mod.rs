@@ -5,5 +5,6 @@ pub mod acpi;
 pub mod cpu_compat;
 pub mod cpuid;
 pub mod layout;
+pub mod mptable;
 pub mod msr;
 pub mod regs;
