@@ -49,10 +49,17 @@ grep -q KILN-GUEST-READY /tmp/console.log && echo "SERIAL-FILE-HAS-READY"
 cat >/tmp/facts.txt <<'S'
 grep -q tsc_deadline_timer /proc/cpuinfo && echo GUEST-HAS-TSC-DEADLINE
 grep -qw pci=off /proc/cmdline && echo GUEST-TOLD-NO-PCI
+dmesg | grep -q 'found SMP MP-table' && echo GUEST-FOUND-MP-TABLE
 S
 dd if=/tmp/facts.txt of=/tmp/facts.img bs=4096 conv=sync 2>/dev/null
 case_run facts kiln-vmm --kernel /images/vmlinux --initrd $RD --memory 256M \
     --disk path=/tmp/facts.img,ro=on --cmdline "$Q kiln.script=/dev/vda"
+
+# Without ACPI the guest learns its CPUs and IOAPIC from the MP table alone;
+# it cannot power off without ACPI, so it reboots (the i8042 reset line),
+# which ends kiln-vmm.
+case_run acpi-off kiln-vmm --kernel /images/vmlinux --initrd $RD --memory 256M --cpus 2 \
+    --cmdline "$Q acpi=off kiln.action=reboot"
 
 # The control API: GET /vm, pause and resume, then PUT /vm/shutdown presses
 # the guest's ACPI power button and the guest (kept up by kiln.hold) powers
@@ -165,6 +172,21 @@ fn debian_bzimage_boots_with_two_vcpus() {
     assert_eq!(c.rc, 0, "stderr: {:?}", c.err);
 }
 
+/// The MP table (kiln-vmm's `arch/mptable.rs`) is all an `acpi=off` guest
+/// has to find its second CPU (without it: "SMP disabled", one CPU).
+#[test]
+fn without_acpi_the_guest_finds_both_vcpus_in_the_mp_table() {
+    let Some(c) = case("acpi-off") else { return };
+    assert_eq!(
+        ready_cpus(&c),
+        ["2"],
+        "console: {:?}\nstderr: {:?}",
+        c.out,
+        c.err
+    );
+    assert_eq!(c.rc, 0, "stderr: {:?}", c.err);
+}
+
 #[test]
 fn guest_reboot_ends_kiln_vmm_with_status_zero_and_says_so() {
     let Some(c) = case("reboot") else { return };
@@ -219,10 +241,14 @@ fn serial_console_can_go_to_a_file() {
 }
 
 #[test]
-fn the_guest_has_the_tsc_deadline_timer_and_is_told_there_is_no_pci() {
+fn the_guest_has_the_tsc_deadline_timer_an_mp_table_and_is_told_there_is_no_pci() {
     let Some(c) = case("facts") else { return };
     assert_eq!(c.rc, 0, "stderr: {:?}", c.err);
-    for fact in ["GUEST-HAS-TSC-DEADLINE", "GUEST-TOLD-NO-PCI"] {
+    for fact in [
+        "GUEST-HAS-TSC-DEADLINE",
+        "GUEST-TOLD-NO-PCI",
+        "GUEST-FOUND-MP-TABLE",
+    ] {
         assert!(
             c.out.iter().any(|l| l.contains(fact)),
             "{fact}: {:?}",
