@@ -55,12 +55,6 @@ dd if=/tmp/facts.txt of=/tmp/facts.img bs=4096 conv=sync 2>/dev/null
 case_run facts kiln-vmm --kernel /images/vmlinux --initrd $RD --memory 256M \
     --disk path=/tmp/facts.img,ro=on --cmdline "$Q kiln.script=/dev/vda"
 
-# Without ACPI the guest learns its CPUs and IOAPIC from the MP table alone;
-# it cannot power off without ACPI, so it reboots (the i8042 reset line),
-# which ends kiln-vmm.
-case_run acpi-off kiln-vmm --kernel /images/vmlinux --initrd $RD --memory 256M --cpus 2 \
-    --cmdline "$Q acpi=off kiln.action=reboot"
-
 # The control API: GET /vm, pause and resume, then PUT /vm/shutdown presses
 # the guest's ACPI power button and the guest (kept up by kiln.hold) powers
 # off by itself. The button is pressed every 2 s until it does: the guest
@@ -162,21 +156,6 @@ fn debian_bzimage_boots_with_two_vcpus() {
     let Some(c) = case("bzimage-2cpu") else {
         return;
     };
-    assert_eq!(
-        ready_cpus(&c),
-        ["2"],
-        "console: {:?}\nstderr: {:?}",
-        c.out,
-        c.err
-    );
-    assert_eq!(c.rc, 0, "stderr: {:?}", c.err);
-}
-
-/// The MP table (kiln-vmm's `arch/mptable.rs`) is all an `acpi=off` guest
-/// has to find its second CPU (without it: "SMP disabled", one CPU).
-#[test]
-fn without_acpi_the_guest_finds_both_vcpus_in_the_mp_table() {
-    let Some(c) = case("acpi-off") else { return };
     assert_eq!(
         ready_cpus(&c),
         ["2"],
