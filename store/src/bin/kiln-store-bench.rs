@@ -355,6 +355,9 @@ fn fs_note(dir: &Path) -> String {
 }
 
 fn main() -> Result<()> {
+    // The replicas run in this process: a panic in one of their threads
+    // must end the run, not leave the others waiting on it.
+    kiln_crash::abort_on_panic();
     let a = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

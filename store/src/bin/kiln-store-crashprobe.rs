@@ -178,6 +178,7 @@ fn verify(v: &VolumeClient, chunks: u64, acked: u64) -> Result<()> {
 }
 
 fn main() {
+    kiln_crash::abort_on_panic();
     let a = Args::parse();
     let run = || -> Result<()> {
         let v = VolumeClient::open(&a.socket, &a.volume)
