@@ -14,11 +14,36 @@ use crate::{BLOCK_SIZE, EXTENT_SIZE};
 /// Reads blocks starting at block `b0` of the extent slot at byte `base` of
 /// slab `f` into `buf` and verifies them; returns the indexes (relative to
 /// `b0`) that failed, zeroed in `buf`. Never-written blocks read as zeros.
-pub(super) fn read_blocks(f: &File, base: u64, b0: u64, buf: &mut [u8]) -> Result<Vec<u64>> {
+///
+/// The data comes through `direct` (the same slab opened `O_DIRECT`) when
+/// there is one and `buf` starts on a block boundary in memory: the disk
+/// fills `buf` itself, with no page-cache page to fill, copy and reclaim
+/// later (the guest above keeps its own cache). The kernel writes any dirty
+/// page of the range back before such a read, so it sees every write that
+/// returned before it. The sidecar entries, small and rewritten with every
+/// write, are read through the page cache.
+pub(super) fn read_blocks(
+    f: &File,
+    direct: Option<&File>,
+    base: u64,
+    b0: u64,
+    buf: &mut [u8],
+) -> Result<Vec<u64>> {
     let n = buf.len() / BLOCK_SIZE as usize;
     let mut side = vec![0u8; n * ENTRY_SIZE];
     f.read_exact_at(&mut side, base + EXTENT_SIZE + b0 * ENTRY_SIZE as u64)?;
-    f.read_exact_at(buf, base + b0 * BLOCK_SIZE)?;
+    let at = base + b0 * BLOCK_SIZE;
+    match direct.filter(|_| is_block_aligned(buf)) {
+        Some(d) => {
+            if let Err(e) = d.read_exact_at(buf, at) {
+                // A file system may refuse a direct read it accepted at
+                // open; the page cache still serves it.
+                tracing::debug!(error = %e, "direct read refused; reading through the page cache");
+                f.read_exact_at(buf, at)?;
+            }
+        }
+        None => f.read_exact_at(buf, at)?,
+    }
     let mut bad = Vec::new();
     for i in 0..n {
         let e = Entry::decode(&side[i * ENTRY_SIZE..]);
@@ -31,6 +56,22 @@ pub(super) fn read_blocks(f: &File, base: u64, b0: u64, buf: &mut [u8]) -> Resul
         }
     }
     Ok(bad)
+}
+
+/// Whether `buf` may be the buffer of an `O_DIRECT` read: its address and
+/// length are multiples of the block size.
+pub(super) fn is_block_aligned(buf: &[u8]) -> bool {
+    buf.as_ptr().align_offset(BLOCK_SIZE as usize) == 0 && buf.len() % BLOCK_SIZE as usize == 0
+}
+
+/// A zeroed buffer of `len` bytes whose start is block-aligned in memory,
+/// as `O_DIRECT` reads want: a `Vec` with room to spare, and the offset of
+/// the aligned start in it.
+pub(super) fn aligned_buffer(len: usize) -> (Vec<u8>, usize) {
+    let v = vec![0u8; len + BLOCK_SIZE as usize - 1];
+    // (`align_offset` may give up; then the reads go through the cache.)
+    let at = v.as_ptr().align_offset(BLOCK_SIZE as usize);
+    (v, if at < BLOCK_SIZE as usize { at } else { 0 })
 }
 
 /// Writes whole blocks starting at block `b0` of the extent slot at byte
@@ -90,6 +131,18 @@ pub fn slab_space(dir: &Path) -> std::io::Result<u64> {
         total += ent?.metadata()?.blocks() * 512;
     }
     Ok(total)
+}
+
+/// Tells the kernel that slab `f` is read at random: no readahead. A read
+/// wants one block's data (direct) or one sidecar page; readahead would
+/// fetch the pages after it, which belong to the next slot, an unrelated
+/// extent.
+pub(super) fn advise_random(f: &File) {
+    // SAFETY: plain syscall on a valid, owned fd with no pointers involved.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::from_raw_os_error(rc), "posix_fadvise(RANDOM) refused");
+    }
 }
 
 /// Starts writing `[off, off+len)` of `f` to disk without waiting for it.

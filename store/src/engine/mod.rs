@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -71,6 +71,8 @@ struct State {
     next_id: u64,
     /// Open slab files by (disk, slab number).
     slabs: HashMap<(u32, u64), Arc<File>>,
+    /// The same slabs opened `O_DIRECT` for reads, by [`Engine::direct_slab`].
+    direct: HashMap<(u32, u64), Option<Arc<File>>>,
     /// Per disk, the free slots below `next_slot`: cleared, durably.
     free: Vec<BTreeSet<u64>>,
     /// Slots cleared since the last flush: not handed out before a flush has
@@ -204,6 +206,7 @@ impl Engine {
                     }
                 }
                 f.sync_data()?;
+                advise_random(&f);
                 slabs.insert((disk as u32, num), Arc::new(f));
             }
         }
@@ -226,6 +229,7 @@ impl Engine {
                 extents: loaded.extents,
                 next_id: loaded.next_id,
                 slabs,
+                direct: HashMap::new(),
                 free,
                 next_slot,
                 pending_free: Vec::new(),
@@ -310,10 +314,31 @@ impl Engine {
             .truncate(false)
             .open(self.slab_path(disk, num))?;
         f.set_len(SLAB_SIZE)?;
+        advise_random(&f);
         let f = Arc::new(f);
         st.slabs.insert((disk, num), f.clone());
         st.dirs_dirty = true;
         Ok(f)
+    }
+
+    /// Slab `key` opened again with `O_DIRECT`, for reads of data
+    /// ([`read_blocks`]), on first use; `None` where the file system has
+    /// no direct I/O (tmpfs), and reads go through the page cache.
+    fn direct_slab(&self, st: &mut State, key: (u32, u64)) -> Option<Arc<File>> {
+        if let Some(d) = st.direct.get(&key) {
+            return d.clone();
+        }
+        let d = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(self.slab_path(key.0, key.1))
+            .inspect_err(|e| {
+                tracing::debug!(error = %e, "no direct reads of this slab; reading through the page cache")
+            })
+            .ok()
+            .map(Arc::new);
+        st.direct.insert(key, d.clone());
+        d
     }
 
     /// Extent `id`: its slab file, the byte offset of its slot there, and
@@ -765,21 +790,24 @@ impl Engine {
             let ext_start = idx * EXTENT_SIZE;
             let n = (len - pos).min(ext_start + EXTENT_SIZE - abs);
             if let Some(id) = st.maps.get(&(map, idx)).copied() {
-                let (f, base, _) = self.locate(&mut st, id)?;
-                pieces.push((pos, n, idx, (abs - ext_start) / BLOCK_SIZE, f, base));
+                let (f, base, key) = self.locate(&mut st, id)?;
+                let direct = self.direct_slab(&mut st, key);
+                pieces.push((pos, n, idx, (abs - ext_start) / BLOCK_SIZE, f, direct, base));
             }
             pos += n;
         }
         let _reading = self.reading.read().expect(crate::POISONED);
         drop(st);
-        let mut data = vec![0u8; len as usize];
+        let (mut data, at) = aligned_buffer(len as usize);
         let mut bad = Vec::new();
-        for (pos, n, idx, b0, f, base) in pieces {
-            let buf = &mut data[pos as usize..(pos + n) as usize];
-            for b in read_blocks(&f, base, b0, buf)? {
+        for (pos, n, idx, b0, f, direct, base) in pieces {
+            let buf = &mut data[at + pos as usize..at + (pos + n) as usize];
+            for b in read_blocks(&f, direct.as_deref(), base, b0, buf)? {
                 bad.push(idx * BLOCKS_PER_EXTENT + b0 + b);
             }
         }
+        data.copy_within(at..at + len as usize, 0);
+        data.truncate(len as usize);
         self.metrics
             .checksum_errors
             .fetch_add(bad.len() as u64, Ordering::Relaxed);
@@ -818,4 +846,6 @@ mod tests;
 mod write;
 
 pub use blocks::slab_space;
-use blocks::{clear_slot, read_blocks, start_writeback, write_blocks};
+use blocks::{
+    advise_random, aligned_buffer, clear_slot, read_blocks, start_writeback, write_blocks,
+};

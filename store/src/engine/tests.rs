@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::checksum::{block_crc, Entry};
+use std::os::fd::AsRawFd;
+use std::path::Path;
 
 fn engine(dirs: &[PathBuf]) -> Engine {
     Engine::open("n1", dirs).unwrap()
@@ -447,4 +449,87 @@ fn a_freed_slot_is_not_reused_while_a_read_is_in_flight() {
         .unwrap();
     let (_, off) = e.block_location("b", 0).unwrap().unwrap();
     assert_eq!(off, 0, "slot 0 is reused after the flush");
+}
+
+/// How many pages of `path` are in the page cache (`fincore`).
+fn resident_pages(path: &Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--noheadings", "--output", "PAGES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux) runs");
+    assert!(out.status.success(), "fincore: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Reads take the data around the page cache (`O_DIRECT`) where the file
+/// system allows it, and still see a write that is only in dirty pages.
+#[test]
+fn reads_bypass_the_page_cache_and_see_writes_not_yet_written_back() {
+    let t = tempfile::tempdir().unwrap();
+    let e = engine(&[t.path().to_path_buf()]);
+    e.create_volume("v", 4 * EXTENT_SIZE, vec![], 1, None)
+        .unwrap();
+    let data = pattern(7, 64 * BLOCK_SIZE as usize);
+    e.write("v", 1, 0, &data, &[]).unwrap();
+    // Not flushed: the blocks are dirty pages, which a direct read must
+    // not miss.
+    let out = e.read("v", 0, data.len() as u64).unwrap();
+    assert!(out.bad_blocks.is_empty());
+    assert_eq!(out.data, data);
+
+    e.flush(None).unwrap();
+    let (slab, _) = e.block_location("v", 0).unwrap().unwrap();
+    let f = File::open(&slab).unwrap();
+    // SAFETY: a plain syscall on an fd we own, no pointers.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    assert_eq!(
+        resident_pages(&slab),
+        0,
+        "the slab's clean pages were dropped"
+    );
+    let out = e.read("v", 0, data.len() as u64).unwrap();
+    assert_eq!(out.data, data);
+    let direct = e.lock().direct.values().any(|d| d.is_some());
+    let cached = resident_pages(&slab);
+    if direct {
+        // Only the sidecar's page came through the cache.
+        assert!(
+            cached <= 1,
+            "{cached} pages cached after a direct read of 64"
+        );
+    } else {
+        // No O_DIRECT here (tmpfs): the cache served it.
+        assert!(
+            cached >= 64,
+            "{cached} pages cached after a buffered read of 64"
+        );
+    }
+}
+
+/// Where the file system refuses `O_DIRECT` (tmpfs on older kernels), reads
+/// go through the page cache; a buffer is handed to a direct read only if
+/// it is block-aligned in memory.
+#[test]
+fn reads_fall_back_to_the_page_cache() {
+    let t = tempfile::tempdir_in("/dev/shm").unwrap();
+    let e = engine(&[t.path().to_path_buf()]);
+    e.create_volume("v", 2 * EXTENT_SIZE, vec![], 1, None)
+        .unwrap();
+    let data = pattern(8, 8 * BLOCK_SIZE as usize);
+    e.write("v", 1, BLOCK_SIZE, &data, &[]).unwrap();
+    assert_eq!(
+        e.read("v", BLOCK_SIZE, data.len() as u64).unwrap().data,
+        data
+    );
+
+    for len in [BLOCK_SIZE as usize, 3 * BLOCK_SIZE as usize, 1] {
+        let (buf, at) = blocks::aligned_buffer(len);
+        assert!(buf.len() >= at + len);
+        assert_eq!(blocks::is_block_aligned(&buf[at..at + len]), len != 1);
+        assert!(!blocks::is_block_aligned(
+            &buf[at + 1..at + 1 + len.min(buf.len() - at - 1)]
+        ));
+    }
 }
