@@ -111,9 +111,11 @@ fn config_table(vcpus: u8) -> Vec<u8> {
         ]);
         count += 1;
     }
-    // Every local APIC: LINT0 from the 8259 (ExtINT), LINT1 the NMI.
-    for (kind, lint) in [(INT_EXTINT, 0), (INT_NMI, 1)] {
-        entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, kind, 0, 0, 0, 0, 0xff, lint]);
+    // LINT0 of the bootstrap processor (APIC id 0) takes the 8259's
+    // interrupts (ExtINT), as the MP spec's PC/AT layout has it: only one
+    // CPU may acknowledge them. LINT1 of every local APIC (0xff) is the NMI.
+    for (kind, apic, lint) in [(INT_EXTINT, 0, 0), (INT_NMI, 0xff, 1)] {
+        entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, kind, 0, 0, 0, 0, apic, lint]);
         count += 1;
     }
 
@@ -181,7 +183,7 @@ mod tests {
                 APIC_START as u32
             );
             let count = u16::from_le_bytes([t[34], t[35]]);
-            let (mut off, mut seen, mut cpus, mut bsps, mut pins) = (44, 0, 0, 0, 0);
+            let (mut off, mut seen, mut cpus, mut bsps, mut pins, mut lints) = (44, 0, 0, 0, 0, 0);
             while off < len {
                 let size = if t[off] == ENTRY_PROCESSOR { 20 } else { 8 };
                 match t[off] {
@@ -199,7 +201,16 @@ mod tests {
                         assert_eq!(t[off + 5], t[off + 7], "ISA IRQ n on pin n");
                         pins += 1;
                     }
-                    ENTRY_BUS | ENTRY_LOCAL_INTERRUPT => {}
+                    ENTRY_LOCAL_INTERRUPT => {
+                        let (kind, apic, lint) = (t[off + 1], t[off + 6], t[off + 7]);
+                        match kind {
+                            INT_EXTINT => assert_eq!((apic, lint), (0, 0), "ExtINT: BSP's LINT0"),
+                            INT_NMI => assert_eq!((apic, lint), (0xff, 1), "NMI: all LINT1"),
+                            k => panic!("local interrupt type {k}"),
+                        }
+                        lints += 1;
+                    }
+                    ENTRY_BUS => {}
                     other => panic!("entry type {other}"),
                 }
                 off += size;
@@ -207,7 +218,7 @@ mod tests {
             }
             assert_eq!(off, len);
             assert_eq!(seen, count);
-            assert_eq!((cpus, bsps, pins), (usize::from(vcpus), 1, 24));
+            assert_eq!((cpus, bsps, pins, lints), (usize::from(vcpus), 1, 24, 2));
         }
     }
 
