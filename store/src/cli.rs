@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_store::meta::ReplicaAddr;
 use kiln_store::proto::{Request, Response, ScrubReport, VolumeStatus};
 use kiln_store::{Client, VolumeClient, VolumeIo, MAX_IO};
@@ -267,8 +267,11 @@ fn human(n: u64) -> String {
     }
 }
 
+/// A progress bar on stderr (hidden when stderr is no terminal), redrawn
+/// twice a second: enough to watch, and little for a serial console, where
+/// every redraw is bytes the emulated UART sends one at a time.
 fn bar(len: u64, msg: &str) -> ProgressBar {
-    let b = ProgressBar::new(len);
+    let b = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr_with_hz(2));
     b.set_style(
         ProgressStyle::with_template("{msg:10} [{bar:40}] {pos}/{len} ({eta})")
             .expect("valid template")

@@ -75,8 +75,31 @@ fn three_replicas_hold_identical_data() {
     image[MIB as usize..2 * MIB as usize].fill(0);
     std::fs::write(&src, &image).unwrap();
     create(&nodes, 0, "vol2", "8M");
-    nodes[0].cli_ok(&["import", "vol2", "--from", src.to_str().unwrap()]);
+    let o = nodes[0].cli(&["import", "vol2", "--from", src.to_str().unwrap()]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        o.stderr.is_empty(),
+        "no progress bar without a terminal: {o:?}"
+    );
     assert!(nodes[2].replica_read_all("vol2", 5 * MIB) == image);
+    // On a terminal (`script` gives it one) the import shows a progress
+    // bar, and clears it for the summary.
+    let o = std::process::Command::new("script")
+        .args(["--quiet", "--return", "--command"])
+        .arg(format!(
+            "{BIN} volume --socket {} import vol2 --from {}",
+            nodes[0].socket.display(),
+            src.display()
+        ))
+        .arg("/dev/null")
+        .output()
+        .expect("script (bsdutils) runs");
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        shown.contains("/5242880 (") && shown.ends_with("imported 5.0 MiB into vol2\r\n"),
+        "no bar on a terminal: {shown:?}"
+    );
     // Bad input: a clear one-line error and a non-zero exit.
     let o = nodes[0].cli(&["import", "vol2", "--from", "/nonexistent"]);
     assert!(!o.status.success());
