@@ -569,3 +569,36 @@ fn only_block_aligned_buffers_take_the_direct_path() {
         );
     }
 }
+
+/// A direct read that fails after the slab opened (here: a handle the
+/// kernel refuses to read from) is done again through the page cache.
+#[test]
+fn a_failed_direct_read_is_served_through_the_page_cache() {
+    let t = tempfile::tempdir().unwrap();
+    let e = engine(&[t.path().to_path_buf()]);
+    e.create_volume("v", EXTENT_SIZE, vec![], 1, None).unwrap();
+    let len = 4 * BLOCK_SIZE as usize;
+    let data = pattern(9, len);
+    e.write("v", 1, 0, &data, &[]).unwrap();
+    e.flush(None).unwrap();
+    let (slab, base) = e.block_location("v", 0).unwrap().unwrap();
+    let f = File::open(&slab).unwrap();
+    // SAFETY: a plain syscall on an fd we own, no pointers.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    assert_eq!(resident_pages(&slab), 0);
+    let refusing = OpenOptions::new().write(true).open(&slab).unwrap();
+    let (mut buf, at) = blocks::aligned_buffer(len);
+    let aligned = &mut buf[at..at + len];
+    assert!(blocks::is_block_aligned(aligned));
+    let mut probe = vec![0u8; 1];
+    assert!(refusing.read_exact_at(&mut probe, base).is_err());
+    let bad = blocks::read_blocks(&f, Some(&refusing), base, 0, aligned).unwrap();
+    assert!(bad.is_empty());
+    assert_eq!(aligned, &data[..]);
+    let cached = resident_pages(&slab);
+    assert!(
+        cached >= 4,
+        "{cached} pages cached: the cache did not serve"
+    );
+}
