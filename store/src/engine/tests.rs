@@ -508,6 +508,28 @@ fn reads_bypass_the_page_cache_and_see_writes_not_yet_written_back() {
     }
 }
 
+/// A 1-replica volume in `dir` with 4 blocks of pattern `seed` written and
+/// flushed at its start: the slab's path, the slot's byte offset in it,
+/// the slab opened for reading, and the data.
+fn four_blocks_on_disk(dir: &Path, seed: u64) -> (PathBuf, u64, File, Vec<u8>) {
+    let e = engine(&[dir.to_path_buf()]);
+    e.create_volume("v", EXTENT_SIZE, vec![], 1, None).unwrap();
+    let data = pattern(seed, 4 * BLOCK_SIZE as usize);
+    e.write("v", 1, 0, &data, &[]).unwrap();
+    e.flush(None).unwrap();
+    let (slab, base) = e.block_location("v", 0).unwrap().unwrap();
+    let f = File::open(&slab).unwrap();
+    (slab, base, f, data)
+}
+
+/// Drops every page of `slab` (opened as `f`) from the page cache.
+fn drop_from_cache(f: &File, slab: &Path) {
+    // SAFETY: a plain syscall on an fd we own, no pointers.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    assert_eq!(resident_pages(slab), 0);
+}
+
 /// A read takes the direct path only with a block-aligned buffer: an
 /// unaligned one goes through the page cache (and still reads right).
 /// (Where the data dir's file system refuses `O_DIRECT` the engine keeps no
@@ -516,21 +538,9 @@ fn reads_bypass_the_page_cache_and_see_writes_not_yet_written_back() {
 #[test]
 fn only_block_aligned_buffers_take_the_direct_path() {
     let t = tempfile::tempdir().unwrap();
-    let e = engine(&[t.path().to_path_buf()]);
-    e.create_volume("v", 2 * EXTENT_SIZE, vec![], 1, None)
-        .unwrap();
-    let len = 4 * BLOCK_SIZE as usize;
-    let data = pattern(8, len);
-    e.write("v", 1, 0, &data, &[]).unwrap();
-    e.flush(None).unwrap();
-    let (slab, base) = e.block_location("v", 0).unwrap().unwrap();
-    let f = File::open(&slab).unwrap();
-    let drop_cache = || {
-        // SAFETY: a plain syscall on an fd we own, no pointers.
-        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        assert_eq!(rc, 0);
-        assert_eq!(resident_pages(&slab), 0);
-    };
+    let (slab, base, f, data) = four_blocks_on_disk(t.path(), 8);
+    let len = data.len();
+    let drop_cache = || drop_from_cache(&f, &slab);
     let direct = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
@@ -575,18 +585,9 @@ fn only_block_aligned_buffers_take_the_direct_path() {
 #[test]
 fn a_failed_direct_read_is_served_through_the_page_cache() {
     let t = tempfile::tempdir().unwrap();
-    let e = engine(&[t.path().to_path_buf()]);
-    e.create_volume("v", EXTENT_SIZE, vec![], 1, None).unwrap();
-    let len = 4 * BLOCK_SIZE as usize;
-    let data = pattern(9, len);
-    e.write("v", 1, 0, &data, &[]).unwrap();
-    e.flush(None).unwrap();
-    let (slab, base) = e.block_location("v", 0).unwrap().unwrap();
-    let f = File::open(&slab).unwrap();
-    // SAFETY: a plain syscall on an fd we own, no pointers.
-    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    assert_eq!(rc, 0);
-    assert_eq!(resident_pages(&slab), 0);
+    let (slab, base, f, data) = four_blocks_on_disk(t.path(), 9);
+    let len = data.len();
+    drop_from_cache(&f, &slab);
     let refusing = OpenOptions::new().write(true).open(&slab).unwrap();
     let (mut buf, at) = blocks::aligned_buffer(len);
     let aligned = &mut buf[at..at + len];
