@@ -12,6 +12,12 @@ pub trait VolumeIo: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Returns once every healthy replica has the data.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// [`VolumeIo::write_at`] of a buffer the caller no longer needs: an
+    /// implementation that would copy the data anyway (to encrypt it, or
+    /// to hand it to the replicas) takes it as it is instead.
+    fn write_vec(&self, buf: Vec<u8>, offset: u64) -> Result<()> {
+        self.write_at(&buf, offset)
+    }
     /// Durability barrier on every replica (virtio-blk flush).
     fn flush(&self) -> Result<()>;
     /// Unmaps the range (reads then return zeros); frees whole extents.

@@ -183,6 +183,13 @@ fn execute<M: GuestMemory + ?Sized>(
             }
             Ok(len)
         }
+        RequestType::Out if len <= CHUNK => {
+            // One piece: the buffer goes to the volume as it is.
+            let mut buf = vec![0u8; len as usize];
+            for_each_piece(&req.data, 0, len, |addr, r| mem.read_slice(&mut buf[r], addr))?;
+            vol.write_vec(buf, offset())?;
+            Ok(0)
+        }
         RequestType::Out => {
             let mut buf = vec![0u8; len.min(CHUNK) as usize];
             let mut done = 0u64;

@@ -140,14 +140,14 @@ impl Writer {
 
     /// Writes whole blocks (at most `MAX_IO`) to every replica that gets
     /// writes, encrypted first if the volume is. The caller holds the gate
-    /// and a ticket on the blocks.
-    fn write_blocks(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let regions = Self::regions_of(offset, data.len() as u64);
-        // Copied before the lock is taken: other writes need it meanwhile.
-        let mut buf = data.to_vec();
+    /// and a ticket on the blocks. `buf` becomes the request's data (no
+    /// copy: a caller with a borrowed buffer copies it before the lock is
+    /// taken, since other writes need the lock meanwhile).
+    fn write_blocks(&self, offset: u64, mut buf: Vec<u8>) -> Result<()> {
+        let regions = Self::regions_of(offset, buf.len() as u64);
         let (targets, req) = {
             let mut inner = self.lock();
-            Self::check_range(&inner, offset, data.len() as u64)?;
+            Self::check_range(&inner, offset, buf.len() as u64)?;
             if let Some(c) = &inner.crypt {
                 c.encrypt(&mut buf, offset)?;
             }
@@ -238,7 +238,7 @@ impl Writer {
             let remaining = (buf.len() - done) as u64;
             if pos == start && remaining >= BLOCK_SIZE {
                 let n = (remaining / BLOCK_SIZE * BLOCK_SIZE).min(MAX_IO) as usize;
-                self.write_blocks(pos, &buf[done..done + n])?;
+                self.write_blocks(pos, buf[done..done + n].to_vec())?;
                 done += n;
             } else {
                 // Read-modify-write of one partial block.
@@ -246,7 +246,7 @@ impl Writer {
                 let skip = (pos - start) as usize;
                 let n = (BLOCK_SIZE as usize - skip).min(buf.len() - done);
                 blk[skip..skip + n].copy_from_slice(&buf[done..done + n]);
-                self.write_blocks(start, &blk)?;
+                self.write_blocks(start, blk)?;
                 done += n;
             }
         }
@@ -295,6 +295,20 @@ impl VolumeIo for Writer {
         let _range = self.ranges.acquire_bytes(offset, buf.len() as u64, false);
         self.check_size(offset, buf.len() as u64)?;
         self.write_bytes(buf, offset)
+    }
+
+    /// Whole blocks, at most `MAX_IO`, go to the replicas in `buf` itself;
+    /// anything else as [`VolumeIo::write_at`].
+    fn write_vec(&self, buf: Vec<u8>, offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        if len == 0 || len > MAX_IO || offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+            return self.write_at(&buf, offset);
+        }
+        self.check_usable()?;
+        let _gate = self.io_gate();
+        let _range = self.ranges.acquire_bytes(offset, len, false);
+        self.check_size(offset, len)?;
+        self.write_blocks(offset, buf)
     }
 
     /// Every write acknowledged before this call is on every replica that
