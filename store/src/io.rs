@@ -10,6 +10,13 @@ pub trait VolumeIo: Send + Sync {
     /// Volume size in bytes.
     fn size(&self) -> Result<u64>;
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// `len` bytes at `offset` in a buffer of the implementation's own
+    /// (one it would otherwise copy into the caller's).
+    fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_at(&mut buf, offset)?;
+        Ok(buf)
+    }
     /// Returns once every healthy replica has the data.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
     /// [`VolumeIo::write_at`] of a buffer the caller no longer needs: an

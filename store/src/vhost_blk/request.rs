@@ -170,6 +170,19 @@ fn execute<M: GuestMemory + ?Sized>(
     // For reads and writes the parser checked that this is inside the disk.
     let offset = || req.sector * SECTOR_SIZE;
     match req.request_type {
+        RequestType::In if len <= CHUNK => {
+            // One piece: straight from the volume's buffer to the guest.
+            let buf = vol.read_vec(offset(), len as usize)?;
+            if buf.len() as u64 != len {
+                return Err(crate::Error::Io(format!(
+                    "volume read gave {} bytes for {len}",
+                    buf.len()
+                ))
+                .into());
+            }
+            for_each_piece(&req.data, 0, len, |addr, r| mem.write_slice(&buf[r], addr))?;
+            Ok(len)
+        }
         RequestType::In => {
             let mut buf = vec![0u8; len.min(CHUNK) as usize];
             let mut done = 0u64;
@@ -186,7 +199,9 @@ fn execute<M: GuestMemory + ?Sized>(
         RequestType::Out if len <= CHUNK => {
             // One piece: the buffer goes to the volume as it is.
             let mut buf = vec![0u8; len as usize];
-            for_each_piece(&req.data, 0, len, |addr, r| mem.read_slice(&mut buf[r], addr))?;
+            for_each_piece(&req.data, 0, len, |addr, r| {
+                mem.read_slice(&mut buf[r], addr)
+            })?;
             vol.write_vec(buf, offset())?;
             Ok(0)
         }

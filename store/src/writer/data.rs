@@ -196,7 +196,14 @@ impl Writer {
                 links.call(connector, &req)
             };
             let out = match r {
-                Ok(Response::Read(out)) => out,
+                Ok(Response::Read(out)) if out.data.len() as u64 == len => out,
+                Ok(Response::Read(out)) => {
+                    // Never trusted as it is: a short answer would leave
+                    // the caller's buffer part unread.
+                    tracing::warn!(volume = %self.name, peer = %links.node, want = len, got = out.data.len(), "read answered with the wrong length; marking replica stale");
+                    self.mark_stale(&mut self.lock(), vec![*i], &[])?;
+                    continue;
+                }
                 Ok(_) => return Err(Error::Protocol("unexpected reply to read".into())),
                 Err(e @ Error::Fenced { .. }) => return Err(self.fence(&e)),
                 Err(e @ Error::Invalid(_)) => return Err(e),
@@ -287,6 +294,22 @@ impl VolumeIo for Writer {
             done += n;
         }
         Ok(())
+    }
+
+    /// Whole blocks, at most `MAX_IO`, come back in the buffer the replica's
+    /// answer arrived in; anything else as [`VolumeIo::read_at`].
+    fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let n = len as u64;
+        if n == 0 || n > MAX_IO || offset % BLOCK_SIZE != 0 || n % BLOCK_SIZE != 0 {
+            let mut buf = vec![0u8; len];
+            self.read_at(&mut buf, offset)?;
+            return Ok(buf);
+        }
+        self.check_usable()?;
+        let _gate = self.io_gate();
+        let _range = self.ranges.acquire_bytes(offset, n, true);
+        self.check_size(offset, n)?;
+        self.read_blocks(offset, n)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

@@ -114,8 +114,9 @@ fn control_operations_wait_for_writes_in_flight() {
 }
 
 /// `write_vec` hands whole blocks to the replicas in the caller's buffer
-/// and falls back to `write_at` for anything else; either way what reads
-/// back is what was written, and a write past the end changes nothing.
+/// and falls back to `write_at` for anything else (`read_vec` the same for
+/// reads); either way what reads back is what was written, and a write
+/// past the end changes nothing.
 #[test]
 fn owned_buffers_are_written_whole_or_through_the_byte_path() {
     let d = tempfile::tempdir().unwrap();
@@ -138,9 +139,18 @@ fn owned_buffers_are_written_whole_or_through_the_byte_path() {
     let mut back = vec![0u8; want.len()];
     w.read_at(&mut back, at).unwrap();
     assert_eq!(back, want);
+    // `read_vec` gives the same, whole blocks (its own buffer) or not.
+    assert_eq!(w.read_vec(at, want.len()).unwrap(), want);
+    assert_eq!(w.read_vec(at + 10, 100).unwrap(), b);
+    assert!(w
+        .read_vec(4 * EXTENT_SIZE - BLOCK_SIZE, 2 * BLOCK_SIZE as usize)
+        .is_err());
+    assert!(w.read_vec(0, 0).unwrap().is_empty());
     // Past the end: refused, and the last block is untouched.
     let last = 4 * EXTENT_SIZE - BLOCK_SIZE;
-    assert!(w.write_vec(vec![7u8; 2 * BLOCK_SIZE as usize], last).is_err());
+    assert!(w
+        .write_vec(vec![7u8; 2 * BLOCK_SIZE as usize], last)
+        .is_err());
     let mut tail = vec![0xffu8; BLOCK_SIZE as usize];
     w.read_at(&mut tail, last).unwrap();
     assert!(tail.iter().all(|x| *x == 0));
