@@ -554,22 +554,26 @@ fn hostile_chains_among_requests_in_flight() {
     }
 }
 
-/// Not a test: 4 KiB random O_DIRECT reads at depth 32 from a 256 MiB file
-/// on the target directory's file system, synchronously and with each
-/// engine; prints requests per second. Run it by hand:
-/// `cargo test -p kiln-devices --lib random_read_depth_32 -- --ignored --nocapture`
+/// 4 KiB random O_DIRECT reads, 32 at a time, from a file on a disk file
+/// system, synchronously and through each engine: every read completes OK
+/// with the block it asked for (each block of the file carries its own
+/// number), in whatever order the engine finishes them. (Their speed is
+/// `scripts/bench-io`'s business.)
 #[test]
-#[ignore]
-fn random_read_depth_32() {
+fn random_reads_at_depth_32_return_their_blocks_through_every_engine() {
     let Some(dir) = super::super::raw::tests::direct_dir() else {
         return;
     };
-    const FILE: u64 = 256 << 20;
-    const BATCHES: u64 = 400;
+    const FILE: u64 = 16 << 20;
+    const BATCHES: u64 = 8;
     let img = TempFile::new_in(&dir).unwrap();
     img.as_file().set_len(FILE).unwrap();
-    let chunk = vec![0x5au8; 1 << 20];
+    let mut chunk = vec![0x5au8; 1 << 20];
     for i in 0..(FILE >> 20) {
+        for (k, blk) in chunk.chunks_mut(4096).enumerate() {
+            let b = (i << 20) / 4096 + k as u64;
+            blk[..8].copy_from_slice(&b.to_le_bytes());
+        }
         img.as_file().write_all_at(&chunk, i << 20).unwrap();
     }
     img.as_file().sync_all().unwrap();
@@ -606,13 +610,17 @@ fn random_read_depth_32() {
         };
         let mut w = BlockWorker::new(&ctx, queue, queue_evt, Some(&s.slot), Default::default());
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let start = std::time::Instant::now();
-        for _ in 0..BATCHES {
+        for batch in 0..BATCHES {
+            let mut want = Vec::new();
             for n in 0..32u64 {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                let sector = (x % (FILE / 4096)) * 8;
+                let block = x % (FILE / 4096);
+                want.push(block);
+                let sector = block * 8;
+                s.m.write_slice(&[0u8; 4096], GuestAddress(BUFS + n * 0x1000))
+                    .unwrap();
                 ring.request(
                     n,
                     VIRTIO_BLK_T_IN,
@@ -624,12 +632,17 @@ fn random_read_depth_32() {
             while w.server.in_flight() > 0 || w.server.is_stalled() {
                 w.reap();
             }
+            assert_eq!(ring.used().len() as u64, (batch + 1) * 32, "{kind:?}");
+            for (n, block) in want.into_iter().enumerate() {
+                let n = n as u64;
+                let what = format!("{kind:?}, batch {batch}, request {n}, block {block}");
+                assert_eq!(ring.status(n), VIRTIO_BLK_S_OK as u8, "{what}");
+                let mut got = [0u8; 4096];
+                s.m.read_slice(&mut got, GuestAddress(BUFS + n * 0x1000))
+                    .unwrap();
+                assert_eq!(got[..8], block.to_le_bytes(), "{what}");
+                assert!(got[8..].iter().all(|b| *b == 0x5a), "{what}");
+            }
         }
-        let secs = start.elapsed().as_secs_f64();
-        eprintln!(
-            "{kind:?}: {:.0} reads/s (4 KiB random, O_DIRECT, depth 32, {} reads in {secs:.2} s)",
-            (BATCHES * 32) as f64 / secs,
-            BATCHES * 32
-        );
     }
 }
