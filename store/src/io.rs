@@ -13,9 +13,7 @@ pub trait VolumeIo: Send + Sync {
     /// `len` bytes at `offset` in a buffer of the implementation's own
     /// (one it would otherwise copy into the caller's).
     fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; len];
-        self.read_at(&mut buf, offset)?;
-        Ok(buf)
+        read_into_new(self, offset, len)
     }
     /// Returns once every healthy replica has the data.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
@@ -40,4 +38,12 @@ pub trait VolumeIo: Send + Sync {
     fn writes_stay_local(&self) -> bool {
         false
     }
+}
+
+/// [`VolumeIo::read_at`] into a zeroed buffer of its own: what `read_vec`
+/// does where an implementation has no buffer to hand over.
+pub fn read_into_new<T: VolumeIo + ?Sized>(io: &T, offset: u64, len: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    io.read_at(&mut buf, offset)?;
+    Ok(buf)
 }

@@ -301,9 +301,7 @@ impl VolumeIo for Writer {
     fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let n = len as u64;
         if n == 0 || n > MAX_IO || offset % BLOCK_SIZE != 0 || n % BLOCK_SIZE != 0 {
-            let mut buf = vec![0u8; len];
-            self.read_at(&mut buf, offset)?;
-            return Ok(buf);
+            return crate::io::read_into_new(self, offset, len);
         }
         self.check_usable()?;
         let _gate = self.io_gate();

@@ -161,3 +161,106 @@ fn owned_buffers_are_written_whole_or_through_the_byte_path() {
     let out = w.engine.read("v", at, want.len() as u64).unwrap();
     assert_eq!(out.data, want);
 }
+
+/// Two replicas on engines of their own, reached through real sockets
+/// where each request is served by the replica code of the daemon
+/// ([`crate::replica::handle`]); a replica named in `short_reads` answers
+/// every read with its last 512 bytes missing, as a broken or hostile
+/// replica might.
+struct TwoReplicas {
+    engines: Vec<(String, Arc<Engine>)>,
+    short_reads: std::sync::Mutex<Option<String>>,
+}
+
+impl crate::transport::Connector for TwoReplicas {
+    fn connect(
+        &self,
+        node: &str,
+        _addr: &str,
+    ) -> crate::error::Result<Box<dyn crate::transport::Conn>> {
+        use crate::proto::{self, Kind, Request, Response};
+        let engine = self
+            .engines
+            .iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, e)| e.clone())
+            .ok_or_else(|| crate::error::Error::Unavailable(format!("no node {node}")))?;
+        let short = self.short_reads.lock().unwrap().as_deref() == Some(node);
+        let (a, mut b) = std::os::unix::net::UnixStream::pair()?;
+        std::thread::spawn(move || {
+            while let Ok(Some((Kind::Request, body))) = proto::read_frame(&mut b) {
+                let req: Request = proto::decode(&body).unwrap();
+                let mut resp = crate::replica::handle(&engine, &TcpConnector::default(), &req);
+                if let (true, Response::Read(out)) = (short, &mut resp) {
+                    let keep = out.data.len().saturating_sub(512);
+                    out.data.truncate(keep);
+                }
+                if proto::send(&mut b, Kind::Response, &resp).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Box::new(a))
+    }
+}
+
+/// A replica whose read answer is shorter (or longer) than asked is not
+/// believed: the read goes to the next replica, and the liar is marked
+/// stale, so that reads stop going to it and the survivors record what it
+/// misses from then on.
+#[test]
+fn a_read_answered_with_the_wrong_length_goes_to_the_next_replica() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let addrs: Vec<ReplicaAddr> = ["n2", "n3"]
+        .iter()
+        .map(|n| ReplicaAddr {
+            node: n.to_string(),
+            addr: "127.0.0.1:1".into(),
+        })
+        .collect();
+    let mut engines = Vec::new();
+    for (i, a) in addrs.iter().enumerate() {
+        let e = Arc::new(Engine::open(&a.node, &[dirs[i + 1].path().to_path_buf()]).unwrap());
+        e.create_volume("v", 4 * EXTENT_SIZE, addrs.clone(), 1, None)
+            .unwrap();
+        engines.push((a.node.clone(), e));
+    }
+    let replicas = Arc::new(TwoReplicas {
+        engines,
+        short_reads: std::sync::Mutex::new(None),
+    });
+    // The writer's own node holds no replica: both reads go over sockets,
+    // n2 first.
+    let own = Arc::new(Engine::open("n1", &[dirs[0].path().to_path_buf()]).unwrap());
+    let w = Writer::attach("v", addrs, own, replicas.clone(), false, Keys::default()).unwrap();
+    let data: Vec<u8> = (0..2 * BLOCK_SIZE as u32)
+        .map(|i| (i % 241) as u8)
+        .collect();
+    w.write_at(&data, BLOCK_SIZE).unwrap();
+    // Links opened from now on lead to an n2 that answers short.
+    *replicas.short_reads.lock().unwrap() = Some("n2".into());
+    w.lock().peers[0].drop_link();
+    // In a thread with a deadline: believing the short answer once made
+    // read_at wait forever for the bytes missing.
+    let (done, answer) = std::sync::mpsc::channel();
+    let w2 = w.clone();
+    std::thread::spawn(move || {
+        let mut back = vec![0u8; 2 * BLOCK_SIZE as usize];
+        let r = w2.read_at(&mut back, BLOCK_SIZE).map(|()| back);
+        let _ = done.send(r);
+    });
+    let back = answer
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the read never returned")
+        .unwrap();
+    assert_eq!(back, data);
+    assert_eq!(w.lock().peers[0].state, super::PeerState::Stale);
+    assert_eq!(w.lock().peers[1].state, super::PeerState::InSync);
+    // The owned-buffer read takes the same path, now straight to n3.
+    assert_eq!(w.read_vec(BLOCK_SIZE, data.len()).unwrap(), data);
+    // Writes go on without n2; n3 records that n2 misses them.
+    w.write_at(&[9u8; BLOCK_SIZE as usize], 0).unwrap();
+    let n3 = &replicas.engines[1].1;
+    assert_eq!(n3.read("v", 0, BLOCK_SIZE).unwrap().data, vec![9u8; 4096]);
+    assert!(!n3.info("v").unwrap().stale.get("n2").unwrap().is_empty());
+}
