@@ -317,6 +317,23 @@ pub enum Request {
         queues: u16,
         read_only: bool,
     },
+    /// Several [`Request::Write`]s of one volume as one request (the
+    /// writer's group commit): applied in order, answered once, `Ok` only
+    /// if every one of them is in. The writes never overlap.
+    WriteBatch {
+        name: String,
+        epoch: u64,
+        writes: Vec<BatchWrite>,
+        stale: Vec<String>,
+    },
+}
+
+/// One write of a [`Request::WriteBatch`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchWrite {
+    pub offset: u64,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
 }
 
 impl Request {
@@ -324,6 +341,7 @@ impl Request {
     pub fn deadline(&self) -> Duration {
         match self {
             Request::Write { .. }
+            | Request::WriteBatch { .. }
             | Request::Discard { .. }
             | Request::Read { .. }
             | Request::ReplicaInfo { .. }
@@ -380,6 +398,7 @@ impl Request {
                 | Request::SetEpoch { .. }
                 | Request::SetReplicas { .. }
                 | Request::Write { .. }
+                | Request::WriteBatch { .. }
                 | Request::Discard { .. }
                 | Request::Read { .. }
                 | Request::Flush { .. }

@@ -59,6 +59,17 @@ fn dispatch(engine: &Engine, connector: &dyn Connector, req: &Request) -> Result
             engine.write(name, *epoch, *offset, data, stale)?;
             Ok(Response::Ok)
         }
+        Request::WriteBatch {
+            name,
+            epoch,
+            writes,
+            stale,
+        } => {
+            for w in writes {
+                engine.write(name, *epoch, w.offset, &w.data, stale)?;
+            }
+            Ok(Response::Ok)
+        }
         Request::Discard {
             name,
             epoch,

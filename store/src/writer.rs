@@ -32,6 +32,7 @@ use crate::transport::Connector;
 use crate::EXTENT_SIZE;
 
 mod attach;
+mod batch;
 mod control;
 mod data;
 mod keys;
@@ -154,6 +155,8 @@ pub struct Writer {
     gate: RwLock<()>,
     /// Overlapping requests wait for each other, in submission order.
     ranges: order::RangeLock,
+    /// Writes to remote replicas waiting to go as one request.
+    batches: batch::Batcher,
     fenced: AtomicBool,
     detached: AtomicBool,
     /// A rekey thread runs for this volume.

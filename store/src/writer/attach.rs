@@ -176,6 +176,7 @@ impl Writer {
             }),
             gate: RwLock::new(()),
             ranges: RangeLock::default(),
+            batches: Default::default(),
             fenced: AtomicBool::new(false),
             detached: AtomicBool::new(false),
             rekeying: AtomicBool::new(false),

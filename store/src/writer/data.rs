@@ -16,10 +16,11 @@
 
 use std::sync::atomic::Ordering;
 
+use super::batch::Queued;
 use super::{Inner, PeerState, Writer};
 use crate::error::{Error, Result};
 use crate::io::VolumeIo;
-use crate::proto::{Request, Response};
+use crate::proto::{BatchWrite, Request, Response};
 use crate::types::ReadOut;
 use crate::{replica, BLOCK_SIZE, MAX_IO};
 
@@ -152,12 +153,59 @@ impl Writer {
                 c.encrypt(&mut buf, offset)?;
             }
             inner.unflushed.extend(&regions);
+            let targets = Self::targets(&inner);
+            if targets.iter().any(|t| !t.local) {
+                // Over the network: with the writes waiting meanwhile.
+                drop(inner);
+                return self
+                    .batches
+                    .submit(offset, buf, &|writes| self.send_batch(writes));
+            }
             let req = Request::Write {
                 name: self.name.clone(),
                 epoch: self.epoch,
                 offset,
                 data: buf,
                 stale: Self::stale_nodes(&inner),
+            };
+            (targets, req)
+        };
+        let results = self.fanout(&targets, &req);
+        self.settle(None, &targets, results, &|_| regions.clone())
+    }
+
+    /// Sends writes queued by [`Writer::write_blocks`] to every replica
+    /// that gets writes, as one request (see [`super::batch`]).
+    fn send_batch(&self, writes: Vec<Queued>) -> Result<()> {
+        let regions: Vec<u64> = writes
+            .iter()
+            .flat_map(|w| Self::regions_of(w.offset, w.data.len() as u64))
+            .collect::<std::collections::BTreeSet<u64>>()
+            .into_iter()
+            .collect();
+        let (targets, req) = {
+            let inner = self.lock();
+            let (name, epoch, stale) = (self.name.clone(), self.epoch, Self::stale_nodes(&inner));
+            let req = match <[Queued; 1]>::try_from(writes) {
+                Ok([w]) => Request::Write {
+                    name,
+                    epoch,
+                    offset: w.offset,
+                    data: w.data,
+                    stale,
+                },
+                Err(writes) => Request::WriteBatch {
+                    name,
+                    epoch,
+                    writes: writes
+                        .into_iter()
+                        .map(|w| BatchWrite {
+                            offset: w.offset,
+                            data: w.data,
+                        })
+                        .collect(),
+                    stale,
+                },
             };
             (Self::targets(&inner), req)
         };

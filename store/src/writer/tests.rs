@@ -170,6 +170,8 @@ fn owned_buffers_are_written_whole_or_through_the_byte_path() {
 struct TwoReplicas {
     engines: Vec<(String, Arc<Engine>)>,
     short_reads: std::sync::Mutex<Option<String>>,
+    /// `WriteBatch` requests served.
+    batches: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl crate::transport::Connector for TwoReplicas {
@@ -187,9 +189,13 @@ impl crate::transport::Connector for TwoReplicas {
             .ok_or_else(|| crate::error::Error::Unavailable(format!("no node {node}")))?;
         let short = self.short_reads.lock().unwrap().as_deref() == Some(node);
         let (a, mut b) = std::os::unix::net::UnixStream::pair()?;
+        let batches = self.batches.clone();
         std::thread::spawn(move || {
             while let Ok(Some((Kind::Request, body))) = proto::read_frame(&mut b) {
                 let req: Request = proto::decode(&body).unwrap();
+                if matches!(req, Request::WriteBatch { .. }) {
+                    batches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
                 let mut resp = crate::replica::handle(&engine, &TcpConnector::default(), &req);
                 if let (true, Response::Read(out)) = (short, &mut resp) {
                     let keep = out.data.len().saturating_sub(512);
@@ -204,12 +210,9 @@ impl crate::transport::Connector for TwoReplicas {
     }
 }
 
-/// A replica whose read answer is shorter (or longer) than asked is not
-/// believed: the read goes to the next replica, and the liar is marked
-/// stale, so that reads stop going to it and the survivors record what it
-/// misses from then on.
-#[test]
-fn a_read_answered_with_the_wrong_length_goes_to_the_next_replica() {
+/// A writer on node n1 of a volume whose two replicas are on n2 and n3
+/// (engines of their own, reached through [`TwoReplicas`]).
+fn two_remote_replicas() -> (Vec<tempfile::TempDir>, Arc<TwoReplicas>, Arc<Writer>) {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let addrs: Vec<ReplicaAddr> = ["n2", "n3"]
         .iter()
@@ -228,11 +231,22 @@ fn a_read_answered_with_the_wrong_length_goes_to_the_next_replica() {
     let replicas = Arc::new(TwoReplicas {
         engines,
         short_reads: std::sync::Mutex::new(None),
+        batches: Arc::default(),
     });
     // The writer's own node holds no replica: both reads go over sockets,
     // n2 first.
     let own = Arc::new(Engine::open("n1", &[dirs[0].path().to_path_buf()]).unwrap());
     let w = Writer::attach("v", addrs, own, replicas.clone(), false, Keys::default()).unwrap();
+    (dirs, replicas, w)
+}
+
+/// A replica whose read answer is shorter (or longer) than asked is not
+/// believed: the read goes to the next replica, and the liar is marked
+/// stale, so that reads stop going to it and the survivors record what it
+/// misses from then on.
+#[test]
+fn a_read_answered_with_the_wrong_length_goes_to_the_next_replica() {
+    let (_dirs, replicas, w) = two_remote_replicas();
     let data: Vec<u8> = (0..2 * BLOCK_SIZE as u32)
         .map(|i| (i % 241) as u8)
         .collect();
@@ -263,4 +277,37 @@ fn a_read_answered_with_the_wrong_length_goes_to_the_next_replica() {
     let n3 = &replicas.engines[1].1;
     assert_eq!(n3.read("v", 0, BLOCK_SIZE).unwrap().data, vec![9u8; 4096]);
     assert!(!n3.info("v").unwrap().stale.get("n2").unwrap().is_empty());
+}
+
+/// Many writers at once to two remote replicas: the writes waiting while
+/// others are on the wire go out together (`WriteBatch`), and at the end
+/// both replicas hold exactly what every writer wrote.
+#[test]
+fn concurrent_writes_to_remote_replicas_go_in_batches_and_land_on_both() {
+    let (_dirs, replicas, w) = two_remote_replicas();
+    let block = |t: u64, i: u64| -> Vec<u8> {
+        (0..BLOCK_SIZE)
+            .map(|k| (k.wrapping_mul(7) ^ (t * 131 + i)) as u8)
+            .collect()
+    };
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let (w, block) = (&w, &block);
+            s.spawn(move || {
+                for i in 0..32u64 {
+                    // Thread t owns blocks t, t + 8, t + 16, ...
+                    w.write_vec(block(t, i), (i * 8 + t) * BLOCK_SIZE).unwrap();
+                }
+            });
+        }
+    });
+    w.flush().unwrap();
+    assert!(replicas.batches.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    let want: Vec<u8> = (0..256u64).flat_map(|b| block(b % 8, b / 8)).collect();
+    for (node, e) in &replicas.engines {
+        let got = e.read("v", 0, 256 * BLOCK_SIZE).unwrap();
+        assert!(got.bad_blocks.is_empty());
+        assert!(got.data == want, "{node} differs from what was written");
+    }
+    assert_eq!(w.read_vec(0, want.len()).unwrap(), want);
 }
