@@ -22,7 +22,7 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::MAX_IO;
 
 /// Batches of one volume in flight at once.
@@ -146,21 +146,57 @@ impl Batcher {
         loop {
             let mut q = self.lock();
             if me.is_done() || q.waiting.is_empty() {
-                // The first queued write not made a leader already.
-                match q.waiting.iter().find(|w| !w.slot.is_leader()) {
-                    Some(next) => next.slot.make_leader(),
-                    None => q.leaders -= 1,
-                }
+                self.step_down(&mut q);
                 return;
             }
             let batch = take_batch(&mut q.waiting);
             drop(q);
-            let slots: Vec<Arc<Slot>> = batch.iter().map(|w| w.slot.clone()).collect();
+            let sending = Sending {
+                batcher: self,
+                slots: batch.iter().map(|w| w.slot.clone()).collect(),
+            };
             let r = send(batch);
-            for s in slots {
-                s.finish(r.clone());
-            }
+            sending.done(r);
         }
+    }
+
+    /// Gives up the lead: the first queued write not led already leads
+    /// next, or there is one leader fewer.
+    fn step_down(&self, q: &mut Queue) {
+        match q.waiting.iter().find(|w| !w.slot.is_leader()) {
+            Some(next) => next.slot.make_leader(),
+            None => q.leaders -= 1,
+        }
+    }
+}
+
+/// A batch on its way. If `send` panics, dropping this while unwinding
+/// fails the batch's writes and passes the lead on, so that no caller
+/// waits forever for an outcome that will not come.
+struct Sending<'a> {
+    batcher: &'a Batcher,
+    slots: Vec<Arc<Slot>>,
+}
+
+impl Sending<'_> {
+    fn done(mut self, r: Result<()>) {
+        for s in std::mem::take(&mut self.slots) {
+            s.finish(r.clone());
+        }
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        for s in self.slots.drain(..) {
+            s.finish(Err(Error::Unavailable(
+                "the replication of this write failed (its sender panicked)".into(),
+            )));
+        }
+        // The queue's lock is not held while sending, so it is not poisoned.
+        let mut q = self.batcher.lock();
+        self.batcher.step_down(&mut q);
     }
 }
 
@@ -182,7 +218,6 @@ fn take_batch(waiting: &mut Vec<Queued>) -> Vec<Queued> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Error;
     use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -241,6 +276,63 @@ mod tests {
         let q = b.lock();
         assert!(q.waiting.is_empty());
         assert_eq!(q.leaders, 0, "every leader stepped down");
+    }
+
+    /// A sender that panics fails its batch's writes and hands the lead
+    /// on: nobody hangs, the writes queued behind it still go, and no
+    /// leader is left counted.
+    #[test]
+    fn a_panicking_sender_fails_its_batch_and_nobody_waits_forever() {
+        let b = Arc::new(Batcher::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        for t in 0..8u64 {
+            let (b, tx, sent) = (b.clone(), tx.clone(), sent.clone());
+            std::thread::spawn(move || {
+                let send = |writes: Vec<Queued>| -> Result<()> {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    let offsets: Vec<u64> = writes.iter().map(|w| w.offset).collect();
+                    if offsets.contains(&POISON) {
+                        panic!("injected");
+                    }
+                    sent.lock().unwrap().extend(offsets);
+                    Ok(())
+                };
+                for i in 0..10u64 {
+                    let off = (t * 10 + i) * 4096;
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        b.submit(off, vec![0; 4096], &send)
+                    }));
+                    let outcome = match r {
+                        Ok(Ok(())) => "ok",
+                        Ok(Err(_)) => "failed",
+                        Err(_) => "panicked",
+                    };
+                    tx.send((off, outcome)).unwrap();
+                }
+            });
+        }
+        drop(tx);
+        let mut outcomes = BTreeMap::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while outcomes.len() < 80 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let (off, o) = rx.recv_timeout(left).expect("a caller hangs");
+            outcomes.insert(off, o);
+        }
+        assert_eq!(outcomes.values().filter(|o| **o == "panicked").count(), 1);
+        let sent = sent.lock().unwrap().clone();
+        for (off, o) in &outcomes {
+            // The panicked caller's own write may have gone in another
+            // batch; every other caller's outcome is what happened.
+            if *o != "panicked" {
+                assert_eq!(*o == "ok", sent.contains(off), "write at {off}: {o}");
+            }
+        }
+        assert_ne!(outcomes[&POISON], "ok");
+        let q = b.lock();
+        assert!(q.waiting.is_empty());
+        assert_eq!(q.leaders, 0, "the panicked leader stepped down");
     }
 
     #[test]
