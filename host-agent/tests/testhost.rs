@@ -292,8 +292,10 @@ fn session() -> Option<&'static HostRun> {
             // replaced): the whole script runs once more, counted and
             // printed. Any other reset fails the heartbeat's case.
             if let Some(died) = run.guest_triple_fault() {
+                let kept = kiln_tests::report::keep_retried(&run.output);
                 kiln_tests::retry(format!(
-                    "the guest died of a triple fault in the nested test host ({died}); booting the test host once more"
+                    "the guest died of a triple fault in the nested test host ({died}); booting the test host once more (its console: {})",
+                    kept.display()
                 ));
                 run = boot();
             }

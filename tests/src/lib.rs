@@ -520,11 +520,12 @@ impl TestHost {
         let Some(why) = first.environment_failure() else {
             return Ok(first);
         };
+        let kept = report::keep_retried(&format!("{}\n{}", first.output, first.stderr));
         retry(format!(
-            "the test host failed on its own ({why}); booting it once more. {}",
-            first.last_words()
+            "the test host failed on its own ({why}); booting it once more. {} (its console: {})",
+            first.last_words(),
+            kept.display()
         ));
-        eprintln!("The failed test-host run's console:\n{}", first.output);
         once()
     }
 

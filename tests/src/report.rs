@@ -92,6 +92,31 @@ pub fn retry(what: impl Display) {
     );
 }
 
+/// Where the runs that were retried keep what they printed, a file each;
+/// `.ci/run` clears it before the tests and prints each file's end after
+/// them, so that CI's log says what a retried run last did even when the
+/// test then passed (libtest drops a passing test's output).
+pub fn retried_dir() -> PathBuf {
+    crate::target_dir().join("kiln-retried")
+}
+
+/// Keeps `text` (a retried run's console) in [`retried_dir`] under the
+/// running test's name; the file's path, for the retry's line.
+pub fn keep_retried(text: &str) -> PathBuf {
+    let dir = retried_dir();
+    let _ = std::fs::create_dir_all(&dir);
+    let name = test_name().replace("::", "-");
+    let mut n = 1;
+    let mut path = dir.join(format!("{name}.log"));
+    while path.exists() {
+        n += 1;
+        path = dir.join(format!("{name}-{n}.log"));
+    }
+    // Best effort, as for the retry log.
+    let _ = std::fs::write(&path, text);
+    path
+}
+
 /// The lines of a log ([`skip_log`] or [`retry_log`]); none if it is absent.
 pub fn logged(log: &Path) -> Vec<String> {
     std::fs::read_to_string(log)
@@ -132,6 +157,23 @@ mod tests {
             String::from_utf8(out).unwrap(),
             want.map(|l| l + "\n").concat()
         );
+    }
+
+    #[test]
+    fn a_retried_runs_output_is_kept_under_the_tests_name() {
+        let a = keep_retried("first\n");
+        let b = keep_retried("second\n");
+        assert_eq!(a.parent().unwrap(), retried_dir());
+        let me = "report-tests-a_retried_runs_output_is_kept_under_the_tests_name";
+        assert_eq!(
+            a.file_name().unwrap().to_str().unwrap(),
+            format!("{me}.log")
+        );
+        assert_ne!(a, b, "a second retry does not overwrite the first");
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "first\n");
+        assert_eq!(std::fs::read_to_string(&b).unwrap(), "second\n");
+        let _ = std::fs::remove_file(a);
+        let _ = std::fs::remove_file(b);
     }
 
     #[test]

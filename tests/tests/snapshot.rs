@@ -417,8 +417,11 @@ fn session() -> Option<&'static HostRun> {
         // A guest that died of a triple fault anyway: the whole script runs
         // once more in a fresh test host, counted and printed.
         if let Some(died) = run.as_ref().ok().and_then(HostRun::guest_triple_fault) {
+            let console = run.as_ref().map(|r| r.output.as_str()).unwrap_or_default();
+            let kept = kiln_tests::report::keep_retried(console);
             kiln_tests::retry(format!(
-                "a guest died of a triple fault in the nested test host ({died}); booting the test host once more"
+                "a guest died of a triple fault in the nested test host ({died}); booting the test host once more (its console: {})",
+                kept.display()
             ));
             run = boot();
         }
