@@ -48,9 +48,10 @@ const SLAB_SIZE: u64 = SLOT_SIZE * SLOTS_PER_SLAB;
 /// (see [`Engine::flush_keep_hot`]); bounds what an attach after a crash
 /// compares between replicas.
 pub const ACTIVITY_LOG_LIMIT: usize = 1024;
-/// Writes at least this large start their writeback at once (see
-/// [`start_writeback`]).
-const EAGER_WRITEBACK_MIN: u64 = 128 << 10;
+/// Writes at least this large go around the page cache (`O_DIRECT`, see
+/// [`write_blocks`]) where the file system allows it, and otherwise start
+/// their writeback at once (see [`start_writeback`]).
+const LARGE_WRITE: u64 = 128 << 10;
 /// Regions logged ahead of a sequential run (see `Engine::log_ahead`).
 const LOG_AHEAD: u64 = 64;
 /// How far past a logged run a write may start and still extend it.
@@ -71,7 +72,8 @@ struct State {
     next_id: u64,
     /// Open slab files by (disk, slab number).
     slabs: HashMap<(u32, u64), Arc<File>>,
-    /// The same slabs opened `O_DIRECT` for reads, by [`Engine::direct_slab`].
+    /// The same slabs opened `O_DIRECT` for reads and large writes, by
+    /// [`Engine::direct_slab`].
     direct: HashMap<(u32, u64), Option<Arc<File>>>,
     /// Per disk, the free slots below `next_slot`: cleared, durably.
     free: Vec<BTreeSet<u64>>,
@@ -322,14 +324,16 @@ impl Engine {
     }
 
     /// Slab `key` opened again with `O_DIRECT`, for reads of data
-    /// ([`read_blocks`]), on first use; `None` where the file system has
-    /// no direct I/O (tmpfs), and reads go through the page cache.
+    /// ([`read_blocks`]) and large writes ([`write_blocks`]), on first use;
+    /// `None` where the file system has no direct I/O (tmpfs), and both go
+    /// through the page cache.
     fn direct_slab(&self, st: &mut State, key: (u32, u64)) -> Option<Arc<File>> {
         if let Some(d) = st.direct.get(&key) {
             return d.clone();
         }
         let d = OpenOptions::new()
             .read(true)
+            .write(true)
             .custom_flags(libc::O_DIRECT)
             .open(self.slab_path(key.0, key.1))
             .inspect_err(|e| {

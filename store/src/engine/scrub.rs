@@ -162,7 +162,7 @@ impl Engine {
         if e.current != bad.current || e.previous != bad.previous {
             return Ok(false);
         }
-        write_blocks(&f, base, b, data)?;
+        write_blocks(&f, None, base, b, data)?;
         st.unsynced.insert(slab);
         self.metrics.repaired_blocks.fetch_add(1, Ordering::Relaxed);
         Ok(true)

@@ -9,8 +9,8 @@ use std::fs::File;
 use std::sync::Arc;
 
 use super::{
-    ext_count, start_writeback, write_blocks, Batch, Engine, VolumeRec, EAGER_WRITEBACK_MIN,
-    LOG_AHEAD, LOG_BEHIND,
+    ext_count, start_writeback, write_blocks, Batch, Engine, VolumeRec, LARGE_WRITE, LOG_AHEAD,
+    LOG_BEHIND,
 };
 use crate::error::Result;
 use crate::{validate_name, BLOCK_SIZE, EXTENT_SIZE, MAX_IO};
@@ -116,6 +116,15 @@ impl Engine {
             .iter()
             .map(|id| self.locate(&mut st, *id))
             .collect::<Result<Vec<_>>>()?;
+        // Large writes go around the page cache (see `write_blocks`).
+        let directs: Vec<Option<Arc<File>>> = places
+            .iter()
+            .map(|p| {
+                (data.len() as u64 >= LARGE_WRITE)
+                    .then(|| self.direct_slab(&mut st, p.2))
+                    .flatten()
+            })
+            .collect();
         let rec = Self::vol(&st, name)?;
         let changed = Self::notes_missing(rec, epoch, &regions, stale);
         let wait = if changed {
@@ -147,7 +156,7 @@ impl Engine {
             *counts.entry(r).or_default() += 1;
         }
         drop(st);
-        let r = self.write_logged(offset, data, &regions, &places, wait);
+        let r = self.write_logged(offset, data, &regions, &places, &directs, wait);
         self.lock().end_writing(name, &regions);
         r
     }
@@ -159,6 +168,7 @@ impl Engine {
         data: &[u8],
         regions: &[u64],
         places: &[(Arc<File>, u64, (u32, u64))],
+        directs: &[Option<Arc<File>>],
         wait: Option<crate::meta::Pending>,
     ) -> Result<()> {
         if let Some(p) = wait {
@@ -173,11 +183,11 @@ impl Engine {
             let n = (to - from) as usize;
             let (f, base, slab) = &places[i];
             let b0 = (from - ext_start) / BLOCK_SIZE;
-            write_blocks(f, *base, b0, &data[pos..pos + n])?;
+            write_blocks(f, directs[i].as_deref(), *base, b0, &data[pos..pos + n])?;
             // Marked after the data is in: a flush that took the list
             // before did not need it, this volume's next flush will.
             self.lock().unsynced.insert(*slab);
-            if data.len() as u64 >= EAGER_WRITEBACK_MIN {
+            if data.len() as u64 >= LARGE_WRITE && directs[i].is_none() {
                 written.push((f.clone(), base + b0 * BLOCK_SIZE, n as u64));
             }
             pos += n;
