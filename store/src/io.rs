@@ -2,6 +2,7 @@
 //! serves a volume) calls.
 
 use crate::error::Result;
+use crate::iobuf::IoBuf;
 
 /// Block I/O on one volume. Offsets and lengths are in bytes; the store
 /// works in 4 KiB blocks, and unaligned requests are read-modify-written
@@ -12,7 +13,7 @@ pub trait VolumeIo: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// `len` bytes at `offset` in a buffer of the implementation's own
     /// (one it would otherwise copy into the caller's).
-    fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+    fn read_vec(&self, offset: u64, len: usize) -> Result<IoBuf> {
         read_into_new(self, offset, len)
     }
     /// Returns once every healthy replica has the data.
@@ -20,7 +21,7 @@ pub trait VolumeIo: Send + Sync {
     /// [`VolumeIo::write_at`] of a buffer the caller no longer needs: an
     /// implementation that would copy the data anyway (to encrypt it, or
     /// to hand it to the replicas) takes it as it is instead.
-    fn write_vec(&self, buf: Vec<u8>, offset: u64) -> Result<()> {
+    fn write_vec(&self, buf: IoBuf, offset: u64) -> Result<()> {
         self.write_at(&buf, offset)
     }
     /// Durability barrier on every replica (virtio-blk flush).
@@ -42,8 +43,8 @@ pub trait VolumeIo: Send + Sync {
 
 /// [`VolumeIo::read_at`] into a zeroed buffer of its own: what `read_vec`
 /// does where an implementation has no buffer to hand over.
-pub fn read_into_new<T: VolumeIo + ?Sized>(io: &T, offset: u64, len: usize) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
+pub fn read_into_new<T: VolumeIo + ?Sized>(io: &T, offset: u64, len: usize) -> Result<IoBuf> {
+    let mut buf = IoBuf::zeroed(len);
     io.read_at(&mut buf, offset)?;
     Ok(buf)
 }

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod faults;
 pub mod io;
+pub mod iobuf;
 pub mod meta;
 pub mod pki;
 pub mod proto;

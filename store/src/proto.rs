@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypt::VolumeKey;
 use crate::error::{Error, Result, WireError};
+use crate::iobuf::IoBuf;
 use crate::meta::ReplicaAddr;
 pub use crate::types::{
     BadBlock, CryptRec, NodeMetrics, ReadOut, RegionDigest, SnapshotLayout, VolumeInfo,
@@ -102,8 +103,7 @@ pub enum Request {
         name: String,
         epoch: u64,
         offset: u64,
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
+        data: IoBuf,
         /// Replicas that miss this write; their dirty maps gain its regions.
         stale: Vec<String>,
     },
@@ -332,8 +332,7 @@ pub enum Request {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BatchWrite {
     pub offset: u64,
-    #[serde(with = "serde_bytes")]
-    pub data: Vec<u8>,
+    pub data: IoBuf,
 }
 
 impl Request {

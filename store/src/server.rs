@@ -601,7 +601,7 @@ impl Daemon {
                 let mut buf = vec![0u8; len as usize];
                 w.read_at(&mut buf, offset)?;
                 Ok(Response::Read(crate::types::ReadOut {
-                    data: buf,
+                    data: buf.into(),
                     bad_blocks: Vec::new(),
                 }))
             }

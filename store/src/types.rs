@@ -85,8 +85,7 @@ impl CryptRec {
 /// and the volume block numbers that failed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReadOut {
-    #[serde(with = "serde_bytes")]
-    pub data: Vec<u8>,
+    pub data: crate::iobuf::IoBuf,
     pub bad_blocks: Vec<u64>,
 }
 

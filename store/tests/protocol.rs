@@ -60,21 +60,21 @@ fn hostile_requests_are_refused_without_harm() {
             name: "vol".into(),
             epoch: 2,
             offset: 1 << 20,
-            data: vec![0; 4096],
+            data: vec![0; 4096].into(),
             stale: vec![],
         },
         Request::Write {
             name: "vol".into(),
             epoch: 2,
             offset: 100,
-            data: vec![0; 4096],
+            data: vec![0; 4096].into(),
             stale: vec![],
         },
         Request::Write {
             name: "vol".into(),
             epoch: 2,
             offset: u64::MAX - 4095,
-            data: vec![0; 4096],
+            data: vec![0; 4096].into(),
             stale: vec![],
         },
         Request::Read {
@@ -111,7 +111,7 @@ fn hostile_requests_are_refused_without_harm() {
             name: "vol".into(),
             epoch: 1, // older than the writer's: fenced
             offset: 0,
-            data: vec![0; 4096],
+            data: vec![0; 4096].into(),
             stale: vec![],
         },
     ];
@@ -129,7 +129,7 @@ fn hostile_requests_are_refused_without_harm() {
                 name: "vol".into(),
                 epoch: 1,
                 offset: 0,
-                data: vec![0; 4096],
+                data: vec![0; 4096].into(),
                 stale: vec![],
             }
         ),

@@ -380,7 +380,7 @@ fn rebuild_moves_a_replica_online() {
             {
                 Response::Read(o) => {
                     assert!(o.bad_blocks.is_empty());
-                    got.extend(o.data);
+                    got.extend_from_slice(&o.data);
                 }
                 r => panic!("unexpected reply {r:?}"),
             }

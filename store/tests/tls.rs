@@ -20,7 +20,7 @@ fn write_req(data: Vec<u8>, epoch: u64) -> Request {
         name: "vol".into(),
         epoch,
         offset: 0,
-        data,
+        data: data.into(),
         stale: vec![],
     }
 }

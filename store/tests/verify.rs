@@ -43,7 +43,7 @@ fn scrub_finds_replicas_that_differ_and_repairs_them_from_the_writer() {
         name: "vol".into(),
         epoch,
         offset: (2 << 20) + 3 * 4096,
-        data: vec![0x66; 4096],
+        data: vec![0x66; 4096].into(),
         stale: vec![],
     })
     .unwrap();

@@ -9,6 +9,7 @@ use std::path::Path;
 use super::{SIDECAR_SIZE, SLOTS_PER_SLAB, SLOT_SIZE};
 use crate::checksum::{block_crc, zero_crc, Entry, ENTRY_SIZE};
 use crate::error::Result;
+use crate::iobuf::IoBuf;
 use crate::{BLOCK_SIZE, EXTENT_SIZE};
 
 /// Reads blocks starting at block `b0` of the extent slot at byte `base` of
@@ -62,16 +63,6 @@ pub(super) fn read_blocks(
 /// length are multiples of the block size.
 pub(super) fn is_block_aligned(buf: &[u8]) -> bool {
     buf.as_ptr().align_offset(BLOCK_SIZE as usize) == 0 && buf.len() % BLOCK_SIZE as usize == 0
-}
-
-/// A zeroed buffer of `len` bytes whose start is block-aligned in memory,
-/// as `O_DIRECT` reads want: a `Vec` with room to spare, and the offset of
-/// the aligned start in it.
-pub(super) fn aligned_buffer(len: usize) -> (Vec<u8>, usize) {
-    let v = vec![0u8; len + BLOCK_SIZE as usize - 1];
-    // (`align_offset` may give up; then the reads go through the cache.)
-    let at = v.as_ptr().align_offset(BLOCK_SIZE as usize);
-    (v, if at < BLOCK_SIZE as usize { at } else { 0 })
 }
 
 /// Writes whole blocks starting at block `b0` of the extent slot at byte
@@ -151,11 +142,9 @@ fn write_direct(f: &File, direct: &File, at: u64, data: &[u8]) -> Result<()> {
     let r = if is_block_aligned(data) {
         direct.write_all_at(data, at)
     } else {
-        let (mut v, start) = aligned_buffer(data.len());
-        let buf = &mut v[start..start + data.len()];
-        buf.copy_from_slice(data);
-        if is_block_aligned(buf) {
-            direct.write_all_at(buf, at)
+        let buf = IoBuf::copy_from(data);
+        if buf.is_aligned() {
+            direct.write_all_at(&buf, at)
         } else {
             // No aligned buffer could be had.
             return Ok(f.write_all_at(data, at)?);

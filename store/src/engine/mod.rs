@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::checksum::ENTRY_SIZE;
 use crate::error::{Error, Result};
+use crate::iobuf::IoBuf;
 use crate::meta::{Batch, ExtentRec, Meta, ReplicaAddr, VolumeRec};
 use crate::types::CryptRec;
 pub use crate::types::{
@@ -802,16 +803,14 @@ impl Engine {
         }
         let _reading = self.reading.read().expect(crate::POISONED);
         drop(st);
-        let (mut data, at) = aligned_buffer(len as usize);
+        let mut data = IoBuf::zeroed(len as usize);
         let mut bad = Vec::new();
         for (pos, n, idx, b0, f, direct, base) in pieces {
-            let buf = &mut data[at + pos as usize..at + (pos + n) as usize];
+            let buf = &mut data[pos as usize..(pos + n) as usize];
             for b in read_blocks(&f, direct.as_deref(), base, b0, buf)? {
                 bad.push(idx * BLOCKS_PER_EXTENT + b0 + b);
             }
         }
-        data.copy_within(at..at + len as usize, 0);
-        data.truncate(len as usize);
         self.metrics
             .checksum_errors
             .fetch_add(bad.len() as u64, Ordering::Relaxed);
@@ -850,6 +849,4 @@ mod tests;
 mod write;
 
 pub use blocks::slab_space;
-use blocks::{
-    advise_random, aligned_buffer, clear_slot, read_blocks, start_writeback, write_blocks,
-};
+use blocks::{advise_random, clear_slot, read_blocks, start_writeback, write_blocks};

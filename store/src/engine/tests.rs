@@ -615,10 +615,10 @@ fn only_block_aligned_buffers_take_the_direct_path() {
         .custom_flags(libc::O_DIRECT)
         .open(&slab)
         .ok();
-    let (mut buf, at) = blocks::aligned_buffer(len + 1);
+    let mut buf = IoBuf::zeroed(len + 1);
 
     drop_cache();
-    let odd = &mut buf[at + 1..at + 1 + len];
+    let odd = &mut buf[1..1 + len];
     assert!(!blocks::is_block_aligned(odd));
     assert!(blocks::read_blocks(&f, direct.as_ref(), base, 0, odd)
         .unwrap()
@@ -631,7 +631,7 @@ fn only_block_aligned_buffers_take_the_direct_path() {
     );
 
     drop_cache();
-    let aligned = &mut buf[at..at + len];
+    let aligned = &mut buf[..len];
     aligned.fill(0);
     assert!(blocks::is_block_aligned(aligned));
     assert!(blocks::read_blocks(&f, direct.as_ref(), base, 0, aligned)
@@ -658,8 +658,8 @@ fn a_failed_direct_read_is_served_through_the_page_cache() {
     let len = data.len();
     drop_from_cache(&f, &slab);
     let refusing = OpenOptions::new().write(true).open(&slab).unwrap();
-    let (mut buf, at) = blocks::aligned_buffer(len);
-    let aligned = &mut buf[at..at + len];
+    let mut buf = IoBuf::zeroed(len);
+    let aligned = &mut buf[..];
     assert!(blocks::is_block_aligned(aligned));
     let mut probe = vec![0u8; 1];
     assert!(refusing.read_exact_at(&mut probe, base).is_err());

@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestMemory, GuestMemoryError};
 
 use super::config::{ID_BYTES, MAX_DESCRIPTORS, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE};
 use crate::io::VolumeIo;
+use crate::iobuf::IoBuf;
 
 /// Bytes moved between the volume and guest memory at a time.
 const CHUNK: u64 = crate::MAX_IO;
@@ -198,7 +199,9 @@ fn execute<M: GuestMemory + ?Sized>(
         }
         RequestType::Out if len <= CHUNK => {
             // One piece: the buffer goes to the volume as it is.
-            let mut buf = vec![0u8; len as usize];
+            // Block-aligned, so that a large write reaches the disk
+            // (`O_DIRECT`) without another copy.
+            let mut buf = IoBuf::zeroed(len as usize);
             for_each_piece(&req.data, 0, len, |addr, r| {
                 mem.read_slice(&mut buf[r], addr)
             })?;

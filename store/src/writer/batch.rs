@@ -23,6 +23,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::{Error, Result};
+use crate::iobuf::IoBuf;
 use crate::MAX_IO;
 
 /// Batches of one volume in flight at once.
@@ -36,7 +37,7 @@ pub const MAX_BATCH_BYTES: usize = MAX_IO as usize;
 /// One queued write: whole blocks, encrypted already if the volume is.
 pub(crate) struct Queued {
     pub offset: u64,
-    pub data: Vec<u8>,
+    pub data: IoBuf,
     slot: Arc<Slot>,
 }
 
@@ -114,7 +115,7 @@ impl Batcher {
     pub fn submit(
         &self,
         offset: u64,
-        data: Vec<u8>,
+        data: IoBuf,
         send: &dyn Fn(Vec<Queued>) -> Result<()>,
     ) -> Result<()> {
         let slot = Arc::new(Slot::default());
@@ -256,7 +257,9 @@ mod tests {
                 s.spawn(move || {
                     for i in 0..20u64 {
                         let off = (t * 20 + i) * 4096;
-                        let ok = b.submit(off, vec![(off / 4096) as u8; 4096], send).is_ok();
+                        let ok = b
+                            .submit(off, vec![(off / 4096) as u8; 4096].into(), send)
+                            .is_ok();
                         results.lock().unwrap().insert(off, ok);
                     }
                 });
@@ -301,7 +304,7 @@ mod tests {
                 for i in 0..10u64 {
                     let off = (t * 10 + i) * 4096;
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        b.submit(off, vec![0; 4096], &send)
+                        b.submit(off, vec![0; 4096].into(), &send)
                     }));
                     let outcome = match r {
                         Ok(Ok(())) => "ok",
@@ -339,7 +342,7 @@ mod tests {
     fn a_lone_write_goes_at_once_by_itself() {
         let b = Batcher::default();
         let calls = AtomicUsize::new(0);
-        b.submit(0, vec![1u8; 4096], &|w| {
+        b.submit(0, vec![1u8; 4096].into(), &|w| {
             calls.fetch_add(1, Ordering::SeqCst);
             assert_eq!(w.len(), 1);
             Ok(())
@@ -355,7 +358,7 @@ mod tests {
             (0..n)
                 .map(|i| Queued {
                     offset: i as u64,
-                    data: vec![0; len],
+                    data: vec![0; len].into(),
                     slot: Arc::default(),
                 })
                 .collect()

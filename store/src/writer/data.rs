@@ -20,6 +20,7 @@ use super::batch::Queued;
 use super::{Inner, PeerState, Writer};
 use crate::error::{Error, Result};
 use crate::io::VolumeIo;
+use crate::iobuf::IoBuf;
 use crate::proto::{BatchWrite, Request, Response};
 use crate::types::ReadOut;
 use crate::{replica, BLOCK_SIZE, MAX_IO};
@@ -32,7 +33,7 @@ impl Writer {
             name: self.name.clone(),
             epoch: self.epoch,
             offset,
-            data,
+            data: data.into(),
             stale: Self::stale_nodes(inner),
         };
         inner.unflushed.extend(&regions);
@@ -62,7 +63,9 @@ impl Writer {
                     continue;
                 }
             };
-            return self.fix_bad_blocks(inner, i, &order[k + 1..], offset, out);
+            return Ok(self
+                .fix_bad_blocks(inner, i, &order[k + 1..], offset, out)?
+                .into_vec());
         }
         Err(Error::Io(format!(
             "no in-sync replica of {} could be read",
@@ -77,7 +80,7 @@ impl Writer {
         others: &[usize],
         offset: u64,
         mut out: ReadOut,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<IoBuf> {
         for &b in &out.bad_blocks {
             self.stats.checksum_errors.fetch_add(1, Ordering::Relaxed);
             let off = b * BLOCK_SIZE;
@@ -144,7 +147,7 @@ impl Writer {
     /// and a ticket on the blocks. `buf` becomes the request's data (no
     /// copy: a caller with a borrowed buffer copies it before the lock is
     /// taken, since other writes need the lock meanwhile).
-    fn write_blocks(&self, offset: u64, mut buf: Vec<u8>) -> Result<()> {
+    fn write_blocks(&self, offset: u64, mut buf: IoBuf) -> Result<()> {
         let regions = Self::regions_of(offset, buf.len() as u64);
         let (targets, req) = {
             let mut inner = self.lock();
@@ -217,7 +220,7 @@ impl Writer {
     /// (this node's first), decrypted; a block that fails its checksum is
     /// fetched from another replica and repaired. The caller holds the
     /// gate and a (shared) ticket on the blocks.
-    fn read_blocks(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+    fn read_blocks(&self, offset: u64, len: u64) -> Result<IoBuf> {
         let order: Vec<(usize, std::sync::Arc<super::PeerLinks>, bool)> = {
             let inner = self.lock();
             Self::check_range(&inner, offset, len)?;
@@ -293,7 +296,7 @@ impl Writer {
             let remaining = (buf.len() - done) as u64;
             if pos == start && remaining >= BLOCK_SIZE {
                 let n = (remaining / BLOCK_SIZE * BLOCK_SIZE).min(MAX_IO) as usize;
-                self.write_blocks(pos, buf[done..done + n].to_vec())?;
+                self.write_blocks(pos, IoBuf::copy_from(&buf[done..done + n]))?;
                 done += n;
             } else {
                 // Read-modify-write of one partial block.
@@ -346,7 +349,7 @@ impl VolumeIo for Writer {
 
     /// Whole blocks, at most `MAX_IO`, come back in the buffer the replica's
     /// answer arrived in; anything else as [`VolumeIo::read_at`].
-    fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+    fn read_vec(&self, offset: u64, len: usize) -> Result<IoBuf> {
         let n = len as u64;
         if n == 0 || n > MAX_IO || offset % BLOCK_SIZE != 0 || n % BLOCK_SIZE != 0 {
             return crate::io::read_into_new(self, offset, len);
@@ -368,7 +371,7 @@ impl VolumeIo for Writer {
 
     /// Whole blocks, at most `MAX_IO`, go to the replicas in `buf` itself;
     /// anything else as [`VolumeIo::write_at`].
-    fn write_vec(&self, buf: Vec<u8>, offset: u64) -> Result<()> {
+    fn write_vec(&self, buf: IoBuf, offset: u64) -> Result<()> {
         let len = buf.len() as u64;
         if len == 0 || len > MAX_IO || offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
             return self.write_at(&buf, offset);

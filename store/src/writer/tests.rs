@@ -129,11 +129,11 @@ fn owned_buffers_are_written_whole_or_through_the_byte_path() {
     // Whole blocks across an extent boundary: the owned path.
     let a = pattern(1, 6 * BLOCK_SIZE as usize);
     let at = EXTENT_SIZE - 2 * BLOCK_SIZE;
-    w.write_vec(a.clone(), at).unwrap();
+    w.write_vec(a.clone().into(), at).unwrap();
     // Unaligned, inside a block the first write covers: the byte path
     // (read-modify-write), which must keep the rest of that block.
     let b = pattern(2, 100);
-    w.write_vec(b.clone(), at + 10).unwrap();
+    w.write_vec(b.clone().into(), at + 10).unwrap();
     let mut want = a.clone();
     want[10..110].copy_from_slice(&b);
     let mut back = vec![0u8; want.len()];
@@ -149,13 +149,13 @@ fn owned_buffers_are_written_whole_or_through_the_byte_path() {
     // Past the end: refused, and the last block is untouched.
     let last = 4 * EXTENT_SIZE - BLOCK_SIZE;
     assert!(w
-        .write_vec(vec![7u8; 2 * BLOCK_SIZE as usize], last)
+        .write_vec(vec![7u8; 2 * BLOCK_SIZE as usize].into(), last)
         .is_err());
     let mut tail = vec![0xffu8; BLOCK_SIZE as usize];
     w.read_at(&mut tail, last).unwrap();
     assert!(tail.iter().all(|x| *x == 0));
     // Nothing to write is nothing written.
-    w.write_vec(Vec::new(), 0).unwrap();
+    w.write_vec(Vec::new().into(), 0).unwrap();
     // And it all survives a flush and a fresh read from the engine.
     w.flush().unwrap();
     let out = w.engine.read("v", at, want.len() as u64).unwrap();
@@ -296,7 +296,8 @@ fn concurrent_writes_to_remote_replicas_go_in_batches_and_land_on_both() {
             s.spawn(move || {
                 for i in 0..32u64 {
                     // Thread t owns blocks t, t + 8, t + 16, ...
-                    w.write_vec(block(t, i), (i * 8 + t) * BLOCK_SIZE).unwrap();
+                    w.write_vec(block(t, i).into(), (i * 8 + t) * BLOCK_SIZE)
+                        .unwrap();
                 }
             });
         }

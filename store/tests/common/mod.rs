@@ -224,7 +224,7 @@ impl Node {
                 self.id,
                 r.bad_blocks
             );
-            out.extend(r.data);
+            out.extend_from_slice(&r.data);
             off += n;
         }
         out
