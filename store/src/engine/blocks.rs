@@ -140,11 +140,11 @@ pub(super) fn write_blocks(
 /// cache (`f`) if the file system refuses the direct write.
 fn write_direct(f: &File, direct: &File, at: u64, data: &[u8]) -> Result<()> {
     let r = if is_block_aligned(data) {
-        direct.write_all_at(data, at)
+        super::uring::write_all_at(direct, data, at)
     } else {
         let buf = IoBuf::copy_from(data);
         if buf.is_aligned() {
-            direct.write_all_at(&buf, at)
+            super::uring::write_all_at(direct, &buf, at)
         } else {
             // No aligned buffer could be had.
             return Ok(f.write_all_at(data, at)?);

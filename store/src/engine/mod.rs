@@ -846,6 +846,7 @@ mod scrub;
 mod snapshots;
 #[cfg(test)]
 mod tests;
+mod uring;
 mod write;
 
 pub use blocks::slab_space;
