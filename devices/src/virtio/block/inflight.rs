@@ -22,6 +22,14 @@
 //!   requests already started are still reaped and signalled meanwhile.
 //! - Short transfers are continued from where they stopped; a transfer that
 //!   makes no progress, or reports more than asked, fails with IOERR.
+//! - Requests popped in one go that continue each other (same direction,
+//!   the next starting at the sector where the one before ends) become one
+//!   op, up to [`MAX_MERGED_BYTES`] and `IOV_MAX` iovecs, as QEMU's
+//!   virtio-blk merges them: a guest's sequential stream at depth reaches
+//!   the disk as fewer, larger transfers. The op's outcome is each of its
+//!   requests' (all succeed or all fail, each with its own status and
+//!   length). Requests in flight never overlap in what they merge, so the
+//!   data is the same as with one op each.
 //! - Dropping the server (device reset, VMM exit) first waits for every op
 //!   in flight: the kernel may be writing into guest memory until then.
 //!   Their results are dropped: after a reset the rings are not the
@@ -47,17 +55,19 @@ use crate::virtio::worker::GuestErrorLog;
 
 /// Most iovecs one op may carry (`IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
+/// Largest op that merging adjacent requests makes.
+pub const MAX_MERGED_BYTES: u64 = 4 << 20;
 
-/// A request whose I/O is in flight.
+/// An op in flight: one request's I/O, or several adjacent requests'.
 struct Pending {
-    head: u16,
-    status: GuestAddress,
+    /// The requests it carries (chain head, request), in disk order.
+    parts: Vec<(u16, Request)>,
     kind: IoKind,
     /// Where the rest of the transfer goes.
     offset: u64,
     /// Bytes still to move.
     remaining: u64,
-    /// Bytes the request moves in all.
+    /// Bytes the op moves in all.
     total: u64,
     iovecs: Vec<libc::iovec>,
     /// The first iovec not fully moved yet.
@@ -71,6 +81,29 @@ struct Pending {
 // keeps mapped (it holds `mem` and drains every op before dropping it); the
 // server moves to its worker thread whole, pointers and memory together.
 unsafe impl Send for Pending {}
+
+impl Pending {
+    /// Whether `next` continues this op (not started yet) on the disk in
+    /// the same direction, and both fit in one op.
+    fn continued_by(&self, next: &Pending) -> bool {
+        self.kind == next.kind
+            && self.kind != IoKind::Sync
+            && self.first == 0
+            && self.remaining == self.total
+            && self.offset.checked_add(self.total) == Some(next.offset)
+            && self.iovecs.len() + next.iovecs.len() <= MAX_IOVECS
+            && self.total + next.total <= MAX_MERGED_BYTES
+    }
+
+    /// Appends `next` (see [`Pending::continued_by`]).
+    fn absorb(&mut self, next: Pending) {
+        self.total += next.total;
+        self.remaining += next.total;
+        self.iovecs.extend(next.iovecs);
+        self.dirties.extend(next.dirties);
+        self.parts.extend(next.parts);
+    }
+}
 
 /// What became of a popped request.
 enum Step {
@@ -88,6 +121,9 @@ enum Step {
 pub struct ServerStats {
     /// Reads, writes and flushes handed to the engine.
     pub started: u64,
+    /// Of those, requests that went in the op of the request before them
+    /// (adjacent, same direction).
+    pub merged: u64,
     /// Requests run synchronously (bounce path, or not engine work).
     pub synchronous: u64,
 }
@@ -105,6 +141,13 @@ pub struct QueueServer {
     target: Option<AsyncIo>,
     slots: Vec<Option<Pending>>,
     free: Vec<usize>,
+    /// The slot of the op still taking adjacent requests: not pushed to
+    /// the engine yet (its iovecs may still grow).
+    open: Option<usize>,
+    /// Requests in the slots' ops.
+    requests: usize,
+    /// Finished requests (head, used length) for the used ring.
+    done: Vec<(u16, u32)>,
     /// Stopped popping (slots full, or a flush waiting): run the queue again
     /// once something finishes.
     stalled: bool,
@@ -140,6 +183,9 @@ impl QueueServer {
             target,
             slots: (0..depth).map(|_| None).collect(),
             free: (0..depth).rev().collect(),
+            open: None,
+            requests: 0,
+            done: Vec::new(),
             stalled: false,
             bounce: Vec::new(),
             reaped: Vec::new(),
@@ -160,7 +206,7 @@ impl QueueServer {
 
     /// Requests whose I/O is in flight.
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
+        self.requests
     }
 
     /// How requests were carried out so far.
@@ -216,6 +262,7 @@ impl QueueServer {
                 }
             }
             self.submit();
+            used += self.put_done(queue);
             if held {
                 // Notifications stay off: a completion or the rate
                 // limiter's timer brings the worker back.
@@ -243,17 +290,22 @@ impl QueueServer {
             return 0;
         };
         engine.reap(&mut self.reaped);
-        let mut used = 0;
         let mut reaped = std::mem::take(&mut self.reaped);
         for done in reaped.drain(..) {
-            if let Some((head, len)) = self.finish(done, true) {
-                add_used(queue, &self.mem, head, len);
-                used += 1;
-            }
+            self.finish(done, true);
         }
         self.reaped = reaped;
         self.submit();
-        used
+        self.put_done(queue)
+    }
+
+    /// Puts the finished requests in the used ring; returns how many.
+    fn put_done(&mut self, queue: &mut Queue) -> usize {
+        let n = self.done.len();
+        for (head, len) in self.done.drain(..) {
+            add_used(queue, &self.mem, head, len);
+        }
+        n
     }
 
     /// Parses `parsed`'s request and starts or runs it.
@@ -290,37 +342,68 @@ impl QueueServer {
                 Err(e) => warn!("virtio-blk: rate limiter timer failed: {e}"),
             }
         }
-        if let Some(pending) = self.async_op(head, &req) {
-            let Some(slot) = self.free.pop() else {
-                // The caller checked for a free slot before popping.
-                return self.run_sync(head, &req);
-            };
-            let op = op(slot, &pending);
-            self.slots[slot] = Some(pending);
-            let pushed = match self.engine.as_mut() {
-                Some((engine, _)) => engine.push(op),
-                None => Err(io::Error::other("no engine")),
-            };
-            return match pushed {
-                Ok(()) => {
-                    self.stats.started += 1;
-                    Step::Started
-                }
-                Err(e) => {
-                    error!("virtio-blk: cannot queue I/O, running it synchronously: {e}");
-                    self.slots[slot] = None;
-                    self.free.push(slot);
-                    self.run_sync(head, &req)
-                }
-            };
+        let Some(mut pending) = self.async_op(&req) else {
+            return self.run_sync(head, &req);
+        };
+        pending.parts.push((head, req));
+        if let Some(open) = self.open.and_then(|s| self.slots.get_mut(s)?.as_mut()) {
+            if open.continued_by(&pending) {
+                open.absorb(pending);
+                self.requests += 1;
+                self.stats.started += 1;
+                self.stats.merged += 1;
+                return Step::Started;
+            }
         }
-        self.run_sync(head, &req)
+        self.push_open();
+        let Some(slot) = self.free.pop() else {
+            // The caller checked for a free slot before popping.
+            let Some((head, req)) = pending.parts.pop() else {
+                return Step::Done(0);
+            };
+            return self.run_sync(head, &req);
+        };
+        self.slots[slot] = Some(pending);
+        self.open = Some(slot);
+        self.requests += 1;
+        self.stats.started += 1;
+        Step::Started
+    }
+
+    /// Hands the open op (if any) to the engine; if the engine refuses it,
+    /// runs its requests synchronously (finished in `done`).
+    fn push_open(&mut self) {
+        let Some(slot) = self.open.take() else {
+            return;
+        };
+        let Some(p) = self.slots.get(slot).and_then(Option::as_ref) else {
+            return;
+        };
+        let op = op(slot, p);
+        let pushed = match self.engine.as_mut() {
+            Some((engine, _)) => engine.push(op),
+            None => Err(io::Error::other("no engine")),
+        };
+        if let Err(e) = pushed {
+            error!("virtio-blk: cannot queue I/O, running it synchronously: {e}");
+            let Some(p) = self.slots[slot].take() else {
+                return;
+            };
+            self.free.push(slot);
+            self.requests = self.requests.saturating_sub(p.parts.len());
+            self.stats.started = self.stats.started.saturating_sub(p.parts.len() as u64);
+            for (head, req) in p.parts {
+                if let Step::Done(len) = self.run_sync(head, &req) {
+                    self.done.push((head, len));
+                }
+            }
+        }
     }
 
     /// The in-flight form of `req`, when the engine can take it: reads,
     /// writes (not on a read-only disk) and flushes, with guest buffers the
     /// backend can use as they are.
-    fn async_op(&self, head: u16, req: &Request) -> Option<Pending> {
+    fn async_op(&self, req: &Request) -> Option<Pending> {
         let target = self.target?;
         self.engine.as_ref()?;
         let kind = match req.request_type {
@@ -350,8 +433,7 @@ impl QueueServer {
             v
         };
         Some(Pending {
-            head,
-            status: req.status,
+            parts: Vec::with_capacity(1),
             kind,
             offset,
             remaining: req.data_len,
@@ -382,16 +464,18 @@ impl QueueServer {
     }
 
     /// Accounts for a finished op: continues a short transfer, or frees the
-    /// slot and (with `report`) writes the status, returning the chain's
-    /// head and used length.
-    fn finish(&mut self, done: IoDone, report: bool) -> Option<(u16, u32)> {
-        let slot = usize::try_from(done.token).ok()?;
+    /// slot and (with `report`) writes its requests' statuses, adding them
+    /// to `done`.
+    fn finish(&mut self, done: IoDone, report: bool) {
+        let Some(slot) = usize::try_from(done.token).ok() else {
+            return;
+        };
         let Some(p) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
             error!(
                 token = done.token,
                 "virtio-blk: completion for no request in flight"
             );
-            return None;
+            return;
         };
         let ok = match (p.kind, u64::try_from(done.result)) {
             (IoKind::Sync, Ok(_)) => true,
@@ -407,7 +491,7 @@ impl QueueServer {
                     None => Err(io::Error::other("no engine")),
                 };
                 match pushed {
-                    Ok(()) => return None,
+                    Ok(()) => return,
                     Err(e) => {
                         error!("virtio-blk: cannot continue a short transfer: {e}");
                         false
@@ -416,44 +500,55 @@ impl QueueServer {
             }
             _ => false,
         };
-        let p = self.slots[slot].take()?;
+        let Some(p) = self.slots[slot].take() else {
+            return;
+        };
         self.free.push(slot);
+        self.requests = self.requests.saturating_sub(p.parts.len());
         // The kernel is done writing the buffers (all of them, or a part:
         // mark them all either way, results dropped or not).
         mark_dirties(&p);
         if !report {
-            return None;
+            return;
         }
-        let (status, written) = if ok {
-            match p.kind {
-                IoKind::Read => self.disk.counters.read(p.total),
-                IoKind::Write => self.disk.counters.wrote(p.total),
-                IoKind::Sync => {}
-            }
-            let written = match p.kind {
-                IoKind::Read => u32::try_from(p.total).unwrap_or(u32::MAX),
-                _ => 0,
-            };
-            (VIRTIO_BLK_S_OK as u8, written)
-        } else {
+        if !ok {
             if let Some(n) = self.io_errors.hit() {
                 let e = match done.result {
                     r if r < 0 => io::Error::from_raw_os_error((-r) as i32).to_string(),
                     r => format!("moved {r} of {} bytes", p.remaining),
                 };
                 warn!(
-                    head = p.head,
+                    head = p.parts.first().map_or(0, |(h, _)| *h),
+                    requests = p.parts.len(),
                     occurrences = n,
                     "virtio-blk: {:?} request failed: {e}",
                     p.kind
                 );
             }
-            (VIRTIO_BLK_S_IOERR as u8, 0)
-        };
-        Some((p.head, complete(&self.mem, p.status, status, written)))
+        }
+        for (head, req) in &p.parts {
+            let (status, written) = if ok {
+                match p.kind {
+                    IoKind::Read => self.disk.counters.read(req.data_len),
+                    IoKind::Write => self.disk.counters.wrote(req.data_len),
+                    IoKind::Sync => {}
+                }
+                let written = match p.kind {
+                    IoKind::Read => u32::try_from(req.data_len).unwrap_or(u32::MAX),
+                    _ => 0,
+                };
+                (VIRTIO_BLK_S_OK as u8, written)
+            } else {
+                (VIRTIO_BLK_S_IOERR as u8, 0)
+            };
+            self.done
+                .push((*head, complete(&self.mem, req.status, status, written)));
+        }
     }
 
+    /// Pushes the open op, then submits what was pushed.
     fn submit(&mut self) {
+        self.push_open();
         if let Some((engine, _)) = self.engine.as_mut() {
             if let Err(e) = engine.submit() {
                 error!(
@@ -478,15 +573,17 @@ impl QueueServer {
     /// in it, else (device reset) drops the results.
     fn drain(&mut self, mut queue: Option<&mut Queue>) -> usize {
         let mut used = 0;
+        // An op still open goes to the engine first (or runs now).
+        self.submit();
         while self.in_flight() > 0 {
             let Some((engine, _)) = self.engine.as_mut() else {
-                return used;
+                break;
             };
             if engine.in_flight() == 0 {
                 // Nothing left that could complete: never wait forever.
                 error!(
                     "virtio-blk: {} requests in flight but none in the {}",
-                    self.slots.len() - self.free.len(),
+                    self.requests,
                     engine.name()
                 );
                 for (i, slot) in self.slots.iter_mut().enumerate() {
@@ -496,7 +593,8 @@ impl QueueServer {
                         self.free.push(i);
                     }
                 }
-                return used;
+                self.requests = 0;
+                break;
             }
             if let Err(e) = engine.wait() {
                 error!(
@@ -504,20 +602,24 @@ impl QueueServer {
                 );
                 // The kernel may still write into guest memory: never unmap it.
                 std::mem::forget(self.mem.clone());
-                return used;
+                break;
             }
             engine.reap(&mut self.reaped);
             let mut reaped = std::mem::take(&mut self.reaped);
             for done in reaped.drain(..) {
-                let finished = self.finish(done, queue.is_some());
-                if let (Some((head, len)), Some(q)) = (finished, queue.as_deref_mut()) {
-                    add_used(q, &self.mem, head, len);
-                    used += 1;
-                }
+                self.finish(done, queue.is_some());
             }
             self.reaped = reaped;
             // The rest of short transfers, pushed by `finish`.
             self.submit();
+            if let Some(q) = queue.as_deref_mut() {
+                used += self.put_done(q);
+            }
+        }
+        match queue {
+            Some(q) => used += self.put_done(q),
+            // After a reset the rings are not the device's.
+            None => self.done.clear(),
         }
         used
     }
@@ -619,32 +721,4 @@ pub(crate) fn complete(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn advance_moves_across_iovecs() {
-        let mut buf = [0u8; 64];
-        let base = buf.as_mut_ptr();
-        let mut v = vec![
-            libc::iovec {
-                iov_base: base.cast(),
-                iov_len: 16,
-            },
-            libc::iovec {
-                iov_base: base.wrapping_add(32).cast(),
-                iov_len: 32,
-            },
-        ];
-        let mut first = 0;
-        advance(&mut v, &mut first, 20);
-        assert_eq!(first, 1);
-        assert_eq!(v[1].iov_base, base.wrapping_add(36).cast());
-        assert_eq!(v[1].iov_len, 28);
-        advance(&mut v, &mut first, 28);
-        assert_eq!(first, 2);
-        // Past the end: nothing happens.
-        advance(&mut v, &mut first, 5);
-        assert_eq!(first, 2);
-    }
-}
+mod tests;

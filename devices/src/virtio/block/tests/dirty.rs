@@ -109,10 +109,12 @@ fn a_read_marks_its_buffers_status_and_used_ring_with_every_engine() {
             Some(_) => ServerStats {
                 started: 1,
                 synchronous: 0,
+                merged: 0,
             },
             None => ServerStats {
                 started: 0,
                 synchronous: 1,
+                merged: 0,
             },
         };
         assert_eq!(stats, expected, "{kind:?}");

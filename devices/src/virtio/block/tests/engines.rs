@@ -467,6 +467,77 @@ fn short_transfers_are_continued() {
 /// With O_DIRECT, aligned guest buffers go to the engine as they are;
 /// buffers at an unaligned address or of an unaligned length take the
 /// bounce path, and both read and write the right bytes.
+/// Requests popped together that continue each other on the disk in the
+/// same direction go to the engine as one op: 12 adjacent reads of 16
+/// segments each make one; a read between writes breaks their run (the
+/// limits of an op are `inflight`'s unit tests). Every request still completes
+/// once, with its own status, length and data, also when the kernel moves
+/// each op one iovec at a time (short transfers).
+#[test]
+fn adjacent_requests_go_as_one_op() {
+    for kind in REAL_ENGINES {
+        for short in [false, true] {
+            let (s, disk) = setup_in(None, kind, false);
+            Held::wrap(&s.slot, short);
+            let (mut ring, queue) = Ring::new(&s.m);
+            let mut w = worker(&s, disk, queue);
+            let mut reqs = Vec::new();
+            for n in 0..12u64 {
+                let buf = BUFS + n * 0x2000;
+                let segs: Vec<(u64, u32, u16)> = (0..16).map(|i| (buf + i * 512, 512, W)).collect();
+                let head = ring.request(n, VIRTIO_BLK_T_IN, n * 16, &segs);
+                reqs.push((head, VIRTIO_BLK_T_IN, n * 16, buf));
+            }
+            // Write, write, read, write, write: adjacent all along.
+            let types = [
+                VIRTIO_BLK_T_OUT,
+                VIRTIO_BLK_T_OUT,
+                VIRTIO_BLK_T_IN,
+                VIRTIO_BLK_T_OUT,
+                VIRTIO_BLK_T_OUT,
+            ];
+            for (i, t) in types.into_iter().enumerate() {
+                let n = 12 + i as u64;
+                let buf = BUFS + 0x20_0000 + i as u64 * 0x2000;
+                let flags = if t == VIRTIO_BLK_T_IN { W } else { 0 };
+                if t == VIRTIO_BLK_T_OUT {
+                    s.m.write_slice(&[0x60 + n as u8; 0x2000], GuestAddress(buf))
+                        .unwrap();
+                }
+                let sector = 3000 + i as u64 * 16;
+                let head = ring.request(n, t, sector, &[(buf, 0x2000, flags)]);
+                reqs.push((head, t, sector, buf));
+            }
+            w.process_queue();
+            assert_eq!(w.server.in_flight(), 17, "{kind:?}");
+            let stats = w.server.stats();
+            assert_eq!(stats.started, 17);
+            assert_eq!(stats.merged, 11 + 1 + 1, "{kind:?} short={short}");
+            settle(&mut w);
+            let used = ring.used();
+            assert_eq!(used.len(), 17);
+            for (n, (head, t, sector, buf)) in reqs.iter().enumerate() {
+                let n = n as u64;
+                assert_eq!(ring.status(n), VIRTIO_BLK_S_OK as u8, "request {n}");
+                let found: Vec<_> = used.iter().filter(|u| u.0 == *head).collect();
+                assert_eq!(found.len(), 1, "request {n} used once");
+                let at = *sector * 512;
+                if *t == VIRTIO_BLK_T_IN {
+                    assert_eq!(found[0].1, 0x2000 + 1);
+                    let mut got = vec![0u8; 0x2000];
+                    s.m.read_slice(&mut got, GuestAddress(*buf)).unwrap();
+                    assert!(got == pattern(at as usize, 0x2000), "read {n}");
+                } else {
+                    assert_eq!(found[0].1, 1);
+                    let mut got = vec![0u8; 0x2000];
+                    s.img.as_file().read_exact_at(&mut got, at).unwrap();
+                    assert!(got.iter().all(|&b| b == 0x60 + n as u8), "write {n}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn unaligned_buffers_with_direct_io_take_the_bounce_path() {
     let Some(dir) = super::super::raw::tests::direct_dir() else {
@@ -488,7 +559,8 @@ fn unaligned_buffers_with_direct_io_take_the_bounce_path() {
             w.server.stats(),
             crate::virtio::block::inflight::ServerStats {
                 started: 1,
-                synchronous: 3
+                synchronous: 3,
+                merged: 0,
             },
             "{kind:?}"
         );
