@@ -5,8 +5,11 @@
 //! guest's tools disk with Debian's fio (`HostOptions::tools`). A guest with
 //! 2 vCPUs runs fio at iodepth 32 from two jobs (one per vCPU, each on its
 //! own CPU and region), with `--ioengine=libaio --direct=1 --verify=crc32c`:
-//! random 4 KiB writes, then fio reads every block back and checks it. Then
-//! it reads its whole disk and prints a checksum. Two cases:
+//! random 4 KiB writes, then fio reads every block back and checks it; then
+//! the same with sequential 1 MiB writes on the disk's second half (the
+//! guest splits each into adjacent requests, which kiln-vmm merges into
+//! larger transfers: this checks their data). Then it reads its whole disk
+//! and prints a checksum. Two cases:
 //!
 //! - `raw`: the disk is a raw file on the real disk (`--disk path=...,
 //!   direct=on`); afterwards the file holds exactly what the guest read.
@@ -35,6 +38,10 @@ const DISK_MIB: u64 = 64;
 /// fio jobs (one per guest vCPU) and the region each writes.
 const JOBS: u64 = 2;
 const JOB_MIB: u64 = 8;
+/// The sequential pass: each job writes this much in 1 MiB writes, from
+/// `SEQ_START_MIB` on (the random pass stays below it).
+const SEQ_JOB_MIB: u64 = 16;
+const SEQ_START_MIB: u64 = 32;
 /// Requests each fio job keeps in flight.
 const IODEPTH: u32 = 32;
 /// Limits that turn a hang into a failure with the console to look at
@@ -61,6 +68,16 @@ while read -r l; do
     case $l in 3\;*) echo "FIO-TERSE $l" ;; *) echo "FIO-NOTE $l" ;; esac
 done </run/fio.out
 while read -r l; do echo "FIO-STDERR $l"; done </run/fio.err
+timeout {FIO_LIMIT_SECS} fio --name=seq --filename=/dev/vda --ioengine=libaio --direct=1 --rw=write --bs=1M \
+    --iodepth={IODEPTH} --numjobs={JOBS} --offset={SEQ_START_MIB}M --size={SEQ_JOB_MIB}M \
+    --offset_increment={SEQ_JOB_MIB}M --cpus_allowed=0-{last_cpu} --cpus_allowed_policy=split \
+    --verify=crc32c --verify_fatal=1 --group_reporting \
+    --output-format=terse --terse-version=3 >/run/seq.out 2>/run/seq.err
+echo "FIO-SEQ-RC rc=$?"
+while read -r l; do
+    case $l in 3\;*) echo "FIO-SEQ-TERSE $l" ;; *) echo "FIO-NOTE $l" ;; esac
+done </run/seq.out
+while read -r l; do echo "FIO-STDERR $l"; done </run/seq.err
 sync
 echo 3 >/proc/sys/vm/drop_caches
 set -- $(dd if=/dev/vda bs=1M 2>/dev/null | md5sum); echo "FIO-DEVICE md5=$1"
@@ -238,19 +255,22 @@ fn fio_passed(run: &HostRun, name: &str) -> String {
     );
     assert_eq!(case_value(&c.out, "FIO-RC", "rc"), "0", "{all}");
     assert_eq!(case_value(&c.out, "KILN-SCRIPT-EXIT", "rc"), "0", "{all}");
+    assert_eq!(case_value(&c.out, "FIO-SEQ-RC", "rc"), "0", "{all}");
     // Terse v3: 5 error, 6 read KiB, 47 write KiB (1-based). Every block
     // written was read back by the verify phase.
-    let terse = c
-        .out
-        .iter()
-        .find_map(|l| l.split_once("FIO-TERSE ").map(|(_, t)| t.trim()))
-        .unwrap_or_else(|| panic!("no fio result:\n{all}"));
-    let f: Vec<&str> = terse.split(';').collect();
-    assert!(f.len() > 47, "{terse}");
-    assert_eq!(f[4], "0", "fio error: {terse}");
-    let kib = JOBS * JOB_MIB * 1024;
-    assert_eq!(f[46], kib.to_string(), "KiB written: {terse}");
-    assert_eq!(f[5], kib.to_string(), "KiB read back and verified: {terse}");
+    for (marker, job_mib) in [("FIO-TERSE ", JOB_MIB), ("FIO-SEQ-TERSE ", SEQ_JOB_MIB)] {
+        let terse = c
+            .out
+            .iter()
+            .find_map(|l| l.split_once(marker).map(|(_, t)| t.trim()))
+            .unwrap_or_else(|| panic!("no {marker}result:\n{all}"));
+        let f: Vec<&str> = terse.split(';').collect();
+        assert!(f.len() > 47, "{terse}");
+        assert_eq!(f[4], "0", "fio error: {terse}");
+        let kib = JOBS * job_mib * 1024;
+        assert_eq!(f[46], kib.to_string(), "KiB written: {terse}");
+        assert_eq!(f[5], kib.to_string(), "KiB read back and verified: {terse}");
+    }
     assert!(
         !c.out.iter().any(|l| l.contains("verify:")),
         "fio reported verify errors:\n{all}"
