@@ -91,6 +91,7 @@ impl From<std::io::Error> for Error {
     }
 }
 
+pub mod ports;
 pub mod report;
 pub mod stall;
 pub mod swtpm;

@@ -32,7 +32,7 @@
 //! directory stays (the caller owns it).
 
 use crate::{Error, Result};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -99,7 +99,7 @@ impl Swtpm {
         // before swtpm binds: then pick again.
         let mut last_err = None;
         for _ in 0..5 {
-            let port = free_port_pair()?;
+            let port = crate::ports::loopback_ports(2);
             let mut tpm = Swtpm {
                 state_dir: state_dir.clone(),
                 mode: Mode::Tcp { port },
@@ -329,16 +329,4 @@ fn prepare(dir: &Path, how: Manufacture) -> Result<PathBuf> {
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&retry.stderr)
     )))
-}
-
-/// A port P on 127.0.0.1 such that P and P + 1 are free right now.
-fn free_port_pair() -> Result<u16> {
-    for _ in 0..50 {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-        let port = l.local_addr()?.port();
-        if port < u16::MAX && TcpListener::bind((Ipv4Addr::LOCALHOST, port + 1)).is_ok() {
-            return Ok(port);
-        }
-    }
-    Err(Error("no two adjacent free TCP ports on 127.0.0.1".into()))
 }

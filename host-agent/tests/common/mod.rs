@@ -29,13 +29,6 @@ pub struct Agent {
     pub recovery_key: String,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 impl Agent {
     /// `kiln-agent init` and `serve` in a fresh directory, with a real
     /// software TPM of its own.
@@ -92,8 +85,8 @@ impl Agent {
         let mut a = Agent {
             dir,
             token,
-            port: free_port(),
-            store_port: free_port(),
+            port: kiln_tests::ports::loopback_port(),
+            store_port: kiln_tests::ports::loopback_port(),
             child: None,
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()

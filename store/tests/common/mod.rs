@@ -6,7 +6,6 @@
 
 pub mod vhost_guest;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -16,14 +15,6 @@ use kiln_store::proto::{Request, Response, VolumeStatus};
 use kiln_store::Client;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kiln-store");
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Node ids the test CA has certificates for.
 pub const PKI_NODES: [&str; 5] = ["n1", "n2", "n3", "n4", "n5"];
@@ -86,7 +77,7 @@ impl Node {
         }
         let mut n = Node {
             id: id.to_string(),
-            port: free_port(),
+            port: kiln_tests::ports::loopback_port(),
             socket: dir.join("sock"),
             dir,
             child: None,
