@@ -22,7 +22,7 @@ pub const ALIGN: usize = crate::BLOCK_SIZE as usize;
 
 /// A byte buffer, block-aligned in memory where the allocator allows (see
 /// the module). Reads and writes see only its data.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct IoBuf {
     vec: Vec<u8>,
     start: usize,
@@ -76,6 +76,14 @@ fn aligned_start(vec: &[u8]) -> usize {
         at
     } else {
         0
+    }
+}
+
+impl Clone for IoBuf {
+    /// An aligned copy: the copied `Vec` is a new allocation, where the
+    /// original's padding would put the data anywhere.
+    fn clone(&self) -> IoBuf {
+        IoBuf::copy_from(self)
     }
 }
 
@@ -186,6 +194,13 @@ mod tests {
             assert!(c.is_aligned(), "copy_from({len})");
             assert_eq!(c, data);
             assert_eq!(c.clone().into_vec(), data);
+            // Clones are aligned too, whatever padding the original has:
+            // many of them, so that one at a chance alignment cannot pass.
+            let clones: Vec<IoBuf> = (0..16).map(|_| c.clone()).collect();
+            for k in &clones {
+                assert!(k.is_aligned(), "clone of copy_from({len})");
+                assert_eq!(*k, data);
+            }
         }
     }
 
