@@ -7,13 +7,16 @@ fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-/// A virtio-blk disk served by kiln-vmm: completed reads and writes.
+/// A virtio-blk disk served by kiln-vmm: completed reads and writes, and
+/// how many of them went to the disk merged into the transfer of the
+/// request before them (adjacent on the disk, same direction).
 #[derive(Debug, Default)]
 pub struct BlockCounters {
     read_bytes: AtomicU64,
     write_bytes: AtomicU64,
     reads: AtomicU64,
     writes: AtomicU64,
+    merged: AtomicU64,
 }
 
 impl BlockCounters {
@@ -27,14 +30,21 @@ impl BlockCounters {
         add(&self.write_bytes, bytes);
     }
 
+    /// `n` completed requests went to the disk in the transfer of the
+    /// request before them.
+    pub fn merged(&self, n: u64) {
+        add(&self.merged, n);
+    }
+
     /// (name, value) pairs, named as the control API reports them.
-    pub fn values(&self) -> [(&'static str, u64); 4] {
+    pub fn values(&self) -> [(&'static str, u64); 5] {
         let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("read_bytes", v(&self.read_bytes)),
             ("write_bytes", v(&self.write_bytes)),
             ("reads", v(&self.reads)),
             ("writes", v(&self.writes)),
+            ("merged", v(&self.merged)),
         ]
     }
 }
@@ -81,13 +91,15 @@ mod tests {
         b.read(512);
         b.read(4096);
         b.wrote(1024);
+        b.merged(1);
         assert_eq!(
             b.values(),
             [
                 ("read_bytes", 4608),
                 ("write_bytes", 1024),
                 ("reads", 2),
-                ("writes", 1)
+                ("writes", 1),
+                ("merged", 1)
             ]
         );
         let n = NetCounters::default();

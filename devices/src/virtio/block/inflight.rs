@@ -526,6 +526,9 @@ impl QueueServer {
                 );
             }
         }
+        if ok && p.parts.len() > 1 {
+            self.disk.counters.merged(p.parts.len() as u64 - 1);
+        }
         for (head, req) in &p.parts {
             let (status, written) = if ok {
                 match p.kind {

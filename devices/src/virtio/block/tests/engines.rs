@@ -480,6 +480,7 @@ fn adjacent_requests_go_as_one_op() {
             let (s, disk) = setup_in(None, kind, false);
             Held::wrap(&s.slot, short);
             let (mut ring, queue) = Ring::new(&s.m);
+            let counters = disk.counters.clone();
             let mut w = worker(&s, disk, queue);
             let mut reqs = Vec::new();
             for n in 0..12u64 {
@@ -514,6 +515,11 @@ fn adjacent_requests_go_as_one_op() {
             assert_eq!(stats.started, 17);
             assert_eq!(stats.merged, 11 + 1 + 1, "{kind:?} short={short}");
             settle(&mut w);
+            // What the control API reports: 13 requests went in the
+            // transfer of the one before them; 13 reads, 4 writes.
+            let values = counters.values();
+            assert_eq!(values[4], ("merged", 13), "{kind:?} short={short}");
+            assert_eq!((values[2].1, values[3].1), (13, 4));
             let used = ring.used();
             assert_eq!(used.len(), 17);
             for (n, (head, t, sector, buf)) in reqs.iter().enumerate() {
