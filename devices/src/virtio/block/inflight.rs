@@ -230,6 +230,8 @@ impl QueueServer {
     ) -> usize {
         let mut used = 0;
         self.stalled = false;
+        // Passes in a row that found the ring empty.
+        let mut empty_passes = 0;
         loop {
             if let Err(e) = disable_notification(queue, &self.mem) {
                 warn!("virtio-blk: cannot disable queue notifications: {e}");
@@ -268,10 +270,15 @@ impl QueueServer {
                 // limiter's timer brings the worker back.
                 break;
             }
+            empty_passes = if popped == 0 { empty_passes + 1 } else { 0 };
             match enable_notification(queue, &self.mem) {
-                // More requests arrived while notifications were off. Unless
-                // the ring is corrupt (nothing could be popped), go again.
-                Ok(true) if popped > 0 => continue,
+                // More requests arrived while notifications were off: go
+                // again. One may have come between the last pop and the
+                // enable, when a guest without EVENT_IDX saw NO_NOTIFY and
+                // did not kick, so a pass that found the ring empty is tried
+                // once more; only a second one in a row means a corrupt
+                // ring, which would otherwise loop here forever.
+                Ok(true) if empty_passes < 2 => continue,
                 Ok(_) => break,
                 Err(e) => {
                     warn!("virtio-blk: cannot enable queue notifications: {e}");

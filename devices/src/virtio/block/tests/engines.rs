@@ -41,6 +41,9 @@ struct Held {
     held: Vec<IoDone>,
     first_iovec_only: bool,
     pushed: usize,
+    /// Runs at the submit of that number (from 1).
+    hook: Option<(usize, Box<dyn FnOnce() + Send>)>,
+    submits: usize,
 }
 
 impl Held {
@@ -53,6 +56,25 @@ impl Held {
                 held: Vec::new(),
                 first_iovec_only,
                 pushed: 0,
+                hook: None,
+                submits: 0,
+            }),
+        );
+    }
+
+    /// [`Held::wrap`] that also runs `hook` at the `nth` submit (from 1):
+    /// something the guest does at an exact point of the server's work.
+    fn wrap_with_hook(slot: &EngineSlot, nth: usize, hook: impl FnOnce() + Send + 'static) {
+        let inner = engine::take(slot).unwrap();
+        engine::put_back(
+            slot,
+            Box::new(Held {
+                inner,
+                held: Vec::new(),
+                first_iovec_only: false,
+                pushed: 0,
+                hook: Some((nth, Box::new(hook))),
+                submits: 0,
             }),
         );
     }
@@ -67,6 +89,16 @@ impl IoEngine for Held {
         self.inner.push(op)
     }
     fn submit(&mut self) -> io::Result<()> {
+        self.submits += 1;
+        if self
+            .hook
+            .as_ref()
+            .is_some_and(|(nth, _)| *nth == self.submits)
+        {
+            if let Some((_, hook)) = self.hook.take() {
+                hook();
+            }
+        }
         self.inner.submit()
     }
     fn reap(&mut self, out: &mut Vec<IoDone>) {
@@ -101,6 +133,9 @@ struct Ring<'a> {
     mq: MockSplitQueue<'a, GuestMemoryMmap>,
     next_desc: u16,
     avail: u16,
+    /// Whether [`Ring::push`] moves the avail index (else the chain is laid
+    /// out and waits for [`Ring::publisher`]).
+    publish: bool,
 }
 
 impl<'a> Ring<'a> {
@@ -113,6 +148,7 @@ impl<'a> Ring<'a> {
             mq,
             next_desc: 0,
             avail: 0,
+            publish: true,
         };
         (ring, queue)
     }
@@ -144,8 +180,18 @@ impl<'a> Ring<'a> {
             .unwrap()
             .store(head);
         self.avail = self.avail.wrapping_add(1);
-        self.mq.avail().idx().store(self.avail);
+        if self.publish {
+            self.mq.avail().idx().store(self.avail);
+        }
         head
+    }
+
+    /// What makes every chain pushed so far available, as the guest does:
+    /// a store of the avail index, to run from anywhere.
+    fn publisher(&self) -> impl FnOnce() + Send + 'static {
+        let (m, idx) = (self.m.clone(), self.avail);
+        let at = GuestAddress(self.mq.avail_addr().0 + 2);
+        move || m.write_obj(idx, at).unwrap()
     }
 
     /// Request `n`: header `t`/`sector` at its own header slot, `data` as
@@ -541,6 +587,50 @@ fn adjacent_requests_go_as_one_op() {
                 }
             }
         }
+    }
+}
+
+/// The used ring's flags word: whether the device asked the guest not to
+/// notify it (`VRING_USED_F_NO_NOTIFY`; these rings have no EVENT_IDX).
+fn notifications_off(m: &GuestMemoryMmap) -> bool {
+    let flags: u16 = m.read_obj(GuestAddress(RING_USED)).unwrap();
+    flags & virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY as u16 != 0
+}
+
+/// A guest without EVENT_IDX adds a request while the worker's pass, which
+/// found the ring empty, has notifications off: it sees NO_NOTIFY and does
+/// not kick. The worker must take the request when it turns notifications
+/// back on and finds the ring not empty, not take the empty pass for a
+/// corrupt ring and leave the request there (nothing would bring the
+/// worker back for it). The engine wrapper adds the request at the exact
+/// point: the pass's submit, between its empty pop and the enable.
+#[test]
+fn a_request_added_during_an_empty_pass_is_taken() {
+    for kind in REAL_ENGINES {
+        let (s, disk) = setup_in(None, kind, false);
+        let (mut ring, queue) = Ring::new(&s.m);
+        ring.publish = false;
+        ring.request(0, VIRTIO_BLK_T_IN, 64, &[(BUFS, 0x1000, W)]);
+        let publish = ring.publisher();
+        let flags = s.m.clone();
+        Held::wrap_with_hook(&s.slot, 1, move || {
+            assert!(notifications_off(&flags), "the guest would have kicked");
+            publish();
+        });
+        let mut w = worker(&s, disk, queue);
+        w.process_queue();
+        assert_eq!(
+            w.server.stats().started,
+            1,
+            "{kind:?}: the request was left on the ring"
+        );
+        settle(&mut w);
+        assert_eq!(ring.used().len(), 1);
+        assert_eq!(ring.status(0), VIRTIO_BLK_S_OK as u8);
+        let mut got = vec![0u8; 0x1000];
+        s.m.read_slice(&mut got, GuestAddress(BUFS)).unwrap();
+        assert!(got == pattern(64 * 512, 0x1000), "{kind:?}");
+        assert!(!notifications_off(&s.m), "notifications are back on");
     }
 }
 
