@@ -48,6 +48,20 @@ struct Held {
 
 impl Held {
     fn wrap(slot: &EngineSlot, first_iovec_only: bool) {
+        Self::install(slot, first_iovec_only, None);
+    }
+
+    /// [`Held::wrap`] that also runs `hook` at the `nth` submit (from 1):
+    /// something the guest does at an exact point of the server's work.
+    fn wrap_with_hook(slot: &EngineSlot, nth: usize, hook: impl FnOnce() + Send + 'static) {
+        Self::install(slot, false, Some((nth, Box::new(hook))));
+    }
+
+    fn install(
+        slot: &EngineSlot,
+        first_iovec_only: bool,
+        hook: Option<(usize, Box<dyn FnOnce() + Send>)>,
+    ) {
         let inner = engine::take(slot).unwrap();
         engine::put_back(
             slot,
@@ -56,24 +70,7 @@ impl Held {
                 held: Vec::new(),
                 first_iovec_only,
                 pushed: 0,
-                hook: None,
-                submits: 0,
-            }),
-        );
-    }
-
-    /// [`Held::wrap`] that also runs `hook` at the `nth` submit (from 1):
-    /// something the guest does at an exact point of the server's work.
-    fn wrap_with_hook(slot: &EngineSlot, nth: usize, hook: impl FnOnce() + Send + 'static) {
-        let inner = engine::take(slot).unwrap();
-        engine::put_back(
-            slot,
-            Box::new(Held {
-                inner,
-                held: Vec::new(),
-                first_iovec_only: false,
-                pushed: 0,
-                hook: Some((nth, Box::new(hook))),
+                hook,
                 submits: 0,
             }),
         );
