@@ -16,6 +16,19 @@ pub trait VolumeIo: Send + Sync {
     fn read_vec(&self, offset: u64, len: usize) -> Result<IoBuf> {
         read_into_new(self, offset, len)
     }
+    /// [`VolumeIo::read_vec`] of each `(offset, len)`, each with its own
+    /// outcome, in order. An implementation that can read several ranges
+    /// at once (submitting them to the disk together) does; by default
+    /// they are read one after another.
+    fn read_batch(&self, reads: &[(u64, usize)]) -> Vec<Result<IoBuf>> {
+        reads.iter().map(|&(o, l)| self.read_vec(o, l)).collect()
+    }
+    /// Whether reads are served by this node's disk (it holds an in-sync
+    /// replica), so that [`VolumeIo::read_batch`] waits for that disk only.
+    /// A hint, as [`VolumeIo::writes_stay_local`].
+    fn reads_stay_local(&self) -> bool {
+        false
+    }
     /// Returns once every healthy replica has the data.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
     /// [`VolumeIo::write_at`] of a buffer the caller no longer needs: an

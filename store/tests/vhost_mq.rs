@@ -248,8 +248,18 @@ fn four_queues_with_many_requests_in_flight_each() {
                 .collect::<Vec<_>>(),
         );
     }
+    // And one read past the end among them: it fails alone.
+    reqs[0].push(Req(T_IN, (8 << 20) / 512, true));
     let st = g.run(&reqs);
-    assert!(st.iter().flatten().all(|s| *s == S_OK), "{st:?}");
+    assert_eq!(st[0][usize::from(DEPTH)], S_IOERR);
+    assert!(
+        st.iter()
+            .flatten()
+            .take(usize::from(DEPTH))
+            .all(|s| *s == S_OK)
+            && st[1..].iter().flatten().all(|s| *s == S_OK),
+        "{st:?}"
+    );
     for q in 0..4u16 {
         for k in 0..DEPTH {
             let blk = (u64::from(q) * u64::from(DEPTH) + u64::from(k)) as usize;
@@ -267,6 +277,40 @@ fn four_queues_with_many_requests_in_flight_each() {
             n.id
         );
     }
+    // n1 holds a replica in sync, so reads popped together were served
+    // together (the session's line, logged when the frontend goes).
+    drop(g);
+    let t = Instant::now();
+    let line = loop {
+        if let Some(l) = n1
+            .log()
+            .lines()
+            .find(|l| l.contains("vhost-user-blk session:"))
+        {
+            break l.to_string();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no session line in the log"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let count = |key: &str| -> u64 {
+        let at = line
+            .find(key)
+            .unwrap_or_else(|| panic!("no {key} in {line}"));
+        line[at + key.len()..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (batches, reads) = (count("read_batches="), count("batched_reads="));
+    assert!(
+        batches > 0 && reads == 4 * u64::from(DEPTH) + 1 && reads > batches,
+        "{line}"
+    );
 }
 
 #[test]

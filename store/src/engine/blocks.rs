@@ -30,9 +30,8 @@ pub(super) fn read_blocks(
     b0: u64,
     buf: &mut [u8],
 ) -> Result<Vec<u64>> {
-    let n = buf.len() / BLOCK_SIZE as usize;
-    let mut side = vec![0u8; n * ENTRY_SIZE];
-    f.read_exact_at(&mut side, base + EXTENT_SIZE + b0 * ENTRY_SIZE as u64)?;
+    let mut side = vec![0u8; sidecar_len(buf.len())];
+    f.read_exact_at(&mut side, sidecar_at(base, b0))?;
     let at = base + b0 * BLOCK_SIZE;
     match direct.filter(|_| is_block_aligned(buf)) {
         Some(d) => {
@@ -45,6 +44,24 @@ pub(super) fn read_blocks(
         }
         None => f.read_exact_at(buf, at)?,
     }
+    Ok(verify_blocks(&side, buf))
+}
+
+/// Bytes of sidecar entries that cover `data_len` bytes of blocks.
+pub(super) fn sidecar_len(data_len: usize) -> usize {
+    data_len / BLOCK_SIZE as usize * ENTRY_SIZE
+}
+
+/// Where in a slab the sidecar entry of block `b0` of the slot at `base` is.
+pub(super) fn sidecar_at(base: u64, b0: u64) -> u64 {
+    base + EXTENT_SIZE + b0 * ENTRY_SIZE as u64
+}
+
+/// Checks the blocks in `buf` read against their sidecar entries `side`
+/// (read before them); zeroes never-written blocks and those that fail,
+/// and returns the indexes of the failed ones.
+pub(super) fn verify_blocks(side: &[u8], buf: &mut [u8]) -> Vec<u64> {
+    let n = buf.len() / BLOCK_SIZE as usize;
     let mut bad = Vec::new();
     for i in 0..n {
         let e = Entry::decode(&side[i * ENTRY_SIZE..]);
@@ -56,7 +73,7 @@ pub(super) fn read_blocks(
             bad.push(i as u64);
         }
     }
-    Ok(bad)
+    bad
 }
 
 /// Whether `buf` may be the buffer of an `O_DIRECT` read: its address and

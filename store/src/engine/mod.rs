@@ -842,6 +842,7 @@ impl Engine {
 
 mod blocks;
 mod flush;
+mod read_many;
 mod scrub;
 mod snapshots;
 #[cfg(test)]

@@ -672,3 +672,62 @@ fn a_failed_direct_read_is_served_through_the_page_cache() {
         "{cached} pages cached: the cache did not serve"
     );
 }
+
+#[test]
+fn reads_of_a_batch_give_what_each_read_alone_gives() {
+    let t = tempfile::tempdir().unwrap();
+    let e = engine(&[t.path().join("d1"), t.path().join("d2")]);
+    e.create_volume("v", 4 * EXTENT_SIZE, vec![], 1, None)
+        .unwrap();
+    // Extents 0-2 written (the last in part), extent 3 never.
+    let data = pattern(9, (2 * EXTENT_SIZE + EXTENT_SIZE / 2) as usize);
+    for (i, chunk) in data.chunks(MAX_IO as usize).enumerate() {
+        e.write("v", 1, i as u64 * MAX_IO, chunk, &[]).unwrap();
+    }
+    let bad = BLOCKS_PER_EXTENT + 5;
+    flip(&e, "v", bad, 7);
+    let b = BLOCK_SIZE;
+    let mut ranges = vec![
+        (0, b),
+        // Across extents 0 and 1, with the bad block.
+        (EXTENT_SIZE - 2 * b, 8 * b),
+        // Written and unwritten parts of extent 2, and extent 3.
+        (2 * EXTENT_SIZE + EXTENT_SIZE / 2 - b, 2 * b),
+        (3 * EXTENT_SIZE, 16 * b),
+        // Refused: past the end, not whole blocks, too long.
+        (4 * EXTENT_SIZE, b),
+        (100, b),
+        (0, MAX_IO + b),
+    ];
+    // More than one submission's worth of reads at random places.
+    let mut x = 12345u64;
+    for _ in 0..300 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        ranges.push(((x >> 20) % (4 * EXTENT_SIZE / b - 4) * b, (1 + x % 4) * b));
+    }
+    let before = e.metrics.checksum_errors.load(Ordering::Relaxed);
+    let got = e.read_many("v", &ranges);
+    assert_eq!(got.len(), ranges.len());
+    let batch_errors = e.metrics.checksum_errors.load(Ordering::Relaxed) - before;
+    let mut alone_errors = 0;
+    for (i, (&(o, l), g)) in ranges.iter().zip(&got).enumerate() {
+        let alone = e.read("v", o, l);
+        match (g, alone) {
+            (Ok(g), Ok(a)) => {
+                assert_eq!(g.data, a.data, "range {i} at {o}+{l}");
+                assert_eq!(g.bad_blocks, a.bad_blocks, "range {i}");
+                alone_errors += a.bad_blocks.len() as u64;
+            }
+            (Err(g), Err(a)) => assert_eq!(g, &a, "range {i}"),
+            (g, a) => panic!("range {i}: batch {g:?}, alone {a:?}"),
+        }
+    }
+    assert!(matches!(got[1], Ok(ref o) if o.bad_blocks == vec![bad]));
+    assert!(matches!(got[3], Ok(ref o) if o.data.iter().all(|b| *b == 0)));
+    assert!(got[4].is_err() && got[5].is_err() && got[6].is_err());
+    assert!(batch_errors >= 1);
+    assert_eq!(batch_errors, alone_errors);
+    // An unknown volume fails every read.
+    let none = e.read_many("w", &[(0, b), (b, b)]);
+    assert!(none.iter().all(|r| matches!(r, Err(Error::NotFound(_)))));
+}

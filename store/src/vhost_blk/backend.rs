@@ -12,20 +12,22 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
+use kiln_block::request as blk;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::DescriptorChain;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use super::config::{self, ExportOptions};
-use super::gate::Gate;
+use super::gate::{Gate, Pass};
 use super::request::{self, Device, LogLimiter};
-use super::stats::{SessionStats, Summary};
+use super::stats::{SessionStats, Summary, Timing};
 use super::workers::Workers;
 use super::VolumeSource;
 use crate::VolumeIo;
@@ -91,9 +93,13 @@ impl BlkBackend {
     /// empty this thread serves requests not yet taken by a worker itself
     /// (no wake-up to wait for). Small writes to a volume whose replicas
     /// are all on this node (page-cache work, no round trip) it serves at
-    /// once. Returns once the ring is empty and no request waits for a
-    /// worker, or the queue is stopped. Each request holds a pass of the
-    /// queue's gate from before it is popped until its completion is
+    /// once. Reads of a volume this node holds in sync it gathers as it
+    /// pops and serves together whenever the ring runs dry (or
+    /// [`config::READ_BATCH`] are gathered): their disk reads go to the
+    /// disk in one submission ([`VolumeIo::read_batch`]), with no hand-off
+    /// to a worker. Returns once the ring is empty and no request waits
+    /// for a worker, or the queue is stopped. Each request holds a pass of
+    /// the queue's gate from before it is popped until its completion is
     /// signalled.
     fn process_queue(&self, vring: &VringRwLock<GuestMem>, queue: usize, gate: &Gate) {
         let Some(atomic) = self.0.mem.read().expect(crate::POISONED).clone() else {
@@ -108,32 +114,51 @@ impl BlkBackend {
                 Arc::new(Unavailable)
             }
         };
-        // Only a hint of where to serve writes: a replica set that changes
-        // meanwhile makes a write slower, never wrong.
+        // Only hints of where to serve requests: a replica set that
+        // changes meanwhile makes a request slower, never wrong.
         let local = volume.writes_stay_local();
+        let batch_reads = volume.reads_stay_local();
+        let mut reads: Vec<Popped> = Vec::new();
         loop {
+            if reads.len() >= config::READ_BATCH {
+                self.serve_reads(vring, volume.as_ref(), std::mem::take(&mut reads));
+            }
             // Taken before the pop: a stop either sees this request in
             // flight or finds it still on the avail ring (not popped).
-            let Some(pass) = gate.enter(|| false) else {
-                return;
-            };
-            let chain = {
+            let popped = gate.enter(|| false).and_then(|pass| {
                 let mut state = vring.get_mut();
                 // A stopping ring (not ready) has nothing more to give.
                 if !state.get_queue().ready() {
-                    return;
+                    return None;
                 }
-                state.get_queue_mut().pop_descriptor_chain(atomic.memory())
-            };
-            let Some(chain) = chain else {
-                // The ring is empty: serve a request handed over and not
-                // yet taken by a worker, then look at the ring again.
-                if self.0.workers.run_one() {
+                let chain = state.get_queue_mut().pop_descriptor_chain(atomic.memory());
+                Some((pass, chain))
+            });
+            let Some((pass, Some(chain))) = popped else {
+                let stopped = popped.is_none();
+                // The ring is empty (or stopping): serve the reads
+                // gathered, or a request handed over and not yet taken
+                // by a worker, then look at the ring again.
+                if !reads.is_empty() {
+                    self.serve_reads(vring, volume.as_ref(), std::mem::take(&mut reads));
+                    if !stopped {
+                        continue;
+                    }
+                }
+                if !stopped && self.0.workers.run_one() {
                     continue;
                 }
                 return;
             };
-            let mut timing = self.0.stats.popped(queue);
+            let timing = self.0.stats.popped(queue);
+            if batch_reads && request::is_read(chain.memory(), chain.clone()) {
+                reads.push(Popped {
+                    chain,
+                    pass,
+                    timing,
+                });
+                continue;
+            }
             let here = local
                 && request::is_write_of_at_most(
                     chain.memory(),
@@ -141,41 +166,125 @@ impl BlkBackend {
                     config::INLINE_WRITE_MAX,
                 );
             let (me, vring, volume) = (self.0.clone(), vring.clone(), volume.clone());
-            let serve = move || {
-                me.stats.started(&mut timing);
-                let head = chain.head_index();
-                let dev = Device {
-                    name: &me.name,
-                    volume: volume.as_ref(),
-                    log: &me.log,
-                    read_only: me.opts.read_only,
-                };
-                let used = request::handle_chain(chain.memory(), chain.clone(), &dev);
-                let added = vring.add_used(head, used);
-                me.stats.completed(timing);
-                if let Err(e) = added {
-                    if me.log.allow() {
-                        tracing::warn!(volume = %me.name, error = %e, "vhost-user-blk: cannot return a request");
-                    }
-                    return;
-                }
-                match vring.needs_notification() {
-                    Ok(true) | Err(_) => {
-                        me.stats.interrupted();
-                        if let Err(e) = vring.signal_used_queue() {
-                            tracing::debug!(error = %e, "vhost-user-blk: cannot signal the guest");
-                        }
-                    }
-                    Ok(false) => {}
-                }
-                // Only now may the ring stop (its call fd go away).
-                drop(pass);
+            let popped = Popped {
+                chain,
+                pass,
+                timing,
             };
+            let serve = move || me.serve(&vring, volume.as_ref(), popped);
             if here {
                 serve();
             } else {
                 self.0.workers.submit(serve);
             }
+        }
+    }
+
+    /// Serves reads popped together: their data read at once, each
+    /// completed into the guest, then the guest told once.
+    fn serve_reads(
+        &self,
+        vring: &VringRwLock<GuestMem>,
+        volume: &dyn VolumeIo,
+        mut reads: Vec<Popped>,
+    ) {
+        let me = &self.0;
+        let dev = me.device(volume);
+        me.stats.read_batch(reads.len());
+        for r in &mut reads {
+            me.stats.started(&mut r.timing);
+        }
+        let parsed: Vec<Option<blk::Request>> = reads
+            .iter()
+            .map(|r| request::parse_read(r.chain.memory(), r.chain.clone(), &dev))
+            .collect();
+        let ranges: Vec<(u64, usize)> = parsed
+            .iter()
+            .flatten()
+            .map(|q| (q.sector * config::SECTOR_SIZE, q.data_len as usize))
+            .collect();
+        let mut data = volume.read_batch(&ranges).into_iter();
+        let mut passes = Vec::with_capacity(reads.len());
+        for (r, req) in reads.into_iter().zip(parsed) {
+            let mem = r.chain.memory();
+            let used = match &req {
+                Some(req) => {
+                    let got = data.next().unwrap_or_else(|| {
+                        Err(crate::Error::Io("no answer for a read of a batch".into()))
+                    });
+                    request::read_into_guest(mem, req, got, &dev)
+                }
+                None => request::handle_chain(mem, r.chain.clone(), &dev),
+            };
+            me.complete(vring, r.chain.head_index(), used, r.timing, false);
+            passes.push(r.pass);
+        }
+        me.notify(vring);
+        // Only now may the ring stop (its call fd go away).
+        drop(passes);
+    }
+}
+
+/// A request popped from a ring: its chain, the pass of the queue's gate
+/// it holds until its completion is signalled, and its timing.
+struct Popped {
+    chain: DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap<BitmapMmapRegion>>>,
+    pass: Pass,
+    timing: Timing,
+}
+
+impl Inner {
+    fn device<'a>(&'a self, volume: &'a dyn VolumeIo) -> Device<'a> {
+        Device {
+            name: &self.name,
+            volume,
+            log: &self.log,
+            read_only: self.opts.read_only,
+        }
+    }
+
+    /// Serves one request and completes it (a worker's job, or this
+    /// thread's for a small local write).
+    fn serve(&self, vring: &VringRwLock<GuestMem>, volume: &dyn VolumeIo, mut p: Popped) {
+        self.stats.started(&mut p.timing);
+        let used = request::handle_chain(p.chain.memory(), p.chain.clone(), &self.device(volume));
+        self.complete(vring, p.chain.head_index(), used, p.timing, true);
+        // Only now may the ring stop (its call fd go away).
+        drop(p.pass);
+    }
+
+    /// Puts a request on the used ring; signals the guest if `notify`.
+    fn complete(
+        &self,
+        vring: &VringRwLock<GuestMem>,
+        head: u16,
+        used: u32,
+        timing: Timing,
+        notify: bool,
+    ) {
+        let added = vring.add_used(head, used);
+        self.stats.completed(timing);
+        if let Err(e) = added {
+            if self.log.allow() {
+                tracing::warn!(volume = %self.name, error = %e, "vhost-user-blk: cannot return a request");
+            }
+            return;
+        }
+        if notify {
+            self.notify(vring);
+        }
+    }
+
+    /// Signals the guest if the used ring's state asks for it.
+    fn notify(&self, vring: &VringRwLock<GuestMem>) {
+        match vring.needs_notification() {
+            Ok(true) | Err(_) => {
+                self.stats.interrupted();
+                if let Err(e) = vring.signal_used_queue() {
+                    tracing::debug!(error = %e, "vhost-user-blk: cannot signal the guest");
+                }
+            }
+            Ok(false) => {}
         }
     }
 }

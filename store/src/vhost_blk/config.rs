@@ -36,6 +36,9 @@ pub const WORKERS: usize = 32;
 /// to a worker: such a write is page-cache work (tens of microseconds on
 /// real hardware), less than a worker's wake-up on a loaded host.
 pub const INLINE_WRITE_MAX: u64 = 64 << 10;
+/// Reads gathered at most before the popping thread serves them together
+/// (see [`super::backend`]); a ring that runs dry serves fewer.
+pub const READ_BATCH: usize = 64;
 /// Largest virtqueue size accepted.
 pub const MAX_QUEUE_SIZE: usize = 256;
 /// Data segments per request advertised (`seg_max`): QEMU's value for its

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use kiln_block::request::{self as blk, Request, RequestLimits, RequestType, Segment};
 use virtio_bindings::bindings::virtio_blk::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestMemory, GuestMemoryError};
@@ -93,6 +93,18 @@ pub fn is_write_of_at_most<M: GuestMemory + ?Sized>(
     total <= limit
 }
 
+/// Whether the chain is a read (`IN`), judged from its header's type only
+/// (the full parse comes when it is served, see [`parse_read`]).
+pub fn is_read<M: GuestMemory + ?Sized>(
+    mem: &M,
+    mut descriptors: impl Iterator<Item = Descriptor>,
+) -> bool {
+    let Some(first) = descriptors.next().filter(|d| d.len() >= blk::HEADER_LEN) else {
+        return false;
+    };
+    matches!(mem.read_obj::<u32>(first.addr()), Ok(t) if u32::from_le(t) == VIRTIO_BLK_T_IN)
+}
+
 /// Serves the request in one descriptor chain; returns the used length
 /// (bytes written into the chain's device-writable buffers) for the used
 /// ring. A chain without a usable status byte (it loops, leaves the table
@@ -141,6 +153,17 @@ pub fn handle_chain<M: GuestMemory + ?Sized>(
             return 0;
         }
     };
+    finish(mem, status, result, dev)
+}
+
+/// Writes the status byte of a request at `status` after its outcome;
+/// returns the used length.
+fn finish<M: GuestMemory + ?Sized>(
+    mem: &M,
+    status: vm_memory::GuestAddress,
+    result: Result<u64, RequestError>,
+    dev: &Device,
+) -> u32 {
     let (status_byte, written) = match result {
         Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
         Err(e) => {
@@ -154,6 +177,51 @@ pub fn handle_chain<M: GuestMemory + ?Sized>(
         return 0;
     }
     u32::try_from(written + 1).unwrap_or(u32::MAX)
+}
+
+/// The chain parsed, if it is a well-formed read of at most [`CHUNK`]
+/// bytes: one that [`read_into_guest`] completes with the data of
+/// `(sector * 512, data_len)`, read by the caller (with others, in a
+/// batch). Anything else (`None`) goes through [`handle_chain`].
+pub fn parse_read<M: GuestMemory + ?Sized>(
+    mem: &M,
+    descriptors: impl Iterator<Item = Descriptor>,
+    dev: &Device,
+) -> Option<Request> {
+    let size = dev.volume.size().ok()?;
+    let limits = RequestLimits {
+        capacity_sectors: size / SECTOR_SIZE,
+        seg_max: MAX_DESCRIPTORS as u32 - 2,
+        max_range_sectors: MAX_DISCARD_SECTORS,
+        max_ranges: MAX_DISCARD_SEG,
+    };
+    blk::parse(mem, descriptors, &limits)
+        .ok()
+        .filter(|r| r.request_type == RequestType::In && r.data_len > 0 && r.data_len <= CHUNK)
+}
+
+/// Completes a read from [`parse_read`] with the data read for it (or
+/// why it could not be): copies it into the guest's buffers, writes the
+/// status byte, and returns the used length.
+pub fn read_into_guest<M: GuestMemory + ?Sized>(
+    mem: &M,
+    req: &Request,
+    data: crate::Result<IoBuf>,
+    dev: &Device,
+) -> u32 {
+    let len = req.data_len;
+    let result = data.map_err(RequestError::from).and_then(|buf| {
+        if buf.len() as u64 != len {
+            return Err(crate::Error::Io(format!(
+                "volume read gave {} bytes for {len}",
+                buf.len()
+            ))
+            .into());
+        }
+        for_each_piece(&req.data, 0, len, |addr, r| mem.write_slice(&buf[r], addr))?;
+        Ok(len)
+    });
+    finish(mem, req.status, result, dev)
 }
 
 /// Runs a parsed request; returns the bytes of data written to the guest
@@ -281,7 +349,6 @@ fn for_each_piece(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_IN;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     const MAX: u64 = 64 << 10;

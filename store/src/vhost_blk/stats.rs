@@ -16,6 +16,9 @@ pub struct SessionStats {
     kicks: Vec<AtomicU64>,
     /// Used-queue interrupts signalled to the frontend.
     interrupts: AtomicU64,
+    /// Reads served together (see `backend`): batches, and reads in them.
+    read_batches: AtomicU64,
+    batched_reads: AtomicU64,
     /// Requests popped and not yet completed, now.
     in_flight: AtomicU64,
     /// Sum over requests of `in_flight` when each was popped.
@@ -41,6 +44,8 @@ impl SessionStats {
             requests: (0..queues).map(|_| AtomicU64::new(0)).collect(),
             kicks: (0..queues).map(|_| AtomicU64::new(0)).collect(),
             interrupts: AtomicU64::new(0),
+            read_batches: AtomicU64::new(0),
+            batched_reads: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             in_flight_sum: AtomicU64::new(0),
             queued_ns: AtomicU64::new(0),
@@ -87,6 +92,12 @@ impl SessionStats {
         self.interrupts.fetch_add(1, Relaxed);
     }
 
+    /// `n` reads were served together.
+    pub fn read_batch(&self, n: usize) {
+        self.read_batches.fetch_add(1, Relaxed);
+        self.batched_reads.fetch_add(n as u64, Relaxed);
+    }
+
     /// The counters so far, and a fresh start for the next connection.
     pub fn take(&self) -> Summary {
         let take = |a: &AtomicU64| a.swap(0, Relaxed);
@@ -96,6 +107,8 @@ impl SessionStats {
             requests: self.requests.iter().map(take).collect(),
             kicks: self.kicks.iter().map(take).collect(),
             interrupts: take(&self.interrupts),
+            read_batches: take(&self.read_batches),
+            batched_reads: take(&self.batched_reads),
             in_flight_sum: take(&self.in_flight_sum),
             queued_ns: take(&self.queued_ns),
             served_ns: take(&self.served_ns),
@@ -116,6 +129,8 @@ pub struct Summary {
     pub requests: Vec<u64>,
     pub kicks: Vec<u64>,
     pub interrupts: u64,
+    pub read_batches: u64,
+    pub batched_reads: u64,
     in_flight_sum: u64,
     queued_ns: u64,
     served_ns: u64,
@@ -155,12 +170,14 @@ impl fmt::Display for Summary {
         let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join("/");
         write!(
             f,
-            "requests={} per_queue={} kicks={} interrupts={} mean_in_flight={:.1} \
-             mean_queued_us={:.0} mean_served_us={:.0} secs={:.1}",
+            "requests={} per_queue={} kicks={} interrupts={} read_batches={} batched_reads={} \
+             mean_in_flight={:.1} mean_queued_us={:.0} mean_served_us={:.0} secs={:.1}",
             self.total_requests(),
             list(&self.requests),
             list(&self.kicks),
             self.interrupts,
+            self.read_batches,
+            self.batched_reads,
             self.mean_in_flight(),
             self.mean_queued_us(),
             self.mean_served_us(),
@@ -188,6 +205,8 @@ mod tests {
         s.completed(b);
         s.completed(c);
         s.interrupted();
+        s.read_batch(5);
+        s.read_batch(2);
         let sum = s.take();
         assert_eq!(sum.requests, vec![1, 2]);
         assert_eq!(sum.kicks, vec![1, 1]);
@@ -196,7 +215,11 @@ mod tests {
         assert!((sum.mean_in_flight() - 2.0).abs() < 1e-9);
         let line = sum.to_string();
         assert!(
-            line.starts_with("requests=3 per_queue=1/2 kicks=1/1 interrupts=1 mean_in_flight=2.0")
+            line.starts_with(
+                "requests=3 per_queue=1/2 kicks=1/1 interrupts=1 read_batches=2 batched_reads=7 \
+                 mean_in_flight=2.0"
+            ),
+            "{line}"
         );
         // Taken: the next connection starts from zero.
         let next = s.take();

@@ -327,6 +327,13 @@ impl VolumeIo for Writer {
         Self::targets(&self.lock()).iter().all(|t| t.local)
     }
 
+    fn reads_stay_local(&self) -> bool {
+        self.lock()
+            .peers
+            .iter()
+            .any(|p| p.local && p.state == PeerState::InSync)
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_usable()?;
         let _gate = self.io_gate();
@@ -359,6 +366,64 @@ impl VolumeIo for Writer {
         let _range = self.ranges.acquire_bytes(offset, n, true);
         self.check_size(offset, n)?;
         self.read_blocks(offset, n)
+    }
+
+    /// Whole-block reads, when this node holds an in-sync replica, are
+    /// read from it together ([`crate::engine::Engine::read_many`]: one
+    /// submission to the disk for the batch). A range that fails there, or
+    /// has a block that fails its checksum, is read again the ordinary way
+    /// (the next replica, the repair), still under the batch's tickets.
+    fn read_batch(&self, reads: &[(u64, usize)]) -> Vec<Result<IoBuf>> {
+        let whole = |&(o, l): &(u64, usize)| {
+            let n = l as u64;
+            n > 0 && n <= MAX_IO && o % BLOCK_SIZE == 0 && n % BLOCK_SIZE == 0
+        };
+        if reads.len() < 2 || !reads.iter().all(whole) {
+            return reads.iter().map(|&(o, l)| self.read_vec(o, l)).collect();
+        }
+        if let Err(e) = self.check_usable() {
+            return vec![Err(e); reads.len()];
+        }
+        let _gate = self.io_gate();
+        let blocks: Vec<(u64, u64)> = reads
+            .iter()
+            .map(|&(o, l)| (o / BLOCK_SIZE, (o + l as u64) / BLOCK_SIZE))
+            .collect();
+        let _tickets = self.ranges.acquire_reads(&blocks);
+        let local = self.reads_stay_local();
+        let checked = {
+            let inner = self.lock();
+            let checked: Vec<Result<()>> = reads
+                .iter()
+                .map(|&(o, l)| Self::check_range(&inner, o, l as u64))
+                .collect();
+            checked
+        };
+        let ranges: Vec<(u64, u64)> = reads.iter().map(|&(o, l)| (o, l as u64)).collect();
+        let mut first = if local {
+            self.engine.read_many(&self.name, &ranges)
+        } else {
+            Vec::new()
+        }
+        .into_iter();
+        reads
+            .iter()
+            .zip(checked)
+            .map(|(&(offset, len), checked)| {
+                let local = first.next();
+                checked?;
+                match local {
+                    Some(Ok(out)) if out.bad_blocks.is_empty() && out.data.len() == len => {
+                        let mut data = out.data;
+                        if let Some(c) = &self.lock().crypt {
+                            c.decrypt(&mut data, offset)?;
+                        }
+                        Ok(data)
+                    }
+                    _ => self.read_blocks(offset, len as u64),
+                }
+            })
+            .collect()
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

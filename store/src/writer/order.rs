@@ -72,6 +72,33 @@ impl RangeLock {
         }
     }
 
+    /// Takes shared tickets (reads) on several block ranges `[first, end)`
+    /// at once, numbered one after the other with no other request's
+    /// ticket between them, and waits until none is blocked. Taken one at
+    /// a time they could deadlock: a write ticketed between two of them
+    /// and overlapping both would wait for the first while the second
+    /// waits for it. Reads never block each other, so the set waits only
+    /// for earlier writes, none of which waits for it.
+    pub fn acquire_reads(&self, ranges: &[(u64, u64)]) -> Vec<RangeGuard<'_>> {
+        let mut st = self.state.lock().expect(crate::POISONED);
+        let first = st.next;
+        for &(a, b) in ranges {
+            let t = st.next;
+            st.next += 1;
+            st.held.push((t, a, b, true));
+        }
+        while ranges
+            .iter()
+            .zip(first..)
+            .any(|(&(a, b), t)| st.blocked(t, a, b, true))
+        {
+            st = self.released.wait(st).expect(crate::POISONED);
+        }
+        (first..first + ranges.len() as u64)
+            .map(|ticket| RangeGuard { lock: self, ticket })
+            .collect()
+    }
+
     /// Takes a ticket covering byte range `[offset, offset + len)`, rounded
     /// out to whole blocks.
     pub fn acquire_bytes(&self, offset: u64, len: u64, shared: bool) -> RangeGuard<'_> {
@@ -150,6 +177,52 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(*order.lock().unwrap(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn reads_taken_together_wait_for_earlier_writes_and_hold_later_ones() {
+        let l = Arc::new(RangeLock::default());
+        // A write holds blocks 0..4; a second write over 0..20 queues
+        // behind it. Reads of 2..3 and 10..11 taken together come after
+        // both: they wait for the writes, and the writes never for them.
+        let w1 = l.acquire(0, 4, false);
+        let l2 = l.clone();
+        let w2 = std::thread::spawn(move || {
+            let _g = l2.acquire(0, 20, false);
+        });
+        while l.held() < 2 {
+            std::thread::yield_now();
+        }
+        let l3 = l.clone();
+        let (tx, rx) = mpsc::channel();
+        let reads = std::thread::spawn(move || {
+            let g = l3.acquire_reads(&[(2, 3), (10, 11)]);
+            tx.send(g.len()).unwrap();
+        });
+        while l.held() < 4 {
+            std::thread::yield_now();
+        }
+        assert!(rx.try_recv().is_err(), "the reads wait for the writes");
+        drop(w1);
+        w2.join().unwrap();
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(10)), Ok(2));
+        reads.join().unwrap();
+        assert_eq!(l.held(), 0);
+        // And a write after the reads waits for them.
+        let r = l.acquire_reads(&[(0, 1), (5, 6)]);
+        let l4 = l.clone();
+        let (tx, rx) = mpsc::channel();
+        let w3 = std::thread::spawn(move || {
+            let _g = l4.acquire(5, 6, false);
+            tx.send(()).unwrap();
+        });
+        while l.held() < 3 {
+            std::thread::yield_now();
+        }
+        assert!(rx.try_recv().is_err(), "the write waits for the reads");
+        drop(r);
+        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        w3.join().unwrap();
     }
 
     #[test]

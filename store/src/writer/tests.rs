@@ -312,3 +312,117 @@ fn concurrent_writes_to_remote_replicas_go_in_batches_and_land_on_both() {
     }
     assert_eq!(w.read_vec(0, want.len()).unwrap(), want);
 }
+
+/// Reads of a batch come from this node's replica, submitted together;
+/// a range with a block that fails its checksum there is read again the
+/// ordinary way and the block repaired from the other replica; ranges the
+/// batch cannot take (not whole blocks, past the end) get what a read of
+/// their own gets.
+#[test]
+fn a_batch_of_reads_is_read_here_and_a_bad_block_repaired_from_the_other_replica() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let addrs: Vec<ReplicaAddr> = ["n1", "n2"]
+        .iter()
+        .map(|n| ReplicaAddr {
+            node: n.to_string(),
+            addr: "127.0.0.1:1".into(),
+        })
+        .collect();
+    let engines: Vec<Arc<Engine>> = addrs
+        .iter()
+        .zip(&dirs)
+        .map(|(a, d)| {
+            let e = Arc::new(Engine::open(&a.node, &[d.path().to_path_buf()]).unwrap());
+            e.create_volume("v", 4 * EXTENT_SIZE, addrs.clone(), 1, None)
+                .unwrap();
+            e
+        })
+        .collect();
+    let replicas = Arc::new(TwoReplicas {
+        engines: vec![("n2".into(), engines[1].clone())],
+        short_reads: std::sync::Mutex::new(None),
+        batches: Arc::default(),
+    });
+    let w = Writer::attach(
+        "v",
+        addrs,
+        engines[0].clone(),
+        replicas,
+        false,
+        Keys::default(),
+    )
+    .unwrap();
+    assert!(w.reads_stay_local());
+    let data: Vec<u8> = (0..2 * EXTENT_SIZE as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    for (i, c) in data.chunks(crate::MAX_IO as usize).enumerate() {
+        w.write_at(c, i as u64 * crate::MAX_IO).unwrap();
+    }
+    // Block 300 goes bad on this node's replica only.
+    let (path, at) = engines[0].block_location("v", 300).unwrap().unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"rot", at + 9).unwrap();
+    drop(f);
+    let b = BLOCK_SIZE as usize;
+    let mut reads: Vec<(u64, usize)> = (0..40u64).map(|i| (i * 37 % 500 * BLOCK_SIZE, b)).collect();
+    reads.push((298 * BLOCK_SIZE, 4 * b));
+    reads.push((EXTENT_SIZE - BLOCK_SIZE, 3 * b));
+    let whole = reads.len();
+    let got = w.read_batch(&reads);
+    let want = |o: u64, l: usize| data[o as usize..o as usize + l].to_vec();
+    for (&(o, l), g) in reads.iter().zip(&got) {
+        assert!(*g.as_ref().unwrap() == want(o, l), "read at {o}+{l}");
+    }
+    // Repaired here: the engine alone now reads it clean.
+    let here = engines[0].read("v", 300 * BLOCK_SIZE, BLOCK_SIZE).unwrap();
+    assert!(here.bad_blocks.is_empty() && here.data == want(300 * BLOCK_SIZE, b));
+    assert!(
+        engines[0]
+            .metrics
+            .checksum_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    // Ranges not whole blocks, and past the end, in one batch.
+    reads.truncate(whole);
+    reads.extend([(5, 10), (4 * EXTENT_SIZE, b)]);
+    let got = w.read_batch(&reads);
+    assert_eq!(*got[whole].as_ref().unwrap(), want(5, 10));
+    assert!(got[whole + 1].is_err());
+}
+
+/// Reads taken in batches while writers overwrite the same ranges: each
+/// read sees each write whole or not at all (the batch holds its tickets
+/// until it is done), and nothing deadlocks.
+#[test]
+fn batched_reads_see_concurrent_writes_whole() {
+    let d = tempfile::tempdir().unwrap();
+    let w = local_writer(d.path(), 4 * EXTENT_SIZE);
+    let slot = 4 * BLOCK_SIZE;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (w, stop) = (&w, &stop);
+            s.spawn(move || {
+                let mut gen = 1u8;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Thread t rewrites slots t, t + 4, ... with one value.
+                    for k in 0..8u64 {
+                        let buf = vec![gen; slot as usize];
+                        w.write_vec(buf.into(), (k * 4 + t) * slot).unwrap();
+                    }
+                    gen = gen.wrapping_add(1).max(1);
+                }
+            });
+        }
+        for _ in 0..200 {
+            let reads: Vec<(u64, usize)> = (0..32u64).map(|k| (k * slot, slot as usize)).collect();
+            for (i, r) in w.read_batch(&reads).into_iter().enumerate() {
+                let r = r.unwrap();
+                assert!(r.iter().all(|x| *x == r[0]), "slot {i} torn");
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+}
