@@ -151,7 +151,10 @@ impl BlkBackend {
                 return;
             };
             let timing = self.0.stats.popped(queue);
-            if batch_reads && request::is_read(chain.memory(), chain.clone()) {
+            // (A read larger than one volume read, rare, goes to a worker.)
+            if batch_reads
+                && request::is_read_of_at_most(chain.memory(), chain.clone(), crate::MAX_IO)
+            {
                 reads.push(Popped {
                     chain,
                     pass,

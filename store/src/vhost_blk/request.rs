@@ -69,7 +69,25 @@ pub struct Device<'a> {
 /// no, so a hostile chain goes the ordinary way and gets its error there.
 pub fn is_write_of_at_most<M: GuestMemory + ?Sized>(
     mem: &M,
+    descriptors: impl Iterator<Item = Descriptor>,
+    max: u64,
+) -> bool {
+    is_request_of_at_most(mem, descriptors, VIRTIO_BLK_T_OUT, max)
+}
+
+/// The same for a read (`IN`) of at most `max` data bytes.
+pub fn is_read_of_at_most<M: GuestMemory + ?Sized>(
+    mem: &M,
+    descriptors: impl Iterator<Item = Descriptor>,
+    max: u64,
+) -> bool {
+    is_request_of_at_most(mem, descriptors, VIRTIO_BLK_T_IN, max)
+}
+
+fn is_request_of_at_most<M: GuestMemory + ?Sized>(
+    mem: &M,
     mut descriptors: impl Iterator<Item = Descriptor>,
+    kind: u32,
     max: u64,
 ) -> bool {
     // The header whole in the first descriptor (as drivers lay it out), so
@@ -78,7 +96,7 @@ pub fn is_write_of_at_most<M: GuestMemory + ?Sized>(
         return false;
     };
     match mem.read_obj::<u32>(first.addr()) {
-        Ok(t) if u32::from_le(t) == VIRTIO_BLK_T_OUT => {}
+        Ok(t) if u32::from_le(t) == kind => {}
         _ => return false,
     }
     // Header (16 bytes) and status (1) around the data, however split.
@@ -91,18 +109,6 @@ pub fn is_write_of_at_most<M: GuestMemory + ?Sized>(
         }
     }
     total <= limit
-}
-
-/// Whether the chain is a read (`IN`), judged from its header's type only
-/// (the full parse comes when it is served, see [`parse_read`]).
-pub fn is_read<M: GuestMemory + ?Sized>(
-    mem: &M,
-    mut descriptors: impl Iterator<Item = Descriptor>,
-) -> bool {
-    let Some(first) = descriptors.next().filter(|d| d.len() >= blk::HEADER_LEN) else {
-        return false;
-    };
-    matches!(mem.read_obj::<u32>(first.addr()), Ok(t) if u32::from_le(t) == VIRTIO_BLK_T_IN)
 }
 
 /// Serves the request in one descriptor chain; returns the used length
@@ -368,7 +374,7 @@ mod tests {
     }
 
     #[test]
-    fn only_small_writes_are_small_writes() {
+    fn only_small_writes_and_reads_are_small_ones() {
         let out = mem(VIRTIO_BLK_T_OUT);
         assert!(is_write_of_at_most(&out, chain(&[4096]).into_iter(), MAX));
         assert!(is_write_of_at_most(
@@ -393,6 +399,14 @@ mod tests {
         // Reads, an empty chain and a header outside guest memory are not.
         let read = mem(VIRTIO_BLK_T_IN);
         assert!(!is_write_of_at_most(&read, chain(&[4096]).into_iter(), MAX));
+        // Reads the same way, by their own type.
+        assert!(is_read_of_at_most(&read, chain(&[4096]).into_iter(), MAX));
+        assert!(!is_read_of_at_most(
+            &read,
+            chain(&[1 << 20]).into_iter(),
+            MAX
+        ));
+        assert!(!is_read_of_at_most(&out, chain(&[4096]).into_iter(), MAX));
         assert!(!is_write_of_at_most(&out, std::iter::empty(), MAX));
         let outside = vec![Descriptor::new(2 << 20, 16, 0, 0)];
         assert!(!is_write_of_at_most(&out, outside.into_iter(), MAX));
