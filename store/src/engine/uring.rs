@@ -114,22 +114,8 @@ fn read_chunk(ring: &mut IoUring, chunk: &mut [Read]) -> Vec<io::Result<usize>> 
         pushed += 1;
     }
     let mut reaped = 0usize;
-    let mut failures = 0;
     while reaped < pushed {
-        match ring.submit_and_wait(pushed - reaped) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                failures += 1;
-                // Submitted reads may still be writing into the buffers:
-                // returning would let the caller free them.
-                if failures >= 1000 {
-                    tracing::error!(error = %e, "cannot wait for submitted io_uring reads; aborting");
-                    std::process::abort();
-                }
-                continue;
-            }
-        }
+        submit_and_wait(ring, pushed - reaped);
         for cqe in ring.completion() {
             let r = cqe.result();
             let i = cqe.user_data() as usize;
@@ -180,6 +166,28 @@ pub(super) fn write_all_at(f: &File, buf: &[u8], at: u64) -> io::Result<()> {
     })
 }
 
+/// Submits what `ring` holds and waits for `want` completions, retrying
+/// an interrupted wait. Once submitted, an op may still be using its
+/// buffer, so a caller must never return before its completion: a wait
+/// that keeps failing (the kernel does not fail it this way in practice)
+/// aborts the process rather than let the buffer be freed.
+fn submit_and_wait(ring: &mut IoUring, want: usize) {
+    let mut failures = 0;
+    loop {
+        match ring.submit_and_wait(want) {
+            Ok(_) => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                failures += 1;
+                if failures >= 1000 {
+                    tracing::error!(error = %e, "cannot wait for submitted io_uring ops; aborting");
+                    std::process::abort();
+                }
+            }
+        }
+    }
+}
+
 /// One write through `ring`: submits it and waits for its completion.
 fn write_once(ring: &mut IoUring, f: &File, buf: &[u8], at: u64) -> io::Result<usize> {
     // (A longer buffer is written in several goes by the caller.)
@@ -199,23 +207,8 @@ fn write_once(ring: &mut IoUring, f: &File, buf: &[u8], at: u64) -> io::Result<u
             return f.write_at(buf, at);
         }
     }
-    let mut failures = 0;
     loop {
-        match ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                failures += 1;
-                // Once submitted, the write may still be reading `buf`:
-                // returning now would let the caller free it. The kernel
-                // does not fail a wait this way in practice.
-                if failures >= 1000 {
-                    tracing::error!(error = %e, "cannot wait for a submitted io_uring write; aborting");
-                    std::process::abort();
-                }
-                continue;
-            }
-        }
+        submit_and_wait(ring, 1);
         if let Some(cqe) = ring.completion().next() {
             let r = cqe.result();
             return if r < 0 {

@@ -111,6 +111,20 @@ fn is_request_of_at_most<M: GuestMemory + ?Sized>(
     total <= limit
 }
 
+/// What the parser accepts of a guest's requests to a disk of
+/// `capacity_sectors`.
+fn limits(capacity_sectors: u64) -> RequestLimits {
+    RequestLimits {
+        capacity_sectors,
+        // The chain's length bounds what is read of it; seg_max (126) is
+        // what the driver is told, more is accepted from frontends that
+        // split buffers further.
+        seg_max: MAX_DESCRIPTORS as u32 - 2,
+        max_range_sectors: MAX_DISCARD_SECTORS,
+        max_ranges: MAX_DISCARD_SEG,
+    }
+}
+
 /// Serves the request in one descriptor chain; returns the used length
 /// (bytes written into the chain's device-writable buffers) for the used
 /// ring. A chain without a usable status byte (it loops, leaves the table
@@ -124,15 +138,7 @@ pub fn handle_chain<M: GuestMemory + ?Sized>(
     // The volume's size now (it may grow while exported). Without it the
     // request is still parsed, for its status byte, and fails afterwards.
     let size = dev.volume.size();
-    let limits = RequestLimits {
-        capacity_sectors: size.as_ref().map_or(u64::MAX, |s| s / SECTOR_SIZE),
-        // The chain's length bounds what is read of it; seg_max (126) is
-        // what the driver is told, more is accepted from frontends that
-        // split buffers further.
-        seg_max: MAX_DESCRIPTORS as u32 - 2,
-        max_range_sectors: MAX_DISCARD_SECTORS,
-        max_ranges: MAX_DISCARD_SEG,
-    };
+    let limits = limits(size.as_ref().map_or(u64::MAX, |s| s / SECTOR_SIZE));
     let (status, result) = match blk::parse(mem, descriptors, &limits) {
         Ok(req) => {
             let result = match size {
@@ -195,13 +201,7 @@ pub fn parse_read<M: GuestMemory + ?Sized>(
     dev: &Device,
 ) -> Option<Request> {
     let size = dev.volume.size().ok()?;
-    let limits = RequestLimits {
-        capacity_sectors: size / SECTOR_SIZE,
-        seg_max: MAX_DESCRIPTORS as u32 - 2,
-        max_range_sectors: MAX_DISCARD_SECTORS,
-        max_ranges: MAX_DISCARD_SEG,
-    };
-    blk::parse(mem, descriptors, &limits)
+    blk::parse(mem, descriptors, &limits(size / SECTOR_SIZE))
         .ok()
         .filter(|r| r.request_type == RequestType::In && r.data_len > 0 && r.data_len <= CHUNK)
 }
@@ -215,19 +215,27 @@ pub fn read_into_guest<M: GuestMemory + ?Sized>(
     data: crate::Result<IoBuf>,
     dev: &Device,
 ) -> u32 {
-    let len = req.data_len;
-    let result = data.map_err(RequestError::from).and_then(|buf| {
-        if buf.len() as u64 != len {
-            return Err(crate::Error::Io(format!(
-                "volume read gave {} bytes for {len}",
-                buf.len()
-            ))
-            .into());
-        }
-        for_each_piece(&req.data, 0, len, |addr, r| mem.write_slice(&buf[r], addr))?;
-        Ok(len)
-    });
+    let result = data
+        .map_err(RequestError::from)
+        .and_then(|buf| copy_to_guest(mem, req, &buf));
     finish(mem, req.status, result, dev)
+}
+
+/// Copies the data of a read of at most [`CHUNK`] into the guest's
+/// buffers, refusing a buffer of the wrong length; returns the length.
+fn copy_to_guest<M: GuestMemory + ?Sized>(
+    mem: &M,
+    req: &Request,
+    buf: &[u8],
+) -> Result<u64, RequestError> {
+    let len = req.data_len;
+    if buf.len() as u64 != len {
+        return Err(
+            crate::Error::Io(format!("volume read gave {} bytes for {len}", buf.len())).into(),
+        );
+    }
+    for_each_piece(&req.data, 0, len, |addr, r| mem.write_slice(&buf[r], addr))?;
+    Ok(len)
 }
 
 /// Runs a parsed request; returns the bytes of data written to the guest
@@ -248,15 +256,7 @@ fn execute<M: GuestMemory + ?Sized>(
         RequestType::In if len <= CHUNK => {
             // One piece: straight from the volume's buffer to the guest.
             let buf = vol.read_vec(offset(), len as usize)?;
-            if buf.len() as u64 != len {
-                return Err(crate::Error::Io(format!(
-                    "volume read gave {} bytes for {len}",
-                    buf.len()
-                ))
-                .into());
-            }
-            for_each_piece(&req.data, 0, len, |addr, r| mem.write_slice(&buf[r], addr))?;
-            Ok(len)
+            copy_to_guest(mem, req, &buf)
         }
         RequestType::In => {
             let mut buf = vec![0u8; len.min(CHUNK) as usize];
