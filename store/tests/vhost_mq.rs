@@ -278,11 +278,22 @@ fn four_queues_with_many_requests_in_flight_each() {
         );
     }
     // n1 holds a replica in sync, so reads popped together were served
-    // together (the session's line, logged when the frontend goes).
+    // together.
     drop(g);
+    let (line, count) = session_counts(&n1);
+    let (batches, reads) = (count("read_batches="), count("batched_reads="));
+    assert!(
+        batches > 0 && reads == 4 * u64::from(DEPTH) + 1 && reads > batches,
+        "{line}"
+    );
+}
+
+/// The export's session line (logged when the frontend goes), and a
+/// reader of its counters.
+fn session_counts(n: &Node) -> (String, impl Fn(&str) -> u64) {
     let t = Instant::now();
     let line = loop {
-        if let Some(l) = n1
+        if let Some(l) = n
             .log()
             .lines()
             .find(|l| l.contains("vhost-user-blk session:"))
@@ -295,22 +306,52 @@ fn four_queues_with_many_requests_in_flight_each() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    let count = |key: &str| -> u64 {
-        let at = line
-            .find(key)
-            .unwrap_or_else(|| panic!("no {key} in {line}"));
-        line[at + key.len()..]
+    let l = line.clone();
+    let count = move |key: &str| -> u64 {
+        let at = l.find(key).unwrap_or_else(|| panic!("no {key} in {l}"));
+        l[at + key.len()..]
             .split(|c: char| !c.is_ascii_digit())
             .next()
             .unwrap()
             .parse()
             .unwrap()
     };
-    let (batches, reads) = (count("read_batches="), count("batched_reads="));
-    assert!(
-        batches > 0 && reads == 4 * u64::from(DEPTH) + 1 && reads > batches,
-        "{line}"
-    );
+    (line, count)
+}
+
+#[test]
+fn small_writes_of_a_volume_held_here_are_told_to_the_guest_together() {
+    // A 1-replica volume: its small writes are served by the thread that
+    // pops them, and the guest hears of those popped together once.
+    let t = tempfile::tempdir().unwrap();
+    let n1 = Node::new(t.path(), "n1", 1);
+    n1.create_volume("solo", "8M", &[&n1]);
+    let sock = t.path().join("solo.sock");
+    n1.cli_ok(&["attach", "solo", "--vhost-user", sock.to_str().unwrap()]);
+    let mut g = Guest::connect(&sock, 1);
+    let mut model = vec![0u8; 8 << 20];
+    let mut reqs = Vec::new();
+    for k in 0..DEPTH {
+        let blk = u64::from(k) * 3 + 1;
+        let data = block(0, k, 9);
+        g.mem
+            .write_slice(&data, GuestAddress(data_addr(0, k)))
+            .unwrap();
+        model[(blk * 4096) as usize..((blk + 1) * 4096) as usize].copy_from_slice(&data);
+        reqs.push(Req(T_OUT, blk * 8, false));
+    }
+    let st = g.run(&[reqs]);
+    assert!(st[0].iter().all(|s| *s == S_OK), "{st:?}");
+    let st = g.run(&[vec![Req(T_FLUSH, 0, true)]]);
+    assert_eq!(st[0][0], S_OK);
+    assert!(n1.replica_read_all("solo", 8 << 20) == model);
+    drop(g);
+    // 33 requests, each of which wants an interrupt (no EVENT_IDX): the 32
+    // writes kicked at once are told together, the flush on its own.
+    let (line, count) = session_counts(&n1);
+    assert_eq!(count("requests="), u64::from(DEPTH) + 1, "{line}");
+    let interrupts = count("interrupts=");
+    assert!((2..=4).contains(&interrupts), "{line}");
 }
 
 #[test]

@@ -93,7 +93,8 @@ impl BlkBackend {
     /// empty this thread serves requests not yet taken by a worker itself
     /// (no wake-up to wait for). Small writes to a volume whose replicas
     /// are all on this node (page-cache work, no round trip) it serves at
-    /// once. Reads of a volume this node holds in sync it gathers as it
+    /// once, and signals the guest of them together when the ring runs
+    /// dry (or [`config::READ_BATCH`] are served). Reads of a volume this node holds in sync it gathers as it
     /// pops and serves together whenever the ring runs dry (or
     /// [`config::READ_BATCH`] are gathered): their disk reads go to the
     /// disk in one submission ([`VolumeIo::read_batch`]), with no hand-off
@@ -119,9 +120,15 @@ impl BlkBackend {
         let local = volume.writes_stay_local();
         let batch_reads = volume.reads_stay_local();
         let mut reads: Vec<Popped> = Vec::new();
+        // Small writes served here that the guest has not been told of:
+        // their passes, held until it is.
+        let mut untold: Vec<Pass> = Vec::new();
         loop {
             if reads.len() >= config::READ_BATCH {
                 self.serve_reads(vring, volume.as_ref(), std::mem::take(&mut reads));
+            }
+            if untold.len() >= config::READ_BATCH {
+                self.0.tell(vring, &mut untold);
             }
             // Taken before the pop: a stop either sees this request in
             // flight or finds it still on the avail ring (not popped).
@@ -136,6 +143,7 @@ impl BlkBackend {
             });
             let Some((pass, Some(chain))) = popped else {
                 let stopped = popped.is_none();
+                self.0.tell(vring, &mut untold);
                 // The ring is empty (or stopping): serve the reads
                 // gathered, or a request handed over and not yet taken
                 // by a worker, then look at the ring again.
@@ -168,17 +176,18 @@ impl BlkBackend {
                     chain.clone(),
                     config::INLINE_WRITE_MAX,
                 );
-            let (me, vring, volume) = (self.0.clone(), vring.clone(), volume.clone());
             let popped = Popped {
                 chain,
                 pass,
                 timing,
             };
-            let serve = move || me.serve(&vring, volume.as_ref(), popped);
             if here {
-                serve();
+                untold.push(self.0.serve_untold(vring, volume.as_ref(), popped));
             } else {
-                self.0.workers.submit(serve);
+                let (me, vring, volume) = (self.0.clone(), vring.clone(), volume.clone());
+                self.0
+                    .workers
+                    .submit(move || me.serve(&vring, volume.as_ref(), popped));
             }
         }
     }
@@ -219,7 +228,7 @@ impl BlkBackend {
                 }
                 None => request::handle_chain(mem, r.chain.clone(), &dev),
             };
-            me.complete(vring, r.chain.head_index(), used, r.timing, false);
+            me.complete(vring, r.chain.head_index(), used, r.timing);
             passes.push(r.pass);
         }
         me.notify(vring);
@@ -246,35 +255,51 @@ impl Inner {
         }
     }
 
-    /// Serves one request and completes it (a worker's job, or this
-    /// thread's for a small local write).
-    fn serve(&self, vring: &VringRwLock<GuestMem>, volume: &dyn VolumeIo, mut p: Popped) {
-        self.stats.started(&mut p.timing);
-        let used = request::handle_chain(p.chain.memory(), p.chain.clone(), &self.device(volume));
-        self.complete(vring, p.chain.head_index(), used, p.timing, true);
+    /// Serves one request, completes it and signals the guest (a worker's
+    /// job).
+    fn serve(&self, vring: &VringRwLock<GuestMem>, volume: &dyn VolumeIo, p: Popped) {
+        let pass = self.serve_untold(vring, volume, p);
+        self.notify(vring);
         // Only now may the ring stop (its call fd go away).
-        drop(p.pass);
+        drop(pass);
     }
 
-    /// Puts a request on the used ring; signals the guest if `notify`.
-    fn complete(
+    /// Serves one request and puts it on the used ring without signalling
+    /// the guest: the popping thread's small local writes, of which it
+    /// tells the guest once for many ([`Inner::tell`]) — each interrupt is
+    /// a round of exits for the guest (status read, acknowledge), and on a
+    /// loaded host the interrupts of single writes cost more than the
+    /// writes. Returns the request's pass, to be dropped once told.
+    fn serve_untold(
         &self,
         vring: &VringRwLock<GuestMem>,
-        head: u16,
-        used: u32,
-        timing: Timing,
-        notify: bool,
-    ) {
+        volume: &dyn VolumeIo,
+        mut p: Popped,
+    ) -> Pass {
+        self.stats.started(&mut p.timing);
+        let used = request::handle_chain(p.chain.memory(), p.chain.clone(), &self.device(volume));
+        self.complete(vring, p.chain.head_index(), used, p.timing);
+        p.pass
+    }
+
+    /// Signals the guest for requests served untold, if there are any,
+    /// then lets their passes go.
+    fn tell(&self, vring: &VringRwLock<GuestMem>, untold: &mut Vec<Pass>) {
+        if !untold.is_empty() {
+            self.notify(vring);
+            untold.clear();
+        }
+    }
+
+    /// Puts a request on the used ring (the guest is signalled apart,
+    /// [`Inner::notify`]).
+    fn complete(&self, vring: &VringRwLock<GuestMem>, head: u16, used: u32, timing: Timing) {
         let added = vring.add_used(head, used);
         self.stats.completed(timing);
         if let Err(e) = added {
             if self.log.allow() {
                 tracing::warn!(volume = %self.name, error = %e, "vhost-user-blk: cannot return a request");
             }
-            return;
-        }
-        if notify {
-            self.notify(vring);
         }
     }
 
