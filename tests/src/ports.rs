@@ -46,9 +46,17 @@ pub fn loopback_ports(n: u16) -> u16 {
 }
 
 /// The first run of `n` consecutive candidates from `next` that all bind.
+/// Panics, saying so, once a whole range's worth of candidates has been
+/// tried without one (every port taken), rather than spinning forever.
 fn pick(mut next: impl FnMut() -> u16, n: u16) -> u16 {
     let n = n.max(1);
+    let mut tried: u32 = 0;
     loop {
+        tried += u32::from(n);
+        assert!(
+            tried <= 2 * (HIGH - LOW),
+            "no run of {n} free loopback ports in {LOW}..{HIGH}: every candidate is in use"
+        );
         let first = next();
         if u32::from(first) + u32::from(n) > HIGH {
             continue;
@@ -92,5 +100,15 @@ mod tests {
         let _l = TcpListener::bind((Ipv4Addr::LOCALHOST, busy)).unwrap();
         let mut candidates = [busy, free].into_iter();
         assert_eq!(pick(|| candidates.next().unwrap(), 1), free);
+    }
+
+    #[test]
+    #[should_panic(expected = "no run of 1 free loopback ports")]
+    fn a_range_with_every_port_taken_is_an_error_not_a_hang() {
+        // A candidate source that only ever offers one busy port: the pick
+        // must give up with a clear message instead of looping forever.
+        let busy = loopback_port();
+        let _l = TcpListener::bind((Ipv4Addr::LOCALHOST, busy)).unwrap();
+        pick(|| busy, 1);
     }
 }

@@ -145,6 +145,18 @@ impl Node {
         self.child = Some(child);
         let t0 = Instant::now();
         while !server::socket_in_use(&self.socket) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                bail!(
+                    "node {} exited while starting ({status}; see {}.log)",
+                    self.id,
+                    self.data.display()
+                );
+            }
             if t0.elapsed() > Duration::from_secs(20) {
                 bail!(
                     "node {} did not start (see {}.log)",
@@ -171,10 +183,29 @@ impl Drop for Node {
     }
 }
 
+/// A loopback port nothing listens on, for a replica's listener. Taken
+/// from below the kernel's ephemeral range (`ip_local_port_range`): a port
+/// from port 0 lies inside it, where the outgoing connections of the
+/// replicas and of the rest of the machine take their local ports, and one
+/// of them can take it before the replica binds it, or while a killed
+/// replica is down before its restart on the same address.
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_001));
+    let span = u32::from(high - low);
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id() % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = low + ((start + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port in {low}..{high}")
 }
 
 fn call(d: &Daemon, req: Request) -> Result<Response> {

@@ -94,8 +94,9 @@ impl BlkBackend {
     /// (no wake-up to wait for). Small writes to a volume whose replicas
     /// are all on this node (page-cache work, no round trip) it serves at
     /// once, and signals the guest of them together when the ring runs
-    /// dry (or [`config::READ_BATCH`] are served). Reads of a volume this node holds in sync it gathers as it
-    /// pops and serves together whenever the ring runs dry (or
+    /// dry (or [`config::READ_BATCH`] are served). Reads of a volume this
+    /// node holds in sync it gathers as it pops and serves together
+    /// whenever the ring runs dry (or
     /// [`config::READ_BATCH`] are gathered): their disk reads go to the
     /// disk in one submission ([`VolumeIo::read_batch`]), with no hand-off
     /// to a worker. Returns once the ring is empty and no request waits
