@@ -47,6 +47,23 @@ impl IoBuf {
         IoBuf { vec, start }
     }
 
+    /// A block-aligned buffer for `len` bytes that `fill` appends to the
+    /// `Vec` it is given (its padding in front already there), with no
+    /// zeroing first: for data copied in from elsewhere in pieces, such as
+    /// a guest's memory. The buffer holds what `fill` appended; appending
+    /// more than `len` bytes may leave it unaligned (still correct: an
+    /// `O_DIRECT` write then copies it). An error of `fill` is returned.
+    pub fn fill_with<E>(
+        len: usize,
+        fill: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<IoBuf, E> {
+        let mut vec = Vec::with_capacity(len + ALIGN - 1);
+        let start = aligned_start(&vec);
+        vec.resize(start, 0);
+        fill(&mut vec)?;
+        Ok(IoBuf { vec, start })
+    }
+
     /// Whether the data starts on a block boundary in memory.
     pub fn is_aligned(&self) -> bool {
         self.vec[self.start..].as_ptr().align_offset(ALIGN) == 0
@@ -202,6 +219,30 @@ mod tests {
                 assert_eq!(*k, data);
             }
         }
+    }
+
+    #[test]
+    fn filled_buffers_are_aligned_and_hold_what_was_appended() {
+        for len in [0usize, 1, 4096, 128 << 10, (1 << 20) + 7] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 5 + 1) as u8).collect();
+            // In three pieces, as a guest's segments come.
+            let b = IoBuf::fill_with(len, |v| {
+                for piece in data.chunks(len / 3 + 1) {
+                    v.extend_from_slice(piece);
+                }
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+            assert!(b.is_aligned(), "fill_with({len})");
+            assert_eq!(b, data);
+        }
+        assert_eq!(
+            IoBuf::fill_with(8, |v| {
+                v.push(1);
+                Err("guest memory")
+            }),
+            Err("guest memory")
+        );
     }
 
     #[test]

@@ -275,9 +275,11 @@ fn execute<M: GuestMemory + ?Sized>(
             // One piece: the buffer goes to the volume as it is.
             // Block-aligned, so that a large write reaches the disk
             // (`O_DIRECT`) without another copy.
-            let mut buf = IoBuf::zeroed(len as usize);
-            for_each_piece(&req.data, 0, len, |addr, r| {
-                mem.read_slice(&mut buf[r], addr)
+            // Filled straight from the guest's memory, not zeroed first.
+            let buf = IoBuf::fill_with(len as usize, |v| {
+                for_each_piece(&req.data, 0, len, |addr, r| {
+                    mem.write_all_volatile_to(addr, v, r.len())
+                })
             })?;
             vol.write_vec(buf, offset())?;
             Ok(0)
