@@ -4,6 +4,10 @@
 use crate::error::Result;
 use crate::iobuf::IoBuf;
 
+/// What [`VolumeIo::read_batch_each`] hands a round of finished reads to:
+/// each one's index in the batch and its outcome.
+pub type ReadsDone<'a> = dyn FnMut(Vec<(usize, Result<IoBuf>)>) + 'a;
+
 /// Block I/O on one volume. Offsets and lengths are in bytes; the store
 /// works in 4 KiB blocks, and unaligned requests are read-modify-written
 /// (a backend should advertise a 4 KiB block size to avoid that).
@@ -17,14 +21,36 @@ pub trait VolumeIo: Send + Sync {
         read_into_new(self, offset, len)
     }
     /// [`VolumeIo::read_vec`] of each `(offset, len)`, each with its own
-    /// outcome, in order. An implementation that can read several ranges
-    /// at once (submitting them to the disk together) does; by default
-    /// they are read one after another.
+    /// outcome, in order ([`VolumeIo::read_batch_each`], gathered).
     fn read_batch(&self, reads: &[(u64, usize)]) -> Vec<Result<IoBuf>> {
-        reads.iter().map(|&(o, l)| self.read_vec(o, l)).collect()
+        let mut out: Vec<Option<Result<IoBuf>>> = (0..reads.len()).map(|_| None).collect();
+        self.read_batch_each(reads, &mut |round| {
+            for (i, got) in round {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = Some(got);
+                }
+            }
+        });
+        out.into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| Err(crate::Error::Io("no answer for a read of a batch".into())))
+            })
+            .collect()
+    }
+    /// [`VolumeIo::read_vec`] of each `(offset, len)`, each handed to
+    /// `done` with its index as soon as it is read, in rounds (each call
+    /// gets those finished since the previous one), so that a caller can
+    /// pass each on while the others are still being read. Every read is
+    /// reported exactly once, before this returns. An implementation that
+    /// can read several ranges at once (submitting them to the disk
+    /// together) does; by default they are read one after another.
+    fn read_batch_each(&self, reads: &[(u64, usize)], done: &mut ReadsDone) {
+        for (i, &(o, l)) in reads.iter().enumerate() {
+            done(vec![(i, self.read_vec(o, l))]);
+        }
     }
     /// Whether reads are served by this node's disk (it holds an in-sync
-    /// replica), so that [`VolumeIo::read_batch`] waits for that disk only.
+    /// replica), so that [`VolumeIo::read_batch_each`] waits for that disk only.
     /// A hint, as [`VolumeIo::writes_stay_local`].
     fn reads_stay_local(&self) -> bool {
         false

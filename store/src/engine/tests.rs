@@ -727,6 +727,21 @@ fn reads_of_a_batch_give_what_each_read_alone_gives() {
     assert!(got[4].is_err() && got[5].is_err() && got[6].is_err());
     assert!(batch_errors >= 1);
     assert_eq!(batch_errors, alone_errors);
+    // Handed on as they land: every range exactly once, refused ones
+    // before anything goes to the disk.
+    let mut seen = vec![0u32; ranges.len()];
+    let mut rounds = 0;
+    e.read_many_each("v", &ranges, |round| {
+        if rounds == 0 {
+            assert!(round.iter().any(|(i, r)| *i == 4 && r.is_err()));
+        }
+        rounds += 1;
+        for (i, _) in round {
+            seen[i] += 1;
+        }
+    });
+    assert!(seen.iter().all(|n| *n == 1), "{seen:?}");
+    assert!(rounds >= 2);
     // An unknown volume fails every read.
     let none = e.read_many("w", &[(0, b), (b, b)]);
     assert!(none.iter().all(|r| matches!(r, Err(Error::NotFound(_)))));

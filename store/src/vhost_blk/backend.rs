@@ -30,6 +30,7 @@ use super::request::{self, Device, LogLimiter};
 use super::stats::{SessionStats, Summary, Timing};
 use super::workers::Workers;
 use super::VolumeSource;
+use crate::iobuf::IoBuf;
 use crate::VolumeIo;
 
 /// Guest memory as the frontend shared it. Every write through it marks
@@ -96,10 +97,13 @@ impl BlkBackend {
     /// once, and signals the guest of them together when the ring runs
     /// dry (or [`config::READ_BATCH`] are served). Reads of a volume this
     /// node holds in sync it gathers as it pops and serves together
-    /// whenever the ring runs dry (or
-    /// [`config::READ_BATCH`] are gathered): their disk reads go to the
-    /// disk in one submission ([`VolumeIo::read_batch`]), with no hand-off
-    /// to a worker. Returns once the ring is empty and no request waits
+    /// whenever the ring runs dry (or [`config::READ_BATCH`] are
+    /// gathered): their disk reads go to the disk in one submission
+    /// ([`VolumeIo::read_batch_each`]), each completed as it lands, with
+    /// no hand-off to a worker (handing the batch over so that this thread
+    /// could pop on measured slower: 0.81× natively, the wake-up costing
+    /// more than the overlap gained, as the disk completes a batch's reads
+    /// together). Returns once the ring is empty and no request waits
     /// for a worker, or the queue is stopped. Each request holds a pass of
     /// the queue's gate from before it is popped until its completion is
     /// signalled.
@@ -126,7 +130,8 @@ impl BlkBackend {
         let mut untold: Vec<Pass> = Vec::new();
         loop {
             if reads.len() >= config::READ_BATCH {
-                self.serve_reads(vring, volume.as_ref(), std::mem::take(&mut reads));
+                self.0
+                    .serve_reads(vring, volume.as_ref(), std::mem::take(&mut reads));
             }
             if untold.len() >= config::READ_BATCH {
                 self.0.tell(vring, &mut untold);
@@ -149,7 +154,8 @@ impl BlkBackend {
                 // gathered, or a request handed over and not yet taken
                 // by a worker, then look at the ring again.
                 if !reads.is_empty() {
-                    self.serve_reads(vring, volume.as_ref(), std::mem::take(&mut reads));
+                    self.0
+                        .serve_reads(vring, volume.as_ref(), std::mem::take(&mut reads));
                     if !stopped {
                         continue;
                     }
@@ -192,50 +198,6 @@ impl BlkBackend {
             }
         }
     }
-
-    /// Serves reads popped together: their data read at once, each
-    /// completed into the guest, then the guest told once.
-    fn serve_reads(
-        &self,
-        vring: &VringRwLock<GuestMem>,
-        volume: &dyn VolumeIo,
-        mut reads: Vec<Popped>,
-    ) {
-        let me = &self.0;
-        let dev = me.device(volume);
-        me.stats.read_batch(reads.len());
-        for r in &mut reads {
-            me.stats.started(&mut r.timing);
-        }
-        let parsed: Vec<Option<blk::Request>> = reads
-            .iter()
-            .map(|r| request::parse_read(r.chain.memory(), r.chain.clone(), &dev))
-            .collect();
-        let ranges: Vec<(u64, usize)> = parsed
-            .iter()
-            .flatten()
-            .map(|q| (q.sector * config::SECTOR_SIZE, q.data_len as usize))
-            .collect();
-        let mut data = volume.read_batch(&ranges).into_iter();
-        let mut passes = Vec::with_capacity(reads.len());
-        for (r, req) in reads.into_iter().zip(parsed) {
-            let mem = r.chain.memory();
-            let used = match &req {
-                Some(req) => {
-                    let got = data.next().unwrap_or_else(|| {
-                        Err(crate::Error::Io("no answer for a read of a batch".into()))
-                    });
-                    request::read_into_guest(mem, req, got, &dev)
-                }
-                None => request::handle_chain(mem, r.chain.clone(), &dev),
-            };
-            me.complete(vring, r.chain.head_index(), used, r.timing);
-            passes.push(r.pass);
-        }
-        me.notify(vring);
-        // Only now may the ring stop (its call fd go away).
-        drop(passes);
-    }
 }
 
 /// A request popped from a ring: its chain, the pass of the queue's gate
@@ -253,6 +215,76 @@ impl Inner {
             volume,
             log: &self.log,
             read_only: self.opts.read_only,
+        }
+    }
+
+    /// Serves reads popped together: their data read at once, each
+    /// completed into the guest as it lands; the guest is told once per
+    /// round of reads landed ([`VolumeIo::read_batch_each`]), not once per
+    /// read nor only once the slowest is in.
+    fn serve_reads(
+        &self,
+        vring: &VringRwLock<GuestMem>,
+        volume: &dyn VolumeIo,
+        reads: Vec<Popped>,
+    ) {
+        let dev = self.device(volume);
+        self.stats.read_batch(reads.len());
+        let mut waiting: Vec<(Popped, blk::Request)> = Vec::with_capacity(reads.len());
+        let mut passes = Vec::new();
+        for mut r in reads {
+            self.stats.started(&mut r.timing);
+            match request::parse_read(r.chain.memory(), r.chain.clone(), &dev) {
+                Some(req) => waiting.push((r, req)),
+                // Not a read it can take: served the ordinary way (which
+                // answers what is wrong with it).
+                None => {
+                    let used = request::handle_chain(r.chain.memory(), r.chain.clone(), &dev);
+                    self.complete(vring, r.chain.head_index(), used, r.timing);
+                    passes.push(r.pass);
+                }
+            }
+        }
+        if !passes.is_empty() {
+            self.notify(vring);
+            // Only now may the ring stop (its call fd go away).
+            passes.clear();
+        }
+        let ranges: Vec<(u64, usize)> = waiting
+            .iter()
+            .map(|(_, q)| (q.sector * config::SECTOR_SIZE, q.data_len as usize))
+            .collect();
+        let mut slots: Vec<Option<(Popped, blk::Request)>> =
+            waiting.into_iter().map(Some).collect();
+        let finish = |slots: &mut Vec<Option<(Popped, blk::Request)>>,
+                      round: Vec<(usize, crate::Result<IoBuf>)>| {
+            let mut passes = Vec::with_capacity(round.len());
+            for (i, got) in round {
+                let Some((r, req)) = slots.get_mut(i).and_then(Option::take) else {
+                    continue;
+                };
+                let used = request::read_into_guest(r.chain.memory(), &req, got, &dev);
+                self.complete(vring, r.chain.head_index(), used, r.timing);
+                passes.push(r.pass);
+            }
+            if !passes.is_empty() {
+                self.notify(vring);
+            }
+        };
+        volume.read_batch_each(&ranges, &mut |round| finish(&mut slots, round));
+        // Every read is answered by now; one that was not is failed rather
+        // than left hanging.
+        let lost: Vec<(usize, crate::Result<IoBuf>)> = (0..slots.len())
+            .filter(|&i| slots[i].is_some())
+            .map(|i| {
+                (
+                    i,
+                    Err(crate::Error::Io("no answer for a read of a batch".into())),
+                )
+            })
+            .collect();
+        if !lost.is_empty() {
+            finish(&mut slots, lost);
         }
     }
 

@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use super::batch::Queued;
 use super::{Inner, PeerState, Writer};
 use crate::error::{Error, Result};
-use crate::io::VolumeIo;
+use crate::io::{ReadsDone, VolumeIo};
 use crate::iobuf::IoBuf;
 use crate::proto::{BatchWrite, Request, Response};
 use crate::types::ReadOut;
@@ -369,20 +369,25 @@ impl VolumeIo for Writer {
     }
 
     /// Whole-block reads, when this node holds an in-sync replica, are
-    /// read from it together ([`crate::engine::Engine::read_many`]: one
-    /// submission to the disk for the batch). A range that fails there, or
-    /// has a block that fails its checksum, is read again the ordinary way
-    /// (the next replica, the repair), still under the batch's tickets.
-    fn read_batch(&self, reads: &[(u64, usize)]) -> Vec<Result<IoBuf>> {
+    /// read from it together ([`crate::engine::Engine::read_many_each`]:
+    /// one submission to the disk for the batch, each range handed on as
+    /// it lands). A range that fails there, or has a block that fails its
+    /// checksum, is read again the ordinary way (the next replica, the
+    /// repair), still under the batch's tickets.
+    fn read_batch_each(&self, reads: &[(u64, usize)], done: &mut ReadsDone) {
         let whole = |&(o, l): &(u64, usize)| {
             let n = l as u64;
             n > 0 && n <= MAX_IO && o % BLOCK_SIZE == 0 && n % BLOCK_SIZE == 0
         };
         if reads.len() < 2 || !reads.iter().all(whole) {
-            return reads.iter().map(|&(o, l)| self.read_vec(o, l)).collect();
+            for (i, &(o, l)) in reads.iter().enumerate() {
+                done(vec![(i, self.read_vec(o, l))]);
+            }
+            return;
         }
         if let Err(e) = self.check_usable() {
-            return vec![Err(e); reads.len()];
+            done((0..reads.len()).map(|i| (i, Err(e.clone()))).collect());
+            return;
         }
         let _gate = self.io_gate();
         let blocks: Vec<(u64, u64)> = reads
@@ -390,40 +395,44 @@ impl VolumeIo for Writer {
             .map(|&(o, l)| (o / BLOCK_SIZE, (o + l as u64) / BLOCK_SIZE))
             .collect();
         let _tickets = self.ranges.acquire_reads(&blocks);
-        let local = self.reads_stay_local();
-        let checked = {
+        let checked: Vec<Result<()>> = {
             let inner = self.lock();
-            let checked: Vec<Result<()>> = reads
+            reads
                 .iter()
                 .map(|&(o, l)| Self::check_range(&inner, o, l as u64))
-                .collect();
-            checked
+                .collect()
         };
-        let ranges: Vec<(u64, u64)> = reads.iter().map(|&(o, l)| (o, l as u64)).collect();
-        let mut first = if local {
-            self.engine.read_many(&self.name, &ranges)
-        } else {
-            Vec::new()
-        }
-        .into_iter();
-        reads
-            .iter()
-            .zip(checked)
-            .map(|(&(offset, len), checked)| {
-                let local = first.next();
-                checked?;
-                match local {
-                    Some(Ok(out)) if out.bad_blocks.is_empty() && out.data.len() == len => {
-                        let mut data = out.data;
-                        if let Some(c) = &self.lock().crypt {
-                            c.decrypt(&mut data, offset)?;
-                        }
-                        Ok(data)
+        // One range as the guest gets it: from the local replica if that
+        // read it whole and sound, else the ordinary way.
+        let answer = |i: usize, local: Option<Result<ReadOut>>| -> Result<IoBuf> {
+            let (offset, len) = reads[i];
+            checked[i].clone()?;
+            match local {
+                Some(Ok(out)) if out.bad_blocks.is_empty() && out.data.len() == len => {
+                    let mut data = out.data;
+                    if let Some(c) = &self.lock().crypt {
+                        c.decrypt(&mut data, offset)?;
                     }
-                    _ => self.read_blocks(offset, len as u64),
+                    Ok(data)
                 }
-            })
-            .collect()
+                _ => self.read_blocks(offset, len as u64),
+            }
+        };
+        if !self.reads_stay_local() {
+            for i in 0..reads.len() {
+                done(vec![(i, answer(i, None))]);
+            }
+            return;
+        }
+        let ranges: Vec<(u64, u64)> = reads.iter().map(|&(o, l)| (o, l as u64)).collect();
+        self.engine.read_many_each(&self.name, &ranges, |round| {
+            done(
+                round
+                    .into_iter()
+                    .map(|(i, out)| (i, answer(i, Some(out))))
+                    .collect(),
+            );
+        });
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
