@@ -281,6 +281,16 @@ fn execute<M: GuestMemory + ?Sized>(
                     mem.write_all_volatile_to(addr, v, r.len())
                 })
             })?;
+            // The parser made the segments cover `len` exactly; checked
+            // here too, as a short buffer would be written as a shorter
+            // write.
+            if buf.len() as u64 != len {
+                return Err(crate::Error::Io(format!(
+                    "guest buffers gave {} bytes of a {len}-byte write",
+                    buf.len()
+                ))
+                .into());
+            }
             vol.write_vec(buf, offset())?;
             Ok(0)
         }
