@@ -189,7 +189,9 @@ impl Engine {
         for p in &pieces {
             reads.push(Read {
                 file: p.file.clone(),
-                buf: IoBuf::zeroed(sidecar_len(p.len)),
+                // A few bytes, read through the page cache: no alignment
+                // (and none of its padding) wanted.
+                buf: IoBuf::from(vec![0u8; sidecar_len(p.len)]),
                 at: sidecar_at(p.base, p.b0),
             });
             // An `IoBuf` is block-aligned in memory; the length decides.
