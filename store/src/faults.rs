@@ -8,6 +8,11 @@
 //!   it (a retry would succeed although the data may be gone);
 //! - if `<dir>/slow-sync-ms` holds a number, the sync first sleeps that
 //!   many milliseconds (a slow disk).
+//!
+//! And while `<dir>/no-write-batch` exists, the daemon answers a
+//! `WriteBatch` request as a kiln-store from before that request does
+//! (a message it cannot decode, nothing applied): the newer side of a
+//! rolling update.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -39,4 +44,14 @@ pub fn before_sync() -> std::io::Result<()> {
         return Err(std::io::Error::from_raw_os_error(libc::EIO));
     }
     Ok(())
+}
+
+/// Whether this daemon is to answer `WriteBatch` as one that predates it.
+pub fn predates_write_batch() -> bool {
+    let Some(d) = dir() else { return false };
+    let on = d.join("no-write-batch").exists();
+    if on {
+        tracing::warn!("injected fault: answering a write batch as an older kiln-store");
+    }
+    on
 }

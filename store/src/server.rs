@@ -678,6 +678,12 @@ impl Daemon {
             };
             let resp = match frame {
                 (Kind::Request, mut body) => match proto::decode::<Request>(&body) {
+                    Ok(Request::WriteBatch { .. }) if crate::faults::predates_write_batch() => {
+                        Response::Err(
+                            Error::Protocol("bad message: unknown request (injected fault)".into())
+                                .into(),
+                        )
+                    }
                     Ok(req) => {
                         if req.carries_key() {
                             zeroize::Zeroize::zeroize(&mut body);

@@ -116,6 +116,7 @@ impl Peer {
 }
 
 /// A replica a data-path request goes to, as seen when it was sent.
+#[derive(Clone)]
 pub(crate) struct Target {
     /// Index in [`Inner::peers`] (stable while the I/O gate is held).
     pub index: usize,

@@ -17,7 +17,7 @@
 use std::sync::atomic::Ordering;
 
 use super::batch::Queued;
-use super::{Inner, PeerState, Writer};
+use super::{Inner, PeerState, Target, Writer};
 use crate::error::{Error, Result};
 use crate::io::{ReadsDone, VolumeIo};
 use crate::iobuf::IoBuf;
@@ -212,8 +212,69 @@ impl Writer {
             };
             (Self::targets(&inner), req)
         };
-        let results = self.fanout(&targets, &req);
+        let results = match &req {
+            Request::WriteBatch { .. } => self.fanout_batch(&targets, &req),
+            _ => self.fanout(&targets, &req),
+        };
         self.settle(None, &targets, results, &|_| regions.clone())
+    }
+
+    /// [`Writer::fanout`] of a `WriteBatch`, to replicas that may predate
+    /// it too (a rolling update: this node runs the newer kiln-store, a
+    /// peer still the older one). Such a peer answers the batch as a
+    /// message it cannot decode, having applied none of it; it then gets
+    /// the batch's writes one by one, in order, and from then on (until
+    /// its links are cleared) only single writes. A replica failing for
+    /// any other reason fails as before.
+    fn fanout_batch(&self, targets: &[Target], req: &Request) -> Vec<Result<Response>> {
+        let (batched, single): (Vec<usize>, Vec<usize>) =
+            (0..targets.len()).partition(|&k| targets[k].links.takes_batches());
+        let mut results: Vec<Option<Result<Response>>> = targets.iter().map(|_| None).collect();
+        let sent: Vec<Target> = batched.iter().map(|&k| targets[k].clone()).collect();
+        let mut again = single;
+        for (k, r) in batched.into_iter().zip(self.fanout(&sent, req)) {
+            match r {
+                Err(Error::Protocol(m)) if !targets[k].local && m.starts_with("bad message") => {
+                    if targets[k].links.refused_batches() {
+                        tracing::warn!(volume = %self.name, peer = %targets[k].links.node, "replica does not take write batches (an older kiln-store?); sending it single writes");
+                    }
+                    again.push(k);
+                }
+                r => results[k] = Some(r),
+            }
+        }
+        for k in again {
+            results[k] = Some(self.send_singly(&targets[k], req));
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Unavailable("not sent".into()))))
+            .collect()
+    }
+
+    /// The writes of `batch` (a `WriteBatch`) to one replica one after
+    /// another, as single `Write`s; the first failure ends it.
+    fn send_singly(&self, t: &Target, batch: &Request) -> Result<Response> {
+        let Request::WriteBatch {
+            name,
+            epoch,
+            writes,
+            stale,
+        } = batch
+        else {
+            return Err(Error::Invalid("not a write batch".into()));
+        };
+        for w in writes {
+            let single = Request::Write {
+                name: name.clone(),
+                epoch: *epoch,
+                offset: w.offset,
+                data: w.data.clone(),
+                stale: stale.clone(),
+            };
+            t.links.call(self.connector.as_ref(), &single)?;
+        }
+        Ok(Response::Ok)
     }
 
     /// Reads whole blocks (at most `MAX_IO`) from the best in-sync replica

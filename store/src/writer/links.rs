@@ -7,6 +7,7 @@
 //! tracker holds a write until the earlier overlapping one is done), so
 //! two requests in flight on different connections commute.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
@@ -27,6 +28,11 @@ pub(crate) struct PeerLinks {
     pub addr: String,
     state: Mutex<Pool>,
     freed: Condvar,
+    /// Set once the replica answered a `WriteBatch` as a kiln-store that
+    /// predates it does (during a rolling update): its writes then go one
+    /// by one. Forgotten by [`PeerLinks::clear`] (an upgraded replica
+    /// restarts, which fails it and clears its links).
+    no_batches: AtomicBool,
 }
 
 #[derive(Default)]
@@ -52,6 +58,7 @@ impl PeerLinks {
             addr: addr.to_string(),
             state: Mutex::new(Pool::default()),
             freed: Condvar::new(),
+            no_batches: AtomicBool::new(false),
         }
     }
 
@@ -154,9 +161,22 @@ impl PeerLinks {
         r
     }
 
+    /// Whether the replica takes [`Request::WriteBatch`] (as far as is
+    /// known: until it refused one).
+    pub fn takes_batches(&self) -> bool {
+        !self.no_batches.load(Ordering::Relaxed)
+    }
+
+    /// Records that the replica refused a [`Request::WriteBatch`] as an
+    /// older kiln-store does; whether this is news.
+    pub fn refused_batches(&self) -> bool {
+        !self.no_batches.swap(true, Ordering::Relaxed)
+    }
+
     /// Drops every idle link and forgets the ones handed out (a replica
     /// that failed: the next request connects afresh).
     pub fn clear(&self) {
+        self.no_batches.store(false, Ordering::Relaxed);
         let mut pool = self.pool();
         pool.idle.clear();
         pool.open = 0;
