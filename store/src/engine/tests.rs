@@ -3,6 +3,7 @@
 use super::*;
 use crate::checksum::{block_crc, Entry};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 fn engine(dirs: &[PathBuf]) -> Engine {
