@@ -86,7 +86,10 @@ impl Engine {
     /// [`Engine::read_many`], each range handed to `done` as soon as it is
     /// read and verified (in rounds: each call gets the ranges finished
     /// since the previous one, with their index in `ranges`). Every range
-    /// is reported exactly once.
+    /// is reported exactly once. `done` runs while the batch holds the
+    /// engine's read guard (slots it reads are not reused meanwhile), so
+    /// it must not call back into the engine: a flush that frees slots
+    /// holds the engine's lock while it waits for that guard.
     pub fn read_many_each(
         &self,
         name: &str,

@@ -63,9 +63,9 @@ pub(super) type Finished = Vec<(usize, Read, io::Result<()>)>;
 /// finish, in rounds: each call gets the reads that completed since the
 /// previous one, in any order. A caller can so pass each on (to a guest
 /// waiting for it) while the slower ones are still at the disk. A read the
-/// ring leaves short is finished with `pread`; without io_uring, or on a
-/// thread already inside `read_each`, every read is a `pread` and all are
-/// reported in one round.
+/// ring leaves short is finished with `pread`; without io_uring every read
+/// is a `pread` and all are reported in one round. (A `done` that reads
+/// again on the same thread gets a ring of its own.)
 pub(super) fn read_each(reads: Vec<Read>, mut done: impl FnMut(Finished)) {
     if reads.is_empty() {
         return;

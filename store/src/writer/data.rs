@@ -486,14 +486,30 @@ impl VolumeIo for Writer {
             return;
         }
         let ranges: Vec<(u64, u64)> = reads.iter().map(|&(o, l)| (o, l as u64)).collect();
+        // Ranges the local replica could not give whole and sound are read
+        // again once the batch is over: `done` runs under the engine's
+        // read guard, where a call back into the engine could deadlock
+        // with a flush that frees slots (it holds the engine's lock and
+        // waits for that guard).
+        let mut again = Vec::new();
         self.engine.read_many_each(&self.name, &ranges, |round| {
-            done(
-                round
-                    .into_iter()
-                    .map(|(i, out)| (i, answer(i, Some(out))))
-                    .collect(),
-            );
+            let mut ready = Vec::with_capacity(round.len());
+            for (i, out) in round {
+                match out {
+                    Ok(out) if out.bad_blocks.is_empty() && out.data.len() == reads[i].1 => {
+                        ready.push((i, answer(i, Some(Ok(out)))));
+                    }
+                    _ if checked[i].is_err() => ready.push((i, answer(i, None))),
+                    _ => again.push(i),
+                }
+            }
+            if !ready.is_empty() {
+                done(ready);
+            }
         });
+        for i in again {
+            done(vec![(i, answer(i, None))]);
+        }
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

@@ -426,3 +426,62 @@ fn batched_reads_see_concurrent_writes_whole() {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
 }
+
+/// A range of a batch that the local replica cannot give sound (a block
+/// failing its checksum) is read again the ordinary way, which calls into
+/// the engine; flushes that free slots meanwhile take the engine's lock
+/// and wait for every batch's read guard. The second read comes after the
+/// batch lets its guard go, so neither waits for the other for ever.
+#[test]
+fn a_batch_read_again_and_slot_freeing_flushes_do_not_deadlock() {
+    let d = tempfile::tempdir().unwrap();
+    let w = local_writer(d.path(), 4 * EXTENT_SIZE);
+    let data = vec![7u8; 2 * EXTENT_SIZE as usize];
+    w.write_at(&data, 0).unwrap();
+    // Block 5 rots on the only replica: every batch holding it reads it
+    // again after the batch (and fails: there is no good copy).
+    let (path, at) = w.engine.block_location("v", 5).unwrap().unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"rot", at + 9).unwrap();
+    drop(f);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let (w2, stop2) = (&w, &stop);
+        // Extent 3 allocated, discarded and flushed over and over: each
+        // flush frees its slot.
+        s.spawn(move || {
+            let one = vec![1u8; BLOCK_SIZE as usize];
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                w2.write_at(&one, 3 * EXTENT_SIZE).unwrap();
+                w2.flush().unwrap();
+                w2.discard(3 * EXTENT_SIZE, EXTENT_SIZE).unwrap();
+                w2.flush().unwrap();
+            }
+        });
+        let w3 = &w;
+        s.spawn(move || {
+            let b = BLOCK_SIZE as usize;
+            let reads: Vec<(u64, usize)> = (0..32u64).map(|k| (k * BLOCK_SIZE, b)).collect();
+            for _ in 0..300 {
+                let got = w3.read_batch(&reads);
+                for (k, g) in got.iter().enumerate() {
+                    match k {
+                        5 => assert!(g.is_err(), "the rotten block read as sound"),
+                        _ => assert!(g.as_ref().unwrap().iter().all(|x| *x == 7), "block {k}"),
+                    }
+                }
+            }
+            tx.send(()).unwrap();
+        });
+        if rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .is_err()
+        {
+            // The threads cannot be joined: end the test binary.
+            eprintln!("batch reads and flushes deadlocked");
+            std::process::exit(101);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+}
