@@ -486,29 +486,41 @@ impl VolumeIo for Writer {
             return;
         }
         let ranges: Vec<(u64, u64)> = reads.iter().map(|&(o, l)| (o, l as u64)).collect();
-        // Ranges the local replica could not give whole and sound are read
-        // again once the batch is over: `done` runs under the engine's
-        // read guard, where a call back into the engine could deadlock
-        // with a flush that frees slots (it holds the engine's lock and
-        // waits for that guard).
-        let mut again = Vec::new();
+        // `done` runs under the engine's read guard, so nothing in it may
+        // wait for a lock that a thread waiting for the engine can hold: a
+        // flush that frees slots holds the engine's lock while it waits
+        // for that guard, and a writer thread that holds this writer's
+        // lock may be waiting for the engine's. So a range the local
+        // replica could not give whole and sound (read again the ordinary
+        // way, through the engine), and every range of an encrypted volume
+        // (decrypted with the keys under this writer's lock), is answered
+        // once the batch is over; the others as they land.
+        let encrypted = self.lock().crypt.is_some();
+        let mut later: Vec<(usize, Option<Result<ReadOut>>)> = Vec::new();
         self.engine.read_many_each(&self.name, &ranges, |round| {
             let mut ready = Vec::with_capacity(round.len());
             for (i, out) in round {
+                if let Err(e) = &checked[i] {
+                    ready.push((i, Err(e.clone())));
+                    continue;
+                }
                 match out {
                     Ok(out) if out.bad_blocks.is_empty() && out.data.len() == reads[i].1 => {
-                        ready.push((i, answer(i, Some(Ok(out)))));
+                        if encrypted {
+                            later.push((i, Some(Ok(out))));
+                        } else {
+                            ready.push((i, Ok(out.data)));
+                        }
                     }
-                    _ if checked[i].is_err() => ready.push((i, answer(i, None))),
-                    _ => again.push(i),
+                    _ => later.push((i, None)),
                 }
             }
             if !ready.is_empty() {
                 done(ready);
             }
         });
-        for i in again {
-            done(vec![(i, answer(i, None))]);
+        for (i, out) in later {
+            done(vec![(i, answer(i, out))]);
         }
     }
 
