@@ -130,12 +130,20 @@ impl Batcher {
             q.leaders += 1;
         }
         drop(q);
+        let mut stake = Stake {
+            batcher: self,
+            slot: slot.clone(),
+            armed: true,
+        };
         loop {
             if lead {
                 self.lead(&slot, send);
             }
             match slot.wait() {
-                Ok(r) => return r,
+                Ok(r) => {
+                    stake.armed = false;
+                    return r;
+                }
                 Err(()) => lead = true,
             }
         }
@@ -167,6 +175,33 @@ impl Batcher {
         match q.waiting.iter().find(|w| !w.slot.is_leader()) {
             Some(next) => next.slot.make_leader(),
             None => q.leaders -= 1,
+        }
+    }
+}
+
+/// A caller's place in the queue while it is in [`Batcher::submit`]. If
+/// the caller unwinds instead of returning (its `send` panicked), its
+/// write leaves the queue if it is still there (it failed: it is not sent
+/// later behind its caller's back), and a lead handed to it meanwhile is
+/// handed on: a lead given to a caller that is gone would never be given
+/// up, and with [`MAX_LEADERS`] of them lost no write would go again.
+struct Stake<'a> {
+    batcher: &'a Batcher,
+    slot: Arc<Slot>,
+    armed: bool,
+}
+
+impl Drop for Stake<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // Neither lock is held while sending, so neither is poisoned.
+        let mut q = self.batcher.lock();
+        q.waiting.retain(|w| !Arc::ptr_eq(&w.slot, &self.slot));
+        let handed = std::mem::take(&mut self.slot.lock().lead);
+        if handed {
+            self.batcher.step_down(&mut q);
         }
     }
 }
