@@ -101,9 +101,9 @@ impl BlkBackend {
     /// gathered): their disk reads go to the disk in one submission
     /// ([`VolumeIo::read_batch_each`]), each completed as it lands, with
     /// no hand-off to a worker (handing the batch over so that this thread
-    /// could pop on measured slower: 0.81× natively, the wake-up costing
-    /// more than the overlap gained, as the disk completes a batch's reads
-    /// together). Returns once the ring is empty and no request waits
+    /// could pop on measured slower natively, the wake-up costing more than
+    /// the overlap gained, as the disk completes a batch's reads together:
+    /// docs/benchmarks.md, session 38). Returns once the ring is empty and no request waits
     /// for a worker, or the queue is stopped. Each request holds a pass of
     /// the queue's gate from before it is popped until its completion is
     /// signalled.

@@ -291,4 +291,18 @@ mod tests {
         assert!(waiter.join().unwrap());
         assert_eq!(c.connects.load(Ordering::SeqCst), MAX_LINKS);
     }
+
+    /// A replica that refused a write batch gets single writes until its
+    /// links are cleared (it restarted, perhaps upgraded); the refusal is
+    /// news once.
+    #[test]
+    fn a_refused_batch_is_remembered_until_the_links_are_cleared() {
+        let p = PeerLinks::new("n", "a");
+        assert!(p.takes_batches());
+        assert!(p.refused_batches());
+        assert!(!p.refused_batches(), "told twice");
+        assert!(!p.takes_batches());
+        p.clear();
+        assert!(p.takes_batches());
+    }
 }
