@@ -96,6 +96,13 @@ pub struct ServeArgs {
     /// (writers open a new one after 300 s idle, so keep it above that)
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub peer_idle_timeout: u64,
+    /// Microseconds a small write polls for its replicas' answers before
+    /// its thread sleeps, when it is the only replicated request in flight
+    /// on this node (waking a sleeping thread costs about as long as the
+    /// answer takes on a virtual machine); 0 never polls. Busier nodes
+    /// never poll, whatever this says
+    #[arg(long, default_value_t = kiln_store::transport::poll::DEFAULT_REPLY_POLL.as_micros() as u64, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub reply_poll_us: u64,
 }
 
 #[derive(Args)]

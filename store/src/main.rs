@@ -60,6 +60,7 @@ fn main() {
                 scrub_rate: a.scrub_rate,
                 scrub_interval: std::time::Duration::from_secs(a.scrub_interval),
                 peer_idle_timeout: std::time::Duration::from_secs(a.peer_idle_timeout),
+                reply_poll: std::time::Duration::from_micros(a.reply_poll_us),
             })
             .map_err(anyhow::Error::from)
         }

@@ -457,6 +457,10 @@ pub struct VolumeStatus {
     pub key_check: Option<String>,
     /// An online rekey in progress.
     pub rekey: Option<RekeyStatus>,
+    /// Replicas' answers this writer polled for (a lone small write; see
+    /// `serve --reply-poll-us`), and how many arrived while it polled.
+    pub replies_polled: u64,
+    pub replies_caught_polling: u64,
 }
 
 /// Progress of an online rekey (bytes of the volume re-encrypted).

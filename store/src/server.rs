@@ -47,6 +47,9 @@ pub struct Config {
     pub scrub_interval: Duration,
     /// A peer connection that sends nothing for this long is closed.
     pub peer_idle_timeout: Duration,
+    /// How long a lone small write polls for its replicas' answers before
+    /// sleeping (zero: never); process-wide ([`crate::transport::poll`]).
+    pub reply_poll: Duration,
 }
 
 pub struct Daemon {
@@ -325,6 +328,8 @@ impl Daemon {
             resync_regions: 0,
             repaired_blocks: 0,
             checksum_errors: 0,
+            replies_polled: 0,
+            replies_caught_polling: 0,
             node: self.engine.node_metrics(),
             encrypted: i.crypt.is_some(),
             key_check: i.crypt.as_ref().map(|c| c.key_check.clone()),
@@ -436,7 +441,8 @@ pub fn start(cfg: Config) -> Result<Arc<Daemon>> {
     }
     let unix = crate::control_socket::bind(&cfg.socket)?;
     let tls = matches!(cfg.security, Security::Tls(_));
-    tracing::info!(node = %cfg.node_id, listen = %cfg.listen, tls, socket = %cfg.socket.display(), crc32c = crate::crc::implementation().name(), "kiln-store serving");
+    crate::transport::poll::set_reply_poll(cfg.reply_poll);
+    tracing::info!(node = %cfg.node_id, listen = %cfg.listen, tls, socket = %cfg.socket.display(), crc32c = crate::crc::implementation().name(), reply_poll_us = cfg.reply_poll.as_micros() as u64, "kiln-store serving");
     if cfg.scrub_rate > 0 {
         let (d, rate, pause) = (Arc::downgrade(&daemon), cfg.scrub_rate, cfg.scrub_interval);
         std::thread::Builder::new()

@@ -28,7 +28,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::proto::{Request, Response};
 use crate::replica;
-use crate::transport::Connector;
+use crate::transport::{poll, Connector};
 use crate::EXTENT_SIZE;
 
 mod attach;
@@ -131,6 +131,10 @@ pub struct WriterStats {
     pub resync_regions: AtomicU64,
     pub repaired_blocks: AtomicU64,
     pub checksum_errors: AtomicU64,
+    /// Replicas' answers polled for (transport::poll), and how many of
+    /// them arrived while polling.
+    pub replies_polled: AtomicU64,
+    pub replies_caught_polling: AtomicU64,
 }
 
 pub(crate) struct Inner {
@@ -244,13 +248,19 @@ impl Writer {
 
     /// Sends `req` to every target in parallel: the request (encoded once)
     /// goes out on a link to every remote replica first, then the local
-    /// engine runs it, then the remote replies are read. No lock is held:
-    /// many calls run at once, each on links of its own. Returns each
-    /// target's result.
+    /// engine runs it, then the remote replies are read (polled for a
+    /// moment first when this is a small write and the only replicated
+    /// request in flight on this node: [`poll`]). No lock is held: many
+    /// calls run at once, each on links of its own. Returns each target's
+    /// result.
     pub(crate) fn fanout(&self, targets: &[Target], req: &Request) -> Vec<Result<Response>> {
         let connector = self.connector.as_ref();
         let mut results: Vec<Option<Result<Response>>> = targets.iter().map(|_| None).collect();
         let mut started = Vec::new();
+        // Counted while its answers are awaited: a lone small write polls
+        // for them (see transport::poll).
+        let outstanding = poll::Outstanding::enter();
+        let quick = poll::worth_polling(req);
         let body = if targets.iter().any(|t| !t.local) {
             match crate::proto::encode(req) {
                 Ok(b) => Some(b),
@@ -274,8 +284,23 @@ impl Writer {
                 results[k] = Some(replica::handle(&self.engine, connector, req).into_result());
             }
         }
-        for (k, f) in started {
+        for (k, mut f) in started {
+            if !(quick && outstanding.alone()) {
+                results[k] = Some(targets[k].links.finish(f));
+                continue;
+            }
+            let (awaited, spin) = (std::time::Instant::now(), outstanding.spin());
+            if !spin.is_zero() {
+                let caught = f.poll(spin);
+                self.stats.replies_polled.fetch_add(1, Ordering::Relaxed);
+                if caught {
+                    self.stats
+                        .replies_caught_polling
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
             results[k] = Some(targets[k].links.finish(f));
+            outstanding.learn(awaited.elapsed());
         }
         results
             .into_iter()

@@ -395,3 +395,67 @@ fn rebuild_moves_a_replica_online() {
     v.write_at(&more, 2 * MIB).unwrap();
     assert!(n3.replica_read("vol", 2 * MIB, MIB).data == more);
 }
+
+/// Writes `n` 4 KiB writes one at a time, then one of 1 MiB, and flushes;
+/// returns the writer's count of answers polled for and caught polling.
+fn polled_after_lone_writes(nodes: &[Node], vol: &str, n: u64) -> (u64, u64) {
+    create(nodes, 0, vol, "8M");
+    let v = VolumeClient::open(&nodes[0].socket, vol).unwrap();
+    for i in 0..n {
+        v.write_at(&pattern(i, 4096), i * 4096).unwrap();
+    }
+    v.write_at(&pattern(n, MIB as usize), 4 * MIB).unwrap();
+    v.flush().unwrap();
+    let st = nodes[0].status(vol);
+    (st.replies_polled, st.replies_caught_polling)
+}
+
+#[test]
+fn a_lone_small_write_polls_for_its_replicas_answer_unless_told_not_to() {
+    let t = tempfile::tempdir().unwrap();
+    // A ceiling far above any answer here (even in a debug build on a busy
+    // machine), so that the spin never has reason to shrink: every lone
+    // small write polls, for its one remote replica's answer; the large
+    // write and the flush wait for a disk and are not polled for.
+    let long = ["--scrub-rate", "0", "--reply-poll-us", "10000"];
+    let nodes = vec![
+        Node::with_args(t.path(), "n1", 1, &long),
+        Node::new(t.path(), "n2", 1),
+    ];
+    let (polled, caught) = polled_after_lone_writes(&nodes, "p", 100);
+    assert_eq!(polled, 100, "one poll per lone small write");
+    assert!(
+        (50..=100).contains(&caught),
+        "answers caught while polling: {caught} of {polled}"
+    );
+    let out = nodes[0].cli_ok(&["show", "p", "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["replies_polled"], 100, "{out}");
+
+    let off = ["--scrub-rate", "0", "--reply-poll-us", "0"];
+    let t2 = tempfile::tempdir().unwrap();
+    let quiet = vec![
+        Node::with_args(t2.path(), "n1", 1, &off),
+        Node::new(t2.path(), "n2", 1),
+    ];
+    assert_eq!(polled_after_lone_writes(&quiet, "q", 100), (0, 0));
+
+    // Out of range is refused with a clear error.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln-store"))
+        .args(["serve", "--node-id", "x", "--data", "/nonexistent"])
+        .args([
+            "--listen",
+            "127.0.0.1:1",
+            "--insecure",
+            "--reply-poll-us",
+            "20000",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--reply-poll-us") && err.contains("20000"),
+        "{err}"
+    );
+}

@@ -60,6 +60,10 @@ struct Args {
     /// (VolumeClient).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     socket_row: bool,
+    /// The writer daemon's `--reply-poll-us` (how long a lone small write
+    /// polls for its replicas' answers; 0 never polls).
+    #[arg(long, default_value_t = kiln_store::transport::poll::DEFAULT_REPLY_POLL.as_micros() as u64)]
+    reply_poll_us: u64,
     /// Targets to run, comma-separated: raw, raw3, r1, r3, r3enc, socket
     /// (the raw file always runs: it is the reference). raw3 writes three
     /// raw files at once, one thread each: what three copies cost on this
@@ -560,6 +564,7 @@ fn main() -> Result<()> {
         scrub_rate: 0,
         scrub_interval: Duration::from_secs(3600),
         peer_idle_timeout: kiln_store::proto::PEER_IDLE_TIMEOUT,
+        reply_poll: Duration::from_micros(a.reply_poll_us),
     })?;
     let n1 = ReplicaAddr {
         node: "n1".into(),

@@ -3,6 +3,7 @@
 //! [`Connector`] dials a peer, [`ServerTransport`] wraps an accepted
 //! stream, [`Link`] carries requests over either.
 
+pub mod poll;
 pub mod tcp;
 pub mod tls;
 
@@ -22,11 +23,21 @@ pub use tls::{TlsConnector, TlsFiles, TlsServer, TlsStream};
 pub trait Conn: Read + Write + Send {
     /// How long a read may wait for the peer (None: for ever).
     fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
+    /// Spins until there is something to read or `spin` has passed,
+    /// without blocking or consuming anything ([`poll`]); whether there
+    /// is. A stream that cannot tell returns false at once.
+    fn spin_until_readable(&mut self, _spin: Duration) -> bool {
+        false
+    }
 }
 
 impl Conn for TcpStream {
     fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
         TcpStream::set_read_timeout(self, d)
+    }
+
+    fn spin_until_readable(&mut self, spin: Duration) -> bool {
+        poll::spin_until_readable(self, spin)
     }
 }
 
@@ -131,6 +142,12 @@ impl Link {
     }
 
     /// Reads the response to the request last sent.
+    /// Spins up to `spin` for the answer to arrive ([`poll`]); whether it
+    /// did. [`Link::recv`] reads it either way.
+    pub fn spin_until_readable(&mut self, spin: Duration) -> bool {
+        self.conn.spin_until_readable(spin)
+    }
+
     pub fn recv(&mut self) -> Result<Response> {
         self.recv_with_progress(&mut |_| {})
     }

@@ -267,6 +267,19 @@ where
     fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
         self.0.sock.socket().set_read_timeout(d)
     }
+
+    fn spin_until_readable(&mut self, spin: Duration) -> bool {
+        // What rustls or the read buffer hold already is there to read.
+        if !self.0.sock.rd.buffer().is_empty() {
+            return true;
+        }
+        match self.0.conn.process_new_packets() {
+            Ok(io) if io.plaintext_bytes_to_read() == 0 && !io.peer_has_closed() => {}
+            // Data, or an error the read will report.
+            _ => return true,
+        }
+        super::poll::spin_until_readable(self.0.sock.socket(), spin)
+    }
 }
 
 /// The server side: completes the handshake (in the connection's own

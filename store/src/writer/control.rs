@@ -461,6 +461,8 @@ impl Writer {
             resync_regions: self.stats.resync_regions.load(Ordering::Relaxed),
             repaired_blocks: self.stats.repaired_blocks.load(Ordering::Relaxed),
             checksum_errors: self.stats.checksum_errors.load(Ordering::Relaxed),
+            replies_polled: self.stats.replies_polled.load(Ordering::Relaxed),
+            replies_caught_polling: self.stats.replies_caught_polling.load(Ordering::Relaxed),
             node: crate::proto::NodeMetrics::default(),
             encrypted: inner.crypt.is_some(),
             key_check: inner.crypt.as_ref().map(|c| c.rec.key_check.clone()),

@@ -51,6 +51,14 @@ pub(crate) struct InFlight {
     generation: u64,
 }
 
+impl InFlight {
+    /// Spins up to `spin` for the answer ([`crate::transport::poll`]);
+    /// whether it arrived meanwhile.
+    pub fn poll(&mut self, spin: std::time::Duration) -> bool {
+        self.link.spin_until_readable(spin)
+    }
+}
+
 impl PeerLinks {
     pub fn new(node: &str, addr: &str) -> PeerLinks {
         PeerLinks {
