@@ -257,11 +257,12 @@ impl Writer {
         let connector = self.connector.as_ref();
         let mut results: Vec<Option<Result<Response>>> = targets.iter().map(|_| None).collect();
         let mut started = Vec::new();
-        // Counted while its answers are awaited: a lone small write polls
-        // for them (see transport::poll).
-        let outstanding = poll::Outstanding::enter();
+        let remote = targets.iter().any(|t| !t.local);
+        // A request to other nodes is counted while its answers are
+        // awaited: a lone small write polls for them (see transport::poll).
+        let outstanding = remote.then(poll::Outstanding::enter);
         let quick = poll::worth_polling(req);
-        let body = if targets.iter().any(|t| !t.local) {
+        let body = if remote {
             match crate::proto::encode(req) {
                 Ok(b) => Some(b),
                 Err(e) => return targets.iter().map(|_| Err(e.clone())).collect(),
@@ -285,10 +286,10 @@ impl Writer {
             }
         }
         for (k, mut f) in started {
-            if !(quick && outstanding.alone()) {
+            let Some(outstanding) = outstanding.as_ref().filter(|o| quick && o.alone()) else {
                 results[k] = Some(targets[k].links.finish(f));
                 continue;
-            }
+            };
             let (awaited, spin) = (std::time::Instant::now(), outstanding.spin());
             if !spin.is_zero() {
                 let caught = f.poll(spin);
