@@ -141,13 +141,13 @@ impl Link {
         Ok(())
     }
 
-    /// Reads the response to the request last sent.
     /// Spins up to `spin` for the answer to arrive ([`poll`]); whether it
     /// did. [`Link::recv`] reads it either way.
     pub fn spin_until_readable(&mut self, spin: Duration) -> bool {
         self.conn.spin_until_readable(spin)
     }
 
+    /// Reads the response to the request last sent.
     pub fn recv(&mut self) -> Result<Response> {
         self.recv_with_progress(&mut |_| {})
     }

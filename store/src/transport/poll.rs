@@ -5,12 +5,12 @@
 //! what it costs to put a thread to sleep and wake it again on a virtual
 //! machine (the wake-up is an interrupt through the hypervisor). Spinning
 //! on the socket first, as QEMU's iothreads poll before they sleep,
-//! catches most answers awake: on the build machine a 3-replica 4 KiB
-//! write at depth 1 answered in a median 78-94 us instead of 96-112 us
-//! (docs/benchmarks.md, session 39).
+//! catches most answers awake: on the build machine 3-replica 4 KiB
+//! writes at depth 1 took a median 70-85 us instead of 73-108 us, with a
+//! shorter tail (docs/benchmarks.md, session 39).
 //!
-//! Only when the request is the only replicated one in flight on this node
-//! ([`Outstanding`]): with more in flight the CPUs have other work, and a
+//! Only when the request is the only one on this node waiting for other
+//! nodes' answers ([`Outstanding`]): with more in flight the CPUs have other work, and a
 //! spinning thread would take it from them (depth 32 lost 5-10% with every
 //! waiter spinning). Only for requests whose answer is quick
 //! ([`worth_polling`]): one that carries a lot of data, or a flush, waits
@@ -86,7 +86,7 @@ impl Window {
         let next = if waited <= now {
             now
         } else if waited <= ceiling {
-            (now * 2).max(MIN_POLL_US).min(ceiling)
+            now.saturating_mul(2).max(MIN_POLL_US).min(ceiling)
         } else {
             now / 2
         };
